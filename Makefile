@@ -1,0 +1,36 @@
+# Two commands a lab needs: `make run` (the demo case through the whole system) and `make test`.
+# Both create .venv on first use. Model building uses a separate .venv-train (torch, nncf).
+
+PYTHON ?= python3
+VENV := .venv
+TRAIN_VENV := .venv-train
+DATA ?= ../shared/data/idc_breast_histopathology
+export OMP_NUM_THREADS ?= 1
+export OPENBLAS_NUM_THREADS ?= 1
+
+.PHONY: run test model demo-case bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+$(TRAIN_VENV)/.installed: pyproject.toml
+	test -x $(TRAIN_VENV)/bin/python || $(PYTHON) -m venv $(TRAIN_VENV)
+	$(TRAIN_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -e '.[train,dev]'
+	touch $@
+
+run: $(VENV)/.installed
+	$(VENV)/bin/appliance demo
+
+test: $(VENV)/.installed
+	$(VENV)/bin/python -m pytest -q
+
+model: $(TRAIN_VENV)/.installed
+	$(TRAIN_VENV)/bin/python models/tools/build_idc_model.py --data $(DATA) --out models/idc-resnet
+
+demo-case: $(VENV)/.installed
+	$(VENV)/bin/python scripts/build_demo_case.py --data $(DATA)
+
+clean:
+	rm -rf var .pytest_cache

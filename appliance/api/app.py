@@ -1,0 +1,54 @@
+"""The API factory: collaborators come in, an app goes out; uvicorn serves it inside the daemon."""
+
+from __future__ import annotations
+
+import threading
+
+import uvicorn
+from fastapi import FastAPI
+
+from .. import RESEARCH_USE_NOTICE, __version__
+from ..config import Settings
+from ..store import CaseStore
+from .routes import cases, health
+
+
+def create_app(settings: Settings, store: CaseStore) -> FastAPI:
+    app = FastAPI(
+        title="Bench triage appliance",
+        version=__version__,
+        description=f"Local status API of the bench triage appliance. {RESEARCH_USE_NOTICE}",
+    )
+    app.state.settings = settings
+    app.state.store = store
+    app.include_router(health.router)
+    app.include_router(cases.router)
+    return app
+
+
+class ApiServer:
+    """uvicorn in a background thread, so the daemon's link and pipeline threads stay in charge."""
+
+    def __init__(self, app: FastAPI, host: str, port: int):
+        self._server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                                     access_log=False, lifespan="on"))
+        self._thread = threading.Thread(target=self._server.run, name="api", daemon=True)
+
+    def start(self, timeout: float = 10) -> None:
+        self._thread.start()
+        deadline = threading.Event()
+        for _ in range(int(timeout / 0.05)):
+            if self._server.started or not self._thread.is_alive():
+                break
+            deadline.wait(0.05)
+        if not self._server.started:
+            raise RuntimeError("the status API did not start (is the port already in use?)")
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful when the settings asked for port 0)."""
+        return self._server.servers[0].sockets[0].getsockname()[1]
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=10)

@@ -1,0 +1,49 @@
+"""Public response schemas: what clients see, kept separate from the table columns."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+from .. import RESEARCH_USE_NOTICE
+
+
+class Health(BaseModel):
+    status: str
+    version: str
+    notice: str = RESEARCH_USE_NOTICE
+
+
+class ReasonPublic(BaseModel):
+    code: str
+    message: str
+
+
+class CasePublic(BaseModel):
+    id: str
+    specimen_id: str | None = None
+    status: str
+    received_at: str | None = None
+    finished_at: str | None = None
+    tiles_expected: int | None = None
+    tiles_received: int | None = None
+    patches_scored: int | None = None
+    verdict: str | None = None
+    score: float | None = None
+    threshold: float | None = None
+    reasons: list[ReasonPublic] = []
+    early_positive: bool | None = None
+    early_positive_after_tiles: int | None = None
+    model_name: str | None = None
+    model_version: str | None = None
+    model_sha256: str | None = None
+    engine: str | None = None
+    timings_ms: dict[str, float] | None = None
+    research_use_only: bool = True
+    notice: str = RESEARCH_USE_NOTICE
+
+
+class CaseList(BaseModel):
+    cases: list[CasePublic]
+    limit: int
+    offset: int
+    notice: str = RESEARCH_USE_NOTICE

@@ -1,0 +1,241 @@
+"""The `appliance` command: thin edges over the library; named errors become one clear line and exit 1."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+from functools import wraps
+from pathlib import Path
+
+import click
+
+from . import RESEARCH_USE_NOTICE, __version__
+from .config import load_settings
+from .errors import ApplianceError
+from .progress import Progress
+from .sources import DEFAULT_TILE_SIZE
+
+ENGINES = click.Choice(["openvino", "onnxruntime"])
+
+
+def friendly_errors(fn):
+    @wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ApplianceError as exc:
+            raise click.ClickException(str(exc)) from None
+
+    return wrapper
+
+
+@click.group()
+@click.version_option(__version__, prog_name="appliance")
+@click.option("--config", "config_file", type=click.Path(path_type=Path), default=None,
+              help="Settings file (TOML). Default: /etc/appliance/appliance.toml if it exists.")
+@click.pass_context
+def main(ctx: click.Context, config_file: Path | None) -> None:
+    """Bench triage appliance. For research and triage only, not for diagnosis."""
+    ctx.obj = {"config_file": config_file}
+
+
+def _settings(ctx: click.Context, **overrides):
+    return load_settings(ctx.obj["config_file"], **overrides)
+
+
+@main.command()
+@click.option("--tile-size", default=DEFAULT_TILE_SIZE, show_default=True, help="Scanner tile size in pixels.")
+@click.option("--encoding", type=click.Choice(["raw", "zlib", "png"]), default="zlib", show_default=True)
+@click.option("--engine", type=ENGINES, default=None, help="Inference engine (default from settings).")
+@click.option("--api-port", type=int, default=None, help="Status API port (0 picks a free one).")
+@click.pass_context
+@friendly_errors
+def demo(ctx, tile_size: int, encoding: str, engine: str | None, api_port: int | None) -> None:
+    """Stream the bundled demo case from the scanner emulator over a real pty into the daemon."""
+    from .demo import run_demo
+
+    settings = _settings(ctx, engine=engine, api_port=api_port)
+    outcome = run_demo(settings, tile_size=tile_size, encoding=encoding)
+    sys.exit(outcome.exit_code)
+
+
+@main.command()
+@click.option("--port", default=None, help="Scanner device path or pyserial URL (default from settings).")
+@click.pass_context
+@friendly_errors
+def run(ctx, port: str | None) -> None:
+    """Run the daemon in the foreground until SIGTERM or Ctrl-C."""
+    from .daemon import Daemon
+
+    settings = _settings(ctx, serial_port=port)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+
+    def notify(kind: str, data: dict) -> None:
+        if kind != "tile":
+            click.echo(f"[{kind}] " + ", ".join(f"{k}={v}" for k, v in data.items()), err=True)
+
+    daemon = Daemon(settings, notify=notify)
+    daemon.start()
+    try:
+        while not stop.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        daemon.stop()
+
+
+@main.command()
+@click.argument("input_path", metavar="INPUT", type=click.Path(exists=True, path_type=Path))
+@click.option("--json", "json_out", type=click.Path(path_type=Path), required=True, help="Write the result here.")
+@click.option("--engine", type=ENGINES, default=None)
+@click.option("--tile-size", default=DEFAULT_TILE_SIZE, show_default=True,
+              help="Tile size used to cut a single image into scanner tiles.")
+@click.pass_context
+@friendly_errors
+def triage(ctx, input_path: Path, json_out: Path, engine: str | None, tile_size: int) -> None:
+    """Triage a case on disk: one slide image, or a folder of tiles named like '..._x<X>_y<Y>.png'."""
+    from .engine import load_engine
+    from .triage import triage_path
+
+    settings = _settings(ctx, engine=engine)
+    eng = load_engine(settings.model_dir, settings.engine)
+    bar = Progress("tiles", None)
+
+    def progress(n: int, total: int | None, score: float) -> None:
+        bar.total = total
+        bar.update(n, f"running score {score:.3f}")
+
+    result = triage_path(eng, input_path, tile_size=tile_size, batch_size=settings.batch_size, progress=progress)
+    bar.close()
+    json_out.parent.mkdir(parents=True, exist_ok=True)
+    json_out.write_text(json.dumps(result, indent=1))
+    click.echo(f"{result['verdict']}  score {result['score']:.3f}  threshold {result['threshold']:.3f}  "
+               f"({len(result['patches'])} patches, {result['tiles']} tiles)")
+    for r in result["reasons"]:
+        click.echo(f"  cannot call: {r['message']} [{r['code']}]")
+    for s in result["skipped_inputs"]:
+        click.echo(f"  skipped {s['name']}: {s['reason']}", err=True)
+    click.echo(f"wrote {json_out}. {RESEARCH_USE_NOTICE}")
+
+
+@main.command()
+@click.option("--port", required=True, help="Serial device path or pyserial URL to write to.")
+@click.argument("input_path", metavar="INPUT", type=click.Path(exists=True, path_type=Path))
+@click.option("--encoding", type=click.Choice(["raw", "zlib", "png"]), default="zlib", show_default=True)
+@click.option("--faults", type=float, default=0.0, show_default=True, help="Byte fault rate (bit flips).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--tile-size", default=DEFAULT_TILE_SIZE, show_default=True)
+@click.option("--case-id", default=None, help="Case id to announce (default: derived from INPUT and time).")
+@friendly_errors
+def emulate(port: str, input_path: Path, encoding: str, faults: float, seed: int, tile_size: int,
+            case_id: str | None) -> None:
+    """Act as the scanner: stream INPUT (image or tile folder) to PORT tile by tile."""
+    import time
+
+    from firmware_bridge.emulator import BitFlipFaults, ScannerEmulator, TileToSend
+    from firmware_bridge.transport import open_port
+
+    from .demo import case_info_for
+    from .sources import iter_case_tiles
+
+    tiles = [TileToSend(t.x, t.y, t.pixels) for t in iter_case_tiles(input_path, tile_size)]
+    case_id = case_id or time.strftime("CASE-%Y%m%d-%H%M%S")
+    info = case_info_for(case_id, input_path.name, tiles, 4.0, tile_size)
+    bar = Progress("tiles acked", len(tiles))
+    emulator = ScannerEmulator(
+        open_port(port, timeout=0.1), info, tiles, encoding=encoding,
+        faults=BitFlipFaults(faults, seed) if faults > 0 else None,
+        progress=lambda sent, acked, total: bar.update(acked),
+    )
+    result = emulator.run()
+    bar.close(f"{result.tiles_sent} tiles sent, {result.retransmits} retransmits")
+
+
+@main.group()
+def models() -> None:
+    """Inspect and evaluate models."""
+
+
+@models.command("verify")
+@click.argument("model_dir", required=False, type=click.Path(path_type=Path))
+@click.option("--engine", type=ENGINES, default=None)
+@click.pass_context
+@friendly_errors
+def models_verify(ctx, model_dir: Path | None, engine: str | None) -> None:
+    """Check a model folder's manifest and hashes and load it."""
+    from .engine import load_engine
+
+    settings = _settings(ctx, engine=engine, model_dir=model_dir)
+    eng = load_engine(settings.model_dir, settings.engine)
+    click.echo(json.dumps(eng.description, indent=1))
+
+
+@models.command("evaluate")
+@click.argument("dataset", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--predictions", type=click.Path(path_type=Path), required=True, help="CSV to write, one row per image.")
+@click.option("--engine", type=ENGINES, default=None)
+@click.option("--model-dir", type=click.Path(path_type=Path), default=None)
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Also write metrics as JSON.")
+@click.pass_context
+@friendly_errors
+def models_evaluate(ctx, dataset: Path, predictions: Path, engine: str | None, model_dir: Path | None,
+                    json_out: Path | None) -> None:
+    """Score a folder laid out as <patient>/<0|1>/*.png and print patch- and patient-level metrics."""
+    from .engine import load_engine
+    from .evaluation import evaluate_folder
+
+    settings = _settings(ctx, engine=engine, model_dir=model_dir)
+    eng = load_engine(settings.model_dir, settings.engine)
+    bar = Progress("images", None)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done)
+
+    metrics = evaluate_folder(eng, dataset, predictions, progress=progress)
+    bar.close()
+    click.echo(format_metrics(metrics, eng.description))
+    if json_out:
+        json_out.write_text(json.dumps(metrics | {"model": eng.description}, indent=1))
+    click.echo(f"wrote {predictions}. {RESEARCH_USE_NOTICE}")
+
+
+def format_metrics(m: dict, model: dict) -> str:
+    def f(v):
+        return "  n/a" if v is None else f"{v:.3f}"
+
+    rows = [f"model {model['name']} {model['version']} ({model['backend']})",
+            f"{'level':<10}{'n':>7}{'pos':>6}{'AUC':>7}{'BalAcc':>8}{'F1':>7}{'Sens':>7}{'Spec':>7}"]
+    for level in ("patches", "patients"):
+        x = m[level]
+        rows.append(f"{level:<10}{x['n']:>7}{x['positives']:>6}{f(x['auc']):>7}{f(x['balanced_accuracy']):>8}"
+                    f"{f(x['f1']):>7}{f(x['sensitivity']):>7}{f(x['specificity']):>7}")
+    rows.append(f"patients: {m['n_patients']}; mean per-patient balanced accuracy "
+                f"{f(m['mean_patient_balanced_accuracy'])} over {m['patients_with_both_classes']} patients with "
+                f"both classes; patch threshold {m['patch_threshold']:.3f}; patient score = top-{m['top_k']} "
+                f"mean vs {m['case_threshold']:.3f}")
+    if m.get("unreadable"):
+        rows.append(f"{len(m['unreadable'])} unreadable images were left out: " + "; ".join(m["unreadable"][:5]))
+    return "\n".join(rows)
+
+
+@main.group()
+def config() -> None:
+    """Settings."""
+
+
+@config.command("show")
+@click.pass_context
+@friendly_errors
+def config_show(ctx) -> None:
+    """Print the effective settings."""
+    settings = _settings(ctx)
+    click.echo(json.dumps(settings.model_dump(mode="json"), indent=1))
+
+
+if __name__ == "__main__":
+    main()

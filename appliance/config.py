@@ -1,0 +1,75 @@
+"""The one validated settings object: a TOML file plus APPLIANCE_* environment variables; unknown keys are errors."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+from .errors import ApplianceError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "idc-resnet"
+INSTALLED_CONFIG = Path("/etc/appliance/appliance.toml")
+
+
+class ConfigError(ApplianceError):
+    """The settings file or environment holds an unknown key or an invalid value."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="APPLIANCE_", extra="forbid", validate_default=True)
+
+    data_dir: Path = Field(Path("var"), description="Where the database, spool and outputs live.")
+    model_dir: Path = Field(DEFAULT_MODEL_DIR, description="Model folder with manifest.json.")
+    engine: Literal["openvino", "onnxruntime"] = "openvino"
+    serial_port: str = Field("/dev/scanner", description="Scanner device path or pyserial URL.")
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(8470, ge=0, le=65535)
+    batch_size: int = Field(64, ge=1, le=4096)
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "appliance.db"
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.data_dir / "spool"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Precedence: explicit arguments, then environment, then the TOML file, then defaults.
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+
+
+def load_settings(config_file: Path | None = None, **overrides) -> Settings:
+    """Build the effective settings; ``config_file`` defaults to /etc/appliance/appliance.toml if present."""
+    if config_file is None and INSTALLED_CONFIG.exists():
+        config_file = INSTALLED_CONFIG
+    if config_file is not None and not Path(config_file).is_file():
+        raise ConfigError(f"settings file {config_file} does not exist")
+
+    unknown = sorted(k for k in os.environ if k.startswith("APPLIANCE_")
+                     and k[len("APPLIANCE_"):].lower() not in Settings.model_fields)
+    if unknown:
+        raise ConfigError(f"unknown setting(s) in the environment: {', '.join(unknown)}; "
+                          f"known settings are {', '.join(Settings.model_fields)}")
+
+    class _FromFile(Settings):
+        model_config = SettingsConfigDict(**{**Settings.model_config, "toml_file": config_file})
+
+    try:
+        return _FromFile(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        where = f" in {config_file}" if config_file else ""
+        raise ConfigError(f"invalid settings{where}:\n{exc}") from None

@@ -1,0 +1,218 @@
+"""The daemon: link -> spool -> pipeline -> store, with the status API alongside.
+
+Threads: the link's reader thread spools each tile durably (then the link ACKs it) and hands it to
+the pipeline thread through a queue, so inference never holds up the serial link. The store's writer
+thread is the only one that writes SQLite; uvicorn serves the API from its own thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from firmware_bridge.host import CaseInfo, HostLink, TileReceived
+
+from .api.app import ApiServer, create_app
+from .config import Settings
+from .engine import Engine, load_engine
+from .errors import ApplianceError
+from .pipeline import TriageResult, TriageSession
+from .spool import TileSpool
+from .store import CaseStore
+
+log = logging.getLogger("appliance.daemon")
+
+Notify = Callable[[str, dict], None]
+
+
+@dataclass
+class CaseProgress:
+    """What the daemon knows about the case in flight (read by the API and the demo's progress line)."""
+
+    case_id: str
+    specimen_id: str
+    tiles_expected: int | None
+    tiles_received: int = 0
+    tiles_processed: int = 0
+    score: float = 0.0
+    early_positive: bool = False
+    result: TriageResult | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class PipelineWorker:
+    """Runs one TriageSession per case on its own thread, fed tile by tile through a queue."""
+
+    def __init__(self, engine: Engine, store: CaseStore, batch_size: int, notify: Notify):
+        self.engine = engine
+        self.store = store
+        self.batch_size = batch_size
+        self.notify = notify
+        self._queue: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="pipeline", daemon=True)
+        self._sessions: dict[str, TriageSession] = {}
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=60)
+
+    def begin(self, progress: CaseProgress) -> None:
+        self._queue.put(("begin", progress))
+
+    def tile(self, progress: CaseProgress, x: int, y: int, pixels: np.ndarray) -> None:
+        self._queue.put(("tile", progress, x, y, pixels))
+
+    def end(self, progress: CaseProgress) -> None:
+        self._queue.put(("end", progress))
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            kind, progress = item[0], item[1]
+            try:
+                if kind == "begin":
+                    self._sessions[progress.case_id] = TriageSession(
+                        self.engine,
+                        batch_size=self.batch_size,
+                        on_event=lambda k, d, p=progress: self._session_event(p, k, d),
+                    )
+                elif kind == "tile":
+                    session = self._sessions[progress.case_id]
+                    session.add_tile(item[2], item[3], item[4])
+                    progress.tiles_processed = session.tiles
+                    progress.score = session.score
+                elif kind == "end":
+                    self._finish(progress)
+            except ApplianceError as exc:
+                # A bad tile is reported and the case goes on; nothing acknowledged is dropped silently.
+                self.notify("error", {"case_id": progress.case_id, "message": str(exc)})
+            except Exception as exc:
+                log.exception("pipeline failed on case %s", progress.case_id)
+                self.store.case_failed(progress.case_id, f"{type(exc).__name__}: {exc}")
+                self._sessions.pop(progress.case_id, None)
+                progress.done.set()
+                self.notify("failed", {"case_id": progress.case_id, "message": str(exc)})
+
+    def _session_event(self, progress: CaseProgress, kind: str, data: dict) -> None:
+        if kind == "early-positive":
+            progress.early_positive = True
+            self.notify("early-positive", {"case_id": progress.case_id, **data})
+
+    def _finish(self, progress: CaseProgress) -> None:
+        session = self._sessions.pop(progress.case_id)
+        self.store.case_processing(progress.case_id)
+        result = session.finish()
+        self.store.case_finished(progress.case_id, result.to_dict())
+        progress.result = result
+        progress.score = result.score
+        progress.done.set()
+        self.notify("finished", {"case_id": progress.case_id, "verdict": result.verdict, "score": result.score})
+
+
+class CaseReceiver:
+    """The link's TileSink: a tile is spooled and logged before this returns, and only then ACKed."""
+
+    def __init__(self, spool: TileSpool, store: CaseStore, pipeline: PipelineWorker, model: dict, notify: Notify):
+        self.spool = spool
+        self.store = store
+        self.pipeline = pipeline
+        self.model = model
+        self.notify = notify
+        self.cases: dict[str, CaseProgress] = {}
+        self.current: CaseProgress | None = None
+
+    def case_began(self, info: CaseInfo) -> None:
+        expected = info.expected_tiles or None
+        self.spool.begin_case(info.case_id, _info_dict(info))
+        self.store.case_started(info.case_id, specimen_id=info.specimen_id, source="scanner",
+                                tiles_expected=expected, model=self.model)
+        progress = CaseProgress(info.case_id, info.specimen_id, expected)
+        self.cases[info.case_id] = progress
+        self.current = progress
+        self.pipeline.begin(progress)
+        self.notify("case-started", {"case_id": info.case_id, "tiles_expected": expected})
+
+    def tile_received(self, tile: TileReceived) -> None:
+        progress = self.cases[tile.case_id]
+        h, w = tile.pixels.shape[:2]
+        sha = self.spool.store_tile(tile.case_id, tile.index, tile.x, tile.y, tile.pixels)
+        self.store.tile_stored(tile.case_id, tile.index, tile.x, tile.y, w, h, sha)
+        progress.tiles_received += 1
+        self.pipeline.tile(progress, tile.x, tile.y, tile.pixels)
+        self.notify("tile", {"case_id": tile.case_id, "received": progress.tiles_received,
+                             "expected": progress.tiles_expected})
+
+    def case_ended(self, case_id: str, tile_count: int) -> None:
+        progress = self.cases[case_id]
+        self.pipeline.end(progress)
+        self.notify("case-ended", {"case_id": case_id, "tile_count": tile_count})
+
+    def link_event(self, kind: str, detail: str) -> None:
+        self.notify("link", {"kind": kind, "detail": detail})
+
+
+def _info_dict(info: CaseInfo) -> dict:
+    return {k: getattr(info, k) for k in info.__dataclass_fields__}
+
+
+class Daemon:
+    """Owns the engine, store, spool, pipeline, serial link and API for one process."""
+
+    def __init__(self, settings: Settings, *, port: str | None = None, notify: Notify | None = None,
+                 serve_api: bool = True):
+        self.settings = settings
+        self.port = port or settings.serial_port
+        self.notify = notify or (lambda kind, data: log.info("%s %s", kind, data))
+        self.serve_api = serve_api
+        self.engine: Engine | None = None
+        self.store: CaseStore | None = None
+        self.link: HostLink | None = None
+        self.api: ApiServer | None = None
+        self.receiver: CaseReceiver | None = None
+        self.pipeline: PipelineWorker | None = None
+
+    def start(self) -> None:
+        s = self.settings
+        self.engine = load_engine(s.model_dir, s.engine)
+        self.store = CaseStore(s.db_path)
+        spool = TileSpool(s.spool_dir)
+        self.pipeline = PipelineWorker(self.engine, self.store, s.batch_size, self.notify)
+        self.pipeline.start()
+        self.receiver = CaseReceiver(spool, self.store, self.pipeline, self.engine.description, self.notify)
+        if self.serve_api:
+            self.api = ApiServer(create_app(s, self.store), s.api_host, s.api_port)
+            self.api.start()
+            self.notify("api", {"url": f"http://{s.api_host}:{self.api.port}"})
+        self.link = HostLink(self.port, self.receiver)
+        self.link.start()
+        self.notify("ready", {"port": self.port, "model": self.engine.description})
+
+    def wait_case(self, case_id: str, timeout: float) -> CaseProgress | None:
+        """Wait until the pipeline has finished ``case_id`` (or the timeout passes)."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            progress = self.receiver.cases.get(case_id) if self.receiver else None
+            if progress is not None:
+                progress.done.wait(max(0.0, deadline - time.monotonic()))
+                return progress if progress.done.is_set() else None
+            time.sleep(0.05)
+        return None
+
+    def stop(self) -> None:
+        if self.link:
+            self.link.stop()
+        if self.pipeline:
+            self.pipeline.stop()
+        if self.api:
+            self.api.stop()
+        if self.store:
+            self.store.close()

@@ -1,0 +1,122 @@
+"""`appliance demo`: the daemon and the scanner emulator talking over a real pseudo-terminal.
+
+The emulator writes the bundled case to the pty's master end; the daemon opens the slave end by its
+device path with pyserial, exactly as it opens a USB serial scanner.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from firmware_bridge.emulator import ScannerEmulator, TileToSend
+from firmware_bridge.host import CaseInfo
+from firmware_bridge.transport import FdTransport
+
+from . import RESEARCH_USE_NOTICE
+from .config import Settings
+from .daemon import Daemon
+from .progress import Progress
+from .sources import DEFAULT_TILE_SIZE, iter_case_tiles
+
+DEMO_CASE = Path(__file__).resolve().parent / "demo" / "idc-10253.tif"
+
+
+@dataclass
+class DemoOutcome:
+    case_id: str
+    verdict: str | None
+    score: float | None
+    tiles_sent: int
+    tiles_stored: int
+    exit_code: int
+
+
+def case_info_for(case_id: str, specimen_id: str, tiles: list[TileToSend], mpp: float, tile_size: int) -> CaseInfo:
+    width = max(t.x + t.pixels.shape[1] for t in tiles)
+    height = max(t.y + t.pixels.shape[0] for t in tiles)
+    return CaseInfo(
+        case_id=case_id, specimen_id=specimen_id, modality="brightfield-he", microns_per_pixel=mpp,
+        tile_width=tile_size, tile_height=tile_size, channels=3, dtype="uint8", expected_tiles=len(tiles),
+        image_width=width, image_height=height, overlap=0,
+    )
+
+
+def run_demo(settings: Settings, *, case_path: Path = DEMO_CASE, tile_size: int = DEFAULT_TILE_SIZE,
+             encoding: str = "zlib", timeout: float = 300, out=sys.stdout) -> DemoOutcome:
+    case_id = time.strftime("DEMO-%Y%m%d-%H%M%S")
+    tiles = [TileToSend(t.x, t.y, t.pixels) for t in iter_case_tiles(case_path, tile_size)]
+    info = case_info_for(case_id, "IDC-10253 (CC0 IDC dataset, demo)", tiles, 4.0, tile_size)
+
+    master, slave = os.openpty()
+    port = os.ttyname(slave)
+    bar = Progress("tiles", len(tiles), out)
+    lock = threading.Lock()
+
+    def notify(kind: str, data: dict) -> None:
+        with lock:
+            if kind == "tile":
+                d = daemon.receiver.current if daemon.receiver else None
+                extra = f"processed {d.tiles_processed}  running score {d.score:.3f}" if d else ""
+                bar.update(data["received"], extra)
+            elif kind == "early-positive":
+                out.write(f"\nEARLY POSITIVE after {data['tiles']} tiles: top-k mean {data['score']:.3f} "
+                          f"passed the threshold (final: suspicious)\n")
+            elif kind in ("ready", "api", "case-started", "case-ended", "finished", "error", "failed"):
+                out.write(f"[{kind}] " + ", ".join(f"{k}={v}" for k, v in data.items() if k != "model") + "\n")
+            out.flush()
+
+    out.write(f"Bench triage appliance demo. {RESEARCH_USE_NOTICE}\n")
+    out.write(f"scanner emulator -> pty {port} -> daemon; case {case_path.name}: {len(tiles)} tiles of "
+              f"{tile_size}px, encoding {encoding}\n")
+    daemon = Daemon(settings, port=port, notify=notify)
+    try:
+        daemon.start()
+        emulator = ScannerEmulator(FdTransport(master), info, tiles, encoding=encoding)
+        sent = emulator.run()
+        progress = daemon.wait_case(case_id, timeout)
+        bar.close()
+        stored = len(daemon.store.tiles(case_id))
+        row = daemon.store.get_case(case_id)
+    finally:
+        daemon.stop()
+        for fd in (master, slave):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+    if progress is None or progress.result is None:
+        out.write(f"case {case_id} did not finish within {timeout:.0f} s\n")
+        return DemoOutcome(case_id, None, None, sent.tiles_sent, stored, 1)
+    r = progress.result
+    out.write(format_verdict(r.to_dict(), case_id))
+    out.write(f"case logged to {settings.db_path} (status {row['status']}, {stored}/{len(tiles)} tiles stored)\n")
+    return DemoOutcome(case_id, r.verdict, r.score, sent.tiles_sent, stored, 0)
+
+
+def format_verdict(result: dict, case_id: str) -> str:
+    lines = [
+        "",
+        f"=== case {case_id}: {result['verdict'].upper()} ===",
+        f"score {result['score']:.3f} (mean of top {result['top_k']} patch probabilities; threshold "
+        f"{result['threshold']:.3f}); {len(result['patches'])} tissue patches scored from {result['tiles']} tiles",
+    ]
+    if result["early_positive"]:
+        lines.append(f"early positive call after {result['early_positive_after_tiles']} tiles")
+    for reason in result["reasons"]:
+        lines.append(f"cannot call: {reason['message']} [{reason['code']}]")
+    top = result.get("top_patches", [])[:5]
+    if top:
+        lines.append("tiles that drove the call: " + ", ".join(
+            f"({p['x']},{p['y']}) p={p['probability']:.2f}" for p in top))
+    m = result["model"]
+    lines.append(f"model {m['name']} {m['version']} sha256 {m['sha256'][:16]}... on {m['backend']}")
+    t = result["timings_ms"]
+    lines.append("timings ms: " + json.dumps(t))
+    lines.append(RESEARCH_USE_NOTICE)
+    return "\n".join(lines) + "\n"

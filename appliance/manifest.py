@@ -1,0 +1,124 @@
+"""Model manifests: the validated I/O contract of a model folder, trusted only after its hashes check out."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import ManifestError, ModelIntegrityError
+
+MANIFEST_NAME = "manifest.json"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InputSpec(_Strict):
+    name: str
+    width: int = Field(gt=0)
+    height: int = Field(gt=0)
+    channels: Literal[3]
+    layout: Literal["NHWC"]
+    dtype: Literal["uint8"]
+    color: Literal["RGB"]
+    microns_per_pixel: float = Field(gt=0)
+    pad_value: int = Field(ge=0, le=255)
+    normalisation: str
+    mean: list[float]
+    std: list[float]
+
+
+class OutputSpec(_Strict):
+    name: str
+    kind: Literal["sigmoid-probability-of-positive"]
+
+
+class PatchSpec(_Strict):
+    size: int = Field(gt=0)
+    stride: int = Field(gt=0)
+    min_tissue_fraction: float = Field(ge=0, le=1)
+
+
+class DecisionSpec(_Strict):
+    patch_threshold: float = Field(ge=0, le=1)
+    top_k: int = Field(gt=0)
+    case_threshold: float = Field(ge=0, le=1)
+
+
+class FilesSpec(_Strict):
+    openvino: str
+    openvino_weights: str
+    onnx: str
+
+
+class ModelManifest(_Strict):
+    schema_version: Literal[1]
+    name: str
+    version: str
+    task: Literal["patch-classification"]
+    labels: list[str]
+    input: InputSpec
+    output: OutputSpec
+    patch: PatchSpec
+    decision: DecisionSpec
+    files: FilesSpec
+    sha256: dict[str, str]
+    training: dict
+    metrics: dict
+
+    @model_validator(mode="after")
+    def _every_file_hashed(self) -> "ModelManifest":
+        for f in (self.files.openvino, self.files.openvino_weights, self.files.onnx):
+            if f not in self.sha256:
+                raise ValueError(f"files lists {f!r} but sha256 has no entry for it")
+        if self.patch.size != self.input.width or self.input.width != self.input.height:
+            raise ValueError("patch.size must equal input width and height (square patches)")
+        return self
+
+    @property
+    def digest(self) -> str:
+        """One sha256 naming this exact model: the hash of its OpenVINO weights file."""
+        return self.sha256[self.files.openvino_weights]
+
+
+def read_manifest(model_dir: Path) -> ModelManifest:
+    """Parse and validate ``model_dir/manifest.json`` (no file hashes checked yet)."""
+    path = Path(model_dir) / MANIFEST_NAME
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ManifestError(f"no model manifest at {path}; is the model folder right?") from None
+    except json.JSONDecodeError as exc:
+        raise ManifestError(f"{path} is not valid JSON: {exc}") from None
+    try:
+        return ModelManifest.model_validate(raw)
+    except ValidationError as exc:
+        raise ManifestError(f"{path} is not a valid model manifest:\n{exc}") from None
+
+
+def read_verified(model_dir: Path, filename: str, manifest: ModelManifest) -> bytes:
+    """Return the bytes of a model file after checking them against the manifest's sha256.
+
+    The engine loads exactly these bytes, so a file swapped after the check cannot slip in.
+    """
+    path = Path(model_dir) / filename
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ModelIntegrityError(f"model file {path} is missing (listed in {MANIFEST_NAME})") from None
+    expected = manifest.sha256.get(filename)
+    if expected is None:
+        raise ModelIntegrityError(f"model file {path} has no sha256 in {MANIFEST_NAME}; refusing to load it")
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != expected:
+        raise ModelIntegrityError(
+            f"model file {path} failed its integrity check: sha256 mismatch "
+            f"(manifest {expected}, file {actual}). The file was changed or corrupted; "
+            f"reinstall the model folder."
+        )
+    return data

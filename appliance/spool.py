@@ -1,0 +1,77 @@
+"""Durable per-case tile spool: a tile is on disk (fsynced, renamed, directory fsynced) before it is ACKed."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+from .errors import StoreError
+
+_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def check_case_id(case_id: str) -> str:
+    """Case ids become folder names, so only a safe alphabet is allowed."""
+    if not _SAFE_ID.match(case_id) or ".." in case_id:
+        raise StoreError(f"case id {case_id!r} is not allowed: use letters, digits, '.', '_' or '-' (max 128)")
+    return case_id
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durably(path: Path, data: bytes) -> None:
+    """Write to a temporary file, fsync it, rename it into place and fsync the directory."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise StoreError(f"could not store {path}: {exc.strerror or exc}") from None
+
+
+class TileSpool:
+    """One folder per case holding ``case.json`` and one ``.npy`` file per tile."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def case_dir(self, case_id: str) -> Path:
+        return self.root / check_case_id(case_id)
+
+    def begin_case(self, case_id: str, info: dict) -> Path:
+        d = self.case_dir(case_id)
+        d.mkdir(parents=True, exist_ok=True)
+        write_durably(d / "case.json", json.dumps(info, sort_keys=True).encode())
+        _fsync_dir(self.root)
+        return d
+
+    def store_tile(self, case_id: str, index: int, x: int, y: int, pixels: np.ndarray) -> str:
+        """Store one tile durably and return the sha256 of its pixel bytes."""
+        buf = io.BytesIO()
+        np.save(buf, np.ascontiguousarray(pixels), allow_pickle=False)
+        write_durably(self.tile_path(case_id, index, x, y), buf.getvalue())
+        return hashlib.sha256(np.ascontiguousarray(pixels).tobytes()).hexdigest()
+
+    def tile_path(self, case_id: str, index: int, x: int, y: int) -> Path:
+        return self.case_dir(case_id) / f"tile-{index:06d}_x{x}_y{y}.npy"
+
+    def tiles(self, case_id: str) -> list[Path]:
+        return sorted(self.case_dir(case_id).glob("tile-*.npy"))

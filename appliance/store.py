@@ -1,0 +1,233 @@
+"""The case log in SQLite: one writer thread owns the only write connection; readers open their own.
+
+Durability is chosen on purpose: WAL so readers (API, TUI) never block the writer, and
+``synchronous=FULL`` so a committed case row survives power loss, not just a process crash.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import sqlite3
+import threading
+import time
+from concurrent.futures import Future
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import sqlite_utils
+from sqlite_utils.migrations import Migrations
+
+from .errors import StoreError
+
+migrations = Migrations("appliance")
+
+
+@migrations(name="0001_cases_and_tiles")
+def _initial(db: sqlite_utils.Database) -> None:
+    db["cases"].create(
+        {
+            "id": str,
+            "specimen_id": str,
+            "source": str,
+            "status": str,
+            "received_at": str,
+            "finished_at": str,
+            "tiles_expected": int,
+            "tiles_received": int,
+            "patches_scored": int,
+            "verdict": str,
+            "score": float,
+            "threshold": float,
+            "reasons": str,
+            "early_positive": int,
+            "early_positive_after_tiles": int,
+            "model_name": str,
+            "model_version": str,
+            "model_sha256": str,
+            "engine": str,
+            "timings_ms": str,
+            "research_use_only": int,
+        },
+        pk="id",
+    )
+    db["tiles"].create(
+        {"case_id": str, "idx": int, "x": int, "y": int, "w": int, "h": int, "sha256": str, "stored_at": str},
+        pk=("case_id", "idx"),
+        foreign_keys=[("case_id", "cases", "id")],
+    )
+    db["cases"].create_index(["received_at"])
+
+
+def utcnow() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+_JSON_COLUMNS = ("reasons", "timings_ms")
+
+
+def _decode_row(row: dict) -> dict:
+    out = dict(row)
+    for col in _JSON_COLUMNS:
+        if out.get(col):
+            out[col] = json.loads(out[col])
+    for col in ("early_positive", "research_use_only"):
+        if out.get(col) is not None:
+            out[col] = bool(out[col])
+    return out
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, check_same_thread=False, timeout=10)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    return conn
+
+
+class CaseStore:
+    """Writes go through ``submit`` to the single writer thread; reads use short-lived connections."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite_utils.Database(_connect(self.path))
+            migrations.apply(self._db)
+        except (sqlite3.Error, OSError) as exc:
+            raise StoreError(f"cannot open the case database {self.path}: {exc}") from None
+        self._queue: queue.Queue[tuple[Callable, Future] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._writer, name="store-writer", daemon=True)
+        self._thread.start()
+
+    # -- the writer ---------------------------------------------------------------------------------
+    def _writer(self) -> None:
+        while (item := self._queue.get()) is not None:
+            fn, fut = item
+            try:
+                with self._db.conn:
+                    fut.set_result(fn(self._db))
+            except Exception as exc:  # handed to the caller through the future, never dropped
+                fut.set_exception(exc)
+        self._db.conn.close()
+
+    def submit(self, fn: Callable[[sqlite_utils.Database], Any]) -> Future:
+        fut: Future = Future()
+        if not self._thread.is_alive():
+            fut.set_exception(StoreError("the case database is closed"))
+            return fut
+        self._queue.put((fn, fut))
+        return fut
+
+    def write(self, fn: Callable[[sqlite_utils.Database], Any], timeout: float = 30) -> Any:
+        """Run ``fn`` on the writer thread inside a transaction and wait for it to commit."""
+        try:
+            return self.submit(fn).result(timeout)
+        except sqlite3.Error as exc:
+            raise StoreError(f"writing to {self.path} failed: {exc}") from None
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join(timeout=30)
+
+    # -- case lifecycle -------------------------------------------------------------------------------
+    def case_started(self, case_id: str, *, specimen_id: str = "", source: str = "", tiles_expected: int | None = None,
+                     model: dict | None = None) -> None:
+        model = model or {}
+        row = {
+            "id": case_id,
+            "specimen_id": specimen_id,
+            "source": source,
+            "status": "receiving",
+            "received_at": utcnow(),
+            "tiles_expected": tiles_expected,
+            "tiles_received": 0,
+            "model_name": model.get("name"),
+            "model_version": model.get("version"),
+            "model_sha256": model.get("sha256"),
+            "engine": model.get("backend"),
+            "research_use_only": 1,
+        }
+        self.write(lambda db: db["cases"].upsert(row, pk="id"))
+
+    def tile_stored(self, case_id: str, idx: int, x: int, y: int, w: int, h: int, sha256: str) -> None:
+        def _write(db: sqlite_utils.Database) -> None:
+            db["tiles"].upsert(
+                {"case_id": case_id, "idx": idx, "x": x, "y": y, "w": w, "h": h, "sha256": sha256,
+                 "stored_at": utcnow()},
+                pk=("case_id", "idx"),
+            )
+            db.execute(
+                "update cases set tiles_received = (select count(*) from tiles where case_id = ?) where id = ?",
+                [case_id, case_id],
+            )
+
+        self.write(_write)
+
+    def case_processing(self, case_id: str) -> None:
+        self.write(lambda db: db["cases"].update(case_id, {"status": "processing"}))
+
+    def case_finished(self, case_id: str, result: dict) -> None:
+        status = "cannot-call" if result["verdict"] == "cannot-call" else "done"
+        fields = {
+            "status": status,
+            "finished_at": utcnow(),
+            "verdict": result["verdict"],
+            "score": result["score"],
+            "threshold": result["threshold"],
+            "reasons": json.dumps(result["reasons"]),
+            "patches_scored": len(result["patches"]),
+            "early_positive": int(result["early_positive"]),
+            "early_positive_after_tiles": result["early_positive_after_tiles"],
+            "timings_ms": json.dumps(result["timings_ms"]),
+            "model_name": result["model"]["name"],
+            "model_version": result["model"]["version"],
+            "model_sha256": result["model"]["sha256"],
+            "engine": result["model"]["backend"],
+        }
+        self.write(lambda db: db["cases"].update(case_id, fields))
+
+    def case_failed(self, case_id: str, message: str) -> None:
+        fields = {"status": "failed", "finished_at": utcnow(),
+                  "reasons": json.dumps([{"code": "failed", "message": message}])}
+        self.write(lambda db: db["cases"].update(case_id, fields))
+
+    # -- reads ----------------------------------------------------------------------------------------
+    def _reader(self) -> sqlite_utils.Database:
+        conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=10)
+        return sqlite_utils.Database(conn)
+
+    def list_cases(self, limit: int = 50, offset: int = 0) -> list[dict]:
+        db = self._reader()
+        try:
+            rows = db["cases"].rows_where(order_by="received_at desc", limit=limit, offset=offset)
+            return [_decode_row(r) for r in rows]
+        finally:
+            db.conn.close()
+
+    def get_case(self, case_id: str) -> dict | None:
+        db = self._reader()
+        try:
+            rows = list(db["cases"].rows_where("id = ?", [case_id]))
+            return _decode_row(rows[0]) if rows else None
+        finally:
+            db.conn.close()
+
+    def tiles(self, case_id: str) -> list[dict]:
+        db = self._reader()
+        try:
+            return list(db["tiles"].rows_where("case_id = ?", [case_id], order_by="idx"))
+        finally:
+            db.conn.close()
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
+    """Poll ``predicate`` until it is true or ``timeout`` passes (used by tests and the demo)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()

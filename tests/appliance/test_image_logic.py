@@ -1,0 +1,78 @@
+"""Pure image and decision logic: tissue, patches, top-k MIL, metrics."""
+
+import numpy as np
+import pytest
+
+from appliance.metrics import binary_metrics, roc_auc, top_k_mean
+from appliance.pipeline.mil import TopKMean
+from appliance.pipeline.patches import cut_patches, grid_starts, pad_to
+from appliance.pipeline.tissue import saturation, tissue_fraction
+
+
+def test_saturation_matches_hsv_definition():
+    rgb = np.array([[[255, 255, 255], [200, 100, 50], [0, 0, 0], [10, 20, 30]]], dtype=np.uint8)
+    expected = [0, int((200 - 50) * 255 / 200), 0, int((30 - 10) * 255 / 30)]
+    assert saturation(rgb)[0].tolist() == expected
+
+
+def test_tissue_fraction_separates_glass_from_stain():
+    glass = np.full((100, 100, 3), 240, dtype=np.uint8)
+    stained = np.zeros((100, 100, 3), dtype=np.uint8)
+    stained[...] = (180, 90, 160)  # eosin-pink
+    half = glass.copy()
+    half[:, :50] = stained[:, :50]
+    assert tissue_fraction(glass) == 0.0
+    assert tissue_fraction(stained) == 1.0
+    assert tissue_fraction(half) == pytest.approx(0.5)
+
+
+def test_grid_starts_cover_every_pixel_once_per_stride():
+    assert grid_starts(50, 50, 50) == [0]
+    assert grid_starts(35, 50, 50) == [0]
+    assert grid_starts(220, 50, 50) == [0, 50, 100, 150, 200]
+    assert grid_starts(120, 50, 25) == [0, 25, 50, 75]
+    assert grid_starts(0, 50, 50) == []
+
+
+def test_cut_patches_pads_edges_with_glass_and_keeps_positions():
+    tile = np.random.default_rng(0).integers(0, 255, (120, 70, 3), dtype=np.uint8)
+    patches = cut_patches(tile, 1000, 2000, 50, 50, 255)
+    assert [(p.x, p.y, p.w, p.h) for p in patches] == [
+        (1000, 2000, 50, 50), (1050, 2000, 20, 50),
+        (1000, 2050, 50, 50), (1050, 2050, 20, 50),
+        (1000, 2100, 50, 20), (1050, 2100, 20, 20),
+    ]
+    last = patches[-1].pixels
+    assert last.shape == (50, 50, 3)
+    assert np.array_equal(last[:20, :20], tile[100:120, 50:70])
+    assert (last[20:] == 255).all() and (last[:, 20:] == 255).all()
+    assert pad_to(tile[:50, :50], 50, 0) is not None
+
+
+def test_top_k_mean_never_falls_once_full():
+    rng = np.random.default_rng(1)
+    agg = TopKMean(15)
+    last = None
+    for p in rng.random(500):
+        agg.add(float(p))
+        if agg.full:
+            assert last is None or agg.score >= last
+            last = agg.score
+    probs = np.sort(rng.random(10))
+    assert top_k_mean(probs, 3) == pytest.approx(probs[-3:].mean())
+
+
+def test_auc_against_hand_computed_cases():
+    assert roc_auc([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9]) == 1.0
+    assert roc_auc([0, 0, 1, 1], [0.9, 0.8, 0.2, 0.1]) == 0.0
+    assert roc_auc([0, 1, 0, 1], [0.5, 0.5, 0.5, 0.5]) == 0.5
+    # 3 of the 4 (pos, neg) pairs are ordered correctly
+    assert roc_auc([0, 1, 0, 1], [0.1, 0.3, 0.4, 0.9]) == 0.75
+    assert roc_auc([1, 1], [0.1, 0.2]) is None
+
+
+def test_binary_metrics_confusion_counts():
+    m = binary_metrics(np.array([1, 1, 0, 0, 0]), np.array([0.9, 0.2, 0.7, 0.1, 0.3]), 0.5)
+    assert (m["tp"], m["fn"], m["fp"], m["tn"]) == (1, 1, 1, 2)
+    assert m["sensitivity"] == 0.5 and m["specificity"] == pytest.approx(2 / 3)
+    assert m["f1"] == pytest.approx(0.5)
