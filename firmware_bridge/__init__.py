@@ -1,0 +1,50 @@
+"""Serial link between the slide scanner and the bench daemon: frames, messages, host session, emulator."""
+
+from firmware_bridge.emulator import EmulatorResult, ScannerEmulator, TileToSend
+from firmware_bridge.errors import (
+    BridgeError,
+    CobsError,
+    CrcError,
+    DeliveryError,
+    FrameError,
+    FrameTooLargeError,
+    LinkError,
+    LinkLostError,
+    LinkTimeoutError,
+    TileDecodeError,
+    TransportError,
+    TruncatedFrameError,
+    UnknownVersionError,
+)
+from firmware_bridge.faults import BitFlipFaults
+from firmware_bridge.frames import PROTOCOL_VERSION
+from firmware_bridge.host import CaseInfo, HostLink, LinkEvent, TileReceived, TileSink
+from firmware_bridge.transport import FdTransport, open_port
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "BitFlipFaults",
+    "BridgeError",
+    "CaseInfo",
+    "CobsError",
+    "CrcError",
+    "DeliveryError",
+    "EmulatorResult",
+    "FdTransport",
+    "FrameError",
+    "FrameTooLargeError",
+    "HostLink",
+    "LinkError",
+    "LinkEvent",
+    "LinkLostError",
+    "LinkTimeoutError",
+    "ScannerEmulator",
+    "TileDecodeError",
+    "TileReceived",
+    "TileSink",
+    "TileToSend",
+    "TransportError",
+    "TruncatedFrameError",
+    "UnknownVersionError",
+    "open_port",
+]

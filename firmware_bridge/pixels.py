@@ -1,0 +1,135 @@
+"""Tile pixel codecs (raw, zlib, png) between uint8 HxWxC arrays and TILE payload bytes. Pure, no I/O."""
+
+from __future__ import annotations
+
+import io
+import zlib
+from enum import IntEnum
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from firmware_bridge.errors import TileDecodeError, TileEncodeError
+
+CHANNELS = 3  # v1 carries RGB only
+
+
+class TileEncoding(IntEnum):
+    """Wire code of a TILE payload's encoding."""
+
+    RAW = 0  # row-major H x W x 3 bytes, R G B
+    ZLIB = 1  # the raw bytes as one zlib (RFC 1950) stream
+    PNG = 2  # an 8-bit RGB PNG of exactly W x H
+
+    @classmethod
+    def parse(cls, value: TileEncoding | int | str) -> TileEncoding:
+        """Accept an enum, its wire code, or its name ("raw", "zlib", "png")."""
+        if isinstance(value, str):
+            try:
+                return cls[value.upper()]
+            except KeyError:
+                names = ", ".join(e.name.lower() for e in cls)
+                raise ValueError(f"unknown tile encoding {value!r}; use one of {names}") from None
+        return cls(value)
+
+
+def encode_pixels(pixels: np.ndarray, encoding: TileEncoding) -> bytes:
+    """Turn a uint8 HxWx3 array into payload bytes for the given encoding."""
+    arr = np.asarray(pixels)
+    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != CHANNELS:
+        raise TileEncodeError(f"pixels must be uint8 HxWx3, got {arr.dtype} {arr.shape}")
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise TileEncodeError(f"pixels must not be empty, got shape {arr.shape}")
+    if encoding == TileEncoding.RAW:
+        return np.ascontiguousarray(arr).tobytes()
+    if encoding == TileEncoding.ZLIB:
+        return zlib.compress(np.ascontiguousarray(arr).tobytes(), 6)
+    if encoding == TileEncoding.PNG:
+        buf = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(arr)).save(buf, format="PNG")
+        return buf.getvalue()
+    raise TileEncodeError(f"unsupported tile encoding {encoding!r}")
+
+
+def decode_pixels(
+    payload: bytes,
+    encoding: TileEncoding | int,
+    width: int,
+    height: int,
+    *,
+    channels: int = CHANNELS,
+    label: str = "tile",
+) -> np.ndarray:
+    """Decode payload into a read-only uint8 (height, width, channels) array or raise TileDecodeError.
+
+    label prefixes every message (e.g. "tile 12") so a technician can find the tile.
+    """
+    if width <= 0 or height <= 0:
+        raise TileDecodeError(f"{label}: size {width}x{height} is empty")
+    if channels != CHANNELS:
+        raise TileDecodeError(f"{label}: {channels} channels requested, v1 carries only RGB (3)")
+    expected = width * height * channels
+    shape = f"{width}x{height}x{channels}"
+    try:
+        enc = TileEncoding(encoding)
+    except ValueError:
+        raise TileDecodeError(f"{label}: unknown encoding code {encoding}") from None
+
+    if enc == TileEncoding.RAW:
+        if len(payload) != expected:
+            raise TileDecodeError(
+                f"{label}: raw payload is {len(payload)} bytes, expected {expected} for {shape}"
+            )
+        raw = bytes(payload)
+    elif enc == TileEncoding.ZLIB:
+        raw = _inflate(payload, expected, label, shape)
+    else:
+        return _decode_png(payload, width, height, label)
+
+    arr = np.frombuffer(raw, dtype=np.uint8).reshape(height, width, channels)
+    arr.flags.writeable = False
+    return arr
+
+
+def _inflate(payload: bytes, expected: int, label: str, shape: str) -> bytes:
+    inflater = zlib.decompressobj()
+    try:
+        # max_length caps the output, so a hostile or corrupt stream cannot balloon memory.
+        raw = inflater.decompress(payload, expected + 1)
+    except zlib.error as exc:
+        raise TileDecodeError(f"{label}: zlib payload is corrupt: {exc}") from exc
+    if len(raw) > expected:
+        raise TileDecodeError(f"{label}: zlib payload inflates to more than {expected} bytes ({shape})")
+    if not inflater.eof:
+        raise TileDecodeError(
+            f"{label}: zlib stream is truncated after {len(raw)} bytes, expected {expected} for {shape}"
+        )
+    if inflater.unused_data:
+        raise TileDecodeError(
+            f"{label}: {len(inflater.unused_data)} stray bytes after the end of the zlib stream"
+        )
+    if len(raw) != expected:
+        raise TileDecodeError(
+            f"{label}: zlib payload inflates to {len(raw)} bytes, expected {expected} for {shape}"
+        )
+    return raw
+
+
+def _decode_png(payload: bytes, width: int, height: int, label: str) -> np.ndarray:
+    try:
+        with Image.open(io.BytesIO(payload), formats=["PNG"]) as img:
+            # Check the header before decoding so a wrong-sized image costs nothing.
+            if img.size != (width, height) or img.mode != "RGB":
+                raise TileDecodeError(
+                    f"{label}: png is {img.mode} {img.size[0]}x{img.size[1]}, "
+                    f"expected RGB {width}x{height}"
+                )
+            img.load()
+            arr = np.array(img, dtype=np.uint8)
+    except TileDecodeError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, zlib.error) as exc:
+        # Pillow reports broken PNGs through all of these depending on where it breaks.
+        raise TileDecodeError(f"{label}: png payload cannot be decoded: {exc}") from exc
+    arr.flags.writeable = False
+    return arr

@@ -1,0 +1,98 @@
+"""Both engines on the real committed model, and refusal of tampered or malformed model folders."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from appliance.engine import load_engine
+from appliance.errors import EngineError, ManifestError, ModelIntegrityError
+from appliance.evaluation import find_labelled_images
+from appliance.pipeline.patches import pad_to
+from appliance.sources import read_image
+
+from tests.conftest import IDC, MODEL_DIR
+
+
+@pytest.fixture(scope="module")
+def fixture_batch():
+    items = find_labelled_images(IDC)
+    batch = np.stack([pad_to(read_image(i.path), 50, 255) for i in items])
+    labels = np.array([i.label for i in items])
+    return batch, labels
+
+
+def test_both_engines_score_real_patches_and_agree(ov_engine, ort_engine, fixture_batch):
+    batch, labels = fixture_batch
+    p_ov = ov_engine.infer(batch)
+    p_ort = ort_engine.infer(batch)
+    assert p_ov.shape == p_ort.shape == (len(batch),)
+    assert ((p_ov >= 0) & (p_ov <= 1)).all() and ((p_ort >= 0) & (p_ort <= 1)).all()
+    # INT8 OpenVINO against FP32 ONNX Runtime: close, and the same call on nearly every patch
+    t = ov_engine.manifest.decision.patch_threshold
+    assert np.abs(p_ov - p_ort).mean() < 0.05
+    assert ((p_ov >= t) == (p_ort >= t)).mean() >= 0.95
+    # the model is not constant: IDC patches score higher than non-IDC ones on these unseen patients
+    assert p_ov[labels == 1].mean() > p_ov[labels == 0].mean() + 0.2
+
+
+def test_engine_refuses_batches_it_cannot_score(ov_engine):
+    with pytest.raises(EngineError, match="uint8"):
+        ov_engine.infer(np.zeros((2, 50, 50, 3), dtype=np.float32))
+    with pytest.raises(EngineError, match=r"expects \(N, 50, 50, 3\)"):
+        ov_engine.infer(np.zeros((2, 64, 64, 3), dtype=np.uint8))
+    assert ov_engine.infer(np.zeros((0, 50, 50, 3), dtype=np.uint8)).shape == (0,)
+
+
+def _copy_model(tmp_path):
+    dst = tmp_path / "model"
+    shutil.copytree(MODEL_DIR, dst, ignore=shutil.ignore_patterns("work"))
+    return dst
+
+
+@pytest.mark.parametrize(
+    "backend,filename",
+    [("openvino", "model.int8.bin"), ("openvino", "model.int8.xml"), ("onnxruntime", "model.fp32.onnx")],
+)
+def test_tampered_model_file_is_refused_naming_file_and_hash(tmp_path, backend, filename):
+    model = _copy_model(tmp_path)
+    path = model / filename
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit of one byte
+    path.write_bytes(bytes(data))
+    with pytest.raises(ModelIntegrityError) as err:
+        load_engine(model, backend)
+    msg = str(err.value)
+    assert filename in msg and "sha256 mismatch" in msg
+
+
+def test_cli_reports_tampered_model_without_traceback(tmp_path):
+    model = _copy_model(tmp_path)
+    with open(model / "model.int8.bin", "r+b") as f:
+        f.seek(100)
+        b = f.read(1)
+        f.seek(100)
+        f.write(bytes([b[0] ^ 0xFF]))
+    proc = subprocess.run([sys.executable, "-m", "appliance.cli", "models", "verify", str(model)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert "model.int8.bin" in proc.stderr and "sha256 mismatch" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_manifest_with_unknown_key_or_missing_hash_is_refused(tmp_path):
+    model = _copy_model(tmp_path)
+    manifest = json.loads((model / "manifest.json").read_text())
+    (model / "manifest.json").write_text(json.dumps(manifest | {"surprise": 1}))
+    with pytest.raises(ManifestError, match="surprise"):
+        load_engine(model)
+    del manifest["sha256"]["model.fp32.onnx"]
+    (model / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ManifestError, match="model.fp32.onnx"):
+        load_engine(model)
+    (model / "manifest.json").write_text("{not json")
+    with pytest.raises(ManifestError, match="not valid JSON"):
+        load_engine(model)

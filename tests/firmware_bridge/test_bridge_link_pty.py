@@ -1,0 +1,119 @@
+"""End to end over a real pseudo-terminal: ScannerEmulator on the master, HostLink on the slave via pyserial."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import tty
+
+import numpy as np
+import pytest
+
+from firmware_bridge.emulator import ScannerEmulator, TileToSend
+from firmware_bridge.errors import LinkTimeoutError
+from firmware_bridge.faults import BitFlipFaults
+from firmware_bridge.host import CaseInfo, HostLink
+from firmware_bridge.messages import CaseBegin
+from firmware_bridge.transport import FdTransport, open_port
+
+
+def _assert_delivered_exactly_once(sink, case: CaseBegin, tiles: list[TileToSend], result) -> None:
+    assert sink.cases == [CaseInfo.from_message(case)]
+    assert sink.ended == [(case.case_id, len(tiles))]
+    assert sorted(sink.tiles) == list(range(len(tiles)))
+    assert all(count == 1 for count in sink.stores.values()), sink.stores
+    for index, sent in enumerate(tiles):
+        got = sink.tiles[index]
+        assert (got.case_id, got.x, got.y) == (case.case_id, sent.x, sent.y)
+        np.testing.assert_array_equal(got.pixels, sent.pixels)
+        assert got.sha256 == hashlib.sha256(sent.pixels.tobytes()).hexdigest()
+    assert sorted(result.acked) == list(range(len(tiles)))
+    assert result.rejected == {}
+    assert result.tiles_sent == len(tiles)
+
+
+@pytest.mark.parametrize("encoding", ["raw", "zlib", "png"])
+def test_every_tile_arrives_once_with_identical_pixels(host, pty_pair, sink, make_case, encoding) -> None:
+    case, tiles = make_case(f"CASE-{encoding}")
+    assert {t.pixels.shape for t in tiles} == {(50, 50, 3), (35, 50, 3)}
+    progress: list[tuple[int, int, int | None]] = []
+    emulator = ScannerEmulator(
+        pty_pair.scanner, case, tiles, encoding=encoding, ack_timeout=2.0, progress=lambda *a: progress.append(a)
+    )
+    result = emulator.run()
+    assert host.wait_case_end(5) == case.case_id
+    _assert_delivered_exactly_once(sink, case, tiles, result)
+    assert progress[-1] == (30, 30, 30)
+    assert host.counters.crc_errors == 0 and host.counters.bad_tiles == 0
+
+
+def test_bit_flips_on_the_wire_still_deliver_every_tile_once(host, pty_pair, sink, make_case) -> None:
+    case, tiles = make_case("CASE-NOISY")
+    faults = BitFlipFaults(rate=3e-6, seed=2026)  # ~1 in 6 raw tile frames damaged
+    emulator = ScannerEmulator(
+        pty_pair.scanner, case, tiles, encoding="raw", ack_timeout=0.5, max_retries=10, faults=faults
+    )
+    result = emulator.run()
+    assert host.wait_case_end(5) == case.case_id
+    _assert_delivered_exactly_once(sink, case, tiles, result)
+    assert faults.flips > 0
+    assert host.counters.crc_errors > 0
+    assert result.retransmits > 0
+    assert "crc_error" in sink.kinds()
+
+
+def test_storage_failure_is_nacked_retransmitted_and_stored_once(pty_pair, make_sink, make_case) -> None:
+    sink = make_sink(fail_first_attempt=frozenset({7}))
+    case, tiles = make_case("CASE-DISKFULL")
+    with HostLink(open_port(pty_pair.path, timeout=0.05), sink) as host:
+        result = ScannerEmulator(pty_pair.scanner, case, tiles, encoding="zlib", ack_timeout=2.0).run()
+        assert host.wait_case_end(5) == case.case_id
+    _assert_delivered_exactly_once(sink, case, tiles, result)
+    assert sink.attempts[7] == 2 and sink.stores[7] == 1
+    assert host.counters.storage_errors == 1 and host.counters.nacks_sent == 1
+    assert result.nacks_received == 1 and result.retransmits >= 1
+    assert "storage_error" in sink.kinds()
+
+
+def test_a_tile_the_host_cannot_place_is_rejected_and_the_case_still_ends(host, pty_pair, sink, make_case) -> None:
+    case, tiles = make_case("CASE-OVERHANG")
+    stray = TileToSend(x=case.image_width - 10, y=0, pixels=tiles[0].pixels)  # overhangs the right edge
+    tiles = [*tiles[:3], stray, *tiles[4:]]
+    result = ScannerEmulator(pty_pair.scanner, case, tiles, ack_timeout=2.0).run()
+    assert host.wait_case_end(5) == case.case_id
+    assert list(result.rejected) == [3] and result.rejected[3].startswith("BAD_TILE: tile 3: x 290 + w 50")
+    assert sorted(sink.tiles) == [i for i in range(len(tiles)) if i != 3]
+    assert ("case_incomplete", f"case {case.case_id}: scanner reports 30 tiles, 29 stored") in sink.events
+
+
+def test_emulator_gives_up_when_nobody_answers(make_case) -> None:
+    master, slave = os.openpty()
+    tty.setraw(slave)  # nobody reads it; raw so the line discipline does not echo us back
+    transport = FdTransport(master, timeout=0.02)
+    try:
+        case, tiles = make_case()
+        emulator = ScannerEmulator(transport, case, tiles, ack_timeout=0.05, max_retries=2)
+        with pytest.raises(LinkTimeoutError, match="did not answer HELLO after 3 attempts"):
+            emulator.run()
+        assert emulator.result.frames_written == 3
+    finally:
+        transport.close()
+        os.close(slave)
+
+
+def test_emulator_can_run_in_a_thread_while_the_test_waits_on_the_host(host, pty_pair, sink, make_case) -> None:
+    case, tiles = make_case("CASE-THREAD", cols=3, rows=2)
+    failures: list[BaseException] = []
+
+    def scan() -> None:
+        try:
+            ScannerEmulator(pty_pair.scanner, case, iter(tiles), encoding="png").run()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            failures.append(exc)
+
+    worker = threading.Thread(target=scan)
+    worker.start()
+    assert host.wait_case_end(10) == case.case_id
+    worker.join(10)
+    assert failures == [] and len(sink.tiles) == 6
