@@ -13,6 +13,8 @@ import click
 
 from . import RESEARCH_USE_NOTICE, __version__
 from .config import load_settings
+from firmware_bridge.errors import BridgeError
+
 from .errors import ApplianceError
 from .progress import Progress
 from .sources import DEFAULT_TILE_SIZE
@@ -25,7 +27,7 @@ def friendly_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except ApplianceError as exc:
+        except (ApplianceError, BridgeError) as exc:
             raise click.ClickException(str(exc)) from None
 
     return wrapper

@@ -179,6 +179,14 @@ class Daemon:
         self.pipeline: PipelineWorker | None = None
 
     def start(self) -> None:
+        """Load the model, open the store, serve the API and open the link; on any failure undo it all."""
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> None:
         s = self.settings
         self.engine = load_engine(s.model_dir, s.engine)
         self.store = CaseStore(s.db_path)

@@ -13,7 +13,7 @@ from .engine import Engine
 from .errors import InputError
 from .metrics import binary_metrics, top_k_mean
 from .pipeline.patches import pad_to
-from .sources import IMAGE_SUFFIXES, read_image
+from .sources import IMAGE_SUFFIXES, read_image, walk_files
 
 
 @dataclass(frozen=True)
@@ -24,18 +24,23 @@ class LabelledImage:
 
 
 def find_labelled_images(root: Path) -> list[LabelledImage]:
-    """Images at ``<patient>/<0|1>/<file>`` under ``root``; anything not in a patient folder is ignored."""
+    """Images at ``<patient>/<0|1>/<file>`` under ``root`` (or ``<0|1>/<file>`` when ``root`` is one patient).
+
+    Anything else, such as files outside a label folder, is ignored.
+    """
     root = Path(root)
     if not root.is_dir():
         raise InputError(f"{root}: not a folder")
     found = []
-    for p in sorted(root.rglob("*")):
-        if not (p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
+    for p in walk_files(root):
+        if p.suffix.lower() not in IMAGE_SUFFIXES:
             continue
         rel = p.relative_to(root).parts
-        # accept <patient>/<label>/<file> at any depth, e.g. DATASET/<patient>/<label>/x.png
+        # <patient>/<label>/<file> at any depth; ROOT may itself be one patient's folder (<label>/<file>)
         if len(rel) >= 3 and rel[-2] in ("0", "1"):
             found.append(LabelledImage(p, rel[-3], int(rel[-2])))
+        elif len(rel) == 2 and rel[0] in ("0", "1"):
+            found.append(LabelledImage(p, root.resolve().name, int(rel[0])))
     if not found:
         raise InputError(f"{root}: no images laid out as <patient>/<0|1>/<image>")
     return found

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,11 +83,19 @@ def tiles_from_image(image: np.ndarray, tile_size: int = DEFAULT_TILE_SIZE, name
             yield SourceTile(x, y, image[y : y + tile_size, x : x + tile_size], f"{name}@x{x}_y{y}")
 
 
+def walk_files(folder: Path) -> list[Path]:
+    """Every file under ``folder``, sorted, following symlinked folders (datasets are often linked in)."""
+    out = []
+    for dirpath, _dirs, files in os.walk(folder, followlinks=True):
+        out.extend(Path(dirpath) / f for f in files)
+    return sorted(out)
+
+
 def tile_files(folder: Path) -> list[tuple[int, int, Path]]:
     """Image files under ``folder`` (recursively) whose names carry a position, in raster order."""
     found = []
-    for p in Path(folder).rglob("*"):
-        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
+    for p in walk_files(folder):
+        if p.suffix.lower() in IMAGE_SUFFIXES:
             m = TILE_NAME.search(p.name)
             if m:
                 found.append((int(m.group(1)), int(m.group(2)), p))

@@ -118,3 +118,11 @@ def test_models_evaluate_writes_rows_and_metrics_that_match_them(tmp_path):
     assert metrics["n_patients"] == 3
     assert re.search(r"patches\s+123\s+\d+\s+0\.\d{3}", proc.stdout)
     assert "patients" in proc.stdout and "AUC" in proc.stdout
+
+
+def test_models_evaluate_accepts_one_patient_folder(tmp_path):
+    pred = tmp_path / "pred.csv"
+    proc = run_cli("models", "evaluate", IDC / "10269", "--predictions", pred)
+    rows = list(csv.DictReader(open(pred)))
+    assert len(rows) == len(list((IDC / "10269").rglob("*.png")))
+    assert "patients: 1;" in proc.stdout
