@@ -20,6 +20,7 @@ from .progress import Progress
 from .sources import DEFAULT_TILE_SIZE
 
 ENGINES = click.Choice(["openvino", "onnxruntime"])
+ENCODINGS = ["raw", "zlib", "png", "jpeg"]
 
 
 def friendly_errors(fn):
@@ -49,7 +50,7 @@ def _settings(ctx: click.Context, **overrides):
 
 @main.command()
 @click.option("--tile-size", default=DEFAULT_TILE_SIZE, show_default=True, help="Scanner tile size in pixels.")
-@click.option("--encoding", type=click.Choice(["raw", "zlib", "png"]), default="zlib", show_default=True)
+@click.option("--encoding", type=click.Choice(ENCODINGS), default="zlib", show_default=True)
 @click.option("--engine", type=ENGINES, default=None, help="Inference engine (default from settings).")
 @click.option("--api-port", type=int, default=None, help="Status API port (0 picks a free one).")
 @click.pass_context
@@ -127,8 +128,9 @@ def triage(ctx, input_path: Path, json_out: Path, engine: str | None, tile_size:
 @main.command()
 @click.option("--port", required=True, help="Serial device path or pyserial URL to write to.")
 @click.argument("input_path", metavar="INPUT", type=click.Path(exists=True, path_type=Path))
-@click.option("--encoding", type=click.Choice(["raw", "zlib", "png"]), default="zlib", show_default=True)
-@click.option("--faults", type=float, default=0.0, show_default=True, help="Byte fault rate (bit flips).")
+@click.option("--encoding", type=click.Choice(ENCODINGS), default="zlib", show_default=True)
+@click.option("--faults", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="Share of frames damaged: bit flips, dropped bytes, truncation, duplication, reordering.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--tile-size", default=DEFAULT_TILE_SIZE, show_default=True)
 @click.option("--case-id", default=None, help="Case id to announce (default: derived from INPUT and time).")
@@ -138,7 +140,7 @@ def emulate(port: str, input_path: Path, encoding: str, faults: float, seed: int
     """Act as the scanner: stream INPUT (image or tile folder) to PORT tile by tile."""
     import time
 
-    from firmware_bridge.emulator import BitFlipFaults, ScannerEmulator, TileToSend
+    from firmware_bridge import Faults, ScannerEmulator, TileToSend
     from firmware_bridge.transport import open_port
 
     from .demo import case_info_for
@@ -150,11 +152,14 @@ def emulate(port: str, input_path: Path, encoding: str, faults: float, seed: int
     bar = Progress("tiles acked", len(tiles))
     emulator = ScannerEmulator(
         open_port(port, timeout=0.1), info, tiles, encoding=encoding,
-        faults=BitFlipFaults(faults, seed) if faults > 0 else None,
+        faults=Faults(faults, seed) if faults > 0 else None,
         progress=lambda sent, acked, total: bar.update(acked),
     )
     result = emulator.run()
-    bar.close(f"{result.tiles_sent} tiles sent, {result.retransmits} retransmits")
+    summary = f"{result.tiles_sent} tiles sent, {result.retransmits} retransmits"
+    if emulator.faults is not None:
+        summary += f", {emulator.faults.total} faults injected ({dict(emulator.faults.counts)})"
+    bar.close(summary)
 
 
 @main.group()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import shutil
 import threading
 from dataclasses import dataclass, field
 from typing import Callable
@@ -195,12 +196,46 @@ class Daemon:
         self.pipeline.start()
         self.receiver = CaseReceiver(spool, self.store, self.pipeline, self.engine.description, self.notify)
         if self.serve_api:
-            self.api = ApiServer(create_app(s, self.store), s.api_host, s.api_port)
+            self.api = ApiServer(create_app(s, self.store, self.status), s.api_host, s.api_port)
             self.api.start()
             self.notify("api", {"url": f"http://{s.api_host}:{self.api.port}"})
-        self.link = HostLink(self.port, self.receiver)
+        # wait_for_port: a daemon started before the scanner is plugged in waits for it instead of failing.
+        self.link = HostLink(self.port, self.receiver, wait_for_port=True)
         self.link.start()
         self.notify("ready", {"port": self.port, "model": self.engine.description})
+
+    def status(self) -> dict:
+        """The live status the API serves: link, case in flight, model, disk."""
+        from . import __version__
+
+        out: dict = {"version": __version__}
+        if self.link is not None:
+            snap = self.link.snapshot()
+            out["link"] = {
+                "state": snap.get("state", "unknown"),
+                "port": self.port,
+                "counters": {k: v for k, v in snap.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
+                "last_error": snap.get("last_error"),
+            }
+        current = self.receiver.current if self.receiver else None
+        if current is not None:
+            out["case"] = {
+                "case_id": current.case_id,
+                "specimen_id": current.specimen_id,
+                "tiles_expected": current.tiles_expected,
+                "tiles_received": current.tiles_received,
+                "tiles_processed": current.tiles_processed,
+                "score": current.score,
+                "early_positive": current.early_positive,
+                "verdict": current.result.verdict if current.result else None,
+            }
+        if self.engine is not None:
+            out["model"] = self.engine.description
+        try:
+            out["disk_free_bytes"] = shutil.disk_usage(self.settings.data_dir).free
+        except OSError:
+            out["disk_free_bytes"] = None
+        return out
 
     def wait_case(self, case_id: str, timeout: float) -> CaseProgress | None:
         """Wait until the pipeline has finished ``case_id`` (or the timeout passes)."""

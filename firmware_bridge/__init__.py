@@ -16,9 +16,10 @@ from firmware_bridge.errors import (
     TruncatedFrameError,
     UnknownVersionError,
 )
-from firmware_bridge.faults import BitFlipFaults
+from firmware_bridge.faults import BitFlipFaults, FaultKind, Faults
 from firmware_bridge.frames import PROTOCOL_VERSION
-from firmware_bridge.host import CaseInfo, HostLink, LinkEvent, TileReceived, TileSink
+from firmware_bridge.host import CaseInfo, HostLink, LinkEvent, LinkState, TileReceived, TileSink
+from firmware_bridge.ptycable import PtyCable
 from firmware_bridge.transport import FdTransport, open_port
 
 __all__ = [
@@ -30,6 +31,8 @@ __all__ = [
     "CrcError",
     "DeliveryError",
     "EmulatorResult",
+    "FaultKind",
+    "Faults",
     "FdTransport",
     "FrameError",
     "FrameTooLargeError",
@@ -37,7 +40,9 @@ __all__ = [
     "LinkError",
     "LinkEvent",
     "LinkLostError",
+    "LinkState",
     "LinkTimeoutError",
+    "PtyCable",
     "ScannerEmulator",
     "TileDecodeError",
     "TileReceived",

@@ -15,14 +15,23 @@ from firmware_bridge.errors import (
     TruncatedFrameError,
     UnknownVersionError,
 )
+from firmware_bridge.layout import Wire, fixed_layout
 
 PROTOCOL_VERSION = 1
 MAGIC = 0xB0  # high nibble of byte 0; the low nibble is the version
 VERSION_BYTE = MAGIC | PROTOCOL_VERSION  # 0xB1
 
-# version byte, msg type, flags, reserved (0), seq, payload length. The reserved byte
-# keeps seq and length 4-byte aligned for a microcontroller that casts the header.
-HEADER = struct.Struct("<BBBxII")
+# The reserved byte keeps seq and length 4-byte aligned for a microcontroller that casts
+# the header. PROTOCOL.md section 3 documents the same fields; the tests compare the two.
+HEADER_WIRE: Wire = (
+    ("version", "u8"),
+    ("msg_type", "u8"),
+    ("flags", "u8"),
+    ("reserved", "u8"),
+    ("seq", "u32"),
+    ("payload_len", "u32"),
+)
+HEADER = fixed_layout(HEADER_WIRE)  # "<BBBxII"
 HEADER_SIZE = HEADER.size  # 12
 CRC = struct.Struct("<I")
 CRC_SIZE = CRC.size  # 4
@@ -44,15 +53,18 @@ def cobs_encode(data: bytes) -> bytes:
     chunks = bytes(data).split(b"\x00")
     last = len(chunks) - 1
     for i, chunk in enumerate(chunks):
+        n = len(chunk)
+        pos = 0
         # A full 254-byte block (code 0xFF) carries no implied zero. Inside the data a
         # zero still has to follow, so such a chunk needs an extra 0x01 block; at the very
-        # end it must not get one, or the encoding stops being the canonical one.
-        while len(chunk) > 254 or (i != last and len(chunk) == 254):
+        # end it must not get one, or the encoding stops being the canonical one. Offsets
+        # rather than re-slicing the rest keep long zero-free runs (raw pixels) linear.
+        while n - pos > 254 or (i != last and n - pos == 254):
             out.append(0xFF)
-            out += chunk[:254]
-            chunk = chunk[254:]
-        out.append(len(chunk) + 1)
-        out += chunk
+            out += chunk[pos : pos + 254]
+            pos += 254
+        out.append(n - pos + 1)
+        out += chunk[pos:] if pos else chunk
     return bytes(out)
 
 
@@ -61,21 +73,21 @@ def cobs_decode(data: bytes) -> bytes:
     data = bytes(data)
     if not data:
         raise CobsError("empty COBS chunk (the smallest encoding is 1 byte)")
+    zero = data.find(0)
+    if zero >= 0:
+        # One scan up front instead of one per block: a FrameReader chunk never has one.
+        raise CobsError(f"0x00 inside a COBS chunk at offset {zero}")
     out = bytearray()
+    view = memoryview(data)
     i, n = 0, len(data)
     while i < n:
         code = data[i]
-        if code == 0:
-            raise CobsError(f"0x00 inside a COBS chunk at offset {i}")
         end = i + code
         if end > n:
             raise CobsError(
                 f"COBS block at offset {i} announces {code - 1} bytes but only {n - i - 1} remain"
             )
-        zero = data.find(0, i + 1, end)
-        if zero >= 0:
-            raise CobsError(f"0x00 inside a COBS chunk at offset {zero}")
-        out += data[i + 1 : end]
+        out += view[i + 1 : end]
         i = end
         if code != 0xFF and i < n:
             out.append(0)

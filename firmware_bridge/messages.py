@@ -1,7 +1,10 @@
 """Protocol v1 messages: dataclasses with fixed little-endian layouts and pure encode/decode.
 
-Every layout is documented byte by byte in PROTOCOL.md; keep the two in step.
-Strings are "str8" (u8 byte length + UTF-8) except ERROR text, which is "str16".
+Every layout is documented byte by byte in PROTOCOL.md. Each class's WIRE tuple lists its
+fields in wire order with their PROTOCOL.md type names; LAYOUT (the struct for the fixed
+part) is derived from it, and the test suite checks WIRE, the bytes encode() produces and
+the doc's tables against each other. Strings are "str8" (u8 byte length + UTF-8) except
+ERROR text, which is "str16".
 """
 
 from __future__ import annotations
@@ -16,15 +19,19 @@ import numpy as np
 
 from firmware_bridge.errors import MessageDecodeError
 from firmware_bridge.frames import MAX_PAYLOAD, UNKNOWN_SEQ, Frame, encode_frame
+from firmware_bridge.layout import Wire, fixed_layout
 from firmware_bridge.pixels import CHANNELS, TileEncoding, decode_pixels
 
 __all__ = [
+    "ALL_MESSAGES",
+    "ENCODING_CAPABILITY",
     "Ack",
     "CaseBegin",
     "CaseEnd",
     "Capability",
     "ErrorCode",
     "ErrorMessage",
+    "Heartbeat",
     "Hello",
     "Message",
     "MsgType",
@@ -52,7 +59,7 @@ class MsgType(IntEnum):
     ACK = 0x05
     NACK = 0x06
     ERROR = 0x07
-    # 0x08 HEARTBEAT is reserved for the planned keep-alive; v1 receivers NACK it MALFORMED.
+    HEARTBEAT = 0x08  # only to a peer whose HELLO has Capability.HEARTBEAT
 
 
 class Role(IntEnum):
@@ -66,7 +73,17 @@ class Capability(IntFlag):
     NONE = 0
     ZLIB = 1 << 0
     PNG = 1 << 1
-    # bit 2 HEARTBEAT and bit 3 RESUME are reserved for the planned keep-alive and reconnect.
+    HEARTBEAT = 1 << 2  # understands HEARTBEAT (0x08); a host with it answers every one
+    RESUME = 1 << 3  # a host with it resumes an open case on a repeated identical CASE_BEGIN
+    JPEG = 1 << 4
+
+
+ENCODING_CAPABILITY = {
+    TileEncoding.RAW: Capability.NONE,
+    TileEncoding.ZLIB: Capability.ZLIB,
+    TileEncoding.PNG: Capability.PNG,
+    TileEncoding.JPEG: Capability.JPEG,
+}
 
 
 class NackReason(IntEnum):
@@ -185,7 +202,14 @@ class Hello:
     """Sent by both ends first. Its layout is frozen for all versions; later ones may only append."""
 
     MSG_TYPE: ClassVar[MsgType] = MsgType.HELLO
-    LAYOUT: ClassVar[struct.Struct] = struct.Struct("<BBHII")  # 12 bytes
+    WIRE: ClassVar[Wire] = (
+        ("version", "u8"),
+        ("role", "u8"),
+        ("window", "u16"),
+        ("max_payload", "u32"),
+        ("capabilities", "u32"),
+    )
+    LAYOUT: ClassVar[struct.Struct] = fixed_layout(WIRE)  # 12 bytes
 
     version: int  # highest protocol version the sender speaks
     role: Role
@@ -215,7 +239,10 @@ class Hello:
         # No cur.end(): a later version may append fields, and every version must read this.
         # Unknown capability bits are dropped rather than rejected for the same reason.
         known = caps & sum(int(c) for c in Capability)
-        return cls(version, role, window, max_payload, Capability(known))
+        return _build(
+            cls, "HELLO", version=version, role=role, window=window, max_payload=max_payload,
+            capabilities=Capability(known),
+        )
 
 
 @dataclass(frozen=True)
@@ -223,10 +250,21 @@ class CaseBegin:
     """Opens a case: what the slide is and how its tiles are laid out."""
 
     MSG_TYPE: ClassVar[MsgType] = MsgType.CASE_BEGIN
-    # microns_per_pixel f64, image_width u32, image_height u32, expected_tiles u32,
-    # tile_width u16, tile_height u16, overlap u16, channels u8, dtype u8 -> 28 bytes,
-    # then case_id, specimen_id, modality as str8.
-    LAYOUT: ClassVar[struct.Struct] = struct.Struct("<dIIIHHHBB")
+    WIRE: ClassVar[Wire] = (
+        ("microns_per_pixel", "f64"),
+        ("image_width", "u32"),
+        ("image_height", "u32"),
+        ("expected_tiles", "u32"),
+        ("tile_width", "u16"),
+        ("tile_height", "u16"),
+        ("overlap", "u16"),
+        ("channels", "u8"),
+        ("dtype", "u8"),
+        ("case_id", "str8"),
+        ("specimen_id", "str8"),
+        ("modality", "str8"),
+    )
+    LAYOUT: ClassVar[struct.Struct] = fixed_layout(WIRE)  # 28 bytes, then the three strings
 
     case_id: str
     specimen_id: str
@@ -308,9 +346,18 @@ class Tile:
     """One tile: where it sits in the slide and its encoded pixels."""
 
     MSG_TYPE: ClassVar[MsgType] = MsgType.TILE
-    # index u32, x u32, y u32, w u16, h u16, encoding u8, reserved u8 -> 18 bytes,
-    # then case_id str8, then the encoded pixels up to the end of the frame payload.
-    LAYOUT: ClassVar[struct.Struct] = struct.Struct("<IIIHHBx")
+    WIRE: ClassVar[Wire] = (
+        ("index", "u32"),
+        ("x", "u32"),
+        ("y", "u32"),
+        ("w", "u16"),
+        ("h", "u16"),
+        ("encoding", "u8"),
+        ("reserved", "u8"),
+        ("case_id", "str8"),
+        ("pixels", "bytes"),  # the attribute is `payload`: everything up to the frame's end
+    )
+    LAYOUT: ClassVar[struct.Struct] = fixed_layout(WIRE)  # 18 bytes
 
     case_id: str
     index: int
@@ -352,7 +399,8 @@ class CaseEnd:
     """Closes a case; tile_count is how many tiles the scanner produced for it."""
 
     MSG_TYPE: ClassVar[MsgType] = MsgType.CASE_END
-    LAYOUT: ClassVar[struct.Struct] = struct.Struct("<I")
+    WIRE: ClassVar[Wire] = (("tile_count", "u32"), ("case_id", "str8"))
+    LAYOUT: ClassVar[struct.Struct] = fixed_layout(WIRE)
 
     case_id: str
     tile_count: int
@@ -378,7 +426,8 @@ class Ack:
     """The frame with header seq acked_seq is durably handled."""
 
     MSG_TYPE: ClassVar[MsgType] = MsgType.ACK
-    LAYOUT: ClassVar[struct.Struct] = struct.Struct("<Ii")
+    WIRE: ClassVar[Wire] = (("acked_seq", "u32"), ("tile_index", "i32"), ("case_id", "str8"))
+    LAYOUT: ClassVar[struct.Struct] = fixed_layout(WIRE)
 
     acked_seq: int
     case_id: str = ""
@@ -407,7 +456,8 @@ class Nack:
     """The frame with header seq was not handled; seq is UNKNOWN_SEQ when it was unreadable."""
 
     MSG_TYPE: ClassVar[MsgType] = MsgType.NACK
-    LAYOUT: ClassVar[struct.Struct] = struct.Struct("<IB")
+    WIRE: ClassVar[Wire] = (("seq", "u32"), ("reason", "u8"), ("detail", "str8"))
+    LAYOUT: ClassVar[struct.Struct] = fixed_layout(WIRE)
 
     seq: int
     reason: NackReason
@@ -439,7 +489,8 @@ class ErrorMessage:
     """A condition that no retransmission fixes; the receiver should stop and report it."""
 
     MSG_TYPE: ClassVar[MsgType] = MsgType.ERROR
-    LAYOUT: ClassVar[struct.Struct] = struct.Struct("<H")
+    WIRE: ClassVar[Wire] = (("code", "u16"), ("text", "str16"))
+    LAYOUT: ClassVar[struct.Struct] = fixed_layout(WIRE)
 
     code: ErrorCode
     text: str = ""
@@ -460,11 +511,42 @@ class ErrorMessage:
         return _build(cls, "ERROR", code=code, text=text)
 
 
-Message = Hello | CaseBegin | Tile | CaseEnd | Ack | Nack | ErrorMessage
+@dataclass(frozen=True)
+class Heartbeat:
+    """Keep-alive. reply_to is UNKNOWN_SEQ in one a sender originates, else the seq it answers."""
 
-_BY_TYPE: dict[int, type] = {
-    cls.MSG_TYPE: cls for cls in (Hello, CaseBegin, Tile, CaseEnd, Ack, Nack, ErrorMessage)
-}
+    MSG_TYPE: ClassVar[MsgType] = MsgType.HEARTBEAT
+    WIRE: ClassVar[Wire] = (("reply_to", "u32"), ("uptime_ms", "u32"), ("interval_ms", "u16"))
+    LAYOUT: ClassVar[struct.Struct] = fixed_layout(WIRE)  # 10 bytes
+
+    reply_to: int = UNKNOWN_SEQ
+    uptime_ms: int = 0  # sender's monotonic clock, wrapping; for logs and round-trip times
+    interval_ms: int = 0  # how often the sender sends one when idle; 0 = never on its own
+
+    def __post_init__(self) -> None:
+        _check_uint("reply_to", self.reply_to, 32)
+        _check_uint("uptime_ms", self.uptime_ms, 32)
+        _check_uint("interval_ms", self.interval_ms, 16)
+
+    @property
+    def is_reply(self) -> bool:
+        return self.reply_to != UNKNOWN_SEQ
+
+    def encode(self) -> bytes:
+        return self.LAYOUT.pack(self.reply_to, self.uptime_ms, self.interval_ms)
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Heartbeat:
+        cur = _Cursor(payload, "HEARTBEAT")
+        reply_to, uptime_ms, interval_ms = cur.unpack(cls.LAYOUT, "the HEARTBEAT fields")
+        cur.end()
+        return _build(cls, "HEARTBEAT", reply_to=reply_to, uptime_ms=uptime_ms, interval_ms=interval_ms)
+
+
+Message = Hello | CaseBegin | Tile | CaseEnd | Ack | Nack | ErrorMessage | Heartbeat
+
+ALL_MESSAGES: tuple[type, ...] = (Hello, CaseBegin, Tile, CaseEnd, Ack, Nack, ErrorMessage, Heartbeat)
+_BY_TYPE: dict[int, type] = {cls.MSG_TYPE: cls for cls in ALL_MESSAGES}
 
 
 def _build(cls: type, what: str, **fields: object):

@@ -12,6 +12,7 @@ import serial
 from firmware_bridge.errors import TransportError
 
 READ_CHUNK = 64 * 1024
+WRITE_POLL = 0.1  # seconds; how often a write blocked on a full buffer re-checks the transport
 
 
 class Transport(Protocol):
@@ -79,6 +80,10 @@ class FdTransport:
     def fileno(self) -> int:
         return self.fd
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def read(self, size: int = 1) -> bytes:
         self._check_open()
         try:
@@ -97,17 +102,23 @@ class FdTransport:
 
     def write(self, data: bytes) -> int:
         self._check_open()
-        view = memoryview(bytes(data))
+        view = memoryview(data).cast("B")
+        total = len(view)
         deadline = None if self.write_timeout is None else time.monotonic() + self.write_timeout
         try:
             while view:
-                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-                _, ready, _ = select.select([], [self.fd], [], remaining)
-                if not ready:
+                remaining = WRITE_POLL if deadline is None else min(WRITE_POLL, deadline - time.monotonic())
+                if remaining <= 0:
                     raise TransportError(
                         f"write to fd {self.fd} timed out after {self.write_timeout} s with "
                         f"{len(view)} bytes unsent: the peer is not reading"
                     )
+                _, ready, _ = select.select([], [self.fd], [], remaining)
+                # Re-checked every WRITE_POLL: another thread may close (or unplug) us while
+                # a full buffer keeps this write waiting.
+                self._check_open()
+                if not ready:
+                    continue
                 try:
                     written = os.write(self.fd, view)
                 except BlockingIOError:
@@ -115,7 +126,7 @@ class FdTransport:
                 view = view[written:]
         except OSError as exc:
             raise TransportError(f"write to fd {self.fd} failed: {exc}") from exc
-        return len(data)
+        return total
 
     def close(self) -> None:
         if self._closed:

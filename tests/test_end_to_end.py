@@ -66,7 +66,6 @@ def test_streamed_case_is_stored_tile_for_tile_and_logged(settings, pty_pair, de
     assert any(kind == "finished" for kind, _ in events)
 
 
-@pytest.mark.slow
 def test_demo_command_streams_the_bundled_case(settings, tmp_path):
     import io
 
@@ -78,3 +77,45 @@ def test_demo_command_streams_the_bundled_case(settings, tmp_path):
     assert outcome.tiles_stored == 130  # 2500x2000 in 200 px tiles: 13 x 10
     assert "tiles: 130/130" in text and outcome.verdict.upper() in text
     assert "not for diagnosis" in text.lower()
+
+
+def test_daemon_rides_through_link_faults_and_reports_them(settings, demo_image, tmp_path):
+    """Bit flips, dropped bytes, truncation, duplicates, reordering and cable pulls: the daemon keeps
+    running, stores every tile exactly once and bit-identical, and /status shows the errors and reconnects."""
+    from firmware_bridge import Faults, PtyCable
+
+    region = demo_image[600:1400, 400:1200]
+    tiles = [TileToSend(x, y, np.ascontiguousarray(region[y:y + 100, x:x + 100]))
+             for y in range(0, 800, 100) for x in range(0, 800, 100)]  # 64 tiles
+    cable = PtyCable(tmp_path / "scanner")
+    daemon = Daemon(settings, port=str(cable.path), notify=lambda kind, data: None)
+    daemon.start()
+    try:
+        faults = Faults(0.2, seed=7, weights={"bit_flip": 1, "drop": 1, "truncate": 1, "duplicate": 1, "reorder": 1,
+                                             "disconnect": 1})
+        info = case_info_for("FAULTS-1", "S-F", tiles, 4.0, 100)
+        ScannerEmulator(cable, info, tiles, encoding="raw", faults=faults, ack_timeout=0.5,
+                        max_retries=50).run()
+        progress = daemon.wait_case("FAULTS-1", timeout=120)
+        with httpx.Client(base_url=f"http://127.0.0.1:{daemon.api.port}", timeout=10) as c:
+            status = c.get("/status").json()
+            health = c.get("/health").status_code
+    finally:
+        daemon.stop()
+        cable.close()
+    assert faults.total > 5, faults.counts
+    print("faults injected:", dict(faults.counts))
+    assert progress is not None and progress.result is not None
+    rows = {r["idx"]: r for r in daemon.store.tiles("FAULTS-1")}
+    assert sorted(rows) == list(range(len(tiles)))  # every tile once, none lost
+    for i, t in enumerate(tiles):
+        assert rows[i]["sha256"] == hashlib.sha256(t.pixels.tobytes()).hexdigest()
+    assert daemon.store.get_case("FAULTS-1")["tiles_received"] == len(tiles)
+    assert health == 200
+    link = status["link"]
+    assert link["state"] == "up"
+    bad = link["counters"].get("frames_bad", 0) + link["counters"].get("crc_errors", 0)
+    assert bad > 0
+    # seed 7 with these weights pulls the cable at least once: the daemon reopened the same path
+    assert faults.counts.get("disconnect", 0) >= 1, faults.counts
+    assert link["counters"]["reconnects"] >= 1

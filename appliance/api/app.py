@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from typing import Callable
 
 import uvicorn
 from fastapi import FastAPI
@@ -11,9 +12,11 @@ from .. import RESEARCH_USE_NOTICE, __version__
 from ..config import Settings
 from ..store import CaseStore
 from .routes import cases, health
+from .routes import status as status_route
 
 
-def create_app(settings: Settings, store: CaseStore) -> FastAPI:
+def create_app(settings: Settings, store: CaseStore, status: Callable[[], dict] | None = None) -> FastAPI:
+    """Build the API around its collaborators; ``status`` returns the daemon's live status as a dict."""
     app = FastAPI(
         title="Bench triage appliance",
         version=__version__,
@@ -21,8 +24,10 @@ def create_app(settings: Settings, store: CaseStore) -> FastAPI:
     )
     app.state.settings = settings
     app.state.store = store
+    app.state.status = status or (lambda: {"version": __version__})
     app.include_router(health.router)
     app.include_router(cases.router)
+    app.include_router(status_route.router)
     return app
 
 

@@ -47,3 +47,37 @@ class CaseList(BaseModel):
     limit: int
     offset: int
     notice: str = RESEARCH_USE_NOTICE
+
+
+class LinkStatus(BaseModel):
+    state: str
+    port: str
+    counters: dict[str, int | float | str | None] = {}
+    last_error: str | None = None
+
+
+class CaseStatus(BaseModel):
+    case_id: str
+    specimen_id: str | None = None
+    tiles_expected: int | None = None
+    tiles_received: int
+    tiles_processed: int
+    score: float
+    early_positive: bool
+    verdict: str | None = None
+
+
+class ModelStatus(BaseModel):
+    name: str
+    version: str
+    sha256: str
+    backend: str
+
+
+class StatusPublic(BaseModel):
+    version: str
+    link: LinkStatus | None = None
+    case: CaseStatus | None = None
+    model: ModelStatus | None = None
+    disk_free_bytes: int | None = None
+    notice: str = RESEARCH_USE_NOTICE

@@ -107,24 +107,28 @@ def he_tile(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def he_case(case_id: str = "CASE-0001", *, cols: int = 6, rows: int = 5, seed: int = 7):
-    """A cols x rows grid of 50x50 tiles whose bottom row is a 50x35 edge; returns (CaseBegin, tiles)."""
+def he_case(case_id: str = "CASE-0001", *, cols: int = 6, rows: int = 5, seed: int = 7, tile: int = TILE):
+    """A cols x rows grid of tile x tile tiles whose bottom row is shorter (50x35 by default).
+
+    Returns (CaseBegin, tiles).
+    """
     rng = np.random.default_rng(seed)
+    edge = EDGE_H * tile // TILE
     tiles = []
     for r in range(rows):
-        h = EDGE_H if r == rows - 1 else TILE
+        h = edge if r == rows - 1 else tile
         for c in range(cols):
-            tiles.append(TileToSend(x=c * TILE, y=r * TILE, pixels=he_tile(rng, h, TILE)))
+            tiles.append(TileToSend(x=c * tile, y=r * tile, pixels=he_tile(rng, h, tile)))
     case = CaseBegin(
         case_id=case_id,
         specimen_id="S-2026-0042-A1",
         modality="brightfield-HE",
         microns_per_pixel=0.5,
-        tile_width=TILE,
-        tile_height=TILE,
+        tile_width=tile,
+        tile_height=tile,
         expected_tiles=len(tiles),
-        image_width=cols * TILE,
-        image_height=(rows - 1) * TILE + EDGE_H,
+        image_width=cols * tile,
+        image_height=(rows - 1) * tile + edge,
     )
     return case, tiles
 

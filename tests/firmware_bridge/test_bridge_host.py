@@ -49,7 +49,9 @@ def test_hello_is_answered_with_the_host_hello(host, scanner, sink) -> None:
     scanner.send(Hello(1, Role.SCANNER, 4, 1 << 20, Capability.ZLIB))
     reply = scanner.expect()
     assert isinstance(reply, Hello) and reply.role == Role.HOST and reply.version == 1
-    assert reply.capabilities == Capability.ZLIB | Capability.PNG
+    assert reply.capabilities == (
+        Capability.ZLIB | Capability.PNG | Capability.JPEG | Capability.HEARTBEAT | Capability.RESUME
+    )
     assert host.peer is not None and host.peer.window == 4
     assert "up" in sink.kinds()
 
@@ -89,7 +91,7 @@ def test_bad_tile_payload_is_nacked_and_reported(host, scanner, sink) -> None:
     seq = scanner.send(_tile(3, x=80))  # 80 + 50 > image width 100
     assert scanner.expect().reason == NackReason.BAD_TILE
     assert host.counters.bad_tiles == 2
-    assert ("bad_tile", "case C1: tile 2: raw payload is 7499 bytes, expected 7500 for 50x50x3") in sink.events
+    assert ("bad-tile", "case C1: tile 2: raw payload is 7499 bytes, expected 7500 for 50x50x3") in sink.events
     assert sink.stores == {}
     seq = scanner.send(_tile(2))  # the link carries on
     assert scanner.expect() == Ack(seq, "C1", 2)
@@ -107,7 +109,7 @@ def test_failing_sink_gets_storage_nack_then_the_retry_is_stored(pty_pair, scann
         assert scanner.expect() == Ack(seq, "C1", 0)
         assert sink.attempts[0] == 2 and sink.stores[0] == 1
         assert host.counters.storage_errors == 1
-        assert "storage_error" in sink.kinds()
+        assert "storage-error" in sink.kinds()
 
 
 def test_garbage_is_nacked_with_unknown_seq_and_the_link_recovers(host, scanner, sink) -> None:
@@ -131,7 +133,7 @@ def test_frame_from_a_future_version_gets_an_error(host, scanner, sink) -> None:
     scanner.send_raw(cobs_encode(body + struct.pack("<I", zlib.crc32(body))) + b"\x00")
     err = scanner.expect()
     assert isinstance(err, ErrorMessage) and err.code == ErrorCode.UNSUPPORTED_VERSION
-    assert "version_mismatch" in sink.kinds()
+    assert "version-mismatch" in sink.kinds()
 
 
 def test_malformed_payload_is_nacked_with_its_seq(host, scanner) -> None:
@@ -151,7 +153,7 @@ def test_case_end_is_idempotent_and_reports_missing_tiles(host, scanner, sink) -
     again = scanner.send(CaseEnd("C1", 4))
     assert scanner.expect() == Ack(again, "C1", -1)
     assert sink.ended == [("C1", 4)]
-    assert ("case_incomplete", "case C1: scanner reports 4 tiles, 1 stored") in sink.events
+    assert ("case-incomplete", "case C1: scanner reports 4 tiles, 1 stored") in sink.events
     assert host.wait_case_end(0.05) is None
 
 
@@ -197,3 +199,20 @@ def test_host_link_on_a_missing_device_fails_at_start(tmp_path, sink) -> None:
     link = HostLink(str(tmp_path / "ttyACM7"), sink)
     with pytest.raises(TransportError, match="cannot open"):
         link.start()
+
+
+def test_hello_with_impossible_fields_is_malformed_not_fatal(host, scanner) -> None:
+    scanner.send_raw(encode_frame(MsgType.HELLO, 9, b"\x01" + bytes(11)))  # role 0
+    nack = scanner.expect()
+    assert nack.seq == 9 and nack.reason == NackReason.MALFORMED and "Role" in nack.detail
+    scanner.send(Hello(1, Role.SCANNER, 4, 1 << 20))
+    assert isinstance(scanner.expect(), Hello) and host.running
+
+
+def test_host_error_text_fits_the_scanner_max_payload(host, scanner) -> None:
+    scanner.send(Hello(1, Role.SCANNER, 4, 64))  # a small microcontroller
+    scanner.expect()
+    scanner.send(Hello(1, Role.HOST, 4, 64))  # wrong role: answered with a long ERROR text
+    err = scanner.expect()
+    assert isinstance(err, ErrorMessage) and err.code == ErrorCode.PROTOCOL
+    assert len(err.encode()) <= 64

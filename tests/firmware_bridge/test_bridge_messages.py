@@ -98,8 +98,11 @@ def test_hello_accepts_appended_fields_and_unknown_capability_bits() -> None:
 @pytest.mark.parametrize(
     ("msg_type", "payload", "fragment"),
     [
-        (0x08, b"", "unknown message type 0x08"),
+        (0x09, b"", "unknown message type 0x09"),
+        (MsgType.HEARTBEAT, b"\x01\x00\x00\x00", "HEARTBEAT: 4 bytes left"),
         (MsgType.HELLO, b"\x01\x01", "HELLO: 2 bytes left"),
+        (MsgType.HELLO, bytes(12), "HELLO: version=0 must be at least 1"),
+        (MsgType.HELLO, b"\x01" + bytes(11), "HELLO: 0 is not a valid Role"),
         (MsgType.CASE_BEGIN, CASE.encode()[:-3], "CASE_BEGIN: modality needs"),
         (MsgType.CASE_BEGIN, CASE.encode() + b"!", "CASE_BEGIN: 1 unexpected bytes"),
         (MsgType.CASE_BEGIN, CASE.encode()[:27] + b"\x09" + CASE.encode()[28:], "unknown dtype code 9"),
@@ -125,8 +128,8 @@ def test_constructors_validate_fields() -> None:
         CaseBegin("c", "s", "m", float("nan"), 50, 50)
     with pytest.raises(ValueError, match="index"):
         Tile("c", 1 << 31, 0, 0, 1, 1, "raw", b"")
-    with pytest.raises(ValueError, match="unknown tile encoding 'jpeg'"):
-        Tile("c", 0, 0, 0, 1, 1, "jpeg", b"")
+    with pytest.raises(ValueError, match="unknown tile encoding 'webp'"):
+        Tile("c", 0, 0, 0, 1, 1, "webp", b"")
     with pytest.raises(ValueError, match="case_id is 256 bytes"):
         CaseEnd("é" * 128, 1)
 
@@ -146,8 +149,8 @@ def _tile(encoding: TileEncoding, payload: bytes, index: int = 12, w: int = 50, 
     return Tile("C1", index, 0, 0, w, h, encoding, payload)
 
 
-@pytest.mark.parametrize("encoding", list(TileEncoding))
-def test_pixels_round_trip_in_every_encoding(encoding: TileEncoding) -> None:
+@pytest.mark.parametrize("encoding", [e for e in TileEncoding if e != TileEncoding.JPEG])
+def test_pixels_round_trip_in_every_lossless_encoding(encoding: TileEncoding) -> None:
     arr = decode_tile_pixels(_tile(encoding, encode_pixels(PIXELS, encoding)))
     assert arr.dtype == np.uint8 and arr.shape == (35, 50, 3)
     np.testing.assert_array_equal(arr, PIXELS)

@@ -1,0 +1,12 @@
+"""Live status: link state and error counters, the case in flight, the model and the disk."""
+
+from fastapi import APIRouter, Request
+
+from ..schemas import StatusPublic
+
+router = APIRouter(tags=["status"])
+
+
+@router.get("/status", response_model=StatusPublic)
+def status(request: Request) -> StatusPublic:
+    return StatusPublic.model_validate(request.app.state.status())
