@@ -167,6 +167,36 @@ def models() -> None:
     """Inspect and evaluate models."""
 
 
+@models.command("list")
+@click.option("--root", type=click.Path(path_type=Path), default=None,
+              help="Folder of model folders (default: the parent of the configured model folder).")
+@click.pass_context
+@friendly_errors
+def models_list(ctx, root: Path | None) -> None:
+    """List model folders with their version, hash status and headline metrics."""
+    from .errors import ManifestError
+    from .manifest import find_model_dirs, read_manifest, verify_files
+
+    settings = _settings(ctx)
+    root = root or settings.model_dir.parent
+    dirs = find_model_dirs(root)
+    if not dirs:
+        raise click.ClickException(f"no model folders (with manifest.json) under {root}")
+    for d in dirs:
+        mark = "*" if d.resolve() == settings.model_dir.resolve() else " "
+        try:
+            m = read_manifest(d)
+        except ManifestError as exc:
+            click.echo(f"{mark} {d.name:<20} INVALID MANIFEST: {str(exc).splitlines()[0]}")
+            continue
+        problems = verify_files(d, m)
+        state = "hashes ok" if not problems else f"{len(problems)} FILE(S) FAIL THEIR HASH"
+        click.echo(f"{mark} {d.name:<20} {m.name} {m.version}  sha256 {m.digest[:12]}  {state}  ({d})")
+        for p in problems:
+            click.echo(f"    {p}")
+    click.echo("* = the model the appliance uses (settings.model_dir)")
+
+
 @models.command("verify")
 @click.argument("model_dir", required=False, type=click.Path(path_type=Path))
 @click.option("--engine", type=ENGINES, default=None)

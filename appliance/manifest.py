@@ -122,3 +122,20 @@ def read_verified(model_dir: Path, filename: str, manifest: ModelManifest) -> by
             f"reinstall the model folder."
         )
     return data
+
+
+def verify_files(model_dir: Path, manifest: ModelManifest) -> list[str]:
+    """Check every hashed file of a model folder; return the problems found (empty when all match)."""
+    problems = []
+    for filename in manifest.sha256:
+        try:
+            read_verified(model_dir, filename, manifest)
+        except ModelIntegrityError as exc:
+            problems.append(str(exc))
+    return problems
+
+
+def find_model_dirs(root: Path) -> list[Path]:
+    """Folders directly under ``root`` that hold a manifest."""
+    root = Path(root)
+    return sorted(p for p in root.iterdir() if (p / MANIFEST_NAME).is_file()) if root.is_dir() else []

@@ -96,3 +96,18 @@ def test_manifest_with_unknown_key_or_missing_hash_is_refused(tmp_path):
     (model / "manifest.json").write_text("{not json")
     with pytest.raises(ManifestError, match="not valid JSON"):
         load_engine(model)
+
+
+def test_models_list_shows_hash_status(tmp_path):
+    root = tmp_path / "models"
+    root.mkdir()
+    good = shutil.copytree(MODEL_DIR, root / "good", ignore=shutil.ignore_patterns("work"))
+    bad = shutil.copytree(MODEL_DIR, root / "bad", ignore=shutil.ignore_patterns("work"))
+    (bad / "model.fp32.onnx").write_bytes((good / "model.fp32.onnx").read_bytes()[:-1] + b"\x00")
+    proc = subprocess.run([sys.executable, "-m", "appliance.cli", "models", "list", "--root", str(root)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    lines = {line.split()[0]: line for line in proc.stdout.splitlines() if line.strip().split()[0] in ("good", "bad")}
+    assert "hashes ok" in lines["good"]
+    assert "1 FILE(S) FAIL THEIR HASH" in lines["bad"]
+    assert "model.fp32.onnx" in proc.stdout
