@@ -1,0 +1,97 @@
+"""Macenko stain normalisation, fitted once per case and applied as one 3x3 map in optical density.
+
+Macenko et al., "A method for normalizing histology slides for quantitative analysis", ISBI 2009.
+
+Fit (once per case, on a sample of its tissue pixels): optical density OD = -ln((I + 1) / 256); drop pixels
+with OD < ``beta`` in any channel (glass); project the rest onto the plane of the two largest eigenvectors of
+their OD covariance; the 1st and 99th percentile angles in that plane give the haematoxylin and eosin vectors;
+the 99th percentile of each stain's concentration gives its strength.
+
+Apply: concentrations C = OD @ pinv(HE).T, scaled to the reference strengths, re-stained with the reference
+vectors. All three steps are linear in OD, so they fold into one 3x3 matrix and a tile costs one table lookup,
+one small matmul and one exp.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import InputError
+
+_OD_LUT = -np.log((np.arange(256, dtype=np.float64) + 1.0) / 256.0).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class StainFit:
+    """Stain vectors (columns H, E; unit length, in OD/RGB order) and their 99th percentile strengths."""
+
+    he: np.ndarray  # (3, 2)
+    max_c: np.ndarray  # (2,)
+    pixels: int  # tissue pixels the fit used
+
+    def to_dict(self) -> dict:
+        return {"he": np.round(self.he, 5).tolist(), "max_c": np.round(self.max_c, 5).tolist(), "pixels": self.pixels}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "StainFit":
+        he = np.asarray(d["he"], dtype=np.float64)
+        max_c = np.asarray(d["max_c"], dtype=np.float64)
+        if he.shape != (3, 2) or max_c.shape != (2,):
+            raise ValueError("a stain reference needs he as 3x2 and max_c as 2 values")
+        return cls(he, max_c, int(d.get("pixels", 0)))
+
+
+class StainFitError(InputError):
+    """Too little stained tissue, or stain vectors that make no sense, to fit a case's stains."""
+
+
+def optical_density(rgb: np.ndarray) -> np.ndarray:
+    """uint8 (..., 3) -> float32 OD (..., 3) by table lookup."""
+    return _OD_LUT[rgb]
+
+
+def fit_stains(rgb: np.ndarray, *, beta: float = 0.15, alpha: float = 1.0, min_pixels: int = 500,
+               max_pixels: int = 200_000, seed: int = 0) -> StainFit:
+    """Fit H&E stain vectors to the pixels of one case (any shape ending in 3, uint8)."""
+    if rgb.dtype != np.uint8 or rgb.shape[-1] != 3:
+        raise InputError(f"stain fitting needs uint8 RGB pixels, got {rgb.dtype} {rgb.shape}")
+    od = optical_density(rgb.reshape(-1, 3))
+    od = od[(od >= beta).all(axis=1)]
+    if len(od) < min_pixels:
+        raise StainFitError(f"only {len(od)} stained pixels (need {min_pixels}) to fit stain vectors")
+    if len(od) > max_pixels:
+        od = od[np.random.default_rng(seed).choice(len(od), max_pixels, replace=False)]
+    od = od.astype(np.float64)
+    _, vecs = np.linalg.eigh(np.cov(od, rowvar=False))
+    plane = vecs[:, 1:3]  # the two largest eigenvalues (eigh sorts ascending)
+    plane = plane * np.where(plane.sum(axis=0) < 0, -1.0, 1.0)  # point into positive OD
+    proj = od @ plane
+    phi = np.arctan2(proj[:, 1], proj[:, 0])
+    lo, hi = np.percentile(phi, [alpha, 100 - alpha])
+    v1 = plane @ np.array([np.cos(lo), np.sin(lo)])
+    v2 = plane @ np.array([np.cos(hi), np.sin(hi)])
+    # haematoxylin absorbs more red than eosin does: it goes first
+    he = np.stack([v1, v2], axis=1) if v1[0] > v2[0] else np.stack([v2, v1], axis=1)
+    he = he / np.linalg.norm(he, axis=0, keepdims=True)
+    if not np.isfinite(he).all() or (he < -0.2).any():
+        raise StainFitError("the fitted stain vectors are not H&E-like (negative optical density)")
+    conc = od @ np.linalg.pinv(he).T
+    max_c = np.percentile(conc, 99, axis=0)
+    if (max_c <= 1e-3).any():
+        raise StainFitError("one of the two stains is absent from the fitted pixels")
+    return StainFit(he, max_c, int(len(od)))
+
+
+def normalising_map(source: StainFit, reference: StainFit) -> np.ndarray:
+    """The 3x3 matrix M with OD_out = OD_in @ M that re-stains ``source`` like ``reference``."""
+    scale = np.diag(reference.max_c / source.max_c)
+    return (np.linalg.pinv(source.he).T @ scale @ reference.he.T).astype(np.float32)
+
+
+def apply_map(rgb: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """Re-stain uint8 RGB pixels (any shape ending in 3) with a map from ``normalising_map``."""
+    od = optical_density(rgb) @ m
+    out = 256.0 * np.exp(-np.maximum(od, 0.0)) - 1.0
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
