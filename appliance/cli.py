@@ -93,17 +93,24 @@ def run(ctx, port: str | None) -> None:
 
 @main.command()
 @click.argument("input_path", metavar="INPUT", type=click.Path(exists=True, path_type=Path))
-@click.option("--json", "json_out", type=click.Path(path_type=Path), required=True, help="Write the result here.")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write the result here.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Write overlay.png, case.ome.tif, heatmap.ome.tif, regions.geojson and summary.json here.")
+@click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Microns per pixel of INPUT (default: the model's own, no resampling).")
 @click.option("--engine", type=ENGINES, default=None)
 @click.option("--tile-size", default=DEFAULT_TILE_SIZE, show_default=True,
               help="Tile size used to cut a single image into scanner tiles.")
 @click.pass_context
 @friendly_errors
-def triage(ctx, input_path: Path, json_out: Path, engine: str | None, tile_size: int) -> None:
+def triage(ctx, input_path: Path, json_out: Path | None, out_dir: Path | None, mpp: float | None,
+           engine: str | None, tile_size: int) -> None:
     """Triage a case on disk: one slide image, or a folder of tiles named like '..._x<X>_y<Y>.png'."""
     from .engine import load_engine
     from .triage import triage_path
 
+    if json_out is None and out_dir is None:
+        raise click.UsageError("say where the result goes: --json FILE and/or --out DIR")
     settings = _settings(ctx, engine=engine)
     eng = load_engine(settings.model_dir, settings.engine)
     bar = Progress("tiles", None)
@@ -112,17 +119,24 @@ def triage(ctx, input_path: Path, json_out: Path, engine: str | None, tile_size:
         bar.total = total
         bar.update(n, f"running score {score:.3f}")
 
-    result = triage_path(eng, input_path, tile_size=tile_size, batch_size=settings.batch_size, progress=progress)
+    result = triage_path(eng, input_path, tile_size=tile_size, batch_size=settings.batch_size, out_dir=out_dir,
+                         microns_per_pixel=mpp, progress=progress)
     bar.close()
-    json_out.parent.mkdir(parents=True, exist_ok=True)
-    json_out.write_text(json.dumps(result, indent=1))
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(result, indent=1))
     click.echo(f"{result['verdict']}  score {result['score']:.3f}  threshold {result['threshold']:.3f}  "
                f"({len(result['patches'])} patches, {result['tiles']} tiles)")
+    if result["early_positive"]:
+        click.echo(f"  early positive after {result['early_positive_after_tiles']} tiles")
     for r in result["reasons"]:
         click.echo(f"  cannot call: {r['message']} [{r['code']}]")
+    for r in result["warnings"]:
+        click.echo(f"  warning: {r['message']} [{r['code']}]")
     for s in result["skipped_inputs"]:
         click.echo(f"  skipped {s['name']}: {s['reason']}", err=True)
-    click.echo(f"wrote {json_out}. {RESEARCH_USE_NOTICE}")
+    wrote = [str(p) for p in (json_out, out_dir) if p is not None]
+    click.echo(f"wrote {', '.join(wrote)}. {RESEARCH_USE_NOTICE}")
 
 
 @main.command()

@@ -36,6 +36,10 @@ class Engine(ABC):
     @abstractmethod
     def _infer(self, batch: np.ndarray) -> np.ndarray: ...
 
+    def scorer(self) -> "Scorer":
+        """A non-blocking front end for streaming: submit batches, collect results later."""
+        return Scorer(self)
+
     def _check_batch(self, batch: np.ndarray) -> None:
         spec = self.manifest.input
         want = (spec.height, spec.width, spec.channels)
@@ -76,6 +80,9 @@ class OpenVINOEngine(Engine):
         self._request.infer({0: batch})
         return self._request.get_output_tensor(0).data.copy()
 
+    def scorer(self, jobs: int = 2) -> "Scorer":
+        return AsyncScorer(self, jobs)
+
 
 class OnnxRuntimeEngine(Engine):
     """The FP32 ONNX model on ONNX Runtime's CPU provider: the fallback when OpenVINO is unavailable."""
@@ -107,3 +114,69 @@ def load_engine(model_dir: Path, backend: str = "openvino", **options) -> Engine
     if backend == "onnxruntime":
         return OnnxRuntimeEngine(model_dir, manifest, **options)
     raise EngineError(f"unknown engine backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+
+
+class Scorer:
+    """Synchronous scorer: ``submit`` scores at once; ``done`` hands back (tag, probabilities) in order."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._done: list[tuple[object, np.ndarray]] = []
+
+    def submit(self, batch: np.ndarray, tag: object) -> None:
+        self._done.append((tag, self.engine.infer(batch)))
+
+    def done(self) -> list[tuple[object, np.ndarray]]:
+        """Results finished so far (each returned once)."""
+        out, self._done = self._done, []
+        return out
+
+    def wait(self) -> list[tuple[object, np.ndarray]]:
+        """Block until everything submitted is scored; returns the results not yet handed back."""
+        return self.done()
+
+    def close(self) -> None:
+        pass
+
+
+class AsyncScorer(Scorer):
+    """OpenVINO's AsyncInferQueue: inference runs on OpenVINO's threads while the caller cuts the next
+    tile's patches. Results come back through a lock-protected list and are handed out by ``done``."""
+
+    def __init__(self, engine: OpenVINOEngine, jobs: int = 2):
+        super().__init__(engine)
+        import threading
+
+        import openvino as ov
+
+        self._lock = threading.Lock()
+        self._errors: list[BaseException] = []
+        self._queue = ov.AsyncInferQueue(engine._compiled, jobs)
+        self._queue.set_callback(self._finished)
+
+    def _finished(self, request, tag) -> None:
+        try:
+            probs = np.array(request.get_output_tensor(0).data, dtype=np.float32).reshape(-1)
+            with self._lock:
+                self._done.append((tag, probs))
+        except BaseException as exc:  # surfaced to the caller by done()/wait()
+            with self._lock:
+                self._errors.append(exc)
+
+    def submit(self, batch: np.ndarray, tag: object) -> None:
+        self.engine._check_batch(batch)
+        self._queue.start_async({0: np.ascontiguousarray(batch)}, tag)  # blocks only while all jobs are busy
+
+    def done(self) -> list[tuple[object, np.ndarray]]:
+        with self._lock:
+            if self._errors:
+                raise EngineError(f"openvino: asynchronous inference failed: {self._errors[0]}")
+            out, self._done = self._done, []
+        return out
+
+    def wait(self) -> list[tuple[object, np.ndarray]]:
+        self._queue.wait_all()
+        return self.done()
+
+    def close(self) -> None:
+        self._queue.wait_all()

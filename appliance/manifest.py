@@ -50,6 +50,25 @@ class DecisionSpec(_Strict):
     case_threshold: float = Field(ge=0, le=1)
 
 
+class StainReference(_Strict):
+    he: list[list[float]]  # 3 x 2: haematoxylin and eosin optical-density vectors (columns), RGB order
+    max_c: list[float]  # 99th percentile stain strengths
+    pixels: int = 0
+
+
+class StainSpec(_Strict):
+    normalisation: Literal["none", "macenko"] = "none"
+    reference: StainReference | None = None
+    rule: str = ""
+    development_angles_deg: dict = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _reference_when_normalising(self) -> "StainSpec":
+        if self.normalisation == "macenko" and self.reference is None:
+            raise ValueError("stain.normalisation 'macenko' needs stain.reference")
+        return self
+
+
 class FilesSpec(_Strict):
     openvino: str
     openvino_weights: str
@@ -66,6 +85,7 @@ class ModelManifest(_Strict):
     output: OutputSpec
     patch: PatchSpec
     decision: DecisionSpec
+    stain: StainSpec = StainSpec()
     files: FilesSpec
     sha256: dict[str, str]
     training: dict

@@ -135,3 +135,36 @@ def count_case_tiles(path: Path, tile_size: int = DEFAULT_TILE_SIZE) -> int | No
     if path.is_dir():
         return len(tile_files(path))
     return None
+
+
+def image_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) from an image file's header without decoding it; None if unreadable."""
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            import tifffile
+
+            with tifffile.TiffFile(path) as tif:
+                shape = tif.series[0].shape
+                return int(shape[1]), int(shape[0])
+        from PIL import Image
+
+        with Image.open(path) as im:
+            return im.size
+    except Exception:  # noqa: BLE001 - any unreadable header just means "size unknown"; reading reports it
+        return None
+
+
+def case_extent(path: Path) -> tuple[int | None, int | None]:
+    """Width and height of a case in pixels (the image, or the union of a folder's tiles); None if unknown."""
+    path = Path(path)
+    if path.is_file():
+        size = image_size(path)
+        return size if size else (None, None)
+    if path.is_dir():
+        w = h = 0
+        for x, y, f in tile_files(path):
+            size = image_size(f)
+            if size:
+                w, h = max(w, x + size[0]), max(h, y + size[1])
+        return (w or None, h or None)
+    return None, None

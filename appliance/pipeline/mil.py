@@ -33,4 +33,5 @@ class TopKMean:
     @property
     def score(self) -> float:
         """Mean of the top min(k, n) probabilities; 0.0 before any patch."""
-        return sum(self._heap) / len(self._heap) if self._heap else 0.0
+        # summed in sorted order so the score does not depend on the order results arrived in
+        return sum(sorted(self._heap)) / len(self._heap) if self._heap else 0.0

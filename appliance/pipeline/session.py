@@ -1,10 +1,19 @@
-"""TriageSession: the one streaming path from tiles to a verdict, shared by the daemon and `appliance triage`."""
+"""TriageSession: the one streaming path from tiles to a verdict, shared by the daemon and `appliance triage`.
+
+Per tile, as it arrives: resample to the model's resolution, paint into the on-disk mosaic, tissue mask
+(saturation + closing), QC evidence, thumbnail; then the case-wide patch grid says which patches are
+complete. Tissue patches go to the engine in batches without waiting for the result (OpenVINO's async
+queue), so the next tile is cut while the last batch is scored. Results feed the top-k MIL score and
+the overlap-averaged heatmap.
+"""
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -12,22 +21,26 @@ import numpy as np
 from .. import RESEARCH_USE_NOTICE
 from ..engine import Engine
 from ..errors import InputError
+from .grid import PatchGrid
+from .heatmap import Heatmap, Thumbnail
 from .mil import TopKMean
-from .patches import Patch, cut_patches
-from .tissue import tissue_fraction
+from .mosaic import ChunkedMosaic
+from .outputs import write_outputs
+from .patches import pad_to
+from .qc import CaseQc, QcLimits, Reason, laplacian_variance
+from .resample import resample_tile, scale_factor, target_span
+from .stain import StainFit, apply_map, normalising_map
+from .tissue import MASK_STEP, patch_fractions, tissue_mask
 
 SUSPICIOUS = "suspicious"
 BENIGN = "benign-appearing"
 CANNOT_CALL = "cannot-call"
 VERDICTS = (SUSPICIOUS, BENIGN, CANNOT_CALL)
+THUMBNAIL_CELL = 10  # model pixels per thumbnail pixel
+STAIN_FIT_PIXELS = 50_000  # tissue pixels sampled before the case's stains are fitted (when normalising)
 
-
-@dataclass(frozen=True)
-class Reason:
-    """Why a case cannot be called: a stable code for machines and a sentence for people."""
-
-    code: str
-    message: str
+__all__ = ["BENIGN", "CANNOT_CALL", "SUSPICIOUS", "VERDICTS", "PatchScore", "Reason", "TriageResult",
+           "TriageSession"]
 
 
 @dataclass(frozen=True)
@@ -53,6 +66,9 @@ class TriageResult:
     early_positive: bool
     early_positive_after_tiles: int | None
     top_k: int
+    qc: dict = field(default_factory=dict)
+    warnings: list[Reason] = field(default_factory=list)
+    microns_per_pixel: float = 0.0
     research_use_only: bool = True
     notice: str = RESEARCH_USE_NOTICE
 
@@ -63,20 +79,31 @@ class TriageResult:
 
     def top_patches(self) -> list[PatchScore]:
         """The patches that drove the call, highest probability first."""
-        return sorted(self.patches, key=lambda p: p.probability, reverse=True)[: self.top_k]
+        return sorted(self.patches, key=lambda p: (-p.probability, p.y, p.x))[: self.top_k]
 
 
 Event = Callable[[str, dict], None]
 
 
+@dataclass
+class _Batch:
+    positions: list[tuple[int, int, int, int]] = field(default_factory=list)
+    pixels: list[np.ndarray] = field(default_factory=list)
+
+
 class TriageSession:
     """Feed tiles as they arrive with ``add_tile``; ``finish`` returns the verdict.
 
-    Patches are scored in batches while tiles stream in. A suspicious call made early (the top-k mean
-    passed the threshold) is final, because adding patches can never lower a full top-k mean.
+    A suspicious call made early (the full top-k mean passed the threshold while QC so far was clean) is
+    final: adding patches can never lower a full top-k mean.
+
+    ``scanner_mpp``/``width``/``height`` describe the case in scanner pixels (0/None when unknown);
+    ``workdir`` holds the on-disk mosaic (a temporary folder when not given).
     """
 
-    def __init__(self, engine: Engine, *, batch_size: int = 64, on_event: Event | None = None):
+    def __init__(self, engine: Engine, *, batch_size: int = 64, on_event: Event | None = None,
+                 scanner_mpp: float | None = None, width: int | None = None, height: int | None = None,
+                 workdir: Path | None = None, qc_limits: QcLimits | None = None):
         m = engine.manifest
         self.engine = engine
         self.batch_size = batch_size
@@ -85,17 +112,40 @@ class TriageSession:
         self.pad_value = m.input.pad_value
         self.min_tissue = m.patch.min_tissue_fraction
         self.threshold = m.decision.case_threshold
+        self.patch_threshold = m.decision.patch_threshold
+        self.mpp = m.input.microns_per_pixel
+        self.scale = scale_factor(scanner_mpp, self.mpp)
         self.mil = TopKMean(m.decision.top_k)
         self.on_event = on_event or (lambda kind, data: None)
+        ref = m.stain.reference
+        self.stain_reference = StainFit.from_dict(ref.model_dump()) if ref is not None else None
+        self.normalise = m.stain.normalisation == "macenko"
+        self._stain_map: np.ndarray | None = None
+        self.qc = CaseQc(qc_limits or QcLimits())
+        w_model = target_span(0, width, self.scale)[1] if width else None
+        h_model = target_span(0, height, self.scale)[1] if height else None
+        self.grid = PatchGrid(self.size, self.stride, w_model, h_model)
+        self.heatmap = Heatmap(self.size, self.stride, w_model, h_model)
+        self.thumbnail = Thumbnail(THUMBNAIL_CELL)
+        self._tmp = None
+        if workdir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="triage-mosaic-")
+            workdir = Path(self._tmp.name)
+        self.mosaic = ChunkedMosaic(Path(workdir) / "mosaic")
+        self.scorer = engine.scorer()
         self.tiles = 0
         self.patches_seen = 0
         self.early_positive_after_tiles: int | None = None
-        self._pending: list[Patch] = []
+        self._held: list[_Batch] = []  # patches waiting for the stain fit (only when normalising)
+        self._batch = _Batch()
+        self._inflight: dict[int, list[tuple[int, int, int, int]]] = {}
+        self._next_id = 0
         self._scores: list[PatchScore] = []
         self._timings: dict[str, float] = defaultdict(float)
         self._started = time.perf_counter()
         self._finished = False
 
+    # ------------------------------------------------------------------------------------------ state
     @property
     def score(self) -> float:
         return self.mil.score
@@ -108,36 +158,124 @@ class TriageSession:
     def patches_scored(self) -> int:
         return len(self._scores)
 
+    # ---------------------------------------------------------------------------------------- tiles in
     def add_tile(self, x: int, y: int, pixels: np.ndarray) -> None:
-        """Cut, screen and queue one tile; scores a batch when enough patches are waiting."""
+        """Take one tile (scanner pixels at scanner position x, y); scores batches as they fill."""
         if self._finished:
             raise RuntimeError("this session is finished; start a new one for the next case")
         _check_tile(pixels)
+        if x < 0 or y < 0:
+            raise InputError(f"tile position ({x}, {y}) is negative")
         t0 = time.perf_counter()
-        patches = cut_patches(pixels, x, y, self.size, self.stride, self.pad_value)
+        x, y, px = resample_tile(pixels, x, y, self.scale)
+        h, w = px.shape[:2]
         t1 = time.perf_counter()
-        kept = [p for p in patches if tissue_fraction(p.pixels[: p.h, : p.w]) >= self.min_tissue]
+        self.mosaic.write(x, y, px)
         t2 = time.perf_counter()
-        self._timings["patching"] += (t1 - t0) * 1e3
-        self._timings["tissue"] += (t2 - t1) * 1e3
+        mask = tissue_mask(px)
+        self.qc.add_tile(px, mask, MASK_STEP)
+        self.thumbnail.add(x, y, px)
+        inside, completed = self.grid.add_tile(x, y, w, h)
+        t3 = time.perf_counter()
+        if inside:
+            pos = [self.grid.extent(gx, gy) for gx, gy in inside]
+            frac = patch_fractions(mask, [p[1] - y for p in pos], [p[0] - x for p in pos],
+                                   [p[3] for p in pos], [p[2] for p in pos])
+            for (ppx, ppy, pw, ph), f in zip(pos, frac):
+                if f >= self.min_tissue:
+                    crop = px[ppy - y : ppy - y + ph, ppx - x : ppx - x + pw]
+                    self._take((ppx, ppy, pw, ph), pad_to(crop, self.size, self.pad_value))
+        self._take_from_mosaic(completed)
         self.tiles += 1
-        self.patches_seen += len(patches)
-        self._pending.extend(kept)
-        if len(self._pending) >= self.batch_size:
-            self._flush()
+        self.patches_seen += len(inside) + len(completed)
+        t4 = time.perf_counter()
+        self._timings["resample"] += (t1 - t0) * 1e3
+        self._timings["mosaic"] += (t2 - t1) * 1e3
+        self._timings["tissue_qc"] += (t3 - t2) * 1e3
+        self._timings["patching"] += (t4 - t3) * 1e3
+        self._collect()
 
+    def _take_from_mosaic(self, keys: list[tuple[int, int]]) -> None:
+        """Patches that straddle tiles (or the case edge): read back from the mosaic."""
+        for gx, gy in keys:
+            ppx, ppy, pw, ph = self.grid.extent(gx, gy)
+            crop = self.mosaic.read(ppx, ppy, pw, ph)
+            if float(tissue_mask(crop).mean()) >= self.min_tissue:
+                self._take((ppx, ppy, pw, ph), pad_to(crop, self.size, self.pad_value))
+
+    def _take(self, pos: tuple[int, int, int, int], patch: np.ndarray) -> None:
+        self._batch.positions.append(pos)
+        self._batch.pixels.append(patch)
+        if len(self._batch.positions) >= self.batch_size:
+            self._submit()
+
+    def _submit(self, final: bool = False) -> None:
+        batch, self._batch = self._batch, _Batch()
+        if batch.positions:
+            self._held.append(batch)
+        if self.normalise and self._stain_map is None:
+            if self.qc._sampled < STAIN_FIT_PIXELS and not final:
+                return  # keep holding patches until the case's stains can be fitted once
+            fit = self.qc.fit_stain()
+            self._stain_map = (normalising_map(fit, self.stain_reference) if fit is not None
+                               else np.eye(3, dtype=np.float32))
+        held, self._held = self._held, []
+        for b in held:
+            t0 = time.perf_counter()
+            pixels = np.stack(b.pixels)
+            focus = laplacian_variance(pixels)
+            self.qc.add_patches(focus)
+            if self._stain_map is not None:
+                pixels = apply_map(pixels, self._stain_map)
+            batch_id, self._next_id = self._next_id, self._next_id + 1
+            self._inflight[batch_id] = b.positions
+            t1 = time.perf_counter()
+            self.scorer.submit(pixels, batch_id)
+            self._timings["prepare"] += (t1 - t0) * 1e3
+            self._timings["submit_wait"] += (time.perf_counter() - t1) * 1e3
+
+    def _collect(self, results=None) -> None:
+        """Fold finished batches into the MIL score and heatmap; fire the early call when it is earned."""
+        t0 = time.perf_counter()
+        for batch_id, probs in (self.scorer.done() if results is None else results):
+            for (ppx, ppy, pw, ph), p in zip(self._inflight.pop(batch_id), probs.tolist()):
+                p = round(p, 6)
+                self._scores.append(PatchScore(ppx, ppy, pw, ph, p))
+                self.mil.add(p)
+                self.heatmap.add(ppx, ppy, pw, ph, p)
+        self._timings["aggregation"] += (time.perf_counter() - t0) * 1e3
+        if (not self.early_positive and self.mil.full and self.mil.score >= self.threshold
+                and not self.qc.reasons(None)):
+            self.early_positive_after_tiles = self.tiles
+            self.on_event("early-positive", {"score": self.mil.score, "tiles": self.tiles})
+
+    # ---------------------------------------------------------------------------------------- verdict
     def finish(self) -> TriageResult:
         """Score what is left and make the call."""
-        self._flush()
+        if self._finished:
+            raise RuntimeError("this session is already finished")
+        self._take_from_mosaic(self.grid.drain())
+        self._submit(final=True)
+        t0 = time.perf_counter()
+        self._collect(self.scorer.wait())
+        self.scorer.close()
+        self._timings["wait_inference"] += (time.perf_counter() - t0) * 1e3
         self._finished = True
-        self._timings["total"] = (time.perf_counter() - self._started) * 1e3
-        reasons = self._qc_reasons()
-        if reasons:
+        if self.qc.stain is None and self.qc.tissue_pixels:
+            self.qc.fit_stain()
+        reasons = self._reasons()
+        warnings: list[Reason] = []
+        if self.early_positive:
+            verdict, warnings = SUSPICIOUS, reasons  # the early call is final; QC found later is a warning
+            reasons = []
+        elif reasons:
             verdict = CANNOT_CALL
-        elif self.early_positive or self.score >= self.threshold:
+        elif self.score >= self.threshold:
             verdict = SUSPICIOUS
         else:
             verdict = BENIGN
+        self._timings["total"] = (time.perf_counter() - self._started) * 1e3
+        self._scores.sort(key=lambda p: (p.y, p.x))
         result = TriageResult(
             verdict=verdict,
             score=round(self.score, 6),
@@ -151,41 +289,44 @@ class TriageSession:
             early_positive=self.early_positive,
             early_positive_after_tiles=self.early_positive_after_tiles,
             top_k=self.mil.k,
+            qc=self.qc.summary(self.stain_reference),
+            warnings=warnings,
+            microns_per_pixel=self.mpp,
         )
         self.on_event("finished", {"verdict": verdict, "score": result.score})
         return result
 
-    def _qc_reasons(self) -> list[Reason]:
+    def _reasons(self) -> list[Reason]:
         if self.tiles == 0:
-            return [Reason("no-tiles", "No tiles were received for this case.")]
+            return [Reason("no-tiles", "No tiles were received for this case; rescan.")]
         if not self._scores:
-            return [Reason("no-tissue", f"No tissue was found in {self.tiles} tiles ({self.patches_seen} patches).")]
-        if not self.mil.full and not self.early_positive:
-            return [
-                Reason(
-                    "too-little-tissue",
-                    f"Only {len(self._scores)} tissue patches were found; at least {self.mil.k} are needed "
-                    f"for a call.",
-                )
-            ]
-        return []
+            return [Reason("no-tissue", f"No tissue was found in {self.tiles} tiles ({self.patches_seen} "
+                                        f"patches): blank or empty slide; check the slide and rescan.")]
+        out = self.qc.reasons(self.stain_reference)
+        if not self.mil.full:
+            out.append(Reason("too-little-tissue",
+                              f"Only {len(self._scores)} tissue patches were found; at least {self.mil.k} are "
+                              f"needed for a call. Check the core is on the slide and rescan."))
+        return out
 
-    def _flush(self) -> None:
-        if not self._pending:
-            return
-        batch = np.stack([p.pixels for p in self._pending])
+    def write_outputs(self, out_dir: Path, case_id: str, summary: dict) -> dict[str, str]:
+        """overlay.png, case.ome.tif, heatmap.ome.tif, regions.geojson and summary.json into ``out_dir``.
+
+        ``summary`` is the finished result's ``to_dict()`` plus ``input`` and ``skipped_inputs``."""
         t0 = time.perf_counter()
-        probs = self.engine.infer(batch)
-        t1 = time.perf_counter()
-        for p, prob in zip(self._pending, probs.tolist()):
-            self._scores.append(PatchScore(p.x, p.y, p.w, p.h, round(prob, 6)))
-            self.mil.add(prob)
-        self._timings["inference"] += (t1 - t0) * 1e3
-        self._timings["aggregation"] += (time.perf_counter() - t1) * 1e3
-        self._pending.clear()
-        if not self.early_positive and self.mil.full and self.mil.score >= self.threshold:
-            self.early_positive_after_tiles = self.tiles
-            self.on_event("early-positive", {"score": self.mil.score, "tiles": self.tiles})
+        paths = write_outputs(out_dir, case_id, summary, heatmap=self.heatmap, thumbnail=self.thumbnail,
+                              mosaic=self.mosaic, patch_threshold=self.patch_threshold)
+        summary.setdefault("timings_ms", {})
+        summary["timings_ms"]["outputs"] = round((time.perf_counter() - t0) * 1e3, 3)
+        summary["case_id"], summary["outputs"] = case_id, sorted(paths)
+        return paths
+
+    def close(self) -> None:
+        """Remove the mosaic (call after the outputs are written)."""
+        self.mosaic.remove()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
 
 
 def _check_tile(pixels: np.ndarray) -> None:

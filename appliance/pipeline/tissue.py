@@ -1,17 +1,22 @@
-"""Tissue detection by HSV saturation: stained tissue is coloured, glass and background are not."""
+"""Tissue detection by HSV saturation: stained tissue is coloured, glass and background are not.
+
+The H2G-Net recipe: saturation above 20 (0-255 scale) at low resolution, then a morphological closing
+with a 5x5 and then a 3x3 square to fill the pale gaps inside tissue.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 
-# H2G-Net's recipe thresholds saturation at 20 on a 0-255 scale.
 SATURATION_THRESHOLD = 20
+MASK_STEP = 2  # the mask is computed at 1/MASK_STEP resolution
+CLOSING = (5, 3)
 
 
 def saturation(rgb: np.ndarray) -> np.ndarray:
-    """HSV saturation (0-255, uint8) of an (H, W, 3) uint8 image.
+    """HSV saturation (0-255, uint8) of an (..., 3) uint8 image.
 
-    Per-channel slices instead of ``max(axis=2)``: reductions over a 3-wide last axis are ~30x slower.
+    Per-channel slices instead of ``max(axis=-1)``: reductions over a 3-wide last axis are ~30x slower.
     """
     r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
     hi = np.maximum(np.maximum(r, g), b).astype(np.uint16)
@@ -21,13 +26,61 @@ def saturation(rgb: np.ndarray) -> np.ndarray:
     return sat.astype(np.uint8)
 
 
-def tissue_mask(rgb: np.ndarray, threshold: int = SATURATION_THRESHOLD, step: int = 2) -> np.ndarray:
-    """Boolean tissue mask at 1/``step`` resolution (subsampling keeps this ~0.1 ms per patch)."""
-    return saturation(rgb[::step, ::step]) > threshold
+def _shift_reduce(mask: np.ndarray, k: int, op) -> np.ndarray:
+    """Apply ``op`` (np.logical_or / np.logical_and) over a k x k square, separably, edges replicated."""
+    r = k // 2
+    out = mask
+    for axis in (0, 1):
+        padded = np.pad(out, [(r, r) if a == axis else (0, 0) for a in range(2)], mode="edge")
+        n = out.shape[axis]
+        acc = np.take(padded, range(0, n), axis=axis)
+        for s in range(1, k):
+            acc = op(acc, np.take(padded, range(s, s + n), axis=axis))
+        out = acc
+    return out
 
 
-def tissue_fraction(rgb: np.ndarray, threshold: int = SATURATION_THRESHOLD, step: int = 2) -> float:
-    """Fraction of the image that is tissue."""
+def dilate(mask: np.ndarray, k: int) -> np.ndarray:
+    return _shift_reduce(mask, k, np.logical_or)
+
+
+def erode(mask: np.ndarray, k: int) -> np.ndarray:
+    return _shift_reduce(mask, k, np.logical_and)
+
+
+def close(mask: np.ndarray, k: int) -> np.ndarray:
+    """Morphological closing (dilate, then erode) with a k x k square."""
+    return erode(dilate(mask, k), k)
+
+
+def tissue_mask(rgb: np.ndarray, threshold: int = SATURATION_THRESHOLD, step: int = MASK_STEP,
+                closing: tuple[int, ...] = CLOSING) -> np.ndarray:
+    """Boolean tissue mask at 1/``step`` resolution: saturation threshold, then closing(s)."""
+    mask = saturation(rgb[::step, ::step]) > threshold
+    for k in closing:
+        if min(mask.shape) >= k:
+            mask = close(mask, k)
+    return mask
+
+
+def tissue_fraction(rgb: np.ndarray, threshold: int = SATURATION_THRESHOLD, step: int = MASK_STEP) -> float:
+    """Fraction of the image that is tissue (no closing: for one small patch)."""
     if rgb.size == 0:
         return 0.0
-    return float(tissue_mask(rgb, threshold, step).mean())
+    return float((saturation(rgb[::step, ::step]) > threshold).mean())
+
+
+def patch_fractions(mask: np.ndarray, ys, xs, hs, ws, step: int = MASK_STEP) -> np.ndarray:
+    """Mean of a low-resolution mask over each patch (paired arrays of full-resolution y, x, h, w) -> (N,).
+
+    Integral image: the cost does not depend on the patch size.
+    """
+    ii = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), dtype=np.int32)
+    np.cumsum(np.cumsum(mask, axis=0, dtype=np.int32), axis=1, out=ii[1:, 1:])
+    h, w = mask.shape
+    ys, xs, hs, ws = (np.asarray(a) for a in (ys, xs, hs, ws))
+    y0, x0 = np.minimum(ys // step, h), np.minimum(xs // step, w)
+    y1, x1 = np.minimum((ys + hs + step - 1) // step, h), np.minimum((xs + ws + step - 1) // step, w)
+    total = ii[y1, x1] - ii[y0, x1] - ii[y1, x0] + ii[y0, x0]
+    area = (y1 - y0) * (x1 - x0)
+    return np.divide(total, area, out=np.zeros(len(total), np.float32), where=area > 0).astype(np.float32)

@@ -1,0 +1,183 @@
+"""A case's output files, the ones a lab opens: overlay.png, case.ome.tif + heatmap.ome.tif, regions.geojson,
+summary.json. Everything is written to a temporary name and renamed, so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .. import RESEARCH_USE_NOTICE
+from .heatmap import Heatmap, Thumbnail, regions
+from .mosaic import ChunkedMosaic
+from .summary import validated
+
+OME_TILE = 256
+MIN_LEVEL_SIDE = 256  # keep halving until the smaller side is below this (at least 3 levels)
+# cividis (Nunez et al. 2018), a colour-vision-deficiency-safe blue-to-yellow map, at 9 anchors
+_CIVIDIS = np.array([
+    [0, 34, 78], [18, 53, 112], [59, 73, 108], [87, 92, 109], [112, 113, 115],
+    [138, 134, 120], [166, 157, 117], [196, 181, 105], [230, 207, 81], [254, 232, 56],
+], dtype=np.float32)
+OUTPUT_FILES = ("overlay.png", "case.ome.tif", "heatmap.ome.tif", "regions.geojson", "summary.json")
+
+
+def colormap(values: np.ndarray) -> np.ndarray:
+    """Map [0, 1] to cividis RGB uint8 (NaN -> 0)."""
+    v = np.clip(np.nan_to_num(values, nan=0.0), 0, 1) * (len(_CIVIDIS) - 1)
+    i = np.minimum(v.astype(int), len(_CIVIDIS) - 2)
+    f = (v - i)[..., None]
+    return (_CIVIDIS[i] * (1 - f) + _CIVIDIS[i + 1] * f + 0.5).astype(np.uint8)
+
+
+def _replace_into(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# -------------------------------------------------------------------------------------------- overlay
+def overlay_image(thumb: np.ndarray, heat: np.ndarray, thumb_cell: int, heat_cell: int, result: dict,
+                  case_id: str):
+    """Tissue thumbnail with the heatmap blended over scored cells, a legend and the call."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    rep = heat_cell // thumb_cell
+    rows, cols = thumb.shape[:2]
+    big = np.repeat(np.repeat(heat, rep, axis=0), rep, axis=1)
+    hm = np.full((rows, cols), np.nan, dtype=np.float32)
+    r, c = min(rows, big.shape[0]), min(cols, big.shape[1])
+    hm[:r, :c] = big[:r, :c]
+    scored = ~np.isnan(hm)
+    img = thumb.astype(np.float32)
+    img[scored] = 0.45 * img[scored] + 0.55 * colormap(hm[scored])
+    img = img.astype(np.uint8)
+    zoom = max(1, min(4, 600 // max(1, max(rows, cols))))
+    pic = Image.fromarray(img).resize((cols * zoom, rows * zoom), Image.NEAREST)
+    font = ImageFont.load_default(size=14)
+    small = ImageFont.load_default(size=12)
+    width = max(pic.width, 560) + 20
+    header = 84
+    legend = 60
+    canvas = Image.new("RGB", (width, header + pic.height + legend), "white")
+    canvas.paste(pic, (10, header))
+    d = ImageDraw.Draw(canvas)
+    verdict = result["verdict"].upper()
+    d.text((10, 8), f"Case {case_id}: {verdict}", fill="black", font=font)
+    d.text((10, 28), f"score {result['score']:.3f} (top-{result['top_k']} mean), threshold {result['threshold']:.3f}; "
+                     f"{len(result['patches'])} tissue patches", fill="black", font=small)
+    reasons = "; ".join(r["code"] for r in result["reasons"])
+    if reasons:
+        d.text((10, 44), f"cannot call: {reasons}", fill="black", font=small)
+    d.text((10, 62), RESEARCH_USE_NOTICE, fill=(150, 0, 0), font=small)
+    y0 = header + pic.height + 10
+    bar = colormap(np.linspace(0, 1, 256)[None, :].repeat(14, axis=0))
+    canvas.paste(Image.fromarray(bar), (10, y0))
+    d.rectangle([10, y0, 265, y0 + 13], outline="black")
+    d.text((10, y0 + 18), "0", fill="black", font=small)
+    d.text((250, y0 + 18), "1", fill="black", font=small)
+    tx = 10 + int(round(result["threshold"] * 255))
+    d.line([tx, y0 - 3, tx, y0 + 16], fill="black", width=2)
+    d.text((280, y0), "patch probability of IDC (overlap-averaged);", fill="black", font=small)
+    d.text((280, y0 + 16), f"| = case threshold; cividis colormap", fill="black", font=small)
+    return canvas
+
+
+# ------------------------------------------------------------------------------------------- OME-TIFF
+def _levels(width: int, height: int) -> int:
+    n = 1
+    while min(width, height) >> n >= MIN_LEVEL_SIDE // 2 and n < 8:
+        n += 1
+    return max(n, 3)
+
+
+def write_pyramid(path: Path, level0: ChunkedMosaic, mpp: float, workdir: Path, name: str) -> int:
+    """Pyramidal, tiled OME-TIFF (SubIFDs for the reduced levels) streamed chunk by chunk; returns levels."""
+    import tifffile
+
+    levels = [level0]
+    n = _levels(level0.width, level0.height)
+    for i in range(1, n):
+        levels.append(levels[-1].downsample2(workdir / f"level{i}"))
+    meta = {"axes": "YXS", "Name": name, "PhysicalSizeX": mpp, "PhysicalSizeXUnit": "µm",
+            "PhysicalSizeY": mpp, "PhysicalSizeYUnit": "µm"}
+
+    def write(tmp: Path) -> None:
+        with tifffile.TiffWriter(tmp, bigtiff=True, ome=True) as tif:
+            opts = dict(tile=(OME_TILE, OME_TILE), photometric="rgb", compression="zlib",
+                        compressionargs={"level": 1}, dtype=np.uint8)
+            tif.write(level0.tiles(OME_TILE), shape=(level0.height, level0.width, 3), subifds=n - 1,
+                      metadata=meta, **opts)
+            for lv in levels[1:]:
+                tif.write(lv.tiles(OME_TILE), shape=(lv.height, lv.width, 3), subfiletype=1, metadata=None,
+                          **opts)
+
+    try:
+        _replace_into(path, write)
+    finally:
+        for lv in levels[1:]:
+            lv.remove()
+    return n
+
+
+def heatmap_mosaic(heat: np.ndarray, cell: int, width: int, height: int, root: Path) -> ChunkedMosaic:
+    """The heatmap as a full-resolution colour image aligned with case.ome.tif (glass where not scored)."""
+    out = ChunkedMosaic(root)
+    rgb = colormap(heat)
+    rgb[np.isnan(heat)] = 255
+    band = max(1, out.chunk // cell)
+    for r0 in range(0, heat.shape[0], band):
+        strip = np.repeat(np.repeat(rgb[r0:r0 + band], cell, axis=0), cell, axis=1)
+        out.write(0, r0 * cell, strip[: max(0, height - r0 * cell), :width])
+    out.width, out.height = width, height
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- all
+def write_outputs(out_dir: Path, case_id: str, summary: dict, *, heatmap: Heatmap, thumbnail: Thumbnail,
+                  mosaic: ChunkedMosaic, patch_threshold: float, min_region_cells: int = 1) -> dict[str, str]:
+    """Write the case's files into ``out_dir``; returns {name: path}. ``summary`` follows TriageSummary."""
+    result = summary
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    heat = heatmap.average()
+    mpp = result.get("microns_per_pixel") or 0.0
+    paths = {}
+
+    over = overlay_image(thumbnail.image(), heat, thumbnail.cell, heatmap.cell, result, case_id)
+    p = out_dir / "overlay.png"
+    _replace_into(p, lambda tmp: over.save(tmp, format="PNG"))
+    paths["overlay.png"] = str(p)
+
+    feats = regions(heat, patch_threshold, heatmap.cell, min_region_cells)
+    geo = {"type": "FeatureCollection", "features": feats,
+           "properties": {"case_id": case_id, "threshold": patch_threshold, "units": "pixels of case.ome.tif",
+                          "notice": RESEARCH_USE_NOTICE}}
+    p = out_dir / "regions.geojson"
+    _replace_into(p, lambda tmp: tmp.write_text(json.dumps(geo)))
+    paths["regions.geojson"] = str(p)
+
+    work = mosaic.root.parent
+    if mosaic.width and mosaic.height:
+        p = out_dir / "case.ome.tif"
+        write_pyramid(p, mosaic, mpp, work, f"{case_id} (model resolution)")
+        paths["case.ome.tif"] = str(p)
+        hm = heatmap_mosaic(heat, heatmap.cell, mosaic.width, mosaic.height, work / "heatmap")
+        p = out_dir / "heatmap.ome.tif"
+        try:
+            write_pyramid(p, hm, mpp, work, f"{case_id} heatmap (cividis, patch probability)")
+        finally:
+            hm.remove()
+        paths["heatmap.ome.tif"] = str(p)
+
+    summary = validated(dict(summary, case_id=case_id, outputs=sorted(paths) + ["summary.json"]))
+    p = out_dir / "summary.json"
+    _replace_into(p, lambda tmp: tmp.write_text(json.dumps(summary, indent=1)))
+    paths["summary.json"] = str(p)
+    return paths

@@ -1,0 +1,60 @@
+"""The schema of a case summary: `appliance triage --json`, each case's summary.json and the store's result."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+
+class _Closed(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ReasonOut(_Closed):
+    code: str
+    message: str
+
+
+class PatchOut(_Closed):
+    x: int
+    y: int
+    w: int
+    h: int
+    probability: float
+
+
+class SkippedOut(_Closed):
+    name: str
+    reason: str
+
+
+class TriageSummary(_Closed):
+    verdict: Literal["suspicious", "benign-appearing", "cannot-call"]
+    score: float
+    threshold: float
+    reasons: list[ReasonOut]
+    warnings: list[ReasonOut]
+    model: dict[str, str]
+    timings_ms: dict[str, float]
+    patches: list[PatchOut]
+    top_patches: list[PatchOut]
+    tiles: int
+    patches_seen: int
+    early_positive: bool
+    early_positive_after_tiles: int | None
+    top_k: int
+    qc: dict
+    microns_per_pixel: float
+    research_use_only: Literal[True]
+    notice: str
+    input: str
+    skipped_inputs: list[SkippedOut]
+    case_id: str | None = None
+    outputs: list[str] | None = None
+
+
+def validated(summary: dict) -> dict:
+    """Check a summary against the schema (raises pydantic.ValidationError) and return it unchanged."""
+    TriageSummary.model_validate(summary)
+    return summary
