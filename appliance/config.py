@@ -39,6 +39,11 @@ class Settings(BaseSettings):
     def spool_dir(self) -> Path:
         return self.data_dir / "spool"
 
+    @property
+    def cases_dir(self) -> Path:
+        """Each case's output files: cases/<case id>/overlay.png, case.ome.tif, ..."""
+        return self.data_dir / "cases"
+
     @classmethod
     def settings_customise_sources(
         cls,

@@ -12,6 +12,7 @@ import queue
 import shutil
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -38,20 +39,24 @@ class CaseProgress:
     case_id: str
     specimen_id: str
     tiles_expected: int | None
+    info: CaseInfo | None = None
     tiles_received: int = 0
     tiles_processed: int = 0
     score: float = 0.0
     early_positive: bool = False
     result: TriageResult | None = None
+    outputs: dict[str, str] = field(default_factory=dict)
+    outputs_done: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)
 
 
 class PipelineWorker:
     """Runs one TriageSession per case on its own thread, fed tile by tile through a queue."""
 
-    def __init__(self, engine: Engine, store: CaseStore, batch_size: int, notify: Notify):
+    def __init__(self, engine: Engine, store: CaseStore, batch_size: int, notify: Notify, cases_dir: Path):
         self.engine = engine
         self.store = store
+        self.cases_dir = Path(cases_dir)
         self.batch_size = batch_size
         self.notify = notify
         self._queue: queue.Queue = queue.Queue()
@@ -79,10 +84,15 @@ class PipelineWorker:
             kind, progress = item[0], item[1]
             try:
                 if kind == "begin":
+                    info = progress.info
                     self._sessions[progress.case_id] = TriageSession(
                         self.engine,
                         batch_size=self.batch_size,
                         on_event=lambda k, d, p=progress: self._session_event(p, k, d),
+                        scanner_mpp=info.microns_per_pixel if info else None,
+                        width=info.image_width if info else None,
+                        height=info.image_height if info else None,
+                        workdir=self.cases_dir / progress.case_id / ".work",
                     )
                 elif kind == "tile":
                     session = self._sessions[progress.case_id]
@@ -97,7 +107,9 @@ class PipelineWorker:
             except Exception as exc:
                 log.exception("pipeline failed on case %s", progress.case_id)
                 self.store.case_failed(progress.case_id, f"{type(exc).__name__}: {exc}")
-                self._sessions.pop(progress.case_id, None)
+                failed = self._sessions.pop(progress.case_id, None)
+                if failed is not None:
+                    failed.close()
                 progress.done.set()
                 self.notify("failed", {"case_id": progress.case_id, "message": str(exc)})
 
@@ -109,12 +121,26 @@ class PipelineWorker:
     def _finish(self, progress: CaseProgress) -> None:
         session = self._sessions.pop(progress.case_id)
         self.store.case_processing(progress.case_id)
-        result = session.finish()
-        self.store.case_finished(progress.case_id, result.to_dict())
-        progress.result = result
-        progress.score = result.score
-        progress.done.set()
-        self.notify("finished", {"case_id": progress.case_id, "verdict": result.verdict, "score": result.score})
+        try:
+            result = session.finish()
+            summary = result.to_dict()
+            summary["input"] = f"scanner case {progress.case_id}"
+            summary["skipped_inputs"] = []
+            # the verdict is final and stored first; the files follow (a failure there does not lose the call)
+            self.store.case_finished(progress.case_id, summary)
+            progress.result = result
+            progress.score = result.score
+            progress.done.set()
+            self.notify("finished", {"case_id": progress.case_id, "verdict": result.verdict, "score": result.score})
+            try:
+                progress.outputs = session.write_outputs(self.cases_dir / progress.case_id, progress.case_id, summary)
+                self.notify("outputs", {"case_id": progress.case_id, "files": sorted(progress.outputs)})
+            except (OSError, ValueError) as exc:
+                log.exception("could not write the outputs of case %s", progress.case_id)
+                self.notify("error", {"case_id": progress.case_id, "message": f"outputs not written: {exc}"})
+        finally:
+            session.close()
+            progress.outputs_done.set()
 
 
 class CaseReceiver:
@@ -134,7 +160,7 @@ class CaseReceiver:
         self.spool.begin_case(info.case_id, _info_dict(info))
         self.store.case_started(info.case_id, specimen_id=info.specimen_id, source="scanner",
                                 tiles_expected=expected, model=self.model)
-        progress = CaseProgress(info.case_id, info.specimen_id, expected)
+        progress = CaseProgress(info.case_id, info.specimen_id, expected, info)
         self.cases[info.case_id] = progress
         self.current = progress
         self.pipeline.begin(progress)
@@ -192,7 +218,7 @@ class Daemon:
         self.engine = load_engine(s.model_dir, s.engine)
         self.store = CaseStore(s.db_path)
         spool = TileSpool(s.spool_dir)
-        self.pipeline = PipelineWorker(self.engine, self.store, s.batch_size, self.notify)
+        self.pipeline = PipelineWorker(self.engine, self.store, s.batch_size, self.notify, s.cases_dir)
         self.pipeline.start()
         self.receiver = CaseReceiver(spool, self.store, self.pipeline, self.engine.description, self.notify)
         if self.serve_api:

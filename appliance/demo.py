@@ -67,7 +67,7 @@ def run_demo(settings: Settings, *, case_path: Path = DEMO_CASE, tile_size: int 
             elif kind == "early-positive":
                 out.write(f"\nEARLY POSITIVE after {data['tiles']} tiles: top-k mean {data['score']:.3f} "
                           f"passed the threshold (final: suspicious)\n")
-            elif kind in ("ready", "api", "case-started", "case-ended", "finished", "error", "failed"):
+            elif kind in ("ready", "api", "case-started", "case-ended", "finished", "outputs", "error", "failed"):
                 out.write(f"[{kind}] " + ", ".join(f"{k}={v}" for k, v in data.items() if k != "model") + "\n")
             out.flush()
 
@@ -81,6 +81,8 @@ def run_demo(settings: Settings, *, case_path: Path = DEMO_CASE, tile_size: int 
         sent = emulator.run()
         progress = daemon.wait_case(case_id, timeout)
         bar.close()
+        if progress is not None:
+            progress.outputs_done.wait(timeout)
         stored = len(daemon.store.tiles(case_id))
         row = daemon.store.get_case(case_id)
     finally:
@@ -95,6 +97,9 @@ def run_demo(settings: Settings, *, case_path: Path = DEMO_CASE, tile_size: int 
         return DemoOutcome(case_id, None, None, sent.tiles_sent, stored, 1)
     r = progress.result
     out.write(format_verdict(r.to_dict(), case_id))
+    if progress.outputs:
+        folder = Path(next(iter(progress.outputs.values()))).parent
+        out.write(f"outputs in {folder}: {', '.join(sorted(progress.outputs))}\n")
     out.write(f"case logged to {settings.db_path} (status {row['status']}, {stored}/{len(tiles)} tiles stored)\n")
     return DemoOutcome(case_id, r.verdict, r.score, sent.tiles_sent, stored, 0)
 
@@ -110,6 +115,8 @@ def format_verdict(result: dict, case_id: str) -> str:
         lines.append(f"early positive call after {result['early_positive_after_tiles']} tiles")
     for reason in result["reasons"]:
         lines.append(f"cannot call: {reason['message']} [{reason['code']}]")
+    for reason in result.get("warnings", []):
+        lines.append(f"warning: {reason['message']} [{reason['code']}]")
     top = result.get("top_patches", [])[:5]
     if top:
         lines.append("tiles that drove the call: " + ", ".join(

@@ -154,17 +154,22 @@ def image_size(path: Path) -> tuple[int, int] | None:
         return None
 
 
-def case_extent(path: Path) -> tuple[int | None, int | None]:
-    """Width and height of a case in pixels (the image, or the union of a folder's tiles); None if unknown."""
+def case_extent(path: Path) -> tuple[int, int, int | None, int | None]:
+    """(origin x, origin y, width, height) of a case in pixels: the image, or the box around a folder's tiles
+    (its top-left tile position is the origin). Width/height are None when unknown."""
     path = Path(path)
     if path.is_file():
         size = image_size(path)
-        return size if size else (None, None)
+        return (0, 0, *size) if size else (0, 0, None, None)
     if path.is_dir():
+        files = tile_files(path)
+        if not files:
+            return 0, 0, None, None
+        ox, oy = min(f[0] for f in files), min(f[1] for f in files)
         w = h = 0
-        for x, y, f in tile_files(path):
+        for x, y, f in files:
             size = image_size(f)
             if size:
-                w, h = max(w, x + size[0]), max(h, y + size[1])
-        return (w or None, h or None)
-    return None, None
+                w, h = max(w, x - ox + size[0]), max(h, y - oy + size[1])
+        return ox, oy, (w or None), (h or None)
+    return 0, 0, None, None

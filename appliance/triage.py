@@ -34,10 +34,10 @@ def triage_path(
     path = Path(path)
     skipped: list[Skipped] = []
     total = count_case_tiles(path, tile_size)
-    width, height = case_extent(path)
+    ox, oy, width, height = case_extent(path)
     workdir = Path(out_dir) / ".work" if out_dir else None
     session = TriageSession(engine, batch_size=batch_size, scanner_mpp=microns_per_pixel, width=width,
-                            height=height, workdir=workdir)
+                            height=height, workdir=workdir, origin=(ox, oy))
     try:
         for n, tile in enumerate(iter_case_tiles(path, tile_size, skipped), 1):
             session.add_tile(tile.x, tile.y, tile.pixels)

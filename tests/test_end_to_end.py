@@ -61,7 +61,7 @@ def test_streamed_case_is_stored_tile_for_tile_and_logged(settings, pty_pair, de
     assert case["tiles_received"] == len(tiles) and case["tiles_expected"] == len(tiles)
     assert case["patches_scored"] == len(progress.result.patches) > 0
     assert case["model_sha256"] == daemon.engine.manifest.digest
-    assert set(case["timings_ms"]) >= {"inference", "tissue", "total"}
+    assert set(case["timings_ms"]) >= {"tissue_qc", "patching", "wait_inference", "total"}
     assert api_case["verdict"] == case["verdict"]
     assert any(kind == "finished" for kind, _ in events)
 

@@ -68,7 +68,8 @@ class TriageResult:
     top_k: int
     qc: dict = field(default_factory=dict)
     warnings: list[Reason] = field(default_factory=list)
-    microns_per_pixel: float = 0.0
+    microns_per_pixel: float = 0.0  # of the mosaic, heatmap and regions (the model's resolution)
+    origin: list[int] = field(default_factory=lambda: [0, 0])  # input pixel position of the mosaic's 0, 0
     research_use_only: bool = True
     notice: str = RESEARCH_USE_NOTICE
 
@@ -98,12 +99,14 @@ class TriageSession:
     final: adding patches can never lower a full top-k mean.
 
     ``scanner_mpp``/``width``/``height`` describe the case in scanner pixels (0/None when unknown);
-    ``workdir`` holds the on-disk mosaic (a temporary folder when not given).
+    ``workdir`` holds the on-disk mosaic (a temporary folder when not given). ``origin`` is the input's
+    top-left (a tile folder cut from a slide need not start at 0, 0): the grid, mosaic, heatmap and output
+    files are anchored there, while patch positions in the result are reported in input pixels.
     """
 
     def __init__(self, engine: Engine, *, batch_size: int = 64, on_event: Event | None = None,
                  scanner_mpp: float | None = None, width: int | None = None, height: int | None = None,
-                 workdir: Path | None = None, qc_limits: QcLimits | None = None):
+                 workdir: Path | None = None, qc_limits: QcLimits | None = None, origin: tuple[int, int] = (0, 0)):
         m = engine.manifest
         self.engine = engine
         self.batch_size = batch_size
@@ -115,6 +118,7 @@ class TriageSession:
         self.patch_threshold = m.decision.patch_threshold
         self.mpp = m.input.microns_per_pixel
         self.scale = scale_factor(scanner_mpp, self.mpp)
+        self.origin = origin
         self.mil = TopKMean(m.decision.top_k)
         self.on_event = on_event or (lambda kind, data: None)
         ref = m.stain.reference
@@ -167,6 +171,10 @@ class TriageSession:
         if x < 0 or y < 0:
             raise InputError(f"tile position ({x}, {y}) is negative")
         t0 = time.perf_counter()
+        x, y = x - self.origin[0], y - self.origin[1]
+        if x < 0 or y < 0:
+            raise InputError(f"tile position ({x + self.origin[0]}, {y + self.origin[1]}) is left of or above "
+                             f"the case origin {self.origin}")
         x, y, px = resample_tile(pixels, x, y, self.scale)
         h, w = px.shape[:2]
         t1 = time.perf_counter()
@@ -240,7 +248,7 @@ class TriageSession:
         for batch_id, probs in (self.scorer.done() if results is None else results):
             for (ppx, ppy, pw, ph), p in zip(self._inflight.pop(batch_id), probs.tolist()):
                 p = round(p, 6)
-                self._scores.append(PatchScore(ppx, ppy, pw, ph, p))
+                self._scores.append(PatchScore(*self._to_input(ppx, ppy, pw, ph), p))
                 self.mil.add(p)
                 self.heatmap.add(ppx, ppy, pw, ph, p)
         self._timings["aggregation"] += (time.perf_counter() - t0) * 1e3
@@ -248,6 +256,13 @@ class TriageSession:
                 and not self.qc.reasons(None)):
             self.early_positive_after_tiles = self.tiles
             self.on_event("early-positive", {"score": self.mil.score, "tiles": self.tiles})
+
+    def _to_input(self, x: int, y: int, w: int, h: int) -> tuple[int, int, int, int]:
+        """Model-resolution case coordinates -> the input's own pixel coordinates."""
+        if self.scale == 1.0:
+            return x + self.origin[0], y + self.origin[1], w, h
+        s = self.scale
+        return round(x / s) + self.origin[0], round(y / s) + self.origin[1], round(w / s), round(h / s)
 
     # ---------------------------------------------------------------------------------------- verdict
     def finish(self) -> TriageResult:
@@ -292,6 +307,7 @@ class TriageSession:
             qc=self.qc.summary(self.stain_reference),
             warnings=warnings,
             microns_per_pixel=self.mpp,
+            origin=list(self.origin),
         )
         self.on_event("finished", {"verdict": verdict, "score": result.score})
         return result
@@ -324,6 +340,10 @@ class TriageSession:
     def close(self) -> None:
         """Remove the mosaic (call after the outputs are written)."""
         self.mosaic.remove()
+        try:
+            self.mosaic.root.parent.rmdir()  # the work folder, when nothing else is in it
+        except OSError:
+            pass
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None

@@ -46,6 +46,7 @@ class TriageSummary(_Closed):
     top_k: int
     qc: dict
     microns_per_pixel: float
+    origin: list[int]
     research_use_only: Literal[True]
     notice: str
     input: str
