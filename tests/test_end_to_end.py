@@ -1,14 +1,18 @@
 """End to end over a real pseudo-terminal: emulator -> pty -> daemon -> spool + SQLite + API."""
 
 import hashlib
+import json
 import os
 
 import httpx
 import numpy as np
 import pytest
+import tifffile
+from PIL import Image
 
 from appliance.daemon import Daemon
 from appliance.demo import case_info_for, run_demo
+from appliance.pipeline.summary import TriageSummary
 from firmware_bridge.emulator import ScannerEmulator, TileToSend
 from firmware_bridge.transport import FdTransport
 from tests.conftest import DEMO_CASE
@@ -77,6 +81,18 @@ def test_demo_command_streams_the_bundled_case(settings, tmp_path):
     assert outcome.tiles_stored == 130  # 2500x2000 in 200 px tiles: 13 x 10
     assert "tiles: 130/130" in text and outcome.verdict.upper() in text
     assert "not for diagnosis" in text.lower()
+    # the case's files, in its own folder, open as what they claim to be
+    folder = settings.cases_dir / outcome.case_id
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        ["overlay.png", "case.ome.tif", "heatmap.ome.tif", "regions.geojson", "summary.json"])
+    summary = json.loads((folder / "summary.json").read_text())
+    TriageSummary.model_validate(summary)
+    assert summary["case_id"] == outcome.case_id and summary["verdict"] == outcome.verdict
+    with tifffile.TiffFile(folder / "case.ome.tif") as tif:
+        assert tif.is_ome and len(tif.series[0].levels) >= 3
+    with Image.open(folder / "overlay.png") as im:
+        im.verify()
+    assert f"outputs in {folder}" in text
 
 
 def test_daemon_rides_through_link_faults_and_reports_them(settings, demo_image, tmp_path):

@@ -68,6 +68,7 @@ class CaseQc:
     _sampled: int = 0
     stain: StainFit | None = None
     stain_error: str | None = None
+    fits: int = 0
 
     def add_tile(self, rgb: np.ndarray, mask: np.ndarray, step: int) -> None:
         """One tile and its low-resolution tissue mask (1/step): exposure, blank, stain pixel sample."""
@@ -94,6 +95,7 @@ class CaseQc:
 
     def fit_stain(self) -> StainFit | None:
         """Fit the case's stains once from the pixels sampled so far (None if not measurable)."""
+        self.fits += 1
         try:
             self.stain = fit_stains(self.stain_pixels(), seed=self.seed)
             self.stain_error = None

@@ -5,7 +5,7 @@ import pytest
 
 from appliance.metrics import binary_metrics, roc_auc, top_k_mean
 from appliance.pipeline.mil import TopKMean
-from appliance.pipeline.patches import cut_patches, grid_starts, pad_to
+from appliance.pipeline.patches import pad_to
 from appliance.pipeline.tissue import saturation, tissue_fraction
 
 
@@ -26,27 +26,15 @@ def test_tissue_fraction_separates_glass_from_stain():
     assert tissue_fraction(half) == pytest.approx(0.5)
 
 
-def test_grid_starts_cover_every_pixel_once_per_stride():
-    assert grid_starts(50, 50, 50) == [0]
-    assert grid_starts(35, 50, 50) == [0]
-    assert grid_starts(220, 50, 50) == [0, 50, 100, 150, 200]
-    assert grid_starts(120, 50, 25) == [0, 25, 50, 75]
-    assert grid_starts(0, 50, 50) == []
-
-
-def test_cut_patches_pads_edges_with_glass_and_keeps_positions():
-    tile = np.random.default_rng(0).integers(0, 255, (120, 70, 3), dtype=np.uint8)
-    patches = cut_patches(tile, 1000, 2000, 50, 50, 255)
-    assert [(p.x, p.y, p.w, p.h) for p in patches] == [
-        (1000, 2000, 50, 50), (1050, 2000, 20, 50),
-        (1000, 2050, 50, 50), (1050, 2050, 20, 50),
-        (1000, 2100, 50, 20), (1050, 2100, 20, 20),
-    ]
-    last = patches[-1].pixels
-    assert last.shape == (50, 50, 3)
-    assert np.array_equal(last[:20, :20], tile[100:120, 50:70])
-    assert (last[20:] == 255).all() and (last[:, 20:] == 255).all()
-    assert pad_to(tile[:50, :50], 50, 0) is not None
+def test_edge_patches_are_padded_with_glass():
+    tile = np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8)
+    out = pad_to(tile, 50, 255)
+    assert out.shape == (50, 50, 3)
+    assert np.array_equal(out[:20, :30], tile)
+    assert (out[20:] == 255).all() and (out[:, 30:] == 255).all()
+    full = tile[:20, :20]
+    assert pad_to(np.ascontiguousarray(np.zeros((50, 50, 3), np.uint8)), 50, 255).max() == 0
+    assert pad_to(full, 20, 0) is full
 
 
 def test_top_k_mean_never_falls_once_full():

@@ -1,0 +1,270 @@
+"""Workload R1: the largest core-needle biopsy of the SRS-MIL study, 1,197 tiles of 450x450 RGB, end to end.
+
+The tiles are real H&E tissue at the model's own resolution: the complete IDC slides in ../shared/data are
+reassembled from their 50x50 patches, mostly-tissue 450x450 windows are cut from them, and the windows
+are repeated under the 8 flips/rotations until there are 1,197 tiles (about 81 model patches each). They
+are written once as a PNG tile folder (bench/results/r1-tiles/, git-ignored) and read back as files.
+
+In one run, on the same tiles and patches:
+  (a) the appliance pipeline end to end from files (`triage_path`: read, tissue/QC, patch grid, async
+      OpenVINO INT8, MIL, heatmap), in a child process so its peak RSS is its own; outputs are timed
+      separately (--outputs) because the call does not wait for them;
+  (b) the ceiling: OpenVINO INT8 on exactly the patches (a) scored, preloaded, batched, async queue;
+  (c) a naive loop: one patch per call, no batching, no overlap: PyTorch FP32 eager when torch and the
+      build's weights are present, else ONNX Runtime FP32, on a random subset of >= 2,000 of the same
+      patches, extrapolated by rate.
+
+    python bench/r1.py [--json bench/results/r1.json] [--outputs] [--naive-patches 2000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import multiprocessing as mp
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+DATA = ROOT.parent / "shared" / "data" / "idc_breast_histopathology"
+TILES = 1197
+TILE = 450
+CACHE = ROOT / "bench" / "results" / "r1-tiles"
+MODEL_DIR = ROOT / "models" / "idc-resnet"
+
+
+# ------------------------------------------------------------------------------------------- workload
+def complete_slides(data: Path):
+    """Yield (patient, slide image) for each complete-slide patient, rebuilt from its patches."""
+    import numpy as np
+    from PIL import Image
+
+    rows = [r for r in csv.DictReader(open(data / "manifest.csv")) if r["complete_patient"] in ("1", "true", "True")]
+    by = {}
+    for r in rows:
+        by.setdefault(r["patient_id"], []).append(r)
+    for pid in sorted(by):
+        rs = by[pid]
+        w = max(int(r["x"]) for r in rs) + 50
+        h = max(int(r["y"]) for r in rs) + 50
+        img = np.full((h, w, 3), 255, np.uint8)
+        for r in rs:
+            with Image.open(data / r["relpath"]) as im:
+                a = np.asarray(im.convert("RGB"))
+            img[int(r["y"]) : int(r["y"]) + a.shape[0], int(r["x"]) : int(r["x"]) + a.shape[1]] = a
+        yield pid, img
+
+
+def build_tiles(data: Path, out: Path, n: int = TILES, min_tissue: float = 0.6) -> list[Path]:
+    import numpy as np
+    from PIL import Image
+
+    from appliance.pipeline.tissue import tissue_mask
+
+    windows = []
+    for _pid, img in complete_slides(data):
+        for y in range(0, img.shape[0] - TILE + 1, TILE // 2):
+            for x in range(0, img.shape[1] - TILE + 1, TILE // 2):
+                win = img[y : y + TILE, x : x + TILE]
+                if tissue_mask(win).mean() >= min_tissue:
+                    windows.append(win.copy())
+    if not windows:
+        raise SystemExit(f"no tissue windows found in {data}")
+    variants = [lambda a, k=k, f=f: np.rot90(np.fliplr(a) if f else a, k) for f in (0, 1) for k in range(4)]
+    out.mkdir(parents=True, exist_ok=True)
+    cols = int(np.ceil(np.sqrt(n)))
+    paths = []
+    for i in range(n):
+        tile = np.ascontiguousarray(variants[(i // len(windows)) % 8](windows[i % len(windows)]))
+        x, y = (i % cols) * TILE, (i // cols) * TILE
+        p = out / f"r1_x{x}_y{y}.png"
+        Image.fromarray(tile).save(p, compress_level=1)
+        paths.append(p)
+    (out / "DONE").write_text(json.dumps({"tiles": n, "windows": len(windows)}))
+    return paths
+
+
+def r1_tiles(data: Path) -> Path:
+    done = CACHE / "DONE"
+    if not done.exists() or json.loads(done.read_text())["tiles"] != TILES:
+        print(f"building R1 tiles from the complete slides in {data} (once) ...", flush=True)
+        t0 = time.perf_counter()
+        build_tiles(data, CACHE)
+        print(f"  {TILES} tiles in {time.perf_counter() - t0:.0f} s -> {CACHE}", flush=True)
+    return CACHE
+
+
+# ------------------------------------------------------------------------------------------------- (a)
+def _pipeline_child(folder: str, outputs: bool, q) -> None:
+    from appliance.engine import load_engine
+    from appliance.triage import triage_path
+
+    engine = load_engine(MODEL_DIR, "openvino")
+    out_dir = Path(folder).parent / "r1-out" if outputs else None
+    t0 = time.perf_counter()
+    res = triage_path(engine, Path(folder), tile_size=TILE, batch_size=256, out_dir=out_dir)
+    wall = time.perf_counter() - t0
+    q.put({"wall_s": wall, "verdict": res["verdict"], "score": res["score"], "tiles": res["tiles"],
+           "patches": [(p["x"], p["y"]) for p in res["patches"]], "timings_ms": res["timings_ms"],
+           "early_positive_after_tiles": res["early_positive_after_tiles"],
+           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+
+
+def run_pipeline(folder: Path, outputs: bool) -> dict:
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_pipeline_child, args=(str(folder), outputs, q))
+    p.start()
+    res = q.get()
+    p.join()
+    return res
+
+
+# ------------------------------------------------------------------------------------------ (b), (c)
+def gather_patches(folder: Path, positions):
+    import numpy as np
+
+    from appliance.sources import read_image
+
+    out = np.empty((len(positions), 50, 50, 3), np.uint8)
+    by_tile = {}
+    for i, (x, y) in enumerate(positions):
+        by_tile.setdefault((x // TILE * TILE, y // TILE * TILE), []).append((i, x, y))
+    for (tx, ty), items in by_tile.items():
+        img = read_image(folder / f"r1_x{tx}_y{ty}.png")
+        for i, x, y in items:
+            out[i] = img[y - ty : y - ty + 50, x - tx : x - tx + 50]
+    return out
+
+
+def ceiling(patches, batch: int = 256) -> float:
+    """Pure OpenVINO INT8 on preloaded patches: async queue, 2 jobs, same engine settings as the pipeline."""
+    from appliance.engine import load_engine
+
+    engine = load_engine(MODEL_DIR, "openvino")
+    scorer = engine.scorer()
+    scorer.submit(patches[:batch], -1)
+    scorer.wait()
+    t0 = time.perf_counter()
+    for i in range(0, len(patches), batch):
+        scorer.submit(patches[i : i + batch], i)
+        scorer.done()
+    scorer.wait()
+    return time.perf_counter() - t0
+
+
+def naive(patches, n: int, seed: int = 0) -> tuple[str, float, int]:
+    """One patch per call; returns (engine, seconds per patch, patches timed)."""
+    import numpy as np
+
+    idx = np.random.default_rng(seed).choice(len(patches), min(n, len(patches)), replace=False)
+    sample = patches[idx]
+    torch_model = _torch_model()
+    if torch_model is not None:
+        import torch
+
+        with torch.inference_mode():
+            torch_model(torch.from_numpy(sample[:1]))
+            t0 = time.perf_counter()
+            for p in sample:
+                torch_model(torch.from_numpy(p[None]))
+        return "pytorch-eager-fp32", (time.perf_counter() - t0) / len(sample), len(sample)
+    from appliance.engine import load_engine
+
+    engine = load_engine(MODEL_DIR, "onnxruntime")
+    engine.infer(sample[:1])
+    t0 = time.perf_counter()
+    for p in sample:
+        engine.infer(p[None])
+    return "onnxruntime-fp32", (time.perf_counter() - t0) / len(sample), len(sample)
+
+
+def _torch_model():
+    """The shipped network in PyTorch, if torch and the build's weights (models/idc-resnet/work) exist."""
+    ck = MODEL_DIR / "work" / "model.pt"
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return None
+    if not ck.exists():
+        return None
+    sys.path.insert(0, str(ROOT / "models" / "tools"))
+    import build_idc_model as b
+
+    state = torch.load(ck, map_location="cpu")
+    model = b.build_model(state["mean"], state["std"], tta=state["tta"])
+    model.load_state_dict(state["model"])
+    return model.eval()
+
+
+# ------------------------------------------------------------------------------------------------ main
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=DATA)
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--outputs", action="store_true", help="also write the case's output files in (a), timed")
+    ap.add_argument("--naive-patches", type=int, default=2000)
+    args = ap.parse_args(argv)
+    folder = r1_tiles(args.data)
+
+    print("(a) appliance pipeline, end to end from files ...", flush=True)
+    a = run_pipeline(folder, args.outputs)
+    n_patches = len(a["patches"])
+    print(f"    {a['wall_s']:.1f} s, {n_patches} tissue patches, verdict {a['verdict']}", flush=True)
+    print("(b) OpenVINO INT8 alone on the same patches ...", flush=True)
+    patches = gather_patches(folder, a["patches"])
+    b_s = ceiling(patches)
+    print(f"    {b_s:.1f} s", flush=True)
+    print(f"(c) naive one-patch-per-call loop on {args.naive_patches} of the same patches ...", flush=True)
+    c_engine, c_per, c_n = naive(patches, args.naive_patches)
+    c_s = c_per * n_patches
+
+    out_ms = a["timings_ms"].get("outputs")
+    res = {
+        "workload": {"tiles": TILES, "tile_px": TILE, "patches_scored": n_patches,
+                     "patches_per_tile": round(n_patches / TILES, 1)},
+        "wall_s": round(a["wall_s"], 2),
+        "tiles_per_s": round(TILES / a["wall_s"], 1),
+        "ceiling_s": round(b_s, 2),
+        "ceiling_ratio": round(b_s / a["wall_s"], 3),
+        "naive_engine": c_engine,
+        "naive_patches_timed": c_n,
+        "naive_s_extrapolated": round(c_s, 1),
+        "naive_ratio": round(c_s / a["wall_s"], 1),
+        "peak_rss_mb": round(a["peak_rss_mb"], 1),
+        "outputs_s": round(out_ms / 1e3, 2) if out_ms is not None else None,
+        "verdict": a["verdict"],
+        "pipeline_timings_ms": a["timings_ms"],
+        "machine": {"python": platform.python_version(), "cpus": mp.cpu_count(), "processor": platform.processor()},
+    }
+    rows = [
+        ("(a) pipeline end to end", f"{a['wall_s']:.1f} s", f"{TILES / a['wall_s']:.1f} tiles/s",
+         f"{n_patches / a['wall_s']:.0f} patches/s"),
+        ("(b) OpenVINO INT8 only", f"{b_s:.1f} s", f"{TILES / b_s:.1f} tiles/s", f"{n_patches / b_s:.0f} patches/s"),
+        (f"(c) naive, {c_engine}", f"{c_s:.1f} s (extrap.)", f"{TILES / c_s:.2f} tiles/s", f"{1 / c_per:.0f} patches/s"),
+    ]
+    print()
+    print(f"R1: {TILES} tiles of {TILE}x{TILE}, {n_patches} tissue patches ({n_patches / TILES:.1f}/tile)")
+    for r in rows:
+        print(f"  {r[0]:<34} {r[1]:>18} {r[2]:>16} {r[3]:>16}")
+    print(f"  ceiling ratio a/b (b time / a time): {res['ceiling_ratio']:.3f}   target >= 0.8")
+    print(f"  naive ratio (c time / a time):       {res['naive_ratio']:.1f}x   target >= 10")
+    print(f"  end to end:                          {a['wall_s']:.1f} s   target < 30 s")
+    print(f"  peak RSS of (a):                     {res['peak_rss_mb']:.0f} MB   target < 1024 MB")
+    if out_ms is not None:
+        print(f"  outputs (overlay, 2 OME-TIFF pyramids, GeoJSON, summary), inside (a): {out_ms / 1e3:.1f} s")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(res, indent=1))
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

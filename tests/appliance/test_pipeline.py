@@ -1,0 +1,313 @@
+"""The streaming triage pipeline on real data with the real model: outputs a lab opens, QC calls, early
+positive finality, patch grid across unaligned and overlapping tiles, resampling, heatmap and regions."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import tifffile
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from appliance.pipeline import TriageSession
+from appliance.pipeline.grid import PatchGrid
+from appliance.pipeline.heatmap import Heatmap, regions, ring_area
+from appliance.pipeline.mil import TopKMean
+from appliance.pipeline.mosaic import ChunkedMosaic
+from appliance.pipeline.patches import pad_to
+from appliance.pipeline.resample import resample_tile, scale_factor
+from appliance.pipeline.summary import TriageSummary
+from appliance.pipeline.tissue import close, tissue_mask
+from appliance.sources import tiles_from_image
+from appliance.triage import triage_path
+from tests.conftest import DEMO_CASE, MODEL_DIR
+
+
+def run_session(engine, image, tile=200, **kw):
+    session = TriageSession(engine, height=image.shape[0], width=image.shape[1], **kw)
+    try:
+        for t in tiles_from_image(image, tile):
+            session.add_tile(t.x, t.y, np.ascontiguousarray(t.pixels))
+        return session.finish()
+    finally:
+        session.close()
+
+
+def gaussian_blur(img: np.ndarray, sigma: float) -> np.ndarray:
+    r = int(3 * sigma)
+    k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
+    k /= k.sum()
+    f = np.pad(img.astype(np.float32), ((r, r), (r, r), (0, 0)), mode="edge")
+    f = sum(k[i] * f[i : i + img.shape[0]] for i in range(2 * r + 1))
+    f = sum(k[i] * f[:, i : i + img.shape[1]] for i in range(2 * r + 1))
+    return np.clip(f + 0.5, 0, 255).astype(np.uint8)
+
+
+# ------------------------------------------------------------------------------------------ outputs
+def test_demo_case_outputs_open_in_the_tools_a_lab_uses(ov_engine, tmp_path):
+    out = tmp_path / "out"
+    result = triage_path(ov_engine, DEMO_CASE, out_dir=out)
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["overlay.png", "case.ome.tif", "heatmap.ome.tif", "regions.geojson", "summary.json"])
+
+    with Image.open(out / "overlay.png") as im:
+        im.load()
+        assert im.mode == "RGB" and im.width >= 500 and im.height >= 300
+        pixels = np.asarray(im)
+    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 100  # a picture, not a blank
+
+    for name in ("case.ome.tif", "heatmap.ome.tif"):
+        with tifffile.TiffFile(out / name) as tif:
+            assert tif.is_ome
+            series = tif.series[0]
+            assert series.is_pyramidal and len(series.levels) >= 3
+            assert series.levels[0].shape == (2000, 2500, 3)
+            assert all(lv.keyframe.is_tiled and lv.keyframe.tilewidth == 256 for lv in series.levels)
+            assert [lv.shape[0] for lv in series.levels[:3]] == [2000, 1000, 500]
+            assert "PhysicalSizeX=\"4.0\"" in tif.ome_metadata
+    level0 = tifffile.imread(out / "case.ome.tif", series=0, level=0)
+    assert np.array_equal(level0, tifffile.imread(DEMO_CASE))  # the mosaic is the case, pixel for pixel
+
+    geo = json.loads((out / "regions.geojson").read_text())
+    assert geo["type"] == "FeatureCollection" and geo["features"]
+    for f in geo["features"]:
+        assert f["type"] == "Feature" and f["geometry"]["type"] == "Polygon"
+        rings = f["geometry"]["coordinates"]
+        assert all(r[0] == r[-1] and len(r) >= 5 for r in rings)
+        assert ring_area([tuple(p) for p in rings[0]]) > 0  # exterior counter-clockwise (RFC 7946)
+        assert f["properties"]["max_probability"] >= ov_engine.manifest.decision.patch_threshold
+
+    summary = json.loads((out / "summary.json").read_text())
+    TriageSummary.model_validate(summary)
+    assert summary["verdict"] == result["verdict"] == "suspicious"
+    assert summary["research_use_only"] is True and "not for diagnosis" in summary["notice"].lower()
+
+
+def test_triage_cli_out_dir_and_json_agree(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "appliance.cli", "triage", str(DEMO_CASE), "--out",
+                           str(tmp_path / "o"), "--json", str(tmp_path / "r.json")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    a = json.loads((tmp_path / "r.json").read_text())
+    b = json.loads((tmp_path / "o" / "summary.json").read_text())
+    TriageSummary.model_validate(a)
+    assert {k: v for k, v in b.items() if k not in ("case_id", "outputs", "timings_ms")} == \
+        {k: v for k, v in a.items() if k not in ("case_id", "outputs", "timings_ms")}
+    bad = subprocess.run([sys.executable, "-m", "appliance.cli", "triage", str(DEMO_CASE)],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "--json" in bad.stderr
+
+
+# ------------------------------------------------------------------------------------------ verdicts
+def test_real_tumour_case_is_called_suspicious_early(ov_engine, demo_image):
+    events = []
+    r = run_session(ov_engine, demo_image, on_event=lambda k, d: events.append((k, d)))
+    assert r.verdict == "suspicious" and not r.reasons
+    assert r.early_positive and r.early_positive_after_tiles < r.tiles
+    kinds = [k for k, _ in events]
+    assert kinds.index("early-positive") < kinds.index("finished")
+    assert r.qc["out_of_focus_fraction"] < 0.1 and r.qc["stain_angles_deg"] is not None
+
+
+def test_blank_case_cannot_be_called(ov_engine):
+    glass = np.full((600, 800, 3), 236, dtype=np.uint8)
+    r = run_session(ov_engine, glass)
+    assert r.verdict == "cannot-call"
+    assert [x.code for x in r.reasons] == ["no-tissue"]
+    assert r.qc["blank_tiles"] == r.tiles == 12
+
+
+def test_blurred_copy_of_a_real_case_cannot_be_called_out_of_focus(ov_engine, demo_image):
+    r = run_session(ov_engine, gaussian_blur(demo_image, 2.0))
+    assert r.verdict == "cannot-call" and not r.early_positive
+    codes = [x.code for x in r.reasons]
+    assert "out-of-focus" in codes
+    msg = next(x.message for x in r.reasons if x.code == "out-of-focus")
+    assert msg.startswith("Rescan: out of focus in") and "% of tissue" in msg
+
+
+def test_wrong_stain_colours_cannot_be_called(ov_engine, demo_image):
+    swapped = np.ascontiguousarray(demo_image[..., ::-1])  # blue/red swapped: not H&E any more
+    r = run_session(ov_engine, swapped)
+    assert r.verdict == "cannot-call"
+    assert "stain-out-of-range" in [x.code for x in r.reasons]
+
+
+def test_over_exposed_case_cannot_be_called(ov_engine, demo_image):
+    bright = np.clip(demo_image.astype(np.int16) + 70, 0, 255).astype(np.uint8)
+    bright[..., 0] = 255  # red channel clipped everywhere
+    r = run_session(ov_engine, bright)
+    assert r.verdict == "cannot-call"
+    assert "over-exposed" in [x.code for x in r.reasons]
+
+
+def test_early_call_is_final_whatever_follows(ov_engine, demo_image):
+    session = TriageSession(ov_engine)
+    try:
+        tiles = list(tiles_from_image(demo_image, 200))
+        for t in tiles:
+            session.add_tile(t.x, t.y, np.ascontiguousarray(t.pixels))
+            if session.early_positive:
+                break
+        assert session.early_positive
+        called_at = session.score
+        # then a long run of blank glass and blurred tissue below the case
+        blur = gaussian_blur(demo_image, 3.0)
+        for i, t in enumerate(tiles_from_image(blur, 200)):
+            session.add_tile(t.x, 2000 + t.y, np.ascontiguousarray(t.pixels))
+            session.add_tile(3000 + t.x, t.y, np.full((200, 200, 3), 240, np.uint8))
+        r = session.finish()
+    finally:
+        session.close()
+    assert r.verdict == "suspicious" and r.early_positive and r.score >= called_at
+    assert "out-of-focus" in [w.code for w in r.warnings]  # later QC findings are reported, not a reversal
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 20), st.lists(st.floats(0, 1), min_size=1, max_size=200))
+def test_top_k_mean_never_falls_once_full(k, probs):
+    mil = TopKMean(k)
+    last = None
+    for p in probs:
+        mil.add(p)
+        if mil.full:
+            assert last is None or mil.score >= last - 1e-12
+            last = mil.score
+
+
+# ------------------------------------------------------------------------------------------ geometry
+def test_unaligned_overlapping_tiles_score_each_grid_patch_once_and_exactly(ov_engine, demo_image):
+    """73-px tiles with a 9-px overlap, arriving out of order: every patch straddling tiles is assembled
+    from the mosaic and must score exactly like the same patch cut from the whole image."""
+    img = demo_image[:600, 500:1200]
+    step, size = 64, 73
+    tiles = [(x, y) for y in range(0, img.shape[0], step) for x in range(0, img.shape[1], step)]
+    order = np.random.default_rng(1).permutation(len(tiles))
+    session = TriageSession(ov_engine, width=img.shape[1], height=img.shape[0], batch_size=32)
+    try:
+        for i in order:
+            x, y = tiles[i]
+            session.add_tile(x, y, np.ascontiguousarray(img[y : y + size, x : x + size]))
+        r = session.finish()
+    finally:
+        session.close()
+    positions = [(p.x, p.y) for p in r.patches]
+    assert len(positions) == len(set(positions)) > 50
+    assert all(x % 50 == 0 and y % 50 == 0 for x, y in positions)
+    direct = np.stack([pad_to(img[p.y : p.y + 50, p.x : p.x + 50], 50, 255) for p in r.patches])
+    expected = ov_engine.infer(direct)
+    assert np.allclose([p.probability for p in r.patches], expected, atol=1e-5)
+
+
+def test_patch_grid_reports_straddling_patches_when_complete():
+    g = PatchGrid(50, 50, width=120, height=50)
+    inside, done = g.add_tile(0, 0, 75, 50)
+    assert inside == [(0, 0)] and done == [] and g.pending == 1  # (1, 0) needs the next tile
+    inside, done = g.add_tile(75, 0, 45, 50)
+    assert done == [(1, 0)] and inside == [(2, 0)] and g.pending == 0
+    assert g.extent(2, 0) == (100, 0, 20, 50)  # the 20-px edge patch, clipped to the case
+    assert g.add_tile(0, 0, 120, 50) == ([], [])  # a rescanned tile scores nothing twice
+    open_ended = PatchGrid(50, 50)
+    open_ended.add_tile(0, 0, 75, 50)
+    assert open_ended.drain() == [(1, 0)]  # at the end, the partial patch is flushed once
+    assert open_ended.drain() == []
+
+
+def test_resampling_is_seamless_and_preserves_colour():
+    assert scale_factor(None, 4.0) == 1.0 and scale_factor(4.02, 4.0) == 1.0
+    s = scale_factor(2.0, 4.0)
+    assert s == 0.5
+    tile = np.zeros((100, 100, 3), np.uint8)
+    tile[::2, ::2] = 200
+    tile[1::2, 1::2] = 200  # checkerboard -> flat grey when halved
+    x, y, out = resample_tile(tile, 100, 300, s)
+    assert (x, y) == (50, 150) and out.shape == (50, 50, 3)
+    assert np.all(np.abs(out.astype(int) - 100) <= 1)
+    # odd sizes: tiles side by side land side by side
+    xs = [resample_tile(np.zeros((10, w, 3), np.uint8), x0, 0, 1 / 3) for x0, w in ((0, 31), (31, 29), (60, 33))]
+    spans = [(x0, o.shape[1]) for x0, _, o in xs]
+    assert all(a[0] + a[1] == b[0] for a, b in zip(spans, spans[1:]))
+
+
+def test_session_resamples_a_finer_scan_to_the_model_resolution(ov_engine, demo_image):
+    crop = demo_image[:400, 600:1000]
+    fine = np.repeat(np.repeat(crop, 2, axis=0), 2, axis=1)  # the same tissue "scanned" at 2 um/px
+    r_fine = run_session(ov_engine, fine, tile=256, scanner_mpp=2.0)
+    r_model = run_session(ov_engine, crop, tile=128)
+    a = {(p.x // 2, p.y // 2): p.probability for p in r_fine.patches}
+    b = {(p.x, p.y): p.probability for p in r_model.patches}
+    assert a.keys() == b.keys()
+    assert np.allclose([a[k] for k in b], [b[k] for k in b], atol=1e-4)
+
+
+def test_tissue_mask_closing_fills_pale_gaps():
+    m = np.zeros((20, 20), bool)
+    m[5:15, 5:15] = True
+    m[9:11, 9:11] = False  # a 2x2 pale hole inside tissue
+    assert close(m, 5)[9:11, 9:11].all()
+    rgb = np.full((40, 40, 3), 240, np.uint8)
+    rgb[10:30, 10:30] = (150, 60, 140)
+    rgb[18:22, 18:22] = 235
+    assert tissue_mask(rgb)[9:11, 9:11].all()
+
+
+def test_mosaic_reads_back_across_chunks_and_halves(tmp_path):
+    mos = ChunkedMosaic(tmp_path / "m", chunk=64)
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 255, (150, 170, 3), dtype=np.uint8)
+    for y in range(0, 150, 40):
+        for x in range(0, 170, 55):
+            mos.write(x, y, img[y : y + 40, x : x + 55])
+    assert (mos.width, mos.height) == (170, 150)
+    assert np.array_equal(mos.read(0, 0, 170, 150), img)
+    assert np.array_equal(mos.read(160, 140, 20, 20)[10:, 10:], np.full((10, 10, 3), 255, np.uint8))
+    half = mos.downsample2(tmp_path / "h")
+    expect = img[:150, :170].reshape(75, 2, 85, 2, 3).astype(np.uint16).sum(axis=(1, 3)) + 2 >> 2
+    assert np.array_equal(half.read(0, 0, 85, 75), expect.astype(np.uint8))
+
+
+def test_heatmap_averages_overlapping_patches_and_traces_regions():
+    h = Heatmap(size=50, stride=25, width=100, height=50)
+    h.add(0, 0, 50, 50, 0.2)
+    h.add(25, 0, 50, 50, 0.6)
+    avg = h.average()
+    assert avg.shape == (2, 3)
+    assert np.allclose(avg[0], [0.2, 0.4, 0.6])
+    heat = np.full((6, 7), np.nan, np.float32)
+    block = np.zeros((6, 7), bool)
+    block[1:5, 1:6] = True
+    block[2, 3] = False
+    heat[block] = 0.9
+    feats = regions(heat, 0.5, 25)
+    assert len(feats) == 1
+    rings = feats[0]["geometry"]["coordinates"]
+    assert len(rings) == 2 and ring_area([tuple(p) for p in rings[1]]) < 0  # one hole, clockwise
+    assert feats[0]["properties"]["cells"] == 19
+    assert regions(heat, 0.5, 25, min_cells=20) == []
+
+
+def test_manifest_asking_for_macenko_normalises_with_one_fit_per_case(tmp_path, demo_image):
+    from appliance.engine import load_engine
+
+    model = tmp_path / "model"
+    shutil.copytree(MODEL_DIR, model)
+    manifest = json.loads((model / "manifest.json").read_text())
+    assert manifest["stain"]["reference"], "the committed model must carry a stain reference"
+    manifest["stain"]["normalisation"] = "macenko"
+    (model / "manifest.json").write_text(json.dumps(manifest))
+    engine = load_engine(model, "openvino")
+    session = TriageSession(engine, width=1000, height=600)
+    try:
+        for t in tiles_from_image(demo_image[:600, 400:1400], 200):
+            session.add_tile(t.x, t.y, np.ascontiguousarray(t.pixels))
+        r = session.finish()
+    finally:
+        session.close()
+    assert r.verdict in ("suspicious", "benign-appearing") and r.patches
+    assert r.qc["stain"] is not None and session.qc.fits == 1  # fitted once per case
+    assert session._stain_map is not None and not np.allclose(session._stain_map, np.eye(3))
