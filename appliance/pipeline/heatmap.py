@@ -76,8 +76,9 @@ class Thumbnail:
         ny, nx = (h - oy) // c, (w - ox) // c
         if ny <= 0 or nx <= 0:
             return
-        block = pixels[oy : oy + ny * c, ox : ox + nx * c].reshape(ny, c, nx, c, 3)
-        means = block.mean(axis=(1, 3), dtype=np.float32)
+        # sum the c rows of each block row first (contiguous adds), then the c columns
+        rows = pixels[oy : oy + ny * c, ox : ox + nx * c].reshape(ny, c, nx * c * 3).sum(axis=1, dtype=np.uint32)
+        means = rows.reshape(ny, nx, c, 3).sum(axis=2, dtype=np.uint32).astype(np.float32) / (c * c)
         r0, c0 = (y + oy) // c, (x + ox) // c
         self._img.ensure(r0 + ny, c0 + nx)[r0 : r0 + ny, c0 : c0 + nx] = (means + 0.5).astype(np.uint8)
         self.rows, self.cols = max(self.rows, r0 + ny), max(self.cols, c0 + nx)

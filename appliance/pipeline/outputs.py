@@ -12,7 +12,7 @@ import numpy as np
 
 from .. import RESEARCH_USE_NOTICE
 from .heatmap import Heatmap, Thumbnail, regions
-from .mosaic import ChunkedMosaic
+from .mosaic import Mosaic
 from .summary import validated
 
 OME_TILE = 256
@@ -97,7 +97,7 @@ def _levels(width: int, height: int) -> int:
     return max(n, 3)
 
 
-def write_pyramid(path: Path, level0: ChunkedMosaic, mpp: float, workdir: Path, name: str) -> int:
+def write_pyramid(path: Path, level0: Mosaic, mpp: float, workdir: Path, name: str) -> int:
     """Pyramidal, tiled OME-TIFF (SubIFDs for the reduced levels) streamed chunk by chunk; returns levels."""
     import tifffile
 
@@ -126,12 +126,12 @@ def write_pyramid(path: Path, level0: ChunkedMosaic, mpp: float, workdir: Path, 
     return n
 
 
-def heatmap_mosaic(heat: np.ndarray, cell: int, width: int, height: int, root: Path) -> ChunkedMosaic:
+def heatmap_mosaic(heat: np.ndarray, cell: int, width: int, height: int, root: Path) -> Mosaic:
     """The heatmap as a full-resolution colour image aligned with case.ome.tif (glass where not scored)."""
-    out = ChunkedMosaic(root)
+    out = Mosaic(root)
     rgb = colormap(heat)
     rgb[np.isnan(heat)] = 255
-    band = max(1, out.chunk // cell)
+    band = max(1, 512 // cell)
     for r0 in range(0, heat.shape[0], band):
         strip = np.repeat(np.repeat(rgb[r0:r0 + band], cell, axis=0), cell, axis=1)
         out.write(0, r0 * cell, strip[: max(0, height - r0 * cell), :width])
@@ -141,7 +141,7 @@ def heatmap_mosaic(heat: np.ndarray, cell: int, width: int, height: int, root: P
 
 # ---------------------------------------------------------------------------------------------- all
 def write_outputs(out_dir: Path, case_id: str, summary: dict, *, heatmap: Heatmap, thumbnail: Thumbnail,
-                  mosaic: ChunkedMosaic, patch_threshold: float, min_region_cells: int = 1) -> dict[str, str]:
+                  mosaic: Mosaic, patch_threshold: float, min_region_cells: int = 1) -> dict[str, str]:
     """Write the case's files into ``out_dir``; returns {name: path}. ``summary`` follows TriageSummary."""
     result = summary
     out_dir = Path(out_dir)

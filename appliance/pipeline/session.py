@@ -24,7 +24,7 @@ from ..errors import InputError
 from .grid import PatchGrid
 from .heatmap import Heatmap, Thumbnail
 from .mil import TopKMean
-from .mosaic import ChunkedMosaic
+from .mosaic import Mosaic
 from .outputs import write_outputs
 from .patches import pad_to
 from .qc import CaseQc, QcLimits, Reason, laplacian_variance
@@ -37,7 +37,6 @@ BENIGN = "benign-appearing"
 CANNOT_CALL = "cannot-call"
 VERDICTS = (SUSPICIOUS, BENIGN, CANNOT_CALL)
 THUMBNAIL_CELL = 10  # model pixels per thumbnail pixel
-STAIN_FIT_PIXELS = 50_000  # tissue pixels sampled before the case's stains are fitted (when normalising)
 
 __all__ = ["BENIGN", "CANNOT_CALL", "SUSPICIOUS", "VERDICTS", "PatchScore", "Reason", "TriageResult",
            "TriageSession"]
@@ -135,7 +134,7 @@ class TriageSession:
         if workdir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="triage-mosaic-")
             workdir = Path(self._tmp.name)
-        self.mosaic = ChunkedMosaic(Path(workdir) / "mosaic")
+        self.mosaic = Mosaic(Path(workdir) / "mosaic")
         self.scorer = engine.scorer()
         self.tiles = 0
         self.patches_seen = 0
@@ -222,9 +221,9 @@ class TriageSession:
         if batch.positions:
             self._held.append(batch)
         if self.normalise and self._stain_map is None:
-            if self.qc._sampled < STAIN_FIT_PIXELS and not final:
+            if not self.qc.ready_to_fit() and not final:
                 return  # keep holding patches until the case's stains can be fitted once
-            fit = self.qc.fit_stain()
+            fit = self.qc.stain if self.qc.stain is not None else self.qc.fit_stain()
             self._stain_map = (normalising_map(fit, self.stain_reference) if fit is not None
                                else np.eye(3, dtype=np.float32))
         held, self._held = self._held, []
@@ -253,7 +252,7 @@ class TriageSession:
                 self.heatmap.add(ppx, ppy, pw, ph, p)
         self._timings["aggregation"] += (time.perf_counter() - t0) * 1e3
         if (not self.early_positive and self.mil.full and self.mil.score >= self.threshold
-                and not self.qc.reasons(None)):
+                and not self.qc.reasons(None) and self.qc.stain_in_range(self.stain_reference)):
             self.early_positive_after_tiles = self.tiles
             self.on_event("early-positive", {"score": self.mil.score, "tiles": self.tiles})
 

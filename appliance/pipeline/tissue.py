@@ -29,14 +29,15 @@ def saturation(rgb: np.ndarray) -> np.ndarray:
 def _shift_reduce(mask: np.ndarray, k: int, op) -> np.ndarray:
     """Apply ``op`` (np.logical_or / np.logical_and) over a k x k square, separably, edges replicated."""
     r = k // 2
-    out = mask
-    for axis in (0, 1):
-        padded = np.pad(out, [(r, r) if a == axis else (0, 0) for a in range(2)], mode="edge")
-        n = out.shape[axis]
-        acc = np.take(padded, range(0, n), axis=axis)
-        for s in range(1, k):
-            acc = op(acc, np.take(padded, range(s, s + n), axis=axis))
-        out = acc
+    h, w = mask.shape
+    p = np.pad(mask, ((r, r), (0, 0)), mode="edge")
+    rows = p[0:h].copy()
+    for s in range(1, k):
+        op(rows, p[s : s + h], out=rows)
+    p = np.pad(rows, ((0, 0), (r, r)), mode="edge")
+    out = p[:, 0:w].copy()
+    for s in range(1, k):
+        op(out, p[:, s : s + w], out=out)
     return out
 
 

@@ -15,7 +15,7 @@ from appliance.pipeline import TriageSession
 from appliance.pipeline.grid import PatchGrid
 from appliance.pipeline.heatmap import Heatmap, regions, ring_area
 from appliance.pipeline.mil import TopKMean
-from appliance.pipeline.mosaic import ChunkedMosaic
+from appliance.pipeline.mosaic import Mosaic
 from appliance.pipeline.patches import pad_to
 from appliance.pipeline.resample import resample_tile, scale_factor
 from appliance.pipeline.summary import TriageSummary
@@ -257,7 +257,7 @@ def test_tissue_mask_closing_fills_pale_gaps():
 
 
 def test_mosaic_reads_back_across_chunks_and_halves(tmp_path):
-    mos = ChunkedMosaic(tmp_path / "m", chunk=64)
+    mos = Mosaic(tmp_path / "m")
     rng = np.random.default_rng(0)
     img = rng.integers(0, 255, (150, 170, 3), dtype=np.uint8)
     for y in range(0, 150, 40):
