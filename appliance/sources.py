@@ -13,7 +13,7 @@ import numpy as np
 from .errors import InputError
 
 TILE_NAME = re.compile(r"_x(\d+)_y(\d+)")
-IMAGE_SUFFIXES = {".png", ".tif", ".tiff", ".jpg", ".jpeg"}
+IMAGE_SUFFIXES = {".png", ".tif", ".tiff", ".jpg", ".jpeg", ".npy"}
 DEFAULT_TILE_SIZE = 200
 
 
@@ -38,7 +38,12 @@ def read_image(path: Path) -> np.ndarray:
     path = Path(path)
     suffix = path.suffix.lower()
     try:
-        if suffix in (".tif", ".tiff"):
+        if suffix == ".npy":  # raw tiles, e.g. a case's spool folder (var/spool/<case id>)
+            try:
+                arr = np.load(path, allow_pickle=False)
+            except ValueError as exc:
+                raise InputError(f"{path}: not a readable .npy tile ({exc})") from None
+        elif suffix in (".tif", ".tiff"):
             import tifffile
 
             arr = tifffile.imread(path)
@@ -140,6 +145,9 @@ def count_case_tiles(path: Path, tile_size: int = DEFAULT_TILE_SIZE) -> int | No
 def image_size(path: Path) -> tuple[int, int] | None:
     """(width, height) from an image file's header without decoding it; None if unreadable."""
     try:
+        if path.suffix.lower() == ".npy":
+            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+            return int(arr.shape[1]), int(arr.shape[0])
         if path.suffix.lower() in (".tif", ".tiff"):
             import tifffile
 

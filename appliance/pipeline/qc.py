@@ -74,10 +74,9 @@ class CaseQc:
     stain_error: str | None = None
     fits: int = 0
 
-    def add_tile(self, rgb: np.ndarray, mask: np.ndarray, step: int) -> None:
-        """One tile and its low-resolution tissue mask (1/step): exposure, blank, stain pixel sample."""
+    def add_tile(self, sub: np.ndarray, mask: np.ndarray) -> None:
+        """One tile, subsampled, and its tissue mask (same shape): exposure, blank, stain pixel sample."""
         self.tiles += 1
-        sub = rgb[::step, ::step][: mask.shape[0], : mask.shape[1]]
         tissue = sub[mask]
         if len(tissue) == 0:
             self.blank_tiles += 1

@@ -30,7 +30,7 @@ from .patches import pad_to
 from .qc import CaseQc, QcLimits, Reason, laplacian_variance
 from .resample import resample_tile, scale_factor, target_span
 from .stain import StainFit, apply_map, normalising_map
-from .tissue import MASK_STEP, patch_fractions, tissue_mask
+from .tissue import mask_of_subsampled, patch_fractions, subsample, tissue_mask
 
 SUSPICIOUS = "suspicious"
 BENIGN = "benign-appearing"
@@ -103,7 +103,7 @@ class TriageSession:
     files are anchored there, while patch positions in the result are reported in input pixels.
     """
 
-    def __init__(self, engine: Engine, *, batch_size: int = 64, on_event: Event | None = None,
+    def __init__(self, engine: Engine, *, batch_size: int = 128, on_event: Event | None = None,
                  scanner_mpp: float | None = None, width: int | None = None, height: int | None = None,
                  workdir: Path | None = None, qc_limits: QcLimits | None = None, origin: tuple[int, int] = (0, 0)):
         m = engine.manifest
@@ -179,8 +179,9 @@ class TriageSession:
         t1 = time.perf_counter()
         self.mosaic.write(x, y, px)
         t2 = time.perf_counter()
-        mask = tissue_mask(px)
-        self.qc.add_tile(px, mask, MASK_STEP)
+        sub = subsample(px)
+        mask = mask_of_subsampled(sub)
+        self.qc.add_tile(sub, mask)
         self.thumbnail.add(x, y, px)
         inside, completed = self.grid.add_tile(x, y, w, h)
         t3 = time.perf_counter()

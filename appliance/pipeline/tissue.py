@@ -54,14 +54,25 @@ def close(mask: np.ndarray, k: int) -> np.ndarray:
     return erode(dilate(mask, k), k)
 
 
-def tissue_mask(rgb: np.ndarray, threshold: int = SATURATION_THRESHOLD, step: int = MASK_STEP,
-                closing: tuple[int, ...] = CLOSING) -> np.ndarray:
-    """Boolean tissue mask at 1/``step`` resolution: saturation threshold, then closing(s)."""
-    mask = saturation(rgb[::step, ::step]) > threshold
+def subsample(rgb: np.ndarray, step: int = MASK_STEP) -> np.ndarray:
+    """Every ``step``-th pixel of every ``step``-th row, as a contiguous copy (masks and QC work on this)."""
+    return np.ascontiguousarray(rgb[::step, ::step])
+
+
+def mask_of_subsampled(sub: np.ndarray, threshold: int = SATURATION_THRESHOLD,
+                       closing: tuple[int, ...] = CLOSING) -> np.ndarray:
+    """Tissue mask of an already subsampled image: saturation threshold, then closing(s)."""
+    mask = saturation(sub) > threshold
     for k in closing:
         if min(mask.shape) >= k:
             mask = close(mask, k)
     return mask
+
+
+def tissue_mask(rgb: np.ndarray, threshold: int = SATURATION_THRESHOLD, step: int = MASK_STEP,
+                closing: tuple[int, ...] = CLOSING) -> np.ndarray:
+    """Boolean tissue mask at 1/``step`` resolution: saturation threshold, then closing(s)."""
+    return mask_of_subsampled(subsample(rgb, step), threshold, closing)
 
 
 def tissue_fraction(rgb: np.ndarray, threshold: int = SATURATION_THRESHOLD, step: int = MASK_STEP) -> float:
