@@ -53,6 +53,20 @@ class Heatmap:
         self._count.ensure(r1, c1)[r0:r1, c0:c1] += 1
         self.rows, self.cols = max(self.rows, r1), max(self.cols, c1)
 
+    def add_many(self, xs: np.ndarray, ys: np.ndarray, ws: np.ndarray, hs: np.ndarray, probs: np.ndarray) -> None:
+        """Many patches at once; vectorised when each covers a single cell (patch size == stride)."""
+        c = self.cell
+        r0, c0 = ys // c, xs // c
+        single = ((ys + hs + c - 1) // c - r0 == 1) & ((xs + ws + c - 1) // c - c0 == 1)
+        if single.all() and len(xs):
+            r1, c1 = int(r0.max()) + 1, int(c0.max()) + 1
+            np.add.at(self._sum.ensure(r1, c1), (r0, c0), probs)
+            np.add.at(self._count.ensure(r1, c1), (r0, c0), 1)
+            self.rows, self.cols = max(self.rows, r1), max(self.cols, c1)
+            return
+        for x, y, w, h, p in zip(xs.tolist(), ys.tolist(), ws.tolist(), hs.tolist(), probs.tolist()):
+            self.add(x, y, w, h, p)
+
     def average(self) -> np.ndarray:
         """(rows, cols) float32 mean probability per cell; NaN where no patch was scored."""
         s = self._sum.a[: self.rows, : self.cols]

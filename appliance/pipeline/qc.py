@@ -13,7 +13,6 @@ import numpy as np
 from .stain import StainFit, StainFitError, fit_stains
 from .tissue import SATURATION_THRESHOLD
 
-_GREY = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
 @dataclass(frozen=True)
@@ -26,10 +25,11 @@ class Reason:
 
 @dataclass(frozen=True)
 class QcLimits:
-    # Variance of the 4-neighbour Laplacian of grey (0-255) on a 50x50 patch at 4 um/px. On 4,000 random
-    # IDC tissue patches: 1st percentile 783 when sharp; 95th percentile 273 after a Gaussian blur of
-    # sigma 1 px, 65 after sigma 1.5 px. Below 300 a patch counts as out of focus.
-    focus_min: float = 300.0
+    # Variance of the 4-neighbour Laplacian of the green channel (0-255; in H&E green carries most of the
+    # nuclear contrast) on a 50x50 patch at 4 um/px. On 4,000 random IDC tissue patches: 1st percentile 1,219
+    # when sharp; 99th percentile 547 after a Gaussian blur of sigma 1 px, 139 after sigma 1.5 px. Below
+    # 500 a patch counts as out of focus.
+    focus_min: float = 500.0
     max_blurred_fraction: float = 0.30  # of tissue patches
     # Tissue pixels (saturation > 20) with a channel clipped at 255 mean over-exposure.
     max_clipped_fraction: float = 0.30
@@ -44,11 +44,12 @@ class QcLimits:
 
 
 def laplacian_variance(patches: np.ndarray) -> np.ndarray:
-    """Focus measure per patch: variance of the 4-neighbour Laplacian of grey, (N, S, S, 3) -> (N,)."""
-    p = patches.astype(np.float32)
-    g = 0.299 * p[..., 0] + 0.587 * p[..., 1] + 0.114 * p[..., 2]
+    """Focus measure per patch: variance of the 4-neighbour Laplacian of green, (N, S, S, 3) -> (N,)."""
+    g = patches[..., 1].astype(np.int16)
     lap = 4 * g[:, 1:-1, 1:-1] - g[:, :-2, 1:-1] - g[:, 2:, 1:-1] - g[:, 1:-1, :-2] - g[:, 1:-1, 2:]
-    return lap.reshape(len(patches), -1).var(axis=1)
+    lap = lap.reshape(len(patches), -1).astype(np.float32)
+    mean = lap.mean(axis=1, keepdims=True)
+    return np.einsum("ij,ij->i", lap - mean, lap - mean) / lap.shape[1]
 
 
 def angle_degrees(a: np.ndarray, b: np.ndarray) -> float:
@@ -77,13 +78,15 @@ class CaseQc:
     def add_tile(self, sub: np.ndarray, mask: np.ndarray) -> None:
         """One tile, subsampled, and its tissue mask (same shape): exposure, blank, stain pixel sample."""
         self.tiles += 1
-        tissue = sub[mask]
-        if len(tissue) == 0:
+        n = int(np.count_nonzero(mask))
+        if n == 0:
             self.blank_tiles += 1
             return
-        self.tissue_pixels += len(tissue)
-        self.clipped_pixels += int(((tissue[:, 0] == 255) | (tissue[:, 1] == 255) | (tissue[:, 2] == 255)).sum())
+        self.tissue_pixels += n
+        clipped = (sub[..., 0] == 255) | (sub[..., 1] == 255) | (sub[..., 2] == 255)
+        self.clipped_pixels += int(np.count_nonzero(clipped & mask))
         if self._sampled < self.limits.stain_sample_max:
+            tissue = sub[mask]
             n = min(self.limits.stain_sample_per_tile, len(tissue), self.limits.stain_sample_max - self._sampled)
             rng = np.random.default_rng(self.seed + self.tiles)
             self._stain_samples.append(tissue[rng.integers(0, len(tissue), n)])

@@ -246,11 +246,13 @@ class TriageSession:
         """Fold finished batches into the MIL score and heatmap; fire the early call when it is earned."""
         t0 = time.perf_counter()
         for batch_id, probs in (self.scorer.done() if results is None else results):
-            for (ppx, ppy, pw, ph), p in zip(self._inflight.pop(batch_id), probs.tolist()):
-                p = round(p, 6)
+            pos = self._inflight.pop(batch_id)
+            probs = np.round(probs.astype(np.float64), 6)
+            for (ppx, ppy, pw, ph), p in zip(pos, probs.tolist()):
                 self._scores.append(PatchScore(*self._to_input(ppx, ppy, pw, ph), p))
                 self.mil.add(p)
-                self.heatmap.add(ppx, ppy, pw, ph, p)
+            a = np.asarray(pos, dtype=np.int64)
+            self.heatmap.add_many(a[:, 0], a[:, 1], a[:, 2], a[:, 3], probs)
         self._timings["aggregation"] += (time.perf_counter() - t0) * 1e3
         if (not self.early_positive and self.mil.full and self.mil.score >= self.threshold
                 and not self.qc.reasons(None) and self.qc.stain_in_range(self.stain_reference)):
