@@ -170,6 +170,7 @@ class CaseQc:
             "blank_tiles": self.blank_tiles,
             "tissue_pixels_sampled": self.tissue_pixels,
             "clipped_fraction": round(self.clipped_fraction, 4),
+            "patches_focus_checked": self.patches_scored,
             "patches_out_of_focus": self.patches_blurred,
             "out_of_focus_fraction": round(self.blurred_fraction, 4),
             "stain": self.stain.to_dict() if self.stain is not None else None,

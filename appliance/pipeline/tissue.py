@@ -26,6 +26,15 @@ def saturation(rgb: np.ndarray) -> np.ndarray:
     return sat.astype(np.uint8)
 
 
+def saturated(rgb: np.ndarray, threshold: int = SATURATION_THRESHOLD) -> np.ndarray:
+    """saturation(rgb) > threshold without the division (saturation floors (max - min) * 255 / max, so
+    this is (max - min) * 255 >= (threshold + 1) * max, for max > 0)."""
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    hi = np.maximum(np.maximum(r, g), b).astype(np.uint16)
+    lo = np.minimum(np.minimum(r, g), b)
+    return ((hi - lo) * 255 >= hi * (threshold + 1)) & (hi > 0)
+
+
 def _shift_reduce(mask: np.ndarray, k: int, op) -> np.ndarray:
     """Apply ``op`` (np.logical_or / np.logical_and) over a k x k square, separably, edges replicated."""
     r = k // 2
@@ -62,7 +71,7 @@ def subsample(rgb: np.ndarray, step: int = MASK_STEP) -> np.ndarray:
 def mask_of_subsampled(sub: np.ndarray, threshold: int = SATURATION_THRESHOLD,
                        closing: tuple[int, ...] = CLOSING) -> np.ndarray:
     """Tissue mask of an already subsampled image: saturation threshold, then closing(s)."""
-    mask = saturation(sub) > threshold
+    mask = saturated(sub, threshold)
     for k in closing:
         if min(mask.shape) >= k:
             mask = close(mask, k)

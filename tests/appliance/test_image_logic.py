@@ -6,7 +6,7 @@ import pytest
 from appliance.metrics import binary_metrics, roc_auc, top_k_mean
 from appliance.pipeline.mil import TopKMean
 from appliance.pipeline.patches import pad_to
-from appliance.pipeline.tissue import saturation, tissue_fraction
+from appliance.pipeline.tissue import saturated, saturation, tissue_fraction
 
 
 def test_saturation_matches_hsv_definition():
@@ -64,3 +64,11 @@ def test_binary_metrics_confusion_counts():
     assert (m["tp"], m["fn"], m["fp"], m["tn"]) == (1, 1, 1, 2)
     assert m["sensitivity"] == 0.5 and m["specificity"] == pytest.approx(2 / 3)
     assert m["f1"] == pytest.approx(0.5)
+
+
+def test_division_free_saturation_test_matches_the_definition():
+    rgb = np.random.default_rng(3).integers(0, 256, (200, 200, 3), dtype=np.uint8)
+    rgb[:3] = 0  # black: saturation 0
+    rgb[3:6] = 255  # white: saturation 0
+    for t in (0, 1, 19, 20, 21, 128, 254):
+        assert np.array_equal(saturated(rgb, t), saturation(rgb) > t), t
