@@ -99,11 +99,14 @@ def worker(engine: str, n: int, batch: int, repeats: int) -> dict:
         build = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(build)
         meta = json.loads((model_dir / "manifest.json").read_text())["input"]
-        net = build.build_model(meta["mean"], meta["std"]).eval()
         ckpt = model_dir / "work" / "model.pt"
+        state = torch.load(ckpt, map_location="cpu") if ckpt.exists() else None
+        # the same graph as the shipped model: members, and TTA only if the build kept it
+        tta = bool(state.get("tta", False)) if isinstance(state, dict) else json.loads(
+            (model_dir / "manifest.json").read_text())["training"].get("tta", False)
+        net = build.build_model(meta["mean"], meta["std"], tta=tta).eval()
         weights = "random (speed only)"
-        if ckpt.exists():
-            state = torch.load(ckpt, map_location="cpu")
+        if state is not None:
             try:
                 net.load_state_dict(state.get("model", state) if isinstance(state, dict) else state)
                 weights = "trained checkpoint"
