@@ -155,43 +155,49 @@ class Scorer:
 
 
 class AsyncScorer(Scorer):
-    """OpenVINO's AsyncInferQueue: inference runs on OpenVINO's threads while the caller cuts the next
-    tile's patches. Results come back through a lock-protected list and are handed out by ``done``."""
+    """OpenVINO requests started without waiting: inference runs on OpenVINO's threads while the caller cuts
+    the next tile's patches. No Python callback: finished requests are collected on the caller's thread (a
+    callback would make OpenVINO's threads queue for the GIL behind the caller's numpy work)."""
 
     def __init__(self, engine: OpenVINOEngine, jobs: int = 2):
         super().__init__(engine)
-        import threading
+        from collections import deque
 
-        import openvino as ov
+        self._idle = deque(engine._compiled.create_infer_request() for _ in range(jobs))
+        self._busy: deque = deque()  # (request, tag), oldest first
 
-        self._lock = threading.Lock()
-        self._errors: list[BaseException] = []
-        self._queue = ov.AsyncInferQueue(engine._compiled, jobs)
-        self._queue.set_callback(self._finished)
-
-    def _finished(self, request, tag) -> None:
+    def _harvest(self, req, tag) -> None:
         try:
-            probs = np.array(request.get_output_tensor(0).data, dtype=np.float32).reshape(-1)
-            with self._lock:
-                self._done.append((tag, probs))
-        except BaseException as exc:  # surfaced to the caller by done()/wait()
-            with self._lock:
-                self._errors.append(exc)
+            probs = np.array(req.get_output_tensor(0).data, dtype=np.float32).reshape(-1)
+        except RuntimeError as exc:
+            raise EngineError(f"openvino: asynchronous inference failed: {exc}") from None
+        self._done.append((tag, probs))
+        self._idle.append(req)
 
     def submit(self, batch: np.ndarray, tag: object) -> None:
         self.engine._check_batch(batch)
-        self._queue.start_async({0: np.ascontiguousarray(batch)}, tag)  # blocks only while all jobs are busy
+        if not self._idle:  # all requests busy: wait for the oldest
+            req, old = self._busy.popleft()
+            req.wait()
+            self._harvest(req, old)
+        req = self._idle.popleft()
+        req.start_async({0: np.ascontiguousarray(batch)})
+        self._busy.append((req, tag))
 
     def done(self) -> list[tuple[object, np.ndarray]]:
-        with self._lock:
-            if self._errors:
-                raise EngineError(f"openvino: asynchronous inference failed: {self._errors[0]}")
-            out, self._done = self._done, []
-        return out
+        while self._busy and self._busy[0][0].wait_for(0):
+            req, tag = self._busy.popleft()
+            self._harvest(req, tag)
+        return super().done()
 
     def wait(self) -> list[tuple[object, np.ndarray]]:
-        self._queue.wait_all()
-        return self.done()
+        while self._busy:
+            req, tag = self._busy.popleft()
+            req.wait()
+            self._harvest(req, tag)
+        return super().done()
 
     def close(self) -> None:
-        self._queue.wait_all()
+        for req, _ in self._busy:
+            req.wait()
+        self._busy.clear()
