@@ -35,6 +35,9 @@ class PatchGrid:
 
     def add_tile(self, x: int, y: int, w: int, h: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
         """Register a tile; returns (patches wholly inside it, straddling patches it completed)."""
+        fast = self._aligned(x, y, w, h)
+        if fast is not None:
+            return fast, []
         inside, completed = [], []
         for gy in self._range(y, h):
             for gx in self._range(x, w):
@@ -56,6 +59,23 @@ class PatchGrid:
                     self.done.add(key)
                     del self._pending[key]
         return inside, completed
+
+    def _aligned(self, x: int, y: int, w: int, h: int) -> list[tuple[int, int]] | None:
+        """The common case, tiles on the patch grid (size == stride): every patch is inside. None if not."""
+        n = self.size
+        if self.stride != n or x % n or y % n:
+            return None
+        right, bottom = x + w, y + h
+        if right % n and not (self.width and right == self.width):
+            return None
+        if bottom % n and not (self.height and bottom == self.height):
+            return None
+        keys = [(gx, gy) for gy in range(y // n, -(-bottom // n)) for gx in range(x // n, -(-right // n))]
+        if self._pending and any(k in self._pending for k in keys):
+            return None
+        inside = [k for k in keys if k not in self.done]
+        self.done.update(inside)
+        return inside
 
     def drain(self) -> list[tuple[int, int]]:
         """At the end of the case: every patch still partly covered (its missing part reads as glass)."""

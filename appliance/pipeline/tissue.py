@@ -36,17 +36,20 @@ def saturated(rgb: np.ndarray, threshold: int = SATURATION_THRESHOLD) -> np.ndar
 
 
 def _shift_reduce(mask: np.ndarray, k: int, op) -> np.ndarray:
-    """Apply ``op`` (np.logical_or / np.logical_and) over a k x k square, separably, edges replicated."""
+    """Apply ``op`` (np.logical_or / np.logical_and) over a k x k square, separably, edges replicated.
+
+    With replicated edges the out-of-range part of a window only repeats the edge pixel, which is already in
+    the window, so it can simply be left out: no padding, just shifted in-place ops.
+    """
     r = k // 2
-    h, w = mask.shape
-    p = np.pad(mask, ((r, r), (0, 0)), mode="edge")
-    rows = p[0:h].copy()
-    for s in range(1, k):
-        op(rows, p[s : s + h], out=rows)
-    p = np.pad(rows, ((0, 0), (r, r)), mode="edge")
-    out = p[:, 0:w].copy()
-    for s in range(1, k):
-        op(out, p[:, s : s + w], out=out)
+    rows = mask.copy()
+    for s in range(1, r + 1):
+        op(rows[s:], mask[:-s], out=rows[s:])
+        op(rows[:-s], mask[s:], out=rows[:-s])
+    out = rows.copy()
+    for s in range(1, r + 1):
+        op(out[:, s:], rows[:, :-s], out=out[:, s:])
+        op(out[:, :-s], rows[:, s:], out=out[:, :-s])
     return out
 
 

@@ -6,7 +6,7 @@ import pytest
 from appliance.metrics import binary_metrics, roc_auc, top_k_mean
 from appliance.pipeline.mil import TopKMean
 from appliance.pipeline.patches import pad_to
-from appliance.pipeline.tissue import saturated, saturation, tissue_fraction
+from appliance.pipeline.tissue import dilate, erode, saturated, saturation, tissue_fraction
 
 
 def test_saturation_matches_hsv_definition():
@@ -72,3 +72,17 @@ def test_division_free_saturation_test_matches_the_definition():
     rgb[3:6] = 255  # white: saturation 0
     for t in (0, 1, 19, 20, 21, 128, 254):
         assert np.array_equal(saturated(rgb, t), saturation(rgb) > t), t
+
+
+def test_morphology_matches_a_padded_reference():
+    def reference(m, k, op):
+        r = k // 2
+        p = np.pad(m, r, mode="edge")
+        return np.array([[op(p[i : i + k, j : j + k]) for j in range(m.shape[1])] for i in range(m.shape[0])])
+
+    rng = np.random.default_rng(0)
+    for _ in range(10):
+        m = rng.random((17, 23)) < 0.5
+        for k in (3, 5):
+            assert np.array_equal(dilate(m, k), reference(m, k, np.any))
+            assert np.array_equal(erode(m, k), reference(m, k, np.all))
