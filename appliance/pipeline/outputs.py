@@ -16,6 +16,7 @@ from .mosaic import Mosaic
 from .summary import validated
 
 OME_TILE = 256
+HEATMAP_PX = 10  # model pixels per heatmap.ome.tif pixel (the heatmap's own detail is one patch stride)
 MIN_LEVEL_SIDE = 256  # keep halving until the smaller side is below this (at least 3 levels)
 # cividis (Nunez et al. 2018), a colour-vision-deficiency-safe blue-to-yellow map, at 9 anchors
 _CIVIDIS = np.array([
@@ -126,16 +127,19 @@ def write_pyramid(path: Path, level0: Mosaic, mpp: float, workdir: Path, name: s
     return n
 
 
-def heatmap_mosaic(heat: np.ndarray, cell: int, width: int, height: int, root: Path) -> Mosaic:
-    """The heatmap as a full-resolution colour image aligned with case.ome.tif (glass where not scored)."""
+def heatmap_mosaic(heat: np.ndarray, cell: int, width: int, height: int, root: Path, px: int) -> Mosaic:
+    """The heatmap as a colour image at ``px`` model pixels per pixel (glass where not scored), covering the
+    same area as case.ome.tif; its physical pixel size says so, so the two line up in microns."""
     out = Mosaic(root)
     rgb = colormap(heat)
     rgb[np.isnan(heat)] = 255
-    band = max(1, 512 // cell)
+    rep = cell // px
+    w, h = -(-width // px), -(-height // px)
+    band = max(1, 512 // rep)
     for r0 in range(0, heat.shape[0], band):
-        strip = np.repeat(np.repeat(rgb[r0:r0 + band], cell, axis=0), cell, axis=1)
-        out.write(0, r0 * cell, strip[: max(0, height - r0 * cell), :width])
-    out.width, out.height = width, height
+        strip = np.repeat(np.repeat(rgb[r0:r0 + band], rep, axis=0), rep, axis=1)
+        out.write(0, r0 * rep, np.ascontiguousarray(strip[: max(0, h - r0 * rep), :w]))
+    out.width, out.height = w, h
     return out
 
 
@@ -168,10 +172,11 @@ def write_outputs(out_dir: Path, case_id: str, summary: dict, *, heatmap: Heatma
         p = out_dir / "case.ome.tif"
         write_pyramid(p, mosaic, mpp, work, f"{case_id} (model resolution)")
         paths["case.ome.tif"] = str(p)
-        hm = heatmap_mosaic(heat, heatmap.cell, mosaic.width, mosaic.height, work / "heatmap")
+        px = HEATMAP_PX if heatmap.cell % HEATMAP_PX == 0 else heatmap.cell
+        hm = heatmap_mosaic(heat, heatmap.cell, mosaic.width, mosaic.height, work / "heatmap", px)
         p = out_dir / "heatmap.ome.tif"
         try:
-            write_pyramid(p, hm, mpp, work, f"{case_id} heatmap (cividis, patch probability)")
+            write_pyramid(p, hm, mpp * px, work, f"{case_id} heatmap (cividis, patch probability)")
         finally:
             hm.remove()
         paths["heatmap.ome.tif"] = str(p)

@@ -58,15 +58,15 @@ def test_demo_case_outputs_open_in_the_tools_a_lab_uses(ov_engine, tmp_path):
         pixels = np.asarray(im)
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 100  # a picture, not a blank
 
-    for name in ("case.ome.tif", "heatmap.ome.tif"):
+    for name, shape, mpp in (("case.ome.tif", (2000, 2500, 3), "4.0"), ("heatmap.ome.tif", (200, 250, 3), "40.0")):
         with tifffile.TiffFile(out / name) as tif:
             assert tif.is_ome
             series = tif.series[0]
             assert series.is_pyramidal and len(series.levels) >= 3
-            assert series.levels[0].shape == (2000, 2500, 3)
+            assert series.levels[0].shape == shape
             assert all(lv.keyframe.is_tiled and lv.keyframe.tilewidth == 256 for lv in series.levels)
-            assert [lv.shape[0] for lv in series.levels[:3]] == [2000, 1000, 500]
-            assert "PhysicalSizeX=\"4.0\"" in tif.ome_metadata
+            assert [lv.shape[0] for lv in series.levels[:3]] == [shape[0], shape[0] // 2, shape[0] // 4]
+            assert f'PhysicalSizeX="{mpp}"' in tif.ome_metadata  # same area in microns
     level0 = tifffile.imread(out / "case.ome.tif", series=0, level=0)
     assert np.array_equal(level0, tifffile.imread(DEMO_CASE))  # the mosaic is the case, pixel for pixel
 
