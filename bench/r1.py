@@ -118,7 +118,16 @@ def _pipeline_child(folder: str, outputs: bool, q) -> None:
     q.put({"wall_s": wall, "verdict": res["verdict"], "score": res["score"], "tiles": res["tiles"],
            "patches": [(p["x"], p["y"]) for p in res["patches"]], "timings_ms": res["timings_ms"],
            "early_positive_after_tiles": res["early_positive_after_tiles"],
-           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+           "peak_rss_mb": peak_rss_mb()})
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set (VmHWM). Not ru_maxrss: Linux carries that across fork+exec, so a
+    child spawned by a parent holding the (b) patches would report the parent's memory as its own."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_pipeline(folder: Path, outputs: bool) -> dict:
