@@ -16,6 +16,10 @@ from .mosaic import Mosaic
 from .summary import validated
 
 OME_TILE = 256
+# Regions smaller than this many patch cells are left out of regions.geojson: on the 19 complete development
+# slides (out-of-fold scores) this raised mean slide Dice from 0.683 (every region) to 0.701 (4 cells) and
+# 0.710 (8 cells); 4 keeps small foci (a 4-cell region is 200 x 200 um at 4 um/px).
+MIN_REGION_CELLS = 4
 HEATMAP_PX = 10  # model pixels per heatmap.ome.tif pixel (the heatmap's own detail is one patch stride)
 MIN_LEVEL_SIDE = 256  # keep halving until the smaller side is below this (at least 3 levels)
 # cividis (Nunez et al. 2018), a colour-vision-deficiency-safe blue-to-yellow map, at 9 anchors
@@ -145,7 +149,7 @@ def heatmap_mosaic(heat: np.ndarray, cell: int, width: int, height: int, root: P
 
 # ---------------------------------------------------------------------------------------------- all
 def write_outputs(out_dir: Path, case_id: str, summary: dict, *, heatmap: Heatmap, thumbnail: Thumbnail,
-                  mosaic: Mosaic, patch_threshold: float, min_region_cells: int = 1) -> dict[str, str]:
+                  mosaic: Mosaic, patch_threshold: float, min_region_cells: int = MIN_REGION_CELLS) -> dict[str, str]:
     """Write the case's files into ``out_dir``; returns {name: path}. ``summary`` follows TriageSummary."""
     result = summary
     out_dir = Path(out_dir)
