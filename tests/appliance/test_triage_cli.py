@@ -126,3 +126,23 @@ def test_models_evaluate_accepts_one_patient_folder(tmp_path):
     rows = list(csv.DictReader(open(pred)))
     assert len(rows) == len(list((IDC / "10269").rglob("*.png")))
     assert "patients: 1;" in proc.stdout
+
+
+def test_a_spooled_case_can_be_triaged_again_from_its_npy_tiles(ov_engine, tmp_path, demo_image):
+    """The spool's raw .npy tiles are a valid input: re-triage gives the same call as the image itself."""
+    from appliance.spool import TileSpool
+    from appliance.sources import tiles_from_image
+
+    crop = np.ascontiguousarray(demo_image[:600, 500:1300])
+    spool = TileSpool(tmp_path / "spool")
+    spool.begin_case("CASE-1", {})
+    for i, t in enumerate(tiles_from_image(crop, 200)):
+        spool.store_tile("CASE-1", i, t.x, t.y, np.ascontiguousarray(t.pixels))
+    (spool.case_dir("CASE-1") / "tile-000099_x0_y0.npy").write_bytes(b"not a numpy file")
+    image = tmp_path / "crop.png"
+    Image.fromarray(crop).save(image)
+    from_spool = triage_path(ov_engine, spool.case_dir("CASE-1"))
+    from_image = triage_path(ov_engine, image)
+    assert from_spool["verdict"] == from_image["verdict"] and from_spool["score"] == from_image["score"]
+    assert [s["name"].endswith("tile-000099_x0_y0.npy") for s in from_spool["skipped_inputs"]] == [True]
+    assert "not a readable .npy tile" in from_spool["skipped_inputs"][0]["reason"]
