@@ -69,8 +69,9 @@ def demo(ctx, tile_size: int, encoding: str, engine: str | None, api_port: int |
 @click.pass_context
 @friendly_errors
 def run(ctx, port: str | None) -> None:
-    """Run the daemon in the foreground until SIGTERM or Ctrl-C."""
-    from .daemon import Daemon
+    """Run the daemon in the foreground until SIGTERM or Ctrl-C (systemd: Type=notify, WatchdogSec=)."""
+    from .daemon import Daemon, serve
+    from .notify import Notifier
 
     settings = _settings(ctx, serial_port=port)
     stop = threading.Event()
@@ -82,9 +83,11 @@ def run(ctx, port: str | None) -> None:
 
     daemon = Daemon(settings, notify=notify)
     daemon.start()
+    if settings.fault_injection:
+        click.echo("[fault-injection] on: SIGUSR1 hangs the pipeline thread", err=True)
+        signal.signal(signal.SIGUSR1, lambda *_: daemon.pipeline.hang.set())
     try:
-        while not stop.wait(0.5):
-            pass
+        serve(daemon, Notifier(), stop)
     except KeyboardInterrupt:
         pass
     finally:

@@ -11,6 +11,7 @@ import logging
 import queue
 import shutil
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -62,13 +63,15 @@ class PipelineWorker:
         self._queue: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="pipeline", daemon=True)
         self._sessions: dict[str, TriageSession] = {}
+        self.beat = time.monotonic()  # last time the loop was between items (idle or done with one)
+        self.hang = threading.Event()  # fault injection: the loop blocks forever once this is set
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
         self._queue.put(None)
-        self._thread.join(timeout=60)
+        self._thread.join(timeout=0.1 if self.hang.is_set() else 60)
 
     def begin(self, progress: CaseProgress) -> None:
         self._queue.put(("begin", progress))
@@ -79,8 +82,27 @@ class PipelineWorker:
     def end(self, progress: CaseProgress) -> None:
         self._queue.put(("end", progress))
 
+    def alive(self, stall_after: float) -> tuple[bool, str]:
+        """(healthy, why not): the thread runs and has not spent longer than stall_after on one item."""
+        if not self._thread.is_alive():
+            return False, "pipeline thread has stopped"
+        busy = time.monotonic() - self.beat
+        if busy > stall_after:
+            return False, f"pipeline has made no progress for {busy:.0f} s"
+        return True, ""
+
+    def _next(self):
+        while True:
+            if self.hang.is_set():
+                threading.Event().wait()  # injected fault: hang like a stuck model would; beat goes stale
+            self.beat = time.monotonic()
+            try:
+                return self._queue.get(timeout=0.5)
+            except queue.Empty:
+                continue
+
     def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
+        while (item := self._next()) is not None:
             kind, progress = item[0], item[1]
             try:
                 if kind == "begin":
@@ -263,10 +285,26 @@ class Daemon:
             out["disk_free_bytes"] = None
         return out
 
+    def health(self) -> tuple[bool, str]:
+        """(healthy, why not): the link reader and the pipeline are alive and making progress."""
+        if self.link is None or not self.link.running:
+            return False, "scanner link reader is not running"
+        if self.pipeline is None:
+            return False, "no pipeline"
+        return self.pipeline.alive(self.settings.pipeline_stall_s)
+
+    def status_line(self) -> str:
+        """One line for systemd's STATUS=: link state and the case in flight."""
+        link = self.link.state if self.link else "down"
+        c = self.receiver.current if self.receiver else None
+        if c is None:
+            return f"link {link}; no case yet"
+        state = c.result.verdict if c.result else ("early positive" if c.early_positive else "running")
+        return (f"link {link}; case {c.case_id}: {c.tiles_received}/{c.tiles_expected or '?'} tiles received, "
+                f"{c.tiles_processed} processed, score {c.score:.3f}, {state}")
+
     def wait_case(self, case_id: str, timeout: float) -> CaseProgress | None:
         """Wait until the pipeline has finished ``case_id`` (or the timeout passes)."""
-        import time
-
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             progress = self.receiver.cases.get(case_id) if self.receiver else None
@@ -285,3 +323,29 @@ class Daemon:
             self.api.stop()
         if self.store:
             self.store.close()
+
+
+def serve(daemon: Daemon, notifier, stop: threading.Event, tick: float = 0.5) -> None:
+    """The service loop of `appliance run`: READY=1 once started, then WATCHDOG=1 every half WATCHDOG_USEC
+    only while ``daemon.health()`` holds, and STATUS= when it changes, until ``stop`` is set."""
+    while daemon.link.state in ("reconnecting", "stopped"):  # READY=1 only once the port is open
+        notifier.status(f"model loaded; waiting for the scanner port {daemon.port}")
+        if stop.wait(tick):
+            notifier.stopping()
+            return
+    notifier.ready(daemon.status_line())
+    interval = notifier.watchdog_interval
+    next_beat = time.monotonic()
+    healthy = True
+    while not stop.wait(min(tick, interval) if interval else tick):
+        notifier.status(daemon.status_line())
+        if interval is None or time.monotonic() < next_beat:
+            continue
+        ok, why = daemon.health()
+        if ok:
+            notifier.watchdog()
+            next_beat = time.monotonic() + interval
+        elif healthy:
+            log.error("not healthy, withholding the systemd watchdog: %s", why)
+        healthy = ok
+    notifier.stopping()

@@ -1,0 +1,114 @@
+"""`appliance run` as systemd runs it: the notify protocol on a real unix datagram socket, a real pty as
+the scanner port, and a pipeline hang injected with SIGUSR1 (settings.fault_injection)."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from appliance.notify import Notifier
+from tests.conftest import MODEL_DIR
+
+
+def receive(sock: socket.socket, seconds: float) -> list[str]:
+    """Every datagram already queued or arriving within ``seconds``."""
+    out, end = [], time.monotonic() + seconds
+    while (left := end - time.monotonic()) > 0 or not out:
+        sock.settimeout(max(left, 0.001))
+        try:
+            out.append(sock.recv(4096).decode())
+        except TimeoutError:
+            break
+    return out
+
+
+@pytest.fixture
+def notify_socket(tmp_path):
+    path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    yield path, sock
+    sock.close()
+
+
+def test_notifier_speaks_the_datagram_protocol(notify_socket):
+    path, sock = notify_socket
+    n = Notifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "3000000"})
+    assert n.enabled and n.watchdog_interval == 1.5
+    assert n.ready("loaded")
+    assert n.watchdog()
+    assert n.status("case A") and not n.status("case A")  # unchanged status is not resent
+    got = receive(sock, 0.5)
+    assert got[0].split("\n")[:2] == ["READY=1", "STATUS=loaded"] and got[1:] == ["WATCHDOG=1", "STATUS=case A"]
+    assert not Notifier({}).enabled and not Notifier({}).ready("x")  # not under systemd: a no-op
+    assert Notifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "1000", "WATCHDOG_PID": "1"}).watchdog_interval is None
+
+
+def test_run_is_ready_after_the_port_opens_and_withholds_the_watchdog_when_the_pipeline_hangs(
+        notify_socket, tmp_path):
+    path, sock = notify_socket
+    master, slave = os.openpty()
+    env = dict(os.environ, NOTIFY_SOCKET=path, WATCHDOG_USEC="400000", APPLIANCE_FAULT_INJECTION="1",
+               APPLIANCE_PIPELINE_STALL_S="1", APPLIANCE_DATA_DIR=str(tmp_path / "var"),
+               APPLIANCE_MODEL_DIR=str(MODEL_DIR), APPLIANCE_API_PORT="0")
+    proc = subprocess.Popen([sys.executable, "-m", "appliance.cli", "run", "--port", os.ttyname(slave)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        sock.settimeout(60)
+        first = sock.recv(4096).decode()  # nothing comes before READY=1 but STATUS= while waiting for the port
+        while first.startswith("STATUS="):
+            first = sock.recv(4096).decode()
+        assert first.startswith("READY=1"), first
+        assert f"MAINPID={proc.pid}" in first
+        healthy = receive(sock, 2.0)
+        assert healthy.count("WATCHDOG=1") >= 5  # every 0.2 s while healthy
+
+        proc.send_signal(signal.SIGUSR1)  # the pipeline thread hangs from now on
+        time.sleep(2.2)  # beyond pipeline_stall_s (1 s) plus the loop's 0.5 s poll
+        receive(sock, 0.05)  # drop what was sent before the stall was seen
+        hung = receive(sock, 2.0)
+        assert "WATCHDOG=1" not in hung, hung
+        assert proc.poll() is None  # alive but unhealthy: systemd's watchdog is what restarts it
+
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+        assert any("STOPPING=1" in d for d in receive(sock, 1.0))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+        os.close(slave)
+
+
+def test_ready_waits_for_the_scanner_port_to_appear(notify_socket, tmp_path):
+    path, sock = notify_socket
+    port = tmp_path / "scanner"  # not plugged in yet
+    master, slave = os.openpty()
+    env = dict(os.environ, NOTIFY_SOCKET=path, APPLIANCE_DATA_DIR=str(tmp_path / "var"),
+               APPLIANCE_MODEL_DIR=str(MODEL_DIR), APPLIANCE_API_PORT="0")
+    proc = subprocess.Popen([sys.executable, "-m", "appliance.cli", "run", "--port", str(port)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        sock.settimeout(60)
+        waiting = sock.recv(4096).decode()
+        assert waiting.startswith("STATUS=model loaded; waiting for the scanner port"), waiting
+        assert not any(d.startswith("READY=1") for d in receive(sock, 1.5))
+        os.symlink(os.ttyname(slave), port)  # the scanner is plugged in
+        sock.settimeout(10)
+        got = sock.recv(4096).decode()
+        while not got.startswith("READY=1"):
+            assert got.startswith("STATUS="), got
+            got = sock.recv(4096).decode()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+        os.close(slave)
