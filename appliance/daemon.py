@@ -218,7 +218,7 @@ class Daemon:
                  serve_api: bool = True):
         self.settings = settings
         self.port = port or settings.serial_port
-        self.notify = notify or (lambda kind, data: log.info("%s %s", kind, data))
+        self._user_notify = notify or (lambda kind, data: log.info("%s %s", kind, data))
         self.serve_api = serve_api
         self.engine: Engine | None = None
         self.store: CaseStore | None = None
@@ -226,6 +226,19 @@ class Daemon:
         self.api: ApiServer | None = None
         self.receiver: CaseReceiver | None = None
         self.pipeline: PipelineWorker | None = None
+
+    # Lifecycle events kept in the store's events table (per-tile progress is not: it is in the tiles table).
+    RECORDED = frozenset({"case-started", "case-ended", "early-positive", "finished", "outputs", "error", "failed",
+                          "link", "ready"})
+
+    def notify(self, kind: str, data: dict) -> None:
+        """Record lifecycle events in SQLite, then pass every event on (demo progress, logs)."""
+        if kind in self.RECORDED and self.store is not None:
+            try:
+                self.store.event(kind, case_id=data.get("case_id"), detail=data)
+            except Exception:  # noqa: BLE001 - the history must never stop the daemon
+                log.exception("could not record event %s", kind)
+        self._user_notify(kind, data)
 
     def start(self) -> None:
         """Load the model, open the store, serve the API and open the link; on any failure undo it all."""
@@ -239,6 +252,7 @@ class Daemon:
         s = self.settings
         self.engine = load_engine(s.model_dir, s.engine)
         self.store = CaseStore(s.db_path)
+        self.store.model_seen(self.engine.description)
         spool = TileSpool(s.spool_dir)
         self.pipeline = PipelineWorker(self.engine, self.store, s.batch_size, self.notify, s.cases_dir)
         self.pipeline.start()

@@ -60,6 +60,29 @@ def _initial(db: sqlite_utils.Database) -> None:
     db["cases"].create_index(["received_at"])
 
 
+@migrations(name="0002_events_audit_models_signoff")
+def _events_audit_models(db: sqlite_utils.Database) -> None:
+    db["cases"].add_column("signed_off_by", str)
+    db["cases"].add_column("signed_off_at", str)
+    db["cases"].add_column("sign_off_comment", str)
+    db["tiles"].add_column("qc", str)
+    db["events"].create(
+        {"id": int, "at": str, "case_id": str, "kind": str, "detail": str}, pk="id",
+    )
+    db["events"].create_index(["case_id"])
+    db["audit"].create(
+        {"id": int, "at": str, "actor": str, "via": str, "action": str, "case_id": str, "detail": str}, pk="id",
+    )
+    db["audit"].create_index(["case_id"])
+    db["models"].create(
+        {"sha256": str, "name": str, "version": str, "backend": str, "first_seen": str, "last_seen": str},
+        pk="sha256",
+    )
+
+
+CASE_STATUSES = ("receiving", "processing", "done", "cannot-call", "failed", "abandoned")
+
+
 def utcnow() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
@@ -194,7 +217,62 @@ class CaseStore:
                   "reasons": json.dumps([{"code": "failed", "message": message}])}
         self.write(lambda db: db["cases"].update(case_id, fields))
 
+    def sign_off(self, case_id: str, *, by: str, comment: str = "", via: str = "api") -> dict:
+        """Sign a finished case off (who, when, comment) and audit it; raises StoreError if it cannot be."""
+        at = utcnow()
+
+        def _write(db: sqlite_utils.Database) -> dict:
+            rows = list(db["cases"].rows_where("id = ?", [case_id]))
+            if not rows:
+                raise StoreError(f"no case {case_id!r}")
+            if rows[0]["status"] in ("receiving", "processing"):
+                raise StoreError(f"case {case_id!r} is still {rows[0]['status']}; sign off once it is finished")
+            db["cases"].update(case_id, {"signed_off_by": by, "signed_off_at": at, "sign_off_comment": comment})
+            _audit(db, at, by, via, "sign-off", case_id, {"comment": comment})
+            return {"case_id": case_id, "signed_off_by": by, "signed_off_at": at}
+
+        return self.write(_write)
+
+    def audit(self, actor: str, action: str, *, case_id: str | None = None, detail: dict | None = None,
+              via: str = "api") -> None:
+        self.write(lambda db: _audit(db, utcnow(), actor, via, action, case_id, detail or {}))
+
+    def event(self, kind: str, *, case_id: str | None = None, detail: dict | None = None) -> None:
+        """A lifecycle event or error, kept for the case's history (queued, not waited for)."""
+        row = {"at": utcnow(), "case_id": case_id, "kind": kind, "detail": json.dumps(detail or {}, default=str)}
+        self.submit(lambda db: db["events"].insert(row))
+
+    def model_seen(self, model: dict) -> None:
+        at = utcnow()
+
+        def _write(db: sqlite_utils.Database) -> None:
+            sha = model["sha256"]
+            if db["models"].count_where("sha256 = ?", [sha]):
+                db["models"].update(sha, {"last_seen": at})
+            else:
+                db["models"].insert({"sha256": sha, "name": model["name"], "version": model["version"],
+                                     "backend": model.get("backend"), "first_seen": at, "last_seen": at})
+
+        self.write(_write)
+
     # -- reads ----------------------------------------------------------------------------------------
+    def events(self, case_id: str | None = None) -> list[dict]:
+        return self._rows("events", "case_id = ?" if case_id else None, [case_id] if case_id else [], "id")
+
+    def audit_log(self, case_id: str | None = None) -> list[dict]:
+        return self._rows("audit", "case_id = ?" if case_id else None, [case_id] if case_id else [], "id")
+
+    def models(self) -> list[dict]:
+        return self._rows("models", None, [], "first_seen")
+
+    def _rows(self, table: str, where: str | None, args: list, order: str) -> list[dict]:
+        db = self._reader()
+        try:
+            rows = db[table].rows_where(where, args, order_by=order)
+            return [dict(r, detail=json.loads(r["detail"])) if "detail" in r else dict(r) for r in rows]
+        finally:
+            db.conn.close()
+
     def _reader(self) -> sqlite_utils.Database:
         conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=10)
         return sqlite_utils.Database(conn)
@@ -221,6 +299,12 @@ class CaseStore:
             return list(db["tiles"].rows_where("case_id = ?", [case_id], order_by="idx"))
         finally:
             db.conn.close()
+
+
+def _audit(db: sqlite_utils.Database, at: str, actor: str, via: str, action: str, case_id: str | None,
+           detail: dict) -> None:
+    db["audit"].insert({"at": at, "actor": actor, "via": via, "action": action, "case_id": case_id,
+                        "detail": json.dumps(detail, default=str)})
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:

@@ -68,6 +68,11 @@ def test_streamed_case_is_stored_tile_for_tile_and_logged(settings, pty_pair, de
     assert set(case["timings_ms"]) >= {"tissue_qc", "patching", "wait_inference", "total"}
     assert api_case["verdict"] == case["verdict"]
     assert any(kind == "finished" for kind, _ in events)
+    # the case's history is in SQLite, in order, and the model that called it is on record
+    history = [e["kind"] for e in daemon.store.events(info.case_id)]
+    assert history[0] == "case-started" and "case-ended" in history and "finished" in history
+    assert history.index("case-ended") < history.index("finished")
+    assert [m["sha256"] for m in daemon.store.models()] == [daemon.engine.manifest.digest]
 
 
 def test_demo_command_streams_the_bundled_case(settings, tmp_path):

@@ -19,7 +19,7 @@ def test_store_uses_wal_full_sync_and_migrations(tmp_path):
     conn = sqlite3.connect(tmp_path / "a.db")
     assert conn.execute("pragma journal_mode").fetchone()[0] == "wal"
     names = [r[0] for r in conn.execute("select name from _sqlite_migrations")]
-    assert names == ["0001_cases_and_tiles"]
+    assert names == ["0001_cases_and_tiles", "0002_events_audit_models_signoff"]
     # the writer sets synchronous=FULL on its own connection; check it is what the store opens with
     from appliance.store import _connect
 
@@ -74,3 +74,84 @@ def test_settings_reject_unknown_keys(tmp_path, monkeypatch):
     monkeypatch.setenv("APPLIANCE_API_PROT", "1")
     with pytest.raises(ConfigError, match="APPLIANCE_API_PROT"):
         load_settings(f)
+
+
+def _documented_schema() -> dict[str, list[str]]:
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "appliance" / "SCHEMA.md").read_text()
+    tables: dict[str, list[str]] = {}
+    current = None
+    for line in text.splitlines():
+        if m := re.match(r"^## (\w+)", line):
+            current = m.group(1)
+            tables[current] = []
+        elif current and line.startswith("| ") and not line.startswith("| column") and not line.startswith("|---"):
+            tables[current].append(line.split("|")[1].strip())
+    return tables
+
+
+def test_migrations_build_the_documented_schema_on_an_empty_database(tmp_path):
+    import sqlite_utils
+
+    from appliance.store import CaseStore
+
+    store = CaseStore(tmp_path / "new.db")
+    store.close()
+    db = sqlite_utils.Database(tmp_path / "new.db")
+    documented = _documented_schema()
+    actual = {t: [c.name for c in db[t].columns] for t in db.table_names() if not t.startswith("_")}
+    assert actual == documented
+    applied = [r["name"] for r in db["_sqlite_migrations"].rows]
+    assert applied == ["0001_cases_and_tiles", "0002_events_audit_models_signoff"]
+    assert db.execute("pragma journal_mode").fetchone()[0] == "wal"
+
+
+def test_migrations_upgrade_a_database_made_by_the_previous_schema_and_keep_its_cases(tmp_path):
+    import sqlite_utils
+    from sqlite_utils.migrations import Migrations
+
+    from appliance import store as store_mod
+    from appliance.store import CaseStore
+
+    old = Migrations("appliance")  # the schema as released with migration 0001 only
+    old(name="0001_cases_and_tiles")(store_mod._initial)
+    db = sqlite_utils.Database(tmp_path / "old.db")
+    old.apply(db)
+    db["cases"].insert({"id": "OLD-1", "status": "done", "verdict": "benign-appearing", "score": 0.1,
+                        "research_use_only": 1})
+    db["tiles"].insert({"case_id": "OLD-1", "idx": 0, "x": 0, "y": 0, "w": 10, "h": 10, "sha256": "ab"})
+    db.conn.close()
+
+    store = CaseStore(tmp_path / "old.db")
+    try:
+        case = store.get_case("OLD-1")
+        assert case["verdict"] == "benign-appearing" and case["signed_off_by"] is None
+        assert store.tiles("OLD-1")[0]["sha256"] == "ab"
+        store.sign_off("OLD-1", by="JS", comment="agree")
+        assert store.get_case("OLD-1")["signed_off_by"] == "JS"
+        assert [a["action"] for a in store.audit_log("OLD-1")] == ["sign-off"]
+    finally:
+        store.close()
+    db = sqlite_utils.Database(tmp_path / "old.db")
+    assert {t: [c.name for c in db[t].columns] for t in db.table_names() if not t.startswith("_")} \
+        == _documented_schema()
+
+
+def test_sign_off_is_refused_while_a_case_is_running_and_for_unknown_cases(tmp_path):
+    import pytest
+
+    from appliance.errors import StoreError
+    from appliance.store import CaseStore
+
+    store = CaseStore(tmp_path / "a.db")
+    try:
+        store.case_started("C-1", specimen_id="S")
+        with pytest.raises(StoreError, match="still receiving"):
+            store.sign_off("C-1", by="AB")
+        with pytest.raises(StoreError, match="no case"):
+            store.sign_off("nope", by="AB")
+        assert store.audit_log() == []
+    finally:
+        store.close()
