@@ -30,6 +30,8 @@ class Settings(BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: int = Field(8470, ge=0, le=65535)
     batch_size: int = Field(128, ge=1, le=4096)
+    min_free_mb: int = Field(
+        1024, ge=0, description="New cases are refused over the link while the data disk has less free space.")
     pipeline_stall_s: float = Field(
         120.0, gt=0, description="The pipeline counts as stuck (no systemd WATCHDOG=1) after this long on one item.")
     fault_injection: bool = Field(

@@ -18,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 
-from firmware_bridge.host import CaseInfo, HostLink, TileReceived
+from firmware_bridge.host import CaseInfo, CaseRefused, HostLink, TileReceived
 
 from .api.app import ApiServer, create_app
 from .config import Settings
@@ -168,7 +168,9 @@ class PipelineWorker:
 class CaseReceiver:
     """The link's TileSink: a tile is spooled and logged before this returns, and only then ACKed."""
 
-    def __init__(self, spool: TileSpool, store: CaseStore, pipeline: PipelineWorker, model: dict, notify: Notify):
+    def __init__(self, spool: TileSpool, store: CaseStore, pipeline: PipelineWorker, model: dict, notify: Notify,
+                 storage: "StorageGuard"):
+        self.storage = storage
         self.spool = spool
         self.store = store
         self.pipeline = pipeline
@@ -178,6 +180,10 @@ class CaseReceiver:
         self.current: CaseProgress | None = None
 
     def case_began(self, info: CaseInfo) -> None:
+        refusal = self.storage.refusal()
+        if refusal:
+            self.notify("refused", {"case_id": info.case_id, "reason": refusal})
+            raise CaseRefused(refusal)
         expected = info.expected_tiles or None
         self.spool.begin_case(info.case_id, _info_dict(info))
         self.store.case_started(info.case_id, specimen_id=info.specimen_id, source="scanner",
@@ -207,6 +213,35 @@ class CaseReceiver:
         self.notify("link", {"kind": kind, "detail": detail})
 
 
+class StorageGuard:
+    """Free space on the data disk: below ``min_free_mb`` new cases are refused (cases already in are kept)."""
+
+    def __init__(self, path: Path, min_free_mb: int):
+        self.path = Path(path)
+        self.min_free = min_free_mb * 1_000_000
+
+    def free_bytes(self) -> int | None:
+        try:
+            return shutil.disk_usage(self.path).free
+        except OSError:
+            return None
+
+    def refusal(self) -> str | None:
+        """Why a new case cannot be taken now, or None."""
+        free = self.free_bytes()
+        if free is None:
+            return f"the data folder {self.path} is not readable"
+        if free < self.min_free:
+            return (f"not enough free disk space for a new case: {free / 1e6:.0f} MB free, at least "
+                    f"{self.min_free / 1e6:.0f} MB needed; existing cases are kept. Free space or move old cases.")
+        return None
+
+    def status(self) -> dict:
+        refusal = self.refusal()
+        return {"free_bytes": self.free_bytes(), "min_free_bytes": self.min_free,
+                "accepting_cases": refusal is None, "reason": refusal}
+
+
 def _info_dict(info: CaseInfo) -> dict:
     return {k: getattr(info, k) for k in info.__dataclass_fields__}
 
@@ -229,7 +264,7 @@ class Daemon:
 
     # Lifecycle events kept in the store's events table (per-tile progress is not: it is in the tiles table).
     RECORDED = frozenset({"case-started", "case-ended", "early-positive", "finished", "outputs", "error", "failed",
-                          "link", "ready"})
+                          "refused", "link", "ready"})
 
     def notify(self, kind: str, data: dict) -> None:
         """Record lifecycle events in SQLite, then pass every event on (demo progress, logs)."""
@@ -256,7 +291,9 @@ class Daemon:
         spool = TileSpool(s.spool_dir)
         self.pipeline = PipelineWorker(self.engine, self.store, s.batch_size, self.notify, s.cases_dir)
         self.pipeline.start()
-        self.receiver = CaseReceiver(spool, self.store, self.pipeline, self.engine.description, self.notify)
+        self.storage = StorageGuard(s.data_dir, s.min_free_mb)
+        self.receiver = CaseReceiver(spool, self.store, self.pipeline, self.engine.description, self.notify,
+                                     self.storage)
         if self.serve_api:
             self.api = ApiServer(create_app(s, self.store, self.status), s.api_host, s.api_port)
             self.api.start()
@@ -293,10 +330,9 @@ class Daemon:
             }
         if self.engine is not None:
             out["model"] = self.engine.description
-        try:
-            out["disk_free_bytes"] = shutil.disk_usage(self.settings.data_dir).free
-        except OSError:
-            out["disk_free_bytes"] = None
+        storage = StorageGuard(self.settings.data_dir, self.settings.min_free_mb).status()
+        out["disk_free_bytes"] = storage["free_bytes"]
+        out["storage"] = storage
         return out
 
     def health(self) -> tuple[bool, str]:

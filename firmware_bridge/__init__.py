@@ -18,7 +18,7 @@ from firmware_bridge.errors import (
 )
 from firmware_bridge.faults import BitFlipFaults, FaultKind, Faults
 from firmware_bridge.frames import PROTOCOL_VERSION
-from firmware_bridge.host import CaseInfo, HostLink, LinkEvent, LinkState, TileReceived, TileSink
+from firmware_bridge.host import CaseInfo, CaseRefused, HostLink, LinkEvent, LinkState, TileReceived, TileSink
 from firmware_bridge.ptycable import PtyCable
 from firmware_bridge.transport import FdTransport, open_port
 
@@ -27,6 +27,7 @@ __all__ = [
     "BitFlipFaults",
     "BridgeError",
     "CaseInfo",
+    "CaseRefused",
     "CobsError",
     "CrcError",
     "DeliveryError",

@@ -478,7 +478,7 @@ class ScannerEmulator:
                 raise DeliveryError(f"the host refused {p.label} {p.attempts} times; last: {p.last_nack}")
             p.retry_scheduled = True
             p.deadline = time.monotonic() + (0.0 if nack.reason == NackReason.CRC else self.retry_delay)
-        elif p.tile_index >= 0 and nack.reason != NackReason.UNKNOWN_CASE:
+        elif p.tile_index >= 0 and nack.reason not in (NackReason.UNKNOWN_CASE, NackReason.REFUSED):
             # One undeliverable tile should not lose the rest of the case; the host sees the
             # gap in CASE_END's tile_count and the result lists it.
             del self._in_flight[p.seq]

@@ -76,6 +76,11 @@ SILENCE_FACTOR = 3.0  # a scanner is "down" after this many of its heartbeat int
 EVENT_INTERVAL = 1.0  # seconds between two reports of the same noisy event (crc-error, duplicate)
 
 
+class CaseRefused(Exception):
+    """Raised by a sink that will not take a case (e.g. too little free disk space); the host NACKs the
+    frame REFUSED with this message and the scanner stops the case instead of retrying."""
+
+
 @dataclass(frozen=True)
 class CaseInfo:
     """What the sink learns when a case begins (the CASE_BEGIN fields)."""
@@ -628,9 +633,17 @@ class HostLink:
     # --- helpers ---------------------------------------------------------------------
 
     def _call_sink(self, seq: int, what: str, method: Callable[..., None], *args: object) -> bool:
-        """Run one sink call; if it raises, NACK STORAGE so the scanner retransmits."""
+        """Run one sink call; if it raises, NACK STORAGE so the scanner retransmits, or NACK REFUSED if the
+        sink raised CaseRefused (the scanner stops the case)."""
         try:
             method(*args)
+        except CaseRefused as exc:
+            self.counters.cases_refused += 1
+            detail = f"{what}: {exc}"
+            log.warning("sink refused, NACKing REFUSED: %s", detail)
+            self._problem(LinkEvent.STORAGE_ERROR, detail)
+            self._nack(seq, NackReason.REFUSED, detail)
+            return False
         except Exception as exc:  # noqa: BLE001 - the sink contract: any failure means "not stored"
             self.counters.storage_errors += 1
             detail = f"{what}: {type(exc).__name__}: {exc}"

@@ -94,6 +94,7 @@ class NackReason(IntEnum):
     BAD_TILE = 5  # tile pixels do not decode or do not fit the case; do not retransmit
     TOO_LARGE = 6  # frame above the host's max payload; do not retransmit
     BUSY = 7  # host temporarily cannot accept; retransmit after a delay (not sent by v1 hosts)
+    REFUSED = 8  # the host will not take this case (e.g. too little free disk space); stop the case
 
 
 RETRYABLE_NACKS = frozenset({NackReason.CRC, NackReason.STORAGE, NackReason.BUSY})

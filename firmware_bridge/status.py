@@ -58,6 +58,7 @@ class LinkCounters:
     duplicates: int = 0
     bad_tiles: int = 0
     storage_errors: int = 0
+    cases_refused: int = 0  # CASE_BEGINs the sink declined (CaseRefused): NACK REFUSED
     tiles_stored: int = 0
     tile_bytes: int = 0  # decoded pixel bytes handed to the sink
     bytes_received: int = 0

@@ -74,10 +74,18 @@ class ModelStatus(BaseModel):
     backend: str
 
 
+class StorageStatus(BaseModel):
+    free_bytes: int | None = None
+    min_free_bytes: int
+    accepting_cases: bool
+    reason: str | None = None
+
+
 class StatusPublic(BaseModel):
     version: str
     link: LinkStatus | None = None
     case: CaseStatus | None = None
     model: ModelStatus | None = None
     disk_free_bytes: int | None = None
+    storage: StorageStatus | None = None
     notice: str = RESEARCH_USE_NOTICE
