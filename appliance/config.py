@@ -32,6 +32,8 @@ class Settings(BaseSettings):
     batch_size: int = Field(128, ge=1, le=4096)
     min_free_mb: int = Field(
         1024, ge=0, description="New cases are refused over the link while the data disk has less free space.")
+    case_timeout_s: float = Field(
+        600.0, gt=0, description="A case with no tile and no CASE_END for this long is marked abandoned.")
     pipeline_stall_s: float = Field(
         120.0, gt=0, description="The pipeline counts as stuck (no systemd WATCHDOG=1) after this long on one item.")
     fault_injection: bool = Field(

@@ -46,6 +46,9 @@ class CaseProgress:
     score: float = 0.0
     early_positive: bool = False
     result: TriageResult | None = None
+    last_activity: float = field(default_factory=time.monotonic)  # CASE_BEGIN or the latest tile
+    ended: bool = False  # CASE_END received
+    abandoned: str | None = None  # why, once abandoned
     outputs: dict[str, str] = field(default_factory=dict)
     outputs_done: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)
@@ -82,6 +85,9 @@ class PipelineWorker:
     def end(self, progress: CaseProgress) -> None:
         self._queue.put(("end", progress))
 
+    def abandon(self, progress: CaseProgress) -> None:
+        self._queue.put(("abandon", progress))
+
     def alive(self, stall_after: float) -> tuple[bool, str]:
         """(healthy, why not): the thread runs and has not spent longer than stall_after on one item."""
         if not self._thread.is_alive():
@@ -117,12 +123,22 @@ class PipelineWorker:
                         workdir=self.cases_dir / progress.case_id / ".work",
                     )
                 elif kind == "tile":
-                    session = self._sessions[progress.case_id]
+                    session = self._sessions.get(progress.case_id)
+                    if session is None:  # abandoned while this tile was in flight; it stays in the spool
+                        continue
                     session.add_tile(item[2], item[3], item[4])
                     progress.tiles_processed = session.tiles
                     progress.score = session.score
                 elif kind == "end":
                     self._finish(progress)
+                elif kind == "abandon":
+                    session = self._sessions.pop(progress.case_id, None)
+                    if session is not None:
+                        session.close()
+                    self.store.case_abandoned(progress.case_id, progress.abandoned or "abandoned")
+                    progress.done.set()
+                    progress.outputs_done.set()
+                    self.notify("abandoned", {"case_id": progress.case_id, "reason": progress.abandoned})
             except ApplianceError as exc:
                 # A bad tile is reported and the case goes on; nothing acknowledged is dropped silently.
                 self.notify("error", {"case_id": progress.case_id, "message": str(exc)})
@@ -196,6 +212,9 @@ class CaseReceiver:
 
     def tile_received(self, tile: TileReceived) -> None:
         progress = self.cases[tile.case_id]
+        if progress.abandoned:
+            raise CaseRefused(f"case {tile.case_id} was abandoned: {progress.abandoned}")
+        progress.last_activity = time.monotonic()
         h, w = tile.pixels.shape[:2]
         sha = self.spool.store_tile(tile.case_id, tile.index, tile.x, tile.y, tile.pixels)
         self.store.tile_stored(tile.case_id, tile.index, tile.x, tile.y, w, h, sha)
@@ -206,8 +225,25 @@ class CaseReceiver:
 
     def case_ended(self, case_id: str, tile_count: int) -> None:
         progress = self.cases[case_id]
+        if progress.abandoned:
+            raise CaseRefused(f"case {case_id} was abandoned: {progress.abandoned}")
+        progress.ended = True
         self.pipeline.end(progress)
         self.notify("case-ended", {"case_id": case_id, "tile_count": tile_count})
+
+    def abandon_stale(self, timeout: float) -> list[str]:
+        """Mark cases with no tile and no CASE_END for ``timeout`` seconds abandoned; returns their ids."""
+        now, out = time.monotonic(), []
+        for progress in list(self.cases.values()):
+            if progress.ended or progress.abandoned or progress.done.is_set():
+                continue
+            idle = now - progress.last_activity
+            if idle > timeout:
+                progress.abandoned = (f"no tile and no CASE_END for {idle:.0f} s (limit {timeout:.0f} s) after "
+                                      f"{progress.tiles_received} tiles")
+                self.pipeline.abandon(progress)
+                out.append(progress.case_id)
+        return out
 
     def link_event(self, kind: str, detail: str) -> None:
         self.notify("link", {"kind": kind, "detail": detail})
@@ -264,7 +300,7 @@ class Daemon:
 
     # Lifecycle events kept in the store's events table (per-tile progress is not: it is in the tiles table).
     RECORDED = frozenset({"case-started", "case-ended", "early-positive", "finished", "outputs", "error", "failed",
-                          "refused", "link", "ready"})
+                          "refused", "abandoned", "link", "ready"})
 
     def notify(self, kind: str, data: dict) -> None:
         """Record lifecycle events in SQLite, then pass every event on (demo progress, logs)."""
@@ -298,6 +334,9 @@ class Daemon:
             self.api = ApiServer(create_app(s, self.store, self.status), s.api_host, s.api_port)
             self.api.start()
             self.notify("api", {"url": f"http://{s.api_host}:{self.api.port}"})
+        self._housekeeping_stop = threading.Event()
+        self._housekeeping = threading.Thread(target=self._housekeep, name="housekeeping", daemon=True)
+        self._housekeeping.start()
         # wait_for_port: a daemon started before the scanner is plugged in waits for it instead of failing.
         self.link = HostLink(self.port, self.receiver, wait_for_port=True)
         self.link.start()
@@ -335,6 +374,15 @@ class Daemon:
         out["storage"] = storage
         return out
 
+    def _housekeep(self) -> None:
+        """Once a second: abandon cases the scanner left open."""
+        tick = min(1.0, self.settings.case_timeout_s / 4)
+        while not self._housekeeping_stop.wait(tick):
+            try:
+                self.receiver.abandon_stale(self.settings.case_timeout_s)
+            except Exception:  # noqa: BLE001 - housekeeping must never take the daemon down
+                log.exception("housekeeping failed")
+
     def health(self) -> tuple[bool, str]:
         """(healthy, why not): the link reader and the pipeline are alive and making progress."""
         if self.link is None or not self.link.running:
@@ -365,6 +413,9 @@ class Daemon:
         return None
 
     def stop(self) -> None:
+        if getattr(self, "_housekeeping", None) is not None:
+            self._housekeeping_stop.set()
+            self._housekeeping.join(timeout=5)
         if self.link:
             self.link.stop()
         if self.pipeline:

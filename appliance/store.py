@@ -212,6 +212,11 @@ class CaseStore:
         }
         self.write(lambda db: db["cases"].update(case_id, fields))
 
+    def case_abandoned(self, case_id: str, message: str) -> None:
+        fields = {"status": "abandoned", "finished_at": utcnow(),
+                  "reasons": json.dumps([{"code": "abandoned", "message": message}])}
+        self.write(lambda db: db["cases"].update(case_id, fields))
+
     def case_failed(self, case_id: str, message: str) -> None:
         fields = {"status": "failed", "finished_at": utcnow(),
                   "reasons": json.dumps([{"code": "failed", "message": message}])}

@@ -62,3 +62,51 @@ def test_low_disk_refuses_new_cases_and_keeps_old_ones(tmp_path, demo_image):
     assert len(full.store.tiles("KEEP-1")) == len(tiles)
     assert {p.name: p.read_bytes() for p in (data / "spool" / "KEEP-1").iterdir()} == before
     assert sorted(p.name for p in (data / "cases" / "KEEP-1").iterdir()) == outputs
+
+
+def test_a_case_left_open_by_the_scanner_is_abandoned_and_late_tiles_are_refused(tmp_path, demo_image):
+    import threading
+
+    tiles = [TileToSend(x, 0, demo_image[600:800, 900 + x: 1100 + x].copy()) for x in range(0, 1000, 200)]
+    resume = threading.Event()
+
+    def scanner_that_stalls():
+        for i, t in enumerate(tiles):
+            if i == 2:
+                resume.wait(30)  # the scanner hangs mid-case
+            yield t
+
+    master, slave = os.openpty()
+    daemon = Daemon(load_settings(None, data_dir=tmp_path / "var", model_dir=MODEL_DIR, api_port=0,
+                                  case_timeout_s=1.0), port=os.ttyname(slave))
+    daemon.start()
+    outcome = {}
+
+    def run():
+        try:
+            info = case_info_for("OPEN-1", "S", tiles, 4.0, 200)
+            ScannerEmulator(FdTransport(master), info, scanner_that_stalls(), encoding="raw",
+                            heartbeat_interval=0.2).run()
+        except DeliveryError as exc:
+            outcome["error"] = str(exc)
+
+    t = threading.Thread(target=run)
+    t.start()
+    try:
+        progress = daemon.wait_case("OPEN-1", 30)
+        assert progress is not None and progress.abandoned  # done because abandoned, not finished
+        case = daemon.store.get_case("OPEN-1")
+        assert case["status"] == "abandoned" and case["reasons"][0]["code"] == "abandoned"
+        assert "no tile and no CASE_END" in case["reasons"][0]["message"]
+        assert len(daemon.store.tiles("OPEN-1")) == 2  # what was ACKed is kept
+        resume.set()  # the scanner wakes up and sends the rest: refused, not half-processed
+        t.join(30)
+        assert "REFUSED" in outcome.get("error", "") and "abandoned" in outcome["error"]
+        assert daemon.store.get_case("OPEN-1")["status"] == "abandoned"
+        assert [e["kind"] for e in daemon.store.events("OPEN-1")].count("abandoned") == 1
+    finally:
+        resume.set()
+        daemon.stop()
+        t.join(30)
+        os.close(master)
+        os.close(slave)
