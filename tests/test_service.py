@@ -112,3 +112,69 @@ def test_ready_waits_for_the_scanner_port_to_appear(notify_socket, tmp_path):
             proc.wait()
         os.close(master)
         os.close(slave)
+
+
+def test_sigterm_mid_case_stops_cleanly_with_every_acked_tile_whole(tmp_path, demo_image):
+    import hashlib
+    import threading
+
+    import numpy as np
+
+    from appliance.demo import case_info_for
+    from appliance.store import CaseStore
+    from firmware_bridge import PtyCable
+    from firmware_bridge.emulator import ScannerEmulator, TileToSend
+    from firmware_bridge.errors import BridgeError
+
+    tiles = [TileToSend(x, y, demo_image[y: y + 200, 600 + x: 800 + x].copy())
+             for y in range(0, 1000, 200) for x in range(0, 1000, 200)]
+    acked = []
+    cable = PtyCable(tmp_path / "scanner")
+    env = dict(os.environ, APPLIANCE_DATA_DIR=str(tmp_path / "var"), APPLIANCE_MODEL_DIR=str(MODEL_DIR),
+               APPLIANCE_API_PORT="0")
+    env.pop("NOTIFY_SOCKET", None)
+    proc = subprocess.Popen([sys.executable, "-m", "appliance.cli", "run", "--port", str(cable.path)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def slow(ts):
+        for t in ts:
+            time.sleep(0.05)
+            yield t
+
+    def run():
+        info = case_info_for("TERM-1", "S", tiles, 4.0, 200)
+        try:
+            ScannerEmulator(cable, info, slow(tiles), encoding="raw", reconnect_timeout=1.0, ack_timeout=1.0,
+                            max_retries=2, progress=lambda sent, done, total: acked.append(done)).run()
+        except BridgeError:
+            pass  # the host went away mid-case: expected
+
+    t = threading.Thread(target=run, daemon=True)
+    try:
+        t.start()
+        deadline = time.monotonic() + 60
+        while (not acked or acked[-1] < 5) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert acked and acked[-1] >= 5, proc.stderr.read() if proc.poll() is not None else acked
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        cable.unplug()  # nobody listens any more: the scanner gives up after reconnect_timeout
+        t.join(60)
+        assert not t.is_alive()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        cable.close()
+    spool = tmp_path / "var" / "spool" / "TERM-1"
+    assert not list(spool.glob(".*.tmp"))  # no half-written tile
+    store = CaseStore(tmp_path / "var" / "appliance.db")
+    try:
+        rows = store.tiles("TERM-1")
+    finally:
+        store.close()
+    assert len(rows) >= 5
+    for r in rows:  # every tile the scanner was told is safe is on disk, whole
+        f = spool / f"tile-{r['idx']:06d}_x{r['x']}_y{r['y']}.npy"
+        assert hashlib.sha256(np.load(f).tobytes()).hexdigest() == r["sha256"] == \
+            hashlib.sha256(tiles[r["idx"]].pixels.tobytes()).hexdigest()
