@@ -32,6 +32,13 @@ class Settings(BaseSettings):
     batch_size: int = Field(128, ge=1, le=4096)
     min_free_mb: int = Field(
         1024, ge=0, description="New cases are refused over the link while the data disk has less free space.")
+    retention_days: float | None = Field(
+        None, gt=0, description="Remove the files (spool, outputs) of finished cases older than this; off if unset.")
+    retention_max_gb: float | None = Field(
+        None, gt=0, description="Keep case files under this total, oldest finished cases first; off if unset.")
+    retention_unsigned: bool = Field(
+        False, description="Let retention remove cases nobody has signed off (normally they are always kept).")
+    retention_interval_s: float = Field(3600.0, gt=0, description="How often retention runs.")
     case_timeout_s: float = Field(
         600.0, gt=0, description="A case with no tile and no CASE_END for this long is marked abandoned.")
     pipeline_stall_s: float = Field(

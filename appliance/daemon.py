@@ -375,11 +375,19 @@ class Daemon:
         return out
 
     def _housekeep(self) -> None:
-        """Once a second: abandon cases the scanner left open."""
+        """Once a second: abandon cases the scanner left open. Every retention_interval_s: retention."""
+        from . import retention
+
         tick = min(1.0, self.settings.case_timeout_s / 4)
+        next_retention = time.monotonic()
         while not self._housekeeping_stop.wait(tick):
             try:
                 self.receiver.abandon_stale(self.settings.case_timeout_s)
+                if time.monotonic() >= next_retention:
+                    next_retention = time.monotonic() + self.settings.retention_interval_s
+                    for p in retention.apply(self.store, self.settings):
+                        log.info("retention removed the files of case %s (%s, %d bytes)", p.case_id, p.reason,
+                                 p.bytes)
             except Exception:  # noqa: BLE001 - housekeeping must never take the daemon down
                 log.exception("housekeeping failed")
 
