@@ -84,8 +84,8 @@ def run(ctx, port: str | None) -> None:
     daemon = Daemon(settings, notify=notify)
     daemon.start()
     if settings.fault_injection:
-        click.echo("[fault-injection] on: SIGUSR1 hangs the pipeline thread", err=True)
         signal.signal(signal.SIGUSR1, lambda *_: daemon.pipeline.hang.set())
+        click.echo("[fault-injection] on: SIGUSR1 hangs the pipeline thread", err=True)
     try:
         serve(daemon, Notifier(), stop)
     except KeyboardInterrupt:

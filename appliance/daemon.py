@@ -231,6 +231,35 @@ class CaseReceiver:
         self.pipeline.end(progress)
         self.notify("case-ended", {"case_id": case_id, "tile_count": tile_count})
 
+    def recover(self) -> list[str]:
+        """After a crash: rebuild every case the last run left open from the spool (what was ACKed) and replay
+        its tiles into the pipeline in index order; a case whose CASE_END was received is finished now, with
+        the same tiles, so the same verdict and score. Others stay open (and are abandoned if the scanner
+        does not come back within case_timeout_s)."""
+        resumed = []
+        for row in self.store.open_cases():
+            case_id = row["id"]
+            try:
+                info = CaseInfo(**self.spool.case_info(case_id))
+            except (OSError, ValueError, TypeError) as exc:
+                self.store.case_failed(case_id, f"could not resume after a restart: {exc}")
+                continue
+            ended = row["status"] == "processing" or any(
+                e["kind"] == "case-ended" for e in self.store.events(case_id))
+            progress = CaseProgress(case_id, info.specimen_id, info.expected_tiles or None, info)
+            self.cases[case_id] = progress
+            self.current = progress
+            self.pipeline.begin(progress)
+            for _idx, x, y, path in self.spool.stored_tiles(case_id):
+                self.pipeline.tile(progress, x, y, np.load(path, allow_pickle=False))
+                progress.tiles_received += 1
+            self.notify("resumed", {"case_id": case_id, "tiles": progress.tiles_received, "ended": ended})
+            if ended:
+                progress.ended = True
+                self.pipeline.end(progress)
+            resumed.append(case_id)
+        return resumed
+
     def abandon_stale(self, timeout: float) -> list[str]:
         """Mark cases with no tile and no CASE_END for ``timeout`` seconds abandoned; returns their ids."""
         now, out = time.monotonic(), []
@@ -300,7 +329,7 @@ class Daemon:
 
     # Lifecycle events kept in the store's events table (per-tile progress is not: it is in the tiles table).
     RECORDED = frozenset({"case-started", "case-ended", "early-positive", "finished", "outputs", "error", "failed",
-                          "refused", "abandoned", "link", "ready"})
+                          "refused", "abandoned", "resumed", "link", "ready"})
 
     def notify(self, kind: str, data: dict) -> None:
         """Record lifecycle events in SQLite, then pass every event on (demo progress, logs)."""
@@ -334,6 +363,7 @@ class Daemon:
             self.api = ApiServer(create_app(s, self.store, self.status), s.api_host, s.api_port)
             self.api.start()
             self.notify("api", {"url": f"http://{s.api_host}:{self.api.port}"})
+        self.receiver.recover()
         self._housekeeping_stop = threading.Event()
         self._housekeeping = threading.Thread(target=self._housekeep, name="housekeeping", daemon=True)
         self._housekeeping.start()

@@ -13,6 +13,7 @@ import numpy as np
 
 from .errors import StoreError
 
+_TILE_FILE = re.compile(r"^tile-(\d+)_x(\d+)_y(\d+)\.npy$")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -75,3 +76,15 @@ class TileSpool:
 
     def tiles(self, case_id: str) -> list[Path]:
         return sorted(self.case_dir(case_id).glob("tile-*.npy"))
+
+    def stored_tiles(self, case_id: str) -> list[tuple[int, int, int, Path]]:
+        """(index, x, y, path) of every tile spooled for a case, in index order."""
+        out = []
+        for f in self.tiles(case_id):
+            m = _TILE_FILE.match(f.name)
+            if m:
+                out.append((int(m.group(1)), int(m.group(2)), int(m.group(3)), f))
+        return sorted(out)
+
+    def case_info(self, case_id: str) -> dict:
+        return json.loads((self.case_dir(case_id) / "case.json").read_text())

@@ -261,6 +261,15 @@ class CaseStore:
         self.write(_write)
 
     # -- reads ----------------------------------------------------------------------------------------
+    def open_cases(self) -> list[dict]:
+        """Cases a previous run left receiving or processing (to resume after a crash), oldest first."""
+        db = self._reader()
+        try:
+            rows = db["cases"].rows_where("status in ('receiving', 'processing')", order_by="received_at")
+            return [_decode_row(r) for r in rows]
+        finally:
+            db.conn.close()
+
     def events(self, case_id: str | None = None) -> list[dict]:
         return self._rows("events", "case_id = ?" if case_id else None, [case_id] if case_id else [], "id")
 

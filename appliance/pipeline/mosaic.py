@@ -41,7 +41,7 @@ class Mosaic:
         self.width = 0  # extent of everything written so far
         self.height = 0
         self._path = self.root / "tiles.raw"
-        self._file = open(self._path, "ab")
+        self._file = open(self._path, "wb")  # a leftover from a crashed run is started over
         self._size = 0
         self._entries: list[_Entry] = []
         self._index: dict[tuple[int, int], list[int]] = {}
