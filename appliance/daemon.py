@@ -7,6 +7,7 @@ thread is the only one that writes SQLite; uvicorn serves the API from its own t
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import queue
 import shutil
@@ -194,8 +195,12 @@ class CaseReceiver:
         self.notify = notify
         self.cases: dict[str, CaseProgress] = {}
         self.current: CaseProgress | None = None
+        self.reopened: list[tuple[CaseInfo, list[int]]] = []  # open cases rebuilt after a restart
 
     def case_began(self, info: CaseInfo) -> None:
+        known = self.cases.get(info.case_id)
+        if known is not None and not known.done.is_set() and not known.abandoned:
+            return  # rebuilt after a restart and resumed by the scanner: keep what is stored and replayed
         refusal = self.storage.refusal()
         if refusal:
             self.notify("refused", {"case_id": info.case_id, "reason": refusal})
@@ -250,13 +255,20 @@ class CaseReceiver:
             self.cases[case_id] = progress
             self.current = progress
             self.pipeline.begin(progress)
-            for _idx, x, y, path in self.spool.stored_tiles(case_id):
-                self.pipeline.tile(progress, x, y, np.load(path, allow_pickle=False))
+            logged = {r["idx"] for r in self.store.tiles(case_id)}
+            for idx, x, y, path in self.spool.stored_tiles(case_id):
+                pixels = np.load(path, allow_pickle=False)
+                if idx not in logged:  # spooled, then killed before its row was committed (and before the ACK)
+                    self.store.tile_stored(case_id, idx, x, y, pixels.shape[1], pixels.shape[0],
+                                           hashlib.sha256(np.ascontiguousarray(pixels).tobytes()).hexdigest())
+                self.pipeline.tile(progress, x, y, pixels)
                 progress.tiles_received += 1
             self.notify("resumed", {"case_id": case_id, "tiles": progress.tiles_received, "ended": ended})
             if ended:
                 progress.ended = True
                 self.pipeline.end(progress)
+            else:
+                self.reopened.append((info, [i for i, _x, _y, _p in self.spool.stored_tiles(case_id)]))
             resumed.append(case_id)
         return resumed
 
@@ -369,6 +381,8 @@ class Daemon:
         self._housekeeping.start()
         # wait_for_port: a daemon started before the scanner is plugged in waits for it instead of failing.
         self.link = HostLink(self.port, self.receiver, wait_for_port=True)
+        if self.receiver.reopened:  # the host holds one open case: the latest the scanner was sending
+            self.link.restore_case(*self.receiver.reopened[-1])
         self.link.start()
         self.notify("ready", {"port": self.port, "model": self.engine.description})
 

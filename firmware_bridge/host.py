@@ -14,7 +14,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field, fields
-from typing import Callable, Protocol, runtime_checkable
+from typing import Callable, Iterable, Protocol, runtime_checkable
 
 import numpy as np
 import serial
@@ -228,6 +228,16 @@ class HostLink:
         self._backoff = backoff_initial  # first delay of the next reopen
 
     # --- lifecycle -------------------------------------------------------------------
+
+    def restore_case(self, info: CaseInfo, stored: Iterable[int]) -> None:
+        """Before start(): re-open a case a previous host process left open (rebuilt from its spool), with the
+        tile indices it had stored and ACKed. The scanner's resumed CASE_BEGIN (same fields, after HELLO) then
+        resumes it (8.8), and resent tiles that are already stored are re-ACKed, not stored twice."""
+        if self._thread is not None:
+            raise LinkError("restore_case() must be called before start()")
+        begin = CaseBegin(**{f.name: getattr(info, f.name) for f in fields(CaseBegin)})
+        self._case = _OpenCase(begin=begin, stored=set(stored))
+        self._hello_since_begin = True
 
     def start(self) -> HostLink:
         """Open the port if given by name, then start the reader thread; raises TransportError.

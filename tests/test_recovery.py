@@ -70,3 +70,100 @@ def test_case_acked_before_a_sigkill_is_finished_after_restart_with_the_same_cal
     assert case["status"] in ("done", "cannot-call")
     assert (case["verdict"], case["score"]) == (expected.verdict, expected.score)
     assert case["patches_scored"] == len(expected.patches) and case["tiles_received"] == len(tiles)
+
+
+def test_sigkill_at_random_points_in_20_streamed_cases_loses_nothing_and_changes_no_call(tmp_path, demo_image):
+    """One scanner streams 20 cases; the daemon process is SIGKILLed once per case at a random point (after
+    k of n tiles were ACKed, or right after CASE_END was ACKed) and restarted at once. For every case: every
+    ACKed tile is stored with the sha256 the scanner sent, the case completes, and its verdict and score
+    equal an uninterrupted run of the same tiles."""
+    import hashlib
+    import random
+    import sqlite3
+    import threading
+
+    rng = random.Random(20261122)
+    engine = load_engine(MODEL_DIR)
+    cable = PtyCable(tmp_path / "scanner")
+    data = tmp_path / "var"
+    env = dict(os.environ, APPLIANCE_DATA_DIR=str(data), APPLIANCE_MODEL_DIR=str(MODEL_DIR), APPLIANCE_API_PORT="0")
+    env.pop("NOTIFY_SOCKET", None)
+
+    def start():
+        proc = subprocess.Popen([sys.executable, "-m", "appliance.cli", "run", "--port", str(cable.path)],
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        while "[ready]" not in (line := proc.stderr.readline()):
+            assert line, "appliance run died before it was ready"
+        threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()  # keep the pipe drained
+        return proc
+
+    cases, kill_points = [], []
+    proc = start()
+    try:
+        for c in range(20):
+            oy, ox = rng.randrange(0, 1400, 50), rng.randrange(0, 1700, 50)
+            tiles = [TileToSend(x, y, np.ascontiguousarray(demo_image[oy + y: oy + y + 200, ox + x: ox + x + 200]))
+                     for y in range(0, 600, 200) for x in range(0, 800, 200)]
+            info = case_info_for(f"K-{c:02d}", f"S-{c:02d}", tiles, 4.0, 200)
+            acked, out = [], {}
+
+            def paced(ts=tiles):
+                for t in ts:
+                    time.sleep(0.03)
+                    yield t
+
+            def run(info=info, acked=acked, out=out, source=paced):
+                try:
+                    out["result"] = ScannerEmulator(cable, info, source(), encoding="raw", ack_timeout=2.0,
+                                                    max_retries=40, keep_digests=True,
+                                                    progress=lambda s, a, t: acked.append(a)).run()
+                except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+                    out["error"] = repr(exc)
+
+            scanner = threading.Thread(target=run)
+            scanner.start()
+            k = rng.randint(1, len(tiles))  # k == n: after CASE_END
+            if k < len(tiles):
+                while (not acked or acked[-1] < k) and scanner.is_alive():
+                    time.sleep(0.005)
+            else:
+                scanner.join(60)
+            proc.kill()
+            proc.wait()
+            kill_points.append(k)
+            proc = start()
+            scanner.join(120)
+            assert "result" in out, f"case {info.case_id} (killed after {k} ACKs): {out.get('error')}"
+            cases.append((info, tiles, out["result"]))
+        deadline = time.monotonic() + 120
+        db = sqlite3.connect(f"file:{data / 'appliance.db'}?mode=ro", uri=True)
+        db.row_factory = sqlite3.Row
+        while time.monotonic() < deadline:
+            open_ = db.execute("select count(*) from cases where status in ('receiving', 'processing')").fetchone()[0]
+            if open_ == 0 and db.execute("select count(*) from cases").fetchone()[0] == 20:
+                break
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        cable.close()
+
+    print("kill points (ACKs before SIGKILL):", kill_points)
+    assert len(set(kill_points)) > 3  # the kills really landed at different points
+    for info, tiles, result in cases:
+        row = db.execute("select * from cases where id = ?", [info.case_id]).fetchone()
+        assert row is not None and row["status"] in ("done", "cannot-call"), (info.case_id, row and row["status"])
+        stored = {r["idx"]: r["sha256"] for r in db.execute("select idx, sha256 from tiles where case_id = ?",
+                                                            [info.case_id])}
+        assert sorted(result.acked) == sorted(stored) == list(range(len(tiles)))
+        for i, t in enumerate(tiles):
+            assert stored[i] == hashlib.sha256(t.pixels.tobytes()).hexdigest()
+        reference = TriageSession(engine, scanner_mpp=4.0, width=info.image_width, height=info.image_height)
+        try:
+            for t in tiles:
+                reference.add_tile(t.x, t.y, t.pixels)
+            expected = reference.finish()
+        finally:
+            reference.close()
+        assert (row["verdict"], row["score"]) == (expected.verdict, expected.score), info.case_id
+    db.close()
