@@ -29,6 +29,9 @@ class Settings(BaseSettings):
     serial_port: str = Field("/dev/scanner", description="Scanner device path or pyserial URL.")
     api_host: str = "127.0.0.1"
     api_port: int = Field(8470, ge=0, le=65535)
+    api_allow_remote: bool = Field(
+        False, description="Allow api_host to be a non-loopback address; then every endpoint needs the token.")
+    api_token_file: Path | None = Field(None, description="API token file (0600); default <data_dir>/api-token.")
     batch_size: int = Field(128, ge=1, le=4096)
     min_free_mb: int = Field(
         1024, ge=0, description="New cases are refused over the link while the data disk has less free space.")
@@ -49,6 +52,10 @@ class Settings(BaseSettings):
     @property
     def db_path(self) -> Path:
         return self.data_dir / "appliance.db"
+
+    @property
+    def token_path(self) -> Path:
+        return self.api_token_file or self.data_dir / "api-token"
 
     @property
     def spool_dir(self) -> Path:

@@ -372,7 +372,7 @@ class Daemon:
         self.receiver = CaseReceiver(spool, self.store, self.pipeline, self.engine.description, self.notify,
                                      self.storage)
         if self.serve_api:
-            self.api = ApiServer(create_app(s, self.store, self.status), s.api_host, s.api_port)
+            self.api = ApiServer(create_app(s, self.store, self.status, self.not_ready), s.api_host, s.api_port)
             self.api.start()
             self.notify("api", {"url": f"http://{s.api_host}:{self.api.port}"})
         self.receiver.recover()
@@ -434,6 +434,18 @@ class Daemon:
                                  p.bytes)
             except Exception:  # noqa: BLE001 - housekeeping must never take the daemon down
                 log.exception("housekeeping failed")
+
+    def not_ready(self) -> list[str]:
+        """Why the daemon is not ready for a scanner yet (empty when it is): for GET /ready."""
+        reasons = []
+        if self.engine is None:
+            reasons.append("the model is not loaded")
+        if self.link is None or self.link.state in ("reconnecting", "stopped"):
+            reasons.append(f"the scanner port {self.port} is not open")
+        ok, why = self.health() if self.link is not None and self.pipeline is not None else (True, "")
+        if not ok:
+            reasons.append(why)
+        return reasons
 
     def health(self) -> tuple[bool, str]:
         """(healthy, why not): the link reader and the pipeline are alive and making progress."""

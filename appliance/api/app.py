@@ -6,25 +6,37 @@ import threading
 from typing import Callable
 
 import uvicorn
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 from .. import RESEARCH_USE_NOTICE, __version__
 from ..config import Settings
+from ..errors import ApplianceError
+from .auth import ensure_token, is_loopback, reads_need_token
 from ..store import CaseStore
 from .routes import cases, health
 from .routes import status as status_route
 
 
-def create_app(settings: Settings, store: CaseStore, status: Callable[[], dict] | None = None) -> FastAPI:
-    """Build the API around its collaborators; ``status`` returns the daemon's live status as a dict."""
+def create_app(settings: Settings, store: CaseStore, status: Callable[[], dict] | None = None,
+               ready: Callable[[], list[str]] | None = None) -> FastAPI:
+    """Build the API around its collaborators: ``status`` returns the daemon's live status as a dict,
+    ``ready`` the reasons it is not ready yet (empty when ready)."""
+    remote = not is_loopback(settings.api_host)
+    if remote and not settings.api_allow_remote:
+        raise ApplianceError(f"the API would listen on {settings.api_host}, which is not loopback; set "
+                             f"api_allow_remote = true to allow it (every endpoint then needs the token)")
     app = FastAPI(
         title="Bench triage appliance",
         version=__version__,
         description=f"Local status API of the bench triage appliance. {RESEARCH_USE_NOTICE}",
+        dependencies=[Depends(reads_need_token)],
     )
     app.state.settings = settings
     app.state.store = store
     app.state.status = status or (lambda: {"version": __version__})
+    app.state.ready = ready or (lambda: [])
+    app.state.token = ensure_token(settings.token_path)
+    app.state.remote = remote
     app.include_router(health.router)
     app.include_router(cases.router)
     app.include_router(status_route.router)

@@ -46,3 +46,130 @@ def test_health_cases_and_case(api):
 
 def test_api_binds_loopback_only_by_default(settings):
     assert settings.api_host == "127.0.0.1"
+
+
+def _finished_case(store, case_id="C-1"):
+    model = {"name": "m", "version": "1", "sha256": "a" * 64, "backend": "openvino"}
+    store.case_started(case_id, specimen_id="S-1", tiles_expected=3, model=model)
+    store.case_finished(case_id, {
+        "verdict": "suspicious", "score": 0.9, "threshold": 0.5, "reasons": [], "patches": [{}] * 20,
+        "early_positive": True, "early_positive_after_tiles": 2, "timings_ms": {}, "model": model})
+
+
+def test_token_file_is_made_once_and_private(settings):
+    import stat
+
+    from appliance.api.auth import ensure_token
+    from appliance.errors import ApplianceError
+
+    token = ensure_token(settings.token_path)
+    assert len(token) >= 32 and stat.S_IMODE(settings.token_path.stat().st_mode) == 0o600
+    assert ensure_token(settings.token_path) == token
+    settings.token_path.chmod(0o644)
+    with pytest.raises(ApplianceError, match="readable by others"):
+        ensure_token(settings.token_path)
+
+
+def test_actions_need_the_token_and_land_in_the_audit_table(api, settings):
+    store, url = api
+    _finished_case(store)
+    token = settings.token_path.read_text().strip()
+    body = {"initials": "JS", "comment": "agree with the call"}
+    with httpx.Client(base_url=url, timeout=10) as c:
+        assert c.post("/cases/C-1/signoff", json=body).status_code == 401
+        assert c.post("/cases/C-1/signoff", json=body, headers={"Authorization": "Bearer nope"}).status_code == 403
+        assert c.post("/cases/C-1/signoff", json=body, headers={"Authorization": "Basic abc"}).status_code == 401
+        assert store.audit_log() == []  # refused actions change nothing
+        auth = {"Authorization": f"Bearer {token}"}
+        ok = c.post("/cases/C-1/signoff", json=body, headers=auth)
+        assert ok.status_code == 200 and ok.json()["signed_off_by"] == "JS"
+        assert c.get("/cases/C-1").status_code == 200
+        assert c.post("/cases/C-1/comment", json={"initials": "AB", "comment": "seen"}, headers=auth).status_code == 200
+        assert c.post("/cases/nope/signoff", json=body, headers=auth).status_code == 404
+        assert c.post("/cases/C-1/signoff", json={"initials": ""}, headers=auth).status_code == 422
+        store.case_started("RUN-1", specimen_id="S")
+        assert c.post("/cases/RUN-1/signoff", json=body, headers=auth).status_code == 409
+    audit = store.audit_log("C-1")
+    assert [(a["actor"], a["action"], a["via"]) for a in audit] == [("JS", "sign-off", "api"), ("AB", "comment", "api")]
+    assert audit[0]["detail"] == {"comment": "agree with the call"}
+    assert store.get_case("C-1")["signed_off_by"] == "JS"
+
+
+def test_hostile_case_ids_and_queries_get_a_4xx_never_a_file_or_a_5xx(api):
+    store, url = api
+    _finished_case(store)
+    with httpx.Client(base_url=url, timeout=10) as c:
+        for path in ("/cases/../../etc/passwd", "/cases/..%2F..%2Fetc%2Fpasswd", "/cases/%2e%2e/overlay.png",
+                     "/cases/C-1/..%2F..%2Fappliance.db", "/cases/C-1/appliance.db", "/cases/.hidden",
+                     "/cases/C-1/overlay.png%00.txt"):
+            r = c.get(path)
+            assert 400 <= r.status_code < 500, (path, r.status_code)
+            assert b"root:" not in r.content and b"SQLite format" not in r.content
+        r = c.get("/cases", params={"offset": "1" * 10_000})
+        assert 400 <= r.status_code < 500
+        r = c.get("/cases/" + "a" * 10_000)
+        assert 400 <= r.status_code < 500
+
+
+def test_case_files_are_served_with_their_media_types(api, settings, ov_engine):
+    import json
+
+    from appliance.triage import triage_path
+    from tests.conftest import DEMO_CASE
+
+    store, url = api
+    _finished_case(store, "DEMO-1")
+    triage_path(ov_engine, DEMO_CASE, out_dir=settings.cases_dir / "DEMO-1")
+    with httpx.Client(base_url=url, timeout=30) as c:
+        png = c.get("/cases/DEMO-1/overlay.png")
+        assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+        assert png.content[:8] == b"\x89PNG\r\n\x1a\n"
+        geo = c.get("/cases/DEMO-1/regions.geojson")
+        assert geo.headers["content-type"] == "application/geo+json"
+        assert json.loads(geo.content)["type"] == "FeatureCollection"
+        tif = c.get("/cases/DEMO-1/case.ome.tif")
+        assert tif.headers["content-type"] == "image/tiff" and tif.content[:4] in (b"II*\x00", b"II+\x00")
+        assert c.get("/cases/C-9/overlay.png").status_code == 404
+        assert c.get("/cases/DEMO-1/secret.txt").status_code == 404
+
+
+def test_ready_is_503_with_reasons_until_ready(settings):
+    store = CaseStore(settings.db_path)
+    reasons = ["the scanner port /dev/scanner is not open"]
+    server = ApiServer(create_app(settings, store, ready=lambda: list(reasons)), "127.0.0.1", 0)
+    server.start()
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{server.port}", timeout=10) as c:
+            r = c.get("/ready")
+            assert r.status_code == 503 and r.json()["reasons"] == reasons
+            reasons.clear()
+            assert c.get("/ready").status_code == 200
+    finally:
+        server.stop()
+        store.close()
+
+
+def test_a_non_loopback_bind_must_be_allowed_and_then_needs_the_token_everywhere(settings):
+    from appliance.config import load_settings
+    from appliance.errors import ApplianceError
+    from tests.conftest import MODEL_DIR
+
+    store = CaseStore(settings.db_path)
+    try:
+        remote = load_settings(None, data_dir=settings.data_dir, model_dir=MODEL_DIR, api_host="0.0.0.0", api_port=0)
+        with pytest.raises(ApplianceError, match="not loopback"):
+            create_app(remote, store)
+        allowed = load_settings(None, data_dir=settings.data_dir, model_dir=MODEL_DIR, api_host="0.0.0.0",
+                                api_port=0, api_allow_remote=True)
+        server = ApiServer(create_app(allowed, store), "127.0.0.1", 0)
+        server.start()
+        try:
+            token = allowed.token_path.read_text().strip()
+            with httpx.Client(base_url=f"http://127.0.0.1:{server.port}", timeout=10) as c:
+                assert c.get("/cases").status_code == 401
+                assert c.get("/health", headers={"Authorization": "Bearer wrong"}).status_code == 403
+                assert c.get("/cases", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+        finally:
+            server.stop()
+    finally:
+        store.close()
