@@ -372,7 +372,8 @@ class Daemon:
         self.receiver = CaseReceiver(spool, self.store, self.pipeline, self.engine.description, self.notify,
                                      self.storage)
         if self.serve_api:
-            self.api = ApiServer(create_app(s, self.store, self.status, self.not_ready), s.api_host, s.api_port)
+            self.api = ApiServer(create_app(s, self.store, self.status, self.not_ready, self.engine.latency),
+                                 s.api_host, s.api_port)
             self.api.start()
             self.notify("api", {"url": f"http://{s.api_host}:{self.api.port}"})
         self.receiver.recover()

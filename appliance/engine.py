@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Literal
@@ -15,6 +16,36 @@ Backend = Literal["openvino", "onnxruntime"]
 BACKENDS: tuple[str, ...] = ("openvino", "onnxruntime")
 
 
+class LatencyHistogram:
+    """Batch inference latency (seconds, cumulative buckets), for /metrics; thread-safe."""
+
+    BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+    def __init__(self):
+        import threading
+
+        self._lock = threading.Lock()
+        self.counts = [0] * (len(self.BUCKETS) + 1)
+        self.total = 0.0
+        self.n = 0
+
+    def observe(self, seconds: float) -> None:
+        with self._lock:
+            i = next((k for k, b in enumerate(self.BUCKETS) if seconds <= b), len(self.BUCKETS))
+            self.counts[i] += 1
+            self.total += seconds
+            self.n += 1
+
+    def snapshot(self) -> tuple[list[tuple[float, int]], float, int]:
+        """([(upper bound, cumulative count)], sum, count) with +inf last."""
+        with self._lock:
+            cum, out = 0, []
+            for b, c in zip((*self.BUCKETS, float("inf")), self.counts):
+                cum += c
+                out.append((b, cum))
+            return out, self.total, self.n
+
+
 class Engine(ABC):
     """Scores a batch of uint8 RGB patches (N, H, W, 3) and returns one probability per patch."""
 
@@ -23,6 +54,7 @@ class Engine(ABC):
     def __init__(self, model_dir: Path, manifest: ModelManifest):
         self.model_dir = Path(model_dir)
         self.manifest = manifest
+        self.latency = LatencyHistogram()
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         self._check_batch(batch)
@@ -139,7 +171,11 @@ class Scorer:
         self._done: list[tuple[object, np.ndarray]] = []
 
     def submit(self, batch: np.ndarray, tag: object) -> None:
+        import time
+
+        t0 = time.perf_counter()
         self._done.append((tag, self.engine.infer(batch)))
+        self.engine.latency.observe(time.perf_counter() - t0)
 
     def done(self) -> list[tuple[object, np.ndarray]]:
         """Results finished so far (each returned once)."""
@@ -165,8 +201,10 @@ class AsyncScorer(Scorer):
 
         self._idle = deque(engine._compiled.create_infer_request() for _ in range(jobs))
         self._busy: deque = deque()  # (request, tag), oldest first
+        self._started: dict[int, float] = {}
 
     def _harvest(self, req, tag) -> None:
+        self.engine.latency.observe(time.perf_counter() - self._started.pop(id(req), time.perf_counter()))
         try:
             probs = np.array(req.get_output_tensor(0).data, dtype=np.float32).reshape(-1)
         except RuntimeError as exc:
@@ -181,6 +219,7 @@ class AsyncScorer(Scorer):
             req.wait()
             self._harvest(req, old)
         req = self._idle.popleft()
+        self._started[id(req)] = time.perf_counter()
         req.start_async({0: np.ascontiguousarray(batch)})
         self._busy.append((req, tag))
 

@@ -261,6 +261,16 @@ class CaseStore:
         self.write(_write)
 
     # -- reads ----------------------------------------------------------------------------------------
+    def counts(self) -> dict:
+        """Totals for /metrics: tiles stored, and cases by verdict (status while unfinished)."""
+        db = self._reader()
+        try:
+            tiles = db.execute("select count(*) from tiles").fetchone()[0]
+            rows = db.execute("select coalesce(verdict, status), count(*) from cases group by 1").fetchall()
+            return {"tiles": tiles, "by_verdict": {k: v for k, v in rows}}
+        finally:
+            db.conn.close()
+
     def open_cases(self) -> list[dict]:
         """Cases a previous run left receiving or processing (to resume after a crash), oldest first."""
         db = self._reader()

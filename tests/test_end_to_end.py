@@ -44,6 +44,7 @@ def test_streamed_case_is_stored_tile_for_tile_and_logged(settings, pty_pair, de
         assert progress is not None and progress.result is not None
         with httpx.Client(base_url=f"http://127.0.0.1:{daemon.api.port}", timeout=10) as c:
             api_case = c.get("/cases/E2E-1").json()
+            metrics = c.get("/metrics")
     finally:
         daemon.stop()
 
@@ -68,6 +69,17 @@ def test_streamed_case_is_stored_tile_for_tile_and_logged(settings, pty_pair, de
     assert set(case["timings_ms"]) >= {"tissue_qc", "patching", "wait_inference", "total"}
     assert api_case["verdict"] == case["verdict"]
     assert any(kind == "finished" for kind, _ in events)
+    # /metrics is valid Prometheus text and agrees with the store
+    from prometheus_client.parser import text_string_to_metric_families
+
+    assert metrics.headers["content-type"].startswith("text/plain; version=0.0.4")
+    families = {f.name: f for f in text_string_to_metric_families(metrics.text)}
+    assert families["appliance_tiles_received"].samples[0].value == len(tiles)
+    verdicts = {s.labels["verdict"]: s.value for s in families["appliance_cases"].samples}
+    assert verdicts == {case["verdict"]: 1}
+    hist = {s.name: s.value for s in families["appliance_inference_batch_seconds"].samples if not s.labels}
+    assert hist["appliance_inference_batch_seconds_count"] > 0 and hist["appliance_inference_batch_seconds_sum"] > 0
+    assert "appliance_link_crc_errors" in families and "appliance_disk_free_bytes" in families
     # the case's history is in SQLite, in order, and the model that called it is on record
     history = [e["kind"] for e in daemon.store.events(info.case_id)]
     assert history[0] == "case-started" and "case-ended" in history and "finished" in history
