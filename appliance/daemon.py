@@ -24,6 +24,7 @@ from firmware_bridge.host import CaseInfo, CaseRefused, HostLink, TileReceived
 from .api.app import ApiServer, create_app
 from .config import Settings
 from .engine import Engine, load_engine
+from .events import EventHub
 from .errors import ApplianceError
 from .pipeline import TriageResult, TriageSession
 from .spool import TileSpool
@@ -331,6 +332,7 @@ class Daemon:
         self.settings = settings
         self.port = port or settings.serial_port
         self._user_notify = notify or (lambda kind, data: log.info("%s %s", kind, data))
+        self.events = EventHub()  # live events for GET /events
         self.serve_api = serve_api
         self.engine: Engine | None = None
         self.store: CaseStore | None = None
@@ -345,6 +347,7 @@ class Daemon:
 
     def notify(self, kind: str, data: dict) -> None:
         """Record lifecycle events in SQLite, then pass every event on (demo progress, logs)."""
+        self.events.publish(kind, data)
         if kind in self.RECORDED and self.store is not None:
             try:
                 self.store.event(kind, case_id=data.get("case_id"), detail=data)
@@ -372,8 +375,8 @@ class Daemon:
         self.receiver = CaseReceiver(spool, self.store, self.pipeline, self.engine.description, self.notify,
                                      self.storage)
         if self.serve_api:
-            self.api = ApiServer(create_app(s, self.store, self.status, self.not_ready, self.engine.latency),
-                                 s.api_host, s.api_port)
+            self.api = ApiServer(create_app(s, self.store, self.status, self.not_ready, self.engine.latency,
+                                            self.events), s.api_host, s.api_port)
             self.api.start()
             self.notify("api", {"url": f"http://{s.api_host}:{self.api.port}"})
         self.receiver.recover()

@@ -152,3 +152,46 @@ def test_daemon_rides_through_link_faults_and_reports_them(settings, demo_image,
     # seed 7 with these weights pulls the cable at least once: the daemon reopened the same path
     assert faults.counts.get("disconnect", 0) >= 1, faults.counts
     assert link["counters"]["reconnects"] >= 1
+
+
+def test_event_stream_delivers_early_positive_then_finished_in_order(settings, pty_pair, demo_image):
+    import threading
+
+    from appliance.sources import tiles_from_image
+
+    master, port = pty_pair
+    tiles = [TileToSend(t.x, t.y, np.ascontiguousarray(t.pixels)) for t in tiles_from_image(demo_image, 200)]
+    daemon = Daemon(settings, port=port, notify=lambda kind, data: None)
+    daemon.start()
+    got, connected = [], threading.Event()
+
+    def listen():
+        with httpx.stream("GET", f"http://127.0.0.1:{daemon.api.port}/events", timeout=60) as r:
+            assert r.headers["content-type"].startswith("text/event-stream")
+            kind = None
+            for line in r.iter_lines():
+                connected.set()
+                if line.startswith("event: "):
+                    kind = line[7:]
+                elif line.startswith("data: ") and kind:
+                    got.append((kind, json.loads(line[6:])))
+                    if kind == "finished":
+                        return
+
+    listener = threading.Thread(target=listen, daemon=True)
+    listener.start()
+    try:
+        assert connected.wait(10)
+        info = case_info_for("SSE-1", "S-SSE", tiles, 4.0, 200)
+        ScannerEmulator(FdTransport(master), info, tiles, encoding="raw").run()
+        listener.join(60)
+    finally:
+        daemon.stop()
+    kinds = [k for k, d in got if d.get("case_id") == "SSE-1" and k != "tile"]
+    assert kinds[0] == "case-started"
+    assert "early-positive" in kinds and kinds.index("early-positive") < kinds.index("case-ended") \
+        < kinds.index("finished")
+    progress = [d["received"] for k, d in got if k == "tile"]
+    assert progress == sorted(progress) and progress[-1] == len(tiles)
+    finished = next(d for k, d in got if k == "finished")
+    assert finished["verdict"] == "suspicious"

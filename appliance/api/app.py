@@ -13,12 +13,14 @@ from ..config import Settings
 from ..errors import ApplianceError
 from .auth import ensure_token, is_loopback, reads_need_token
 from ..store import CaseStore
-from .routes import cases, health, metrics
+from ..events import EventHub
+from .routes import cases, events, health, metrics
 from .routes import status as status_route
 
 
 def create_app(settings: Settings, store: CaseStore, status: Callable[[], dict] | None = None,
-               ready: Callable[[], list[str]] | None = None, latency=None) -> FastAPI:
+               ready: Callable[[], list[str]] | None = None, latency=None,
+               hub: EventHub | None = None) -> FastAPI:
     """Build the API around its collaborators: ``status`` returns the daemon's live status as a dict,
     ``ready`` the reasons it is not ready yet (empty when ready)."""
     remote = not is_loopback(settings.api_host)
@@ -38,10 +40,12 @@ def create_app(settings: Settings, store: CaseStore, status: Callable[[], dict] 
     app.state.token = ensure_token(settings.token_path)
     app.state.remote = remote
     app.state.latency = latency  # the engine's LatencyHistogram, when the daemon serves the API
+    app.state.events = hub or EventHub()
     app.include_router(health.router)
     app.include_router(cases.router)
     app.include_router(status_route.router)
     app.include_router(metrics.router)
+    app.include_router(events.router)
     return app
 
 
