@@ -277,6 +277,47 @@ def format_metrics(m: dict, model: dict) -> str:
     return "\n".join(rows)
 
 
+@main.command()
+@click.option("--url", default=None, help="API base URL (default: from settings, http://127.0.0.1:8470).")
+@click.option("--json", "as_json", is_flag=True, help="Print the raw JSON.")
+@click.pass_context
+@friendly_errors
+def status(ctx, url: str | None, as_json: bool) -> None:
+    """Show the running daemon's live status (a client of GET /status)."""
+    import httpx
+
+    settings = _settings(ctx)
+    url = (url or f"http://{settings.api_host}:{settings.api_port}").rstrip("/")
+    try:
+        r = httpx.get(f"{url}/status", timeout=5)
+        r.raise_for_status()
+    except httpx.HTTPError as exc:
+        raise click.ClickException(f"cannot reach the appliance at {url}: {exc}") from None
+    st = r.json()
+    if as_json:
+        click.echo(json.dumps(st, indent=1))
+        return
+    link = st.get("link") or {}
+    click.echo(f"appliance {st.get('version')}   {st.get('notice', RESEARCH_USE_NOTICE)}")
+    click.echo(f"scanner link: {link.get('state', 'unknown')} on {link.get('port', '?')}"
+               + (f"   last error: {link['last_error']}" if link.get("last_error") else ""))
+    m = st.get("model")
+    if m:
+        click.echo(f"model: {m['name']} {m['version']} ({m['backend']}), sha256 {m['sha256'][:16]}...")
+    c = st.get("case")
+    if c:
+        state = c.get("verdict") or ("EARLY POSITIVE" if c.get("early_positive") else "scanning")
+        click.echo(f"case {c['case_id']} ({c.get('specimen_id') or '-'}): {c['tiles_received']}/"
+                   f"{c.get('tiles_expected') or '?'} tiles received, {c['tiles_processed']} processed, "
+                   f"score {c['score']:.3f}, {state}")
+    else:
+        click.echo("no case yet")
+    storage = st.get("storage") or {}
+    if storage.get("free_bytes") is not None:
+        click.echo(f"disk: {storage['free_bytes'] / 1e9:.1f} GB free"
+                   + ("" if storage.get("accepting_cases", True) else f"   NOT ACCEPTING CASES: {storage['reason']}"))
+
+
 @main.group()
 def config() -> None:
     """Settings."""

@@ -301,10 +301,25 @@ class CaseStore:
         conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=10)
         return sqlite_utils.Database(conn)
 
-    def list_cases(self, limit: int = 50, offset: int = 0) -> list[dict]:
+    def list_cases(self, limit: int = 50, offset: int = 0, *, verdict: str | None = None, since: str | None = None,
+                   until: str | None = None, signed_off: bool | None = None) -> list[dict]:
+        """Newest first; filters: verdict, received_at >= since and < until (ISO-8601), signed off or not."""
+        where, args = [], []
+        if verdict is not None:
+            where.append("verdict = ?")
+            args.append(verdict)
+        if since is not None:
+            where.append("received_at >= ?")
+            args.append(since)
+        if until is not None:
+            where.append("received_at < ?")
+            args.append(until)
+        if signed_off is not None:
+            where.append("signed_off_at is not null" if signed_off else "signed_off_at is null")
         db = self._reader()
         try:
-            rows = db["cases"].rows_where(order_by="received_at desc", limit=limit, offset=offset)
+            rows = db["cases"].rows_where(" and ".join(where) or None, args, order_by="received_at desc",
+                                          limit=limit, offset=offset)
             return [_decode_row(r) for r in rows]
         finally:
             db.conn.close()

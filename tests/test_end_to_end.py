@@ -195,3 +195,26 @@ def test_event_stream_delivers_early_positive_then_finished_in_order(settings, p
     assert progress == sorted(progress) and progress[-1] == len(tiles)
     finished = next(d for k, d in got if k == "finished")
     assert finished["verdict"] == "suspicious"
+
+
+def test_status_cli_is_a_client_of_the_running_daemon(settings, pty_pair):
+    import subprocess
+    import sys
+
+    _master, port = pty_pair
+    daemon = Daemon(settings, port=port, notify=lambda kind, data: None)
+    daemon.start()
+    try:
+        url = f"http://127.0.0.1:{daemon.api.port}"
+        cli = [sys.executable, "-m", "appliance.cli", "status", "--url", url]
+        text = subprocess.run(cli, capture_output=True, text=True, timeout=60)
+        raw = subprocess.run([*cli, "--json"], capture_output=True, text=True, timeout=60)
+    finally:
+        daemon.stop()
+    assert text.returncode == 0, text.stderr
+    assert "scanner link: connecting on" in text.stdout and "model: idc-resnet" in text.stdout
+    assert "not for diagnosis" in text.stdout.lower() and "no case yet" in text.stdout
+    assert json.loads(raw.stdout)["model"]["sha256"] == daemon.engine.manifest.digest
+    down = subprocess.run([sys.executable, "-m", "appliance.cli", "status", "--url", "http://127.0.0.1:9"],
+                          capture_output=True, text=True, timeout=60)
+    assert down.returncode == 1 and "cannot reach the appliance at http://127.0.0.1:9" in down.stderr

@@ -38,6 +38,9 @@ class CasePublic(BaseModel):
     model_sha256: str | None = None
     engine: str | None = None
     timings_ms: dict[str, float] | None = None
+    signed_off_by: str | None = None
+    signed_off_at: str | None = None
+    sign_off_comment: str | None = None
     research_use_only: bool = True
     notice: str = RESEARCH_USE_NOTICE
 

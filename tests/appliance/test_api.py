@@ -173,3 +173,29 @@ def test_a_non_loopback_bind_must_be_allowed_and_then_needs_the_token_everywhere
             server.stop()
     finally:
         store.close()
+
+
+def test_case_list_filters_by_verdict_date_and_sign_off(api, settings):
+    store, url = api
+    _finished_case(store, "A")
+    _finished_case(store, "B")
+    store.case_started("C", specimen_id="S")
+    store.case_finished("C", {"verdict": "benign-appearing", "score": 0.1, "threshold": 0.5, "reasons": [],
+                              "patches": [], "early_positive": False, "early_positive_after_tiles": None,
+                              "timings_ms": {}, "model": {"name": "m", "version": "1", "sha256": "a" * 64,
+                                                          "backend": "openvino"}})
+    store.sign_off("A", by="JS")
+    with httpx.Client(base_url=url, timeout=10) as c:
+        def ids(**params):
+            r = c.get("/cases", params=params)
+            assert r.status_code == 200, r.text
+            return sorted(x["id"] for x in r.json()["cases"])
+
+        assert ids() == ["A", "B", "C"]
+        assert ids(verdict="suspicious") == ["A", "B"]
+        assert ids(signed_off="true") == ["A"] and ids(signed_off="false") == ["B", "C"]
+        assert ids(since="2000-01-01T00:00:00Z") == ["A", "B", "C"] and ids(until="2000-01-01") == []
+        assert ids(limit=1, offset=1) in (["A"], ["B"], ["C"])
+        assert c.get("/cases", params={"verdict": "maybe"}).status_code == 422
+        assert c.get("/cases", params={"since": "yesterday-ish"}).status_code == 422
+        assert c.get("/cases/A").json()["signed_off_by"] == "JS"

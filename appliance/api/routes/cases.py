@@ -1,6 +1,7 @@
 """Cases: the history of triaged cases and one case's summary."""
 
-from typing import Annotated
+from datetime import datetime, timezone
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
 from fastapi.responses import FileResponse
@@ -29,9 +30,14 @@ StoreDep = Annotated[CaseStore, Depends(get_store)]
 def list_cases(
     store: StoreDep,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
+    verdict: Annotated[Literal["suspicious", "benign-appearing", "cannot-call"] | None, Query()] = None,
+    since: Annotated[datetime | None, Query(description="received at or after (ISO-8601)")] = None,
+    until: Annotated[datetime | None, Query(description="received before (ISO-8601)")] = None,
+    signed_off: Annotated[bool | None, Query()] = None,
 ) -> CaseList:
-    rows = store.list_cases(limit=limit, offset=offset)
+    rows = store.list_cases(limit=limit, offset=offset, verdict=verdict, since=_iso(since), until=_iso(until),
+                            signed_off=signed_off)
     return CaseList(cases=[CasePublic.model_validate(_clean(r)) for r in rows], limit=limit, offset=offset)
 
 
@@ -82,6 +88,14 @@ def comment(case_id: CaseId, body: SignOff, store: StoreDep,
         raise HTTPException(status_code=404, detail=f"no case with id {case_id!r}")
     store.audit(body.initials, "comment", case_id=case_id, detail={"comment": body.comment}, via="api")
     return {"case_id": case_id, "comment": body.comment, "by": body.initials}
+
+
+def _iso(t: datetime | None) -> str | None:
+    if t is None:
+        return None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=timezone.utc)
+    return t.astimezone(timezone.utc).isoformat(timespec="milliseconds")
 
 
 def _clean(row: dict) -> dict:
