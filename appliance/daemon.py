@@ -197,6 +197,7 @@ class CaseReceiver:
         self.cases: dict[str, CaseProgress] = {}
         self.current: CaseProgress | None = None
         self.reopened: list[tuple[CaseInfo, list[int]]] = []  # open cases rebuilt after a restart
+        self.ended_recovered: list[tuple[str, int]] = []  # ended cases finished after a restart
 
     def case_began(self, info: CaseInfo) -> None:
         known = self.cases.get(info.case_id)
@@ -233,6 +234,9 @@ class CaseReceiver:
         progress = self.cases[case_id]
         if progress.abandoned:
             raise CaseRefused(f"case {case_id} was abandoned: {progress.abandoned}")
+        # Committed before this returns (and so before the ACK): a crash after the ACK must still find the
+        # case ended, or the restarted daemon would wait for a CASE_END the scanner will never resend.
+        self.store.case_processing(case_id)
         progress.ended = True
         self.pipeline.end(progress)
         self.notify("case-ended", {"case_id": case_id, "tile_count": tile_count})
@@ -268,6 +272,7 @@ class CaseReceiver:
             if ended:
                 progress.ended = True
                 self.pipeline.end(progress)
+                self.ended_recovered.append((case_id, progress.tiles_received))
             else:
                 self.reopened.append((info, [i for i, _x, _y, _p in self.spool.stored_tiles(case_id)]))
             resumed.append(case_id)
@@ -387,6 +392,8 @@ class Daemon:
         self.link = HostLink(self.port, self.receiver, wait_for_port=True)
         if self.receiver.reopened:  # the host holds one open case: the latest the scanner was sending
             self.link.restore_case(*self.receiver.reopened[-1])
+        for case_id, tiles in self.receiver.ended_recovered:  # their CASE_END may come again: re-ACK it
+            self.link.restore_ended(case_id, tiles)
         self.link.start()
         self.notify("ready", {"port": self.port, "model": self.engine.description})
 

@@ -243,9 +243,10 @@ class CaseStore:
         self.write(lambda db: _audit(db, utcnow(), actor, via, action, case_id, detail or {}))
 
     def event(self, kind: str, *, case_id: str | None = None, detail: dict | None = None) -> None:
-        """A lifecycle event or error, kept for the case's history (queued, not waited for)."""
+        """A lifecycle event or error, kept for the case's history (committed before this returns, so the
+        history never lags what the scanner or a client was told)."""
         row = {"at": utcnow(), "case_id": case_id, "kind": kind, "detail": json.dumps(detail or {}, default=str)}
-        self.submit(lambda db: db["events"].insert(row))
+        self.write(lambda db: db["events"].insert(row))
 
     def model_seen(self, model: dict) -> None:
         at = utcnow()

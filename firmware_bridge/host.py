@@ -239,6 +239,13 @@ class HostLink:
         self._case = _OpenCase(begin=begin, stored=set(stored))
         self._hello_since_begin = True
 
+    def restore_ended(self, case_id: str, tile_count: int) -> None:
+        """Before start(): a case a previous host process had ended (CASE_END stored, maybe not yet ACKed);
+        a resent CASE_END for it is re-ACKed as a duplicate instead of refused as unknown."""
+        if self._thread is not None:
+            raise LinkError("restore_ended() must be called before start()")
+        self._ended[case_id] = tile_count
+
     def start(self) -> HostLink:
         """Open the port if given by name, then start the reader thread; raises TransportError.
 

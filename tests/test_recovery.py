@@ -52,10 +52,10 @@ def test_case_acked_before_a_sigkill_is_finished_after_restart_with_the_same_cal
     try:
         progress = restarted.wait_case("CRASH-1", 120)
         assert progress is not None and progress.result is not None
-        case = restarted.store.get_case("CRASH-1")
-        kinds = [e["kind"] for e in restarted.store.events("CRASH-1")]
     finally:
-        restarted.stop()
+        restarted.stop()  # the writer drains its queue: every event is committed
+    case = restarted.store.get_case("CRASH-1")
+    kinds = [e["kind"] for e in restarted.store.events("CRASH-1")]
     assert "resumed" in kinds and kinds.index("case-ended") < kinds.index("resumed") < kinds.index("finished")
 
     # the uninterrupted call on the same tiles, through the same session code
