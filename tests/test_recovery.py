@@ -20,6 +20,17 @@ from firmware_bridge.emulator import ScannerEmulator, TileToSend
 from tests.conftest import MODEL_DIR
 
 
+def uninterrupted_call(engine, info, tiles):
+    """The call an uninterrupted run makes on the same tiles, through the same session code."""
+    reference = TriageSession(engine, scanner_mpp=4.0, width=info.image_width, height=info.image_height)
+    try:
+        for t in tiles:
+            reference.add_tile(t.x, t.y, t.pixels)
+        return reference.finish()
+    finally:
+        reference.close()
+
+
 def test_case_acked_before_a_sigkill_is_finished_after_restart_with_the_same_call(tmp_path, demo_image):
     tiles = [TileToSend(x, y, np.ascontiguousarray(demo_image[400 + y: 600 + y, 700 + x: 900 + x]))
              for y in range(0, 600, 200) for x in range(0, 800, 200)]
@@ -59,14 +70,7 @@ def test_case_acked_before_a_sigkill_is_finished_after_restart_with_the_same_cal
     assert "resumed" in kinds and kinds.index("case-ended") < kinds.index("resumed") < kinds.index("finished")
 
     # the uninterrupted call on the same tiles, through the same session code
-    reference = TriageSession(load_engine(MODEL_DIR), scanner_mpp=4.0, width=info.image_width,
-                              height=info.image_height)
-    try:
-        for t in tiles:
-            reference.add_tile(t.x, t.y, t.pixels)
-        expected = reference.finish()
-    finally:
-        reference.close()
+    expected = uninterrupted_call(load_engine(MODEL_DIR), info, tiles)
     assert case["status"] in ("done", "cannot-call")
     assert (case["verdict"], case["score"]) == (expected.verdict, expected.score)
     assert case["patches_scored"] == len(expected.patches) and case["tiles_received"] == len(tiles)
@@ -158,12 +162,6 @@ def test_sigkill_at_random_points_in_20_streamed_cases_loses_nothing_and_changes
         assert sorted(result.acked) == sorted(stored) == list(range(len(tiles)))
         for i, t in enumerate(tiles):
             assert stored[i] == hashlib.sha256(t.pixels.tobytes()).hexdigest()
-        reference = TriageSession(engine, scanner_mpp=4.0, width=info.image_width, height=info.image_height)
-        try:
-            for t in tiles:
-                reference.add_tile(t.x, t.y, t.pixels)
-            expected = reference.finish()
-        finally:
-            reference.close()
+        expected = uninterrupted_call(engine, info, tiles)
         assert (row["verdict"], row["score"]) == (expected.verdict, expected.score), info.case_id
     db.close()
