@@ -19,6 +19,7 @@ from typing import Callable
 
 import numpy as np
 
+from firmware_bridge.errors import LinkError
 from firmware_bridge.host import CaseInfo, CaseRefused, HostLink, TileReceived
 
 from .api.app import ApiServer, create_app
@@ -381,7 +382,7 @@ class Daemon:
                                      self.storage)
         if self.serve_api:
             self.api = ApiServer(create_app(s, self.store, self.status, self.not_ready, self.engine.latency,
-                                            self.events), s.api_host, s.api_port)
+                                            self.events, self.reconnect_link), s.api_host, s.api_port)
             self.api.start()
             self.notify("api", {"url": f"http://{s.api_host}:{self.api.port}"})
         self.receiver.recover()
@@ -396,6 +397,15 @@ class Daemon:
             self.link.restore_ended(case_id, tiles)
         self.link.start()
         self.notify("ready", {"port": self.port, "model": self.engine.description})
+
+    def reconnect_link(self, why: str) -> str:
+        """An operator's reconnect (POST /link/reconnect): reopen the scanner port now; returns the link state."""
+        if self.link is None:
+            raise LinkError("the scanner link is not started yet")
+        log.warning("reconnecting the scanner link: %s", why)
+        self.link.request_reconnect(why)
+        self.notify("link", {"kind": "reconnect-requested", "detail": why})
+        return self.link.state
 
     def status(self) -> dict:
         """The live status the API serves: link, case in flight, model, disk."""

@@ -219,6 +219,8 @@ class HostLink:
         self._ended: OrderedDict[str, int] = OrderedDict()
         self._case_ends: queue.Queue[object] = queue.Queue()
         self._stop = threading.Event()
+        self._wake = threading.Event()  # stop(), or an operator asking for a reconnect (request_reconnect)
+        self._reconnect_why: str | None = None
         self._port_lock = threading.Lock()  # port swaps (reader) vs cancel_read (stop)
         self._thread: threading.Thread | None = None
         self._t0 = time.monotonic()
@@ -273,15 +275,11 @@ class HostLink:
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the reader, close the port, wait for the thread. Safe to call twice."""
         self._stop.set()
-        with self._port_lock:
-            port = self.port
-            cancel = getattr(port, "cancel_read", None)
-            if callable(cancel) and getattr(port, "is_open", True):
-                try:
-                    cancel()
-                except (OSError, ValueError, TypeError):
-                    pass  # port closing under us: the reader wakes on its own read timeout
+        self._wake.set()
+        self._cancel_read()
         if self._thread is None:
+            with self._port_lock:
+                port = self.port
             if port is not None:
                 port.close()  # never started: nobody else will close it
             self._state = LinkState.STOPPED
@@ -291,6 +289,32 @@ class HostLink:
             if self._thread.is_alive():
                 raise LinkError(f"host reader thread did not stop within {timeout} s")
         self._state = LinkState.STOPPED
+
+    def request_reconnect(self, why: str) -> None:
+        """Close and reopen the port now, keeping the open case (the scanner resumes it after HELLO); while
+        the port is already being reopened, retry at once instead of waiting out the backoff.
+
+        Raises LinkError when the link cannot reopen (it was given an open transport) or is not running.
+        """
+        if not self.reconnect:
+            raise LinkError("this link was given an open transport, not a device path: it cannot reopen it")
+        if not self.running:
+            raise LinkError(f"the link to {self.port_name} is not running")
+        self._reconnect_why = why
+        self._backoff = self.backoff_initial
+        self._wake.set()
+        self._cancel_read()
+
+    def _cancel_read(self) -> None:
+        """Wake a reader blocked in read() (pyserial ports); others wake on their read timeout."""
+        with self._port_lock:
+            port = self.port
+            cancel = getattr(port, "cancel_read", None)
+            if callable(cancel) and getattr(port, "is_open", True):
+                try:
+                    cancel()
+                except (OSError, ValueError, TypeError):
+                    pass  # port closing under us: the reader wakes on its own read timeout
 
     def __enter__(self) -> HostLink:
         return self.start()
@@ -400,6 +424,9 @@ class HostLink:
         port, reader, counters = self.port, self._reader, self.counters
         while not self._stop.is_set():
             data = read_some(port)
+            if self._wake.is_set() and not self._stop.is_set():
+                self._wake.clear()
+                raise TransportError(f"reconnect requested: {self._reconnect_why}")
             if data:
                 counters.bytes_received += len(data)
                 for item in reader.feed(data):
@@ -423,7 +450,7 @@ class HostLink:
         delay = self._backoff
         began = time.monotonic()
         attempts = 0
-        while not self._stop.wait(delay):
+        while not self._sleep(delay):
             attempts += 1
             self.counters.reconnect_attempts += 1
             try:
@@ -448,6 +475,12 @@ class HostLink:
             )
             return True
         return False
+
+    def _sleep(self, delay: float) -> bool:
+        """Wait ``delay`` s or until woken; True if stop() came. A reconnect request cuts the wait short."""
+        if self._wake.wait(delay) and not self._stop.is_set():
+            self._wake.clear()
+        return self._stop.is_set()
 
     def _close_port(self, error: BaseException | None) -> BaseException | None:
         with self._port_lock:
@@ -484,8 +517,12 @@ class HostLink:
             self._problem(LinkEvent.MALFORMED, str(exc))
             self._nack(item.seq, NackReason.MALFORMED, str(exc))
             return
-        if self._state == LinkState.DOWN and not isinstance(msg, Hello):
-            self._set_state(LinkState.UP, "the silent scanner was heard again")
+        if not isinstance(msg, Hello):
+            if self._state == LinkState.DOWN:
+                self._set_state(LinkState.UP, "the silent scanner was heard again")
+            elif self._state == LinkState.CONNECTING and self.peer is not None:
+                # a reopened port (the host's side of a reconnect): the same scanner session goes on
+                self._set_state(LinkState.UP, "the scanner was heard again on the reopened port")
         self._dispatch(item.seq, msg)
 
     def _on_frame_error(self, err: FrameError) -> None:

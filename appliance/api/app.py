@@ -14,15 +14,16 @@ from ..errors import ApplianceError
 from .auth import ensure_token, is_loopback, reads_need_token
 from ..store import CaseStore
 from ..events import EventHub
-from .routes import cases, events, health, metrics
+from .routes import cases, events, health, link, metrics
 from .routes import status as status_route
 
 
 def create_app(settings: Settings, store: CaseStore, status: Callable[[], dict] | None = None,
                ready: Callable[[], list[str]] | None = None, latency=None,
-               hub: EventHub | None = None) -> FastAPI:
+               hub: EventHub | None = None, reconnect: Callable[[str], str] | None = None) -> FastAPI:
     """Build the API around its collaborators: ``status`` returns the daemon's live status as a dict,
-    ``ready`` the reasons it is not ready yet (empty when ready)."""
+    ``ready`` the reasons it is not ready yet (empty when ready), ``reconnect(why)`` asks the scanner link
+    to reopen its port and returns the link state."""
     remote = not is_loopback(settings.api_host)
     if remote and not settings.api_allow_remote:
         raise ApplianceError(f"the API would listen on {settings.api_host}, which is not loopback; set "
@@ -41,11 +42,13 @@ def create_app(settings: Settings, store: CaseStore, status: Callable[[], dict] 
     app.state.remote = remote
     app.state.latency = latency  # the engine's LatencyHistogram, when the daemon serves the API
     app.state.events = hub or EventHub()
+    app.state.reconnect = reconnect
     app.include_router(health.router)
     app.include_router(cases.router)
     app.include_router(status_route.router)
     app.include_router(metrics.router)
     app.include_router(events.router)
+    app.include_router(link.router)
     return app
 
 

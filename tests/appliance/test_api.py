@@ -95,6 +95,36 @@ def test_actions_need_the_token_and_land_in_the_audit_table(api, settings):
     assert store.get_case("C-1")["signed_off_by"] == "JS"
 
 
+def test_link_reconnect_says_why_it_cannot_and_changes_nothing_then(settings):
+    """No link in this process: 503; a link that cannot reopen (given an open transport): 409 with the reason.
+    Neither lands in the audit table, because nothing happened."""
+    import os
+
+    from firmware_bridge.host import HostLink
+    from firmware_bridge.transport import FdTransport
+
+    store = CaseStore(settings.db_path)
+    master, slave = os.openpty()
+    link = HostLink(FdTransport(slave), sink=None)  # an open transport: no path to reopen
+    servers = [ApiServer(create_app(settings, store), "127.0.0.1", 0),
+               ApiServer(create_app(settings, store, reconnect=link.request_reconnect), "127.0.0.1", 0)]
+    for s in servers:
+        s.start()
+    auth = {"Authorization": f"Bearer {settings.token_path.read_text().strip()}"}
+    try:
+        none, fixed = (httpx.post(f"http://127.0.0.1:{s.port}/link/reconnect", json={"initials": "AB"},
+                                  headers=auth, timeout=10) for s in servers)
+    finally:
+        for s in servers:
+            s.stop()
+        store.close()
+        os.close(master)
+        os.close(slave)
+    assert none.status_code == 503 and "no scanner link" in none.json()["detail"]
+    assert fixed.status_code == 409 and "cannot reopen" in fixed.json()["detail"]
+    assert store.audit_log() == []
+
+
 def test_hostile_case_ids_and_queries_get_a_4xx_never_a_file_or_a_5xx(api):
     store, url = api
     _finished_case(store)

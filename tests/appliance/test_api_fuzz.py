@@ -1,11 +1,14 @@
 """OpenAPI-driven fuzzing (schemathesis) of the status API over real HTTP: no input makes a 5xx."""
 
+import os
+
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 
 from appliance.api.app import ApiServer, create_app
 from appliance.store import CaseStore
+from firmware_bridge.host import HostLink
 
 
 @pytest.fixture
@@ -17,14 +20,24 @@ def api_schema(settings_for_fuzz):
     store.case_finished("C-1", {"verdict": "suspicious", "score": 0.9, "threshold": 0.5, "reasons": [],
                                 "patches": [], "early_positive": False, "early_positive_after_tiles": None,
                                 "timings_ms": {}, "model": model})
-    server = ApiServer(create_app(s, store), "127.0.0.1", 0)
+    master, slave = os.openpty()  # a real link on a pty path, so POST /link/reconnect really reopens it
+    link = HostLink(os.ttyname(slave), sink=None, backoff_initial=0.01).start()
+
+    def reconnect(why: str) -> str:
+        link.request_reconnect(why)
+        return link.state
+
+    server = ApiServer(create_app(s, store, reconnect=reconnect), "127.0.0.1", 0)
     server.start()
     pytest.fuzz_token = s.token_path.read_text().strip()
     try:
         yield schemathesis.openapi.from_url(f"http://127.0.0.1:{server.port}/openapi.json").exclude(path="/events")
     finally:
         server.stop()
+        link.stop()
         store.close()
+        os.close(master)
+        os.close(slave)
 
 
 @pytest.fixture

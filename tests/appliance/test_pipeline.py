@@ -4,6 +4,8 @@ positive finality, patch grid across unaligned and overlapping tiles, resampling
 import json
 import shutil
 
+import time
+
 import numpy as np
 import pytest
 import tifffile
@@ -25,11 +27,14 @@ from appliance.triage import triage_path
 from tests.conftest import DEMO_CASE, MODEL_DIR
 
 
-def run_session(engine, image, tile=200, **kw):
+def run_session(engine, image, tile=200, pace=0.0, **kw):
+    """Feed the image tile by tile; ``pace`` s between tiles plays a scanner (a real one takes far longer), so
+    asynchronous results can come back before the last tile, as they do on the bench."""
     session = TriageSession(engine, height=image.shape[0], width=image.shape[1], **kw)
     try:
         for t in tiles_from_image(image, tile):
             session.add_tile(t.x, t.y, np.ascontiguousarray(t.pixels))
+            time.sleep(pace)
         return session.finish()
     finally:
         session.close()
@@ -106,7 +111,7 @@ def test_triage_cli_out_dir_and_json_agree(tmp_path):
 # ------------------------------------------------------------------------------------------ verdicts
 def test_real_tumour_case_is_called_suspicious_early(ov_engine, demo_image):
     events = []
-    r = run_session(ov_engine, demo_image, on_event=lambda k, d: events.append((k, d)))
+    r = run_session(ov_engine, demo_image, pace=0.02, on_event=lambda k, d: events.append((k, d)))
     assert r.verdict == "suspicious" and not r.reasons
     assert r.early_positive and r.early_positive_after_tiles < r.tiles
     kinds = [k for k, _ in events]
