@@ -309,7 +309,10 @@ def status(ctx, url: str | None, as_json: bool) -> None:
         state = c.get("verdict") or ("EARLY POSITIVE" if c.get("early_positive") else "scanning")
         click.echo(f"case {c['case_id']} ({c.get('specimen_id') or '-'}): {c['tiles_received']}/"
                    f"{c.get('tiles_expected') or '?'} tiles received, {c['tiles_processed']} processed, "
-                   f"score {c['score']:.3f}, {state}")
+                   f"score {c['score']:.3f}, {state}"
+                   + (f", about {c['eta_s']:.0f} s to go" if c.get("eta_s") and not c.get("verdict") else ""))
+        for w in c.get("warnings") or []:
+            click.echo(f"  QC warning: {w['message']}")
     else:
         click.echo("no case yet")
     storage = st.get("storage") or {}

@@ -36,6 +36,20 @@ log = logging.getLogger("appliance.daemon")
 Notify = Callable[[str, dict], None]
 
 
+LIVE_QC_EVERY = 8  # tiles between live QC checks (focus and exposure; the stain is judged at the end)
+
+
+def eta_seconds(progress: "CaseProgress", now: float) -> float | None:
+    """Seconds until every expected tile is processed, at the rate seen so far in this case; None when the
+    scanner did not say how many tiles to expect or nothing is processed yet."""
+    if progress.result is not None:
+        return 0.0
+    if not progress.tiles_expected or progress.tiles_processed <= 0:
+        return None
+    rate = progress.tiles_processed / max(now - progress.started, 1e-3)
+    return round(max(progress.tiles_expected - progress.tiles_processed, 0) / rate, 1)
+
+
 @dataclass
 class CaseProgress:
     """What the daemon knows about the case in flight (read by the API and the demo's progress line)."""
@@ -50,6 +64,8 @@ class CaseProgress:
     early_positive: bool = False
     result: TriageResult | None = None
     last_activity: float = field(default_factory=time.monotonic)  # CASE_BEGIN or the latest tile
+    started: float = field(default_factory=time.monotonic)
+    warnings: list[dict] = field(default_factory=list)  # live QC (focus, exposure) while the scan goes on
     ended: bool = False  # CASE_END received
     abandoned: str | None = None  # why, once abandoned
     outputs: dict[str, str] = field(default_factory=dict)
@@ -132,6 +148,9 @@ class PipelineWorker:
                     session.add_tile(item[2], item[3], item[4])
                     progress.tiles_processed = session.tiles
                     progress.score = session.score
+                    if session.tiles % LIVE_QC_EVERY == 0:
+                        progress.warnings = [{"code": r.code, "message": r.message}
+                                             for r in session.qc.reasons(None)]
                 elif kind == "end":
                     self._finish(progress)
                 elif kind == "abandon":
@@ -431,6 +450,8 @@ class Daemon:
                 "score": current.score,
                 "early_positive": current.early_positive,
                 "verdict": current.result.verdict if current.result else None,
+                "eta_s": eta_seconds(current, time.monotonic()),
+                "warnings": list(current.warnings),
             }
         if self.engine is not None:
             out["model"] = self.engine.description

@@ -250,6 +250,7 @@ def test_operator_reconnect_mid_case_keeps_every_tile_and_is_audited(settings, d
             while daemon.receiver.current is None or daemon.receiver.current.tiles_received < 10:
                 assert scanner.is_alive()
                 threading.Event().wait(0.02)
+            mid = c.get("/status").json()["case"]
             r = c.post("/link/reconnect", json=body, headers={"Authorization": f"Bearer {token}"})
             assert r.status_code == 202, r.text
             scanner.join(120)
@@ -264,6 +265,10 @@ def test_operator_reconnect_mid_case_keeps_every_tile_and_is_audited(settings, d
     for i, t in enumerate(tiles):
         assert rows[i]["sha256"] == hashlib.sha256(t.pixels.tobytes()).hexdigest()
     assert status["link"]["counters"]["reconnects"] >= 1 and status["link"]["state"] == "up"
+    # mid-scan, /status had the progress, an ETA from this case's own rate, and the live QC (clean tissue)
+    assert mid["case_id"] == "RECON-1" and mid["tiles_expected"] == 64 and 10 <= mid["tiles_received"] < 64
+    assert mid["eta_s"] is None or mid["eta_s"] > 0
+    assert mid["warnings"] == [] and status["case"]["eta_s"] == 0.0
     audit = [a for a in daemon.store.audit_log() if a["action"] == "link-reconnect"]
     assert len(audit) == 1 and audit[0]["actor"] == "AB" and audit[0]["detail"]["reason"] == "scanner cable reseated"
     assert any(e["kind"] == "link" and e["detail"].get("kind") == "reconnect-requested"

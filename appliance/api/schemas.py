@@ -68,6 +68,8 @@ class CaseStatus(BaseModel):
     score: float
     early_positive: bool
     verdict: str | None = None
+    eta_s: float | None = None
+    warnings: list[ReasonPublic] = []
 
 
 class ModelStatus(BaseModel):

@@ -155,3 +155,14 @@ def test_sign_off_is_refused_while_a_case_is_running_and_for_unknown_cases(tmp_p
         assert store.audit_log() == []
     finally:
         store.close()
+
+
+def test_eta_comes_from_the_case_own_processing_rate():
+    from appliance.daemon import CaseProgress, eta_seconds
+
+    p = CaseProgress("C", "S", tiles_expected=100, started=10.0)
+    assert eta_seconds(p, 20.0) is None  # nothing processed yet: no rate to go on
+    p.tiles_processed = 25
+    assert eta_seconds(p, 20.0) == 30.0  # 2.5 tiles/s, 75 to go
+    p.tiles_expected = None
+    assert eta_seconds(p, 20.0) is None  # the scanner did not say how many
