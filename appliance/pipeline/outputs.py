@@ -27,7 +27,9 @@ _CIVIDIS = np.array([
     [0, 34, 78], [18, 53, 112], [59, 73, 108], [87, 92, 109], [112, 113, 115],
     [138, 134, 120], [166, 157, 117], [196, 181, 105], [230, 207, 81], [254, 232, 56],
 ], dtype=np.float32)
-OUTPUT_FILES = ("overlay.png", "case.ome.tif", "heatmap.ome.tif", "regions.geojson", "summary.json")
+TOP_PATCH_PX = 48  # side of each top patch in top_patches.png
+OUTPUT_FILES = ("overlay.png", "case.ome.tif", "heatmap.ome.tif", "regions.geojson", "summary.json",
+                "thumbnail.png", "heatmap.png", "top_patches.png")
 
 
 def colormap(values: np.ndarray) -> np.ndarray:
@@ -94,6 +96,35 @@ def overlay_image(thumb: np.ndarray, heat: np.ndarray, thumb_cell: int, heat_cel
     return canvas
 
 
+# --------------------------------------------------------------------------------------- preview images
+def heat_image(heat: np.ndarray) -> np.ndarray:
+    """The overlap-averaged heatmap as (rows, cols, 2) uint8 grey+alpha: probability x 255, alpha 0 where no
+    tissue patch was scored; one pixel per heatmap cell (the terminal UI draws it over thumbnail.png)."""
+    out = np.zeros(heat.shape + (2,), dtype=np.uint8)
+    scored = ~np.isnan(heat)
+    out[..., 0][scored] = np.round(np.clip(heat[scored], 0, 1) * 255).astype(np.uint8)
+    out[..., 1][scored] = 255
+    return out
+
+
+def patch_strip(crops: list[np.ndarray], px: int = TOP_PATCH_PX) -> np.ndarray:
+    """The top patches side by side, each resized to ``px`` x ``px`` (highest probability first)."""
+    from PIL import Image
+
+    strip = np.full((px, max(1, len(crops)) * px, 3), 255, dtype=np.uint8)
+    for i, crop in enumerate(crops):
+        small = Image.fromarray(np.ascontiguousarray(crop)).resize((px, px), Image.BILINEAR)
+        strip[:, i * px:(i + 1) * px] = np.asarray(small)
+    return strip
+
+
+def _save_png(path: Path, pixels: np.ndarray) -> None:
+    from PIL import Image
+
+    mode = "LA" if pixels.ndim == 3 and pixels.shape[2] == 2 else "RGB"
+    _replace_into(path, lambda tmp: Image.fromarray(pixels, mode=mode).save(tmp, format="PNG"))
+
+
 # ------------------------------------------------------------------------------------------- OME-TIFF
 def _levels(width: int, height: int) -> int:
     n = 1
@@ -149,8 +180,10 @@ def heatmap_mosaic(heat: np.ndarray, cell: int, width: int, height: int, root: P
 
 # ---------------------------------------------------------------------------------------------- all
 def write_outputs(out_dir: Path, case_id: str, summary: dict, *, heatmap: Heatmap, thumbnail: Thumbnail,
-                  mosaic: Mosaic, patch_threshold: float, min_region_cells: int = MIN_REGION_CELLS) -> dict[str, str]:
-    """Write the case's files into ``out_dir``; returns {name: path}. ``summary`` follows TriageSummary."""
+                  mosaic: Mosaic, patch_threshold: float, top_crops: list[np.ndarray] = (),
+                  min_region_cells: int = MIN_REGION_CELLS) -> dict[str, str]:
+    """Write the case's files into ``out_dir``; returns {name: path}. ``summary`` follows TriageSummary;
+    ``top_crops`` are the top patches' pixels, highest probability first."""
     result = summary
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -162,6 +195,11 @@ def write_outputs(out_dir: Path, case_id: str, summary: dict, *, heatmap: Heatma
     p = out_dir / "overlay.png"
     _replace_into(p, lambda tmp: over.save(tmp, format="PNG"))
     paths["overlay.png"] = str(p)
+    for name, pixels in (("thumbnail.png", thumbnail.image()), ("heatmap.png", heat_image(heat)),
+                         ("top_patches.png", patch_strip(list(top_crops)))):
+        if pixels.size:
+            _save_png(out_dir / name, pixels)
+            paths[name] = str(out_dir / name)
 
     feats = regions(heat, patch_threshold, heatmap.cell, min_region_cells)
     geo = {"type": "FeatureCollection", "features": feats,

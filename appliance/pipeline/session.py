@@ -267,6 +267,14 @@ class TriageSession:
         s = self.scale
         return round(x / s) + self.origin[0], round(y / s) + self.origin[1], round(w / s), round(h / s)
 
+    def _to_model(self, x: int, y: int, w: int, h: int) -> tuple[int, int, int, int]:
+        """The input's pixel coordinates -> model-resolution case coordinates (the inverse of _to_input)."""
+        x, y = x - self.origin[0], y - self.origin[1]
+        if self.scale == 1.0:
+            return x, y, w, h
+        s = self.scale
+        return round(x * s), round(y * s), max(1, round(w * s)), max(1, round(h * s))
+
     # ---------------------------------------------------------------------------------------- verdict
     def finish(self) -> TriageResult:
         """Score what is left and make the call."""
@@ -333,8 +341,10 @@ class TriageSession:
 
         ``summary`` is the finished result's ``to_dict()`` plus ``input`` and ``skipped_inputs``."""
         t0 = time.perf_counter()
+        crops = [self.mosaic.read(*self._to_model(p.x, p.y, p.w, p.h))
+                 for p in sorted(self._scores, key=lambda p: (-p.probability, p.y, p.x))[: self.mil.k]]
         paths = write_outputs(out_dir, case_id, summary, heatmap=self.heatmap, thumbnail=self.thumbnail,
-                              mosaic=self.mosaic, patch_threshold=self.patch_threshold)
+                              mosaic=self.mosaic, patch_threshold=self.patch_threshold, top_crops=crops)
         summary.setdefault("timings_ms", {})
         summary["timings_ms"]["outputs"] = round((time.perf_counter() - t0) * 1e3, 3)
         summary["case_id"], summary["outputs"] = case_id, sorted(paths)

@@ -55,7 +55,8 @@ def test_demo_case_outputs_open_in_the_tools_a_lab_uses(ov_engine, tmp_path):
     out = tmp_path / "out"
     result = triage_path(ov_engine, DEMO_CASE, out_dir=out)
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["overlay.png", "case.ome.tif", "heatmap.ome.tif", "regions.geojson", "summary.json"])
+        ["overlay.png", "case.ome.tif", "heatmap.ome.tif", "regions.geojson", "summary.json", "thumbnail.png",
+         "heatmap.png", "top_patches.png"])
 
     with Image.open(out / "overlay.png") as im:
         im.load()
@@ -87,6 +88,25 @@ def test_demo_case_outputs_open_in_the_tools_a_lab_uses(ov_engine, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     TriageSummary.model_validate(summary)
     assert summary["verdict"] == result["verdict"] == "suspicious"
+
+    # the small previews the terminal UI draws: heatmap grey+alpha on the heatmap grid, thumbnail, top-k strip
+    with Image.open(out / "heatmap.png") as im:
+        assert im.mode == "LA"
+        heat = np.asarray(im)
+    scored = heat[..., 1] == 255
+    assert scored.any() and (~scored).any() and heat[..., 0][~scored].max() == 0
+    top = summary["top_patches"]
+    # overlap-averaged: a cell is never above the best patch over it, and the hot cells are hot
+    assert 0.5 * 255 < heat[..., 0][scored].max() <= round(top[0]["probability"] * 255)
+    with Image.open(out / "thumbnail.png") as im:
+        assert im.mode == "RGB" and im.width > heat.shape[1]
+    with Image.open(out / "top_patches.png") as im:
+        assert im.size == (48 * len(top), 48)
+        strip = np.asarray(im)
+    case = tifffile.imread(DEMO_CASE)
+    first = case[top[0]["y"]:top[0]["y"] + top[0]["h"], top[0]["x"]:top[0]["x"] + top[0]["w"]]
+    small = np.asarray(Image.fromarray(first).resize((48, 48), Image.BILINEAR))
+    assert np.array_equal(strip[:, :48], small)  # the first thumbnail is the top patch itself
     assert summary["research_use_only"] is True and "not for diagnosis" in summary["notice"].lower()
 
 

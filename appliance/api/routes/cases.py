@@ -14,7 +14,8 @@ from ..schemas import CaseList, CasePublic
 
 CaseId = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", description="case id")]
 OUTPUT_TYPES = {"overlay.png": "image/png", "regions.geojson": "application/geo+json",
-                "case.ome.tif": "image/tiff", "heatmap.ome.tif": "image/tiff", "summary.json": "application/json"}
+                "case.ome.tif": "image/tiff", "heatmap.ome.tif": "image/tiff", "summary.json": "application/json",
+                "thumbnail.png": "image/png", "heatmap.png": "image/png", "top_patches.png": "image/png"}
 
 router = APIRouter(prefix="/cases", tags=["cases"])
 
