@@ -321,6 +321,19 @@ def status(ctx, url: str | None, as_json: bool) -> None:
                    + ("" if storage.get("accepting_cases", True) else f"   NOT ACCEPTING CASES: {storage['reason']}"))
 
 
+@main.command()
+@click.option("--api", "url", default=None, help="Status API URL (default from settings).")
+@click.pass_context
+@friendly_errors
+def tui(ctx, url: str | None) -> None:
+    """The technician's terminal UI over the status API (live scan, verdict cards, history, sign-off)."""
+    from .tui.app import TriageApp
+
+    settings = _settings(ctx)
+    url = url or f"http://{settings.api_host}:{settings.api_port}"
+    TriageApp(url, settings.token_path).run()
+
+
 @main.group()
 def config() -> None:
     """Settings."""

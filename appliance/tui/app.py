@@ -1,0 +1,116 @@
+"""`appliance tui`: the technician's screen, a client of the status API.
+
+Two workers keep it live: one polls GET /status every second, one listens to GET /events. When the daemon
+cannot be reached both keep retrying, and a banner on every screen says so until it is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from textual.app import App
+from textual.binding import Binding
+from textual import work
+
+from .. import RESEARCH_USE_NOTICE
+from .client import ApiClient, ApiUnavailable
+from .messages import ConnectionChanged, DaemonEvent, StatusUpdated
+from .screens import CaseScreen, HistoryScreen, LiveScreen
+from .widgets import Banner
+
+RETRY_MAX_S = 2.0
+
+
+class TriageApp(App):
+    CSS_PATH = "app.tcss"
+    TITLE = "Bench triage appliance"
+    SUB_TITLE = RESEARCH_USE_NOTICE
+    BINDINGS = [Binding("l", "live", "Live"), Binding("h", "history", "History"), Binding("q", "quit", "Quit")]
+
+    def __init__(self, api_url: str, token_path: Path | None = None, *, poll_s: float = 1.0,
+                 open_verdicts: bool = True) -> None:
+        super().__init__()
+        self.client = ApiClient(api_url, token_path)
+        self.poll_s = poll_s
+        self.open_verdicts = open_verdicts  # push the verdict card when a case is called
+        self.connected: bool | None = None
+        self.down_reason: str | None = None
+        self.live = LiveScreen()
+
+    def on_mount(self) -> None:
+        self.push_screen(self.live)
+        self.poll()
+        self.listen()
+
+    async def on_unmount(self) -> None:
+        await self.client.close()
+
+    # -- workers --------------------------------------------------------------------------------------
+    @work(exclusive=True, group="poll")
+    async def poll(self) -> None:
+        delay = self.poll_s
+        while True:
+            try:
+                status = await self.client.status()
+            except ApiUnavailable as exc:
+                self.post_message(ConnectionChanged(False, str(exc)))
+                delay = min(delay * 2, RETRY_MAX_S)
+            except Exception as exc:  # noqa: BLE001 - an odd answer is shown, never fatal to the screen
+                self.post_message(ConnectionChanged(False, f"unexpected answer from the appliance: {exc}"))
+                delay = min(delay * 2, RETRY_MAX_S)
+            else:
+                self.post_message(ConnectionChanged(True))
+                self.post_message(StatusUpdated(status))
+                delay = self.poll_s
+            await asyncio.sleep(delay)
+
+    @work(exclusive=True, group="events")
+    async def listen(self) -> None:
+        while True:
+            try:
+                async for kind, data in self.client.events():
+                    self.post_message(DaemonEvent(kind, data))
+            except ApiUnavailable:
+                pass  # the poller owns the banner; just come back
+            except Exception:  # noqa: BLE001 - a broken stream is retried, not fatal
+                pass
+            await asyncio.sleep(RETRY_MAX_S / 2)
+
+    # -- messages -------------------------------------------------------------------------------------
+    def on_connection_changed(self, msg: ConnectionChanged) -> None:
+        if msg.up == self.connected and (msg.up or msg.detail == self.down_reason):
+            return
+        self.connected = msg.up
+        self.down_reason = None if msg.up else msg.detail
+        for screen in self.screen_stack:
+            for banner in screen.query(Banner):
+                banner.show(self.down_reason)
+
+    def on_status_updated(self, msg: StatusUpdated) -> None:
+        self.live.show_status(msg.status)
+
+    def on_daemon_event(self, msg: DaemonEvent) -> None:
+        kind, data = msg.kind, msg.data
+        if kind == "case-started":
+            self.live.case_started(data.get("case_id", "?"))
+        elif kind == "early-positive":
+            self.live.early_positive(data.get("case_id", "?"), data.get("tiles"))
+            self.bell()
+        elif kind == "finished":
+            self.live.last_verdict(data["case_id"], data["verdict"], data["score"])
+            if self.open_verdicts and self.screen is self.live:
+                self.push_screen(CaseScreen(self.client, data["case_id"]))
+        for screen in self.screen_stack:
+            handler = getattr(screen, "daemon_event", None)
+            if handler is not None:
+                handler(kind, data)
+
+    # -- actions --------------------------------------------------------------------------------------
+    def action_live(self) -> None:
+        while self.screen is not self.live and len(self.screen_stack) > 1:
+            self.pop_screen()
+
+    def action_history(self) -> None:
+        if not isinstance(self.screen, HistoryScreen):
+            self.push_screen(HistoryScreen(self.client))

@@ -1,0 +1,36 @@
+"""Widgets of the terminal UI: the daemon-down banner and pictures drawn with half blocks."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from rich.text import Text
+from textual.widget import Widget
+from textual.widgets import Static
+
+
+class Banner(Static):
+    """Shown across the top of every screen while the daemon cannot be reached."""
+
+    def show(self, message: str | None) -> None:
+        self.set_class(message is not None, "-shown")
+        self.update(f"⚠ DAEMON NOT REACHABLE: {message}. Retrying by itself; the screen updates when it is back."
+                    if message else "")
+
+
+class Picture(Widget):
+    """Draws whatever ``draw(width, lines)`` returns, redrawn to fit when the terminal is resized."""
+
+    def __init__(self, draw: Callable[[int, int], Text] | None = None, *, empty: str = "", **kw) -> None:
+        super().__init__(**kw)
+        self._draw = draw
+        self._empty = empty
+
+    def set_draw(self, draw: Callable[[int, int], Text] | None, empty: str = "") -> None:
+        self._draw, self._empty = draw, empty
+        self.refresh(layout=True)
+
+    def render(self) -> Text:
+        if self._draw is None or self.size.width < 2 or self.size.height < 1:
+            return Text(self._empty, style="italic")
+        return self._draw(self.size.width, self.size.height)
