@@ -171,7 +171,7 @@ class CaseScreen(Screen):
                          f"{c.get('threshold') or 0:.3f}   {c.get('patches_scored') or 0} tissue patches scored")
         if c.get("early_positive"):
             facts.append(f"Called early: after {c.get('early_positive_after_tiles')} of "
-                         f"{c.get('tiles_received')} tiles")
+                         f"{c.get('tiles_received') or c.get('tiles_expected') or '?'} tiles")
         self.query_one("#facts", Static).update("\n".join(facts))
         advice = [f"What to do: {todo}"] if c.get("verdict") else [todo]
         for r in c.get("reasons") or []:
@@ -225,6 +225,10 @@ def _top_rows(strip, width: int, _lines: int) -> Text:
     return out
 
 
+# fixed widths: the table fits 80 columns and does not jump about as rows arrive
+COLUMNS = [("received (UTC)", 16), ("case", 12), ("specimen", 12), ("call", 16), ("score", 5), ("signed", 6)]
+
+
 class HistoryScreen(Screen):
     """Every case, newest first; filter by verdict, search by case or specimen, Enter opens the card."""
 
@@ -248,7 +252,8 @@ class HistoryScreen(Screen):
 
     def on_mount(self) -> None:
         table = self.query_one(DataTable)
-        table.add_columns("received (UTC)", "case", "specimen", "call", "score", "signed off")
+        for label, width in COLUMNS:
+            table.add_column(label, width=width)
         table.focus()
         self.load()
 
@@ -287,7 +292,7 @@ class HistoryScreen(Screen):
             symbol, word, *_ = verdict_words(c.get("verdict"))
             call = f"{symbol} {word}" if c.get("verdict") else c["status"]
             score = f"{c['score']:.3f}" if c.get("score") is not None else "-"
-            table.add_row((c.get("received_at") or "")[:19].replace("T", " "), c["id"], c.get("specimen_id") or "-",
+            table.add_row((c.get("received_at") or "")[:16].replace("T", " "), c["id"], c.get("specimen_id") or "-",
                           call, score, c.get("signed_off_by") or "-", key=c["id"])
 
     @on(DataTable.RowSelected)

@@ -31,6 +31,13 @@ class Picture(Widget):
         self.refresh(layout=True)
 
     def render(self) -> Text:
-        if self._draw is None or self.size.width < 2 or self.size.height < 1:
+        width, height = self.content_size.width, self.content_size.height
+        if self._draw is None or width < 2 or height < 1:
             return Text(self._empty, style="italic")
-        return self._draw(self.size.width, self.size.height)
+        return self._draw(width, height)
+
+    def get_content_height(self, container, viewport, width: int) -> int:
+        """For ``height: auto``: as many lines as the picture drawn at this width."""
+        if self._draw is None or width < 2:
+            return 1
+        return len(self._draw(width, viewport.height).split())

@@ -1,0 +1,63 @@
+"""The terminal UI against a real daemon: a scanner emulator streams over a pty, the app talks HTTP."""
+
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from appliance.daemon import Daemon
+from appliance.demo import case_info_for
+from appliance.sources import tiles_from_image
+from firmware_bridge.emulator import ScannerEmulator, TileToSend
+from firmware_bridge.transport import FdTransport
+
+
+class Bench:
+    """A running daemon on a pty and a way to stream the demo case into it, paced like a scanner."""
+
+    def __init__(self, settings, demo_image):
+        self.settings = settings
+        self.tiles = [TileToSend(t.x, t.y, np.ascontiguousarray(t.pixels)) for t in tiles_from_image(demo_image, 200)]
+        self.master, self.slave = os.openpty()
+        self.daemon = Daemon(settings, port=os.ttyname(self.slave), notify=lambda kind, data: None)
+        self.daemon.start()
+        self.url = f"http://127.0.0.1:{self.daemon.api.port}"
+        self.scanner: threading.Thread | None = None
+
+    def stream(self, case_id: str, pace: float = 0.03) -> threading.Thread:
+        info = case_info_for(case_id, f"SPEC-{case_id}", self.tiles, 4.0, 200)
+        emulator = ScannerEmulator(FdTransport(self.master), info, self.tiles, encoding="raw",
+                                   progress=lambda *_: time.sleep(pace))
+        self.scanner = threading.Thread(target=emulator.run, name="scanner", daemon=True)
+        self.scanner.start()
+        return self.scanner
+
+    def close(self) -> None:
+        if self.scanner is not None:
+            self.scanner.join(60)
+        self.daemon.stop()
+        for fd in (self.master, self.slave):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+@pytest.fixture
+def bench(settings, demo_image):
+    b = Bench(settings, demo_image)
+    try:
+        yield b
+    finally:
+        b.close()
+
+
+async def wait_for(pilot, condition, timeout: float = 60.0, what: str = "condition"):
+    """Let the app run until ``condition()`` holds; fail with ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await pilot.pause(0.05)

@@ -1,0 +1,82 @@
+"""Pilot drives the real app against a real daemon streaming the demo case over a pty."""
+
+import asyncio
+
+from textual.widgets import ProgressBar, Static
+
+from appliance.tui.app import TriageApp
+from appliance.tui.screens import CaseScreen, HistoryScreen, SignOffDialog
+from tests.tui.conftest import wait_for
+
+
+def text(widget) -> str:
+    return str(widget.content)
+
+
+def test_live_scan_alert_verdict_card_and_sign_off(bench, settings):
+    async def scenario():
+        app = TriageApp(bench.url, settings.token_path, poll_s=0.1)
+        async with app.run_test(size=(80, 24)) as pilot:
+            bench.stream("TUI-1")
+            bar = app.live.query_one("#received", ProgressBar)
+            alert = app.live.query_one("#alert", Static)
+            seen = []
+            while not alert.has_class("-fired"):
+                seen.append(bar.progress)
+                await pilot.pause(0.05)
+                assert len(seen) < 1200, "no early-positive alert within a minute"
+            alert_text = text(alert)
+            await wait_for(pilot, lambda: isinstance(app.screen, CaseScreen) and app.screen.case is not None,
+                           what="the verdict card")
+            card = app.screen
+            await wait_for(pilot, lambda: "SUSPICIOUS" in text(card.query_one("#verdict", Static)),
+                           what="the verdict")
+            verdict, facts = text(card.query_one("#verdict", Static)), text(card.query_one("#facts", Static))
+            advice, model = text(card.query_one("#advice", Static)), text(card.query_one("#model", Static))
+            notices = [text(s) for s in card.query(".notice")]
+            await pilot.press("s")
+            await wait_for(pilot, lambda: isinstance(app.screen, SignOffDialog), what="the sign-off dialog")
+            await pilot.press(*"JS")
+            await pilot.press("tab", *"agree", "enter")
+            await wait_for(pilot, lambda: isinstance(app.screen, CaseScreen), what="the dialog to close")
+            await wait_for(pilot, lambda: "Signed off by JS" in text(card.query_one("#signoff-state", Static)),
+                           what="the card to show the sign-off")
+            await pilot.press("h")
+            await wait_for(pilot, lambda: isinstance(app.screen, HistoryScreen) and app.screen.rows,
+                           what="the history")
+            history = app.screen.rows
+        return seen, alert_text, verdict, facts, advice, model, notices, history
+
+    seen, alert_text, verdict, facts, advice, model, notices, history = asyncio.run(scenario())
+    advancing = sorted(set(p for p in seen if p))
+    assert len(advancing) >= 3 and advancing == sorted(advancing), seen  # the bar moved on as tiles came
+    assert "EARLY POSITIVE" in alert_text and "TUI-1" in alert_text
+    assert "▲" in verdict and "SUSPICIOUS" in verdict  # a word and a symbol, never colour alone
+    assert "threshold" in facts and "Called early" in facts
+    assert "pathologist review" in advice
+    assert "idc-resnet" in model
+    assert notices and all("not for diagnosis" in n.lower() for n in notices)
+    audit = bench.daemon.store.audit_log("TUI-1")
+    assert [(a["actor"], a["action"], a["detail"]["comment"]) for a in audit] == [("JS", "sign-off", "agree")]
+    assert history[0]["id"] == "TUI-1" and history[0]["signed_off_by"] == "JS"
+
+
+def test_sign_off_without_a_readable_token_is_explained(bench, settings, tmp_path):
+    async def scenario():
+        app = TriageApp(bench.url, tmp_path / "no-such-token", poll_s=0.1, open_verdicts=False)
+        async with app.run_test(size=(80, 24)) as pilot:
+            bench.stream("TUI-2", pace=0.0)
+            await wait_for(pilot, lambda: app.live.last_case == "TUI-2", what="the call")
+            await pilot.press("v")
+            await wait_for(pilot, lambda: isinstance(app.screen, CaseScreen) and app.screen.case is not None,
+                           what="the card")
+            await pilot.press("s")
+            await wait_for(pilot, lambda: isinstance(app.screen, SignOffDialog), what="the dialog")
+            await pilot.press(*"AB", "enter")
+            error = app.screen.query_one("#signoff-error", Static)
+            await wait_for(pilot, lambda: text(error), what="an error")
+            return text(error), isinstance(app.screen, SignOffDialog)
+
+    error, still_open = asyncio.run(scenario())
+    assert "Not signed off" in error and "cannot read the API token" in error and still_open
+    assert bench.daemon.store.audit_log("TUI-2") == []

@@ -1,0 +1,123 @@
+"""Snapshots (pytest-textual-snapshot) of every screen at 80x24 and 120x40.
+
+The app runs against the real API over HTTP, with a store holding two cases triaged by the real model just
+now (one clear, one blurred into a cannot-call). Only what depends on the clock is pinned, so the pictures
+are stable: the received/finished times and the early-call tile count. Update with --snapshot-update after
+looking at the new pictures (tests/tui/__snapshots__/).
+"""
+
+import sqlite3
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFilter
+from textual.widgets import Input
+
+from appliance.api.app import ApiServer, create_app
+from appliance.pipeline import TriageSession
+from appliance.sources import tiles_from_image
+from appliance.store import CaseStore
+from appliance.tui.app import TriageApp
+from appliance.tui.screens import CaseScreen, HistoryScreen, SignOffDialog
+from tests.tui.conftest import wait_for
+
+SIZES = [(80, 24), (120, 40)]
+LIVE = {
+    "version": "0.1.0",
+    "link": {"state": "up", "port": "/dev/scanner", "counters": {"crc_errors": 0}, "last_error": None},
+    "case": {"case_id": "LIVE-7", "specimen_id": "S-2026-0042", "tiles_expected": 130, "tiles_received": 91,
+             "tiles_processed": 88, "score": 0.912, "early_positive": True, "verdict": None, "eta_s": 14.0,
+             "warnings": []},
+}
+
+
+def triage_into(engine, image, cases_dir, case_id) -> dict:
+    session = TriageSession(engine, height=image.shape[0], width=image.shape[1],
+                            workdir=cases_dir / case_id / ".work")
+    try:
+        for t in tiles_from_image(image, 200):
+            session.add_tile(t.x, t.y, np.ascontiguousarray(t.pixels))
+        result = session.finish().to_dict()
+        result.update(input=case_id, skipped_inputs=[])
+        session.write_outputs(cases_dir / case_id, case_id, result)
+    finally:
+        session.close()
+    return result
+
+
+@pytest.fixture(scope="module")
+def api_url(ov_engine, demo_image, tmp_path_factory):
+    from appliance.config import load_settings
+    from tests.conftest import MODEL_DIR
+
+    settings = load_settings(None, data_dir=tmp_path_factory.mktemp("snap") / "var", model_dir=MODEL_DIR, api_port=0)
+    store = CaseStore(settings.db_path)
+    blurred = np.asarray(Image.fromarray(demo_image).filter(ImageFilter.GaussianBlur(4)))
+    for case_id, specimen, image in (("SNAP-1", "S-2026-0040", demo_image), ("SNAP-2", "S-2026-0041", blurred)):
+        result = triage_into(ov_engine, image, settings.cases_dir, case_id)
+        store.case_started(case_id, specimen_id=specimen, tiles_expected=result["tiles"], model=result["model"])
+        store.case_finished(case_id, result)
+    with sqlite3.connect(settings.db_path) as db:  # pin what depends on the clock
+        db.execute("UPDATE cases SET received_at = '2026-11-20T09:0' || substr(id, 6) || ':00.000+00:00', "
+                   "finished_at = '2026-11-20T09:0' || substr(id, 6) || ':40.000+00:00', "
+                   "early_positive_after_tiles = CASE WHEN early_positive THEN 34 END")
+    server = ApiServer(create_app(settings, store, status=lambda: LIVE), "127.0.0.1", 0)
+    server.start()
+    yield f"http://127.0.0.1:{server.port}", settings
+    server.stop()
+    store.close()
+
+
+def app_for(api_url):
+    url, settings = api_url
+    return TriageApp(url, settings.token_path, poll_s=0.1, open_verdicts=False)
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_live_screen(snap_compare, api_url, size):
+    async def ready(pilot):
+        await wait_for(pilot, lambda: "LIVE-7" in str(pilot.app.live.query_one("#case").content), what="status")
+        await pilot.pause(0.3)
+
+    assert snap_compare(app_for(api_url), terminal_size=size, run_before=ready)
+
+
+@pytest.mark.parametrize("case_id", ["SNAP-1", "SNAP-2"])
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_verdict_card(snap_compare, api_url, size, case_id):
+    async def ready(pilot):
+        app = pilot.app
+        app.push_screen(CaseScreen(app.client, case_id))
+        await wait_for(pilot, lambda: isinstance(app.screen, CaseScreen) and app.screen.case is not None,
+                       what="the card")
+        await pilot.pause(0.3)
+
+    assert snap_compare(app_for(api_url), terminal_size=size, run_before=ready)
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_history_screen(snap_compare, api_url, size):
+    async def ready(pilot):
+        await pilot.press("h")
+        await wait_for(pilot, lambda: isinstance(pilot.app.screen, HistoryScreen) and pilot.app.screen.rows,
+                       what="the history")
+        await pilot.pause(0.3)
+
+    assert snap_compare(app_for(api_url), terminal_size=size, run_before=ready)
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_sign_off_dialog(snap_compare, api_url, size):
+    async def ready(pilot):
+        app = pilot.app
+        app.push_screen(CaseScreen(app.client, "SNAP-2"))
+        await wait_for(pilot, lambda: isinstance(app.screen, CaseScreen) and app.screen.case is not None,
+                       what="the card")
+        await pilot.press("s")
+        await wait_for(pilot, lambda: isinstance(app.screen, SignOffDialog), what="the dialog")
+        for field in app.screen.query(Input):
+            field.cursor_blink = False  # a blinking cursor would make the picture depend on the moment
+        await pilot.press(*"JS")
+        await pilot.pause(0.3)
+
+    assert snap_compare(app_for(api_url), terminal_size=size, run_before=ready)
