@@ -1,0 +1,64 @@
+"""The real app in a real terminal: `appliance tui` under tmux, keys sent, the pane captured.
+
+tmux comes from Debian's packages; this installs it when it is missing (apt-get, as root)."""
+
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tmux() -> str:
+    if shutil.which("tmux") is None:
+        subprocess.run(["apt-get", "install", "-y", "-q", "tmux"], capture_output=True, timeout=300)
+    path = shutil.which("tmux")
+    if path is None:
+        pytest.skip("tmux is not installed and apt-get could not install it")
+    return path
+
+
+def capture(tmux: str, session: str) -> str:
+    return subprocess.run([tmux, "capture-pane", "-p", "-t", session], capture_output=True, text=True,
+                          timeout=10).stdout
+
+
+def wait_pane(tmux: str, session: str, needle: str, timeout: float = 90) -> str:
+    deadline = time.monotonic() + timeout
+    pane = ""
+    while time.monotonic() < deadline:
+        pane = capture(tmux, session)
+        if needle in pane:
+            return pane
+        time.sleep(0.2)
+    raise AssertionError(f"{needle!r} never appeared; the pane was:\n{pane}")
+
+
+def test_tui_in_tmux_shows_the_live_scan_then_the_verdict(tmux, bench, settings):
+    """In tmux's default 80x24 window: the live scan, the early-positive alert, the card, then the history."""
+    session = f"tui-{uuid.uuid4().hex[:8]}"
+    cmd = (f"APPLIANCE_DATA_DIR={shlex.quote(str(settings.data_dir))} {shlex.quote(sys.executable)} -m appliance.cli "
+           f"tui --api {bench.url}")
+    subprocess.run([tmux, "new-session", "-d", "-s", session, cmd], check=True, timeout=10)
+    try:
+        wait_pane(tmux, session, "Scanner link:")
+        bench.stream("TMUX-1", pace=0.02)
+        live = wait_pane(tmux, session, "EARLY POSITIVE")
+        card = wait_pane(tmux, session, "SUSPICIOUS  ▲")
+        wait_pane(tmux, session, "Prioritise this case")
+        subprocess.run([tmux, "send-keys", "-t", session, "h"], check=True, timeout=10)
+        history = wait_pane(tmux, session, "received (UTC)")
+        subprocess.run([tmux, "send-keys", "-t", session, "q"], check=True, timeout=10)
+        time.sleep(1)
+        alive = subprocess.run([tmux, "has-session", "-t", session], capture_output=True).returncode == 0
+    finally:
+        subprocess.run([tmux, "kill-session", "-t", session], capture_output=True, timeout=10)
+    print("--- the verdict card as the terminal showed it ---\n" + card)
+    assert "TMUX-1" in live and "Received" in live
+    assert "For research and triage only" in card
+    assert "▲ SUSPICIOUS" in history and "TMUX-1" in history
+    assert not alive  # q quit the app and with it the tmux session
