@@ -53,14 +53,18 @@ def _settings(ctx: click.Context, **overrides):
 @click.option("--encoding", type=click.Choice(ENCODINGS), default="zlib", show_default=True)
 @click.option("--engine", type=ENGINES, default=None, help="Inference engine (default from settings).")
 @click.option("--api-port", type=int, default=None, help="Status API port (0 picks a free one).")
+@click.option("--tui/--no-tui", default=None,
+              help="Show the terminal UI while the case streams (default: when run in a terminal).")
 @click.pass_context
 @friendly_errors
-def demo(ctx, tile_size: int, encoding: str, engine: str | None, api_port: int | None) -> None:
+def demo(ctx, tile_size: int, encoding: str, engine: str | None, api_port: int | None, tui: bool | None) -> None:
     """Stream the bundled demo case from the scanner emulator over a real pty into the daemon."""
     from .demo import run_demo
 
     settings = _settings(ctx, engine=engine, api_port=api_port)
-    outcome = run_demo(settings, tile_size=tile_size, encoding=encoding)
+    if tui is None:
+        tui = sys.stdin.isatty() and sys.stdout.isatty()
+    outcome = run_demo(settings, tile_size=tile_size, encoding=encoding, tui=tui)
     sys.exit(outcome.exit_code)
 
 

@@ -48,7 +48,9 @@ def case_info_for(case_id: str, specimen_id: str, tiles: list[TileToSend], mpp: 
 
 
 def run_demo(settings: Settings, *, case_path: Path = DEMO_CASE, tile_size: int = DEFAULT_TILE_SIZE,
-             encoding: str = "zlib", timeout: float = 300, out=sys.stdout) -> DemoOutcome:
+             encoding: str = "zlib", timeout: float = 300, out=sys.stdout, tui: bool = False) -> DemoOutcome:
+    """Stream the case and print the call. With ``tui`` the technician's terminal UI runs over the live
+    daemon while the case streams (quit it with q), and the call is printed after it closes."""
     case_id = time.strftime("DEMO-%Y%m%d-%H%M%S")
     tiles = [TileToSend(t.x, t.y, t.pixels) for t in iter_case_tiles(case_path, tile_size)]
     info = case_info_for(case_id, "IDC-10253 (CC0 IDC dataset, demo)", tiles, 4.0, tile_size)
@@ -57,8 +59,11 @@ def run_demo(settings: Settings, *, case_path: Path = DEMO_CASE, tile_size: int 
     port = os.ttyname(slave)
     bar = Progress("tiles", len(tiles), out)
     lock = threading.Lock()
+    tui_closed = threading.Event()
 
     def notify(kind: str, data: dict) -> None:
+        if tui and not tui_closed.is_set():
+            return  # the terminal UI owns the screen
         with lock:
             if kind == "tile":
                 d = daemon.receiver.current if daemon.receiver else None
@@ -78,7 +83,11 @@ def run_demo(settings: Settings, *, case_path: Path = DEMO_CASE, tile_size: int 
     try:
         daemon.start()
         emulator = ScannerEmulator(FdTransport(master), info, tiles, encoding=encoding)
-        sent = emulator.run()
+        if tui:
+            sent = _stream_under_tui(emulator, f"http://{settings.api_host}:{daemon.api.port}", settings, timeout)
+            tui_closed.set()
+        else:
+            sent = emulator.run()
         progress = daemon.wait_case(case_id, timeout)
         bar.close()
         if progress is not None:
@@ -102,6 +111,19 @@ def run_demo(settings: Settings, *, case_path: Path = DEMO_CASE, tile_size: int 
         out.write(f"outputs in {folder}: {', '.join(sorted(progress.outputs))}\n")
     out.write(f"case logged to {settings.db_path} (status {row['status']}, {stored}/{len(tiles)} tiles stored)\n")
     return DemoOutcome(case_id, r.verdict, r.score, sent.tiles_sent, stored, 0)
+
+
+def _stream_under_tui(emulator: ScannerEmulator, url: str, settings: Settings, timeout: float):
+    from .tui.app import TriageApp
+
+    done: dict = {}
+    scanner = threading.Thread(target=lambda: done.setdefault("sent", emulator.run()), name="scanner", daemon=True)
+    scanner.start()
+    TriageApp(url, settings.token_path).run()
+    scanner.join(timeout)
+    if "sent" not in done:
+        raise RuntimeError("the scanner emulator did not finish streaming the demo case")
+    return done["sent"]
 
 
 def format_verdict(result: dict, case_id: str) -> str:

@@ -29,12 +29,3 @@ class ConnectionChanged(Message):
         super().__init__()
         self.up = up
         self.detail = detail
-
-
-class SignedOff(Message):
-    """A sign-off landed."""
-
-    def __init__(self, case_id: str, initials: str) -> None:
-        super().__init__()
-        self.case_id = case_id
-        self.initials = initials

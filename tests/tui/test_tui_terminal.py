@@ -62,3 +62,23 @@ def test_tui_in_tmux_shows_the_live_scan_then_the_verdict(tmux, bench, settings)
     assert "For research and triage only" in card
     assert "▲ SUSPICIOUS" in history and "TMUX-1" in history
     assert not alive  # q quit the app and with it the tmux session
+
+
+def test_demo_in_a_terminal_opens_the_tui_and_prints_the_call_after_it(tmux, tmp_path):
+    """`appliance demo` (what `make run` runs) in a terminal: the TUI over the streaming demo case; q closes
+    it and the call is printed as in the non-interactive run."""
+    from tests.conftest import MODEL_DIR
+
+    session = f"demo-{uuid.uuid4().hex[:8]}"
+    cmd = (f"APPLIANCE_DATA_DIR={shlex.quote(str(tmp_path / 'var'))} APPLIANCE_MODEL_DIR={shlex.quote(str(MODEL_DIR))} "
+           f"{shlex.quote(sys.executable)} -m appliance.cli demo --api-port 0; echo DEMO-EXIT=$?; sleep 30")
+    subprocess.run([tmux, "new-session", "-d", "-s", session, cmd], check=True, timeout=10)
+    try:
+        live = wait_pane(tmux, session, "Scanner link:")
+        card = wait_pane(tmux, session, "SUSPICIOUS  ▲", timeout=120)
+        subprocess.run([tmux, "send-keys", "-t", session, "q"], check=True, timeout=10)
+        after = wait_pane(tmux, session, "DEMO-EXIT=", timeout=120)
+    finally:
+        subprocess.run([tmux, "kill-session", "-t", session], capture_output=True, timeout=10)
+    assert "Bench triage appliance" in live and "For research and triage only" in card
+    assert "DEMO-EXIT=0" in after and "SUSPICIOUS ===" in after and "case logged to" in after
