@@ -121,3 +121,33 @@ def test_sign_off_dialog(snap_compare, api_url, size):
         await pilot.pause(0.3)
 
     assert snap_compare(app_for(api_url), terminal_size=size, run_before=ready)
+
+
+def test_history_filters_by_call_and_searches_then_opens_a_card(api_url):
+    import asyncio
+
+    from textual.widgets import DataTable, Select
+
+    async def scenario():
+        app = app_for(api_url)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await pilot.press("h")
+            await wait_for(pilot, lambda: isinstance(app.screen, HistoryScreen) and app.screen.rows, what="history")
+            screen = app.screen
+            table = screen.query_one(DataTable)
+            everything = table.row_count
+            screen.query_one("#verdict-filter", Select).value = "cannot-call"
+            await wait_for(pilot, lambda: [r["id"] for r in screen.rows] == ["SNAP-2"], what="the filter")
+            filtered = table.row_count
+            screen.query_one("#verdict-filter", Select).clear()
+            await wait_for(pilot, lambda: len(screen.rows) == 2, what="the filter cleared")
+            await pilot.press("slash", *"0040")
+            await wait_for(pilot, lambda: table.row_count == 1, what="the search")
+            searched = table.get_row_at(0)[1]
+            table.focus()
+            await pilot.press("enter")
+            await wait_for(pilot, lambda: isinstance(app.screen, CaseScreen) and app.screen.case is not None,
+                           what="the card")
+            return everything, filtered, searched, app.screen.case_id
+
+    assert asyncio.run(scenario()) == (2, 1, "SNAP-1", "SNAP-1")
