@@ -29,6 +29,7 @@ class LiveScreen(Screen):
     def __init__(self) -> None:
         super().__init__(id="live")
         self.last_case: str | None = None
+        self.case_id: str | None = None  # the case on screen
 
     def compose(self) -> ComposeResult:
         yield from _chrome()
@@ -59,6 +60,8 @@ class LiveScreen(Screen):
         c = st.get("case")
         if not c:
             return
+        if c["case_id"] != self.case_id:  # a new case, even if its case-started event was missed
+            self.case_started(c["case_id"])
         self.query_one("#case", Static).update(Text.assemble(
             ("Case ", "bold"), (c["case_id"], "bold"), f"    specimen {c.get('specimen_id') or '-'}"))
         total = c.get("tiles_expected")
@@ -76,6 +79,7 @@ class LiveScreen(Screen):
             self.last_verdict(c["case_id"], c["verdict"], c["score"])
 
     def case_started(self, case_id: str) -> None:
+        self.case_id = case_id
         alert = self.query_one("#alert", Static)
         alert.update("")
         alert.remove_class("-fired")
