@@ -34,3 +34,14 @@ demo-case: $(VENV)/.installed
 
 clean:
 	rm -rf var .pytest_cache
+
+# Install on the bench PC as the systemd service `appliance` (README "Install on the bench PC"); needs root:
+#   sudo make install SCANNER_VENDOR_ID=0403 SCANNER_PRODUCT_ID=6001     (ids from lsusb)
+# `make uninstall` keeps /var/lib/appliance and /etc/appliance; `make uninstall PURGE=1` removes them too.
+.PHONY: install uninstall
+install:
+	SCANNER_VENDOR_ID='$(SCANNER_VENDOR_ID)' SCANNER_PRODUCT_ID='$(SCANNER_PRODUCT_ID)' \
+		SCANNER_SERIAL='$(SCANNER_SERIAL)' systemd/install.sh $(INSTALL_FLAGS)
+
+uninstall:
+	systemd/install.sh --uninstall $(if $(PURGE),--purge)
