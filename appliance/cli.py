@@ -87,7 +87,7 @@ def run(ctx, port: str | None) -> None:
 
     daemon = Daemon(settings, notify=notify)
     daemon.start()
-    if settings.fault_injection:
+    if settings.fault_injection and daemon.pipeline is not None:
         signal.signal(signal.SIGUSR1, lambda *_: daemon.pipeline.hang.set())
         click.echo("[fault-injection] on: SIGUSR1 hangs the pipeline thread", err=True)
     try:
@@ -305,6 +305,8 @@ def status(ctx, url: str | None, as_json: bool) -> None:
     click.echo(f"appliance {st.get('version')}   {st.get('notice', RESEARCH_USE_NOTICE)}")
     click.echo(f"scanner link: {link.get('state', 'unknown')} on {link.get('port', '?')}"
                + (f"   last error: {link['last_error']}" if link.get("last_error") else ""))
+    if st.get("problem"):
+        click.echo(f"NOT READY: {st['problem']}")
     m = st.get("model")
     if m:
         click.echo(f"model: {m['name']} {m['version']} ({m['backend']}), sha256 {m['sha256'][:16]}...")

@@ -26,7 +26,7 @@ from .api.app import ApiServer, create_app
 from .config import Settings
 from .engine import Engine, load_engine
 from .events import EventHub
-from .errors import ApplianceError
+from .errors import ApplianceError, ManifestError, ModelIntegrityError
 from .pipeline import TriageResult, TriageSession
 from .spool import TileSpool
 from .store import CaseStore
@@ -37,6 +37,9 @@ Notify = Callable[[str, dict], None]
 
 
 LIVE_QC_EVERY = 8  # tiles between live QC checks (focus and exposure; the stain is judged at the end)
+# Finished cases the receiver keeps in memory (wait_case, the latest call in /status); older ones are in the
+# store only. Without a bound every case's result (its ~1,000 patch scores) stayed in memory for good.
+FINISHED_CASES_KEPT = 16
 
 
 def eta_seconds(progress: "CaseProgress", now: float) -> float | None:
@@ -71,6 +74,27 @@ class CaseProgress:
     outputs: dict[str, str] = field(default_factory=dict)
     outputs_done: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)
+
+
+def release_free_memory() -> None:
+    """Hand the heap pages a finished case freed back to the OS (glibc's malloc_trim; a no-op elsewhere).
+
+    A case allocates tens of MB of short-lived buffers (mosaic, heatmap, output pyramids) on the pipeline
+    thread; glibc keeps freed pages in its arenas and raises its mmap threshold after the first large free,
+    so without a trim the daemon's RSS steps up by a case's working set at a random case and stays there."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
 
 
 class PipelineWorker:
@@ -200,6 +224,7 @@ class PipelineWorker:
                 self.notify("error", {"case_id": progress.case_id, "message": f"outputs not written: {exc}"})
         finally:
             session.close()
+            release_free_memory()
             progress.outputs_done.set()
 
 
@@ -232,10 +257,19 @@ class CaseReceiver:
         self.store.case_started(info.case_id, specimen_id=info.specimen_id, source="scanner",
                                 tiles_expected=expected, model=self.model)
         progress = CaseProgress(info.case_id, info.specimen_id, expected, info)
+        self.cases.pop(info.case_id, None)  # the same case scanned again is a new case: it goes last
         self.cases[info.case_id] = progress
         self.current = progress
+        self._forget_finished()
         self.pipeline.begin(progress)
         self.notify("case-started", {"case_id": info.case_id, "tiles_expected": expected})
+
+    def _forget_finished(self) -> None:
+        """Drop all but the latest FINISHED_CASES_KEPT finished cases from memory (oldest first)."""
+        finished = [case_id for case_id, p in self.cases.items()
+                    if p.done.is_set() and (p.outputs_done.is_set() or p.result is None) and p is not self.current]
+        for case_id in finished[:max(0, len(finished) - FINISHED_CASES_KEPT)]:
+            del self.cases[case_id]
 
     def tile_received(self, tile: TileReceived) -> None:
         progress = self.cases[tile.case_id]
@@ -317,25 +351,42 @@ class CaseReceiver:
 
 
 class StorageGuard:
-    """Free space on the data disk: below ``min_free_mb`` new cases are refused (cases already in are kept)."""
+    """Free space on the data disk: below ``min_free_mb`` new cases are refused (cases already in are kept).
 
-    def __init__(self, path: Path, min_free_mb: int):
+    ``also``: folders that may sit on a disk of their own (the spool, mounted apart); the fullest one counts."""
+
+    def __init__(self, path: Path, min_free_mb: int, *also: Path):
         self.path = Path(path)
+        self.also = [Path(p) for p in also]
         self.min_free = min_free_mb * 1_000_000
 
-    def free_bytes(self) -> int | None:
+    def _fullest(self) -> tuple[Path, int] | None:
+        """(folder, free bytes) of the folder with the least free space, or None if the data folder is unreadable."""
         try:
-            return shutil.disk_usage(self.path).free
+            out = (self.path, shutil.disk_usage(self.path).free)
         except OSError:
             return None
+        for p in self.also:
+            try:
+                free = shutil.disk_usage(p).free
+            except OSError:
+                continue  # not made yet: it is on the data disk
+            if free < out[1]:
+                out = (p, free)
+        return out
+
+    def free_bytes(self) -> int | None:
+        fullest = self._fullest()
+        return None if fullest is None else fullest[1]
 
     def refusal(self) -> str | None:
         """Why a new case cannot be taken now, or None."""
-        free = self.free_bytes()
-        if free is None:
+        fullest = self._fullest()
+        if fullest is None:
             return f"the data folder {self.path} is not readable"
+        where, free = fullest
         if free < self.min_free:
-            return (f"not enough free disk space for a new case: {free / 1e6:.0f} MB free, at least "
+            return (f"not enough free disk space for a new case: {free / 1e6:.0f} MB free in {where}, at least "
                     f"{self.min_free / 1e6:.0f} MB needed; existing cases are kept. Free space or move old cases.")
         return None
 
@@ -365,6 +416,9 @@ class Daemon:
         self.api: ApiServer | None = None
         self.receiver: CaseReceiver | None = None
         self.pipeline: PipelineWorker | None = None
+        # Why the daemon cannot take cases at all (the model failed its checks), or None. Set at start: the
+        # daemon then runs degraded, serving its status and this reason but never opening the scanner link.
+        self.problem: str | None = None
 
     # Lifecycle events kept in the store's events table (per-tile progress is not: it is in the tiles table).
     RECORDED = frozenset({"case-started", "case-ended", "early-positive", "finished", "outputs", "error", "failed",
@@ -381,7 +435,12 @@ class Daemon:
         self._user_notify(kind, data)
 
     def start(self) -> None:
-        """Load the model, open the store, serve the API and open the link; on any failure undo it all."""
+        """Load the model, open the store, serve the API and open the link; on any failure undo it all.
+
+        A model that fails its checks (manifest, missing file, sha256 mismatch) is not a failure to start: a
+        restart would not repair the file. The daemon starts degraded instead (``problem`` says why): the
+        store and the API run, so GET /ready and /status name the file and what is wrong with it, but the
+        scanner link stays closed and no case can come in."""
         try:
             self._start()
         except BaseException:
@@ -390,13 +449,20 @@ class Daemon:
 
     def _start(self) -> None:
         s = self.settings
-        self.engine = load_engine(s.model_dir, s.engine)
+        try:
+            self.engine = load_engine(s.model_dir, s.engine)
+        except (ManifestError, ModelIntegrityError) as exc:
+            self.problem = " ".join(f"the model failed its checks: {exc}".split())  # one line, for STATUS=
+            log.error("NOT READY, the scanner link stays closed: %s", self.problem)
         self.store = CaseStore(s.db_path)
+        if self.problem:
+            self._start_degraded()
+            return
         self.store.model_seen(self.engine.description)
         spool = TileSpool(s.spool_dir)
         self.pipeline = PipelineWorker(self.engine, self.store, s.batch_size, self.notify, s.cases_dir)
         self.pipeline.start()
-        self.storage = StorageGuard(s.data_dir, s.min_free_mb)
+        self.storage = StorageGuard(s.data_dir, s.min_free_mb, s.spool_dir)
         self.receiver = CaseReceiver(spool, self.store, self.pipeline, self.engine.description, self.notify,
                                      self.storage)
         if self.serve_api:
@@ -417,10 +483,22 @@ class Daemon:
         self.link.start()
         self.notify("ready", {"port": self.port, "model": self.engine.description})
 
+    def _start_degraded(self) -> None:
+        """Store and API only: the status and the reason are served; no pipeline, no link, no new case."""
+        s = self.settings
+        self.store.event("not-ready", detail={"reason": self.problem})
+        self.events.publish("not-ready", {"reason": self.problem})
+        if self.serve_api:
+            self.api = ApiServer(create_app(s, self.store, self.status, self.not_ready, None, self.events,
+                                            self.reconnect_link), s.api_host, s.api_port)
+            self.api.start()
+            self.notify("api", {"url": f"http://{s.api_host}:{self.api.port}"})
+
     def reconnect_link(self, why: str) -> str:
         """An operator's reconnect (POST /link/reconnect): reopen the scanner port now; returns the link state."""
         if self.link is None:
-            raise LinkError("the scanner link is not started yet")
+            raise LinkError(f"the scanner link is not open: {self.problem}" if self.problem
+                            else "the scanner link is not started yet")
         log.warning("reconnecting the scanner link: %s", why)
         self.link.request_reconnect(why)
         self.notify("link", {"kind": "reconnect-requested", "detail": why})
@@ -431,6 +509,8 @@ class Daemon:
         from . import __version__
 
         out: dict = {"version": __version__}
+        if self.problem:
+            out["problem"] = self.problem
         if self.link is not None:
             snap = self.link.snapshot()
             out["link"] = {
@@ -455,7 +535,7 @@ class Daemon:
             }
         if self.engine is not None:
             out["model"] = self.engine.description
-        storage = StorageGuard(self.settings.data_dir, self.settings.min_free_mb).status()
+        storage = StorageGuard(self.settings.data_dir, self.settings.min_free_mb, self.settings.spool_dir).status()
         out["disk_free_bytes"] = storage["free_bytes"]
         out["storage"] = storage
         return out
@@ -479,6 +559,8 @@ class Daemon:
 
     def not_ready(self) -> list[str]:
         """Why the daemon is not ready for a scanner yet (empty when it is): for GET /ready."""
+        if self.problem:
+            return [self.problem]
         reasons = []
         if self.engine is None:
             reasons.append("the model is not loaded")
@@ -490,7 +572,10 @@ class Daemon:
         return reasons
 
     def health(self) -> tuple[bool, str]:
-        """(healthy, why not): the link reader and the pipeline are alive and making progress."""
+        """(healthy, why not): the link reader and the pipeline are alive and making progress. A daemon started
+        degraded (``problem``) is healthy as long as it runs: it does what it can, serve its status."""
+        if self.problem:
+            return True, ""
         if self.link is None or not self.link.running:
             return False, "scanner link reader is not running"
         if self.pipeline is None:
@@ -498,7 +583,9 @@ class Daemon:
         return self.pipeline.alive(self.settings.pipeline_stall_s)
 
     def status_line(self) -> str:
-        """One line for systemd's STATUS=: link state and the case in flight."""
+        """One line for systemd's STATUS=: link state and the case in flight, or NOT READY and why."""
+        if self.problem:
+            return f"NOT READY: {self.problem}"
         link = self.link.state if self.link else "down"
         c = self.receiver.current if self.receiver else None
         if c is None:
@@ -534,8 +621,11 @@ class Daemon:
 
 def serve(daemon: Daemon, notifier, stop: threading.Event, tick: float = 0.5) -> None:
     """The service loop of `appliance run`: READY=1 once started, then WATCHDOG=1 every half WATCHDOG_USEC
-    only while ``daemon.health()`` holds, and STATUS= when it changes, until ``stop`` is set."""
-    while daemon.link.state in ("reconnecting", "stopped"):  # READY=1 only once the port is open
+    only while ``daemon.health()`` holds, and STATUS= when it changes, until ``stop`` is set.
+
+    A daemon started degraded (``daemon.problem``) is READY=1 at once with STATUS=NOT READY: <why>: the
+    process is up and serving its status, and a restart by systemd would not repair a tampered model."""
+    while daemon.problem is None and daemon.link.state in ("reconnecting", "stopped"):  # READY=1 once the port is open
         notifier.status(f"model loaded; waiting for the scanner port {daemon.port}")
         if stop.wait(tick):
             notifier.stopping()

@@ -140,6 +140,11 @@ def _decode_image(payload: bytes, enc: TileEncoding, width: int, height: int, la
                 )
             img.load()
             arr = np.array(img, dtype=np.uint8)
+        if enc == TileEncoding.PNG:
+            # load() stops once it has every row: a PNG cut after its pixel data, or damaged in a way the
+            # inflater does not notice, decodes without complaint. verify() checks every chunk's CRC to IEND.
+            with Image.open(io.BytesIO(payload), formats=["PNG"]) as whole:
+                whole.verify()
     except TileDecodeError:
         raise
     except (

@@ -88,6 +88,7 @@ class StorageStatus(BaseModel):
 
 class StatusPublic(BaseModel):
     version: str
+    problem: str | None = None  # why the daemon takes no cases at all (the model failed its checks)
     link: LinkStatus | None = None
     case: CaseStatus | None = None
     model: ModelStatus | None = None

@@ -152,7 +152,10 @@ def test_sigkill_at_random_points_in_20_streamed_cases_loses_nothing_and_changes
         proc.wait(timeout=30)
         cable.close()
 
-    print("kill points (ACKs before SIGKILL):", kill_points)
+    print(f"\nkill/restart: {len(kill_points)} SIGKILLs of `appliance run` over {len(cases)} streamed cases "
+          f"({sum(len(t) for _i, t, _r in cases)} tiles, {sum(r.retransmits for _i, _t, r in cases)} retransmits, "
+          f"{sum(r.reconnects for _i, _t, r in cases)} scanner reconnects)")
+    print("kill points (ACKs before SIGKILL; = tiles per case means after CASE_END):", kill_points)
     assert len(set(kill_points)) > 3  # the kills really landed at different points
     for info, tiles, result in cases:
         row = db.execute("select * from cases where id = ?", [info.case_id]).fetchone()

@@ -110,3 +110,102 @@ def test_a_case_left_open_by_the_scanner_is_abandoned_and_late_tiles_are_refused
         t.join(30)
         os.close(master)
         os.close(slave)
+
+
+def test_real_full_disk_nacks_the_tile_keeps_the_daemon_up_and_refuses_new_cases(tmp_path, demo_image):
+    """A REAL full disk: the spool is a 24 MB tmpfs. A case streams until a tile write hits ENOSPC: that tile
+    is NACKed (never ACKed) and not stored, every tile ACKed before it is whole, the daemon stays up and says
+    so (/status storage, the storage-error event), the finished case and its files are untouched, and a new
+    case is refused with the reason."""
+    import hashlib
+    import subprocess
+    import time
+
+    import numpy as np
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    data = tmp_path / "var"
+    spool = data / "spool"
+    spool.mkdir(parents=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m,mode=0700", "tmpfs", str(spool)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    master, slave = os.openpty()
+    daemon = None
+    try:
+        daemon = Daemon(load_settings(None, data_dir=data, model_dir=MODEL_DIR, api_port=0, min_free_mb=1),
+                        port=os.ttyname(slave))
+        daemon.start()
+        keep = [TileToSend(x, y, demo_image[500 + y: 700 + y, 900 + x: 1100 + x].copy())
+                for y in range(0, 400, 200) for x in range(0, 400, 200)]
+        stream(master, "KEEP-1", keep)
+        assert daemon.wait_case("KEEP-1", 120).result is not None
+        assert daemon.receiver.cases["KEEP-1"].outputs_done.wait(60)
+        before = {p.name: p.read_bytes() for p in (spool / "KEEP-1").iterdir()}
+        outputs = {p.name: p.read_bytes() for p in (data / "cases" / "KEEP-1").iterdir()}
+
+        # 300 tiles of 200x200 (120 kB each on disk): more than the 24 MB can hold
+        rng = np.random.default_rng(5)
+        fill = []
+        for i in range(300):
+            oy, ox = int(rng.integers(0, 1800)), int(rng.integers(0, 2300))
+            fill.append(TileToSend((i % 20) * 200, (i // 20) * 200, demo_image[oy: oy + 200, ox: ox + 200].copy()))
+        info = case_info_for("FILL-2", "S-FILL-2", fill, 4.0, 200)
+        scanner = ScannerEmulator(FdTransport(master), info, fill, encoding="raw", ack_timeout=5.0, max_retries=3)
+        t0 = time.monotonic()
+        with pytest.raises(DeliveryError, match="refused tile .* times; last: STORAGE: .*No space left on device"):
+            scanner.run()
+        acked = sorted(scanner.result.acked)
+        failed = len(acked)
+        print(f"\nfull disk: {len(acked)} tiles ACKed into the 24 MB spool, tile {failed} hit ENOSPC and was NACKed "
+              f"(STORAGE) {scanner.result.nacks_received} times in {time.monotonic() - t0:.1f} s")
+        assert acked == list(range(failed)) and 0 < failed < len(fill)
+
+        health = daemon.health()
+        status = httpx.get(f"http://127.0.0.1:{daemon.api.port}/status", timeout=10).json()
+        live = httpx.get(f"http://127.0.0.1:{daemon.api.port}/health", timeout=10).status_code
+        with pytest.raises(DeliveryError, match="REFUSED.*not enough free disk space"):
+            stream(master, "NEW-3", keep)
+        assert daemon.link.running and daemon.health() == (True, "")
+        events = daemon.store.events()
+    finally:
+        if daemon is not None:
+            daemon.stop()
+        os.close(master)
+        os.close(slave)
+        try:
+            # the tiles of the full case, read before the tmpfs goes
+            rows = {r["idx"]: r["sha256"] for r in daemon.store.tiles("FILL-2")} if daemon else {}
+            stored = {int(p.name[5:11]): hashlib.sha256(np.load(p).tobytes()).hexdigest()
+                      for p in (spool / "FILL-2").glob("tile-*.npy")}
+            leftovers = list((spool / "FILL-2").glob(".*.tmp"))
+            after = {p.name: p.read_bytes() for p in (spool / "KEEP-1").iterdir()}
+        finally:
+            umount = subprocess.run(["umount", str(spool)], capture_output=True, text=True)
+            if umount.returncode != 0:
+                subprocess.run(["umount", "-l", str(spool)], check=False)
+
+    assert health == (True, "") and live == 200
+    # /status says the disk is full and no case is taken
+    assert status["storage"]["accepting_cases"] is False and status["storage"]["free_bytes"] < 1_000_000
+    assert "not enough free disk space" in status["storage"]["reason"] and str(spool) in status["storage"]["reason"]
+    assert status["link"]["counters"]["storage_errors"] >= 1
+    # the failure is in the history, with the OS's words
+    storage_events = [e for e in events if e["kind"] == "link" and e["detail"]["kind"] == "storage-error"]
+    assert any(f"tile {failed} of FILL-2" in e["detail"]["detail"]
+               and "No space left on device" in e["detail"]["detail"] for e in storage_events), storage_events
+    refused = [e for e in events if e["kind"] == "refused"]
+    assert [e["case_id"] for e in refused] == ["NEW-3"]
+    assert "not enough free disk space" in refused[0]["detail"]["reason"]
+    # exactly the ACKed tiles are stored, whole; the one that hit ENOSPC left nothing behind
+    assert sorted(rows) == sorted(stored) == acked and failed not in rows
+    assert not leftovers
+    for i in acked:
+        assert rows[i] == stored[i] == hashlib.sha256(fill[i].pixels.tobytes()).hexdigest()
+    # the finished case and its files are untouched; nothing of the refused case was stored
+    assert after == before
+    assert {p.name: p.read_bytes() for p in (data / "cases" / "KEEP-1").iterdir()} == outputs
+    assert daemon.store.get_case("KEEP-1")["status"] in ("done", "cannot-call")
+    assert daemon.store.get_case("NEW-3") is None
