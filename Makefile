@@ -8,7 +8,7 @@ DATA ?= ../shared/data/idc_breast_histopathology
 export OMP_NUM_THREADS ?= 1
 export OPENBLAS_NUM_THREADS ?= 1
 
-.PHONY: run test model demo-case bench clean
+.PHONY: run test test-slow model demo-case bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ run: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest -q
+
+# every long run, the real-systemd container test included (root; about 15 minutes)
+test-slow: $(VENV)/.installed
+	$(VENV)/bin/python -m pytest -q -s -m slow
 
 model: $(TRAIN_VENV)/.installed
 	$(TRAIN_VENV)/bin/python models/tools/build_idc_model.py --data $(DATA) --out models/idc-resnet

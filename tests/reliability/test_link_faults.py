@@ -107,6 +107,7 @@ def test_a_few_hundred_link_faults_lose_and_duplicate_nothing(settings, demo_ima
 
 
 @pytest.mark.slow
+@pytest.mark.ci  # in the default suite too: CI runs it
 def test_ten_thousand_link_faults_lose_and_duplicate_nothing(settings, demo_image, tmp_path):
     figures = run_faulty_cases(settings, demo_image, tmp_path, min_faults=10_000, rate=0.4, seed=10_000)
     assert figures["faults"] >= 10_000

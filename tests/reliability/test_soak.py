@@ -12,6 +12,7 @@ from tests.conftest import ROOT
 
 
 @pytest.mark.slow
+@pytest.mark.ci  # in the default suite too: CI runs it
 def test_rss_grows_less_than_5_percent_over_100_cases(tmp_path):
     out = tmp_path / "soak.json"
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "soak.py"), "--cases", "100", "--json", str(out)],
