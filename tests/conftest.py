@@ -1,5 +1,7 @@
 """Shared fixtures: the committed model, the bundled demo case and the committed IDC patients."""
 
+import socket
+import time
 from pathlib import Path
 
 import numpy as np
@@ -38,3 +40,25 @@ def settings(tmp_path):
     from appliance.config import load_settings
 
     return load_settings(None, data_dir=tmp_path / "var", model_dir=MODEL_DIR, api_port=0)
+
+
+# --- systemd's notify socket, as `appliance run` sees it under systemd ---------------------------
+def receive_datagrams(sock: socket.socket, seconds: float) -> list[str]:
+    """Every datagram already queued or arriving within ``seconds``."""
+    out, end = [], time.monotonic() + seconds
+    while (left := end - time.monotonic()) > 0 or not out:
+        sock.settimeout(max(left, 0.001))
+        try:
+            out.append(sock.recv(4096).decode())
+        except TimeoutError:
+            break
+    return out
+
+
+@pytest.fixture
+def notify_socket(tmp_path):
+    path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    yield path, sock
+    sock.close()

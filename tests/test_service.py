@@ -3,36 +3,16 @@ the scanner port, and a pipeline hang injected with SIGUSR1 (settings.fault_inje
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
-import pytest
 
 from appliance.notify import Notifier
 from tests.conftest import MODEL_DIR
+from tests.conftest import receive_datagrams as receive
 
 
-def receive(sock: socket.socket, seconds: float) -> list[str]:
-    """Every datagram already queued or arriving within ``seconds``."""
-    out, end = [], time.monotonic() + seconds
-    while (left := end - time.monotonic()) > 0 or not out:
-        sock.settimeout(max(left, 0.001))
-        try:
-            out.append(sock.recv(4096).decode())
-        except TimeoutError:
-            break
-    return out
-
-
-@pytest.fixture
-def notify_socket(tmp_path):
-    path = str(tmp_path / "notify.sock")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(path)
-    yield path, sock
-    sock.close()
 
 
 def test_notifier_speaks_the_datagram_protocol(notify_socket):

@@ -9,29 +9,17 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 
 import httpx
-import pytest
 
 from appliance.config import load_settings
 from appliance.daemon import Daemon
 from tests.conftest import MODEL_DIR
-
-
-def receive(sock: socket.socket, seconds: float) -> list[str]:
-    out, end = [], time.monotonic() + seconds
-    while (left := end - time.monotonic()) > 0:
-        sock.settimeout(left)
-        try:
-            out.append(sock.recv(4096).decode())
-        except TimeoutError:
-            break
-    return out
+from tests.conftest import receive_datagrams as receive
 
 
 def tampered_copy(tmp_path, filename="model.int8.bin"):
@@ -42,15 +30,6 @@ def tampered_copy(tmp_path, filename="model.int8.bin"):
         f.seek(1000)
         f.write(bytes([b[0] ^ 0x01]))  # one bit of one byte
     return model
-
-
-@pytest.fixture
-def notify_socket(tmp_path):
-    path = str(tmp_path / "notify.sock")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(path)
-    yield path, sock
-    sock.close()
 
 
 def test_run_with_a_tampered_model_is_up_not_ready_and_says_why(notify_socket, tmp_path):
