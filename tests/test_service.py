@@ -7,12 +7,9 @@ import subprocess
 import sys
 import time
 
-
 from appliance.notify import Notifier
 from tests.conftest import MODEL_DIR
 from tests.conftest import receive_datagrams as receive
-
-
 
 
 def test_notifier_speaks_the_datagram_protocol(notify_socket):
