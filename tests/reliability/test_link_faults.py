@@ -97,7 +97,8 @@ def run_faulty_cases(settings, demo_image, tmp_path, *, min_faults: int, rate: f
     assert health == 200 and ready == [], ready
     assert all(counts[k] > 0 for k in WEIGHTS), counts  # every kind of fault really happened
     assert counters.get("crc_errors", 0) + counters.get("frames_bad", 0) > 0
-    assert counters["reconnects"] >= counts["disconnect"] > 0
+    # the host reopened the port after pulls; two pulls close together are one reopen, so at most one each
+    assert 0 < counters["reconnects"] <= counts["disconnect"]
     return figures
 
 
