@@ -32,6 +32,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from report import write_json  # noqa: E402  (bench/ is the script's folder)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -293,10 +294,7 @@ def main(argv=None) -> int:
     if out_ms is not None:
         print(f"  outputs (overlay, 2 OME-TIFF pyramids, GeoJSON, summary), after the verdict: {out_ms / 1e3:.1f} s, "
               f"peak RSS with them {outputs['peak_rss_mb']:.0f} MB")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(res, indent=1))
-        print(f"wrote {args.json}")
+    write_json(args.json, res)
     return 0
 
 

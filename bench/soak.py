@@ -14,7 +14,6 @@ Memory growth is judged from case 10 on (the first cases warm the allocator, Ope
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import signal
@@ -33,6 +32,7 @@ from appliance.demo import DEMO_CASE, case_info_for  # noqa: E402
 from appliance.sources import iter_case_tiles  # noqa: E402
 from firmware_bridge import PtyCable  # noqa: E402
 from firmware_bridge.emulator import ScannerEmulator, TileToSend  # noqa: E402
+from report import write_json  # noqa: E402  (bench/ is the script's folder)
 
 MODEL_DIR = ROOT / "models" / "idc-resnet"
 BASELINE_CASE = 10  # growth is measured from here (warm-up before)
@@ -174,10 +174,7 @@ def main(argv=None) -> int:
     if args.cases < 1:
         ap.error("--cases must be at least 1")
     res = soak(args.cases, args.crop, args.encoding, out=lambda s: print(s, flush=True))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(res, indent=1))
-        print(f"wrote {args.json}")
+    write_json(args.json, res)
     return 0
 
 

@@ -12,7 +12,6 @@ the case finished (stored in SQLite). Output files are written after the verdict
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -30,6 +29,7 @@ from appliance.demo import DEMO_CASE, case_info_for  # noqa: E402
 from appliance.sources import iter_case_tiles  # noqa: E402
 from firmware_bridge.emulator import ScannerEmulator, TileToSend  # noqa: E402
 from firmware_bridge.transport import FdTransport  # noqa: E402
+from report import write_json  # noqa: E402  (bench/ is the script's folder)
 
 
 def paced(tiles, rate: float):
@@ -98,10 +98,7 @@ def main(argv=None) -> int:
            "p95_s": round(percentile(lat, 0.95), 4), "max_s": round(max(lat), 4)}
     print(f"\nlast tile ACK -> verdict over {args.cases} cases: p50 {res['p50_s'] * 1e3:.0f} ms, "
           f"p95 {res['p95_s'] * 1e3:.0f} ms, max {res['max_s'] * 1e3:.0f} ms   (target p95 <= 1 s)")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(res, indent=1))
-        print(f"wrote {args.json}")
+    write_json(args.json, res)
     return 0
 
 
