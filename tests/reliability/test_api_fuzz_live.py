@@ -9,8 +9,6 @@ import time
 import httpx
 import numpy as np
 import pytest
-import schemathesis
-from hypothesis import HealthCheck, given, settings
 
 from appliance.config import load_settings
 from appliance.daemon import Daemon
@@ -18,6 +16,7 @@ from appliance.demo import case_info_for
 from firmware_bridge.emulator import ScannerEmulator, TileToSend
 from firmware_bridge.transport import FdTransport
 from tests.conftest import MODEL_DIR
+from tests.openapi_fuzz import fuzz_api
 
 EXAMPLES = 500  # per operation, each sent twice (without and with the token)
 
@@ -39,7 +38,6 @@ def test_openapi_fuzz_against_a_live_daemon_makes_no_server_error(tmp_path, demo
     daemon = Daemon(load_settings(None, data_dir=tmp_path / "var", model_dir=MODEL_DIR, api_port=0),
                     port=os.ttyname(slave), notify=lambda kind, data: None)
     daemon.start()
-    calls: list[int] = []
     t0 = time.monotonic()
     try:
         stream(daemon, master, "LIVE-1", tiles)
@@ -47,21 +45,8 @@ def test_openapi_fuzz_against_a_live_daemon_makes_no_server_error(tmp_path, demo
         files = {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
                  for p in (daemon.settings.cases_dir / "LIVE-1").iterdir()}
         base = f"http://127.0.0.1:{daemon.api.port}"
-        token = {"Authorization": f"Bearer {daemon.settings.token_path.read_text().strip()}"}
-        schema = schemathesis.openapi.from_url(f"{base}/openapi.json").exclude(path="/events")
-        operations = [r.ok() for r in schema.get_all_operations()]
+        operations, calls = fuzz_api(base, daemon.settings.token_path.read_text().strip(), EXAMPLES)
         assert len(operations) >= 8
-        for op in operations:
-            @given(case=op.as_strategy())
-            @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None)
-            def fuzz(case):
-                for headers in (None, token):
-                    response = case.call(headers=headers, timeout=10)
-                    calls.append(response.status_code)
-                    assert response.status_code < 500, (case.method, case.formatted_path, response.status_code,
-                                                        response.text[:300])
-
-            fuzz()
         # the daemon is alive, healthy and ready (the fuzzer may have asked for a reconnect: give it time)
         deadline = time.monotonic() + 15
         while daemon.not_ready() and time.monotonic() < deadline:
