@@ -30,6 +30,21 @@ def pty_pair():
             pass
 
 
+def tissue_tiles(demo_image) -> list[TileToSend]:
+    """64 tiles of 100 px from a tissue region of the demo case."""
+    region = demo_image[600:1400, 400:1200]
+    return [TileToSend(x, y, np.ascontiguousarray(region[y:y + 100, x:x + 100]))
+            for y in range(0, 800, 100) for x in range(0, 800, 100)]
+
+
+def assert_stored_once_each(daemon, case_id: str, tiles: list[TileToSend]) -> None:
+    """Every tile in the tiles table once, none lost, each with the sha256 of what was sent."""
+    rows = {r["idx"]: r for r in daemon.store.tiles(case_id)}
+    assert sorted(rows) == list(range(len(tiles)))
+    for i, t in enumerate(tiles):
+        assert rows[i]["sha256"] == hashlib.sha256(t.pixels.tobytes()).hexdigest()
+
+
 def test_streamed_case_is_stored_tile_for_tile_and_logged(settings, pty_pair, demo_image):
     master, port = pty_pair
     region = demo_image[600:1200, 400:1000]  # 600x600 of tissue, 9 tiles of 200 px
@@ -117,9 +132,7 @@ def test_daemon_rides_through_link_faults_and_reports_them(settings, demo_image,
     running, stores every tile exactly once and bit-identical, and /status shows the errors and reconnects."""
     from firmware_bridge import Faults, PtyCable
 
-    region = demo_image[600:1400, 400:1200]
-    tiles = [TileToSend(x, y, np.ascontiguousarray(region[y:y + 100, x:x + 100]))
-             for y in range(0, 800, 100) for x in range(0, 800, 100)]  # 64 tiles
+    tiles = tissue_tiles(demo_image)
     cable = PtyCable(tmp_path / "scanner")
     daemon = Daemon(settings, port=str(cable.path), notify=lambda kind, data: None)
     daemon.start()
@@ -139,10 +152,7 @@ def test_daemon_rides_through_link_faults_and_reports_them(settings, demo_image,
     assert faults.total > 5, faults.counts
     print("faults injected:", dict(faults.counts))
     assert progress is not None and progress.result is not None
-    rows = {r["idx"]: r for r in daemon.store.tiles("FAULTS-1")}
-    assert sorted(rows) == list(range(len(tiles)))  # every tile once, none lost
-    for i, t in enumerate(tiles):
-        assert rows[i]["sha256"] == hashlib.sha256(t.pixels.tobytes()).hexdigest()
+    assert_stored_once_each(daemon, "FAULTS-1", tiles)
     assert daemon.store.get_case("FAULTS-1")["tiles_received"] == len(tiles)
     assert health == 200
     link = status["link"]
@@ -228,9 +238,7 @@ def test_operator_reconnect_mid_case_keeps_every_tile_and_is_audited(settings, d
 
     from firmware_bridge import PtyCable
 
-    region = demo_image[600:1400, 400:1200]
-    tiles = [TileToSend(x, y, np.ascontiguousarray(region[y:y + 100, x:x + 100]))
-             for y in range(0, 800, 100) for x in range(0, 800, 100)]  # 64 tiles
+    tiles = tissue_tiles(demo_image)
     cable = PtyCable(tmp_path / "scanner")
     daemon = Daemon(settings, port=str(cable.path), notify=lambda kind, data: None)
     daemon.start()
@@ -260,10 +268,7 @@ def test_operator_reconnect_mid_case_keeps_every_tile_and_is_audited(settings, d
         daemon.stop()
         cable.close()
     assert progress is not None and progress.result is not None
-    rows = {r["idx"]: r for r in daemon.store.tiles("RECON-1")}
-    assert sorted(rows) == list(range(len(tiles)))
-    for i, t in enumerate(tiles):
-        assert rows[i]["sha256"] == hashlib.sha256(t.pixels.tobytes()).hexdigest()
+    assert_stored_once_each(daemon, "RECON-1", tiles)
     assert status["link"]["counters"]["reconnects"] >= 1 and status["link"]["state"] == "up"
     # mid-scan, /status had the progress, an ETA from this case's own rate, and the live QC (clean tissue)
     assert mid["case_id"] == "RECON-1" and mid["tiles_expected"] == 64 and 10 <= mid["tiles_received"] < 64
