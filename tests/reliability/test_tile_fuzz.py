@@ -58,12 +58,14 @@ class GoodTile(TileToSend):
     wire_encoding: TileEncoding = TileEncoding.RAW
 
 
-def image_bytes(arr: np.ndarray, fmt: str, **kw) -> bytes:
+def image_bytes(arr: np.ndarray, fmt: str, convert: str | None = None, **kw) -> bytes:
+    """``arr`` saved as ``fmt`` (converted to the PIL mode ``convert`` first, if given)."""
     buf = io.BytesIO()
     if fmt == "TIFF":
         tifffile.imwrite(buf, arr)
     else:
-        Image.fromarray(arr, **kw).save(buf, format=fmt)
+        img = Image.fromarray(arr, **kw)
+        (img.convert(convert) if convert else img).save(buf, format=fmt)
     return buf.getvalue()
 
 
@@ -108,27 +110,19 @@ def bad_payload(draw, pixels: np.ndarray) -> tuple[str, TileEncoding, bytes]:
         if variant == "png-L":
             return kind, TileEncoding.PNG, image_bytes(gray, "PNG")
         if variant == "png-LA":
-            buf = io.BytesIO()
-            Image.fromarray(gray).convert("LA").save(buf, format="PNG")
-            return kind, TileEncoding.PNG, buf.getvalue()
+            return kind, TileEncoding.PNG, image_bytes(gray, "PNG", convert="LA")
         if variant == "png-RGBA":
             return kind, TileEncoding.PNG, image_bytes(rgba, "PNG")
         if variant == "png-I16":
             return kind, TileEncoding.PNG, image_bytes(gray.astype(np.uint16) * 257, "PNG")
         if variant == "png-P":
-            buf = io.BytesIO()
-            Image.fromarray(pixels).convert("P").save(buf, format="PNG")
-            return kind, TileEncoding.PNG, buf.getvalue()
+            return kind, TileEncoding.PNG, image_bytes(pixels, "PNG", convert="P")
         if variant == "png-1":
-            buf = io.BytesIO()
-            Image.fromarray(gray).convert("1").save(buf, format="PNG")
-            return kind, TileEncoding.PNG, buf.getvalue()
+            return kind, TileEncoding.PNG, image_bytes(gray, "PNG", convert="1")
         if variant == "jpeg-L":
             return kind, TileEncoding.JPEG, image_bytes(gray, "JPEG")
         if variant == "jpeg-CMYK":
-            buf = io.BytesIO()
-            Image.fromarray(pixels).convert("CMYK").save(buf, format="JPEG")
-            return kind, TileEncoding.JPEG, buf.getvalue()
+            return kind, TileEncoding.JPEG, image_bytes(pixels, "JPEG", convert="CMYK")
         wide = pixels.astype(np.uint16) * 257 if variant.endswith("uint16") else rgba
         raw = np.ascontiguousarray(wide).tobytes()
         if variant.startswith("raw"):

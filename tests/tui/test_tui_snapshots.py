@@ -73,6 +73,13 @@ def app_for(api_url):
     return TriageApp(url, settings.token_path, poll_s=0.1, open_verdicts=False)
 
 
+async def open_card(pilot, case_id: str) -> None:
+    app = pilot.app
+    app.push_screen(CaseScreen(app.client, case_id))
+    await wait_for(pilot, lambda: isinstance(app.screen, CaseScreen) and app.screen.case is not None,
+                   what="the card")
+
+
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_live_screen(snap_compare, api_url, size):
     async def ready(pilot):
@@ -86,10 +93,7 @@ def test_live_screen(snap_compare, api_url, size):
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_verdict_card(snap_compare, api_url, size, case_id):
     async def ready(pilot):
-        app = pilot.app
-        app.push_screen(CaseScreen(app.client, case_id))
-        await wait_for(pilot, lambda: isinstance(app.screen, CaseScreen) and app.screen.case is not None,
-                       what="the card")
+        await open_card(pilot, case_id)
         await pilot.pause(0.3)
 
     assert snap_compare(app_for(api_url), terminal_size=size, run_before=ready)
@@ -110,9 +114,7 @@ def test_history_screen(snap_compare, api_url, size):
 def test_sign_off_dialog(snap_compare, api_url, size):
     async def ready(pilot):
         app = pilot.app
-        app.push_screen(CaseScreen(app.client, "SNAP-2"))
-        await wait_for(pilot, lambda: isinstance(app.screen, CaseScreen) and app.screen.case is not None,
-                       what="the card")
+        await open_card(pilot, "SNAP-2")
         await pilot.press("s")
         await wait_for(pilot, lambda: isinstance(app.screen, SignOffDialog), what="the dialog")
         for field in app.screen.query(Input):
