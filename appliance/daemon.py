@@ -7,6 +7,8 @@ thread is the only one that writes SQLite; uvicorn serves the API from its own t
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import hashlib
 import logging
 import queue
@@ -82,19 +84,17 @@ def release_free_memory() -> None:
     A case allocates tens of MB of short-lived buffers (mosaic, heatmap, output pyramids) on the pipeline
     thread; glibc keeps freed pages in its arenas and raises its mmap threshold after the first large free,
     so without a trim the daemon's RSS steps up by a case's working set at a random case and stays there."""
-    global _malloc_trim
-    if _malloc_trim is None:
-        try:
-            import ctypes
-
-            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _malloc_trim = False
-    if _malloc_trim:
-        _malloc_trim(0)
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
-_malloc_trim = None
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 class PipelineWorker:
@@ -409,6 +409,7 @@ class Daemon:
         self.port = port or settings.serial_port
         self._user_notify = notify or (lambda kind, data: log.info("%s %s", kind, data))
         self.events = EventHub()  # live events for GET /events
+        self.storage = StorageGuard(settings.data_dir, settings.min_free_mb, settings.spool_dir)
         self.serve_api = serve_api
         self.engine: Engine | None = None
         self.store: CaseStore | None = None
@@ -462,7 +463,6 @@ class Daemon:
         spool = TileSpool(s.spool_dir)
         self.pipeline = PipelineWorker(self.engine, self.store, s.batch_size, self.notify, s.cases_dir)
         self.pipeline.start()
-        self.storage = StorageGuard(s.data_dir, s.min_free_mb, s.spool_dir)
         self.receiver = CaseReceiver(spool, self.store, self.pipeline, self.engine.description, self.notify,
                                      self.storage)
         if self.serve_api:
@@ -535,7 +535,7 @@ class Daemon:
             }
         if self.engine is not None:
             out["model"] = self.engine.description
-        storage = StorageGuard(self.settings.data_dir, self.settings.min_free_mb, self.settings.spool_dir).status()
+        storage = self.storage.status()
         out["disk_free_bytes"] = storage["free_bytes"]
         out["storage"] = storage
         return out
