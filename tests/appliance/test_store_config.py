@@ -158,7 +158,7 @@ def test_sign_off_is_refused_while_a_case_is_running_and_for_unknown_cases(tmp_p
 
 
 def test_eta_comes_from_the_case_own_processing_rate():
-    from appliance.daemon import CaseProgress, eta_seconds
+    from appliance.worker import CaseProgress, eta_seconds
 
     p = CaseProgress("C", "S", tiles_expected=100, started=10.0)
     assert eta_seconds(p, 20.0) is None  # nothing processed yet: no rate to go on

@@ -1,0 +1,213 @@
+"""The pipeline thread: one TriageSession per case, fed tile by tile through a queue, and what the daemon
+knows about each case in flight (CaseProgress)."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from firmware_bridge.host import CaseInfo
+
+from .engine import Engine
+from .errors import ApplianceError
+from .pipeline import TriageResult, TriageSession
+from .store import CaseStore
+
+log = logging.getLogger("appliance.daemon")
+
+Notify = Callable[[str, dict], None]
+
+LIVE_QC_EVERY = 8  # tiles between live QC checks (focus and exposure; the stain is judged at the end)
+
+
+def eta_seconds(progress: "CaseProgress", now: float) -> float | None:
+    """Seconds until every expected tile is processed, at the rate seen so far in this case; None when the
+    scanner did not say how many tiles to expect or nothing is processed yet."""
+    if progress.result is not None:
+        return 0.0
+    if not progress.tiles_expected or progress.tiles_processed <= 0:
+        return None
+    rate = progress.tiles_processed / max(now - progress.started, 1e-3)
+    return round(max(progress.tiles_expected - progress.tiles_processed, 0) / rate, 1)
+
+
+@dataclass
+class CaseProgress:
+    """What the daemon knows about the case in flight (read by the API and the demo's progress line)."""
+
+    case_id: str
+    specimen_id: str
+    tiles_expected: int | None
+    info: CaseInfo | None = None
+    tiles_received: int = 0
+    tiles_processed: int = 0
+    score: float = 0.0
+    early_positive: bool = False
+    result: TriageResult | None = None
+    last_activity: float = field(default_factory=time.monotonic)  # CASE_BEGIN or the latest tile
+    started: float = field(default_factory=time.monotonic)
+    warnings: list[dict] = field(default_factory=list)  # live QC (focus, exposure) while the scan goes on
+    ended: bool = False  # CASE_END received
+    abandoned: str | None = None  # why, once abandoned
+    outputs: dict[str, str] = field(default_factory=dict)
+    outputs_done: threading.Event = field(default_factory=threading.Event)
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+def release_free_memory() -> None:
+    """Hand the heap pages a finished case freed back to the OS (glibc's malloc_trim; a no-op elsewhere).
+
+    A case allocates tens of MB of short-lived buffers (mosaic, heatmap, output pyramids) on the pipeline
+    thread; glibc keeps freed pages in its arenas and raises its mmap threshold after the first large free,
+    so without a trim the daemon's RSS steps up by a case's working set at a random case and stays there."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+class PipelineWorker:
+    """Runs one TriageSession per case on its own thread, fed tile by tile through a queue."""
+
+    def __init__(self, engine: Engine, store: CaseStore, batch_size: int, notify: Notify, cases_dir: Path):
+        self.engine = engine
+        self.store = store
+        self.cases_dir = Path(cases_dir)
+        self.batch_size = batch_size
+        self.notify = notify
+        self._queue: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="pipeline", daemon=True)
+        self._sessions: dict[str, TriageSession] = {}
+        self.beat = time.monotonic()  # last time the loop was between items (idle or done with one)
+        self.hang = threading.Event()  # fault injection: the loop blocks forever once this is set
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=0.1 if self.hang.is_set() else 60)
+
+    def begin(self, progress: CaseProgress) -> None:
+        self._queue.put(("begin", progress))
+
+    def tile(self, progress: CaseProgress, x: int, y: int, pixels: np.ndarray) -> None:
+        self._queue.put(("tile", progress, x, y, pixels))
+
+    def end(self, progress: CaseProgress) -> None:
+        self._queue.put(("end", progress))
+
+    def abandon(self, progress: CaseProgress) -> None:
+        self._queue.put(("abandon", progress))
+
+    def alive(self, stall_after: float) -> tuple[bool, str]:
+        """(healthy, why not): the thread runs and has not spent longer than stall_after on one item."""
+        if not self._thread.is_alive():
+            return False, "pipeline thread has stopped"
+        busy = time.monotonic() - self.beat
+        if busy > stall_after:
+            return False, f"pipeline has made no progress for {busy:.0f} s"
+        return True, ""
+
+    def _next(self):
+        while True:
+            if self.hang.is_set():
+                threading.Event().wait()  # injected fault: hang like a stuck model would; beat goes stale
+            self.beat = time.monotonic()
+            try:
+                return self._queue.get(timeout=0.5)
+            except queue.Empty:
+                continue
+
+    def _run(self) -> None:
+        while (item := self._next()) is not None:
+            kind, progress = item[0], item[1]
+            try:
+                if kind == "begin":
+                    info = progress.info
+                    self._sessions[progress.case_id] = TriageSession(
+                        self.engine,
+                        batch_size=self.batch_size,
+                        on_event=lambda k, d, p=progress: self._session_event(p, k, d),
+                        scanner_mpp=info.microns_per_pixel if info else None,
+                        width=info.image_width if info else None,
+                        height=info.image_height if info else None,
+                        workdir=self.cases_dir / progress.case_id / ".work",
+                    )
+                elif kind == "tile":
+                    session = self._sessions.get(progress.case_id)
+                    if session is None:  # abandoned while this tile was in flight; it stays in the spool
+                        continue
+                    session.add_tile(item[2], item[3], item[4])
+                    progress.tiles_processed = session.tiles
+                    progress.score = session.score
+                    if session.tiles % LIVE_QC_EVERY == 0:
+                        progress.warnings = [{"code": r.code, "message": r.message}
+                                             for r in session.qc.reasons(None)]
+                elif kind == "end":
+                    self._finish(progress)
+                elif kind == "abandon":
+                    session = self._sessions.pop(progress.case_id, None)
+                    if session is not None:
+                        session.close()
+                    self.store.case_abandoned(progress.case_id, progress.abandoned or "abandoned")
+                    progress.done.set()
+                    progress.outputs_done.set()
+                    self.notify("abandoned", {"case_id": progress.case_id, "reason": progress.abandoned})
+            except ApplianceError as exc:
+                # A bad tile is reported and the case goes on; nothing acknowledged is dropped silently.
+                self.notify("error", {"case_id": progress.case_id, "message": str(exc)})
+            except Exception as exc:
+                log.exception("pipeline failed on case %s", progress.case_id)
+                self.store.case_failed(progress.case_id, f"{type(exc).__name__}: {exc}")
+                failed = self._sessions.pop(progress.case_id, None)
+                if failed is not None:
+                    failed.close()
+                progress.done.set()
+                self.notify("failed", {"case_id": progress.case_id, "message": str(exc)})
+
+    def _session_event(self, progress: CaseProgress, kind: str, data: dict) -> None:
+        if kind == "early-positive":
+            progress.early_positive = True
+            self.notify("early-positive", {"case_id": progress.case_id, **data})
+
+    def _finish(self, progress: CaseProgress) -> None:
+        session = self._sessions.pop(progress.case_id)
+        self.store.case_processing(progress.case_id)
+        try:
+            result = session.finish()
+            summary = result.to_dict()
+            summary["input"] = f"scanner case {progress.case_id}"
+            summary["skipped_inputs"] = []
+            # the verdict is final and stored first; the files follow (a failure there does not lose the call)
+            self.store.case_finished(progress.case_id, summary)
+            progress.result = result
+            progress.score = result.score
+            progress.done.set()
+            self.notify("finished", {"case_id": progress.case_id, "verdict": result.verdict, "score": result.score})
+            try:
+                progress.outputs = session.write_outputs(self.cases_dir / progress.case_id, progress.case_id, summary)
+                self.notify("outputs", {"case_id": progress.case_id, "files": sorted(progress.outputs)})
+            except (OSError, ValueError) as exc:
+                log.exception("could not write the outputs of case %s", progress.case_id)
+                self.notify("error", {"case_id": progress.case_id, "message": f"outputs not written: {exc}"})
+        finally:
+            session.close()
+            release_free_memory()
+            progress.outputs_done.set()
