@@ -75,8 +75,10 @@ def demo(ctx, tile_size: int, encoding: str, engine: str | None, api_port: int |
 def run(ctx, port: str | None) -> None:
     """Run the daemon in the foreground until SIGTERM or Ctrl-C (systemd: Type=notify, WatchdogSec=)."""
     from .daemon import Daemon, serve
+    from .heap import tune_allocator
     from .notify import Notifier
 
+    tune_allocator()  # before the engine's and the link's threads allocate: a steady RSS for months
     settings = _settings(ctx, serial_port=port)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

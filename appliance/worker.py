@@ -3,8 +3,6 @@ knows about each case in flight (CaseProgress)."""
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import logging
 import queue
 import threading
@@ -19,6 +17,7 @@ from firmware_bridge.host import CaseInfo
 
 from .engine import Engine
 from .errors import ApplianceError
+from .heap import release_free_memory
 from .pipeline import TriageResult, TriageSession
 from .store import CaseStore
 
@@ -61,25 +60,6 @@ class CaseProgress:
     outputs: dict[str, str] = field(default_factory=dict)
     outputs_done: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)
-
-
-def release_free_memory() -> None:
-    """Hand the heap pages a finished case freed back to the OS (glibc's malloc_trim; a no-op elsewhere).
-
-    A case allocates tens of MB of short-lived buffers (mosaic, heatmap, output pyramids) on the pipeline
-    thread; glibc keeps freed pages in its arenas and raises its mmap threshold after the first large free,
-    so without a trim the daemon's RSS steps up by a case's working set at a random case and stays there."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
-
-
-@functools.cache
-def _malloc_trim():
-    try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
 
 
 class PipelineWorker:
@@ -190,6 +170,7 @@ class PipelineWorker:
     def _finish(self, progress: CaseProgress) -> None:
         session = self._sessions.pop(progress.case_id)
         self.store.case_processing(progress.case_id)
+        written: tuple[str, dict] | None = None
         try:
             result = session.finish()
             summary = result.to_dict()
@@ -203,11 +184,14 @@ class PipelineWorker:
             self.notify("finished", {"case_id": progress.case_id, "verdict": result.verdict, "score": result.score})
             try:
                 progress.outputs = session.write_outputs(self.cases_dir / progress.case_id, progress.case_id, summary)
-                self.notify("outputs", {"case_id": progress.case_id, "files": sorted(progress.outputs)})
+                written = ("outputs", {"case_id": progress.case_id, "files": sorted(progress.outputs)})
             except (OSError, ValueError) as exc:
                 log.exception("could not write the outputs of case %s", progress.case_id)
-                self.notify("error", {"case_id": progress.case_id, "message": f"outputs not written: {exc}"})
+                written = ("error", {"case_id": progress.case_id, "message": f"outputs not written: {exc}"})
         finally:
             session.close()
             release_free_memory()
+            # told last: whoever waits for a case's files finds the pipeline done with the case
+            if written is not None:
+                self.notify(*written)
             progress.outputs_done.set()

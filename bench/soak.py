@@ -36,7 +36,7 @@ from report import write_json  # noqa: E402  (bench/ is the script's folder)
 
 MODEL_DIR = ROOT / "models" / "idc-resnet"
 BASELINE_CASE = 10  # growth is measured from here (warm-up before)
-SETTLE_S = 0.3  # after a case's last event, before its RSS is read: the pipeline closes the case's session
+SETTLE_S = 0.1  # idle after a case's last event ('outputs', told once the pipeline has released the case)
 
 
 def vm_rss_kb(pid: int) -> int:
@@ -124,7 +124,7 @@ def soak(cases: int, crop: int | None, encoding: str, out=print) -> dict:
             info = case_info_for(case_id, f"S-{i:04d}", tiles, 4.0, 200)
             ScannerEmulator(cable, info, tiles, encoding=encoding, ack_timeout=5.0).run()
             row = wait_done(data / "appliance.db", case_id)
-            time.sleep(SETTLE_S)  # the 'outputs' event is recorded just before the session is closed
+            time.sleep(SETTLE_S)
             if daemon.proc.poll() is not None:
                 raise RuntimeError("the daemon died:\n" + "".join(daemon.lines[-20:]))
             rss = vm_rss_kb(daemon.proc.pid)

@@ -8,6 +8,7 @@ import sys
 import time
 
 from appliance.notify import Notifier
+from tests.appliance_run import ApplianceRun
 from tests.conftest import MODEL_DIR
 from tests.conftest import receive_datagrams as receive
 
@@ -107,11 +108,7 @@ def test_sigterm_mid_case_stops_cleanly_with_every_acked_tile_whole(tmp_path, de
              for y in range(0, 1000, 200) for x in range(0, 1000, 200)]
     acked = []
     cable = PtyCable(tmp_path / "scanner")
-    env = dict(os.environ, APPLIANCE_DATA_DIR=str(tmp_path / "var"), APPLIANCE_MODEL_DIR=str(MODEL_DIR),
-               APPLIANCE_API_PORT="0")
-    env.pop("NOTIFY_SOCKET", None)
-    proc = subprocess.Popen([sys.executable, "-m", "appliance.cli", "run", "--port", str(cable.path)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    daemon = ApplianceRun(cable.path, tmp_path / "var")  # the scanner starts once the port is served
 
     def slow(ts):
         for t in ts:
@@ -132,16 +129,14 @@ def test_sigterm_mid_case_stops_cleanly_with_every_acked_tile_whole(tmp_path, de
         deadline = time.monotonic() + 60
         while (not acked or acked[-1] < 5) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert acked and acked[-1] >= 5, proc.stderr.read() if proc.poll() is not None else acked
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
+        assert acked and acked[-1] >= 5, (acked, "".join(daemon.lines[-30:]))
+        assert daemon.stop() == 0
         cable.unplug()  # nobody listens any more: the scanner gives up after reconnect_timeout
         t.join(60)
         assert not t.is_alive()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        if daemon.proc.poll() is None:
+            daemon.kill()
         cable.close()
     spool = tmp_path / "var" / "spool" / "TERM-1"
     assert not list(spool.glob(".*.tmp"))  # no half-written tile

@@ -17,6 +17,7 @@ from appliance.engine import load_engine
 from appliance.pipeline import TriageSession
 from firmware_bridge import PtyCable
 from firmware_bridge.emulator import ScannerEmulator, TileToSend
+from tests.appliance_run import ApplianceRun
 from tests.conftest import MODEL_DIR
 
 
@@ -90,19 +91,9 @@ def test_sigkill_at_random_points_in_20_streamed_cases_loses_nothing_and_changes
     engine = load_engine(MODEL_DIR)
     cable = PtyCable(tmp_path / "scanner")
     data = tmp_path / "var"
-    env = dict(os.environ, APPLIANCE_DATA_DIR=str(data), APPLIANCE_MODEL_DIR=str(MODEL_DIR), APPLIANCE_API_PORT="0")
-    env.pop("NOTIFY_SOCKET", None)
-
-    def start():
-        proc = subprocess.Popen([sys.executable, "-m", "appliance.cli", "run", "--port", str(cable.path)],
-                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        while "[ready]" not in (line := proc.stderr.readline()):
-            assert line, "appliance run died before it was ready"
-        threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()  # keep the pipe drained
-        return proc
 
     cases, kill_points = [], []
-    proc = start()
+    daemon = ApplianceRun(cable.path, data)
     try:
         for c in range(20):
             oy, ox = rng.randrange(0, 1400, 50), rng.randrange(0, 1700, 50)
@@ -132,10 +123,9 @@ def test_sigkill_at_random_points_in_20_streamed_cases_loses_nothing_and_changes
                     time.sleep(0.005)
             else:
                 scanner.join(60)
-            proc.kill()
-            proc.wait()
+            daemon.kill()
             kill_points.append(k)
-            proc = start()
+            daemon = ApplianceRun(cable.path, data)
             scanner.join(120)
             assert "result" in out, f"case {info.case_id} (killed after {k} ACKs): {out.get('error')}"
             cases.append((info, tiles, out["result"]))
@@ -148,8 +138,7 @@ def test_sigkill_at_random_points_in_20_streamed_cases_loses_nothing_and_changes
                 break
             time.sleep(0.2)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
+        daemon.stop()
         cable.close()
 
     print(f"\nkill/restart: {len(kill_points)} SIGKILLs of `appliance run` over {len(cases)} streamed cases "
