@@ -1,4 +1,4 @@
-"""Widgets of the terminal UI: the daemon-down banner and pictures drawn with half blocks."""
+"""A picture drawn with half blocks by a function of the space it has, redrawn when the terminal is resized."""
 
 from __future__ import annotations
 
@@ -6,16 +6,6 @@ from typing import Callable
 
 from rich.text import Text
 from textual.widget import Widget
-from textual.widgets import Static
-
-
-class Banner(Static):
-    """Shown across the top of every screen while the daemon cannot be reached."""
-
-    def show(self, message: str | None) -> None:
-        self.set_class(message is not None, "-shown")
-        self.update(f"⚠ DAEMON NOT REACHABLE: {message}. Retrying by itself; the screen updates when it is back."
-                    if message else "")
 
 
 class Picture(Widget):

@@ -1,0 +1,141 @@
+"""The verdict card: the call in words, colour and symbol, what to do, the heatmap and the top tiles."""
+
+from __future__ import annotations
+
+from rich.text import Text
+from textual import work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import VerticalScroll
+from textual.screen import Screen
+from textual.widgets import Footer, Static
+
+from ... import RESEARCH_USE_NOTICE
+from ..client import ApiClient, ApiUnavailable
+from ..render import decode_png, halfblocks, heat_over_tissue, legend, patch_row, verdict_words
+from ..widgets import Picture, chrome
+from .signoff import SignOffDialog
+
+
+class CaseScreen(Screen):
+    """The verdict card: the call in words and colour, why, what to do, the heatmap and the top tiles."""
+
+    BINDINGS = [Binding("escape", "app.pop_screen", "Back"), Binding("s", "sign_off", "Sign off"),
+                Binding("r", "reload", "Reload")]
+
+    def __init__(self, client: ApiClient, case_id: str) -> None:
+        super().__init__(classes="case-screen")
+        self.client = client
+        self.case_id = case_id
+        self.case: dict | None = None
+        self.pictures: dict[str, object] = {}
+
+    def compose(self) -> ComposeResult:
+        yield from chrome()
+        with VerticalScroll(id="card"):
+            yield Static(f"Loading case {self.case_id}…", id="verdict")
+            yield Static("", id="facts")
+            yield Static("", id="advice")
+            yield Static("Heatmap over the tissue:", classes="caption")
+            yield Picture(empty="(no heatmap yet)", id="heatmap")
+            yield Static(legend(20), id="legend")
+            yield Static("Tiles that drove the call (highest probability first):", classes="caption")
+            yield Picture(empty="(no tiles yet)", id="top")
+            yield Static("", id="model")
+            yield Static("", id="signoff-state")
+            yield Static(RESEARCH_USE_NOTICE, classes="notice")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.load()
+
+    def action_reload(self) -> None:
+        self.load()
+
+    def daemon_event(self, kind: str, data: dict) -> None:
+        if data.get("case_id") == self.case_id and kind in ("finished", "outputs"):
+            self.load()
+
+    @work(exclusive=True, group="load-case")
+    async def load(self) -> None:
+        try:
+            case = await self.client.case(self.case_id)
+            files = {n: await self.client.file(self.case_id, n) for n in ("thumbnail.png", "heatmap.png",
+                                                                           "top_patches.png")}
+        except ApiUnavailable as exc:
+            self.query_one("#verdict", Static).update(f"Cannot load case {self.case_id}: {exc}")
+            return
+        if case is None:
+            self.query_one("#verdict", Static).update(f"There is no case {self.case_id}.")
+            return
+        self.case = case
+        self.show_case(case)
+        self.show_pictures(files)
+
+    def show_case(self, c: dict) -> None:
+        symbol, word, bg, fg, todo = verdict_words(c.get("verdict"))
+        verdict = self.query_one("#verdict", Static)
+        verdict.update(Text(f"{symbol}  {word}  {symbol}", style=f"bold {fg} on {bg}", justify="center"))
+        verdict.styles.background = bg
+        score = c.get("score")
+        facts = [f"Case {c['id']}   specimen {c.get('specimen_id') or '-'}   status {c['status']}"]
+        if score is not None:
+            facts.append(f"Score {score:.3f} (mean of the top patch probabilities)   threshold "
+                         f"{c.get('threshold') or 0:.3f}   {c.get('patches_scored') or 0} tissue patches scored")
+        if c.get("early_positive"):
+            facts.append(f"Called early: after {c.get('early_positive_after_tiles')} of "
+                         f"{c.get('tiles_received') or c.get('tiles_expected') or '?'} tiles")
+        self.query_one("#facts", Static).update("\n".join(facts))
+        advice = [f"What to do: {todo}"] if c.get("verdict") else [todo]
+        for r in c.get("reasons") or []:
+            advice.append(f"  • {r['message']}")
+        self.query_one("#advice", Static).update("\n".join(advice))
+        self.query_one("#model", Static).update(
+            f"Model {c.get('model_name') or '?'} {c.get('model_version') or ''} on {c.get('engine') or '?'}, "
+            f"sha256 {(c.get('model_sha256') or '')[:16]}…")
+        signed = c.get("signed_off_by")
+        self.query_one("#signoff-state", Static).update(
+            f"Signed off by {signed} at {c.get('signed_off_at')}" + (f": {c['sign_off_comment']}"
+                                                                    if c.get("sign_off_comment") else "")
+            if signed else "Not signed off yet: press s to sign off.")
+
+    def show_pictures(self, files: dict[str, bytes | None]) -> None:
+        heatmap, top = self.query_one("#heatmap", Picture), self.query_one("#top", Picture)
+        if files.get("thumbnail.png") and files.get("heatmap.png"):
+            thumb, heat = decode_png(files["thumbnail.png"]), decode_png(files["heatmap.png"])
+            heatmap.set_draw(lambda w, h: halfblocks(heat_over_tissue(thumb, heat, w, h)))
+        else:
+            heatmap.set_draw(None, "(heatmap not written yet, or removed by retention)")
+        if files.get("top_patches.png"):
+            strip = decode_png(files["top_patches.png"])
+            top.set_draw(lambda w, h: _top_rows(strip, w, h))
+        else:
+            top.set_draw(None, "(top tiles not written yet)")
+
+    def action_sign_off(self) -> None:
+        if self.case is None or self.case.get("status") in ("receiving", "processing"):
+            self.notify("This case is not finished yet; sign-off comes after the call.", severity="warning")
+            return
+
+        def done(ok: bool | None) -> None:
+            if ok:
+                self.load()
+
+        self.app.push_screen(SignOffDialog(self.client, self.case_id), done)
+
+
+def _top_rows(strip, width: int, _lines: int) -> Text:
+    """Every top tile, as many per row as fit: each 8 cells wide and 4 lines tall (6 x 3 when narrow)."""
+    side = strip.shape[0]
+    n = strip.shape[1] // side
+    cells = 8 if width >= 44 else 6
+    per_row = max(1, (width + 1) // (cells + 1))
+    out = Text(no_wrap=True)
+    for start in range(0, n, per_row):
+        if start:
+            out.append("\n\n")
+        out.append_text(patch_row(strip[:, start * side:(start + per_row) * side], per_row, cells))
+    return out
+
+
+# fixed widths: the table fits 80 columns and does not jump about as rows arrive
