@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from firmware_bridge.emulator import ScannerEmulator, TileToSend
-from firmware_bridge.host import CaseInfo
+from firmware_bridge.sink import CaseInfo
 from firmware_bridge.transport import FdTransport
 
 from . import RESEARCH_USE_NOTICE

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from firmware_bridge.host import CaseInfo, CaseRefused, TileReceived
+from firmware_bridge.sink import CaseInfo, CaseRefused, TileReceived
 
 from .spool import TileSpool
 from .store import CaseStore

@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-from firmware_bridge.host import CaseInfo
+from firmware_bridge.sink import CaseInfo
 
 from .engine import Engine
 from .errors import ApplianceError

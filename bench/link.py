@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from firmware_bridge.emulator import ScannerEmulator, TileToSend  # noqa: E402
-from firmware_bridge.host import CaseInfo, HostLink, TileReceived  # noqa: E402
+from firmware_bridge.host import HostLink  # noqa: E402
+from firmware_bridge.sink import CaseInfo, TileReceived  # noqa: E402
 from firmware_bridge.messages import CaseBegin  # noqa: E402
 from firmware_bridge.transport import FdTransport, open_port  # noqa: E402
 

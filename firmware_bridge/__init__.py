@@ -18,8 +18,10 @@ from firmware_bridge.errors import (
 )
 from firmware_bridge.faults import BitFlipFaults, FaultKind, Faults
 from firmware_bridge.frames import PROTOCOL_VERSION
-from firmware_bridge.host import CaseInfo, CaseRefused, HostLink, LinkEvent, LinkState, TileReceived, TileSink
+from firmware_bridge.host import HostLink
 from firmware_bridge.ptycable import PtyCable
+from firmware_bridge.sink import CaseInfo, CaseRefused, TileReceived, TileSink
+from firmware_bridge.status import LinkEvent, LinkState
 from firmware_bridge.transport import FdTransport, open_port
 
 __all__ = [

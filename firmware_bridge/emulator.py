@@ -55,7 +55,7 @@ from firmware_bridge.pixels import JPEG_QUALITY, TileEncoding, decode_pixels, en
 from firmware_bridge.transport import Transport, read_some, write_all
 
 if TYPE_CHECKING:
-    from firmware_bridge.host import CaseInfo
+    from firmware_bridge.sink import CaseInfo
 
 __all__ = ["BitFlipFaults", "EmulatorResult", "Faults", "Pluggable", "ScannerEmulator", "TileToSend"]
 

@@ -14,9 +14,8 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field, fields
-from typing import Callable, Iterable, Protocol, runtime_checkable
+from typing import Callable, Iterable
 
-import numpy as np
 import serial
 
 from firmware_bridge.errors import (
@@ -52,19 +51,11 @@ from firmware_bridge.messages import (
     message_to_frame,
 )
 from firmware_bridge.pixels import CHANNELS
+from firmware_bridge.sink import CaseInfo, CaseRefused, LinkEventSink, TileReceived, TileSink
 from firmware_bridge.status import NOISY_EVENTS, LinkCounters, LinkEvent, LinkState
 from firmware_bridge.transport import Transport, open_port, read_some, write_all
 
-__all__ = [
-    "CaseInfo",
-    "HostLink",
-    "LinkCounters",
-    "LinkEvent",
-    "LinkEventSink",
-    "LinkState",
-    "TileReceived",
-    "TileSink",
-]
+__all__ = ["HostLink"]
 
 log = logging.getLogger(__name__)
 
@@ -74,79 +65,6 @@ BACKOFF_INITIAL = 0.05  # seconds before the first reopen of a vanished port
 BACKOFF_MAX = 2.0  # the reopen interval doubles up to this; USB re-enumeration takes ~0.5-2 s
 SILENCE_FACTOR = 3.0  # a scanner is "down" after this many of its heartbeat intervals without a frame
 EVENT_INTERVAL = 1.0  # seconds between two reports of the same noisy event (crc-error, duplicate)
-
-
-class CaseRefused(Exception):
-    """Raised by a sink that will not take a case (e.g. too little free disk space); the host NACKs the
-    frame REFUSED with this message and the scanner stops the case instead of retrying."""
-
-
-@dataclass(frozen=True)
-class CaseInfo:
-    """What the sink learns when a case begins (the CASE_BEGIN fields)."""
-
-    case_id: str
-    specimen_id: str
-    modality: str
-    microns_per_pixel: float
-    tile_width: int
-    tile_height: int
-    channels: int = CHANNELS
-    dtype: str = "uint8"
-    expected_tiles: int = 0
-    image_width: int = 0
-    image_height: int = 0
-    overlap: int = 0
-
-    @classmethod
-    def from_message(cls, msg: CaseBegin) -> CaseInfo:
-        return cls(**{f.name: getattr(msg, f.name) for f in fields(cls)})
-
-
-@dataclass(frozen=True)
-class TileReceived:
-    """One decoded tile handed to the sink; pixels are read-only uint8 (h, w, 3)."""
-
-    case_id: str
-    index: int
-    x: int
-    y: int
-    pixels: np.ndarray = field(repr=False)
-    sha256: str | None = None  # hex digest of pixels.tobytes(), when the link computes it
-    encoding: str = "raw"  # how the tile travelled; "jpeg" pixels are the decoded (lossy) ones
-    payload_size: int = 0  # bytes on the wire for the pixels, before COBS
-
-    @property
-    def width(self) -> int:
-        return int(self.pixels.shape[1])
-
-    @property
-    def height(self) -> int:
-        return int(self.pixels.shape[0])
-
-
-class TileSink(Protocol):
-    """Where received cases go (the spool, in the daemon).
-
-    Each method returns only once its effect is durable; the host ACKs after it returns.
-    If one raises, the host NACKs with STORAGE and the scanner retransmits, so the method
-    may be called again with the same data. All calls come from the link's reader thread.
-    A resumed case (same CASE_BEGIN after a reconnect) does not call case_began again.
-    A sink may also define link_event(kind, detail) (see LinkEventSink) to hear about the link.
-    """
-
-    def case_began(self, info: CaseInfo) -> None: ...
-
-    def tile_received(self, tile: TileReceived) -> None: ...
-
-    def case_ended(self, case_id: str, tile_count: int) -> None: ...
-
-
-@runtime_checkable
-class LinkEventSink(Protocol):
-    """Optional sink method: called from the reader thread with a LinkEvent and a readable detail."""
-
-    def link_event(self, kind: str, detail: str) -> None: ...
 
 
 @dataclass

@@ -92,7 +92,7 @@ def overlay_image(thumb: np.ndarray, heat: np.ndarray, thumb_cell: int, heat_cel
     tx = 10 + int(round(result["threshold"] * 255))
     d.line([tx, y0 - 3, tx, y0 + 16], fill="black", width=2)
     d.text((280, y0), "patch probability of IDC (overlap-averaged);", fill="black", font=small)
-    d.text((280, y0 + 16), f"| = case threshold; cividis colormap", fill="black", font=small)
+    d.text((280, y0 + 16), "| = case threshold; cividis colormap", fill="black", font=small)
     return canvas
 
 

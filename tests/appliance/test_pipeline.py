@@ -7,7 +7,6 @@ import shutil
 import time
 
 import numpy as np
-import pytest
 import tifffile
 from hypothesis import given, settings
 from hypothesis import strategies as st

@@ -13,7 +13,8 @@ import pytest
 
 from firmware_bridge.emulator import TileToSend
 from firmware_bridge.frames import FrameReader
-from firmware_bridge.host import CaseInfo, HostLink, TileReceived
+from firmware_bridge.host import HostLink
+from firmware_bridge.sink import CaseInfo, TileReceived
 from firmware_bridge.messages import CaseBegin, Message, message_from_frame, message_to_frame
 from firmware_bridge.transport import FdTransport, open_port
 

@@ -14,7 +14,8 @@ import pytest
 
 from firmware_bridge.emulator import ScannerEmulator
 from firmware_bridge.faults import FaultKind, Faults
-from firmware_bridge.host import CaseInfo, HostLink, TileReceived
+from firmware_bridge.host import HostLink
+from firmware_bridge.sink import CaseInfo, TileReceived
 from firmware_bridge.ptycable import PtyCable
 
 from .conftest import he_case

@@ -13,7 +13,8 @@ import pytest
 from firmware_bridge.emulator import ScannerEmulator, TileToSend
 from firmware_bridge.errors import LinkTimeoutError
 from firmware_bridge.faults import BitFlipFaults
-from firmware_bridge.host import CaseInfo, HostLink
+from firmware_bridge.host import HostLink
+from firmware_bridge.sink import CaseInfo
 from firmware_bridge.messages import CaseBegin
 from firmware_bridge.transport import FdTransport, open_port
 

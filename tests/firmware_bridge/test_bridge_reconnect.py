@@ -15,7 +15,8 @@ from firmware_bridge.emulator import ScannerEmulator
 from firmware_bridge.errors import LinkLostError
 from firmware_bridge.faults import FaultKind, Faults, Injection
 from firmware_bridge.frames import cobs_decode
-from firmware_bridge.host import CaseInfo, HostLink
+from firmware_bridge.host import HostLink
+from firmware_bridge.sink import CaseInfo
 from firmware_bridge.messages import Ack, CaseBegin, Hello, MsgType, Nack, NackReason, Role, Tile, TileEncoding
 from firmware_bridge.pixels import encode_pixels
 from firmware_bridge.ptycable import PtyCable
