@@ -2,10 +2,7 @@
 before the verdict; a new daemon on the same data finishes the case from the spool with the verdict and
 score an uninterrupted run gives. Real subprocess, real pty (PtyCable), real SQLite, real model."""
 
-import os
 import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -38,24 +35,16 @@ def test_case_acked_before_a_sigkill_is_finished_after_restart_with_the_same_cal
     info = case_info_for("CRASH-1", "S-CRASH", tiles, 4.0, 200)
     data = tmp_path / "var"
     cable = PtyCable(tmp_path / "scanner")
-    env = dict(os.environ, APPLIANCE_DATA_DIR=str(data), APPLIANCE_MODEL_DIR=str(MODEL_DIR), APPLIANCE_API_PORT="0",
-               APPLIANCE_FAULT_INJECTION="1")
-    env.pop("NOTIFY_SOCKET", None)
-    proc = subprocess.Popen([sys.executable, "-m", "appliance.cli", "run", "--port", str(cable.path)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    daemon = ApplianceRun(cable.path, data, APPLIANCE_FAULT_INJECTION="1")
     try:
-        deadline = time.monotonic() + 60
-        while "[fault-injection]" not in (line := proc.stderr.readline()) and time.monotonic() < deadline:
-            assert line or proc.poll() is None, "appliance run died"
-        proc.send_signal(signal.SIGUSR1)  # the pipeline hangs: tiles are ACKed but no verdict can be made
+        daemon.wait_for("[fault-injection]", 10)
+        daemon.proc.send_signal(signal.SIGUSR1)  # the pipeline hangs: tiles are ACKed but no verdict can be made
         result = ScannerEmulator(cable, info, tiles, encoding="zlib").run()
         assert result.tiles_sent >= len(tiles)  # every tile and CASE_END acknowledged
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=10)
+        daemon.kill()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        if daemon.proc.poll() is None:
+            daemon.kill()
         cable.close()
 
     restarted = Daemon(load_settings(None, data_dir=data, model_dir=MODEL_DIR, api_port=0),
