@@ -38,29 +38,37 @@ def wait_pane(tmux: str, session: str, needle: str, timeout: float = 90) -> str:
     raise AssertionError(f"{needle!r} never appeared; the pane was:\n{pane}")
 
 
-def test_tui_in_tmux_shows_the_live_scan_then_the_verdict(tmux, bench, settings):
-    """In tmux's default 80x24 window: the live scan, the early-positive alert, the card, then the history."""
+@pytest.mark.parametrize("width, height", [(80, 24), (120, 40)])
+def test_tui_in_tmux_shows_the_live_scan_then_the_verdict(tmux, bench, settings, width, height):
+    """In an 80x24 and a 120x40 terminal: the live scan, the early-positive alert, the card, then the history."""
     session = f"tui-{uuid.uuid4().hex[:8]}"
+    case_id = f"TMUX-{width}"
     cmd = (f"APPLIANCE_DATA_DIR={shlex.quote(str(settings.data_dir))} {shlex.quote(sys.executable)} -m appliance.cli "
            f"tui --api {bench.url}")
-    subprocess.run([tmux, "new-session", "-d", "-s", session, cmd], check=True, timeout=10)
+    subprocess.run([tmux, "new-session", "-d", "-s", session, "-x", str(width), "-y", str(height), cmd], check=True,
+                   timeout=10)
     try:
+        size = subprocess.run([tmux, "display-message", "-p", "-t", session, "#{window_width}x#{window_height}"],
+                              capture_output=True, text=True, timeout=10).stdout.strip()
+        assert size == f"{width}x{height}", size
         wait_pane(tmux, session, "Scanner link:")
-        bench.stream("TMUX-1", pace=0.02)
+        bench.stream(case_id, pace=0.02)
         live = wait_pane(tmux, session, "EARLY POSITIVE")
         card = wait_pane(tmux, session, "SUSPICIOUS  ▲")
         wait_pane(tmux, session, "Prioritise this case")
         subprocess.run([tmux, "send-keys", "-t", session, "h"], check=True, timeout=10)
-        history = wait_pane(tmux, session, "received (UTC)")
+        wait_pane(tmux, session, "received (UTC)")  # the history screen is up; its rows load after
+        history = wait_pane(tmux, session, case_id)
         subprocess.run([tmux, "send-keys", "-t", session, "q"], check=True, timeout=10)
         time.sleep(1)
         alive = subprocess.run([tmux, "has-session", "-t", session], capture_output=True).returncode == 0
     finally:
         subprocess.run([tmux, "kill-session", "-t", session], capture_output=True, timeout=10)
     print("--- the verdict card as the terminal showed it ---\n" + card)
-    assert "TMUX-1" in live and "Received" in live
+    assert case_id in live and "Received" in live
     assert "For research and triage only" in card
-    assert "▲ SUSPICIOUS" in history and "TMUX-1" in history
+    assert max(map(len, card.splitlines())) <= width and len(card.splitlines()) <= height
+    assert "▲ SUSPICIOUS" in history and case_id in history
     assert not alive  # q quit the app and with it the tmux session
 
 
