@@ -60,8 +60,10 @@ def test_tui_in_tmux_shows_the_live_scan_then_the_verdict(tmux, bench, settings,
         wait_pane(tmux, session, "received (UTC)")  # the history screen is up; its rows load after
         history = wait_pane(tmux, session, case_id)
         subprocess.run([tmux, "send-keys", "-t", session, "q"], check=True, timeout=10)
-        time.sleep(1)
-        alive = subprocess.run([tmux, "has-session", "-t", session], capture_output=True).returncode == 0
+        deadline = time.monotonic() + 20  # q quits the app, and with it the session
+        while (alive := subprocess.run([tmux, "has-session", "-t", session], capture_output=True).returncode == 0) \
+                and time.monotonic() < deadline:
+            time.sleep(0.2)
     finally:
         subprocess.run([tmux, "kill-session", "-t", session], capture_output=True, timeout=10)
     print("--- the verdict card as the terminal showed it ---\n" + card)
