@@ -363,7 +363,9 @@ def test_6_memory_deny_write_execute_breaks_openvino_not_onnxruntime(box):
     journal = box.journal_since(since)
     log("MemoryDenyWriteExecute=yes, engine openvino:\n" + "\n".join(
         ln for ln in journal.splitlines() if "appliance[" in ln)[:1500])
-    assert "can't protect" in journal  # the JIT's mprotect(PROT_EXEC) is refused
+    # The JIT's mprotect(PROT_EXEC) is refused. Xbyak (oneDNN's JIT assembler) reports "can't protect", or
+    # "label is redefined" under the daemon's fixed malloc thresholds (appliance/heap.py): either way its error.
+    assert "can't protect" in journal or "label is redefined" in journal
     assert box.show("ActiveState")["ActiveState"] != "active"
 
     box.run("printf '[Service]\\nMemoryDenyWriteExecute=yes\\nEnvironment=APPLIANCE_ENGINE=onnxruntime\\n' "
