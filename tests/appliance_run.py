@@ -15,19 +15,26 @@ from tests.conftest import MODEL_DIR
 
 
 class ApplianceRun:
-    """One `appliance run` on ``port`` with its data in ``data``; ready (its `[ready]` line seen) on return."""
+    """One `appliance run` on ``port`` with its data in ``data``, ``env`` added to its environment.
 
-    def __init__(self, port: str | Path, data: Path, *, timeout: float = 120.0, **env: str):
-        full_env = dict(os.environ, APPLIANCE_DATA_DIR=str(data), APPLIANCE_MODEL_DIR=str(MODEL_DIR),
+    On return it is ready (its `[ready]` line seen), unless ``wait_ready`` is False: the systemd tests watch
+    READY=1 on ``notify_socket`` instead (without one, NOTIFY_SOCKET is removed from its environment)."""
+
+    def __init__(self, port: str | Path, data: Path, *, model_dir: Path = MODEL_DIR, notify_socket: str | None = None,
+                 wait_ready: bool = True, timeout: float = 120.0, **env: str):
+        full_env = dict(os.environ, APPLIANCE_DATA_DIR=str(data), APPLIANCE_MODEL_DIR=str(model_dir),
                         APPLIANCE_API_PORT="0", **env)
         full_env.pop("NOTIFY_SOCKET", None)
+        if notify_socket is not None:
+            full_env["NOTIFY_SOCKET"] = notify_socket
         self.proc = subprocess.Popen([sys.executable, "-m", "appliance.cli", "run", "--port", str(port)],
                                      env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self.lines: list[str] = []
         self._said = threading.Condition()
         self._ended = False
         threading.Thread(target=self._read, daemon=True).start()
-        self.wait_for("[ready]", timeout)
+        if wait_ready:
+            self.wait_for("[ready]", timeout)
 
     def _read(self) -> None:
         for line in self.proc.stderr:
@@ -62,6 +69,12 @@ class ApplianceRun:
                 self.proc.kill()
         return self.proc.wait()
 
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
     def kill(self) -> None:
-        self.proc.kill()
+        """SIGKILL, if it is still running."""
+        if self.proc.poll() is None:
+            self.proc.kill()
         self.proc.wait()

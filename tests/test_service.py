@@ -3,13 +3,10 @@ the scanner port, and a pipeline hang injected with SIGUSR1 (settings.fault_inje
 
 import os
 import signal
-import subprocess
-import sys
 import time
 
 from appliance.notify import Notifier
 from tests.appliance_run import ApplianceRun
-from tests.conftest import MODEL_DIR
 from tests.conftest import receive_datagrams as receive
 
 
@@ -30,11 +27,9 @@ def test_run_is_ready_after_the_port_opens_and_withholds_the_watchdog_when_the_p
         notify_socket, tmp_path):
     path, sock = notify_socket
     master, slave = os.openpty()
-    env = dict(os.environ, NOTIFY_SOCKET=path, WATCHDOG_USEC="400000", APPLIANCE_FAULT_INJECTION="1",
-               APPLIANCE_PIPELINE_STALL_S="1", APPLIANCE_DATA_DIR=str(tmp_path / "var"),
-               APPLIANCE_MODEL_DIR=str(MODEL_DIR), APPLIANCE_API_PORT="0")
-    proc = subprocess.Popen([sys.executable, "-m", "appliance.cli", "run", "--port", os.ttyname(slave)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    daemon = ApplianceRun(os.ttyname(slave), tmp_path / "var", notify_socket=path, wait_ready=False,
+                          WATCHDOG_USEC="400000", APPLIANCE_FAULT_INJECTION="1", APPLIANCE_PIPELINE_STALL_S="1")
+    proc = daemon.proc
     try:
         sock.settimeout(60)
         first = sock.recv(4096).decode()  # nothing comes before READY=1 but STATUS= while waiting for the port
@@ -56,9 +51,7 @@ def test_run_is_ready_after_the_port_opens_and_withholds_the_watchdog_when_the_p
         assert proc.wait(timeout=20) == 0
         assert any("STOPPING=1" in d for d in receive(sock, 1.0))
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        daemon.kill()
         os.close(master)
         os.close(slave)
 
@@ -67,10 +60,8 @@ def test_ready_waits_for_the_scanner_port_to_appear(notify_socket, tmp_path):
     path, sock = notify_socket
     port = tmp_path / "scanner"  # not plugged in yet
     master, slave = os.openpty()
-    env = dict(os.environ, NOTIFY_SOCKET=path, APPLIANCE_DATA_DIR=str(tmp_path / "var"),
-               APPLIANCE_MODEL_DIR=str(MODEL_DIR), APPLIANCE_API_PORT="0")
-    proc = subprocess.Popen([sys.executable, "-m", "appliance.cli", "run", "--port", str(port)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    daemon = ApplianceRun(port, tmp_path / "var", notify_socket=path, wait_ready=False)
+    proc = daemon.proc
     try:
         sock.settimeout(60)
         waiting = sock.recv(4096).decode()
@@ -85,9 +76,7 @@ def test_ready_waits_for_the_scanner_port_to_appear(notify_socket, tmp_path):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        daemon.kill()
         os.close(master)
         os.close(slave)
 
@@ -135,8 +124,7 @@ def test_sigterm_mid_case_stops_cleanly_with_every_acked_tile_whole(tmp_path, de
         t.join(60)
         assert not t.is_alive()
     finally:
-        if daemon.proc.poll() is None:
-            daemon.kill()
+        daemon.kill()
         cable.close()
     spool = tmp_path / "var" / "spool" / "TERM-1"
     assert not list(spool.glob(".*.tmp"))  # no half-written tile

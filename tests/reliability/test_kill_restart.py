@@ -41,10 +41,8 @@ def test_case_acked_before_a_sigkill_is_finished_after_restart_with_the_same_cal
         daemon.proc.send_signal(signal.SIGUSR1)  # the pipeline hangs: tiles are ACKed but no verdict can be made
         result = ScannerEmulator(cable, info, tiles, encoding="zlib").run()
         assert result.tiles_sent >= len(tiles)  # every tile and CASE_END acknowledged
-        daemon.kill()
     finally:
-        if daemon.proc.poll() is None:
-            daemon.kill()
+        daemon.kill()  # after CASE_END was ACKed, before the hung pipeline could call the case
         cable.close()
 
     restarted = Daemon(load_settings(None, data_dir=data, model_dir=MODEL_DIR, api_port=0),

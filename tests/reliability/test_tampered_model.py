@@ -9,15 +9,13 @@ import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
-import threading
 import time
 
 import httpx
 
 from appliance.config import load_settings
 from appliance.daemon import Daemon
+from tests.appliance_run import ApplianceRun
 from tests.conftest import MODEL_DIR
 from tests.conftest import receive_datagrams as receive
 
@@ -38,11 +36,9 @@ def test_run_with_a_tampered_model_is_up_not_ready_and_says_why(notify_socket, t
     scanner = tmp_path / "scanner"
     master, slave = os.openpty()
     os.symlink(os.ttyname(slave), scanner)  # a scanner is plugged in: the daemon must still not open it
-    env = dict(os.environ, NOTIFY_SOCKET=path, WATCHDOG_USEC="400000", APPLIANCE_DATA_DIR=str(tmp_path / "var"),
-               APPLIANCE_MODEL_DIR=str(model), APPLIANCE_API_PORT="0", APPLIANCE_FAULT_INJECTION="1")
-    proc = subprocess.Popen([sys.executable, "-m", "appliance.cli", "run", "--port", str(scanner)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    stderr: list[str] = []
+    daemon = ApplianceRun(scanner, tmp_path / "var", model_dir=model, notify_socket=path, wait_ready=False,
+                          WATCHDOG_USEC="400000", APPLIANCE_FAULT_INJECTION="1")
+    proc = daemon.proc
     try:
         sock.settimeout(60)
         first = sock.recv(4096).decode()
@@ -53,12 +49,7 @@ def test_run_with_a_tampered_model_is_up_not_ready_and_says_why(notify_socket, t
         assert status_line.startswith("NOT READY: "), status_line
         assert "model.int8.bin" in status_line and "sha256 mismatch" in status_line and "\n" not in status_line
 
-        while not any(line.startswith("[api] url=") for line in stderr):
-            line = proc.stderr.readline()
-            assert line, "appliance run exited: " + "".join(stderr)
-            stderr.append(line)
-        url = next(line.split("url=", 1)[1].strip() for line in stderr if line.startswith("[api] url="))
-        threading.Thread(target=lambda: stderr.extend(proc.stderr), daemon=True).start()
+        url = daemon.wait_for("[api] url=", 60).split("url=", 1)[1].strip()
 
         beats = receive(sock, 2.0)  # the watchdog goes on: the process does what it can, serve its status
         watchdogs = beats.count("WATCHDOG=1")
@@ -76,12 +67,10 @@ def test_run_with_a_tampered_model_is_up_not_ready_and_says_why(notify_socket, t
         assert proc.wait(timeout=30) == 0
         after = receive(sock, 1.0)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        daemon.kill()
         os.close(master)
         os.close(slave)
-    text = "".join(stderr)
+    text = "".join(daemon.lines)
     print(f"\nSTATUS={status_line}\nWATCHDOG=1 datagrams in 2 s: {watchdogs}; /ready {ready.status_code} "
           f"{ready.json()}")
     assert watchdogs >= 5, beats  # every 0.2 s
