@@ -34,14 +34,16 @@ class Daemon:
     """Owns the engine, store, spool, pipeline, serial link and API for one process."""
 
     def __init__(self, settings: Settings, *, port: str | None = None, notify: Notify | None = None,
-                 serve_api: bool = True):
+                 serve_api: bool = True, engine: Engine | None = None):
+        """``engine``: one already loaded (tests that slow inference down); by default the daemon loads
+        ``settings.model_dir`` with ``settings.engine`` when it starts."""
         self.settings = settings
         self.port = port or settings.serial_port
         self._user_notify = notify or (lambda kind, data: log.info("%s %s", kind, data))
         self.events = EventHub()  # live events for GET /events
         self.storage = StorageGuard(settings.data_dir, settings.min_free_mb, settings.spool_dir)
         self.serve_api = serve_api
-        self.engine: Engine | None = None
+        self.engine: Engine | None = engine
         self.store: CaseStore | None = None
         self.link: HostLink | None = None
         self.api: ApiServer | None = None
@@ -52,8 +54,8 @@ class Daemon:
         self.problem: str | None = None
 
     # Lifecycle events kept in the store's events table (per-tile progress is not: it is in the tiles table).
-    RECORDED = frozenset({"case-started", "case-ended", "early-positive", "finished", "outputs", "error", "failed",
-                          "refused", "abandoned", "resumed", "link", "ready"})
+    RECORDED = frozenset({"case-started", "case-ended", "early-positive", "finished", "qc-warning", "outputs",
+                          "error", "failed", "refused", "abandoned", "resumed", "link", "ready"})
 
     def notify(self, kind: str, data: dict) -> None:
         """Record lifecycle events in SQLite, then pass every event on (demo progress, logs)."""
@@ -81,7 +83,8 @@ class Daemon:
     def _start(self) -> None:
         s = self.settings
         try:
-            self.engine = load_engine(s.model_dir, s.engine)
+            if self.engine is None:
+                self.engine = load_engine(s.model_dir, s.engine)
         except (ManifestError, ModelIntegrityError) as exc:
             self.problem = " ".join(f"the model failed its checks: {exc}".split())  # one line, for STATUS=
             log.error("NOT READY, the scanner link stays closed: %s", self.problem)

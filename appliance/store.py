@@ -80,6 +80,12 @@ def _events_audit_models(db: sqlite_utils.Database) -> None:
     )
 
 
+@migrations(name="0003_warnings_patch_threshold")
+def _warnings_patch_threshold(db: sqlite_utils.Database) -> None:
+    db["cases"].add_column("warnings", str)
+    db["cases"].add_column("patch_threshold", float)
+
+
 CASE_STATUSES = ("receiving", "processing", "done", "cannot-call", "failed", "abandoned")
 
 
@@ -87,7 +93,7 @@ def utcnow() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
-_JSON_COLUMNS = ("reasons", "timings_ms")
+_JSON_COLUMNS = ("reasons", "warnings", "timings_ms")
 
 
 def _decode_row(row: dict) -> dict:
@@ -201,6 +207,8 @@ class CaseStore:
             "score": result["score"],
             "threshold": result["threshold"],
             "reasons": json.dumps(result["reasons"]),
+            "warnings": json.dumps(result["warnings"]),
+            "patch_threshold": result["patch_threshold"],
             "patches_scored": len(result["patches"]),
             "early_positive": int(result["early_positive"]),
             "early_positive_after_tiles": result["early_positive_after_tiles"],

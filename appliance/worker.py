@@ -7,7 +7,7 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -25,7 +25,7 @@ log = logging.getLogger("appliance.daemon")
 
 Notify = Callable[[str, dict], None]
 
-LIVE_QC_EVERY = 8  # tiles between live QC checks (focus and exposure; the stain is judged at the end)
+LIVE_QC_EVERY = 8  # tiles between live QC checks (focus, exposure, and the stain once it has been judged)
 
 
 def eta_seconds(progress: "CaseProgress", now: float) -> float | None:
@@ -54,7 +54,7 @@ class CaseProgress:
     result: TriageResult | None = None
     last_activity: float = field(default_factory=time.monotonic)  # CASE_BEGIN or the latest tile
     started: float = field(default_factory=time.monotonic)
-    warnings: list[dict] = field(default_factory=list)  # live QC (focus, exposure) while the scan goes on
+    warnings: list[dict] = field(default_factory=list)  # live QC of the tiles so far, while the scan goes on
     ended: bool = False  # CASE_END received
     abandoned: str | None = None  # why, once abandoned
     outputs: dict[str, str] = field(default_factory=dict)
@@ -139,7 +139,7 @@ class PipelineWorker:
                     progress.score = session.score
                     if session.tiles % LIVE_QC_EVERY == 0:
                         progress.warnings = [{"code": r.code, "message": r.message}
-                                             for r in session.qc.reasons(None)]
+                                             for r in session.qc.reasons()]
                 elif kind == "end":
                     self._finish(progress)
                 elif kind == "abandon":
@@ -180,8 +180,13 @@ class PipelineWorker:
             self.store.case_finished(progress.case_id, summary)
             progress.result = result
             progress.score = result.score
+            progress.warnings = [asdict(w) for w in result.warnings]  # the call's own, not the live ones
             progress.done.set()
-            self.notify("finished", {"case_id": progress.case_id, "verdict": result.verdict, "score": result.score})
+            self.notify("finished", {"case_id": progress.case_id, "verdict": result.verdict, "score": result.score,
+                                     "early_positive_after_tiles": result.early_positive_after_tiles,
+                                     "warnings": [asdict(w) for w in result.warnings]})
+            for w in result.warnings:  # QC found after the early call: in the case's log, never dropped
+                self.notify("qc-warning", {"case_id": progress.case_id, "code": w.code, "message": w.message})
             try:
                 progress.outputs = session.write_outputs(self.cases_dir / progress.case_id, progress.case_id, summary)
                 written = ("outputs", {"case_id": progress.case_id, "files": sorted(progress.outputs)})

@@ -30,7 +30,9 @@ class CasePublic(BaseModel):
     verdict: str | None = None
     score: float | None = None
     threshold: float | None = None
+    patch_threshold: float | None = None
     reasons: list[ReasonPublic] = []
+    warnings: list[ReasonPublic] = []  # QC findings after an early call: reported, never dropped
     early_positive: bool | None = None
     early_positive_after_tiles: int | None = None
     model_name: str | None = None

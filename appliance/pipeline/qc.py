@@ -14,7 +14,6 @@ from .stain import StainFit, StainFitError, fit_stains
 from .tissue import SATURATION_THRESHOLD
 
 
-
 @dataclass(frozen=True)
 class Reason:
     """Why a case cannot be called: a stable code for machines and a sentence for people."""
@@ -57,26 +56,74 @@ def angle_degrees(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.degrees(np.arccos(np.clip(c, -1.0, 1.0))))
 
 
+class StainSample:
+    """The tissue pixels the stain is fitted on: an even sample of every tile seen so far, bounded in size.
+
+    The rule is fixed, so the same tiles always give the same sample (and so the same stain angles): each tile
+    gives up to ``per_tile`` of its tissue pixels, evenly spaced in raster order; when the sample would pass
+    ``max_pixels``, every second pixel already kept is dropped and later tiles give half as many. Every tile
+    of the case is then equally represented, not only the first ones.
+    """
+
+    def __init__(self, per_tile: int, max_pixels: int):
+        if per_tile < 1 or max_pixels < per_tile:
+            raise ValueError("need 1 <= per_tile <= max_pixels")
+        self.per_tile = per_tile
+        self.max_pixels = max_pixels
+        self._chunks: list[np.ndarray] = []
+        self.size = 0
+
+    def add(self, tissue: np.ndarray) -> None:
+        """One tile's tissue pixels, (n, 3) uint8 in raster order."""
+        n = len(tissue)
+        if n == 0:
+            return
+        take = min(self.per_tile, n)
+        chunk = tissue[(np.arange(take, dtype=np.int64) * n) // take]
+        self._chunks.append(chunk)
+        self.size += take
+        while self.size > self.max_pixels:
+            self._chunks = [c[::2] for c in self._chunks]
+            self.size = sum(len(c) for c in self._chunks)
+            self.per_tile = max(1, self.per_tile // 2)
+
+    def pixels(self) -> np.ndarray:
+        return np.concatenate(self._chunks) if self._chunks else np.zeros((0, 3), np.uint8)
+
+
 @dataclass
 class CaseQc:
-    """Accumulates QC evidence while tiles stream in; ``reasons`` gives the case's blocking problems."""
+    """QC evidence of tiles 1..N as they stream in; ``reasons`` gives the blocking problems of those tiles.
+
+    Everything here is a function of the tile sequence only (never of how far inference has got), so the
+    QC of tiles 1..N is the same in every run. The stain is judged progressively: first once the tiles
+    have given ``stain_min_pixels`` tissue pixels, then again each time the tissue pixels seen double, each
+    time on the whole sample of the tiles so far (``StainSample``); ``finish`` judges it on the whole case.
+    """
 
     limits: QcLimits = field(default_factory=QcLimits)
-    seed: int = 0
+    reference: StainFit | None = None
     tiles: int = 0
     blank_tiles: int = 0
     tissue_pixels: int = 0
     clipped_pixels: int = 0
-    patches_scored: int = 0
+    patches_scored: int = 0  # patches focus-checked (the sampled ones)
     patches_blurred: int = 0
-    _stain_samples: list[np.ndarray] = field(default_factory=list)
-    _sampled: int = 0
-    stain: StainFit | None = None
+    stain: StainFit | None = None  # the latest judgement's fit
     stain_error: str | None = None
+    stain_judged_at_tiles: int | None = None  # tiles 1..N the latest stain fit was made on
+    first_fit: StainFit | None = None  # the first judgement's fit (a normalising model's map comes from it)
     fits: int = 0
+    sample: StainSample = field(init=False)
+    _next_judgement: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.sample = StainSample(self.limits.stain_sample_per_tile, self.limits.stain_sample_max)
+        self._next_judgement = self.limits.stain_min_pixels
 
     def add_tile(self, sub: np.ndarray, mask: np.ndarray) -> None:
-        """One tile, subsampled, and its tissue mask (same shape): exposure, blank, stain pixel sample."""
+        """One tile, subsampled, and its tissue mask (same shape): exposure, blank, stain sample; judges the
+        stain when this tile brings the tissue pixels seen to the next judgement point."""
         self.tiles += 1
         n = int(np.count_nonzero(mask))
         if n == 0:
@@ -85,29 +132,33 @@ class CaseQc:
         self.tissue_pixels += n
         clipped = (sub[..., 0] == 255) | (sub[..., 1] == 255) | (sub[..., 2] == 255)
         self.clipped_pixels += int(np.count_nonzero(clipped & mask))
-        if self._sampled < self.limits.stain_sample_max:
-            tissue = sub[mask]
-            n = min(self.limits.stain_sample_per_tile, len(tissue), self.limits.stain_sample_max - self._sampled)
-            rng = np.random.default_rng(self.seed + self.tiles)
-            self._stain_samples.append(tissue[rng.integers(0, len(tissue), n)])
-            self._sampled += n
+        self.sample.add(sub[mask])
+        if self.tissue_pixels >= self._next_judgement:
+            self.fit_stain()
+            while self._next_judgement <= self.tissue_pixels:
+                self._next_judgement *= 2
 
     def add_patches(self, focus: np.ndarray) -> None:
         self.patches_scored += len(focus)
         self.patches_blurred += int((focus < self.limits.focus_min).sum())
 
-    def stain_pixels(self) -> np.ndarray:
-        return np.concatenate(self._stain_samples) if self._stain_samples else np.zeros((0, 3), np.uint8)
-
     def fit_stain(self) -> StainFit | None:
-        """Fit the case's stains once from the pixels sampled so far (None if not measurable)."""
+        """Fit the stains on the sample of the tiles so far (None if not measurable)."""
         self.fits += 1
+        self.stain_judged_at_tiles = self.tiles
         try:
-            self.stain = fit_stains(self.stain_pixels(), seed=self.seed)
+            self.stain = fit_stains(self.sample.pixels())
             self.stain_error = None
         except StainFitError as exc:
             self.stain, self.stain_error = None, str(exc)
+        if self.fits == 1:
+            self.first_fit = self.stain
         return self.stain
+
+    def finish(self) -> None:
+        """Judge the stain on the whole case (unless the last judgement already covered every tile)."""
+        if self.tissue_pixels and self.stain_judged_at_tiles != self.tiles:
+            self.fit_stain()
 
     @property
     def blurred_fraction(self) -> float:
@@ -117,33 +168,24 @@ class CaseQc:
     def clipped_fraction(self) -> float:
         return self.clipped_pixels / self.tissue_pixels if self.tissue_pixels else 0.0
 
-    def ready_to_fit(self) -> bool:
-        return self._sampled >= self.limits.stain_min_pixels
-
     @property
     def stain_assessed(self) -> bool:
+        """The latest fit had enough stained pixels to judge the stain on."""
         return self.stain is not None and self.stain.pixels >= self.limits.stain_min_pixels
 
-    def stain_in_range(self, reference: StainFit | None) -> bool | None:
-        """Whether the case's stains match the reference: None until enough tissue pixels are sampled
-        (then the case's one fit is made), True without a reference or when it cannot be assessed."""
-        if reference is None:
-            return True
-        if self.stain is None and self.stain_error is None:
-            if not self.ready_to_fit():
-                return None
-            self.fit_stain()
-        angles = self.stain_angles(reference)
-        return angles is None or not self.stain_assessed or max(angles) <= self.limits.max_stain_angle
+    @property
+    def stain_judged(self) -> bool:
+        """Whether the stain of the tiles so far has been judged (always, for a model without a reference)."""
+        return self.reference is None or self.stain_assessed
 
-    def stain_angles(self, reference: StainFit) -> tuple[float, float] | None:
-        if self.stain is None:
+    def stain_angles(self) -> tuple[float, float] | None:
+        if self.stain is None or self.reference is None:
             return None
-        return (angle_degrees(self.stain.he[:, 0], reference.he[:, 0]),
-                angle_degrees(self.stain.he[:, 1], reference.he[:, 1]))
+        return (angle_degrees(self.stain.he[:, 0], self.reference.he[:, 0]),
+                angle_degrees(self.stain.he[:, 1], self.reference.he[:, 1]))
 
-    def reasons(self, reference: StainFit | None) -> list[Reason]:
-        """Blocking problems found in the case (tissue quantity is judged by the session)."""
+    def reasons(self) -> list[Reason]:
+        """Blocking problems of the tiles so far (tissue quantity is judged by the session)."""
         lim, out = self.limits, []
         if self.patches_scored and self.blurred_fraction > lim.max_blurred_fraction:
             out.append(Reason("out-of-focus", f"Rescan: out of focus in {self.blurred_fraction:.0%} of tissue "
@@ -152,19 +194,16 @@ class CaseQc:
             out.append(Reason("over-exposed", f"Rescan: {self.clipped_fraction:.0%} of tissue pixels are clipped "
                                               f"white (over-exposed; limit {lim.max_clipped_fraction:.0%}); "
                                               f"check the illumination."))
-        if reference is not None and self.tissue_pixels:
-            if self.stain is None and self.stain_error is None:
-                self.fit_stain()
-            angles = self.stain_angles(reference)
-            if angles is not None and self.stain_assessed and max(angles) > lim.max_stain_angle:
-                out.append(Reason("stain-out-of-range",
-                                  f"Check the staining: the case's stain colours differ from the expected H&E "
-                                  f"by {angles[0]:.0f} deg (haematoxylin) and {angles[1]:.0f} deg (eosin); "
-                                  f"limit {lim.max_stain_angle:.0f} deg."))
+        angles = self.stain_angles()
+        if angles is not None and self.stain_assessed and max(angles) > lim.max_stain_angle:
+            out.append(Reason("stain-out-of-range",
+                              f"Check the staining: the case's stain colours differ from the expected H&E "
+                              f"by {angles[0]:.0f} deg (haematoxylin) and {angles[1]:.0f} deg (eosin); "
+                              f"limit {lim.max_stain_angle:.0f} deg."))
         return out
 
-    def summary(self, reference: StainFit | None) -> dict:
-        angles = self.stain_angles(reference) if reference is not None else None
+    def summary(self) -> dict:
+        angles = self.stain_angles()
         return {
             "tiles": self.tiles,
             "blank_tiles": self.blank_tiles,
@@ -177,5 +216,7 @@ class CaseQc:
             "stain_error": self.stain_error,
             "stain_angles_deg": [round(a, 1) for a in angles] if angles else None,
             "stain_assessed": self.stain_assessed,
+            "stain_sample_pixels": self.sample.size,
+            "stain_fits": self.fits,
             "saturation_threshold": SATURATION_THRESHOLD,
         }

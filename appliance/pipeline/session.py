@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -37,7 +37,9 @@ BENIGN = "benign-appearing"
 CANNOT_CALL = "cannot-call"
 VERDICTS = (SUSPICIOUS, BENIGN, CANNOT_CALL)
 THUMBNAIL_CELL = 10  # model pixels per thumbnail pixel
-FOCUS_SAMPLE = 2  # focus is measured on every 2nd tissue patch: the out-of-focus fraction is an estimate
+# Focus is measured on every 2nd tissue patch in the order the patches are cut (a fixed rule, so the same
+# tiles give the same out-of-focus fraction): the fraction is an estimate.
+FOCUS_SAMPLE = 2
 
 __all__ = ["BENIGN", "CANNOT_CALL", "SUSPICIOUS", "VERDICTS", "PatchScore", "Reason", "TriageResult",
            "TriageSession"]
@@ -57,6 +59,7 @@ class TriageResult:
     verdict: str
     score: float
     threshold: float
+    patch_threshold: float  # a patch at or above it is drawn in the regions (regions.geojson)
     reasons: list[Reason]
     model: dict
     timings_ms: dict[str, float]
@@ -92,11 +95,25 @@ class _Batch:
     pixels: list[np.ndarray] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class _Checkpoint:
+    """The end of tile N: how many patches tiles 1..N gave, and their QC (known when the tile is cut)."""
+
+    tile: int
+    patches: int
+    qc_clean: bool  # no blocking QC finding over tiles 1..N, and the stain judged on them
+
+
 class TriageSession:
     """Feed tiles as they arrive with ``add_tile``; ``finish`` returns the verdict.
 
-    A suspicious call made early (the full top-k mean passed the threshold while QC so far was clean) is
-    final: adding patches can never lower a full top-k mean.
+    Every decision is taken on the tile sequence, never on timing. Each patch belongs to the tile that
+    completed it, and results are folded in the order the patches were cut, whatever order or moment the
+    engine returns them in. The early positive "after tile N" is judged once every patch of tiles 1..N is
+    scored: the full top-k mean of those patches passes the case threshold while the QC of tiles 1..N is
+    clean, the stain included (so it waits until the stain can be judged). The first such N is the same in
+    every run, and the call is final: adding patches can never lower a full top-k mean. QC problems found
+    after it are reported as warnings.
 
     ``scanner_mpp``/``width``/``height`` describe the case in scanner pixels (0/None when unknown);
     ``workdir`` holds the on-disk mosaic (a temporary folder when not given). ``origin`` is the input's
@@ -125,7 +142,7 @@ class TriageSession:
         self.stain_reference = StainFit.from_dict(ref.model_dump()) if ref is not None else None
         self.normalise = m.stain.normalisation == "macenko"
         self._stain_map: np.ndarray | None = None
-        self.qc = CaseQc(qc_limits or QcLimits())
+        self.qc = CaseQc(qc_limits or QcLimits(), self.stain_reference)
         w_model = target_span(0, width, self.scale)[1] if width else None
         h_model = target_span(0, height, self.scale)[1] if height else None
         self.grid = PatchGrid(self.size, self.stride, w_model, h_model)
@@ -144,6 +161,12 @@ class TriageSession:
         self._batch = _Batch()
         self._inflight: dict[int, list[tuple[int, int, int, int]]] = {}
         self._next_id = 0
+        self._arrived: dict[int, np.ndarray] = {}  # results that came back ahead of an earlier batch
+        self._next_fold = 0  # the batch whose results are folded next
+        self._cut = 0  # tissue patches cut so far, in order
+        self._folded = 0  # of those, scored and folded into the score
+        self._focus: list[np.ndarray] = []  # the sampled patches of the tile being cut, for the focus QC
+        self._checkpoints: deque[_Checkpoint] = deque()
         self._scores: list[PatchScore] = []
         self._timings: dict[str, float] = defaultdict(float)
         self._started = time.perf_counter()
@@ -195,8 +218,10 @@ class TriageSession:
                     crop = px[ppy - y : ppy - y + ph, ppx - x : ppx - x + pw]
                     self._take((ppx, ppy, pw, ph), pad_to(crop, self.size, self.pad_value))
         self._take_from_mosaic(completed)
+        self._check_focus()
         self.tiles += 1
         self.patches_seen += len(inside) + len(completed)
+        self._checkpoints.append(_Checkpoint(self.tiles, self._cut, self.qc.stain_judged and not self.qc.reasons()))
         t4 = time.perf_counter()
         self._timings["resample"] += (t1 - t0) * 1e3
         self._timings["mosaic"] += (t2 - t1) * 1e3
@@ -213,27 +238,35 @@ class TriageSession:
                 self._take((ppx, ppy, pw, ph), pad_to(crop, self.size, self.pad_value))
 
     def _take(self, pos: tuple[int, int, int, int], patch: np.ndarray) -> None:
+        if self._cut % FOCUS_SAMPLE == 0:
+            self._focus.append(patch)
+        self._cut += 1
         self._batch.positions.append(pos)
         self._batch.pixels.append(patch)
         if len(self._batch.positions) >= self.batch_size:
             self._submit()
+
+    def _check_focus(self) -> None:
+        """Focus QC of the sampled patches cut since the last call (before any stain normalisation)."""
+        if self._focus:
+            self.qc.add_patches(laplacian_variance(np.stack(self._focus)))
+            self._focus = []
 
     def _submit(self, final: bool = False) -> None:
         batch, self._batch = self._batch, _Batch()
         if batch.positions:
             self._held.append(batch)
         if self.normalise and self._stain_map is None:
-            if not self.qc.ready_to_fit() and not final:
-                return  # keep holding patches until the case's stains can be fitted once
-            fit = self.qc.stain if self.qc.stain is not None else self.qc.fit_stain()
+            if not self.qc.fits and not final:
+                return  # hold the patches until the stain's first judgement (finish() judges a small case)
+            # one map per case, from the first judgement: which tile that is depends on the tiles alone
+            fit = self.qc.first_fit
             self._stain_map = (normalising_map(fit, self.stain_reference) if fit is not None
                                else np.eye(3, dtype=np.float32))
         held, self._held = self._held, []
         for b in held:
             t0 = time.perf_counter()
             pixels = np.stack(b.pixels)
-            focus = laplacian_variance(pixels[::FOCUS_SAMPLE])
-            self.qc.add_patches(focus)
             if self._stain_map is not None:
                 pixels = apply_map(pixels, self._stain_map)
             batch_id, self._next_id = self._next_id, self._next_id + 1
@@ -244,21 +277,45 @@ class TriageSession:
             self._timings["submit_wait"] += (time.perf_counter() - t1) * 1e3
 
     def _collect(self, results=None) -> None:
-        """Fold finished batches into the MIL score and heatmap; fire the early call when it is earned."""
+        """Fold finished batches, in the order they were submitted, into the MIL score and heatmap, and judge
+        the early call at every tile whose patches are all folded."""
         t0 = time.perf_counter()
         for batch_id, probs in (self.scorer.done() if results is None else results):
-            pos = self._inflight.pop(batch_id)
-            probs = np.round(probs.astype(np.float64), 6)
-            for (ppx, ppy, pw, ph), p in zip(pos, probs.tolist()):
+            self._arrived[batch_id] = probs
+        while self._next_fold in self._arrived:
+            batch_id, self._next_fold = self._next_fold, self._next_fold + 1
+            self._fold(self._inflight.pop(batch_id), self._arrived.pop(batch_id))
+        self._judge_checkpoints()
+        self._timings["aggregation"] += (time.perf_counter() - t0) * 1e3
+
+    def _fold(self, pos: list[tuple[int, int, int, int]], probs: np.ndarray) -> None:
+        probs = np.round(probs.astype(np.float64), 6)
+        values = probs.tolist()
+        start = 0
+        while True:
+            self._judge_checkpoints()
+            if start == len(values):
+                break
+            # up to the end of the next tile's patches, so each tile is judged on exactly its own prefix
+            end = len(values)
+            if self._checkpoints:
+                end = min(end, start + self._checkpoints[0].patches - self._folded)
+            for (ppx, ppy, pw, ph), p in zip(pos[start:end], values[start:end]):
                 self._scores.append(PatchScore(*self._to_input(ppx, ppy, pw, ph), p))
                 self.mil.add(p)
-            a = np.asarray(pos, dtype=np.int64)
-            self.heatmap.add_many(a[:, 0], a[:, 1], a[:, 2], a[:, 3], probs)
-        self._timings["aggregation"] += (time.perf_counter() - t0) * 1e3
-        if (not self.early_positive and self.mil.full and self.mil.score >= self.threshold
-                and not self.qc.reasons(None) and self.qc.stain_in_range(self.stain_reference)):
-            self.early_positive_after_tiles = self.tiles
-            self.on_event("early-positive", {"score": self.mil.score, "tiles": self.tiles})
+            self._folded += end - start
+            start = end
+        a = np.asarray(pos, dtype=np.int64)
+        self.heatmap.add_many(a[:, 0], a[:, 1], a[:, 2], a[:, 3], probs)
+
+    def _judge_checkpoints(self) -> None:
+        """The early positive at each tile N whose patches are all folded, first N first."""
+        while self._checkpoints and self._checkpoints[0].patches <= self._folded:
+            cp = self._checkpoints.popleft()
+            if (not self.early_positive and cp.qc_clean and self.mil.full
+                    and self.mil.score >= self.threshold):
+                self.early_positive_after_tiles = cp.tile
+                self.on_event("early-positive", {"score": round(self.mil.score, 6), "tiles": cp.tile})
 
     def _to_input(self, x: int, y: int, w: int, h: int) -> tuple[int, int, int, int]:
         """Model-resolution case coordinates -> the input's own pixel coordinates."""
@@ -281,14 +338,14 @@ class TriageSession:
         if self._finished:
             raise RuntimeError("this session is already finished")
         self._take_from_mosaic(self.grid.drain())
+        self._check_focus()
+        self.qc.finish()
         self._submit(final=True)
         t0 = time.perf_counter()
         self._collect(self.scorer.wait())
         self.scorer.close()
         self._timings["wait_inference"] += (time.perf_counter() - t0) * 1e3
         self._finished = True
-        if self.qc.stain is None and self.qc.tissue_pixels:
-            self.qc.fit_stain()
         reasons = self._reasons()
         warnings: list[Reason] = []
         if self.early_positive:
@@ -306,6 +363,7 @@ class TriageSession:
             verdict=verdict,
             score=round(self.score, 6),
             threshold=self.threshold,
+            patch_threshold=self.patch_threshold,
             reasons=reasons,
             model=self.engine.description,
             timings_ms={k: round(v, 3) for k, v in self._timings.items()},
@@ -315,7 +373,7 @@ class TriageSession:
             early_positive=self.early_positive,
             early_positive_after_tiles=self.early_positive_after_tiles,
             top_k=self.mil.k,
-            qc=self.qc.summary(self.stain_reference),
+            qc=self.qc.summary(),
             warnings=warnings,
             microns_per_pixel=self.mpp,
             origin=list(self.origin),
@@ -329,7 +387,7 @@ class TriageSession:
         if not self._scores:
             return [Reason("no-tissue", f"No tissue was found in {self.tiles} tiles ({self.patches_seen} "
                                         f"patches): blank or empty slide; check the slide and rescan.")]
-        out = self.qc.reasons(self.stain_reference)
+        out = self.qc.reasons()
         if not self.mil.full:
             out.append(Reason("too-little-tissue",
                               f"Only {len(self._scores)} tissue patches were found; at least {self.mil.k} are "

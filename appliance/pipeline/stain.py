@@ -95,3 +95,16 @@ def apply_map(rgb: np.ndarray, m: np.ndarray) -> np.ndarray:
     od = optical_density(rgb) @ m
     out = 256.0 * np.exp(-np.maximum(od, 0.0)) - 1.0
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+
+def turn_haematoxylin(rgb: np.ndarray, fit: StainFit, degrees: float) -> np.ndarray:
+    """Re-colour uint8 RGB pixels as another lab's haematoxylin might look: the H vector of ``fit`` turned by
+    ``degrees`` in the H&E plane, away from eosin, with the stain concentrations kept. For robustness tests
+    and evaluation, not for the pipeline."""
+    h, e = fit.he[:, 0], fit.he[:, 1]
+    u = e - (e @ h) * h  # the in-plane direction orthogonal to H, towards E
+    u /= np.linalg.norm(u)
+    t = np.radians(degrees)
+    h_new = np.cos(t) * h - np.sin(t) * u
+    m = (np.linalg.pinv(fit.he).T @ np.stack([h_new, e], axis=1).T).astype(np.float32)
+    return apply_map(rgb, m)

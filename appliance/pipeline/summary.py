@@ -33,6 +33,7 @@ class TriageSummary(_Closed):
     verdict: Literal["suspicious", "benign-appearing", "cannot-call"]
     score: float
     threshold: float
+    patch_threshold: float
     reasons: list[ReasonOut]
     warnings: list[ReasonOut]
     model: dict[str, str]

@@ -24,7 +24,7 @@ def test_health_cases_and_case(api):
     store.case_started("C-1", specimen_id="S-1", tiles_expected=3,
                        model={"name": "m", "version": "1", "sha256": "a" * 64, "backend": "openvino"})
     store.case_finished("C-1", {
-        "verdict": "benign-appearing", "score": 0.12, "threshold": 0.5, "reasons": [], "patches": [{}] * 20,
+        "verdict": "benign-appearing", "score": 0.12, "threshold": 0.5, "patch_threshold": 0.5, "reasons": [], "warnings": [], "patches": [{}] * 20,
         "early_positive": False, "early_positive_after_tiles": None, "timings_ms": {"inference": 1.5},
         "model": {"name": "m", "version": "1", "sha256": "a" * 64, "backend": "openvino"},
     })
@@ -52,7 +52,7 @@ def _finished_case(store, case_id="C-1"):
     model = {"name": "m", "version": "1", "sha256": "a" * 64, "backend": "openvino"}
     store.case_started(case_id, specimen_id="S-1", tiles_expected=3, model=model)
     store.case_finished(case_id, {
-        "verdict": "suspicious", "score": 0.9, "threshold": 0.5, "reasons": [], "patches": [{}] * 20,
+        "verdict": "suspicious", "score": 0.9, "threshold": 0.5, "patch_threshold": 0.5, "reasons": [], "warnings": [], "patches": [{}] * 20,
         "early_positive": True, "early_positive_after_tiles": 2, "timings_ms": {}, "model": model})
 
 
@@ -210,7 +210,7 @@ def test_case_list_filters_by_verdict_date_and_sign_off(api, settings):
     _finished_case(store, "A")
     _finished_case(store, "B")
     store.case_started("C", specimen_id="S")
-    store.case_finished("C", {"verdict": "benign-appearing", "score": 0.1, "threshold": 0.5, "reasons": [],
+    store.case_finished("C", {"verdict": "benign-appearing", "score": 0.1, "threshold": 0.5, "patch_threshold": 0.5, "reasons": [], "warnings": [],
                               "patches": [], "early_positive": False, "early_positive_after_tiles": None,
                               "timings_ms": {}, "model": {"name": "m", "version": "1", "sha256": "a" * 64,
                                                           "backend": "openvino"}})

@@ -16,7 +16,7 @@ def api_url(settings_for_fuzz):
     store = CaseStore(s.db_path)
     model = {"name": "m", "version": "1", "sha256": "a" * 64, "backend": "openvino"}
     store.case_started("C-1", specimen_id="S-1", model=model)
-    store.case_finished("C-1", {"verdict": "suspicious", "score": 0.9, "threshold": 0.5, "reasons": [],
+    store.case_finished("C-1", {"verdict": "suspicious", "score": 0.9, "threshold": 0.5, "patch_threshold": 0.5, "reasons": [], "warnings": [],
                                 "patches": [], "early_positive": False, "early_positive_after_tiles": None,
                                 "timings_ms": {}, "model": model})
     master, slave = os.openpty()  # a real link on a pty path, so POST /link/reconnect really reopens it

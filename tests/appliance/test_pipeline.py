@@ -171,7 +171,9 @@ def test_over_exposed_case_cannot_be_called(ov_engine, demo_image):
 
 
 def test_early_call_is_final_whatever_follows(ov_engine, demo_image):
-    session = TriageSession(ov_engine)
+    calls = []
+    session = TriageSession(ov_engine, on_event=lambda kind, data: calls.append(data) if kind == "early-positive"
+                            else None)
     try:
         tiles = list(tiles_from_image(demo_image, 200))
         for t in tiles:
@@ -180,7 +182,8 @@ def test_early_call_is_final_whatever_follows(ov_engine, demo_image):
                 break
             time.sleep(0.02)  # a scanner's pace, so asynchronous results come back between tiles
         assert session.early_positive
-        called_at = session.score
+        called_at = calls[0]["score"]  # the top-k mean of tiles 1..N, N the tile the call was made after
+        assert calls[0]["tiles"] == session.early_positive_after_tiles
         # then a long run of blank glass and blurred tissue below the case
         blur = gaussian_blur(demo_image, 3.0)
         for i, t in enumerate(tiles_from_image(blur, 200)):
@@ -189,7 +192,8 @@ def test_early_call_is_final_whatever_follows(ov_engine, demo_image):
         r = session.finish()
     finally:
         session.close()
-    assert r.verdict == "suspicious" and r.early_positive and r.score >= called_at
+    assert r.verdict == "suspicious" and r.early_positive and r.score >= called_at >= r.threshold
+    assert len(calls) == 1
     assert "out-of-focus" in [w.code for w in r.warnings]  # later QC findings are reported, not a reversal
 
 
@@ -316,8 +320,9 @@ def test_heatmap_averages_overlapping_patches_and_traces_regions():
     assert regions(heat, 0.5, 25, min_cells=20) == []
 
 
-def test_manifest_asking_for_macenko_normalises_with_one_fit_per_case(tmp_path, demo_image):
+def test_manifest_asking_for_macenko_normalises_with_one_map_per_case(tmp_path, demo_image):
     from appliance.engine import load_engine
+    from appliance.pipeline.stain import normalising_map
 
     model = tmp_path / "model"
     shutil.copytree(MODEL_DIR, model)
@@ -334,5 +339,7 @@ def test_manifest_asking_for_macenko_normalises_with_one_fit_per_case(tmp_path, 
     finally:
         session.close()
     assert r.verdict in ("suspicious", "benign-appearing") and r.patches
-    assert r.qc["stain"] is not None and session.qc.fits == 1  # fitted once per case
+    assert r.qc["stain"] is not None and r.qc["stain_fits"] >= 2  # judged as tiles came, then on the whole case
+    # one map for the whole case, from the stain's first judgement (which tile that is depends on the tiles only)
     assert session._stain_map is not None and not np.allclose(session._stain_map, np.eye(3))
+    assert np.array_equal(session._stain_map, normalising_map(session.qc.first_fit, session.stain_reference))

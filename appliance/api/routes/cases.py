@@ -102,4 +102,5 @@ def _iso(t: datetime | None) -> str | None:
 def _clean(row: dict) -> dict:
     row = dict(row)
     row["reasons"] = row.get("reasons") or []
+    row["warnings"] = row.get("warnings") or []
     return row

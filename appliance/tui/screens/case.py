@@ -89,6 +89,9 @@ class CaseScreen(Screen):
         advice = [f"What to do: {todo}"] if c.get("verdict") else [todo]
         for r in c.get("reasons") or []:
             advice.append(f"  • {r['message']}")
+        if c.get("warnings"):
+            advice.append("QC warnings (found after the call; the call stands, check before relying on it):")
+            advice.extend(f"  ! {w['message']}" for w in c["warnings"])
         self.query_one("#advice", Static).update("\n".join(advice))
         self.query_one("#model", Static).update(
             f"Model {c.get('model_name') or '?'} {c.get('model_version') or ''} on {c.get('engine') or '?'}, "
