@@ -96,9 +96,10 @@ class CaseQc:
     """QC evidence of tiles 1..N as they stream in; ``reasons`` gives the blocking problems of those tiles.
 
     Everything here is a function of the tile sequence only (never of how far inference has got), so the
-    QC of tiles 1..N is the same in every run. The stain is judged progressively: first once the tiles
-    have given ``stain_min_pixels`` tissue pixels, then again each time the tissue pixels seen double, each
-    time on the whole sample of the tiles so far (``StainSample``); ``finish`` judges it on the whole case.
+    QC of tiles 1..N is the same in every run. The stain is judged progressively, each time on the whole
+    sample of the tiles so far (``StainSample``): first once the tiles have given ``stain_min_pixels`` tissue
+    pixels, again after every ``stain_min_pixels`` more until a fit has enough stained pixels to judge by,
+    then each time the tissue pixels seen double; ``finish`` judges it on the whole case.
     """
 
     limits: QcLimits = field(default_factory=QcLimits)
@@ -135,8 +136,10 @@ class CaseQc:
         self.sample.add(sub[mask])
         if self.tissue_pixels >= self._next_judgement:
             self.fit_stain()
-            while self._next_judgement <= self.tissue_pixels:
-                self._next_judgement *= 2
+            # until a fit has enough stained pixels to judge by, try again after every stain_min_pixels more
+            # tissue pixels; after that, each time the tissue seen doubles (few fits, each on all tiles so far)
+            self._next_judgement = (2 * self.tissue_pixels if self.stain_assessed
+                                    else self.tissue_pixels + self.limits.stain_min_pixels)
 
     def add_patches(self, focus: np.ndarray) -> None:
         self.patches_scored += len(focus)

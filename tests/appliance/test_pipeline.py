@@ -24,6 +24,7 @@ from appliance.pipeline.tissue import close, tissue_mask
 from appliance.sources import tiles_from_image
 from appliance.triage import triage_path
 from tests.conftest import DEMO_CASE, MODEL_DIR
+from tests.images import gaussian_blur
 
 
 def run_session(engine, image, tile=200, pace=0.0, **kw):
@@ -37,16 +38,6 @@ def run_session(engine, image, tile=200, pace=0.0, **kw):
         return session.finish()
     finally:
         session.close()
-
-
-def gaussian_blur(img: np.ndarray, sigma: float) -> np.ndarray:
-    r = int(3 * sigma)
-    k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
-    k /= k.sum()
-    f = np.pad(img.astype(np.float32), ((r, r), (r, r), (0, 0)), mode="edge")
-    f = sum(k[i] * f[i : i + img.shape[0]] for i in range(2 * r + 1))
-    f = sum(k[i] * f[:, i : i + img.shape[1]] for i in range(2 * r + 1))
-    return np.clip(f + 0.5, 0, 255).astype(np.uint8)
 
 
 # ------------------------------------------------------------------------------------------ outputs

@@ -26,9 +26,11 @@ class Bench:
         self.url = f"http://127.0.0.1:{self.daemon.api.port}"
         self.scanner: threading.Thread | None = None
 
-    def stream(self, case_id: str, pace: float = 0.03) -> threading.Thread:
-        info = case_info_for(case_id, f"SPEC-{case_id}", self.tiles, 4.0, 200)
-        emulator = ScannerEmulator(FdTransport(self.master), info, self.tiles, encoding="raw",
+    def stream(self, case_id: str, pace: float = 0.03, tiles: list[TileToSend] | None = None) -> threading.Thread:
+        """Stream the demo case (or ``tiles``) as case ``case_id`` from a scanner thread."""
+        tiles = tiles or self.tiles
+        info = case_info_for(case_id, f"SPEC-{case_id}", tiles, 4.0, 200)
+        emulator = ScannerEmulator(FdTransport(self.master), info, tiles, encoding="raw",
                                    progress=lambda *_: time.sleep(pace))
         self.scanner = threading.Thread(target=emulator.run, name="scanner", daemon=True)
         self.scanner.start()

@@ -2,10 +2,15 @@
 
 import asyncio
 
+import httpx
+import numpy as np
 from textual.widgets import ProgressBar, Static
 
 from appliance.tui.app import TriageApp
 from appliance.tui.screens import CaseScreen, HistoryScreen, SignOffDialog
+from appliance.sources import tiles_from_image
+from firmware_bridge.emulator import TileToSend
+from tests.images import gaussian_blur
 from tests.tui.conftest import wait_for
 
 
@@ -80,3 +85,42 @@ def test_sign_off_without_a_readable_token_is_explained(bench, settings, tmp_pat
     error, still_open = asyncio.run(scenario())
     assert "Not signed off" in error and "cannot read the API token" in error and still_open
     assert bench.daemon.store.audit_log("TUI-2") == []
+
+
+def test_qc_found_after_the_early_call_is_a_warning_in_the_summary_the_api_the_log_and_on_the_card(
+        bench, settings, demo_image):
+    """The demo case, then the same slide out of focus below it: the call comes early, on the sharp tiles;
+    the blur comes after it, so it must be reported as a warning everywhere, not dropped."""
+    blurred = gaussian_blur(demo_image, 2.0)
+    tiles = bench.tiles + [TileToSend(t.x, demo_image.shape[0] + t.y, np.ascontiguousarray(t.pixels))
+                           for t in tiles_from_image(blurred, 200)]
+
+    async def scenario():
+        app = TriageApp(bench.url, settings.token_path, poll_s=0.1)
+        async with app.run_test(size=(120, 40)) as pilot:
+            bench.stream("TUI-W", pace=0.0, tiles=tiles)
+            await wait_for(pilot, lambda: isinstance(app.screen, CaseScreen) and app.screen.case is not None
+                           and app.screen.case.get("verdict") is not None, what="the verdict card")
+            return text(app.screen.query_one("#facts", Static)), text(app.screen.query_one("#advice", Static))
+
+    facts, advice = asyncio.run(scenario())
+    assert bench.daemon.wait_case("TUI-W", 60).outputs_done.wait(120)  # summary.json is written after the call
+    with httpx.Client(base_url=bench.url, timeout=10) as c:
+        case = c.get("/cases/TUI-W").json()
+        summary = c.get("/cases/TUI-W/summary.json").json()
+    assert case["verdict"] == summary["verdict"] == "suspicious"
+    called_after = case["early_positive_after_tiles"]
+    assert case["early_positive"] and called_after <= len(bench.tiles)  # on the sharp half
+    assert [w["code"] for w in case["warnings"]] == [w["code"] for w in summary["warnings"]] == ["out-of-focus"]
+    assert case["reasons"] == summary["reasons"] == []
+    message = case["warnings"][0]["message"]
+    assert message.startswith("Rescan: out of focus in") and summary["qc"]["out_of_focus_fraction"] > 0.3
+    assert case["patch_threshold"] == summary["patch_threshold"] == bench.daemon.engine.manifest.decision.patch_threshold
+    # the case's log in SQLite
+    logged = [e for e in bench.daemon.store.events("TUI-W") if e["kind"] == "qc-warning"]
+    assert [(e["detail"]["code"], e["detail"]["message"]) for e in logged] == [("out-of-focus", message)]
+    finished = next(e for e in bench.daemon.store.events("TUI-W") if e["kind"] == "finished")
+    assert finished["detail"]["warnings"] == case["warnings"]
+    # and on the technician's card, next to the early call
+    assert f"Called early: after {called_after} of {len(tiles)} tiles" in facts
+    assert "QC warnings" in advice and message in " ".join(advice.split())

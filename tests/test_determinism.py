@@ -1,0 +1,275 @@
+"""A deterministic call: the same case gets the same verdict, score, reasons, warnings, QC figures and
+early-positive tile whether inference is ahead, behind or done only at the end, at any batch size, through
+`appliance triage` and through the daemon over a pty.
+
+The cases are the bundled real slide (IDC patient 10253) as scanned, and the same slide re-coloured as another
+lab's haematoxylin might look (its H vector turned in optical density). Turned by 14 deg, its stain is
+judged out of range on the first tiles, in range from tile 70 (the early call waits for that), and out of
+range on the whole case, so that finding comes after the early call and must be reported as a warning.
+Turned by 20 deg, as in the issue, it cannot be called.
+"""
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tifffile
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from appliance.config import load_settings
+from appliance.daemon import Daemon
+from appliance.demo import case_info_for
+from appliance.engine import Scorer, load_engine
+from appliance.pipeline import TriageSession
+from appliance.sources import tiles_from_image
+from appliance.triage import triage_path
+from firmware_bridge.emulator import ScannerEmulator, TileToSend
+from firmware_bridge.transport import FdTransport
+from tests.conftest import DEMO_CASE, MODEL_DIR
+from tests.images import stain_turned
+
+# What must not change between runs (timings and the input's name may).
+DECISION = ("verdict", "score", "threshold", "patch_threshold", "reasons", "warnings", "qc", "early_positive",
+            "early_positive_after_tiles", "tiles", "patches_seen", "patches", "top_patches")
+
+
+def decision(result: dict) -> str:
+    return json.dumps({k: result[k] for k in DECISION}, sort_keys=True)
+
+
+class LateEngine:
+    """The real engine, with its results handed back late (a busy machine, done on purpose):
+    ``slow`` sleeps before every submit and every collection and hands back one batch at a time;
+    ``at-end`` hands back nothing until the case's end; ``reversed`` hands back what is ready newest first;
+    ``sync`` scores each batch at once (inference always ahead)."""
+
+    def __init__(self, engine, mode: str):
+        self._engine, self.mode = engine, mode
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def scorer(self):
+        return LateScorer(Scorer(self._engine) if self.mode == "sync" else self._engine.scorer(), self.mode)
+
+
+class LateScorer:
+    def __init__(self, inner, mode: str):
+        self.inner, self.mode, self.held = inner, mode, []
+
+    def submit(self, batch, tag) -> None:
+        if self.mode == "slow":
+            time.sleep(0.002)
+        self.inner.submit(batch, tag)
+
+    def done(self) -> list:
+        self.held += self.inner.done()
+        if self.mode == "at-end":
+            return []
+        if self.mode == "slow":
+            time.sleep(0.003)
+            out, self.held = self.held[:1], self.held[1:]
+            return out
+        out, self.held = (self.held[::-1] if self.mode == "reversed" else self.held), []
+        return out
+
+    def wait(self) -> list:
+        out, self.held = self.held + self.inner.wait(), []
+        return out[::-1] if self.mode == "reversed" else out
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class ShuffledScorer:
+    """The real scorer, with results handed back in an order and at moments drawn by hypothesis: at the n-th
+    collection, ``releases[n]`` of the finished batches, shuffled."""
+
+    def __init__(self, inner, releases: list[int], seed: int):
+        self.inner, self.releases, self.rng, self.held, self.n = inner, releases, random.Random(seed), [], 0
+
+    def submit(self, batch, tag) -> None:
+        self.inner.submit(batch, tag)
+
+    def done(self) -> list:
+        self.held += self.inner.done()
+        self.rng.shuffle(self.held)
+        take = self.releases[self.n % len(self.releases)]
+        self.n += 1
+        out, self.held = self.held[:take], self.held[take:]
+        return out
+
+    def wait(self) -> list:
+        out, self.held = self.held + self.inner.wait(), []
+        self.rng.shuffle(out)
+        return out
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def _triage_region(engine, tiles, batch: int, scorer=None) -> tuple[dict, list[dict]]:
+    calls = []
+    session = TriageSession(engine, batch_size=batch, width=2500, height=1200,
+                            on_event=lambda kind, data: calls.append(data) if kind == "early-positive" else None)
+    if scorer is not None:
+        session.scorer = scorer(session.scorer)
+    try:
+        for t in tiles:
+            session.add_tile(t.x, t.y, t.pixels)
+        return session.finish().to_dict(), calls
+    finally:
+        session.close()
+
+
+@pytest.fixture(scope="module")
+def unstained_engine(tmp_path_factory):
+    """The committed model without its stain reference, so that no stain judgement holds the early call back
+    and the tile it is made after depends on the patch scores alone."""
+    model = tmp_path_factory.mktemp("model") / "idc-resnet"
+    shutil.copytree(MODEL_DIR, model)
+    manifest = json.loads((model / "manifest.json").read_text())
+    manifest["stain"]["reference"] = None
+    (model / "manifest.json").write_text(json.dumps(manifest))
+    return load_engine(model, "openvino")
+
+
+@pytest.fixture(scope="module")
+def region(demo_image, unstained_engine):
+    """The lower 1,200 rows of the demo slide scanned bottom row first: benign-looking tissue, then tumour, so the
+    top-k mean crosses the threshold gradually and the tile it crosses at depends on exactly which patches are
+    in; and the call made the plain way."""
+    tiles = list(tiles_from_image(np.ascontiguousarray(demo_image[800:2000]), 200))[::-1]
+    want, calls = _triage_region(unstained_engine, tiles, 64)
+    assert want["early_positive"] and want["early_positive_after_tiles"] < len(tiles) and len(calls) == 1
+    return tiles, want
+
+
+@settings(max_examples=25, deadline=None)
+@given(batch=st.sampled_from([1, 5, 16, 64, 256]), releases=st.lists(st.integers(0, 3), min_size=1, max_size=30),
+       seed=st.integers(0, 2**16))
+def test_the_early_call_is_the_same_tile_and_final_whatever_order_results_come_back_in(region, unstained_engine,
+                                                                                      batch, releases, seed):
+    tiles, want = region
+    got, calls = _triage_region(unstained_engine, tiles, batch,
+                                lambda inner: ShuffledScorer(inner, releases, seed))
+    assert decision(got) == decision(want)
+    # announced once, for the tile it was earned on, and final: the case's score never fell below it
+    assert len(calls) == 1 and calls[0]["tiles"] == got["early_positive_after_tiles"]
+    assert got["verdict"] == "suspicious" and got["score"] >= calls[0]["score"] >= got["threshold"]
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory, demo_image) -> dict:
+    folder = tmp_path_factory.mktemp("cases")
+    paths = {"clean": DEMO_CASE}
+    for degrees in (14, 20):
+        paths[f"turned-{degrees}"] = folder / f"turned-{degrees}.tif"
+        tifffile.imwrite(paths[f"turned-{degrees}"], stain_turned(demo_image, degrees))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def reference(ov_engine, cases) -> dict:
+    """Each case triaged once the plain way (`appliance triage`'s function, default batch size)."""
+    return {name: triage_path(ov_engine, path) for name, path in cases.items()}
+
+
+def test_the_cases_are_what_the_test_needs(reference, ov_engine):
+    clean, late, bad = reference["clean"], reference["turned-14"], reference["turned-20"]
+    assert clean["verdict"] == "suspicious" and clean["early_positive"] and not clean["warnings"]
+    # the 14 deg case: the early call waited for the stain to be judged in range, then the whole case was not
+    assert late["verdict"] == "suspicious" and late["early_positive"]
+    assert late["early_positive_after_tiles"] > clean["early_positive_after_tiles"]
+    assert [w["code"] for w in late["warnings"]] == ["stain-out-of-range"] and not late["reasons"]
+    assert late["qc"]["stain_angles_deg"][0] > 15
+    assert bad["verdict"] == "cannot-call" and not bad["early_positive"]
+    assert [r["code"] for r in bad["reasons"]] == ["stain-out-of-range"]
+    # the model's patch threshold is carried next to the case threshold, to rebuild the region map
+    for r in reference.values():
+        assert r["patch_threshold"] == ov_engine.manifest.decision.patch_threshold
+        assert r["threshold"] == ov_engine.manifest.decision.case_threshold
+
+
+@pytest.mark.parametrize("name", ["clean", "turned-14", "turned-20"])
+def test_triage_gives_the_same_call_whatever_the_inference_pace_and_batch_size(name, cases, reference, ov_engine):
+    want = decision(reference[name])
+    runs = [(mode, batch) for batch in (1, 16, 256) for mode in ("async", "sync")]
+    runs += [("slow", 16), ("at-end", 16), ("at-end", 256), ("reversed", 16)]
+    for mode, batch in runs:
+        engine = ov_engine if mode == "async" else LateEngine(ov_engine, mode)
+        got = triage_path(engine, cases[name], batch_size=batch)
+        assert decision(got) == want, f"{name}: {mode} inference, batch size {batch}"
+
+
+def test_the_triage_command_gives_the_same_call_on_a_busy_machine(cases, reference, tmp_path):
+    """`appliance triage` itself: batch size 1 with both cores kept busy by two other processes, then 256 on
+    a quiet machine."""
+
+    def triage(name: str, batch: int) -> subprocess.CompletedProcess:
+        out = tmp_path / f"{name}-{batch}.json"
+        env = dict(os.environ, APPLIANCE_BATCH_SIZE=str(batch), APPLIANCE_DATA_DIR=str(tmp_path / "var"))
+        proc = subprocess.run([sys.executable, "-m", "appliance.cli", "triage", str(cases[name]), "--json", str(out)],
+                              capture_output=True, text=True, timeout=600, env=env)
+        assert proc.returncode == 0, proc.stderr
+        assert decision(json.loads(out.read_text())) == decision(reference[name]), f"{name}, batch {batch}"
+        return proc
+
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        loaded = {name: triage(name, 1) for name in ("clean", "turned-14")}
+    finally:
+        for p in busy:
+            p.kill()
+            p.wait()
+    quiet = {name: triage(name, 256) for name in ("clean", "turned-14")}
+    for proc in (loaded["turned-14"], quiet["turned-14"]):
+        assert "warning: Check the staining" in proc.stdout and "early positive after" in proc.stdout
+
+
+def _stream_through_daemon(tmp_path, images: dict, batch: int, engine, pace: float) -> dict:
+    """Each image streamed by the scanner emulator over a real pty into a daemon; its calls by case id."""
+    settings = load_settings(None, data_dir=tmp_path / f"var-{batch}", model_dir=MODEL_DIR, api_port=0,
+                             batch_size=batch)
+    master, slave = os.openpty()
+    daemon = Daemon(settings, port=os.ttyname(slave), notify=lambda kind, data: None, engine=engine)
+    daemon.start()
+    try:
+        out = {}
+        for name, image in images.items():
+            tiles = [TileToSend(t.x, t.y, np.ascontiguousarray(t.pixels)) for t in tiles_from_image(image, 200)]
+            info = case_info_for(f"DET-{name}", "S-DET", tiles, 4.0, 200)
+            ScannerEmulator(FdTransport(master), info, tiles, encoding="raw",
+                            progress=lambda *_: time.sleep(pace)).run()
+            progress = daemon.wait_case(info.case_id, timeout=300)
+            assert progress is not None and progress.result is not None
+            assert progress.outputs_done.wait(120)
+            result = progress.result.to_dict()
+            stored = daemon.store.get_case(info.case_id)
+            assert stored["early_positive_after_tiles"] == result["early_positive_after_tiles"]
+            assert stored["warnings"] == result["warnings"]
+            summary = json.loads((settings.cases_dir / info.case_id / "summary.json").read_text())
+            assert decision(summary) == decision(result)
+            out[name] = result
+        return out
+    finally:
+        daemon.stop()
+        for fd in (master, slave):
+            os.close(fd)
+
+
+def test_the_daemon_over_a_pty_gives_the_same_call_whatever_the_pace(tmp_path, cases, reference, ov_engine):
+    images = {name: tifffile.imread(cases[name]) for name in ("clean", "turned-14")}
+    runs = [(1, None, 0.0), (256, "at-end", 0.0), (16, "slow", 0.005)]
+    for batch, mode, pace in runs:
+        engine = None if mode is None else LateEngine(ov_engine, mode)
+        got = _stream_through_daemon(tmp_path, images, batch, engine, pace)
+        for name in images:
+            assert decision(got[name]) == decision(reference[name]), f"{name}: daemon, batch {batch}, {mode}"
