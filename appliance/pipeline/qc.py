@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .stain import StainFit, StainFitError, fit_stains
+from .stain import StainFit, StainFitError, fit_stains_od, stained_od
 from .tissue import SATURATION_THRESHOLD
 
 
@@ -37,9 +37,11 @@ class QcLimits:
     # (17, case-sized): worst 11.3 (H) and 8.3 (E). Sparse patients (~100 patches) spread to 31.6 because the
     # fit is noisy on few pixels, hence the pixel minimum. A red/blue channel swap of the demo case: 17.8/13.0.
     max_stain_angle: float = 15.0
+    # The stain is first judged once the sample holds stain_min_pixels stained tissue pixels. The sample
+    # keeps at most stain_sample_max: a fit on it costs about 6 ms, on the path to every verdict.
     stain_min_pixels: int = 50_000
     stain_sample_per_tile: int = 10_000
-    stain_sample_max: int = 200_000
+    stain_sample_max: int = 100_000
 
 
 def laplacian_variance(patches: np.ndarray) -> np.ndarray:
@@ -57,12 +59,13 @@ def angle_degrees(a: np.ndarray, b: np.ndarray) -> float:
 
 
 class StainSample:
-    """The tissue pixels the stain is fitted on: an even sample of every tile seen so far, bounded in size.
+    """The stained tissue pixels the stain is fitted on, as optical density: an even sample of every tile seen
+    so far, bounded in size.
 
     The rule is fixed, so the same tiles always give the same sample (and so the same stain angles): each tile
-    gives up to ``per_tile`` of its tissue pixels, evenly spaced in raster order; when the sample would pass
-    ``max_pixels``, every second pixel already kept is dropped and later tiles give half as many. Every tile
-    of the case is then equally represented, not only the first ones.
+    offers up to ``per_tile`` of its tissue pixels, evenly spaced in raster order, and the stained ones of
+    those are kept; when the sample would pass ``max_pixels``, every second pixel already kept is dropped and
+    later tiles offer half as many. Every tile of the case is then equally represented, not only the first.
     """
 
     def __init__(self, per_tile: int, max_pixels: int):
@@ -71,7 +74,8 @@ class StainSample:
         self.per_tile = per_tile
         self.max_pixels = max_pixels
         self._chunks: list[np.ndarray] = []
-        self.size = 0
+        self.size = 0  # pixels in the sample now
+        self.taken = 0  # pixels ever put in (never falls: the judgement points count these)
 
     def add(self, tissue: np.ndarray) -> None:
         """One tile's tissue pixels, (n, 3) uint8 in raster order."""
@@ -79,16 +83,17 @@ class StainSample:
         if n == 0:
             return
         take = min(self.per_tile, n)
-        chunk = tissue[(np.arange(take, dtype=np.int64) * n) // take]
-        self._chunks.append(chunk)
-        self.size += take
+        od = stained_od(tissue[(np.arange(take, dtype=np.int64) * n) // take])
+        self._chunks.append(od)
+        self.size += len(od)
+        self.taken += len(od)
         while self.size > self.max_pixels:
             self._chunks = [c[::2] for c in self._chunks]
             self.size = sum(len(c) for c in self._chunks)
             self.per_tile = max(1, self.per_tile // 2)
 
-    def pixels(self) -> np.ndarray:
-        return np.concatenate(self._chunks) if self._chunks else np.zeros((0, 3), np.uint8)
+    def od(self) -> np.ndarray:
+        return np.concatenate(self._chunks) if self._chunks else np.zeros((0, 3), np.float32)
 
 
 @dataclass
@@ -97,9 +102,8 @@ class CaseQc:
 
     Everything here is a function of the tile sequence only (never of how far inference has got), so the
     QC of tiles 1..N is the same in every run. The stain is judged progressively, each time on the whole
-    sample of the tiles so far (``StainSample``): first once the tiles have given ``stain_min_pixels`` tissue
-    pixels, again after every ``stain_min_pixels`` more until a fit has enough stained pixels to judge by,
-    then each time the tissue pixels seen double; ``finish`` judges it on the whole case.
+    sample of the tiles so far (``StainSample``): first once ``stain_min_pixels`` stained pixels have gone
+    into the sample, then each time that count doubles; ``finish`` judges it on the whole case.
     """
 
     limits: QcLimits = field(default_factory=QcLimits)
@@ -134,12 +138,9 @@ class CaseQc:
         clipped = (sub[..., 0] == 255) | (sub[..., 1] == 255) | (sub[..., 2] == 255)
         self.clipped_pixels += int(np.count_nonzero(clipped & mask))
         self.sample.add(sub[mask])
-        if self.tissue_pixels >= self._next_judgement:
+        if self.sample.taken >= self._next_judgement:
             self.fit_stain()
-            # until a fit has enough stained pixels to judge by, try again after every stain_min_pixels more
-            # tissue pixels; after that, each time the tissue seen doubles (few fits, each on all tiles so far)
-            self._next_judgement = (2 * self.tissue_pixels if self.stain_assessed
-                                    else self.tissue_pixels + self.limits.stain_min_pixels)
+            self._next_judgement = 2 * self.sample.taken  # few fits, each on all the tiles so far
 
     def add_patches(self, focus: np.ndarray) -> None:
         self.patches_scored += len(focus)
@@ -150,7 +151,7 @@ class CaseQc:
         self.fits += 1
         self.stain_judged_at_tiles = self.tiles
         try:
-            self.stain = fit_stains(self.sample.pixels())
+            self.stain = fit_stains_od(self.sample.od())
             self.stain_error = None
         except StainFitError as exc:
             self.stain, self.stain_error = None, str(exc)

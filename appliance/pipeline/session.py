@@ -339,8 +339,10 @@ class TriageSession:
             raise RuntimeError("this session is already finished")
         self._take_from_mosaic(self.grid.drain())
         self._check_focus()
-        self.qc.finish()
+        if self.normalise and self._stain_map is None:
+            self.qc.finish()  # a small case: its one map comes from the whole case, before the last patches go
         self._submit(final=True)
+        self.qc.finish()  # the whole case's stain, judged while the engine scores the last batches
         t0 = time.perf_counter()
         self._collect(self.scorer.wait())
         self.scorer.close()

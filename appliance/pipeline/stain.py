@@ -52,24 +52,46 @@ def optical_density(rgb: np.ndarray) -> np.ndarray:
     return _OD_LUT[rgb]
 
 
-def fit_stains(rgb: np.ndarray, *, beta: float = 0.15, alpha: float = 1.0, min_pixels: int = 500,
+BETA = 0.15  # optical density below this in any channel is glass or unstained
+
+
+def stained_od(rgb: np.ndarray, beta: float = BETA) -> np.ndarray:
+    """Optical density, (n, 3) float32, of the pixels (any shape ending in 3, uint8) stained in every channel.
+
+    Glass is dropped on the uint8 values, per channel (a reduction over the 3-wide axis is slow), before the
+    lookup: the same pixels as OD >= beta in every channel, at a fraction of the cost."""
+    px = rgb.reshape(-1, 3)
+    stained = _OD_LUT >= beta
+    return _OD_LUT[px[stained[px[:, 0]] & stained[px[:, 1]] & stained[px[:, 2]]]]
+
+
+def fit_stains(rgb: np.ndarray, *, beta: float = BETA, alpha: float = 1.0, min_pixels: int = 500,
                max_pixels: int = 200_000, seed: int = 0) -> StainFit:
     """Fit H&E stain vectors to the pixels of one case (any shape ending in 3, uint8)."""
     if rgb.dtype != np.uint8 or rgb.shape[-1] != 3:
         raise InputError(f"stain fitting needs uint8 RGB pixels, got {rgb.dtype} {rgb.shape}")
-    od = optical_density(rgb.reshape(-1, 3))
-    od = od[(od >= beta).all(axis=1)]
-    if len(od) < min_pixels:
-        raise StainFitError(f"only {len(od)} stained pixels (need {min_pixels}) to fit stain vectors")
+    od = stained_od(rgb, beta)
     if len(od) > max_pixels:
         od = od[np.random.default_rng(seed).choice(len(od), max_pixels, replace=False)]
-    od = od.astype(np.float64)
-    _, vecs = np.linalg.eigh(np.cov(od, rowvar=False))
+    return fit_stains_od(od, alpha=alpha, min_pixels=min_pixels)
+
+
+def fit_stains_od(od: np.ndarray, *, alpha: float = 1.0, min_pixels: int = 500) -> StainFit:
+    """Fit H&E stain vectors to the optical densities (n, 3) float32 of stained pixels (``stained_od``).
+
+    float32 for the per-pixel work (the fit runs at the end of every case, on the path to the verdict),
+    float64 for the 3x3 algebra."""
+    n = len(od)
+    if n < min_pixels:
+        raise StainFitError(f"only {n} stained pixels (need {min_pixels}) to fit stain vectors")
+    od = np.ascontiguousarray(od, dtype=np.float32)
+    centred = od - (np.ones(n, np.float32) @ od) / n  # the mean as a matrix product: far faster than .mean(0)
+    _, vecs = np.linalg.eigh((centred.T @ centred).astype(np.float64) / (n - 1))
     plane = vecs[:, 1:3]  # the two largest eigenvalues (eigh sorts ascending)
     plane = plane * np.where(plane.sum(axis=0) < 0, -1.0, 1.0)  # point into positive OD
-    proj = od @ plane
-    phi = np.arctan2(proj[:, 1], proj[:, 0])
-    lo, hi = np.percentile(phi, [alpha, 100 - alpha])
+    proj = plane.T.astype(np.float32) @ od.T
+    phi = np.arctan2(proj[1], proj[0])
+    lo, hi = np.percentile(phi, [alpha, 100 - alpha]).astype(np.float64)
     v1 = plane @ np.array([np.cos(lo), np.sin(lo)])
     v2 = plane @ np.array([np.cos(hi), np.sin(hi)])
     # haematoxylin absorbs more red than eosin does: it goes first
@@ -77,11 +99,11 @@ def fit_stains(rgb: np.ndarray, *, beta: float = 0.15, alpha: float = 1.0, min_p
     he = he / np.linalg.norm(he, axis=0, keepdims=True)
     if not np.isfinite(he).all() or (he < -0.2).any():
         raise StainFitError("the fitted stain vectors are not H&E-like (negative optical density)")
-    conc = od @ np.linalg.pinv(he).T
-    max_c = np.percentile(conc, 99, axis=0)
+    conc = np.linalg.pinv(he).astype(np.float32) @ od.T
+    max_c = np.percentile(conc, 99, axis=1).astype(np.float64)
     if (max_c <= 1e-3).any():
         raise StainFitError("one of the two stains is absent from the fitted pixels")
-    return StainFit(he, max_c, int(len(od)))
+    return StainFit(he, max_c, n)
 
 
 def normalising_map(source: StainFit, reference: StainFit) -> np.ndarray:
