@@ -77,13 +77,14 @@ class StainSample:
         self.size = 0  # pixels in the sample now
         self.taken = 0  # pixels ever put in (never falls: the judgement points count these)
 
-    def add(self, tissue: np.ndarray) -> None:
-        """One tile's tissue pixels, (n, 3) uint8 in raster order."""
+    def add(self, pixels: np.ndarray, tissue: np.ndarray) -> None:
+        """One tile: its pixels, (m, 3) uint8 in raster order, and the indices of the tissue ones among them
+        (ascending). Only the offered pixels are gathered: the tile's others are never copied."""
         n = len(tissue)
         if n == 0:
             return
         take = min(self.per_tile, n)
-        od = stained_od(tissue[(np.arange(take, dtype=np.int64) * n) // take])
+        od = stained_od(pixels[tissue[(np.arange(take, dtype=np.int64) * n) // take]])
         self._chunks.append(od)
         self.size += len(od)
         self.taken += len(od)
@@ -137,7 +138,7 @@ class CaseQc:
         self.tissue_pixels += n
         clipped = (sub[..., 0] == 255) | (sub[..., 1] == 255) | (sub[..., 2] == 255)
         self.clipped_pixels += int(np.count_nonzero(clipped & mask))
-        self.sample.add(sub[mask])
+        self.sample.add(sub.reshape(-1, 3), np.flatnonzero(mask))
         if self.sample.taken >= self._next_judgement:
             self.fit_stain()
             self._next_judgement = 2 * self.sample.taken  # few fits, each on all the tiles so far

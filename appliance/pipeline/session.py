@@ -9,10 +9,11 @@ the overlap-averaged heatmap.
 
 from __future__ import annotations
 
+import copy
 import tempfile
 import time
 from collections import defaultdict, deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
@@ -53,6 +54,9 @@ class PatchScore:
     h: int
     probability: float
 
+    def to_dict(self) -> dict:
+        return {"x": self.x, "y": self.y, "w": self.w, "h": self.h, "probability": self.probability}
+
 
 @dataclass
 class TriageResult:
@@ -77,8 +81,13 @@ class TriageResult:
     notice: str = RESEARCH_USE_NOTICE
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["top_patches"] = [asdict(p) for p in self.top_patches()]
+        """A JSON-ready copy (built by hand: ``asdict`` deep-copies field by field, 8 ms for a 500-patch case,
+        on the path from the last tile to the verdict)."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d.update(reasons=[asdict(r) for r in self.reasons], warnings=[asdict(w) for w in self.warnings],
+                 model=dict(self.model), timings_ms=dict(self.timings_ms), qc=copy.deepcopy(self.qc),
+                 origin=list(self.origin), patches=[p.to_dict() for p in self.patches],
+                 top_patches=[p.to_dict() for p in self.top_patches()])
         return d
 
     def top_patches(self) -> list[PatchScore]:
