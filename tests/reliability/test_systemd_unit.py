@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -99,8 +100,19 @@ def test_the_installer_puts_the_venv_and_config_where_the_unit_looks(unit):
 
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv")
 def test_the_installer_refuses_to_run_without_root():
-    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "bash", str(INSTALL)],
-                       capture_output=True, text=True)
+    # The unprivileged user must be able to read the script, as in a lab user's own checkout; this checkout may
+    # sit in a folder only root can enter, so the user runs a copy in a world-readable folder.
+    folder = Path(tempfile.mkdtemp(prefix="installer-"))
+    try:
+        folder.chmod(0o755)
+        copy = folder / "systemd" / "install.sh"
+        copy.parent.mkdir(mode=0o755)
+        shutil.copy(INSTALL, copy)
+        copy.chmod(0o755)
+        r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "bash", str(copy)],
+                           capture_output=True, text=True)
+    finally:
+        shutil.rmtree(folder)
     assert r.returncode == 1 and "must run as root" in r.stderr, r.stderr
 
 
