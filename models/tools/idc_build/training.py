@@ -1,0 +1,187 @@
+"""Training: H&E augmentations (dihedral, HSV and HED jitter), one member's training loop, the baseline fit."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from .export import torch_predict
+from .log import log
+from .metrics import auc
+from .network import _classes
+
+BATCH_SIZE = 128
+MAX_LR = 3e-3
+EMA_DECAY = 0.998  # exponential moving average of weights (and BN buffers); the EMA model is exported
+WEIGHT_DECAY = 5e-4
+
+# recipe variants for `--ablation` (aug/width_mult go to train_member; stain and seed_offset are handled in build.py)
+ABLATION_VARIANTS = {
+    "default": {},
+    "nohsv": {"aug": "nohsv"},
+    "hed": {"aug": "hed"},
+    "macenko": {"stain": "macenko"},
+    "hedstrong": {"aug": "hedstrong"},
+    "wide": {"width_mult": 1.5},
+    "seed2": {"seed_offset": 1},
+}
+
+AUGMENTATIONS = {
+    "hsv": "dihedral (random flip + 90-degree rotation), HSV jitter (hue shift +-0.04 of the colour circle, "
+           "saturation x0.75-1.25, value/brightness x0.9-1.1), contrast x0.9-1.1",
+    "nohsv": "dihedral (random flip + 90-degree rotation), brightness x0.9-1.1, contrast x0.9-1.1 (no colour jitter)",
+    "hed": "as hsv, then HED stain jitter (Tellez et al. 2019): colour deconvolution into haematoxylin, eosin and "
+           "DAB optical densities (Ruifrok & Johnston), each scaled x(1+-0.05) and shifted +-0.05",
+    "hedstrong": "as hed with scale x(1+-0.2) and shift +-0.2",
+}
+# Ruifrok & Johnston (as in skimage.color): rows are the OD of pure haematoxylin, eosin, DAB in R, G, B
+RGB_FROM_HED = [[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]]
+
+
+def _rgb_to_hsv(x):
+    import torch
+
+    r, g, b = x[:, 0], x[:, 1], x[:, 2]
+    maxc, _ = x.max(1)
+    minc, _ = x.min(1)
+    delta = maxc - minc
+    s = delta / maxc.clamp_min(1e-8)
+    dc = delta.clamp_min(1e-8)
+    rc, gc, bc = (maxc - r) / dc, (maxc - g) / dc, (maxc - b) / dc
+    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
+    h = torch.where(delta > 0, torch.remainder(h / 6.0, 1.0), torch.zeros_like(h))
+    return h, s, maxc
+
+
+def _hsv_to_rgb(h, s, v):
+    import torch
+
+    h6 = h * 6.0
+    i = torch.floor(h6)
+    f = h6 - i
+    i = i.long() % 6
+    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
+    idx = i.unsqueeze(0)
+    r = torch.stack([v, q, p, p, t, v]).gather(0, idx)[0]
+    g = torch.stack([t, v, v, q, p, p]).gather(0, idx)[0]
+    b = torch.stack([p, p, t, v, v, q]).gather(0, idx)[0]
+    return torch.stack([r, g, b], dim=1)
+
+
+def _hed_jitter(x, u, sigma: float):
+    """Stain augmentation in colour-deconvolved optical density (float NCHW in [0,1] -> same)."""
+    import torch
+
+    rgb_from_hed = torch.tensor(RGB_FROM_HED, dtype=torch.float32)
+    rgb_from_hed = rgb_from_hed / rgb_from_hed.norm(dim=1, keepdim=True)
+    hed_from_rgb = torch.linalg.inv(rgb_from_hed)
+    od = -torch.log((x * 255.0 + 1.0) / 256.0)  # N3HW
+    c = torch.einsum("nchw,cd->ndhw", od, hed_from_rgb)
+    c = c * u(1 - sigma, 1 + sigma, 3, 1, 1) + u(-sigma, sigma, 3, 1, 1)
+    od = torch.einsum("ndhw,dc->nchw", c, rgb_from_hed)
+    return ((256.0 * torch.exp(-od) - 1.0) / 255.0).clamp_(0.0, 1.0)
+
+
+def augment(xb_u8, gen, kind: str = "hsv"):
+    """H&E-suited augmentation on a uint8 NHWC batch -> float NCHW in [0,1] on the uint8 grid."""
+    import torch
+
+    x = xb_u8.permute(0, 3, 1, 2).float().div_(255.0)
+    n = x.shape[0]
+    flip = torch.rand(n, generator=gen) < 0.5
+    x[flip] = x[flip].flip(3)
+    k = torch.randint(0, 4, (n,), generator=gen)
+    for r in (1, 2, 3):
+        m = k == r
+        if m.any():
+            x[m] = torch.rot90(x[m], r, dims=(2, 3))
+
+    def u(lo, hi, *shape):
+        return lo + (hi - lo) * torch.rand(n, *shape, generator=gen)
+
+    if kind in ("hsv", "hed", "hedstrong"):
+        h, s, v = _rgb_to_hsv(x)
+        h = torch.remainder(h + u(-0.04, 0.04, 1, 1), 1.0)
+        s = (s * u(0.75, 1.25, 1, 1)).clamp_(0.0, 1.0)
+        v = (v * u(0.9, 1.1, 1, 1)).clamp_(0.0, 1.0)
+        x = _hsv_to_rgb(h, s, v)
+    else:
+        x = x * u(0.9, 1.1, 1, 1, 1)
+    if kind in ("hed", "hedstrong"):
+        x = _hed_jitter(x, u, 0.05 if kind == "hed" else 0.2)
+    m = x.mean(dim=(1, 2, 3), keepdim=True)
+    x = ((x - m) * u(0.9, 1.1, 1, 1, 1) + m).clamp_(0.0, 1.0)
+    return (x * 255.0).round_().div_(255.0)  # the uint8 grid the deployed model sees
+
+
+def train_member(x_tr, y_tr, mean, std, *, epochs, seed, aug="hsv", width_mult=1.0, x_mon=None, y_mon=None,
+                 tag=""):
+    """Train one member from scratch; returns (EMA model in eval mode, history, seconds)."""
+    import torch
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    IDCNet, Shipped = _classes()
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model = IDCNet(mean, std, width_mult).to(memory_format=torch.channels_last)
+    pos_weight = float((y_tr == 0).sum() / (y_tr == 1).sum())
+    crit = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor([pos_weight]))
+    opt = torch.optim.AdamW(model.parameters(), lr=MAX_LR, weight_decay=WEIGHT_DECAY)
+    steps = (len(x_tr) + BATCH_SIZE - 1) // BATCH_SIZE
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=MAX_LR, epochs=epochs, steps_per_epoch=steps,
+                                                pct_start=0.2)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(EMA_DECAY), use_buffers=True)
+    xt = torch.from_numpy(x_tr)
+    yt = torch.from_numpy(y_tr).float().unsqueeze(1)
+    history = []
+    t_start = time.time()
+    for epoch in range(epochs):
+        model.train()
+        t0 = time.time()
+        perm = torch.randperm(len(xt), generator=gen)
+        tot = 0.0
+        for s in range(steps):
+            idx = perm[s * BATCH_SIZE:(s + 1) * BATCH_SIZE]
+            xb = augment(xt[idx], gen, aug).contiguous(memory_format=torch.channels_last)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                logits = model.forward_logits(xb)
+            loss = crit(logits.float(), yt[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            ema.update_parameters(model)
+            tot += loss.item() * len(idx)
+        h = {"epoch": epoch + 1, "train_loss": round(tot / len(xt), 4), "seconds": round(time.time() - t0, 1)}
+        # monitoring only (every 5th and the last epoch): the final-epoch EMA weights are used, no early stopping
+        if x_mon is not None and ((epoch + 1) % 5 == 0 or epoch + 1 == epochs):
+            h["oof_auc"] = round(auc(y_mon, torch_predict(Shipped([ema.module], False), x_mon)), 4)
+        history.append(h)
+        log(f"{tag} epoch {epoch + 1}/{epochs} loss {h['train_loss']:.4f}"
+            + (f" OOF AUC {h['oof_auc']:.4f}" if "oof_auc" in h else "") + f" ({h['seconds']:.0f}s)")
+    model = ema.module.to(memory_format=torch.contiguous_format).eval()
+    return model, history, time.time() - t_start
+
+
+def fit_logistic(f_tr, y_tr, l2: float = 1e-3, iters: int = 300):
+    """L2-regularised logistic regression (class-weighted, standardised features) fitted with LBFGS."""
+    import torch
+
+    mu, sd = f_tr.mean(0), f_tr.std(0) + 1e-6
+    X = torch.from_numpy((f_tr - mu) / sd).double()
+    y = torch.from_numpy(y_tr.astype(np.float64))
+    w = torch.zeros(X.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    pos_weight = torch.tensor((y_tr == 0).sum() / max((y_tr == 1).sum(), 1), dtype=torch.float64)
+    opt = torch.optim.LBFGS([w, b], max_iter=iters, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(X @ w + b, y, pos_weight=pos_weight)
+        loss = loss + l2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    w_, b_ = w.detach().numpy(), float(b.detach())
+    return lambda f: 1.0 / (1.0 + np.exp(-(((f - mu) / sd) @ w_ + b_)))
