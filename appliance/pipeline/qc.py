@@ -129,7 +129,7 @@ class CaseQc:
 
     def add_tile(self, sub: np.ndarray, mask: np.ndarray) -> None:
         """One tile, subsampled, and its tissue mask (same shape): exposure, blank, stain sample; judges the
-        stain when this tile brings the tissue pixels seen to the next judgement point."""
+        stain when this tile brings the stained pixels put into the sample to the next judgement point."""
         self.tiles += 1
         n = int(np.count_nonzero(mask))
         if n == 0:

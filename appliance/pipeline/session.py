@@ -230,7 +230,8 @@ class TriageSession:
         self._check_focus()
         self.tiles += 1
         self.patches_seen += len(inside) + len(completed)
-        self._checkpoints.append(_Checkpoint(self.tiles, self._cut, self.qc.stain_judged and not self.qc.reasons()))
+        clean = self.qc.stain_judged and not self.qc.reasons()
+        self._checkpoints.append(_Checkpoint(self.tiles, self._cut, clean))
         t4 = time.perf_counter()
         self._timings["resample"] += (t1 - t0) * 1e3
         self._timings["mosaic"] += (t2 - t1) * 1e3
