@@ -26,7 +26,7 @@ from .stain import macenko_per_patient, stain_reference
 from .training import (ABLATION_VARIANTS, AUGMENTATIONS, BATCH_SIZE, EMA_DECAY, MAX_LR, WEIGHT_DECAY, fit_logistic,
                        train_member)
 
-VERSION = "0.3.0"
+VERSION = "0.4.0"
 SCRIPT = Path(__file__).resolve().parents[1] / "build_idc_model.py"  # the command line that calls main()
 METRIC_KEYS = ("auc", "balanced_accuracy", "f1", "sensitivity", "specificity")  # summarised as mean ± sd
 
@@ -63,6 +63,8 @@ def parse_args(argv=None, description=None):
     ap.add_argument("--tta", choices=("auto", "on", "off"), default="auto",
                     help=f"8-way flip/rotation TTA in the shipped graph; auto = on if it raises pooled OOF AUC "
                          f"by >= {TTA_MIN_GAIN}")
+    ap.add_argument("--aug", choices=sorted(AUGMENTATIONS), default="stainturn",
+                    help="training augmentation of the fold members (hsv = the 0.3.0 recipe)")
     ap.add_argument("--ablation", choices=sorted(ABLATION_VARIANTS), default=None)
     ap.add_argument("--folds", default=None, help="with --ablation: comma-separated folds to train (default all)")
     ap.add_argument("--card-only", action="store_true", help="re-render MODEL_CARD.md from manifest.json")
@@ -85,7 +87,7 @@ def main(argv=None, *, description=None, script=None):
     t_start = time.time()
 
     import torch
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("BUILD_TORCH_THREADS", "2")))  # 1 when two builds share the machine
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     random.seed(args.seed)
@@ -105,7 +107,7 @@ def main(argv=None, *, description=None, script=None):
     baseline = colour_baseline(d)
 
     # one model per fold, trained on the other folds; out-of-fold predictions without and with TTA
-    members, histories, train_secs, p_oof0, p_oof8, reused = train_fold_members(args, d, work)
+    members, histories, train_secs, p_oof0, p_oof8, reused = train_fold_members(args, d, work, stain_ref.he)
     n_params = sum(p.numel() for p in members[0].parameters())
     write_default_ablation(work, d, args.epochs, p_oof0, p_oof8, train_secs, n_params)
     auc0, auc8 = auc(d.labels[d.dev], p_oof0[d.dev]), auc(d.labels[d.dev], p_oof8[d.dev])
@@ -247,7 +249,7 @@ def colour_baseline(d: Data) -> dict:
             "mean_sd": {kk: summary([m[kk] for m in base_folds]) for kk in METRIC_KEYS}}
 
 
-def train_fold_members(args, d: Data, work: Path):
+def train_fold_members(args, d: Data, work: Path, stain_he):
     """Train (or, with --reuse-members, load) one member per fold and score its own fold through OpenVINO FP32,
     without and with TTA. Returns (members, histories, train seconds, p_oof0, p_oof8, reused training record)."""
     import torch
@@ -262,6 +264,7 @@ def train_fold_members(args, d: Data, work: Path):
         assert ck["mean"] == d.mean and ck["std"] == d.std, "reused members were trained on other data"
         reused = json.loads((args.reuse_members.parent.parent / "manifest.json").read_text())["training"]
         assert reused["seed"] == args.seed and reused["epochs"] == args.epochs
+        assert reused.get("augmentation", AUGMENTATIONS["hsv"]) == AUGMENTATIONS[args.aug], "other augmentation"
         shipped_prev = build_model(d.mean, d.std)
         shipped_prev.load_state_dict(ck["model"])
     for k in range(K_FOLDS):
@@ -270,7 +273,8 @@ def train_fold_members(args, d: Data, work: Path):
             model, hist, secs = shipped_prev.members[k].eval(), reused["history"][k], reused["train_seconds_per_fold"][k]
         else:
             model, hist, secs = train_member(d.images[tr], d.labels[tr], d.mean, d.std, epochs=args.epochs,
-                                             seed=member_seed(args.seed, k), tag=f"[fold {k}]")
+                                             seed=member_seed(args.seed, k), aug=args.aug, stain_he=stain_he,
+                                             tag=f"[fold {k}]")
         members.append(model)
         histories.append(hist)
         train_secs.append(secs)
@@ -465,7 +469,7 @@ def training_record(args, d: Data, command_line, *, tta, auc0, auc8, n_params, t
         "loss": "BCEWithLogits with pos_weight = n_neg/n_pos of each member's training patches (class imbalance)",
         "optimizer": f"AdamW wd={WEIGHT_DECAY}, OneCycle max_lr={MAX_LR} (20% warm-up), batch {BATCH_SIZE}, "
                      f"bf16 autocast on CPU, EMA weights (decay {EMA_DECAY}) exported, no early stopping",
-        "augmentation": AUGMENTATIONS["hsv"],
+        "augmentation": AUGMENTATIONS[args.aug],
         "quantization": f"NNCF {versions['nncf']} post-training quantization of the OpenVINO IR, "
                         f"{N_CALIBRATION} calibration patches drawn from training patients",
         "train_seconds_per_fold": [round(s, 1) for s in train_secs],

@@ -22,6 +22,7 @@ ABLATION_VARIANTS = {
     "hed": {"aug": "hed"},
     "macenko": {"stain": "macenko"},
     "hedstrong": {"aug": "hedstrong"},
+    "hsv": {"aug": "hsv"},  # the 0.3.0 recipe (no stain turn)
     "wide": {"width_mult": 1.5},
     "seed2": {"seed_offset": 1},
 }
@@ -33,7 +34,12 @@ AUGMENTATIONS = {
     "hed": "as hsv, then HED stain jitter (Tellez et al. 2019): colour deconvolution into haematoxylin, eosin and "
            "DAB optical densities (Ruifrok & Johnston), each scaled x(1+-0.05) and shifted +-0.05",
     "hedstrong": "as hed with scale x(1+-0.2) and shift +-0.2",
+    "stainturn": "as hsv, then a stain turn in optical density on 90% of patches: each patch's OD split into "
+                 "haematoxylin and eosin concentrations on the build's stain reference (least squares, the "
+                 "residual kept), the H vector turned in the H&E plane by U(-10, +40) deg (positive = away from "
+                 "eosin), the E vector by U(-10, +30) deg (away from H), each strength scaled by exp(U(-0.25, 0.25))",
 }
+STAIN_TURN = {"p": 0.9, "h_deg": (-10.0, 40.0), "e_deg": (-10.0, 30.0), "log_strength": 0.25}
 # Ruifrok & Johnston (as in skimage.color): rows are the OD of pure haematoxylin, eosin, DAB in R, G, B
 RGB_FROM_HED = [[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]]
 
@@ -82,8 +88,40 @@ def _hed_jitter(x, u, sigma: float):
     return ((256.0 * torch.exp(-od) - 1.0) / 255.0).clamp_(0.0, 1.0)
 
 
-def augment(xb_u8, gen, kind: str = "hsv"):
-    """H&E-suited augmentation on a uint8 NHWC batch -> float NCHW in [0,1] on the uint8 grid."""
+def _turn(a, b, t):
+    """Unit vectors a (n,3) turned by angles t (n,) in the plane of a and b, away from b."""
+    import torch
+
+    u = b - (b * a).sum(1, keepdim=True) * a
+    u = u / u.norm(dim=1, keepdim=True)
+    return torch.cos(t)[:, None] * a - torch.sin(t)[:, None] * u
+
+
+def _stain_turn(x, u, he_ref):
+    """Re-colour each patch (float NCHW in [0,1]) as another lab's H&E might look (AUGMENTATIONS["stainturn"]).
+    he_ref: the build's stain reference, (3, 2) unit OD vectors of H and E."""
+    import torch
+
+    n = x.shape[0]
+    he = torch.as_tensor(np.asarray(he_ref, np.float32))
+    h0, e0 = he[:, 0].expand(n, 3), he[:, 1].expand(n, 3)
+    st = STAIN_TURN
+    h1 = _turn(h0, e0, torch.deg2rad(u(*st["h_deg"])))
+    e1 = _turn(e0, h0, torch.deg2rad(u(*st["e_deg"])))
+    scale = torch.exp(u(-st["log_strength"], st["log_strength"], 2))  # (n, 2)
+    keep = u(0.0, 1.0) >= st["p"]
+    new = torch.stack([h1, e1], 2) * scale[:, None, :]  # (n, 3, 2)
+    new[keep] = he  # untouched patches: the same decomposition and recomposition (identity up to residual)
+    od = -torch.log((x * 255.0 + 1.0) / 256.0)  # N3HW
+    c = torch.einsum("dc,nchw->ndhw", torch.linalg.pinv(he), od)  # (n, 2, H, W) concentrations
+    residual = od - torch.einsum("cd,ndhw->nchw", he, c)
+    od = torch.einsum("ncd,ndhw->nchw", new, c) + residual
+    return ((256.0 * torch.exp(-od.clamp_min(0.0)) - 1.0) / 255.0).clamp_(0.0, 1.0)
+
+
+def augment(xb_u8, gen, kind: str = "hsv", stain_he=None):
+    """H&E-suited augmentation on a uint8 NHWC batch -> float NCHW in [0,1] on the uint8 grid.
+    stain_he: the stain reference's (3, 2) H and E vectors, needed by kind "stainturn"."""
     import torch
 
     x = xb_u8.permute(0, 3, 1, 2).float().div_(255.0)
@@ -99,7 +137,7 @@ def augment(xb_u8, gen, kind: str = "hsv"):
     def u(lo, hi, *shape):
         return lo + (hi - lo) * torch.rand(n, *shape, generator=gen)
 
-    if kind in ("hsv", "hed", "hedstrong"):
+    if kind in ("hsv", "hed", "hedstrong", "stainturn"):
         h, s, v = _rgb_to_hsv(x)
         h = torch.remainder(h + u(-0.04, 0.04, 1, 1), 1.0)
         s = (s * u(0.75, 1.25, 1, 1)).clamp_(0.0, 1.0)
@@ -109,13 +147,15 @@ def augment(xb_u8, gen, kind: str = "hsv"):
         x = x * u(0.9, 1.1, 1, 1, 1)
     if kind in ("hed", "hedstrong"):
         x = _hed_jitter(x, u, 0.05 if kind == "hed" else 0.2)
+    if kind == "stainturn":
+        x = _stain_turn(x, u, stain_he)
     m = x.mean(dim=(1, 2, 3), keepdim=True)
     x = ((x - m) * u(0.9, 1.1, 1, 1, 1) + m).clamp_(0.0, 1.0)
     return (x * 255.0).round_().div_(255.0)  # the uint8 grid the deployed model sees
 
 
-def train_member(x_tr, y_tr, mean, std, *, epochs, seed, aug="hsv", width_mult=1.0, x_mon=None, y_mon=None,
-                 tag=""):
+def train_member(x_tr, y_tr, mean, std, *, epochs, seed, aug="hsv", stain_he=None, width_mult=1.0, x_mon=None,
+                 y_mon=None, tag=""):
     """Train one member from scratch; returns (EMA model in eval mode, history, seconds)."""
     import torch
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -142,7 +182,7 @@ def train_member(x_tr, y_tr, mean, std, *, epochs, seed, aug="hsv", width_mult=1
         tot = 0.0
         for s in range(steps):
             idx = perm[s * BATCH_SIZE:(s + 1) * BATCH_SIZE]
-            xb = augment(xt[idx], gen, aug).contiguous(memory_format=torch.channels_last)
+            xb = augment(xt[idx], gen, aug, stain_he).contiguous(memory_format=torch.channels_last)
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 logits = model.forward_logits(xb)
             loss = crit(logits.float(), yt[idx])
