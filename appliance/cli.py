@@ -274,10 +274,17 @@ def format_metrics(m: dict, model: dict) -> str:
         x = m[level]
         rows.append(f"{level:<10}{x['n']:>7}{x['positives']:>6}{f(x['auc']):>7}{f(x['balanced_accuracy']):>8}"
                     f"{f(x['f1']):>7}{f(x['sensitivity']):>7}{f(x['specificity']):>7}")
+    first = m.get("patches_first_stage")
+    if m.get("context_stage") and first:
+        rows.append(f"{'1st stage':<10}{first['n']:>7}{first['positives']:>6}{f(first['auc']):>7}"
+                    f"{f(first['balanced_accuracy']):>8}{f(first['f1']):>7}{f(first['sensitivity']):>7}"
+                    f"{f(first['specificity']):>7}   (patch classifier alone, before the context stage)")
+    rule = {"top-k-mean": f"top-{m['top_k']} mean", "largest-region-area": "largest region's area (cells)",
+            "largest-region-mass": "largest region's mass"}[m.get("case_rule", "top-k-mean")]
     rows.append(f"patients: {m['n_patients']}; mean per-patient balanced accuracy "
                 f"{f(m['mean_patient_balanced_accuracy'])} over {m['patients_with_both_classes']} patients with "
-                f"both classes; patch threshold {m['patch_threshold']:.3f}; patient score = top-{m['top_k']} "
-                f"mean vs {m['case_threshold']:.3f}")
+                f"both classes; patch threshold {m['patch_threshold']:.3f}; patient score = {rule} "
+                f"vs {m['case_threshold']:.3f}")
     if m.get("unreadable"):
         rows.append(f"{len(m['unreadable'])} unreadable images were left out: " + "; ".join(m["unreadable"][:5]))
     return "\n".join(rows)

@@ -68,6 +68,26 @@ class Engine(ABC):
     @abstractmethod
     def _infer(self, batch: np.ndarray) -> np.ndarray: ...
 
+    @property
+    def has_context(self) -> bool:
+        return self.manifest.context is not None
+
+    def refine(self, grid: np.ndarray) -> np.ndarray:
+        """The context stage on a case's grid: (1, 2, H, W) float32 -> refined probabilities (H, W)."""
+        if not self.has_context:
+            raise EngineError(f"model {self.manifest.name} {self.manifest.version} has no context stage")
+        if not (isinstance(grid, np.ndarray) and grid.dtype == np.float32 and grid.ndim == 4
+                and grid.shape[:2] == (1, 2) and grid.shape[2] > 0 and grid.shape[3] > 0):
+            raise EngineError(f"context grid must be float32 (1, 2, H, W), got "
+                              f"{getattr(grid, 'dtype', type(grid))} {getattr(grid, 'shape', '')}")
+        out = np.asarray(self._refine(np.ascontiguousarray(grid)), dtype=np.float32)
+        if out.shape != (1, 1) + grid.shape[2:]:
+            raise EngineError(f"{self.backend}: context output has shape {out.shape}, expected (1, 1, H, W)")
+        return out[0, 0]
+
+    @abstractmethod
+    def _refine(self, grid: np.ndarray) -> np.ndarray: ...
+
     def scorer(self) -> "Scorer":
         """A non-blocking front end for streaming: submit batches, collect results later."""
         return Scorer(self)
@@ -114,6 +134,17 @@ class OpenVINOEngine(Engine):
             raise EngineError(f"OpenVINO could not load {self.model_dir / manifest.files.openvino}: {exc}") from None
         self.jobs = 2 * max(1, int(self._compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
         self._requests = [self._compiled.create_infer_request() for _ in range(self.jobs)]
+        self._context = None
+        if manifest.context is not None:  # tiny FP32 graph over the grid, dynamic height and width
+            c = manifest.context
+            try:
+                cm = core.read_model(model=read_verified(model_dir, c.openvino, manifest),
+                                     weights=ov.Tensor(np.frombuffer(read_verified(model_dir, c.openvino_weights,
+                                                                                   manifest), dtype=np.uint8)))
+                self._context = core.compile_model(cm, "CPU", {"INFERENCE_PRECISION_HINT": "f32",
+                                                               "PERFORMANCE_HINT": "LATENCY"})
+            except RuntimeError as exc:
+                raise EngineError(f"OpenVINO could not load {self.model_dir / c.openvino}: {exc}") from None
 
     def _infer(self, batch: np.ndarray) -> np.ndarray:
         chunks = [batch[i : i + self.CHUNK] for i in range(0, len(batch), self.CHUNK)]
@@ -126,6 +157,9 @@ class OpenVINOEngine(Engine):
                 req.wait()
                 out.append(req.get_output_tensor(0).data.copy().reshape(-1))
         return np.concatenate(out)
+
+    def _refine(self, grid: np.ndarray) -> np.ndarray:
+        return self._context({0: grid})[0]
 
     def scorer(self) -> "Scorer":
         return AsyncScorer(self, self.jobs)
@@ -148,9 +182,20 @@ class OnnxRuntimeEngine(Engine):
         except Exception as exc:  # onnxruntime raises its own untyped errors; name the file and stop.
             raise EngineError(f"ONNX Runtime could not load {self.model_dir / manifest.files.onnx}: {exc}") from None
         self._input = self._session.get_inputs()[0].name
+        self._context = None
+        if manifest.context is not None:
+            c = manifest.context
+            try:
+                self._context = ort.InferenceSession(read_verified(model_dir, c.onnx, manifest), sess_options=opts,
+                                                     providers=["CPUExecutionProvider"])
+            except Exception as exc:  # as above
+                raise EngineError(f"ONNX Runtime could not load {self.model_dir / c.onnx}: {exc}") from None
 
     def _infer(self, batch: np.ndarray) -> np.ndarray:
         return self._session.run(None, {self._input: batch})[0]
+
+    def _refine(self, grid: np.ndarray) -> np.ndarray:
+        return self._context.run(None, {"grid": grid})[0]
 
 
 def load_engine(model_dir: Path, backend: str = "openvino", **options) -> Engine:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -11,7 +12,9 @@ import numpy as np
 
 from .engine import Engine
 from .errors import InputError
-from .metrics import binary_metrics, top_k_mean
+from .metrics import binary_metrics
+from .pipeline.context import refine
+from .pipeline.mil import case_score
 from .pipeline.patches import pad_to
 from .sources import IMAGE_SUFFIXES, read_image, walk_files
 
@@ -80,41 +83,98 @@ def evaluate_folder(
             probs[idx] = engine.infer(np.stack(batch))
         if progress:
             progress(min(start + batch_size, len(images)), len(images))
+    good = np.flatnonzero(ok)
+    cells = _cells(images, size, m.patch.stride)
+    first = probs.astype(np.float64)
+    refined = first.copy()
+    if engine.has_context:
+        refined = _refine_by_patient(engine, images, good, cells, first)
     out_csv = Path(out_csv)
     out_csv.parent.mkdir(parents=True, exist_ok=True)
     with open(out_csv, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["path", "label", "probability", "predicted"])
-        for item, p, good in zip(images, probs, ok):
-            if good:
-                w.writerow([str(item.path), item.label, f"{p:.6f}", int(p >= threshold)])
-    return metrics_from_rows(
-        [(it.patient, it.label, float(p)) for it, p, good in zip(images, probs, ok) if good],
-        patch_threshold=threshold,
-        case_threshold=m.decision.case_threshold,
-        top_k=m.decision.top_k,
-    ) | {"unreadable": unreadable}
+        w.writerow(["path", "label", "probability", "predicted", "first_stage"])
+        for i in good.tolist():
+            w.writerow([str(images[i].path), images[i].label, f"{refined[i]:.6f}", int(refined[i] >= threshold),
+                        f"{first[i]:.6f}"])
+    rows = [PatchRow(images[i].patient, images[i].label, float(refined[i]), float(first[i]), *cells[i])
+            for i in good.tolist()]
+    return metrics_from_rows(rows, m.decision) | {
+        "unreadable": unreadable, "context_stage": engine.has_context,
+        "patches_first_stage": binary_metrics(np.array([r.label for r in rows]), np.array([r.first_stage for r in rows]),
+                                              m.decision.region_threshold or threshold) if rows else None}
 
 
-def metrics_from_rows(rows: list[tuple[str, int, float]], *, patch_threshold: float, case_threshold: float,
-                      top_k: int) -> dict:
-    """Patch-level metrics over all rows, and patient-level metrics.
+_COORDS = re.compile(r"_x(\d+)_y(\d+)")
 
-    Patient level: a patient is positive if any of its patches is IDC; its score is the top-k mean of
-    its patch probabilities (the same MIL rule the appliance uses for a case). Also the per-patient
-    mean of patch-level balanced accuracy, so one large patient cannot dominate.
+
+@dataclass(frozen=True)
+class PatchRow:
+    patient: str
+    label: int
+    probability: float  # refined by the context stage when the model has one
+    first_stage: float
+    gx: int | None  # grid cell from the file name's _x<X>_y<Y> (None when the name has no position)
+    gy: int | None
+
+
+def _cells(images: list[LabelledImage], size: int, stride: int) -> list[tuple[int | None, int | None]]:
+    """Each image's grid cell, from ``_x<X>_y<Y>`` in its name (the IDC layout); (None, None) without."""
+    out = []
+    for it in images:
+        mt = _COORDS.search(it.path.stem)
+        out.append((int(mt.group(1)) // stride, int(mt.group(2)) // stride) if mt else (None, None))
+    return out
+
+
+def _refine_by_patient(engine: Engine, images, good, cells, first) -> np.ndarray:
+    """The context stage over each patient's grid of positioned patches; a patch without a position, or a
+    second patch on an occupied cell, is refined alone (its own score with no neighbours)."""
+    refined = first.copy()
+    by_patient: dict[str, list[int]] = {}
+    for i in good.tolist():
+        by_patient.setdefault(images[i].patient, []).append(i)
+    for idx in by_patient.values():
+        placed, alone, seen = [], [], set()
+        for i in idx:
+            c = cells[i]
+            (alone if c[0] is None or c in seen else placed).append(i)
+            seen.add(c)
+        if placed:
+            gx = np.array([cells[i][0] for i in placed])
+            gy = np.array([cells[i][1] for i in placed])
+            refined[placed] = refine(engine, gx, gy, first[placed])
+        for i in alone:
+            refined[i] = refine(engine, np.array([0]), np.array([0]), first[[i]])[0]
+    return refined
+
+
+def metrics_from_rows(rows: list[PatchRow], decision) -> dict:
+    """Patch-level metrics over all rows (the refined probability against the patch threshold), and
+    patient-level metrics.
+
+    Patient level: a patient is positive if any of its patches is IDC; its score is the model's case rule on
+    its first-stage probabilities (the same rule the appliance uses for a case; a region rule needs the
+    patches' positions, and a patch without one counts as a region of its own). Also the per-patient mean
+    of patch-level balanced accuracy, so one large patient cannot dominate.
     """
+    patch_threshold, case_threshold, top_k = decision.patch_threshold, decision.case_threshold, decision.top_k
     if not rows:
         raise InputError("no readable images to evaluate")
-    patients = sorted({r[0] for r in rows})
-    labels = np.array([r[1] for r in rows])
-    scores = np.array([r[2] for r in rows])
+    patients = sorted({r.patient for r in rows})
+    labels = np.array([r.label for r in rows])
+    scores = np.array([r.probability for r in rows])
+    first = np.array([r.first_stage for r in rows])
     patch = binary_metrics(labels, scores, patch_threshold)
     p_labels, p_scores, per_patient_bal = [], [], []
     for pid in patients:
-        sel = np.array([r[0] == pid for r in rows])
+        sel = np.array([r.patient == pid for r in rows])
         p_labels.append(int(labels[sel].max()))
-        p_scores.append(top_k_mean(scores[sel], top_k))
+        own = [r for r in rows if r.patient == pid]
+        # unpositioned patches get cells far apart (each its own region)
+        gx = np.array([r.gx if r.gx is not None else -10 * (j + 1) for j, r in enumerate(own)])
+        gy = np.array([r.gy if r.gy is not None else -10 * (j + 1) for j, r in enumerate(own)])
+        p_scores.append(case_score(decision.case_rule, top_k, decision.region_threshold, gx, gy, first[sel]))
         bm = binary_metrics(labels[sel], scores[sel], patch_threshold)
         if bm["balanced_accuracy"] is not None:
             per_patient_bal.append(bm["balanced_accuracy"])
@@ -128,4 +188,5 @@ def metrics_from_rows(rows: list[tuple[str, int, float]], *, patch_threshold: fl
         "patch_threshold": patch_threshold,
         "case_threshold": case_threshold,
         "top_k": top_k,
+        "case_rule": decision.case_rule,
     }

@@ -44,10 +44,26 @@ class PatchSpec(_Strict):
     min_tissue_fraction: float = Field(ge=0, le=1)
 
 
+CASE_RULES = ("top-k-mean", "largest-region-area", "largest-region-mass")
+
+
 class DecisionSpec(_Strict):
+    # a patch whose (refined, when the model has a context stage) probability is at or above it is drawn
     patch_threshold: float = Field(ge=0, le=1)
     top_k: int = Field(gt=0)
-    case_threshold: float = Field(ge=0, le=1)
+    case_threshold: float = Field(ge=0)
+    # the case score: the mean of the top-k first-stage probabilities, or the area (cells) or mass (summed
+    # probability) of the largest 4-connected region of first-stage probabilities >= region_threshold
+    case_rule: Literal[CASE_RULES] = "top-k-mean"
+    region_threshold: float | None = Field(default=None, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _region_rule_has_threshold(self) -> "DecisionSpec":
+        if self.case_rule != "top-k-mean" and self.region_threshold is None:
+            raise ValueError(f"decision.case_rule {self.case_rule!r} needs decision.region_threshold")
+        if self.case_rule == "top-k-mean" and self.case_threshold > 1:
+            raise ValueError("decision.case_threshold of the top-k-mean rule is a probability (<= 1)")
+        return self
 
 
 class StainReference(_Strict):
@@ -61,6 +77,10 @@ class StainSpec(_Strict):
     reference: StainReference | None = None
     rule: str = ""
     development_angles_deg: dict = Field(default_factory=dict)
+    # the stain-out-of-range limit: the angle (deg) between the case's fitted H or E vector and the reference
+    # beyond which the model is not trusted (None: the appliance's default, QcLimits.max_stain_angle)
+    max_angle_deg: float | None = Field(default=None, gt=0, le=90)
+    limit_rule: str = ""
 
     @model_validator(mode="after")
     def _reference_when_normalising(self) -> "StainSpec":
@@ -75,6 +95,24 @@ class FilesSpec(_Strict):
     onnx: str
 
 
+class ContextSpec(_Strict):
+    """The context stage: a second model over the case's patch grid of first-stage probabilities.
+
+    Input ``grid`` float32 (1, 2, H, W): channel 0 the first-stage probability, channel 1 = 1 where a tissue
+    patch was scored; output ``probability`` float32 (1, 1, H, W), the refined probability of each cell."""
+
+    kind: Literal["patch-grid-refinement"]
+    rings: int = Field(gt=0)
+    openvino: str
+    openvino_weights: str
+    onnx: str
+    description: str = ""
+
+    @property
+    def file_names(self) -> tuple[str, str, str]:
+        return self.openvino, self.openvino_weights, self.onnx
+
+
 class ModelManifest(_Strict):
     schema_version: Literal[1]
     name: str
@@ -87,15 +125,19 @@ class ModelManifest(_Strict):
     decision: DecisionSpec
     stain: StainSpec = StainSpec()
     files: FilesSpec
+    context: ContextSpec | None = None
     sha256: dict[str, str]
     training: dict
     metrics: dict
 
     @model_validator(mode="after")
     def _every_file_hashed(self) -> "ModelManifest":
-        for f in (self.files.openvino, self.files.openvino_weights, self.files.onnx):
+        listed = [self.files.openvino, self.files.openvino_weights, self.files.onnx]
+        if self.context is not None:
+            listed += self.context.file_names
+        for f in listed:
             if f not in self.sha256:
-                raise ValueError(f"files lists {f!r} but sha256 has no entry for it")
+                raise ValueError(f"the manifest lists {f!r} but sha256 has no entry for it")
         if self.patch.size != self.input.width or self.input.width != self.input.height:
             raise ValueError("patch.size must equal input width and height (square patches)")
         return self

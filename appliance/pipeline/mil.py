@@ -1,4 +1,8 @@
-"""Multi-instance aggregation: the case score is the mean of the top-k patch probabilities."""
+"""Multi-instance aggregation: the case score from the first-stage patch probabilities.
+
+Two kinds of rule, both of which never fall as patches are added (so an early positive is final): the mean of
+the top-k probabilities, and the area or mass of the largest connected region of cells at or above a threshold.
+"""
 
 from __future__ import annotations
 
@@ -35,3 +39,78 @@ class TopKMean:
         """Mean of the top min(k, n) probabilities; 0.0 before any patch."""
         # summed in sorted order so the score does not depend on the order results arrived in
         return sum(sorted(self._heap)) / len(self._heap) if self._heap else 0.0
+
+
+class LargestRegion:
+    """Streaming largest connected region of hot cells on the patch grid.
+
+    A cell is hot when its probability is at or above the patch threshold; hot cells that share an edge
+    form a region (4-connected, as the drawn regions). ``area`` is the cell count of the largest region and
+    ``mass`` the largest sum of probabilities over a region. Cells are only ever added and a cell's
+    probability never changes, so a region can only grow or merge with another: both figures never fall
+    as tiles arrive, which makes an early positive on them final.
+    """
+
+    def __init__(self, threshold: float):
+        self.threshold = threshold
+        self._parent: dict[tuple[int, int], tuple[int, int]] = {}
+        self._area: dict[tuple[int, int], int] = {}
+        self._mass: dict[tuple[int, int], float] = {}
+        self.area = 0
+        self.mass = 0.0
+
+    def _root(self, c):
+        parent = self._parent
+        while parent[c] != c:
+            parent[c] = parent[parent[c]]
+            c = parent[c]
+        return c
+
+    def add(self, gx: int, gy: int, probability: float) -> None:
+        if probability < self.threshold:
+            return
+        c = (gx, gy)
+        if c in self._parent:
+            raise ValueError(f"grid cell {c} added twice")
+        self._parent[c] = c
+        self._area[c] = 1
+        self._mass[c] = probability
+        root = c
+        for n in ((gx - 1, gy), (gx + 1, gy), (gx, gy - 1), (gx, gy + 1)):
+            if n in self._parent:
+                r = self._root(n)
+                if r != root:
+                    big, small = (root, r) if self._area[root] >= self._area[r] else (r, root)
+                    self._parent[small] = big
+                    self._area[big] += self._area.pop(small)
+                    self._mass[big] += self._mass.pop(small)
+                    root = big
+        self.area = max(self.area, self._area[root])
+        self.mass = max(self.mass, self._mass[root])
+
+
+def largest_region(gx, gy, probability, threshold: float) -> tuple[int, float]:
+    """(area, mass) of the largest regions of a whole grid at once (see LargestRegion)."""
+    r = LargestRegion(threshold)
+    for x, y, p in zip(gx.tolist(), gy.tolist(), probability.tolist()):
+        r.add(x, y, p)
+    return r.area, r.mass
+
+
+def case_score(rule: str, top_k: int, region_threshold: float | None, gx, gy, probability) -> float:
+    """A whole case's score under ``rule`` (the manifest's decision.case_rule) from its first-stage probabilities
+    at grid cells gx, gy, exactly as a streaming case computes it."""
+    import numpy as np
+
+    probability = np.asarray(probability, dtype=np.float64)
+    if rule == "top-k-mean":
+        t = TopKMean(top_k)
+        for p in probability.tolist():
+            t.add(p)
+        return t.score
+    area, mass = largest_region(np.asarray(gx), np.asarray(gy), probability, region_threshold)
+    if rule == "largest-region-area":
+        return float(area)
+    if rule == "largest-region-mass":
+        return mass
+    raise ValueError(f"unknown case rule {rule!r}")

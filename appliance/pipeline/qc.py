@@ -6,7 +6,7 @@ Thresholds are at the model's resolution and were set on the IDC development pat
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -33,15 +33,23 @@ class QcLimits:
     # Tissue pixels (saturation > 20) with a channel clipped at 255 mean over-exposure.
     max_clipped_fraction: float = 0.30
     # Angle between the case's fitted H (or E) stain vector and the model's reference, in degrees, judged only
-    # when the fit had at least stain_min_pixels tissue pixels. Development patients with >= 300 patches
-    # (17, case-sized): worst 11.3 (H) and 8.3 (E). Sparse patients (~100 patches) spread to 31.6 because the
-    # fit is noisy on few pixels, hence the pixel minimum. A red/blue channel swap of the demo case: 17.8/13.0.
+    # when the fit had at least stain_min_pixels tissue pixels. A model's manifest sets it (stain.max_angle_deg:
+    # where the model's out-of-fold AUC falls by more than 0.02 under a turned haematoxylin, measured by the
+    # build); this default is only for a model without one. Sparse development patients (~100 patches)
+    # spread further than whole slides because the fit is noisy on few pixels, hence the pixel minimum.
     max_stain_angle: float = 15.0
     # The stain is first judged once the sample holds stain_min_pixels stained tissue pixels. The sample
     # keeps at most stain_sample_max: a fit on it costs about 6 ms, on the path to every verdict.
     stain_min_pixels: int = 50_000
     stain_sample_per_tile: int = 10_000
     stain_sample_max: int = 100_000
+
+
+def limits_for(manifest, base: QcLimits | None = None) -> QcLimits:
+    """The QC limits for a model: ``base`` (default QcLimits()) with the manifest's stain limit, if it has one."""
+    base = base or QcLimits()
+    limit = manifest.stain.max_angle_deg
+    return base if limit is None else replace(base, max_stain_angle=float(limit))
 
 
 def laplacian_variance(patches: np.ndarray) -> np.ndarray:

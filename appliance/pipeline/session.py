@@ -22,13 +22,14 @@ import numpy as np
 from .. import RESEARCH_USE_NOTICE
 from ..engine import Engine
 from ..errors import InputError
+from .context import refine
 from .grid import PatchGrid
 from .heatmap import Heatmap, Thumbnail
-from .mil import TopKMean
+from .mil import LargestRegion, TopKMean
 from .mosaic import Mosaic
 from .outputs import write_outputs
 from .patches import pad_to
-from .qc import CaseQc, QcLimits, Reason, laplacian_variance
+from .qc import CaseQc, QcLimits, Reason, laplacian_variance, limits_for
 from .resample import resample_tile, scale_factor, target_span
 from .stain import StainFit, apply_map, normalising_map
 from .tissue import mask_of_subsampled, patch_fractions, subsample, tissue_mask
@@ -52,10 +53,14 @@ class PatchScore:
     y: int
     w: int
     h: int
-    probability: float
+    probability: float  # the context stage's refined probability when the model has one, else the first stage's
+    first_stage: float | None = None  # the patch classifier's own probability (models with a context stage)
 
     def to_dict(self) -> dict:
-        return {"x": self.x, "y": self.y, "w": self.w, "h": self.h, "probability": self.probability}
+        d = {"x": self.x, "y": self.y, "w": self.w, "h": self.h, "probability": self.probability}
+        if self.first_stage is not None:
+            d["first_stage"] = self.first_stage
+        return d
 
 
 @dataclass
@@ -73,6 +78,7 @@ class TriageResult:
     early_positive: bool
     early_positive_after_tiles: int | None
     top_k: int
+    case_rule: str = "top-k-mean"
     qc: dict = field(default_factory=dict)
     warnings: list[Reason] = field(default_factory=list)
     microns_per_pixel: float = 0.0  # of the mosaic, heatmap and regions (the model's resolution)
@@ -146,15 +152,19 @@ class TriageSession:
         self.scale = scale_factor(scanner_mpp, self.mpp)
         self.origin = origin
         self.mil = TopKMean(m.decision.top_k)
+        self.case_rule = m.decision.case_rule
+        # the region rule's figures, on first-stage probabilities (they only ever grow: see LargestRegion)
+        self.region = LargestRegion(m.decision.region_threshold) if self.case_rule != "top-k-mean" else None
         self.on_event = on_event or (lambda kind, data: None)
         ref = m.stain.reference
         self.stain_reference = StainFit.from_dict(ref.model_dump()) if ref is not None else None
         self.normalise = m.stain.normalisation == "macenko"
         self._stain_map: np.ndarray | None = None
-        self.qc = CaseQc(qc_limits or QcLimits(), self.stain_reference)
+        self.qc = CaseQc(qc_limits or limits_for(m), self.stain_reference)
         w_model = target_span(0, width, self.scale)[1] if width else None
         h_model = target_span(0, height, self.scale)[1] if height else None
         self.grid = PatchGrid(self.size, self.stride, w_model, h_model)
+        self._extent = (w_model, h_model)
         self.heatmap = Heatmap(self.size, self.stride, w_model, h_model)
         self.thumbnail = Thumbnail(THUMBNAIL_CELL)
         self._tmp = None
@@ -177,6 +187,7 @@ class TriageSession:
         self._focus: list[np.ndarray] = []  # the sampled patches of the tile being cut, for the focus QC
         self._checkpoints: deque[_Checkpoint] = deque()
         self._scores: list[PatchScore] = []
+        self._model_pos: list[tuple[int, int, int, int]] = []  # model-resolution x, y, w, h of each score
         self._timings: dict[str, float] = defaultdict(float)
         self._started = time.perf_counter()
         self._finished = False
@@ -184,7 +195,11 @@ class TriageSession:
     # ------------------------------------------------------------------------------------------ state
     @property
     def score(self) -> float:
-        return self.mil.score
+        """The case score under the model's case rule, on first-stage probabilities (so it never falls as
+        tiles arrive; the refined probabilities only redraw the heatmap and regions)."""
+        if self.region is None:
+            return self.mil.score
+        return float(self.region.area) if self.case_rule == "largest-region-area" else self.region.mass
 
     @property
     def early_positive(self) -> bool:
@@ -312,7 +327,10 @@ class TriageSession:
                 end = min(end, start + self._checkpoints[0].patches - self._folded)
             for (ppx, ppy, pw, ph), p in zip(pos[start:end], values[start:end]):
                 self._scores.append(PatchScore(*self._to_input(ppx, ppy, pw, ph), p))
+                self._model_pos.append((ppx, ppy, pw, ph))
                 self.mil.add(p)
+                if self.region is not None:
+                    self.region.add(ppx // self.stride, ppy // self.stride, p)
             self._folded += end - start
             start = end
         a = np.asarray(pos, dtype=np.int64)
@@ -323,9 +341,9 @@ class TriageSession:
         while self._checkpoints and self._checkpoints[0].patches <= self._folded:
             cp = self._checkpoints.popleft()
             if (not self.early_positive and cp.qc_clean and self.mil.full
-                    and self.mil.score >= self.threshold):
+                    and self.score >= self.threshold):
                 self.early_positive_after_tiles = cp.tile
-                self.on_event("early-positive", {"score": round(self.mil.score, 6), "tiles": cp.tile})
+                self.on_event("early-positive", {"score": round(self.score, 6), "tiles": cp.tile})
 
     def _to_input(self, x: int, y: int, w: int, h: int) -> tuple[int, int, int, int]:
         """Model-resolution case coordinates -> the input's own pixel coordinates."""
@@ -358,6 +376,8 @@ class TriageSession:
         self.scorer.close()
         self._timings["wait_inference"] += (time.perf_counter() - t0) * 1e3
         self._finished = True
+        if self.engine.has_context and self._scores:
+            self._refine()
         reasons = self._reasons()
         warnings: list[Reason] = []
         if self.early_positive:
@@ -385,6 +405,7 @@ class TriageSession:
             early_positive=self.early_positive,
             early_positive_after_tiles=self.early_positive_after_tiles,
             top_k=self.mil.k,
+            case_rule=self.case_rule,
             qc=self.qc.summary(),
             warnings=warnings,
             microns_per_pixel=self.mpp,
@@ -392,6 +413,19 @@ class TriageSession:
         )
         self.on_event("finished", {"verdict": verdict, "score": result.score})
         return result
+
+    def _refine(self) -> None:
+        """The context stage over the whole case grid: each patch's probability becomes the refined one (the
+        first stage's kept beside it), and the heatmap is redrawn from them. The call is not changed by it."""
+        t0 = time.perf_counter()
+        pos = np.asarray(self._model_pos, dtype=np.int64)
+        first = np.array([p.probability for p in self._scores])
+        refined = refine(self.engine, pos[:, 0] // self.stride, pos[:, 1] // self.stride, first)
+        self._scores = [PatchScore(p.x, p.y, p.w, p.h, r, p.probability)
+                        for p, r in zip(self._scores, refined.tolist())]
+        self.heatmap = Heatmap(self.size, self.stride, *self._extent)
+        self.heatmap.add_many(pos[:, 0], pos[:, 1], pos[:, 2], pos[:, 3], refined)
+        self._timings["context"] = (time.perf_counter() - t0) * 1e3
 
     def _reasons(self) -> list[Reason]:
         if self.tiles == 0:

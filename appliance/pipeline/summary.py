@@ -21,7 +21,8 @@ class PatchOut(_Closed):
     y: int
     w: int
     h: int
-    probability: float
+    probability: float  # refined by the context stage when the model has one
+    first_stage: float | None = None  # the patch classifier's own probability, beside the refined one
 
 
 class SkippedOut(_Closed):
@@ -45,6 +46,7 @@ class TriageSummary(_Closed):
     early_positive: bool
     early_positive_after_tiles: int | None
     top_k: int
+    case_rule: Literal["top-k-mean", "largest-region-area", "largest-region-mass"]
     qc: dict
     microns_per_pixel: float
     origin: list[int]

@@ -1,19 +1,20 @@
-"""Evaluate the case-level aggregation and the heatmap on patients the scoring model never saw.
+"""Evaluate a build's first stage, its context stage and the case rules on patients the models never saw.
 
-Uses the out-of-fold patch probabilities of the last `make model` (models/idc-resnet/work/
-ablation-default-fold<k>.npz: each fold's member scored on its own unseen patients, no TTA, OpenVINO FP32),
-so every number is on unseen patients. Two measures, as in issue 5:
+Reads the out-of-fold patch probabilities a `make model` build leaves in DIR/work/ablation-default-fold<k>.npz
+(each fold's member on its own unseen patients, no TTA, OpenVINO FP32) and the build's split.json, so two
+builds (an old recipe and a new one) are compared on the same patient folds. Reports:
 
-* slide Dice, on the complete-slide patients: the heatmap on the 50-px patch grid (stride 50, so overlap
-  averaging is the identity here) thresholded at the manifest's patch threshold, against the class-1 patches;
-* bag AUC: each patient's patches as one bag (positive if it holds IDC) against the same patient with its
-  IDC patches removed (negative), plus patients without IDC as negative bags; the bag score is the MIL rule.
+* patch AUC of the first stage and of the context stage stacked out of fold (fitted per fold on the other
+  folds' complete slides, or on all their patients), per fold, mean +- sd and pooled;
+* region Dice on the complete slides: probability >= the best-balanced-accuracy threshold of the same
+  out-of-fold probabilities, against the IDC patches;
+* bag AUC of each case rule: every development patient as a bag (positive if it holds IDC), and each patient
+  with IDC again with its IDC patches removed (negative).
 
-Variants measured: k = 15 (shipped), k relative to the bag size, and a minimum connected region (cells of
-a region smaller than m patches are ignored; complete slides only, where patches have neighbours).
+Needs torch (the context stage is fitted here): run with the training environment.
 
-    python models/tools/evaluate_aggregation.py --data ../shared/data/idc_breast_histopathology \
-        [--model models/idc-resnet] [--json models/tools/aggregation.json]
+    .venv-train/bin/python models/tools/evaluate_aggregation.py --data ../shared/data/idc_breast_histopathology \
+        --model DIR [--json OUT]
 """
 
 from __future__ import annotations
@@ -27,10 +28,10 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "models" / "tools"))
 
-from appliance.metrics import roc_auc  # noqa: E402
-from appliance.pipeline.heatmap import label_components  # noqa: E402
+from idc_build.metrics import auc, best_balanced_accuracy_threshold, summary  # noqa: E402
+from idc_build.stacking import bag_scores, patient_cells, rule_aucs, slide_dice, stack_out_of_fold  # noqa: E402
 
 
 def load(data: Path, model: Path):
@@ -42,7 +43,7 @@ def load(data: Path, model: Path):
     x = np.array([int(r["x"]) for r in rows])
     y = np.array([int(r["y"]) for r in rows])
     lab = np.array([int(r["label"]) for r in rows])
-    complete = {int(r["patient_id"]) for r in rows if r["complete_patient"] in ("1", "true", "True")}
+    complete = {int(r["patient_id"]): r["complete_patient"] in ("1", "true", "True") for r in rows}
     prob = np.full(len(rows), np.nan)
     for k in range(len(split["folds"])):
         f = model / "work" / f"ablation-default-fold{k}.npz"
@@ -53,25 +54,37 @@ def load(data: Path, model: Path):
         if not np.array_equal(d["y"], lab[m]):
             raise SystemExit(f"{f} does not match the data's fold {k} (another data set or split?)")
         prob[m] = d["p0"]
-    return pid, fold, x, y, lab, prob, complete
+    dev = fold >= 0
+    return pid[dev], fold[dev], x[dev], y[dev], lab[dev], prob[dev], complete, fold_of, len(split["folds"])
 
 
-def top_k_mean(p: np.ndarray, k: int) -> float:
-    k = max(1, min(k, len(p)))
-    return float(np.sort(p)[-k:].mean())
+def patch_figures(lab, fold, prob, k_folds) -> dict:
+    per = [round(auc(lab[fold == k], prob[fold == k]), 4) for k in range(k_folds)]
+    return {"per_fold_auc": per, "auc_mean_sd": summary(per), "pooled_auc": round(auc(lab, prob), 4)}
 
 
-def region_filter(xs, ys, p, thr: float, min_cells: int) -> np.ndarray:
-    """Probabilities with hot cells of regions smaller than min_cells set to 0 (complete slides)."""
-    if min_cells <= 1:
-        return p
-    gx, gy = (xs - xs.min()) // 50, (ys - ys.min()) // 50
-    hot = np.zeros((gy.max() + 1, gx.max() + 1), bool)
-    hot[gy, gx] = p >= thr
-    labels, n = label_components(hot)
-    sizes = np.bincount(labels.ravel(), minlength=n + 1)
-    keep = sizes[labels[gy, gx]] >= min_cells
-    return np.where((p < thr) | keep, p, 0.0)
+def evaluate(data: Path, model: Path) -> dict:
+    pid, fold, xs, ys, lab, prob, complete, fold_of, k_folds = load(data, model)
+    cell_map = patient_cells(pid, xs, ys)
+    slides = sorted(p for p in cell_map if complete[p])
+    patients = sorted(cell_map)
+    res = {"how": __doc__.split("\n\n")[1].replace("\n", " "), "model": str(model),
+           "complete_slides": len(slides), "patients": len(patients)}
+    thr1 = best_balanced_accuracy_threshold(lab, prob)
+    res["first_stage"] = {**patch_figures(lab, fold, prob, k_folds), "threshold": thr1,
+                          "dice": slide_dice(cell_map, prob, lab, thr1, slides)}
+    best = None
+    for train_on in ("complete", "all"):
+        refined, params = stack_out_of_fold(cell_map, prob, lab, fold_of, complete, k_folds, train_on)
+        thr2 = best_balanced_accuracy_threshold(lab, refined)
+        res[f"context_{train_on}"] = {**patch_figures(lab, fold, refined, k_folds), "threshold": thr2,
+                                      "dice": slide_dice(cell_map, refined, lab, thr2, slides)}
+        if train_on == "complete":
+            best = (params, thr2)
+    params, thr2 = best
+    yb, scores = bag_scores(cell_map, prob, lab, patients, fold_of, params, thr1, thr2)
+    res["bags"] = {"count": int(len(yb)), "positive": int(yb.sum()), "auc": rule_aucs(yb, scores)}
+    return res
 
 
 def main(argv=None) -> int:
@@ -80,71 +93,16 @@ def main(argv=None) -> int:
     ap.add_argument("--model", type=Path, default=ROOT / "models" / "idc-resnet")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
-    manifest = json.loads((args.model / "manifest.json").read_text())
-    thr = manifest["decision"]["patch_threshold"]
-    pid, fold, xs, ys, lab, prob, complete = load(args.data, args.model)
-    dev = fold >= 0
-    patients = sorted(set(pid[dev].tolist()))
-
-    # ---- slide Dice on complete slides
-    dice = {}
-    for min_cells in (1, 2, 4, 8):
-        per = {}
-        for p in sorted(complete):
-            m = (pid == p) & dev
-            if not m.any() or lab[m].sum() == 0:
-                continue
-            q = region_filter(xs[m], ys[m], prob[m], thr, min_cells)
-            pred, truth = q >= thr, lab[m] == 1
-            per[p] = round(float(2 * (pred & truth).sum() / max(1, pred.sum() + truth.sum())), 4)
-        dice[f"min_region_{min_cells}"] = {"mean": round(float(np.mean(list(per.values()))), 4), "per_slide": per}
-
-    # ---- bag AUC
-    def bags(score):
-        s, yb = [], []
-        for p in patients:
-            m = (pid == p) & dev
-            pos = lab[m] == 1
-            s.append(score(m, np.ones(m.sum(), bool)))
-            yb.append(int(pos.any()))
-            if pos.any() and (~pos).any():
-                s.append(score(m, ~pos))
-                yb.append(0)
-        return np.array(yb), np.array(s)
-
-    variants = {"top-15 (shipped)": lambda m, keep: top_k_mean(prob[m][keep], 15)}
-    for f in (0.02, 0.05, 0.1, 0.2):
-        variants[f"top-{f:.0%} of bag"] = lambda m, keep, f=f: top_k_mean(prob[m][keep], round(f * keep.sum()))
-    variants["max"] = lambda m, keep: top_k_mean(prob[m][keep], 1)
-    variants["mean"] = lambda m, keep: float(prob[m][keep].mean())
-    bag = {}
-    for name, fn in variants.items():
-        yb, sb = bags(fn)
-        bag[name] = {"auc": round(roc_auc(yb, sb), 4), "bags": int(len(yb)), "positive": int(yb.sum())}
-    # Bags from complete slides only (there regions exist); IDC removed leaves the slide's other tissue
-    yc, sc = [], []
-    for p in sorted(complete):
-        m = (pid == p) & dev
-        if not m.any():
-            continue
-        pos = lab[m] == 1
-        for keep, yv in ((np.ones(m.sum(), bool), int(pos.any())), (~pos, 0)):
-            if keep.any() and not (yv == 0 and pos.any() and keep.all()):
-                q = region_filter(xs[m][keep], ys[m][keep], prob[m][keep], thr, 4)
-                yc.append(yv)
-                sc.append(top_k_mean(q, 15))
-    bag["top-15, min region 4 (complete slides only)"] = {"auc": round(roc_auc(np.array(yc), np.array(sc)), 4),
-                                                           "bags": len(yc), "positive": int(sum(yc))}
-
-    res = {"how": "out-of-fold patch probabilities of the last make model (no TTA, OpenVINO FP32); development "
-                  "patients only, each scored by the member that did not train on it",
-           "patch_threshold": thr, "slide_dice": dice, "bag_auc": bag}
-    print(f"slide Dice on {len(dice['min_region_1']['per_slide'])} complete slides with IDC (threshold {thr}):")
-    for k, v in dice.items():
-        print(f"  {k:<16} mean {v['mean']:.4f}")
-    print("bag AUC (each patient with and without its IDC patches):")
-    for k, v in bag.items():
-        print(f"  {k:<44} {v['auc']:.4f}  ({v['bags']} bags, {v['positive']} positive)")
+    res = evaluate(args.data, args.model)
+    print(f"{res['patients']} development patients, {res['complete_slides']} complete slides")
+    print(f"{'stage':<22}{'fold AUCs':<28}{'mean':>8}{'pooled':>8}{'Dice':>8}")
+    for name in ("first_stage", "context_complete", "context_all"):
+        r = res[name]
+        print(f"{name:<22}{str(r['per_fold_auc']):<28}{r['auc_mean_sd']['mean']:>8.4f}{r['pooled_auc']:>8.4f}"
+              f"{r['dice']['mean']:>8.4f}")
+    print(f"bag AUC ({res['bags']['count']} bags, {res['bags']['positive']} positive):")
+    for n, a in res["bags"]["auc"].items():
+        print(f"  {n:<24}{a:.4f}")
     if args.json:
         args.json.write_text(json.dumps(res, indent=1) + "\n")
         print(f"wrote {args.json}")

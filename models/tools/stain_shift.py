@@ -28,8 +28,10 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from appliance.metrics import roc_auc  # noqa: E402
-from appliance.pipeline.stain import StainFit, StainFitError, fit_stains, turn_haematoxylin  # noqa: E402
+sys.path.insert(0, str(ROOT / "models" / "tools"))
+
+from appliance.pipeline.stain import StainFit  # noqa: E402
+from idc_build.stainshift import ANGLES, limit_from_curve, patient_fits, shift_curve  # noqa: E402
 
 PATCH, PAD_VALUE = 50, 255
 
@@ -51,22 +53,11 @@ def load_development(data: Path, model: Path):
     return images, labels, patients, folds, len(split["folds"])
 
 
-def patient_fits(images, patients, reference: StainFit) -> tuple[dict[int, StainFit], list[int]]:
-    fits, fallback = {}, []
-    for pid in np.unique(patients):
-        try:
-            fits[int(pid)] = fit_stains(images[patients == pid])
-        except StainFitError:
-            fits[int(pid)] = reference
-            fallback.append(int(pid))
-    return fits, fallback
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, type=Path)
     ap.add_argument("--model", required=True, type=Path, help="a `make model` output folder with its work/")
-    ap.add_argument("--angles", default="0,5,10,15,20,25,30")
+    ap.add_argument("--angles", default=",".join(str(a) for a in ANGLES))
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     import openvino as ov
@@ -86,27 +77,14 @@ def main(argv=None) -> int:
         if not path.exists():
             raise SystemExit(f"{path} missing: run `make model` (or build_idc_model.py --out {args.model}) first")
         members.append(core.compile_model(ov.convert_model(str(path)), "CPU", {"INFERENCE_PRECISION_HINT": "f32"}))
-    rows = []
-    for angle in angles:
-        t1 = time.time()
-        shifted = images.copy()
-        if angle:
-            for pid, fit in fits.items():
-                sel = patients == pid
-                shifted[sel] = turn_haematoxylin(images[sel], fit, angle)
-        p = np.full(len(images), np.nan, dtype=np.float64)
-        for f, compiled in enumerate(members):
-            sel = np.flatnonzero(folds == f)
-            req = compiled.create_infer_request()
-            out = [np.asarray(req.infer({0: shifted[sel[i:i + 512]]})[compiled.output(0)]).reshape(-1)
-                   for i in range(0, len(sel), 512)]
-            p[sel] = np.concatenate(out)
-        fold_auc = [roc_auc(labels[folds == f], p[folds == f]) for f in range(k)]
-        row = {"angle_deg": angle, "pooled_auc": round(roc_auc(labels, p), 4),
-               "fold_auc": [round(a, 4) for a in fold_auc]}
-        rows.append(row)
-        print(f"H turned {angle:4.0f} deg: pooled OOF AUC {row['pooled_auc']:.4f}  folds {row['fold_auc']}  "
-              f"({time.time() - t1:.0f} s)", flush=True)
+
+    def predict(f, x):
+        req = members[f].create_infer_request()
+        return np.concatenate([np.asarray(req.infer({0: x[i:i + 512]})[members[f].output(0)]).reshape(-1)
+                               for i in range(0, len(x), 512)])
+
+    rows = shift_curve(images, labels, patients, folds, predict, fits, angles,
+                       log=lambda msg: print(msg, flush=True))
     base = rows[0]["pooled_auc"] if rows and rows[0]["angle_deg"] == 0 else None
     built = manifest.get("metrics", {}).get("cross_validation", {}).get("fp32_no_tta", {}).get("pooled", {})
     if base is not None and "auc" in built:
@@ -115,6 +93,9 @@ def main(argv=None) -> int:
               f"{'the same' if same else 'DIFFERENT: not the build these folds came from?'}")
         if not same:
             return 1
+    if base is not None:
+        limit, crossed = limit_from_curve(rows)
+        print(f"limit from this curve: {limit} deg" + ("" if crossed else " (AUC never fell by more than 0.02)"))
     print("\n| H turned (deg) | pooled OOF AUC | change |\n|---:|---:|---:|")
     for r in rows:
         change = f"{r['pooled_auc'] - base:+.4f}" if base is not None else ""

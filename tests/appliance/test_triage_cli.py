@@ -107,7 +107,7 @@ def test_models_evaluate_writes_rows_and_metrics_that_match_them(tmp_path):
     proc = run_cli("models", "evaluate", data, "--predictions", pred, "--json", tmp_path / "m.json")
     rows = list(csv.DictReader(open(pred)))
     assert len(rows) == len(list(IDC.rglob("*.png")))
-    assert list(rows[0]) == ["path", "label", "probability", "predicted"]
+    assert list(rows[0]) == ["path", "label", "probability", "predicted", "first_stage"]
     threshold = json.loads((MODEL_DIR / "manifest.json").read_text())["decision"]["patch_threshold"]
     for r in rows:
         assert int(r["predicted"]) == int(float(r["probability"]) >= threshold)

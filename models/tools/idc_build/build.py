@@ -15,14 +15,18 @@ from pathlib import Path
 import numpy as np
 
 from .card import collect_ablations, write_card
-from .data import PAD_VALUE, PATCH, RESERVED, colour_features, load_patches
+from .context import RINGS, apply_context, export_context, fit_context, to_grid
+from .data import PAD_VALUE, PATCH, RESERVED, colour_features, load_coords, load_patches
 from .export import N_CALIBRATION, export_onnx, ov_fp32_predict, ov_predict, quantize_int8, torch_predict
 from .log import log
 from .metrics import (CASE_MIN_SENSITIVITY, TOP_K, auc, best_balanced_accuracy_threshold, binary_metrics,
                       case_scores, sensitivity_first_threshold, summary)
 from .network import ARCHITECTURE, TTA_MIN_GAIN, _classes, build_model
 from .split import K_FOLDS, fold_split
+from .stacking import (MONOTONE_RULES, bag_scores, choose_case_rule, context_training_set, patient_cells, rule_aucs,
+                       slide_dice, stack_out_of_fold)
 from .stain import macenko_per_patient, stain_reference
+from .stainshift import ANGLES, MAX_AUC_DROP, limit_from_curve, patient_fits, qc_stain_angles, shift_curve
 from .training import (ABLATION_VARIANTS, AUGMENTATIONS, BATCH_SIZE, EMA_DECAY, MAX_LR, WEIGHT_DECAY, fit_logistic,
                        train_member)
 
@@ -45,6 +49,8 @@ class Data:
     res: np.ndarray  # reserved patches
     mean: list
     std: list
+    xs: np.ndarray  # patch position in its patient's slide (pixels)
+    ys: np.ndarray
 
     def in_fold(self, k):
         return self.fold == k
@@ -130,11 +136,15 @@ def main(argv=None, *, description=None, script=None):
     thr = best_balanced_accuracy_threshold(y_dev, p_oof_int8[d.dev])
     dev_pids = sorted(d.fold_of)
     cs, cl = case_scores(p_oof_int8[d.dev], pat_dev, y_dev, dev_pids)
-    case_thr = sensitivity_first_threshold(cs, cl)
-    case_m = binary_metrics(cl, cs, case_thr, len(dev_pids))
     n_case_neg = int((cl == 0).sum())
-    log(f"patch threshold {thr}, case threshold {case_thr} (case sens {case_m['sensitivity']}, "
-        f"spec {case_m['specificity']} on {n_case_neg} OOF patients without IDC)")
+
+    # the context stage, stacked out of fold on the members' INT8 probabilities (what it sees at run time)
+    context = context_stage(d, p_oof0, p_oof_int8, thr, out, core)
+    patch_thr = context["patch_threshold"]
+    # the case rule: bags of out-of-fold first-stage INT8 probabilities
+    rule, case_thr, case_m = case_rule_step(d, context, p_oof_int8, thr)
+    # the stain limit: out-of-fold AUC of the fold members against a turned haematoxylin
+    stain_limit = stain_limit_step(d, work, core, stain_ref)
 
     cv = cross_validation(d, p_oof0, p_oof8, p_oof_int8, thr, tta)
     quant_cv = quantization_out_of_fold(d, p_oof_fp32, p_oof_int8, thr)
@@ -150,24 +160,31 @@ def main(argv=None, *, description=None, script=None):
                                versions=versions)
     metrics = {
         "threshold_rules": {
-            "patch_threshold": "maximises balanced accuracy of the pooled out-of-fold INT8 probabilities of "
-                               "the fold models (each patient scored by the model that did not train on it); "
-                               "positive if probability >= threshold",
-            "case_threshold": f"PROVISIONAL. Case score = mean of the top-{TOP_K} patch probabilities; case "
-                              f"label = any IDC patch. Highest threshold (4 decimals, rounded down) that flags "
-                              f">= {CASE_MIN_SENSITIVITY:.0%} of the out-of-fold patients that have IDC "
-                              f"(sensitivity-first for triage); only {n_case_neg} patients without "
-                              f"IDC exist to estimate specificity",
+            "patch_threshold": "maximises balanced accuracy of the pooled out-of-fold refined probabilities "
+                               "(context stage stacked out of fold on the fold members' INT8 probabilities, each "
+                               "patient scored by models that did not train on it); positive if >= threshold",
+            "region_threshold": "maximises balanced accuracy of the pooled out-of-fold first-stage INT8 "
+                                "probabilities; the case rule's regions are first-stage cells at or above it",
+            "case_rule": f"among the rules that never fall as tiles arrive (top-{TOP_K} mean, area and mass of "
+                         f"the largest region), the one with the best out-of-fold bag AUC: {rule['choice']}",
+            "case_threshold": f"the highest threshold (4 decimals, rounded down) that flags >= "
+                              f"{CASE_MIN_SENSITIVITY:.0%} of the out-of-fold positive bags (patients with IDC; "
+                              f"sensitivity-first for triage); specificity on the negative bags (each patient "
+                              f"with IDC with its IDC patches removed, and the {n_case_neg} patients without IDC)",
         },
         "cross_validation": cv,
         "baseline_colour_histogram": baseline,
         "quantization_out_of_fold": quant_cv,
         "case_level_out_of_fold": case_m,
+        "case_rules_out_of_fold": rule,
+        "context_stage": context["metrics"],
+        "stain_shift": stain_limit,
         "tta_ablation": {"pooled_oof_auc_no_tta": round(auc0, 4), "pooled_oof_auc_tta": round(auc8, 4),
                          "per_fold_no_tta": per_fold_auc(d, p_oof0), "per_fold_tta": per_fold_auc(d, p_oof8)},
         **shipped_checks,
     }
-    manifest = manifest_header(d, thr, case_thr, stain_ref, stain_angles)
+    manifest = manifest_header(d, patch_thr, case_thr, stain_ref, stain_angles, rule["choice_manifest"], thr,
+                               stain_limit)
     manifest["training"] = training
     manifest["metrics"] = metrics
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
@@ -200,7 +217,8 @@ def load_data(data_dir: Path, seed: int) -> Data:
         log(f"fold {k}: {len(folds[k])} patients ({sum(complete[p] for p in folds[k])} complete), "
             f"{m.sum()} patches, {labels[m].sum()} IDC")
     log(f"reserved (never trained on): {list(RESERVED)}, {res.sum()} patches; channel mean {mean} std {std}")
-    return Data(images, labels, patients, complete, fold_of, folds, fold, dev, res, mean, std)
+    xs, ys = load_coords(data_dir)
+    return Data(images, labels, patients, complete, fold_of, folds, fold, dev, res, mean, std, xs, ys)
 
 
 def run_ablation(args, d: Data, work: Path, command_line: str):
@@ -353,6 +371,113 @@ def quantization_out_of_fold(d: Data, p_oof_fp32, p_oof_int8, thr) -> dict:
     }
 
 
+def _patch_figures(d: Data, p) -> dict:
+    dev = d.dev
+    per = per_fold_auc(d, p)
+    return {"per_fold_auc": per, "auc_mean_sd": summary(per), "pooled_auc": round(auc(d.labels[dev], p[dev]), 4)}
+
+
+def context_stage(d: Data, p_oof0, p_oof_int8, thr, out: Path, core) -> dict:
+    """Fit, check and export the context stage (idc_build/context.py).
+
+    Out of fold first: for each fold, a stage fitted on the other folds' out-of-fold outputs, applied to the
+    held fold; on the FP32 members (for comparing recipes) and on the INT8 members (what ships). Trained on
+    complete slides only, or on every development patient, whichever gives the higher pooled out-of-fold AUC
+    on INT8. The shipped stage is then fitted on all development patients' out-of-fold INT8 outputs of that
+    set and exported (ONNX, OpenVINO IR), and the exported graph is checked against the torch module."""
+    import openvino as ov
+
+    t0 = time.time()
+    cell_map = patient_cells(d.patients, d.xs, d.ys)
+    slides = sorted(p for p in d.fold_of if d.complete[p])
+    metrics = {"rings": RINGS, "complete_slides": len(slides)}
+    refined = {}
+    for name, p in (("fp32", p_oof0), ("int8", p_oof_int8)):
+        t1 = best_balanced_accuracy_threshold(d.labels[d.dev], p[d.dev])
+        metrics[f"first_stage_{name}"] = {**_patch_figures(d, p), "threshold": t1,
+                                          "dice": slide_dice(cell_map, p, d.labels, t1, slides)}
+        for train_on in ("complete", "all"):
+            q, params = stack_out_of_fold(cell_map, p, d.labels, d.fold_of, d.complete, K_FOLDS, train_on)
+            t2 = best_balanced_accuracy_threshold(d.labels[d.dev], q[d.dev])
+            metrics[f"context_{train_on}_{name}"] = {**_patch_figures(d, q), "threshold": t2,
+                                                     "dice": slide_dice(cell_map, q, d.labels, t2, slides)}
+            refined[(name, train_on)] = (q, params, t2)
+            log(f"context stage ({name}, trained on {train_on}): pooled OOF AUC "
+                f"{metrics[f'first_stage_{name}']['pooled_auc']} -> {metrics[f'context_{train_on}_{name}']['pooled_auc']}, "
+                f"Dice {metrics[f'first_stage_{name}']['dice']['mean']} -> "
+                f"{metrics[f'context_{train_on}_{name}']['dice']['mean']}")
+    train_on = max(("complete", "all"), key=lambda t: (metrics[f"context_{t}_int8"]["pooled_auc"], t == "complete"))
+    q, fold_params, patch_thr = refined[("int8", train_on)]
+    pids = [p for p in sorted(d.fold_of) if train_on == "all" or d.complete[p]]
+    params = fit_context(*context_training_set(cell_map, p_oof_int8, d.labels, pids))
+    export_context(params, out / "context.onnx")
+    ov.save_model(ov.convert_model(str(out / "context.onnx")), str(out / "context.xml"), compress_to_fp16=False)
+    compiled = core.compile_model(core.read_model(str(out / "context.xml")), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    worst = 0.0
+    for p in slides[:5]:
+        idx, gx, gy = cell_map[p]
+        ov_out = np.asarray(compiled({0: to_grid(gx, gy, p_oof_int8[idx])})[0])[0, 0][gy, gx]
+        worst = max(worst, float(np.abs(ov_out - apply_context(params, gx, gy, p_oof_int8[idx])).max()))
+    assert worst < 1e-4, f"exported context stage differs from the torch module by {worst}"
+    metrics.update({
+        "trained_on": train_on,
+        "rule": "trained on the complete slides' out-of-fold first-stage outputs, unless training on every "
+                "development patient gives a higher pooled out-of-fold AUC (INT8): chose " + train_on,
+        "shipped_weights": {"mu": np.round(params[0], 6).tolist(), "sd": np.round(params[1], 6).tolist(),
+                            "weight": np.round(params[2], 6).tolist(), "bias": round(params[3], 6)},
+        "max_abs_diff_openvino_vs_torch": float(f"{worst:.2e}"), "seconds": round(time.time() - t0, 1)})
+    return {"metrics": metrics, "patch_threshold": patch_thr, "refined_oof": q, "fold_params": fold_params,
+            "cell_map": cell_map}
+
+
+def case_rule_step(d: Data, context: dict, p_oof_int8, region_thr):
+    """Bag AUC of every case rule on out-of-fold INT8 probabilities; the chosen rule and its threshold."""
+    patients = sorted(d.fold_of)
+    yb, scores = bag_scores(context["cell_map"], p_oof_int8, d.labels, patients, d.fold_of, context["fold_params"],
+                            region_thr, context["patch_threshold"], k=TOP_K)
+    manifest_rule, key, t, chosen = choose_case_rule(yb, scores, CASE_MIN_SENSITIVITY)
+    aucs = rule_aucs(yb, scores)
+    log(f"bag AUC per rule ({len(yb)} bags, {int(yb.sum())} positive): {aucs}; chose {manifest_rule}, threshold {t} "
+        f"(sensitivity {chosen['sensitivity']}, specificity {chosen['specificity']})")
+    top = scores["top15"]
+    t_top = sensitivity_first_threshold(top, yb, CASE_MIN_SENSITIVITY)
+    rule = {"bag_auc": aucs, "bags": int(len(yb)), "positive_bags": int(yb.sum()),
+            "monotone_rules": sorted(MONOTONE_RULES), "choice": key, "choice_manifest": manifest_rule,
+            "chosen": chosen,
+            "top15_at_same_sensitivity_rule": {"threshold": t_top,
+                                               "sensitivity": round(float((top[yb == 1] >= t_top).mean()), 4),
+                                               "specificity": round(float((top[yb == 0] < t_top).mean()), 4)}}
+    return rule, t, chosen
+
+
+def stain_limit_step(d: Data, work: Path, core, stain_ref) -> dict:
+    """The stain-shift curve of the fold members (FP32, no TTA) and the stain-out-of-range limit from it; then
+    every development patient through the appliance's QC with that limit (none may be refused)."""
+    t0 = time.time()
+    dev = d.dev
+    images, labels, patients, folds = d.images[dev], d.labels[dev], d.patients[dev], d.fold[dev]
+    members = [core.compile_model(core.read_model(str(work / f"fold{k}.notta.onnx")), "CPU",
+                                  {"INFERENCE_PRECISION_HINT": "f32"}) for k in range(K_FOLDS)]
+    fits, fallback = patient_fits(images, patients, stain_ref)
+    rows = shift_curve(images, labels, patients, folds, lambda k, x: ov_predict(members[k], x), fits, ANGLES, log)
+    limit, crossed = limit_from_curve(rows)
+    angles = qc_stain_angles(d.images, d.patients, sorted(d.fold_of), stain_ref)
+    judged = {p: a for p, a in angles.items() if a is not None}
+    refused = sorted(p for p, a in judged.items() if max(a) > limit)
+    worst = max((max(a) for a in judged.values()), default=0.0)
+    log(f"stain limit {limit} deg ({'AUC fell by more than' if crossed else 'AUC never fell by'} {MAX_AUC_DROP}); "
+        f"{len(judged)} development patients judged by the QC, worst {worst:.1f} deg, refused {refused}")
+    return {"limit_deg": limit, "crossed": crossed, "max_auc_drop": MAX_AUC_DROP, "curve": rows,
+            "rule": f"the haematoxylin vector of each development patient turned in the H&E plane away from eosin "
+                    f"(models/tools/idc_build/stainshift.py); limit = the angle where the pooled out-of-fold AUC "
+                    f"of the fold members falls by more than {MAX_AUC_DROP} from the unturned data (linear "
+                    f"interpolation, rounded down to 0.5 deg)" + ("" if crossed else
+                    f"; it did not fall that far up to {ANGLES[-1]} deg, so the limit is the largest angle measured"),
+            "development_patients_judged": len(judged), "development_patients_refused": refused,
+            "development_worst_angle_deg": round(worst, 2), "patients_fitted_with_reference": fallback,
+            "seconds": round(time.time() - t0, 1)}
+
+
 def build_shipped(d: Data, members, tta, out: Path, work: Path, core, cal_rng, thr, seed) -> dict:
     """The shipped model: the fold members in one graph -> work/model.pt, model.fp32.onnx, NNCF INT8 IR; then its
     checks (reserved patients, in-sample FP32 vs INT8, non-tissue probes, ONNX Runtime and torch vs OpenVINO).
@@ -483,7 +608,7 @@ def training_record(args, d: Data, command_line, *, tta, auc0, auc8, n_params, t
     }
 
 
-def manifest_header(d: Data, thr, case_thr, stain_ref, stain_angles) -> dict:
+def manifest_header(d: Data, thr, case_thr, stain_ref, stain_angles, case_rule, region_thr, stain_limit) -> dict:
     """The manifest up to "sha256" (the runtime contract, thresholds, stain reference); write_card fills sha256."""
     return {
         "schema_version": 1,
@@ -497,13 +622,19 @@ def manifest_header(d: Data, thr, case_thr, stain_ref, stain_angles) -> dict:
                   "mean": d.mean, "std": d.std},
         "output": {"name": "probability", "kind": "sigmoid-probability-of-positive"},
         "patch": {"size": PATCH, "stride": PATCH, "min_tissue_fraction": 0.25},
-        "decision": {"patch_threshold": thr, "top_k": TOP_K, "case_threshold": case_thr},
+        "decision": {"patch_threshold": thr, "top_k": TOP_K, "case_threshold": case_thr, "case_rule": case_rule,
+                     "region_threshold": region_thr},
         "stain": {"normalisation": "none", "reference": stain_ref.to_dict(),
                   "rule": "reference = Macenko fit of the median development patient (H and E vectors and 99th "
                           "percentile strengths, median over patients); used for the stain QC and, if "
                           "normalisation were 'macenko', as the target. Normalisation is 'none' because "
                           "per-patient Macenko lowered out-of-fold AUC (models/tools/ablations.json).",
-                  "development_angles_deg": stain_angles},
+                  "development_angles_deg": stain_angles,
+                  "max_angle_deg": stain_limit["limit_deg"], "limit_rule": stain_limit["rule"]},
         "files": {"openvino": "model.int8.xml", "openvino_weights": "model.int8.bin", "onnx": "model.fp32.onnx"},
+        "context": {"kind": "patch-grid-refinement", "rings": RINGS, "openvino": "context.xml",
+                    "openvino_weights": "context.bin", "onnx": "context.onnx",
+                    "description": f"logistic regression on ring features (r = 1..{RINGS}) of the first-stage "
+                                   f"logits over the case's patch grid; models/tools/idc_build/context.py"},
         "sha256": {},
     }

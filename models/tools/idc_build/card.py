@@ -29,9 +29,10 @@ def write_card(out: Path):
     split = json.loads((out / "split.json").read_text())
     abl = json.loads(ABLATIONS_FILE.read_text()) if ABLATIONS_FILE.exists() else None
     (out / "MODEL_CARD.md").write_text(model_card(m, split, abl))
-    m["sha256"] = {f: sha256(out / f) for f in
-                   (m["files"]["openvino"], m["files"]["openvino_weights"], m["files"]["onnx"], "split.json",
-                    "MODEL_CARD.md")}
+    files = [m["files"]["openvino"], m["files"]["openvino_weights"], m["files"]["onnx"], "split.json", "MODEL_CARD.md"]
+    if m.get("context"):
+        files += [m["context"]["openvino"], m["context"]["openvino_weights"], m["context"]["onnx"]]
+    m["sha256"] = {f: sha256(out / f) for f in files}
     (out / "manifest.json").write_text(json.dumps(m, indent=2) + "\n")
 
 

@@ -81,3 +81,9 @@ def colour_features(x_u8, bins: int = 16):
         hist = np.bincount(idx.ravel(), minlength=m * 6 * bins).reshape(m, 6 * bins) / (PATCH * PATCH)
         feats.append(np.concatenate([hist, chans.mean(2), chans.std(2)], axis=1))
     return np.concatenate(feats).astype(np.float32)
+
+
+def load_coords(data_dir: Path):
+    """x, y (pixels in the patient's slide) of every patch, in load_patches' order."""
+    rows = sorted(csv.DictReader(open(data_dir / "manifest.csv", newline="")), key=lambda r: r["relpath"])
+    return np.array([int(r["x"]) for r in rows]), np.array([int(r["y"]) for r in rows])

@@ -6,7 +6,7 @@ import numpy as np
 from appliance import metrics as appliance_metrics
 
 TOP_K = 15
-CASE_MIN_SENSITIVITY = 0.95
+CASE_MIN_SENSITIVITY = 0.98
 
 
 def auc(y, p) -> float:

@@ -1,0 +1,127 @@
+"""Out-of-fold stacking of the context stage, region Dice on complete slides, and the case rules on bags.
+
+Every number here is on patients the scoring models never saw: the first stage's out-of-fold probabilities
+(each patient scored by the fold member that did not train on it), and for the context stage, per fold, a
+regression fitted on the other folds' out-of-fold outputs of complete slides and applied to the held fold.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .context import apply_context, cells, fit_context, grid_features
+from .metrics import auc
+
+# appliance's own rules (the build's numbers are the appliance's behaviour)
+from appliance.pipeline.mil import largest_region  # noqa: E402
+
+
+def patient_cells(pid_of, xs, ys):
+    """patient -> (indices, gx, gy) of its patches on its own grid."""
+    out = {}
+    for p in np.unique(pid_of):
+        idx = np.flatnonzero(pid_of == p)
+        gx, gy = cells(xs[idx], ys[idx])
+        out[int(p)] = (idx, gx, gy)
+    return out
+
+
+def context_training_set(cell_map, prob, labels, patients):
+    """Features and labels of the listed patients' cells."""
+    f, y = [], []
+    for p in patients:
+        idx, gx, gy = cell_map[p]
+        f.append(grid_features(gx, gy, prob[idx]))
+        y.append(labels[idx])
+    return np.concatenate(f), np.concatenate(y)
+
+
+def stack_out_of_fold(cell_map, prob, labels, fold_of, complete, k_folds, train_on="complete"):
+    """Refined OOF probabilities: fold k's patients through a context stage fitted on the other folds'
+    patients (complete slides only, or all). Returns (refined, per-fold params)."""
+    refined = np.full(len(prob), np.nan)
+    params = []
+    for k in range(k_folds):
+        train = [p for p, f in fold_of.items() if f != k and (train_on == "all" or complete[p])]
+        f, y = context_training_set(cell_map, prob, labels, train)
+        par = fit_context(f, y)
+        params.append(par)
+        for p in (p for p, f in fold_of.items() if f == k):
+            idx, gx, gy = cell_map[p]
+            refined[idx] = apply_context(par, gx, gy, prob[idx])
+    return refined, params
+
+
+def slide_dice(cell_map, prob, labels, thr, slides) -> dict:
+    """Dice of (probability >= thr) against the IDC patches, per complete slide holding IDC."""
+    per = {}
+    for p in slides:
+        idx = cell_map[p][0]
+        truth = labels[idx] == 1
+        if not truth.any():
+            continue
+        pred = prob[idx] >= thr
+        per[p] = round(float(2 * (pred & truth).sum() / max(1, pred.sum() + truth.sum())), 4)
+    vals = list(per.values())
+    return {"mean": round(float(np.mean(vals)), 4), "sd": round(float(np.std(vals)), 4),
+            "min": round(float(min(vals)), 4), "slides": len(vals), "per_slide": {str(k): v for k, v in per.items()}}
+
+
+def bags(cell_map, labels, patients):
+    """The bag proxy: each patient as a bag (positive if it holds IDC), and each patient with IDC again
+    with its IDC patches removed (negative). Yields (patient, keep mask over its patches, bag label)."""
+    for p in patients:
+        idx = cell_map[p][0]
+        pos = labels[idx] == 1
+        yield p, np.ones(len(idx), bool), int(pos.any())
+        if pos.any() and (~pos).any():
+            yield p, ~pos, 0
+
+
+def top_k_mean(p, k=15):
+    k = max(1, min(k, len(p)))
+    return float(np.sort(p)[-k:].mean())
+
+
+def bag_scores(cell_map, prob, labels, patients, fold_of, params, thr1, thr2, k=15):
+    """Each rule's score of every bag. First-stage rules use prob as is; refined rules re-run the context
+    stage of the bag's fold on the bag's own cells (removing the IDC patches changes their neighbours)."""
+    rules = {"top15": [], "top15_refined": [], "region_area": [], "region_mass": [],
+             "region_area_refined": [], "region_mass_refined": [], "max_refined": []}
+    y = []
+    for p, keep, yb in bags(cell_map, labels, patients):
+        idx, gx, gy = cell_map[p]
+        idx, gx, gy = idx[keep], gx[keep], gy[keep]
+        p1 = prob[idx]
+        p2 = apply_context(params[fold_of[p]], gx, gy, p1)
+        rules["top15"].append(top_k_mean(p1, k))
+        rules["top15_refined"].append(top_k_mean(p2, k))
+        rules["max_refined"].append(float(p2.max()))
+        for name, q, t in (("", p1, thr1), ("_refined", p2, thr2)):
+            area, mass = largest_region(gx, gy, q, t)
+            rules["region_area" + name].append(area)
+            rules["region_mass" + name].append(mass)
+        y.append(yb)
+    y = np.array(y)
+    return y, {n: np.array(v, float) for n, v in rules.items()}
+
+
+def rule_aucs(y, scores) -> dict:
+    return {n: round(auc(y, s), 4) for n, s in scores.items()}
+
+
+MONOTONE_RULES = {"top15": "top-k-mean", "region_area": "largest-region-area", "region_mass": "largest-region-mass"}
+
+
+def choose_case_rule(y, scores, min_sens):
+    """The case rule among those that never fall as tiles arrive (first-stage rules): the best bag AUC.
+    Returns (manifest rule name, bag-score key, threshold, metrics at that threshold)."""
+    from .metrics import sensitivity_first_threshold
+
+    key = max(MONOTONE_RULES, key=lambda n: (auc(y, scores[n]), n))
+    s = scores[key]
+    t = sensitivity_first_threshold(s, y, min_sens)
+    pos, neg = s[y == 1], s[y == 0]
+    return MONOTONE_RULES[key], key, t, {
+        "bag_auc": round(auc(y, s), 4), "threshold": t,
+        "sensitivity": round(float((pos >= t).mean()), 4), "specificity": round(float((neg < t).mean()), 4),
+        "positive_bags": int(len(pos)), "negative_bags": int(len(neg))}
