@@ -47,6 +47,32 @@ def test_engine_refuses_batches_it_cannot_score(ov_engine):
     assert ov_engine.infer(np.zeros((0, 50, 50, 3), dtype=np.uint8)).shape == (0,)
 
 
+def test_both_engines_run_the_same_context_stage(ov_engine, ort_engine):
+    """The context stage (FP32 in both engines) over a real-shaped grid: a tumour-like block beside scattered
+    hot cells. Neighbours lift the block's cells and pull a lone hot cell down."""
+    assert ov_engine.has_context and ort_engine.has_context
+    rng = np.random.default_rng(3)
+    grid = np.zeros((1, 2, 30, 40), np.float32)
+    grid[0, 1, 2:28, 2:38] = 1.0
+    grid[0, 0] = rng.uniform(0.0, 0.2, (30, 40)) * grid[0, 1]
+    grid[0, 0, 10:20, 10:20] = rng.uniform(0.6, 0.95, (10, 10))
+    grid[0, 0, 5, 30] = 0.9  # alone among benign cells
+    r_ov, r_ort = ov_engine.refine(grid), ort_engine.refine(grid)
+    assert r_ov.shape == r_ort.shape == (30, 40)
+    assert np.abs(r_ov - r_ort).max() < 1e-4
+    tissue = grid[0, 1] > 0
+    assert ((r_ov[tissue] >= 0) & (r_ov[tissue] <= 1)).all() and (r_ov[~tissue] == 0).all()
+    assert r_ov[12:18, 12:18].mean() > grid[0, 0, 12:18, 12:18].mean() - 0.05
+    assert r_ov[5, 30] < 0.9 and r_ov[12:18, 12:18].min() > r_ov[5, 30]
+
+
+def test_the_context_stage_refuses_grids_it_cannot_read(ov_engine):
+    with pytest.raises(EngineError, match="float32"):
+        ov_engine.refine(np.zeros((1, 2, 4, 4), np.float64))
+    with pytest.raises(EngineError, match=r"\(1, 2, H, W\)"):
+        ov_engine.refine(np.zeros((1, 3, 4, 4), np.float32))
+
+
 def _copy_model(tmp_path):
     dst = tmp_path / "model"
     shutil.copytree(MODEL_DIR, dst, ignore=shutil.ignore_patterns("work"))
@@ -55,7 +81,8 @@ def _copy_model(tmp_path):
 
 @pytest.mark.parametrize(
     "backend,filename",
-    [("openvino", "model.int8.bin"), ("openvino", "model.int8.xml"), ("onnxruntime", "model.fp32.onnx")],
+    [("openvino", "model.int8.bin"), ("openvino", "model.int8.xml"), ("onnxruntime", "model.fp32.onnx"),
+     ("openvino", "context.bin"), ("openvino", "context.xml"), ("onnxruntime", "context.onnx")],
 )
 def test_tampered_model_file_is_refused_naming_file_and_hash(tmp_path, backend, filename):
     model = _copy_model(tmp_path)

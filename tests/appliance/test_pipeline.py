@@ -7,6 +7,7 @@ import shutil
 import time
 
 import numpy as np
+import pytest
 import tifffile
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -15,7 +16,7 @@ from PIL import Image
 from appliance.pipeline import TriageSession
 from appliance.pipeline.grid import PatchGrid
 from appliance.pipeline.heatmap import Heatmap, regions, ring_area
-from appliance.pipeline.mil import TopKMean
+from appliance.pipeline.mil import TopKMean, case_score
 from appliance.pipeline.mosaic import Mosaic
 from appliance.pipeline.patches import pad_to
 from appliance.pipeline.resample import resample_tile, scale_factor
@@ -186,6 +187,44 @@ def test_early_call_is_final_whatever_follows(ov_engine, demo_image):
     assert r.verdict == "suspicious" and r.early_positive and r.score >= called_at >= r.threshold
     assert len(calls) == 1
     assert "out-of-focus" in [w.code for w in r.warnings]  # later QC findings are reported, not a reversal
+
+
+def test_the_context_stage_redraws_patches_and_heatmap_while_the_call_stays_on_the_first_stage(ov_engine,
+                                                                                                 demo_image):
+    """On the real slide: every patch keeps its first-stage probability beside the refined one; the heatmap
+    holds the refined ones; the case score is the case rule on the first-stage ones (what the early call saw)."""
+    m = ov_engine.manifest
+    image = demo_image[:1000, :1500]
+    r = run_session(ov_engine, image, tile=250)
+    first = np.array([p.first_stage for p in r.patches], dtype=float)
+    refined = np.array([p.probability for p in r.patches])
+    assert len(r.patches) > 100 and not np.isnan(first).any()
+    assert (np.abs(first - refined) > 1e-3).mean() > 0.5  # the stage changes most patches
+    gx = np.array([p.x // m.patch.stride for p in r.patches])
+    gy = np.array([p.y // m.patch.stride for p in r.patches])
+    assert r.case_rule == m.decision.case_rule
+    assert r.score == pytest.approx(case_score(m.decision.case_rule, m.decision.top_k, m.decision.region_threshold,
+                                               gx, gy, first), abs=1e-6)
+    d = r.to_dict()
+    assert d["patches"][0]["first_stage"] == r.patches[0].first_stage
+    TriageSummary.model_validate(d | {"input": "x", "skipped_inputs": []})
+    # the top patches are the highest refined ones
+    assert [p["probability"] for p in d["top_patches"]] == sorted(refined, reverse=True)[: r.top_k]
+
+
+def test_the_heatmap_carries_the_refined_probabilities(ov_engine, demo_image):
+    image = demo_image[:600, :800]
+    session = TriageSession(ov_engine, height=image.shape[0], width=image.shape[1])
+    try:
+        for t in tiles_from_image(image, 200):
+            session.add_tile(t.x, t.y, np.ascontiguousarray(t.pixels))
+        r = session.finish()
+        heat = session.heatmap.average()
+    finally:
+        session.close()
+    size = ov_engine.manifest.patch.size
+    for p in r.patches:
+        assert heat[p.y // size, p.x // size] == pytest.approx(p.probability, abs=1e-6)
 
 
 @settings(max_examples=300, deadline=None)

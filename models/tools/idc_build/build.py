@@ -114,6 +114,8 @@ def main(argv=None, *, description=None, script=None):
 
     # one model per fold, trained on the other folds; out-of-fold predictions without and with TTA
     members, histories, train_secs, p_oof0, p_oof8, reused = train_fold_members(args, d, work, stain_ref.he)
+    if not reused:  # the trained members and their record, before any later step can fail
+        save_members(work, members, d, args, histories, train_secs, time.time() - t_start)
     n_params = sum(p.numel() for p in members[0].parameters())
     write_default_ablation(work, d, args.epochs, p_oof0, p_oof8, train_secs, n_params)
     auc0, auc8 = auc(d.labels[d.dev], p_oof0[d.dev]), auc(d.labels[d.dev], p_oof8[d.dev])
@@ -152,6 +154,7 @@ def main(argv=None, *, description=None, script=None):
         f"quantization {quant_cv}")
 
     shipped_checks = build_shipped(d, members, tta, out, work, core, cal_rng, thr, args.seed)
+    shipped_checks["shipped_reserved_context"] = reserved_context_check(d, out, core, context, rule, case_thr, thr)
 
     write_split(out, d, args.seed)
     wall = time.time() - t_start
@@ -280,7 +283,7 @@ def train_fold_members(args, d: Data, work: Path, stain_he):
     if args.reuse_members:
         ck = torch.load(args.reuse_members, map_location="cpu")
         assert ck["mean"] == d.mean and ck["std"] == d.std, "reused members were trained on other data"
-        reused = json.loads((args.reuse_members.parent.parent / "manifest.json").read_text())["training"]
+        reused = reused_record(args.reuse_members)
         assert reused["seed"] == args.seed and reused["epochs"] == args.epochs
         assert reused.get("augmentation", AUGMENTATIONS["hsv"]) == AUGMENTATIONS[args.aug], "other augmentation"
         shipped_prev = build_model(d.mean, d.std)
@@ -301,6 +304,26 @@ def train_fold_members(args, d: Data, work: Path, stain_he):
         np.savez(work / f"ablation-default-fold{k}.npz", p0=p_oof0[va], p8=p_oof8[va], y=d.labels[va])
         log(f"fold {k}: OOF AUC {auc(d.labels[va], p_oof0[va]):.4f}, with TTA {auc(d.labels[va], p_oof8[va]):.4f}")
     return members, histories, train_secs, p_oof0, p_oof8, reused
+
+
+def save_members(work: Path, members, d: Data, args, histories, train_secs, wall):
+    """work/members.pt (the fold members, loadable with --reuse-members) and work/training.json (their record)."""
+    import torch
+
+    _, Shipped = _classes()
+    torch.save({"model": Shipped(members, False).state_dict(), "mean": d.mean, "std": d.std}, work / "members.pt")
+    (work / "training.json").write_text(json.dumps({
+        "seed": args.seed, "epochs": args.epochs, "augmentation": AUGMENTATIONS[args.aug], "history": histories,
+        "train_seconds_per_fold": train_secs, "wall_seconds": wall, "complete_build": False}, indent=1) + "\n")
+
+
+def reused_record(path: Path) -> dict:
+    """The training record of the build whose members --reuse-members loads: its manifest when that build
+    finished (wall = the whole build), else its work/training.json (wall = up to the end of training)."""
+    manifest = path.parent.parent / "manifest.json"
+    if manifest.exists():
+        return json.loads(manifest.read_text())["training"] | {"complete_build": True}
+    return json.loads((path.parent / "training.json").read_text())
 
 
 def write_default_ablation(work, d: Data, epochs, p_oof0, p_oof8, train_secs, n_params):
@@ -428,6 +451,33 @@ def context_stage(d: Data, p_oof0, p_oof_int8, thr, out: Path, core) -> dict:
         "max_abs_diff_openvino_vs_torch": float(f"{worst:.2e}"), "seconds": round(time.time() - t0, 1)})
     return {"metrics": metrics, "patch_threshold": patch_thr, "refined_oof": q, "fold_params": fold_params,
             "cell_map": cell_map}
+
+
+def reserved_context_check(d: Data, out: Path, core, context, rule, case_thr, region_thr) -> dict:
+    """The shipped graph (INT8) and context stage on the reserved patients (never trained on): patch AUC and
+    Dice before and after the context stage, and the case score under the chosen rule."""
+    from appliance.pipeline.mil import case_score
+
+    int8_c = core.compile_model(core.read_model(str(out / "model.int8.xml")), "CPU")
+    ctx_c = core.compile_model(core.read_model(str(out / "context.xml")), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    res = {}
+    for pid in RESERVED:
+        idx, gx, gy = context["cell_map"][pid]
+        p1 = ov_predict(int8_c, d.images[idx]).astype(np.float64)
+        p2 = np.asarray(ctx_c({0: to_grid(gx, gy, p1)})[0])[0, 0][gy, gx].astype(np.float64)
+        y = d.labels[idx]
+
+        def dice(p, t):
+            pred, truth = p >= t, y == 1
+            return round(float(2 * (pred & truth).sum() / max(1, pred.sum() + truth.sum())), 4)
+
+        score = case_score(rule["choice_manifest"], TOP_K, region_thr, gx, gy, p1)
+        res[str(pid)] = {"patches": int(len(idx)), "idc_patches": int(y.sum()),
+                         "auc_first_stage": round(auc(y, p1), 4), "auc_refined": round(auc(y, p2), 4),
+                         "dice_first_stage": dice(p1, region_thr), "dice_refined": dice(p2, context["patch_threshold"]),
+                         "case_score": round(score, 4), "flagged": bool(score >= case_thr)}
+    log(f"reserved patients, shipped graph + context stage: {res}")
+    return res
 
 
 def case_rule_step(d: Data, context: dict, p_oof_int8, region_thr):
@@ -598,11 +648,14 @@ def training_record(args, d: Data, command_line, *, tta, auc0, auc8, n_params, t
         "quantization": f"NNCF {versions['nncf']} post-training quantization of the OpenVINO IR, "
                         f"{N_CALIBRATION} calibration patches drawn from training patients",
         "train_seconds_per_fold": [round(s, 1) for s in train_secs],
-        "wall_seconds": round(wall, 1) if not reused else round(reused["wall_seconds"], 1),
+        "wall_seconds": round(wall, 1) if not reused else round(reused["wall_seconds"] + (
+            0 if reused.get("complete_build") else wall), 1),
         "wall_seconds_note": "one full `make model` run on 2 cores" if not reused else
+        f"training {reused['wall_seconds'] / 60:.1f} min (a build stopped after training) plus the steps after "
+        f"training re-run with --reuse-members in {wall / 60:.1f} min" if not reused.get("complete_build") else
         f"from the full build whose members were reused (its wall time, measured with /usr/bin/time: "
         f"{reused['wall_seconds'] / 60:.1f} min); the post-training steps were then re-run with --reuse-members "
-        f"in {wall / 60:.1f} min after the quantization fix",
+        f"in {wall / 60:.1f} min",
         "history": histories,
         "versions": versions,
     }
