@@ -137,10 +137,10 @@ class OpenVINOEngine(Engine):
         self._context = None
         if manifest.context is not None:  # tiny FP32 graph over the grid, dynamic height and width
             c = manifest.context
+            graph = read_verified(model_dir, c.openvino, manifest)
+            ctx_weights = read_verified(model_dir, c.openvino_weights, manifest)
             try:
-                cm = core.read_model(model=read_verified(model_dir, c.openvino, manifest),
-                                     weights=ov.Tensor(np.frombuffer(read_verified(model_dir, c.openvino_weights,
-                                                                                   manifest), dtype=np.uint8)))
+                cm = core.read_model(model=graph, weights=ov.Tensor(np.frombuffer(ctx_weights, dtype=np.uint8)))
                 self._context = core.compile_model(cm, "CPU", {"INFERENCE_PRECISION_HINT": "f32",
                                                                "PERFORMANCE_HINT": "LATENCY"})
             except RuntimeError as exc:
@@ -185,9 +185,9 @@ class OnnxRuntimeEngine(Engine):
         self._context = None
         if manifest.context is not None:
             c = manifest.context
+            graph = read_verified(model_dir, c.onnx, manifest)
             try:
-                self._context = ort.InferenceSession(read_verified(model_dir, c.onnx, manifest), sess_options=opts,
-                                                     providers=["CPUExecutionProvider"])
+                self._context = ort.InferenceSession(graph, sess_options=opts, providers=["CPUExecutionProvider"])
             except Exception as exc:  # as above
                 raise EngineError(f"ONNX Runtime could not load {self.model_dir / c.onnx}: {exc}") from None
 
