@@ -52,6 +52,7 @@ class DecisionSpec(_Strict):
     patch_threshold: float = Field(ge=0, le=1)
     top_k: int = Field(gt=0)
     case_threshold: float = Field(ge=0)
+    min_patches: int = Field(default=15, gt=0)  # fewer tissue patches than this: cannot call, too little tissue
     # the case score: the mean of the top-k first-stage probabilities, or the area (cells) or mass (summed
     # probability) of the largest 4-connected region of first-stage probabilities >= region_threshold
     case_rule: Literal[CASE_RULES] = "top-k-mean"

@@ -152,6 +152,7 @@ class TriageSession:
         self.scale = scale_factor(scanner_mpp, self.mpp)
         self.origin = origin
         self.mil = TopKMean(m.decision.top_k)
+        self.min_patches = m.decision.min_patches  # fewer tissue patches than this: too little tissue to call
         self.case_rule = m.decision.case_rule
         # the region rule's figures, on first-stage probabilities (they only ever grow: see LargestRegion)
         self.region = LargestRegion(m.decision.region_threshold) if self.case_rule != "top-k-mean" else None
@@ -340,7 +341,7 @@ class TriageSession:
         """The early positive at each tile N whose patches are all folded, first N first."""
         while self._checkpoints and self._checkpoints[0].patches <= self._folded:
             cp = self._checkpoints.popleft()
-            if (not self.early_positive and cp.qc_clean and self.mil.full
+            if (not self.early_positive and cp.qc_clean and cp.patches >= self.min_patches and self.mil.full
                     and self.score >= self.threshold):
                 self.early_positive_after_tiles = cp.tile
                 self.on_event("early-positive", {"score": round(self.score, 6), "tiles": cp.tile})
@@ -434,9 +435,9 @@ class TriageSession:
             return [Reason("no-tissue", f"No tissue was found in {self.tiles} tiles ({self.patches_seen} "
                                         f"patches): blank or empty slide; check the slide and rescan.")]
         out = self.qc.reasons()
-        if not self.mil.full:
+        if len(self._scores) < self.min_patches:
             out.append(Reason("too-little-tissue",
-                              f"Only {len(self._scores)} tissue patches were found; at least {self.mil.k} are "
+                              f"Only {len(self._scores)} tissue patches were found; at least {self.min_patches} are "
                               f"needed for a call. Check the core is on the slide and rescan."))
         return out
 

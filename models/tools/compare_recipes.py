@@ -25,14 +25,19 @@ sys.path.insert(0, str(ROOT / "models" / "tools"))
 sys.path.insert(0, str(ROOT))
 
 from evaluate_aggregation import evaluate  # noqa: E402
-from idc_build.stacking import MONOTONE_RULES  # noqa: E402
 
-RULE_KEY = {v: k for k, v in MONOTONE_RULES.items()}
+
+def rule_key(decision: dict) -> str:
+    """The bag-score key (idc_build.stacking.bag_scores) of a manifest's case rule."""
+    rule = decision.get("case_rule", "top-k-mean")
+    if rule == "top-k-mean":
+        return f"top{decision['top_k']}"
+    return {"largest-region-area": "region_area", "largest-region-mass": "region_mass"}[rule]
 
 
 def shipped_figures(res: dict, manifest: dict) -> dict:
     ctx = manifest.get("metrics", {}).get("context_stage")
-    rule = RULE_KEY[manifest["decision"].get("case_rule", "top-k-mean")]
+    rule = rule_key(manifest["decision"])
     block = res[f"context_{ctx['trained_on']}"] if ctx else res["first_stage"]
     return {"stage": f"context ({ctx['trained_on']})" if ctx else "first stage", "case_rule": rule,
             "pooled_auc": block["pooled_auc"], "auc_mean": block["auc_mean_sd"]["mean"],

@@ -23,7 +23,7 @@ from .metrics import (CASE_MIN_SENSITIVITY, TOP_K, auc, best_balanced_accuracy_t
                       case_scores, sensitivity_first_threshold, summary)
 from .network import ARCHITECTURE, TTA_MIN_GAIN, _classes, build_model
 from .split import K_FOLDS, fold_split
-from .stacking import (MONOTONE_RULES, bag_scores, choose_case_rule, context_training_set, patient_cells, rule_aucs,
+from .stacking import (BAG_KS, MONOTONE_RULES, bag_scores, choose_case_rule, context_training_set, patient_cells, rule_aucs,
                        slide_dice, stack_out_of_fold)
 from .stain import macenko_per_patient, stain_reference
 from .stainshift import ANGLES, MAX_AUC_DROP, limit_from_curve, patient_fits, qc_stain_angles, shift_curve
@@ -31,6 +31,7 @@ from .training import (ABLATION_VARIANTS, AUGMENTATIONS, BATCH_SIZE, EMA_DECAY, 
                        train_member)
 
 VERSION = "0.4.0"
+MIN_PATCHES = 15  # fewer tissue patches in a case: too little tissue to call (the top-15 rule's old minimum)
 SCRIPT = Path(__file__).resolve().parents[1] / "build_idc_model.py"  # the command line that calls main()
 METRIC_KEYS = ("auc", "balanced_accuracy", "f1", "sensitivity", "specificity")  # summarised as mean ± sd
 
@@ -168,8 +169,9 @@ def main(argv=None, *, description=None, script=None):
                                "patient scored by models that did not train on it); positive if >= threshold",
             "region_threshold": "maximises balanced accuracy of the pooled out-of-fold first-stage INT8 "
                                 "probabilities; the case rule's regions are first-stage cells at or above it",
-            "case_rule": f"among the rules that never fall as tiles arrive (top-{TOP_K} mean, area and mass of "
-                         f"the largest region), the one with the best out-of-fold bag AUC: {rule['choice']}",
+            "case_rule": f"among the rules that never fall as tiles arrive (the mean of the top k first-stage "
+                         f"probabilities for k in {list(BAG_KS)}, the area and the mass of the largest region), the "
+                         f"one with the best out-of-fold bag AUC (ties: top-{TOP_K}): {rule['choice']}",
             "case_threshold": f"the highest threshold (4 decimals, rounded down) that flags >= "
                               f"{CASE_MIN_SENSITIVITY:.0%} of the out-of-fold positive bags (patients with IDC; "
                               f"sensitivity-first for triage); specificity on the negative bags (each patient "
@@ -186,8 +188,8 @@ def main(argv=None, *, description=None, script=None):
                          "per_fold_no_tta": per_fold_auc(d, p_oof0), "per_fold_tta": per_fold_auc(d, p_oof8)},
         **shipped_checks,
     }
-    manifest = manifest_header(d, patch_thr, case_thr, stain_ref, stain_angles, rule["choice_manifest"], thr,
-                               stain_limit)
+    manifest = manifest_header(d, patch_thr, case_thr, stain_ref, stain_angles, rule["case_rule"], rule["top_k"],
+                               thr, stain_limit)
     manifest["training"] = training
     manifest["metrics"] = metrics
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
@@ -471,7 +473,7 @@ def reserved_context_check(d: Data, out: Path, core, context, rule, case_thr, re
             pred, truth = p >= t, y == 1
             return round(float(2 * (pred & truth).sum() / max(1, pred.sum() + truth.sum())), 4)
 
-        score = case_score(rule["choice_manifest"], TOP_K, region_thr, gx, gy, p1)
+        score = case_score(rule["case_rule"], rule["top_k"], region_thr, gx, gy, p1)
         res[str(pid)] = {"patches": int(len(idx)), "idc_patches": int(y.sum()),
                          "auc_first_stage": round(auc(y, p1), 4), "auc_refined": round(auc(y, p2), 4),
                          "dice_first_stage": dice(p1, region_thr), "dice_refined": dice(p2, context["patch_threshold"]),
@@ -485,14 +487,15 @@ def case_rule_step(d: Data, context: dict, p_oof_int8, region_thr):
     patients = sorted(d.fold_of)
     yb, scores = bag_scores(context["cell_map"], p_oof_int8, d.labels, patients, d.fold_of, context["fold_params"],
                             region_thr, context["patch_threshold"], k=TOP_K)
-    manifest_rule, key, t, chosen = choose_case_rule(yb, scores, CASE_MIN_SENSITIVITY)
+    (manifest_rule, k), key, t, chosen = choose_case_rule(yb, scores, CASE_MIN_SENSITIVITY)
     aucs = rule_aucs(yb, scores)
     log(f"bag AUC per rule ({len(yb)} bags, {int(yb.sum())} positive): {aucs}; chose {manifest_rule}, threshold {t} "
         f"(sensitivity {chosen['sensitivity']}, specificity {chosen['specificity']})")
     top = scores["top15"]
     t_top = sensitivity_first_threshold(top, yb, CASE_MIN_SENSITIVITY)
     rule = {"bag_auc": aucs, "bags": int(len(yb)), "positive_bags": int(yb.sum()),
-            "monotone_rules": sorted(MONOTONE_RULES), "choice": key, "choice_manifest": manifest_rule,
+            "monotone_rules": sorted(MONOTONE_RULES), "choice": key, "case_rule": manifest_rule,
+            "top_k": k or TOP_K,
             "chosen": chosen,
             "top15_at_same_sensitivity_rule": {"threshold": t_top,
                                                "sensitivity": round(float((top[yb == 1] >= t_top).mean()), 4),
@@ -661,7 +664,8 @@ def training_record(args, d: Data, command_line, *, tta, auc0, auc8, n_params, t
     }
 
 
-def manifest_header(d: Data, thr, case_thr, stain_ref, stain_angles, case_rule, region_thr, stain_limit) -> dict:
+def manifest_header(d: Data, thr, case_thr, stain_ref, stain_angles, case_rule, top_k, region_thr,
+                    stain_limit) -> dict:
     """The manifest up to "sha256" (the runtime contract, thresholds, stain reference); write_card fills sha256."""
     return {
         "schema_version": 1,
@@ -675,8 +679,8 @@ def manifest_header(d: Data, thr, case_thr, stain_ref, stain_angles, case_rule, 
                   "mean": d.mean, "std": d.std},
         "output": {"name": "probability", "kind": "sigmoid-probability-of-positive"},
         "patch": {"size": PATCH, "stride": PATCH, "min_tissue_fraction": 0.25},
-        "decision": {"patch_threshold": thr, "top_k": TOP_K, "case_threshold": case_thr, "case_rule": case_rule,
-                     "region_threshold": region_thr},
+        "decision": {"patch_threshold": thr, "top_k": top_k, "case_threshold": case_thr, "case_rule": case_rule,
+                     "region_threshold": region_thr, "min_patches": MIN_PATCHES},
         "stain": {"normalisation": "none", "reference": stain_ref.to_dict(),
                   "rule": "reference = Macenko fit of the median development patient (H and E vectors and 99th "
                           "percentile strengths, median over patients); used for the stain QC and, if "

@@ -82,24 +82,27 @@ def top_k_mean(p, k=15):
     return float(np.sort(p)[-k:].mean())
 
 
+BAG_KS = (1, 3, 5, 10, 15)
+
+
 def bag_scores(cell_map, prob, labels, patients, fold_of, params, thr1, thr2, k=15):
     """Each rule's score of every bag. First-stage rules use prob as is; refined rules re-run the context
-    stage of the bag's fold on the bag's own cells (removing the IDC patches changes their neighbours)."""
-    rules = {"top15": [], "top15_refined": [], "region_area": [], "region_mass": [],
-             "region_area_refined": [], "region_mass_refined": [], "max_refined": []}
+    stage of the bag's fold on the bag's own cells (removing the IDC patches changes their neighbours).
+    Rules: top-k mean (k in BAG_KS; "top15" is the 0.3.0 rule) and the largest region's area and mass, each on
+    first-stage and on refined probabilities."""
+    rules = {}
     y = []
     for p, keep, yb in bags(cell_map, labels, patients):
         idx, gx, gy = cell_map[p]
         idx, gx, gy = idx[keep], gx[keep], gy[keep]
         p1 = prob[idx]
         p2 = apply_context(params[fold_of[p]], gx, gy, p1)
-        rules["top15"].append(top_k_mean(p1, k))
-        rules["top15_refined"].append(top_k_mean(p2, k))
-        rules["max_refined"].append(float(p2.max()))
         for name, q, t in (("", p1, thr1), ("_refined", p2, thr2)):
+            for kk in BAG_KS:
+                rules.setdefault(f"top{kk}{name}", []).append(top_k_mean(q, kk))
             area, mass = largest_region(gx, gy, q, t)
-            rules["region_area" + name].append(area)
-            rules["region_mass" + name].append(mass)
+            rules.setdefault("region_area" + name, []).append(area)
+            rules.setdefault("region_mass" + name, []).append(mass)
         y.append(yb)
     y = np.array(y)
     return y, {n: np.array(v, float) for n, v in rules.items()}
@@ -109,15 +112,18 @@ def rule_aucs(y, scores) -> dict:
     return {n: round(auc(y, s), 4) for n, s in scores.items()}
 
 
-MONOTONE_RULES = {"top15": "top-k-mean", "region_area": "largest-region-area", "region_mass": "largest-region-mass"}
+# the rules that never fall as tiles arrive (first-stage probabilities) -> (manifest case_rule, top_k)
+MONOTONE_RULES = {**{f"top{k}": ("top-k-mean", k) for k in BAG_KS},
+                  "region_area": ("largest-region-area", None), "region_mass": ("largest-region-mass", None)}
 
 
 def choose_case_rule(y, scores, min_sens):
-    """The case rule among those that never fall as tiles arrive (first-stage rules): the best bag AUC.
-    Returns (manifest rule name, bag-score key, threshold, metrics at that threshold)."""
+    """The case rule among those that never fall as tiles arrive (first-stage rules): the best bag AUC (ties:
+    the simpler rule, top-15 first). Returns ((manifest rule name, top_k), bag-score key, threshold, metrics)."""
     from .metrics import sensitivity_first_threshold
 
-    key = max(MONOTONE_RULES, key=lambda n: (auc(y, scores[n]), n))
+    order = ["top15"] + [n for n in MONOTONE_RULES if n != "top15"]
+    key = max(order, key=lambda n: (round(auc(y, scores[n]), 4), -order.index(n)))
     s = scores[key]
     t = sensitivity_first_threshold(s, y, min_sens)
     pos, neg = s[y == 1], s[y == 0]
