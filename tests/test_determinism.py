@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -37,7 +38,7 @@ from tests.images import stain_turned
 
 # What must not change between runs (timings and the input's name may).
 DECISION = ("verdict", "score", "threshold", "patch_threshold", "reasons", "warnings", "qc", "early_positive",
-            "early_positive_after_tiles", "tiles", "patches_seen", "patches", "top_patches")
+            "early_positive_after_tiles", "tiles", "patches_seen", "patches", "top_patches", "case_rule")
 
 
 def decision(result: dict) -> str:
@@ -129,37 +130,53 @@ def _triage_region(engine, tiles, batch: int, scorer=None) -> tuple[dict, list[d
         session.close()
 
 
-@pytest.fixture(scope="module")
-def unstained_engine(tmp_path_factory):
+def _model_copy(tmp_path_factory, **decision) -> Path:
     """The committed model without its stain reference, so that no stain judgement holds the early call back
-    and the tile it is made after depends on the patch scores alone."""
+    and the tile it is made after depends on the patch scores alone; decision fields replaced as given."""
     model = tmp_path_factory.mktemp("model") / "idc-resnet"
-    shutil.copytree(MODEL_DIR, model)
+    shutil.copytree(MODEL_DIR, model, ignore=shutil.ignore_patterns("work"))
     manifest = json.loads((model / "manifest.json").read_text())
     manifest["stain"]["reference"] = None
+    manifest["decision"].update(decision)
     (model / "manifest.json").write_text(json.dumps(manifest))
-    return load_engine(model, "openvino")
+    return model
 
 
-@pytest.fixture(scope="module")
-def region(demo_image, unstained_engine):
-    """The lower 1,200 rows of the demo slide scanned bottom row first: benign-looking tissue, then tumour, so the
-    top-k mean crosses the threshold gradually and the tile it crosses at depends on exactly which patches are
-    in; and the call made the plain way."""
-    tiles = list(tiles_from_image(np.ascontiguousarray(demo_image[800:2000]), 200))[::-1]
-    want, calls = _triage_region(unstained_engine, tiles, 64)
+def _bottom_up(demo_image):
+    """The lower 1,200 rows of the demo slide scanned bottom row first: benign-looking tissue, then tumour, so
+    the case score crosses the threshold gradually and the tile it crosses at depends on exactly which patches
+    are in."""
+    return list(tiles_from_image(np.ascontiguousarray(demo_image[800:2000]), 200))[::-1]
+
+
+@pytest.fixture(scope="module", params=["shipped rule", "largest-region-mass", "largest-region-area"])
+def region(request, demo_image, tmp_path_factory):
+    """(engine, tiles, the call made the plain way) for the shipped case rule and for each region rule (a model
+    copy whose case threshold is half the region's final size, so the crossing comes mid-scan)."""
+    tiles = _bottom_up(demo_image)
+    if request.param == "shipped rule":
+        engine = load_engine(_model_copy(tmp_path_factory), "openvino")
+    else:
+        base = load_engine(MODEL_DIR, "openvino").manifest.decision
+        region_threshold = base.region_threshold if base.region_threshold is not None else base.patch_threshold
+        probe = load_engine(_model_copy(tmp_path_factory, case_rule=request.param, case_threshold=1e9,
+                                        region_threshold=region_threshold), "openvino")
+        final, _ = _triage_region(probe, tiles, 64)
+        assert final["case_rule"] == request.param and final["score"] > 2
+        engine = load_engine(_model_copy(tmp_path_factory, case_rule=request.param, case_threshold=final["score"] / 2,
+                                         region_threshold=region_threshold), "openvino")
+    want, calls = _triage_region(engine, tiles, 64)
     assert want["early_positive"] and want["early_positive_after_tiles"] < len(tiles) and len(calls) == 1
-    return tiles, want
+    return engine, tiles, want
 
 
 @settings(max_examples=25, deadline=None)
 @given(batch=st.sampled_from([1, 5, 16, 64, 256]), releases=st.lists(st.integers(0, 3), min_size=1, max_size=30),
        seed=st.integers(0, 2**16))
-def test_the_early_call_is_the_same_tile_and_final_whatever_order_results_come_back_in(region, unstained_engine,
-                                                                                      batch, releases, seed):
-    tiles, want = region
-    got, calls = _triage_region(unstained_engine, tiles, batch,
-                                lambda inner: ShuffledScorer(inner, releases, seed))
+def test_the_early_call_is_the_same_tile_and_final_whatever_order_results_come_back_in(region, batch, releases,
+                                                                                      seed):
+    engine, tiles, want = region
+    got, calls = _triage_region(engine, tiles, batch, lambda inner: ShuffledScorer(inner, releases, seed))
     assert decision(got) == decision(want)
     # announced once, for the tile it was earned on, and final: the case's score never fell below it
     assert len(calls) == 1 and calls[0]["tiles"] == got["early_positive_after_tiles"]
