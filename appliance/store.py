@@ -86,6 +86,11 @@ def _warnings_patch_threshold(db: sqlite_utils.Database) -> None:
     db["cases"].add_column("patch_threshold", float)
 
 
+@migrations(name="0004_case_rule")
+def _case_rule(db: sqlite_utils.Database) -> None:
+    db["cases"].add_column("case_rule", str)
+
+
 CASE_STATUSES = ("receiving", "processing", "done", "cannot-call", "failed", "abandoned")
 
 
@@ -209,6 +214,7 @@ class CaseStore:
             "reasons": json.dumps(result["reasons"]),
             "warnings": json.dumps(result["warnings"]),
             "patch_threshold": result["patch_threshold"],
+            "case_rule": result.get("case_rule"),
             "patches_scored": len(result["patches"]),
             "early_positive": int(result["early_positive"]),
             "early_positive_after_tiles": result["early_positive_after_tiles"],

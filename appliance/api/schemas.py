@@ -31,6 +31,7 @@ class CasePublic(BaseModel):
     score: float | None = None
     threshold: float | None = None
     patch_threshold: float | None = None
+    case_rule: str | None = None  # how score was made from the patches (the model's decision.case_rule)
     reasons: list[ReasonPublic] = []
     warnings: list[ReasonPublic] = []  # QC findings after an early call: reported, never dropped
     early_positive: bool | None = None

@@ -16,6 +16,11 @@ from ..render import decode_png, halfblocks, heat_over_tissue, legend, patch_row
 from ..widgets import Picture, chrome
 from .signoff import SignOffDialog
 
+# how a case's score was made (the model's decision.case_rule, stored with the case)
+RULE_WORDS = {"top-k-mean": "mean of the top patch probabilities",
+              "largest-region-area": "cells in the largest suspicious region",
+              "largest-region-mass": "summed probability of the largest suspicious region"}
+
 
 class CaseScreen(Screen):
     """The verdict card: the call in words and colour, why, what to do, the heatmap and the top tiles."""
@@ -80,7 +85,7 @@ class CaseScreen(Screen):
         score = c.get("score")
         facts = [f"Case {c['id']}   specimen {c.get('specimen_id') or '-'}   status {c['status']}"]
         if score is not None:
-            facts.append(f"Score {score:.3f} (mean of the top patch probabilities)   threshold "
+            facts.append(f"Score {score:.3f} ({RULE_WORDS.get(c.get('case_rule'), 'case score')})   threshold "
                          f"{c.get('threshold') or 0:.3f}   {c.get('patches_scored') or 0} tissue patches scored")
         if c.get("early_positive"):
             facts.append(f"Called early: after {c.get('early_positive_after_tiles')} of "
