@@ -89,13 +89,18 @@ def _context_section(m: dict) -> str:
                     f"{r['dice']['mean']:.4f} (min {r['dice']['min']:.2f}) |")
     rule = mt["case_rules_out_of_fold"]
     ch = rule["chosen"]
-    names = {"top15": "top-15 mean (0.3.0)", "top15_refined": "top-15 mean of refined", "region_area":
-             "largest region, area", "region_mass": "largest region, mass (sum of probabilities)",
-             "region_area_refined": "largest refined region, area", "region_mass_refined":
-             "largest refined region, mass", "max_refined": "max refined"}
-    bag_rows = "\n".join(f"| {names.get(k, k)} | {v:.4f} | {'yes' if k in rule['monotone_rules'] else 'no'} |"
+    def name(key):
+        refined = key.endswith("_refined")
+        base = key.removesuffix("_refined")
+        words = (f"top-{base[3:]} mean" + (" (0.3.0)" if base == "top15" and not refined else "")
+                 if base.startswith("top") else {"region_area": "largest region, area",
+                                                 "region_mass": "largest region, mass (sum of probabilities)"}.get(base, base))
+        return words + (", refined probabilities" if refined else ", first stage")
+
+    bag_rows = "\n".join(f"| {name(k)} | {v:.4f} | {'yes' if k in rule['monotone_rules'] else 'no'} |"
                          for k, v in rule["bag_auc"].items())
     t15 = rule["top15_at_same_sensitivity_rule"]
+    chosen_words = d["case_rule"] + (f" with k = {d['top_k']}" if d["case_rule"] == "top-k-mean" else "")
     st = mt["stain_shift"]
     curve = "\n".join(f"| {r['angle_deg']:.0f} | {r['pooled_auc']:.4f} | {r['pooled_auc'] - st['curve'][0]['pooled_auc']:+.4f} | "
                       f"{' / '.join(f'{a:.4f}' for a in r['fold_auc'])} |" for r in st["curve"])
@@ -129,7 +134,7 @@ patient, positive if it holds IDC, and every patient with IDC again with its IDC
 |---|---:|---|
 {bag_rows}
 
-Chosen: **{d['case_rule']}** ({mt['threshold_rules']['case_rule']}). Regions are 4-connected first-stage cells
+Chosen: **{chosen_words}** ({mt['threshold_rules']['case_rule']}). Regions are 4-connected first-stage cells
 at or above `region_threshold` = {d['region_threshold']}. Cells only ever join a case and a cell's first-stage
 probability never changes, so a region can only grow or merge: the area and mass of the largest region never
 fall, and an early positive on them is final. Refined probabilities can change when neighbours arrive, so no
