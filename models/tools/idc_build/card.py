@@ -394,10 +394,9 @@ The blind check on other patients (goals: patch AUC ≥ 0.96, BAC ≥ 0.90, F1 �
 {_context_section(m)}{_comparison_section(comparison)}
 ## Ablations (measured, not assumed)
 
-TTA over the 8 flips/rotations, out-of-fold AUC of the {k} members of this build (OpenVINO FP32). Rule: TTA goes into
-the shipped graph only if pooled gain ≥ {TTA_MIN_GAIN} -> **{'kept' if t['tta'] else 'not kept'}**. TTA costs 8x the
-inference, and the appliance's triage is inference-bound (about 81 patches per 450 px tile, ~97k patches for the
-largest core-needle case), so a gain below that bar does not pay for an 8x slower call.
+TTA over the 8 flips/rotations, out-of-fold AUC of the {k} members of this build (OpenVINO FP32): **{'kept' if t['tta'] else 'not kept'}**
+({t['tta_rule']}). TTA costs 8x the inference, and the appliance's triage is inference-bound (about 81 patches per
+450 px tile, ~97k patches for the largest core-needle case).
 
 | | no TTA | 8-way TTA | gain |
 |---|---:|---:|---:|
