@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 
 from .metrics import auc
-from .network import TTA_MIN_GAIN
 from .training import ABLATION_VARIANTS
 
 ABLATIONS_FILE = Path(__file__).resolve().parents[1] / "ablations.json"
