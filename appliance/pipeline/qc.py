@@ -212,7 +212,7 @@ class CaseQc:
             out.append(Reason("stain-out-of-range",
                               f"Check the staining: the case's stain colours differ from the expected H&E "
                               f"by {angles[0]:.0f} deg (haematoxylin) and {angles[1]:.0f} deg (eosin); "
-                              f"limit {lim.max_stain_angle:.0f} deg."))
+                              f"limit {lim.max_stain_angle:g} deg."))
         return out
 
     def summary(self) -> dict:
