@@ -3,10 +3,10 @@ early-positive tile whether inference is ahead, behind or done only at the end, 
 `appliance triage` and through the daemon over a pty.
 
 The cases are the bundled real slide (IDC patient 10253) as scanned, and the same slide re-coloured as another
-lab's haematoxylin might look (its H vector turned in optical density). Turned by 14 deg, its stain is
-judged out of range on the first tiles, in range from tile 70 (the early call waits for that), and out of
-range on the whole case, so that finding comes after the early call and must be reported as a warning.
-Turned by 20 deg, as in the issue, it cannot be called.
+lab's haematoxylin might look (its H vector turned in optical density). "turned-late" is turned to just about
+the model's stain limit: its stain is judged out of range on the first tiles, in range a little later (the
+early call waits for that), and out of range on the whole case, so that finding comes after the early call
+and must be reported as a warning. "turned-bad" is turned 6 deg past the limit: it cannot be called.
 """
 
 import json
@@ -29,8 +29,11 @@ from appliance.daemon import Daemon
 from appliance.demo import case_info_for
 from appliance.engine import Scorer, load_engine
 from appliance.pipeline import TriageSession
+from appliance.pipeline.qc import CaseQc, limits_for
+from appliance.pipeline.stain import StainFit
+from appliance.pipeline.tissue import mask_of_subsampled, subsample
 from appliance.sources import tiles_from_image
-from appliance.triage import triage_path
+from appliance.triage import DEFAULT_TILE_SIZE, triage_path
 from firmware_bridge.emulator import ScannerEmulator, TileToSend
 from firmware_bridge.transport import FdTransport
 from tests.conftest import DEMO_CASE, MODEL_DIR
@@ -183,13 +186,41 @@ def test_the_early_call_is_the_same_tile_and_final_whatever_order_results_come_b
     assert got["verdict"] == "suspicious" and got["score"] >= calls[0]["score"] >= got["threshold"]
 
 
+def stain_judgements(engine, image) -> list[tuple[int | str, float]]:
+    """The H angle of each stain judgement of a case, as the appliance's QC makes them (tile by tile, then the
+    whole case), without scoring anything."""
+    ref = engine.manifest.stain.reference
+    qc = CaseQc(limits_for(engine.manifest), StainFit.from_dict(ref.model_dump()))
+    seq = []
+    for t in tiles_from_image(image, DEFAULT_TILE_SIZE):
+        sub = subsample(t.pixels)
+        qc.add_tile(sub, mask_of_subsampled(sub))
+        if qc.stain_judged_at_tiles == qc.tiles:
+            seq.append((qc.tiles, qc.stain_angles()[0]))
+    qc.finish()
+    return seq + [("end", qc.stain_angles()[0])]
+
+
+def late_turn(engine, image) -> float:
+    """The turn (deg, near the model's limit, in 0.25 deg steps) whose stain is judged out of range first, then
+    in range before the end, and out of range on the whole case. The limit is the model's, so the turn is too."""
+    limit = engine.manifest.stain.max_angle_deg
+    for degrees in [limit - 1.5 + 0.25 * i for i in range(9)]:
+        seq = stain_judgements(engine, stain_turned(image, degrees))
+        angles = [a for _, a in seq]
+        if angles[0] > limit and min(angles[1:-1], default=99) <= limit and angles[-1] > limit:
+            return degrees
+    raise AssertionError(f"no turn near the limit {limit} deg gives a late stain finding on the demo slide")
+
+
 @pytest.fixture(scope="module")
-def cases(tmp_path_factory, demo_image) -> dict:
+def cases(tmp_path_factory, demo_image, ov_engine) -> dict:
     folder = tmp_path_factory.mktemp("cases")
     paths = {"clean": DEMO_CASE}
-    for degrees in (14, 20):
-        paths[f"turned-{degrees}"] = folder / f"turned-{degrees}.tif"
-        tifffile.imwrite(paths[f"turned-{degrees}"], stain_turned(demo_image, degrees))
+    limit = ov_engine.manifest.stain.max_angle_deg
+    for name, degrees in (("turned-late", late_turn(ov_engine, demo_image)), ("turned-bad", limit + 6)):
+        paths[name] = folder / f"{name}.tif"
+        tifffile.imwrite(paths[name], stain_turned(demo_image, degrees))
     return paths
 
 
@@ -200,13 +231,13 @@ def reference(ov_engine, cases) -> dict:
 
 
 def test_the_cases_are_what_the_test_needs(reference, ov_engine):
-    clean, late, bad = reference["clean"], reference["turned-14"], reference["turned-20"]
+    clean, late, bad = reference["clean"], reference["turned-late"], reference["turned-bad"]
     assert clean["verdict"] == "suspicious" and clean["early_positive"] and not clean["warnings"]
-    # the 14 deg case: the early call waited for the stain to be judged in range, then the whole case was not
+    # the late case: the early call waited for the stain to be judged in range, then the whole case was not
     assert late["verdict"] == "suspicious" and late["early_positive"]
     assert late["early_positive_after_tiles"] > clean["early_positive_after_tiles"]
     assert [w["code"] for w in late["warnings"]] == ["stain-out-of-range"] and not late["reasons"]
-    assert late["qc"]["stain_angles_deg"][0] > 15
+    assert late["qc"]["stain_angles_deg"][0] > ov_engine.manifest.stain.max_angle_deg
     assert bad["verdict"] == "cannot-call" and not bad["early_positive"]
     assert [r["code"] for r in bad["reasons"]] == ["stain-out-of-range"]
     # the model's patch threshold is carried next to the case threshold, to rebuild the region map
@@ -215,7 +246,7 @@ def test_the_cases_are_what_the_test_needs(reference, ov_engine):
         assert r["threshold"] == ov_engine.manifest.decision.case_threshold
 
 
-@pytest.mark.parametrize("name", ["clean", "turned-14", "turned-20"])
+@pytest.mark.parametrize("name", ["clean", "turned-late", "turned-bad"])
 def test_triage_gives_the_same_call_whatever_the_inference_pace_and_batch_size(name, cases, reference, ov_engine):
     want = decision(reference[name])
     runs = [(mode, batch) for batch in (1, 16, 256) for mode in ("async", "sync")]
@@ -241,13 +272,13 @@ def test_the_triage_command_gives_the_same_call_on_a_busy_machine(cases, referen
 
     busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
     try:
-        loaded = {name: triage(name, 1) for name in ("clean", "turned-14")}
+        loaded = {name: triage(name, 1) for name in ("clean", "turned-late")}
     finally:
         for p in busy:
             p.kill()
             p.wait()
-    quiet = {name: triage(name, 256) for name in ("clean", "turned-14")}
-    for proc in (loaded["turned-14"], quiet["turned-14"]):
+    quiet = {name: triage(name, 256) for name in ("clean", "turned-late")}
+    for proc in (loaded["turned-late"], quiet["turned-late"]):
         assert "warning: Check the staining" in proc.stdout and "early positive after" in proc.stdout
 
 
@@ -283,7 +314,7 @@ def _stream_through_daemon(tmp_path, images: dict, batch: int, engine, pace: flo
 
 
 def test_the_daemon_over_a_pty_gives_the_same_call_whatever_the_pace(tmp_path, cases, reference, ov_engine):
-    images = {name: tifffile.imread(cases[name]) for name in ("clean", "turned-14")}
+    images = {name: tifffile.imread(cases[name]) for name in ("clean", "turned-late")}
     runs = [(1, None, 0.0), (256, "at-end", 0.0), (16, "slow", 0.005)]
     for batch, mode, pace in runs:
         engine = None if mode is None else LateEngine(ov_engine, mode)
