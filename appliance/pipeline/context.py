@@ -2,7 +2,9 @@
 
 Cells are patch positions on the case grid (x // stride, y // stride). The grid handed to the model is the
 smallest rectangle holding the cells: channel 0 the first-stage probability, channel 1 = 1 where a patch was
-scored. Cells with nothing scored around them fall back to their own score inside the model.
+scored. Cells with nothing scored around them fall back to their own score inside the model. A case spread
+over a very large area is refined window by window (each window padded by the model's reach), so memory
+stays bounded whatever the scanner's layout; the result is the same as one grid.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..engine import Engine
+
+WINDOW = 1024  # cells per side of one model call (1024 x 1024 x 2 float32 = 8 MB)
 
 
 def context_grid(gx: np.ndarray, gy: np.ndarray, probability: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -24,7 +28,20 @@ def context_grid(gx: np.ndarray, gy: np.ndarray, probability: np.ndarray) -> tup
     return grid, rows, cols
 
 
-def refine(engine: Engine, gx, gy, probability) -> np.ndarray:
+def refine(engine: Engine, gx, gy, probability, window: int = WINDOW) -> np.ndarray:
     """The refined probability of every cell (float64, rounded to 6 decimals like the first stage's)."""
-    grid, rows, cols = context_grid(gx, gy, probability)
-    return np.round(engine.refine(grid)[rows, cols].astype(np.float64), 6)
+    gx, gy = np.asarray(gx, dtype=np.int64), np.asarray(gy, dtype=np.int64)
+    probability = np.asarray(probability, dtype=np.float64)
+    reach = engine.manifest.context.rings
+    out = np.empty(len(gx), dtype=np.float64)
+    x0, y0 = int(gx.min()), int(gy.min())
+    for wy in range(y0, int(gy.max()) + 1, window):
+        for wx in range(x0, int(gx.max()) + 1, window):
+            inside = (gx >= wx) & (gx < wx + window) & (gy >= wy) & (gy < wy + window)
+            if not inside.any():
+                continue
+            near = (gx >= wx - reach) & (gx < wx + window + reach) & (gy >= wy - reach) & (gy < wy + window + reach)
+            grid, rows, cols = context_grid(gx[near], gy[near], probability[near])
+            refined = engine.refine(grid)[rows, cols]
+            out[inside] = refined[inside[near]]
+    return np.round(out, 6)

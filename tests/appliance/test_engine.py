@@ -66,6 +66,18 @@ def test_both_engines_run_the_same_context_stage(ov_engine, ort_engine):
     assert r_ov[5, 30] < 0.9 and r_ov[12:18, 12:18].min() > r_ov[5, 30]
 
 
+def test_a_case_refined_window_by_window_equals_one_grid(ov_engine):
+    """A case spread over a large area is refined in windows padded by the stage's reach: same values."""
+    from appliance.pipeline.context import refine
+
+    rng = np.random.default_rng(5)
+    cells = rng.choice(60 * 70, size=1500, replace=False)
+    gx, gy = cells % 70 + 1000, cells // 70 - 40  # any integers, negative ones too
+    prob = rng.uniform(0, 1, len(cells))
+    whole = refine(ov_engine, gx, gy, prob)
+    assert np.abs(refine(ov_engine, gx, gy, prob, window=16) - whole).max() <= 2e-6
+
+
 def test_the_context_stage_refuses_grids_it_cannot_read(ov_engine):
     with pytest.raises(EngineError, match="float32"):
         ov_engine.refine(np.zeros((1, 2, 4, 4), np.float64))
