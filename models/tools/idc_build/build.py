@@ -694,7 +694,9 @@ def manifest_header(d: Data, thr, case_thr, stain_ref, stain_angles, case_rule, 
         "files": {"openvino": "model.int8.xml", "openvino_weights": "model.int8.bin", "onnx": "model.fp32.onnx"},
         "context": {"kind": "patch-grid-refinement", "rings": RINGS, "openvino": "context.xml",
                     "openvino_weights": "context.bin", "onnx": "context.onnx",
-                    "description": f"logistic regression on ring features (r = 1..{RINGS}) of the first-stage "
-                                   f"logits over the case's patch grid; models/tools/idc_build/context.py"},
+                    "description": f"refined logit = own first-stage logit + a logistic regression on {4 * RINGS} "
+                                   f"ring features (r = 1..{RINGS}: neighbours present, neighbours' mean and max "
+                                   f"logit minus the own) over the case's patch grid, so a shift of all of a "
+                                   f"case's logits passes through unchanged; models/tools/idc_build/context.py"},
         "sha256": {},
     }

@@ -1,19 +1,22 @@
 """The context stage: a second small model over the case's patch grid of first-stage probabilities.
 
 Each cell of the grid is one 50 px patch position. The stage sees, for every cell, the first stage's logit
-and for rings r = 1..RINGS around it (Chebyshev distance r, up to a (2*RINGS+1)^2 window): the mean logit
-of the scored neighbours, the fraction of the ring that holds a scored patch, a has-neighbour flag, the
-(mean - own) difference times that flag, and the largest logit within distance r. A logistic regression on
-these 1 + 5*RINGS features gives the refined probability of the centre cell. Cells without neighbours fall
-back to their own score through the presence features. (MODEL-NOTES.md: labels mark whole regions; a
-stacked ring model gained +0.019 mean CV AUC over the first stage alone.)
+and for rings r = 1..RINGS around it (Chebyshev distance r, up to a (2*RINGS+1)^2 window): the fraction of
+the ring that holds a scored patch, a has-neighbour flag, and, times that flag, the neighbours' mean logit
+minus the cell's own and the largest logit within distance r minus the cell's own. The refined logit is the
+cell's own logit plus a linear function of those 4*RINGS features (a logistic regression with the own logit
+as a fixed offset). Every feature is a difference of logits or a count, so shifting all of a case's logits
+by the same amount shifts the refined ones by exactly that: the stage cannot turn a slide whose whole tissue
+scores a little high into a "region" (measured: with the neighbours' raw logits as features instead, the
+per-fold AUC rose as much but the pooled AUC fell, because between-patient offsets were amplified).
+Cells without neighbours keep their own score. (MODEL-NOTES.md: labels mark whole regions.)
 
 The whole stage is one torch module (fixed ring convolutions, then a 1x1 convolution holding the fitted
 regression), exported to ONNX and OpenVINO like the first stage:
 
     input  "grid"        float32 [1, 2, H, W]: channel 0 = first-stage probability, channel 1 = 1 where a
                          tissue patch was scored (0 = no tissue, not scanned, or outside the case)
-    output "probability" float32 [1, 1, H, W]: refined probability (meaningful where the mask is 1)
+    output "probability" float32 [1, 1, H, W]: refined probability (0 where the mask is 0)
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ import numpy as np
 
 RINGS = 4
 LOGIT_CLIP = 8.0
-N_FEATURES = 1 + 5 * RINGS
+N_FEATURES = 4 * RINGS  # besides the own logit (a fixed offset)
 
 
 def ring_kernels(rings: int = RINGS) -> np.ndarray:
@@ -52,7 +55,7 @@ def _module():
                     self.head.weight.copy_(torch.as_tensor(np.asarray(weight, np.float32)).view(1, N_FEATURES, 1, 1))
                 self.head.bias.fill_(float(bias))
 
-        def features(self, grid):
+        def own_and_features(self, grid):
             p, m = grid[:, 0:1], grid[:, 1:2]
             eps = 1e-6
             q = p.clamp(eps, 1 - eps)
@@ -62,14 +65,14 @@ def _module():
             flag = counts.clamp(max=1.0)
             mean = sums / counts.clamp(min=1.0)
             frac = counts / self.ring_size
-            low = own * m + (m - 1.0) * 2 * LOGIT_CLIP  # absent cells far below any logit
-            maxes = [torch.nn.functional.max_pool2d(low, 2 * r + 1, stride=1, padding=r) for r in range(1, RINGS + 1)]
-            mx = torch.cat(maxes, 1) * flag + own * (1 - flag)  # no neighbour within r: own logit
-            return torch.cat([own, mean, frac, flag, (mean - own) * flag, mx], 1)
+            low = own * m + (m - 1.0) * 4 * LOGIT_CLIP  # absent cells far below any logit
+            mx = torch.cat([torch.nn.functional.max_pool2d(low, 2 * r + 1, stride=1, padding=r)
+                            for r in range(1, RINGS + 1)], 1)
+            return own, torch.cat([frac, flag, (mean - own) * flag, (mx - own) * flag], 1)
 
         def forward(self, grid):
-            f = (self.features(grid) - self.mu) / self.sd
-            return torch.sigmoid(self.head(f)) * grid[:, 1:2]
+            own, f = self.own_and_features(grid)
+            return torch.sigmoid(own + self.head((f - self.mu) / self.sd)) * grid[:, 1:2]
 
     return ContextNet
 
@@ -83,13 +86,13 @@ def to_grid(gx: np.ndarray, gy: np.ndarray, prob: np.ndarray) -> np.ndarray:
 
 
 def grid_features(gx, gy, prob) -> np.ndarray:
-    """(n, N_FEATURES) features of each cell, computed by the exported module's own code."""
+    """(n, 1 + N_FEATURES): each cell's own logit, then its features, by the exported module's own code."""
     import torch
 
     net = _module()()
     with torch.no_grad():
-        f = net.features(torch.from_numpy(to_grid(gx, gy, prob)))[0].numpy()
-    return f[:, gy, gx].T.astype(np.float64)
+        own, f = net.own_and_features(torch.from_numpy(to_grid(gx, gy, prob)))
+    return np.concatenate([own[0].numpy(), f[0].numpy()])[:, gy, gx].T.astype(np.float64)
 
 
 def cells(xs: np.ndarray, ys: np.ndarray, size: int = 50):
@@ -98,11 +101,14 @@ def cells(xs: np.ndarray, ys: np.ndarray, size: int = 50):
 
 
 def fit_context(features: np.ndarray, labels: np.ndarray):
-    """Class-weighted L2 logistic regression on standardised features -> (mu, sd, weight, bias)."""
+    """Class-weighted L2 logistic regression of the labels on the standardised features (grid_features'
+    columns 1..), with the own logit (column 0) as a fixed offset -> (mu, sd, weight, bias)."""
     import torch
 
-    mu, sd = features.mean(0), features.std(0) + 1e-6
-    X = torch.from_numpy((features - mu) / sd)
+    own, f = features[:, 0], features[:, 1:]
+    mu, sd = f.mean(0), f.std(0) + 1e-6
+    X = torch.from_numpy((f - mu) / sd)
+    offset = torch.from_numpy(own)
     y = torch.from_numpy(labels.astype(np.float64))
     w = torch.zeros(X.shape[1], dtype=torch.float64, requires_grad=True)
     b = torch.zeros(1, dtype=torch.float64, requires_grad=True)
@@ -111,7 +117,7 @@ def fit_context(features: np.ndarray, labels: np.ndarray):
 
     def closure():
         opt.zero_grad()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(X @ w + b, y, pos_weight=pos_weight)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(offset + X @ w + b, y, pos_weight=pos_weight)
         loss = loss + 1e-3 * (w * w).sum()
         loss.backward()
         return loss
