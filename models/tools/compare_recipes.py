@@ -75,6 +75,9 @@ def main(argv=None) -> int:
     ap.add_argument("--new", type=Path, required=True, help="a build with a context stage (with its work/)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--no-stain", action="store_true")
+    ap.add_argument("--old-stain", type=Path, default=None,
+                    help="the old build's curve from stain_shift.py --json (else measured here); the new build's "
+                         "is taken from its manifest when it has one")
     args = ap.parse_args(argv)
     out = {"how": "Out-of-fold on the same patient folds (split.json of both builds must match), FP32 members "
                   "without TTA (OpenVINO): patch AUC, region Dice on complete development slides (threshold = "
@@ -94,7 +97,12 @@ def main(argv=None) -> int:
     if a != b:
         raise SystemExit("the two builds have different folds: not comparable")
     if not args.no_stain:
-        out["stain_shift"] = {"old": stain_curve(args.data, args.old), "new": stain_curve(args.data, args.new)}
+        old = (json.loads(args.old_stain.read_text())["rows"] if args.old_stain else stain_curve(args.data, args.old))
+        new_manifest = json.loads((args.new / "manifest.json").read_text())
+        new = new_manifest.get("metrics", {}).get("stain_shift", {}).get("curve") or stain_curve(args.data, args.new)
+        if [r["angle_deg"] for r in old] != [r["angle_deg"] for r in new]:
+            raise SystemExit("the two stain-shift curves were measured at different angles")
+        out["stain_shift"] = {"old": old, "new": new}
     o, n = out["old"], out["new"]
     print(f"{'':<44}{'old':>8}{'new':>8}")
     print(f"{'pooled OOF patch AUC, first stage':<44}{o['first_stage']['pooled_auc']:>8.4f}{n['first_stage']['pooled_auc']:>8.4f}")
