@@ -23,7 +23,7 @@ from .metrics import (CASE_MIN_SENSITIVITY, TOP_K, auc, best_balanced_accuracy_t
                       case_scores, sensitivity_first_threshold, summary)
 from .network import ARCHITECTURE, TTA_MIN_GAIN, _classes, build_model
 from .split import K_FOLDS, fold_split
-from .stacking import (BAG_KS, MONOTONE_RULES, bag_scores, choose_case_rule, context_training_set, patient_cells, rule_aucs,
+from .stacking import (BAG_KS, MONOTONE_RULES, RULE_AUC_TOLERANCE, bag_scores, choose_case_rule, context_training_set, patient_cells, rule_aucs,
                        slide_dice, stack_out_of_fold)
 from .stain import macenko_per_patient, stain_reference
 from .stainshift import ANGLES, MAX_AUC_DROP, limit_from_curve, patient_fits, qc_stain_angles, shift_curve
@@ -171,8 +171,9 @@ def main(argv=None, *, description=None, script=None):
             "region_threshold": "maximises balanced accuracy of the pooled out-of-fold first-stage INT8 "
                                 "probabilities; the case rule's regions are first-stage cells at or above it",
             "case_rule": f"among the rules that never fall as tiles arrive (the mean of the top k first-stage "
-                         f"probabilities for k in {list(BAG_KS)}, the area and the mass of the largest region), the "
-                         f"one with the best out-of-fold bag AUC (ties: top-{TOP_K}): {rule['choice']}",
+                         f"probabilities for k in {list(BAG_KS)}, the area and the mass of the largest region), "
+                         f"of those within {RULE_AUC_TOLERANCE} of the best out-of-fold bag AUC the one resting on "
+                         f"the most patches (largest k first, then the region rules): {rule['choice']}",
             "case_threshold": f"the highest threshold (4 decimals, rounded down) that flags >= "
                               f"{CASE_MIN_SENSITIVITY:.0%} of the out-of-fold positive bags (patients with IDC; "
                               f"sensitivity-first for triage); specificity on the negative bags (each patient "
