@@ -148,7 +148,11 @@ def test_blurred_copy_of_a_real_case_cannot_be_called_out_of_focus(ov_engine, de
 
 
 def test_wrong_stain_colours_cannot_be_called(ov_engine, demo_image):
-    swapped = np.ascontiguousarray(demo_image[..., ::-1])  # blue/red swapped: not H&E any more
+    # channels rotated (red <- blue, green <- red, blue <- green): H fitted 42 deg from the reference, beyond the
+    # model's measured limit. (A plain red/blue swap lies 18 deg away, inside the haematoxylin turn the model
+    # was measured to tolerate, so the stain gate no longer refuses it: the gate refuses what the model cannot
+    # handle, not what looks unusual.)
+    swapped = np.ascontiguousarray(demo_image[..., [2, 0, 1]])
     r = run_session(ov_engine, swapped)
     assert r.verdict == "cannot-call"
     assert "stain-out-of-range" in [x.code for x in r.reasons]
@@ -260,7 +264,7 @@ def test_unaligned_overlapping_tiles_score_each_grid_patch_once_and_exactly(ov_e
     assert all(x % 50 == 0 and y % 50 == 0 for x, y in positions)
     direct = np.stack([pad_to(img[p.y : p.y + 50, p.x : p.x + 50], 50, 255) for p in r.patches])
     expected = ov_engine.infer(direct)
-    assert np.allclose([p.probability for p in r.patches], expected, atol=1e-5)
+    assert np.allclose([p.first_stage for p in r.patches], expected, atol=1e-5)  # the patch classifier's own
 
 
 def test_patch_grid_reports_straddling_patches_when_complete():

@@ -43,7 +43,9 @@ def test_triage_patient_folder_writes_the_documented_json(tmp_path):
         assert (p["x"], p["y"]) in positions
         assert 0.0 <= p["probability"] <= 1.0
         assert 0 < p["w"] <= 50 and 0 < p["h"] <= 50
-    top = sorted((p["probability"] for p in result["patches"]), reverse=True)[:15]
+    # the score is the case rule (here the mean of the top k) on the first-stage probabilities
+    assert result["case_rule"] == "top-k-mean"
+    top = sorted((p["first_stage"] for p in result["patches"]), reverse=True)[: result["top_k"]]
     assert result["score"] == pytest.approx(np.mean(top), abs=1e-5)
     assert result["verdict"] in proc.stdout and "not for diagnosis" in proc.stdout.lower()
 
