@@ -165,7 +165,6 @@ class TriageSession:
         w_model = target_span(0, width, self.scale)[1] if width else None
         h_model = target_span(0, height, self.scale)[1] if height else None
         self.grid = PatchGrid(self.size, self.stride, w_model, h_model)
-        self._extent = (w_model, h_model)
         self.heatmap = Heatmap(self.size, self.stride, w_model, h_model)
         self.thumbnail = Thumbnail(THUMBNAIL_CELL)
         self._tmp = None
@@ -334,8 +333,9 @@ class TriageSession:
                     self.region.add(ppx // self.stride, ppy // self.stride, p)
             self._folded += end - start
             start = end
-        a = np.asarray(pos, dtype=np.int64)
-        self.heatmap.add_many(a[:, 0], a[:, 1], a[:, 2], a[:, 3], probs)
+        if not self.engine.has_context:  # with a context stage the heatmap is drawn once, from the refined values
+            a = np.asarray(pos, dtype=np.int64)
+            self.heatmap.add_many(a[:, 0], a[:, 1], a[:, 2], a[:, 3], probs)
 
     def _judge_checkpoints(self) -> None:
         """The early positive at each tile N whose patches are all folded, first N first."""
@@ -417,14 +417,13 @@ class TriageSession:
 
     def _refine(self) -> None:
         """The context stage over the whole case grid: each patch's probability becomes the refined one (the
-        first stage's kept beside it), and the heatmap is redrawn from them. The call is not changed by it."""
+        first stage's kept beside it), and the heatmap is drawn from them. The call is not changed by it."""
         t0 = time.perf_counter()
         pos = np.asarray(self._model_pos, dtype=np.int64)
         first = np.array([p.probability for p in self._scores])
         refined = refine(self.engine, pos[:, 0] // self.stride, pos[:, 1] // self.stride, first)
         self._scores = [PatchScore(p.x, p.y, p.w, p.h, r, p.probability)
                         for p, r in zip(self._scores, refined.tolist())]
-        self.heatmap = Heatmap(self.size, self.stride, *self._extent)
         self.heatmap.add_many(pos[:, 0], pos[:, 1], pos[:, 2], pos[:, 3], refined)
         self._timings["context"] = (time.perf_counter() - t0) * 1e3
 

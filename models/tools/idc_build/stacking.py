@@ -12,6 +12,7 @@ from .context import apply_context, cells, fit_context, grid_features
 from .metrics import auc
 
 # appliance's own rules (the build's numbers are the appliance's behaviour)
+from appliance.metrics import top_k_mean  # noqa: E402
 from appliance.pipeline.mil import largest_region  # noqa: E402
 
 
@@ -75,11 +76,6 @@ def bags(cell_map, labels, patients):
         yield p, np.ones(len(idx), bool), int(pos.any())
         if pos.any() and (~pos).any():
             yield p, ~pos, 0
-
-
-def top_k_mean(p, k=15):
-    k = max(1, min(k, len(p)))
-    return float(np.sort(p)[-k:].mean())
 
 
 BAG_KS = (1, 3, 5, 10, 15)
