@@ -11,13 +11,13 @@ from pathlib import Path
 
 import click
 
-from . import RESEARCH_USE_NOTICE, __version__
-from .config import load_settings
+from appliance import RESEARCH_USE_NOTICE, __version__
+from appliance.config import load_settings
 from firmware_bridge.errors import BridgeError
 
-from .errors import ApplianceError
-from .progress import Progress
-from .sources import DEFAULT_TILE_SIZE
+from appliance.errors import ApplianceError
+from appliance.offline.progress import Progress
+from appliance.offline.sources import DEFAULT_TILE_SIZE
 
 ENGINES = click.Choice(["openvino", "onnxruntime"])
 ENCODINGS = ["raw", "zlib", "png", "jpeg"]
@@ -59,7 +59,7 @@ def _settings(ctx: click.Context, **overrides):
 @friendly_errors
 def demo(ctx, tile_size: int, encoding: str, engine: str | None, api_port: int | None, tui: bool | None) -> None:
     """Stream the bundled demo case from the scanner emulator over a real pty into the daemon."""
-    from .demo import run_demo
+    from appliance.offline.demo import run_demo
 
     settings = _settings(ctx, engine=engine, api_port=api_port)
     if tui is None:
@@ -74,9 +74,9 @@ def demo(ctx, tile_size: int, encoding: str, engine: str | None, api_port: int |
 @friendly_errors
 def run(ctx, port: str | None) -> None:
     """Run the daemon in the foreground until SIGTERM or Ctrl-C (systemd: Type=notify, WatchdogSec=)."""
-    from .daemon import Daemon, serve
-    from .heap import tune_allocator
-    from .notify import Notifier
+    from appliance.service.daemon import Daemon, serve
+    from appliance.service.heap import tune_allocator
+    from appliance.service.notify import Notifier
 
     tune_allocator()  # before the engine's and the link's threads allocate: a steady RSS for months
     settings = _settings(ctx, serial_port=port)
@@ -115,8 +115,8 @@ def run(ctx, port: str | None) -> None:
 def triage(ctx, input_path: Path, json_out: Path | None, out_dir: Path | None, mpp: float | None,
            engine: str | None, tile_size: int) -> None:
     """Triage a case on disk: one slide image, or a folder of tiles named like '..._x<X>_y<Y>.png'."""
-    from .engine import load_engine
-    from .triage import triage_path
+    from appliance.model.engine import load_engine
+    from appliance.offline.triage import triage_path
 
     if json_out is None and out_dir is None:
         raise click.UsageError("say where the result goes: --json FILE and/or --out DIR")
@@ -166,8 +166,8 @@ def emulate(port: str, input_path: Path, encoding: str, faults: float, seed: int
     from firmware_bridge import Faults, ScannerEmulator, TileToSend
     from firmware_bridge.transport import open_port
 
-    from .demo import case_info_for
-    from .sources import iter_case_tiles
+    from appliance.offline.demo import case_info_for
+    from appliance.offline.sources import iter_case_tiles
 
     tiles = [TileToSend(t.x, t.y, t.pixels) for t in iter_case_tiles(input_path, tile_size)]
     case_id = case_id or time.strftime("CASE-%Y%m%d-%H%M%S")
@@ -197,8 +197,8 @@ def models() -> None:
 @friendly_errors
 def models_list(ctx, root: Path | None) -> None:
     """List model folders with their version, hash status and headline metrics."""
-    from .errors import ManifestError
-    from .manifest import find_model_dirs, read_manifest, verify_files
+    from appliance.errors import ManifestError
+    from appliance.model.manifest import find_model_dirs, read_manifest, verify_files
 
     settings = _settings(ctx)
     root = root or settings.model_dir.parent
@@ -227,7 +227,7 @@ def models_list(ctx, root: Path | None) -> None:
 @friendly_errors
 def models_verify(ctx, model_dir: Path | None, engine: str | None) -> None:
     """Check a model folder's manifest and hashes and load it."""
-    from .engine import load_engine
+    from appliance.model.engine import load_engine
 
     settings = _settings(ctx, engine=engine, model_dir=model_dir)
     eng = load_engine(settings.model_dir, settings.engine)
@@ -245,8 +245,8 @@ def models_verify(ctx, model_dir: Path | None, engine: str | None) -> None:
 def models_evaluate(ctx, dataset: Path, predictions: Path, engine: str | None, model_dir: Path | None,
                     json_out: Path | None) -> None:
     """Score a folder laid out as <patient>/<0|1>/*.png and print patch- and patient-level metrics."""
-    from .engine import load_engine
-    from .evaluation import evaluate_folder
+    from appliance.model.engine import load_engine
+    from appliance.offline.evaluation import evaluate_folder
 
     settings = _settings(ctx, engine=engine, model_dir=model_dir)
     eng = load_engine(settings.model_dir, settings.engine)
@@ -342,7 +342,7 @@ def status(ctx, url: str | None, as_json: bool) -> None:
 @friendly_errors
 def tui(ctx, url: str | None) -> None:
     """The technician's terminal UI over the status API (live scan, verdict cards, history, sign-off)."""
-    from .tui.app import TriageApp
+    from appliance.tui.app import TriageApp
 
     settings = _settings(ctx)
     url = url or f"http://{settings.api_host}:{settings.api_port}"

@@ -31,7 +31,7 @@ def real_patches(n: int):
 
     from appliance.pipeline.tissue import tissue_fraction
 
-    img = tifffile.imread(ROOT / "appliance" / "demo" / "idc-10253.tif")
+    img = tifffile.imread(ROOT / "appliance" / "offline" / "demo_case" / "idc-10253.tif")
     patches = [img[y:y + 50, x:x + 50] for y in range(0, img.shape[0] - 49, 50)
                for x in range(0, img.shape[1] - 49, 50)]
     patches = [p for p in patches if tissue_fraction(p) >= 0.25]
@@ -48,7 +48,7 @@ def worker(engine: str, n: int, batch: int, repeats: int) -> dict:
     if engine.startswith("openvino"):
         import openvino as ov
 
-        from appliance.manifest import read_manifest, read_verified
+        from appliance.model.manifest import read_manifest, read_verified
 
         m = read_manifest(model_dir)
         core = ov.Core()
@@ -82,7 +82,7 @@ def worker(engine: str, n: int, batch: int, repeats: int) -> dict:
             def run():
                 return np.concatenate([req.infer({0: x[s:s + batch]})[0][:, 0].copy() for s in range(0, n, batch)])
     elif engine == "onnxruntime-fp32":
-        from appliance.engine import load_engine
+        from appliance.model.engine import load_engine
 
         eng = load_engine(model_dir, "onnxruntime")
 

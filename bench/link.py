@@ -35,7 +35,7 @@ from firmware_bridge.sink import CaseInfo, TileReceived  # noqa: E402
 from firmware_bridge.messages import CaseBegin  # noqa: E402
 from firmware_bridge.transport import FdTransport, open_port  # noqa: E402
 
-CASE_TIF = ROOT / "appliance" / "demo" / "idc-10253.tif"
+CASE_TIF = ROOT / "appliance" / "offline" / "demo_case" / "idc-10253.tif"
 ENCODINGS = ["raw", "zlib", "png", "jpeg"]
 
 

@@ -108,8 +108,8 @@ def r1_tiles(data: Path) -> Path:
 
 # ------------------------------------------------------------------------------------------------- (a)
 def _pipeline_child(folder: str, outputs: bool, q) -> None:
-    from appliance.engine import load_engine
-    from appliance.triage import triage_path
+    from appliance.model.engine import load_engine
+    from appliance.offline.triage import triage_path
 
     engine = load_engine(MODEL_DIR, "openvino")
     out_dir = Path(folder).parent / "r1-out" if outputs else None
@@ -145,7 +145,7 @@ def run_pipeline(folder: Path, outputs: bool) -> dict:
 def gather_patches(folder: Path, positions):
     import numpy as np
 
-    from appliance.sources import read_image
+    from appliance.offline.sources import read_image
 
     out = np.empty((len(positions), 50, 50, 3), np.uint8)
     by_tile = {}
@@ -160,7 +160,7 @@ def gather_patches(folder: Path, positions):
 
 def ceiling(patches, batch: int = 128) -> float:
     """Pure OpenVINO INT8 on preloaded patches: the pipeline's own engine and async queue, nothing else."""
-    from appliance.engine import load_engine
+    from appliance.model.engine import load_engine
 
     engine = load_engine(MODEL_DIR, "openvino")
     scorer = engine.scorer()
@@ -190,7 +190,7 @@ def naive(patches, n: int, seed: int = 0) -> tuple[str, float, int]:
             for p in sample:
                 torch_model(torch.from_numpy(p[None]))
         return "pytorch-eager-fp32", (time.perf_counter() - t0) / len(sample), len(sample)
-    from appliance.engine import load_engine
+    from appliance.model.engine import load_engine
 
     engine = load_engine(MODEL_DIR, "onnxruntime")
     engine.infer(sample[:1])

@@ -1,7 +1,7 @@
 """Soak: N cases back to back through one `appliance run` process; its resident memory after each case.
 
 `appliance run` runs as a subprocess (as systemd runs it) on a PtyCable; per case the scanner emulator
-streams the bundled demo case (appliance/demo/idc-10253.tif, 2500x2000, 130 tiles of 200 px, or a
+streams the bundled demo case (appliance/offline/demo_case/idc-10253.tif, 2500x2000, 130 tiles of 200 px, or a
 ``--crop`` of it) under a new case id. After each case is finished and its output files are written (the
 'finished' and 'outputs' events in the daemon's SQLite), the daemon's VmRSS is read from /proc/PID/status.
 Memory growth is judged from case 10 on (the first cases warm the allocator, OpenVINO and the caches):
@@ -28,8 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from appliance.demo import DEMO_CASE, case_info_for  # noqa: E402
-from appliance.sources import iter_case_tiles  # noqa: E402
+from appliance.offline.demo import DEMO_CASE, case_info_for  # noqa: E402
+from appliance.offline.sources import iter_case_tiles  # noqa: E402
 from firmware_bridge import PtyCable  # noqa: E402
 from firmware_bridge.emulator import ScannerEmulator, TileToSend  # noqa: E402
 from report import write_json  # noqa: E402  (bench/ is the script's folder)

@@ -24,9 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from appliance.config import load_settings  # noqa: E402
-from appliance.daemon import Daemon  # noqa: E402
-from appliance.demo import DEMO_CASE, case_info_for  # noqa: E402
-from appliance.sources import iter_case_tiles  # noqa: E402
+from appliance.service.daemon import Daemon  # noqa: E402
+from appliance.offline.demo import DEMO_CASE, case_info_for  # noqa: E402
+from appliance.offline.sources import iter_case_tiles  # noqa: E402
 from firmware_bridge.emulator import ScannerEmulator, TileToSend  # noqa: E402
 from firmware_bridge.transport import FdTransport  # noqa: E402
 from report import write_json  # noqa: E402  (bench/ is the script's folder)

@@ -19,7 +19,7 @@ import tifffile
 from PIL import Image
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "idc_breast_histopathology"
-DEFAULT_OUT = Path(__file__).resolve().parents[1] / "appliance" / "demo" / "idc-10253.tif"
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "appliance" / "offline" / "demo_case" / "idc-10253.tif"
 PATCH = 50
 TIFF_TILE = 256
 GLASS = 255

@@ -11,19 +11,19 @@ ROOT = Path(__file__).resolve().parents[1]
 MODEL_DIR = ROOT / "models" / "idc-resnet"
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 IDC = FIXTURES / "idc"
-DEMO_CASE = ROOT / "appliance" / "demo" / "idc-10253.tif"
+DEMO_CASE = ROOT / "appliance" / "offline" / "demo_case" / "idc-10253.tif"
 
 
 @pytest.fixture(scope="session")
 def ov_engine():
-    from appliance.engine import load_engine
+    from appliance.model.engine import load_engine
 
     return load_engine(MODEL_DIR, "openvino")
 
 
 @pytest.fixture(scope="session")
 def ort_engine():
-    from appliance.engine import load_engine
+    from appliance.model.engine import load_engine
 
     return load_engine(MODEL_DIR, "onnxruntime")
 

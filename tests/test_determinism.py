@@ -26,15 +26,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from appliance.config import load_settings
-from appliance.daemon import Daemon
-from appliance.demo import case_info_for
-from appliance.engine import Scorer, load_engine
+from appliance.service.daemon import Daemon
+from appliance.offline.demo import case_info_for
+from appliance.model.engine import Scorer, load_engine
 from appliance.pipeline import TriageSession
 from appliance.pipeline.qc import CaseQc, limits_for
 from appliance.pipeline.stain import StainFit
 from appliance.pipeline.tissue import mask_of_subsampled, subsample
-from appliance.sources import tiles_from_image
-from appliance.triage import DEFAULT_TILE_SIZE, triage_path
+from appliance.offline.sources import tiles_from_image
+from appliance.offline.triage import DEFAULT_TILE_SIZE, triage_path
 from firmware_bridge.emulator import ScannerEmulator, TileToSend
 from firmware_bridge.transport import FdTransport
 from tests.conftest import DEMO_CASE, MODEL_DIR

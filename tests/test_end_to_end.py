@@ -10,8 +10,8 @@ import pytest
 import tifffile
 from PIL import Image
 
-from appliance.daemon import Daemon
-from appliance.demo import case_info_for, run_demo
+from appliance.service.daemon import Daemon
+from appliance.offline.demo import case_info_for, run_demo
 from appliance.pipeline.outputs import OUTPUT_FILES
 from appliance.pipeline.summary import TriageSummary
 from firmware_bridge.emulator import ScannerEmulator, TileToSend
@@ -167,7 +167,7 @@ def test_daemon_rides_through_link_faults_and_reports_them(settings, demo_image,
 def test_event_stream_delivers_early_positive_then_finished_in_order(settings, pty_pair, demo_image):
     import threading
 
-    from appliance.sources import tiles_from_image
+    from appliance.offline.sources import tiles_from_image
 
     master, port = pty_pair
     tiles = [TileToSend(t.x, t.y, np.ascontiguousarray(t.pixels)) for t in tiles_from_image(demo_image, 200)]

@@ -5,7 +5,7 @@ import os
 import signal
 import time
 
-from appliance.notify import Notifier
+from appliance.service.notify import Notifier
 from tests.appliance_run import ApplianceRun
 from tests.conftest import receive_datagrams as receive
 
@@ -87,8 +87,8 @@ def test_sigterm_mid_case_stops_cleanly_with_every_acked_tile_whole(tmp_path, de
 
     import numpy as np
 
-    from appliance.demo import case_info_for
-    from appliance.store import CaseStore
+    from appliance.offline.demo import case_info_for
+    from appliance.store.database import CaseStore
     from firmware_bridge import PtyCable
     from firmware_bridge.emulator import ScannerEmulator, TileToSend
     from firmware_bridge.errors import BridgeError

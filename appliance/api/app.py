@@ -8,14 +8,14 @@ from typing import Callable
 import uvicorn
 from fastapi import Depends, FastAPI
 
-from .. import RESEARCH_USE_NOTICE, __version__
-from ..config import Settings
-from ..errors import ApplianceError
-from .auth import ensure_token, is_loopback, reads_need_token
-from ..store import CaseStore
-from ..events import EventHub
-from .routes import cases, events, health, link, metrics
-from .routes import status as status_route
+from appliance import RESEARCH_USE_NOTICE, __version__
+from appliance.config import Settings
+from appliance.errors import ApplianceError
+from appliance.api.auth import ensure_token, is_loopback, reads_need_token
+from appliance.store.database import CaseStore
+from appliance.service.events import EventHub
+from appliance.api.routes import cases, events, health, link, metrics
+from appliance.api.routes import status as status_route
 
 
 def create_app(settings: Settings, store: CaseStore, status: Callable[[], dict] | None = None,

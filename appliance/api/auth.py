@@ -15,7 +15,7 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from ..errors import ApplianceError
+from appliance.errors import ApplianceError
 
 
 def is_loopback(host: str) -> bool:

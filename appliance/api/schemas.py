@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
-from .. import RESEARCH_USE_NOTICE
+from appliance import RESEARCH_USE_NOTICE
 
 
 class Health(BaseModel):

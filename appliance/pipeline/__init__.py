@@ -1,5 +1,5 @@
 """The streaming triage pipeline: tiles in, patch probabilities and a research-use verdict out."""
 
-from .session import TriageResult, TriageSession
+from appliance.pipeline.session import TriageResult, TriageSession
 
 __all__ = ["TriageResult", "TriageSession"]

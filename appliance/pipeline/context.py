@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..engine import Engine
+from appliance.model.engine import Engine
 
 WINDOW = 1024  # cells per side of one model call (1024 x 1024 x 2 float32 = 8 MB)
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import RESEARCH_USE_NOTICE
-from .heatmap import Heatmap, Thumbnail, regions
-from .mosaic import Mosaic
-from .summary import validated
+from appliance import RESEARCH_USE_NOTICE
+from appliance.pipeline.heatmap import Heatmap, Thumbnail, regions
+from appliance.pipeline.mosaic import Mosaic
+from appliance.pipeline.summary import validated
 
 OME_TILE = 256
 # Regions smaller than this many patch cells are left out of regions.geojson: on the 19 complete development

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from .stain import StainFit, StainFitError, fit_stains_od, stained_od
-from .tissue import SATURATION_THRESHOLD
+from appliance.pipeline.stain import StainFit, StainFitError, fit_stains_od, stained_od
+from appliance.pipeline.tissue import SATURATION_THRESHOLD
 
 
 @dataclass(frozen=True)

@@ -19,20 +19,20 @@ from typing import Callable
 
 import numpy as np
 
-from .. import RESEARCH_USE_NOTICE
-from ..engine import Engine
-from ..errors import InputError
-from .context import refine
-from .grid import PatchGrid
-from .heatmap import Heatmap, Thumbnail
-from .mil import LargestRegion, TopKMean
-from .mosaic import Mosaic
-from .outputs import write_outputs
-from .patches import pad_to
-from .qc import CaseQc, QcLimits, Reason, laplacian_variance, limits_for
-from .resample import resample_tile, scale_factor, target_span
-from .stain import StainFit, apply_map, normalising_map
-from .tissue import mask_of_subsampled, patch_fractions, subsample, tissue_mask
+from appliance import RESEARCH_USE_NOTICE
+from appliance.model.engine import Engine
+from appliance.errors import InputError
+from appliance.pipeline.context import refine
+from appliance.pipeline.grid import PatchGrid
+from appliance.pipeline.heatmap import Heatmap, Thumbnail
+from appliance.pipeline.mil import LargestRegion, TopKMean
+from appliance.pipeline.mosaic import Mosaic
+from appliance.pipeline.outputs import write_outputs
+from appliance.pipeline.patches import pad_to
+from appliance.pipeline.qc import CaseQc, QcLimits, Reason, laplacian_variance, limits_for
+from appliance.pipeline.resample import resample_tile, scale_factor, target_span
+from appliance.pipeline.stain import StainFit, apply_map, normalising_map
+from appliance.pipeline.tissue import mask_of_subsampled, patch_fractions, subsample, tissue_mask
 
 SUSPICIOUS = "suspicious"
 BENIGN = "benign-appearing"

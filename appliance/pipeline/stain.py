@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import InputError
+from appliance.errors import InputError
 
 _OD_LUT = -np.log((np.arange(256, dtype=np.float64) + 1.0) / 256.0).astype(np.float32)
 

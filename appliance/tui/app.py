@@ -13,11 +13,11 @@ from textual.app import App
 from textual.binding import Binding
 from textual import work
 
-from .. import RESEARCH_USE_NOTICE
-from .client import ApiClient, ApiUnavailable
-from .messages import ConnectionChanged, DaemonEvent, StatusUpdated
-from .screens import CaseScreen, HistoryScreen, LiveScreen
-from .widgets import Banner
+from appliance import RESEARCH_USE_NOTICE
+from appliance.tui.client import ApiClient, ApiUnavailable
+from appliance.tui.messages import ConnectionChanged, DaemonEvent, StatusUpdated
+from appliance.tui.screens import CaseScreen, HistoryScreen, LiveScreen
+from appliance.tui.widgets import Banner
 
 RETRY_MAX_S = 2.0
 

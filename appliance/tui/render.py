@@ -13,7 +13,7 @@ from PIL import Image
 from rich.style import Style
 from rich.text import Text
 
-from ..pipeline.outputs import colormap
+from appliance.pipeline.outputs import colormap
 
 HALF = "▀"
 # Okabe-Ito colours (safe for the common colour-vision deficiencies); a word and a symbol go with each, so

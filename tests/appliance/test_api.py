@@ -4,7 +4,7 @@ import httpx
 import pytest
 
 from appliance.api.app import ApiServer, create_app
-from appliance.store import CaseStore
+from appliance.store.database import CaseStore
 
 
 @pytest.fixture
@@ -144,7 +144,7 @@ def test_hostile_case_ids_and_queries_get_a_4xx_never_a_file_or_a_5xx(api):
 def test_case_files_are_served_with_their_media_types(api, settings, ov_engine):
     import json
 
-    from appliance.triage import triage_path
+    from appliance.offline.triage import triage_path
     from tests.conftest import DEMO_CASE
 
     store, url = api

@@ -5,7 +5,7 @@ import os
 import pytest
 
 from appliance.api.app import ApiServer, create_app
-from appliance.store import CaseStore
+from appliance.store.database import CaseStore
 from firmware_bridge.host import HostLink
 from tests.openapi_fuzz import fuzz_api
 

@@ -8,11 +8,11 @@ import sys
 import numpy as np
 import pytest
 
-from appliance.engine import load_engine
+from appliance.model.engine import load_engine
 from appliance.errors import EngineError, ManifestError, ModelIntegrityError
-from appliance.evaluation import find_labelled_images
+from appliance.offline.evaluation import find_labelled_images
 from appliance.pipeline.patches import pad_to
-from appliance.sources import read_image
+from appliance.offline.sources import read_image
 
 from tests.conftest import IDC, MODEL_DIR
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from appliance.metrics import binary_metrics, roc_auc, top_k_mean
+from appliance.model.metrics import binary_metrics, roc_auc, top_k_mean
 from appliance.pipeline.mil import TopKMean
 from appliance.pipeline.patches import pad_to
 from appliance.pipeline.tissue import dilate, erode, saturated, saturation, tissue_fraction

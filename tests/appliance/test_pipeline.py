@@ -22,8 +22,8 @@ from appliance.pipeline.patches import pad_to
 from appliance.pipeline.resample import resample_tile, scale_factor
 from appliance.pipeline.summary import TriageSummary
 from appliance.pipeline.tissue import close, tissue_mask
-from appliance.sources import tiles_from_image
-from appliance.triage import triage_path
+from appliance.offline.sources import tiles_from_image
+from appliance.offline.triage import triage_path
 from tests.conftest import DEMO_CASE, MODEL_DIR
 from tests.images import gaussian_blur
 
@@ -355,7 +355,7 @@ def test_heatmap_averages_overlapping_patches_and_traces_regions():
 
 
 def test_manifest_asking_for_macenko_normalises_with_one_map_per_case(tmp_path, demo_image):
-    from appliance.engine import load_engine
+    from appliance.model.engine import load_engine
     from appliance.pipeline.stain import normalising_map
 
     model = tmp_path / "model"

@@ -2,9 +2,9 @@
 
 from datetime import datetime, timedelta, timezone
 
-from appliance import retention
+from appliance.service import retention
 from appliance.config import load_settings
-from appliance.store import CaseStore
+from appliance.store.database import CaseStore
 from tests.conftest import MODEL_DIR
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=timezone.utc)

@@ -8,7 +8,7 @@ import json
 import pytest
 import tifffile
 
-from appliance.triage import triage_path
+from appliance.offline.triage import triage_path
 from tests.conftest import DEMO_CASE, MODEL_DIR
 from tests.images import stain_turned
 

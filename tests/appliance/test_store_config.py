@@ -6,9 +6,9 @@ import threading
 import pytest
 
 from appliance.config import ConfigError, load_settings
-from appliance.spool import TileSpool
+from appliance.store.spool import TileSpool
 from appliance.errors import StoreError
-from appliance.store import CaseStore
+from appliance.store.database import CaseStore
 
 
 def test_store_uses_wal_full_sync_and_migrations(tmp_path):
@@ -22,7 +22,7 @@ def test_store_uses_wal_full_sync_and_migrations(tmp_path):
     assert names == ["0001_cases_and_tiles", "0002_events_audit_models_signoff", "0003_warnings_patch_threshold",
                      "0004_case_rule"]
     # the writer sets synchronous=FULL on its own connection; check it is what the store opens with
-    from appliance.store import _connect
+    from appliance.store.database import _connect
 
     assert _connect(tmp_path / "a.db").execute("pragma synchronous").fetchone()[0] == 2  # FULL
 
@@ -81,7 +81,7 @@ def _documented_schema() -> dict[str, list[str]]:
     import re
     from pathlib import Path
 
-    text = (Path(__file__).resolve().parents[2] / "appliance" / "SCHEMA.md").read_text()
+    text = (Path(__file__).resolve().parents[2] / "appliance" / "store" / "SCHEMA.md").read_text()
     tables: dict[str, list[str]] = {}
     current = None
     for line in text.splitlines():
@@ -96,7 +96,7 @@ def _documented_schema() -> dict[str, list[str]]:
 def test_migrations_build_the_documented_schema_on_an_empty_database(tmp_path):
     import sqlite_utils
 
-    from appliance.store import CaseStore
+    from appliance.store.database import CaseStore
 
     store = CaseStore(tmp_path / "new.db")
     store.close()
@@ -114,8 +114,8 @@ def test_migrations_upgrade_a_database_made_by_the_previous_schema_and_keep_its_
     import sqlite_utils
     from sqlite_utils.migrations import Migrations
 
-    from appliance import store as store_mod
-    from appliance.store import CaseStore
+    from appliance.store import migrations as store_mod
+    from appliance.store.database import CaseStore
 
     old = Migrations("appliance")  # the schema as released with migration 0001 only
     old(name="0001_cases_and_tiles")(store_mod._initial)
@@ -145,7 +145,7 @@ def test_sign_off_is_refused_while_a_case_is_running_and_for_unknown_cases(tmp_p
     import pytest
 
     from appliance.errors import StoreError
-    from appliance.store import CaseStore
+    from appliance.store.database import CaseStore
 
     store = CaseStore(tmp_path / "a.db")
     try:
@@ -160,7 +160,7 @@ def test_sign_off_is_refused_while_a_case_is_running_and_for_unknown_cases(tmp_p
 
 
 def test_eta_comes_from_the_case_own_processing_rate():
-    from appliance.worker import CaseProgress, eta_seconds
+    from appliance.service.worker import CaseProgress, eta_seconds
 
     p = CaseProgress("C", "S", tiles_expected=100, started=10.0)
     assert eta_seconds(p, 20.0) is None  # nothing processed yet: no rate to go on

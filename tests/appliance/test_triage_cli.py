@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from appliance.metrics import roc_auc
-from appliance.sources import TILE_NAME
-from appliance.triage import triage_path
+from appliance.model.metrics import roc_auc
+from appliance.offline.sources import TILE_NAME
+from appliance.offline.triage import triage_path
 from tests.conftest import IDC, MODEL_DIR
 
 CLI = [sys.executable, "-m", "appliance.cli"]
@@ -132,8 +132,8 @@ def test_models_evaluate_accepts_one_patient_folder(tmp_path):
 
 def test_a_spooled_case_can_be_triaged_again_from_its_npy_tiles(ov_engine, tmp_path, demo_image):
     """The spool's raw .npy tiles are a valid input: re-triage gives the same call as the image itself."""
-    from appliance.spool import TileSpool
-    from appliance.sources import tiles_from_image
+    from appliance.store.spool import TileSpool
+    from appliance.offline.sources import tiles_from_image
 
     crop = np.ascontiguousarray(demo_image[:600, 500:1300])
     spool = TileSpool(tmp_path / "spool")

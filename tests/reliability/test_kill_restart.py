@@ -8,9 +8,9 @@ import time
 import numpy as np
 
 from appliance.config import load_settings
-from appliance.daemon import Daemon
-from appliance.demo import case_info_for
-from appliance.engine import load_engine
+from appliance.service.daemon import Daemon
+from appliance.offline.demo import case_info_for
+from appliance.model.engine import load_engine
 from appliance.pipeline import TriageSession
 from firmware_bridge import PtyCable
 from firmware_bridge.emulator import ScannerEmulator, TileToSend

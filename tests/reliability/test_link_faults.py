@@ -12,8 +12,8 @@ import httpx
 import numpy as np
 import pytest
 
-from appliance.daemon import Daemon
-from appliance.demo import case_info_for
+from appliance.service.daemon import Daemon
+from appliance.offline.demo import case_info_for
 from firmware_bridge import Faults, PtyCable
 from firmware_bridge.emulator import ScannerEmulator, TileToSend
 

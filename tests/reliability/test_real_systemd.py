@@ -48,8 +48,8 @@ SCANNER = r'''
 import grp, json, os, sys, time
 from pathlib import Path
 
-from appliance.demo import DEMO_CASE, case_info_for
-from appliance.sources import DEFAULT_TILE_SIZE, iter_case_tiles
+from appliance.offline.demo import DEMO_CASE, case_info_for
+from appliance.offline.sources import DEFAULT_TILE_SIZE, iter_case_tiles
 from firmware_bridge import ScannerEmulator, TileToSend
 from firmware_bridge.transport import FdTransport
 
@@ -364,7 +364,7 @@ def test_6_memory_deny_write_execute_breaks_openvino_not_onnxruntime(box):
     log("MemoryDenyWriteExecute=yes, engine openvino:\n" + "\n".join(
         ln for ln in journal.splitlines() if "appliance[" in ln)[:1500])
     # The JIT's mprotect(PROT_EXEC) is refused. Xbyak (oneDNN's JIT assembler) reports "can't protect", or
-    # "label is redefined" under the daemon's fixed malloc thresholds (appliance/heap.py): either way its error.
+    # "label is redefined" under the daemon's fixed malloc thresholds (appliance/service/heap.py): either way its error.
     assert "can't protect" in journal or "label is redefined" in journal
     assert box.show("ActiveState")["ActiveState"] != "active"
 

@@ -7,8 +7,8 @@ import httpx
 import pytest
 
 from appliance.config import load_settings
-from appliance.daemon import Daemon
-from appliance.demo import case_info_for
+from appliance.service.daemon import Daemon
+from appliance.offline.demo import case_info_for
 from firmware_bridge.emulator import DeliveryError, ScannerEmulator, TileToSend
 from firmware_bridge.transport import FdTransport
 from tests.conftest import MODEL_DIR

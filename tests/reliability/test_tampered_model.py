@@ -14,7 +14,7 @@ import time
 import httpx
 
 from appliance.config import load_settings
-from appliance.daemon import Daemon
+from appliance.service.daemon import Daemon
 from tests.appliance_run import ApplianceRun
 from tests.conftest import MODEL_DIR
 from tests.conftest import receive_datagrams as receive

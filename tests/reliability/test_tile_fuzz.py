@@ -21,8 +21,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from appliance.config import load_settings
-from appliance.daemon import Daemon
-from appliance.demo import case_info_for
+from appliance.service.daemon import Daemon
+from appliance.offline.demo import case_info_for
 from firmware_bridge.emulator import ScannerEmulator, TileToSend
 from firmware_bridge.pixels import TileEncoding, encode_pixels
 from firmware_bridge.transport import FdTransport

@@ -7,9 +7,9 @@ import time
 import numpy as np
 import pytest
 
-from appliance.daemon import Daemon
-from appliance.demo import case_info_for
-from appliance.sources import tiles_from_image
+from appliance.service.daemon import Daemon
+from appliance.offline.demo import case_info_for
+from appliance.offline.sources import tiles_from_image
 from firmware_bridge.emulator import ScannerEmulator, TileToSend
 from firmware_bridge.transport import FdTransport
 

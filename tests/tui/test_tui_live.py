@@ -8,7 +8,7 @@ from textual.widgets import ProgressBar, Static
 
 from appliance.tui.app import TriageApp
 from appliance.tui.screens import CaseScreen, HistoryScreen, SignOffDialog
-from appliance.sources import tiles_from_image
+from appliance.offline.sources import tiles_from_image
 from firmware_bridge.emulator import TileToSend
 from tests.images import gaussian_blur
 from tests.tui.conftest import wait_for

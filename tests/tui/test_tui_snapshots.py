@@ -15,8 +15,8 @@ from textual.widgets import Input
 
 from appliance.api.app import ApiServer, create_app
 from appliance.pipeline import TriageSession
-from appliance.sources import tiles_from_image
-from appliance.store import CaseStore
+from appliance.offline.sources import tiles_from_image
+from appliance.store.database import CaseStore
 from appliance.tui.app import TriageApp
 from appliance.tui.screens import CaseScreen, HistoryScreen, SignOffDialog
 from tests.tui.conftest import wait_for

@@ -7,10 +7,10 @@ from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
 
-from ...errors import StoreError
-from ...store import CaseStore
-from ..auth import require_token
-from ..schemas import CaseList, CasePublic
+from appliance.errors import StoreError
+from appliance.store.database import CaseStore
+from appliance.api.auth import require_token
+from appliance.api.schemas import CaseList, CasePublic
 
 CaseId = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", description="case id")]
 OUTPUT_TYPES = {"overlay.png": "image/png", "regions.geojson": "application/geo+json",

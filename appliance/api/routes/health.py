@@ -3,8 +3,8 @@
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from ... import __version__
-from ..schemas import Health
+from appliance import __version__
+from appliance.api.schemas import Health
 
 router = APIRouter(tags=["health"])
 

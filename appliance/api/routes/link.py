@@ -5,7 +5,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, HTTPException, Request
 from pydantic import BaseModel, Field
 
-from ..auth import require_token
+from appliance.api.auth import require_token
 
 router = APIRouter(prefix="/link", tags=["link"])
 

@@ -2,7 +2,7 @@
 
 from fastapi import APIRouter, Request
 
-from ..schemas import StatusPublic
+from appliance.api.schemas import StatusPublic
 
 router = APIRouter(tags=["status"])
 

@@ -1,8 +1,8 @@
 """The screens of the terminal UI, one per module: live scan, verdict card, history, sign-off dialog."""
 
-from .case import CaseScreen
-from .history import HistoryScreen
-from .live import LiveScreen
-from .signoff import SignOffDialog
+from appliance.tui.screens.case import CaseScreen
+from appliance.tui.screens.history import HistoryScreen
+from appliance.tui.screens.live import LiveScreen
+from appliance.tui.screens.signoff import SignOffDialog
 
 __all__ = ["CaseScreen", "HistoryScreen", "LiveScreen", "SignOffDialog"]

@@ -10,11 +10,11 @@ from textual.containers import VerticalScroll
 from textual.screen import Screen
 from textual.widgets import Footer, Static
 
-from ... import RESEARCH_USE_NOTICE
-from ..client import ApiClient, ApiUnavailable
-from ..render import decode_png, halfblocks, heat_over_tissue, legend, patch_row, verdict_words
-from ..widgets import Picture, chrome
-from .signoff import SignOffDialog
+from appliance import RESEARCH_USE_NOTICE
+from appliance.tui.client import ApiClient, ApiUnavailable
+from appliance.tui.render import decode_png, halfblocks, heat_over_tissue, legend, patch_row, verdict_words
+from appliance.tui.widgets import Picture, chrome
+from appliance.tui.screens.signoff import SignOffDialog
 
 # how a case's score was made (the model's decision.case_rule, stored with the case)
 RULE_WORDS = {"top-k-mean": "mean of the top patch probabilities",

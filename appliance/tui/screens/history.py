@@ -9,11 +9,11 @@ from textual.containers import Horizontal
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Input, Select, Static
 
-from ... import RESEARCH_USE_NOTICE
-from ..client import ApiClient, ApiUnavailable
-from ..render import verdict_words
-from ..widgets import chrome
-from .case import CaseScreen
+from appliance import RESEARCH_USE_NOTICE
+from appliance.tui.client import ApiClient, ApiUnavailable
+from appliance.tui.render import verdict_words
+from appliance.tui.widgets import chrome
+from appliance.tui.screens.case import CaseScreen
 
 
 COLUMNS = [("received (UTC)", 16), ("case", 12), ("specimen", 12), ("call", 16), ("score", 5), ("signed", 6)]

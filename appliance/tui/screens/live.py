@@ -9,10 +9,10 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.widgets import Footer, Label, ProgressBar, Static
 
-from ... import RESEARCH_USE_NOTICE
-from ..render import eta_words, verdict_words
-from ..widgets import chrome
-from .case import CaseScreen
+from appliance import RESEARCH_USE_NOTICE
+from appliance.tui.render import eta_words, verdict_words
+from appliance.tui.widgets import chrome
+from appliance.tui.screens.case import CaseScreen
 
 
 class LiveScreen(Screen):

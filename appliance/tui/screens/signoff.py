@@ -9,7 +9,7 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Static
 
-from ..client import ActionRefused, ApiClient, ApiUnavailable
+from appliance.tui.client import ActionRefused, ApiClient, ApiUnavailable
 
 
 class SignOffDialog(ModalScreen[bool]):

@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from appliance import metrics as appliance_metrics
+from appliance.model import metrics as appliance_metrics
 
 TOP_K = 15
 CASE_MIN_SENSITIVITY = 0.98
 
 
 def auc(y, p) -> float:
-    """ROC AUC (appliance.metrics.roc_auc: Mann-Whitney U, average ranks for ties); NaN, not None, when only one
+    """ROC AUC (appliance.model.metrics.roc_auc: Mann-Whitney U, average ranks for ties); NaN, not None, when only one
     class is present, as the build's reports have always had it."""
     a = appliance_metrics.roc_auc(y, p)
     return float("nan") if a is None else a
@@ -21,7 +21,7 @@ def _nan(x):
 
 
 def binary_metrics(y, p, threshold: float, n_patients: int) -> dict:
-    """appliance.metrics.binary_metrics (positive if p >= threshold) in the build's report format: rounded to 4
+    """appliance.model.metrics.binary_metrics (positive if p >= threshold) in the build's report format: rounded to 4
     decimals, NaN for an undefined sensitivity/specificity, precision 0 without predicted positives, plus
     accuracy, threshold, confusion matrix and patch/patient counts. F1 stays 2PR/(P+R) of that precision and
     sensitivity: the appliance's 2TP/(2TP+FP+FN) is the same number but not always the same float."""

@@ -12,7 +12,7 @@ from .context import apply_context, cells, fit_context, grid_features
 from .metrics import auc
 
 # appliance's own rules (the build's numbers are the appliance's behaviour)
-from appliance.metrics import top_k_mean  # noqa: E402
+from appliance.model.metrics import top_k_mean  # noqa: E402
 from appliance.pipeline.mil import largest_region  # noqa: E402
 
 

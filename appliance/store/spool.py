@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import StoreError
+from appliance.errors import StoreError
 
 _TILE_FILE = re.compile(r"^tile-(\d+)_x(\d+)_y(\d+)\.npy$")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")

@@ -13,11 +13,11 @@ import numpy as np
 
 from firmware_bridge.sink import CaseInfo, CaseRefused, TileReceived
 
-from .spool import TileSpool
-from .store import CaseStore
-from .worker import CaseProgress, Notify, PipelineWorker
+from appliance.store.spool import TileSpool
+from appliance.store.database import CaseStore
+from appliance.service.worker import CaseProgress, Notify, PipelineWorker
 
-log = logging.getLogger("appliance.daemon")
+log = logging.getLogger("appliance.service.daemon")
 
 # Finished cases the receiver keeps in memory (wait_case, the latest call in /status); older ones are in the
 # store only. Without a bound every case's result (its ~1,000 patch scores) stayed in memory for good.

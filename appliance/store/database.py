@@ -17,79 +17,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 import sqlite_utils
-from sqlite_utils.migrations import Migrations
 
-from .errors import StoreError
-
-migrations = Migrations("appliance")
-
-
-@migrations(name="0001_cases_and_tiles")
-def _initial(db: sqlite_utils.Database) -> None:
-    db["cases"].create(
-        {
-            "id": str,
-            "specimen_id": str,
-            "source": str,
-            "status": str,
-            "received_at": str,
-            "finished_at": str,
-            "tiles_expected": int,
-            "tiles_received": int,
-            "patches_scored": int,
-            "verdict": str,
-            "score": float,
-            "threshold": float,
-            "reasons": str,
-            "early_positive": int,
-            "early_positive_after_tiles": int,
-            "model_name": str,
-            "model_version": str,
-            "model_sha256": str,
-            "engine": str,
-            "timings_ms": str,
-            "research_use_only": int,
-        },
-        pk="id",
-    )
-    db["tiles"].create(
-        {"case_id": str, "idx": int, "x": int, "y": int, "w": int, "h": int, "sha256": str, "stored_at": str},
-        pk=("case_id", "idx"),
-        foreign_keys=[("case_id", "cases", "id")],
-    )
-    db["cases"].create_index(["received_at"])
-
-
-@migrations(name="0002_events_audit_models_signoff")
-def _events_audit_models(db: sqlite_utils.Database) -> None:
-    db["cases"].add_column("signed_off_by", str)
-    db["cases"].add_column("signed_off_at", str)
-    db["cases"].add_column("sign_off_comment", str)
-    db["tiles"].add_column("qc", str)
-    db["events"].create(
-        {"id": int, "at": str, "case_id": str, "kind": str, "detail": str}, pk="id",
-    )
-    db["events"].create_index(["case_id"])
-    db["audit"].create(
-        {"id": int, "at": str, "actor": str, "via": str, "action": str, "case_id": str, "detail": str}, pk="id",
-    )
-    db["audit"].create_index(["case_id"])
-    db["models"].create(
-        {"sha256": str, "name": str, "version": str, "backend": str, "first_seen": str, "last_seen": str},
-        pk="sha256",
-    )
-
-
-@migrations(name="0003_warnings_patch_threshold")
-def _warnings_patch_threshold(db: sqlite_utils.Database) -> None:
-    db["cases"].add_column("warnings", str)
-    db["cases"].add_column("patch_threshold", float)
-
-
-@migrations(name="0004_case_rule")
-def _case_rule(db: sqlite_utils.Database) -> None:
-    db["cases"].add_column("case_rule", str)
-
+from appliance.errors import StoreError
+from appliance.store.migrations import migrations
 
 CASE_STATUSES = ("receiving", "processing", "done", "cannot-call", "failed", "abandoned")
 

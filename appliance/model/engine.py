@@ -9,8 +9,8 @@ from typing import Literal
 
 import numpy as np
 
-from .errors import EngineError
-from .manifest import ModelManifest, read_manifest, read_verified
+from appliance.errors import EngineError
+from appliance.model.manifest import ModelManifest, read_manifest, read_verified
 
 Backend = Literal["openvino", "onnxruntime"]
 BACKENDS: tuple[str, ...] = ("openvino", "onnxruntime")

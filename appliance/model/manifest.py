@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .errors import ManifestError, ModelIntegrityError
+from appliance.errors import ManifestError, ModelIntegrityError
 
 MANIFEST_NAME = "manifest.json"
 

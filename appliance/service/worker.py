@@ -15,13 +15,13 @@ import numpy as np
 
 from firmware_bridge.sink import CaseInfo
 
-from .engine import Engine
-from .errors import ApplianceError
-from .heap import release_free_memory
-from .pipeline import TriageResult, TriageSession
-from .store import CaseStore
+from appliance.model.engine import Engine
+from appliance.errors import ApplianceError
+from appliance.service.heap import release_free_memory
+from appliance.pipeline import TriageResult, TriageSession
+from appliance.store.database import CaseStore
 
-log = logging.getLogger("appliance.daemon")
+log = logging.getLogger("appliance.service.daemon")
 
 Notify = Callable[[str, dict], None]
 

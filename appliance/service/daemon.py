@@ -16,17 +16,17 @@ import time
 from firmware_bridge.errors import LinkError
 from firmware_bridge.host import HostLink
 
-from .api.app import ApiServer, create_app
-from .config import Settings
-from .engine import Engine, load_engine
-from .events import EventHub
-from .errors import ManifestError, ModelIntegrityError
-from .receiver import CaseReceiver, StorageGuard
-from .spool import TileSpool
-from .store import CaseStore
-from .worker import CaseProgress, Notify, PipelineWorker, eta_seconds
+from appliance.api.app import ApiServer, create_app
+from appliance.config import Settings
+from appliance.model.engine import Engine, load_engine
+from appliance.service.events import EventHub
+from appliance.errors import ManifestError, ModelIntegrityError
+from appliance.service.receiver import CaseReceiver, StorageGuard
+from appliance.store.spool import TileSpool
+from appliance.store.database import CaseStore
+from appliance.service.worker import CaseProgress, Notify, PipelineWorker, eta_seconds
 
-log = logging.getLogger("appliance.daemon")
+log = logging.getLogger("appliance.service.daemon")
 
 
 
@@ -139,7 +139,7 @@ class Daemon:
 
     def status(self) -> dict:
         """The live status the API serves: link, case in flight, model, disk."""
-        from . import __version__
+        from appliance import __version__
 
         out: dict = {"version": __version__}
         if self.problem:
@@ -175,7 +175,7 @@ class Daemon:
 
     def _housekeep(self) -> None:
         """Once a second: abandon cases the scanner left open. Every retention_interval_s: retention."""
-        from . import retention
+        from appliance.service import retention
 
         tick = min(1.0, self.settings.case_timeout_s / 4)
         next_retention = time.monotonic()

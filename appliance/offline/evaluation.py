@@ -10,13 +10,13 @@ from typing import Callable
 
 import numpy as np
 
-from .engine import Engine
-from .errors import InputError
-from .metrics import binary_metrics
-from .pipeline.context import refine
-from .pipeline.mil import case_score
-from .pipeline.patches import pad_to
-from .sources import IMAGE_SUFFIXES, read_image, walk_files
+from appliance.model.engine import Engine
+from appliance.errors import InputError
+from appliance.model.metrics import binary_metrics
+from appliance.pipeline.context import refine
+from appliance.pipeline.mil import case_score
+from appliance.pipeline.patches import pad_to
+from appliance.offline.sources import IMAGE_SUFFIXES, read_image, walk_files
 
 
 @dataclass(frozen=True)

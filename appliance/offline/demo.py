@@ -18,13 +18,13 @@ from firmware_bridge.emulator import ScannerEmulator, TileToSend
 from firmware_bridge.sink import CaseInfo
 from firmware_bridge.transport import FdTransport
 
-from . import RESEARCH_USE_NOTICE
-from .config import Settings
-from .daemon import Daemon
-from .progress import Progress
-from .sources import DEFAULT_TILE_SIZE, iter_case_tiles
+from appliance import RESEARCH_USE_NOTICE
+from appliance.config import Settings
+from appliance.service.daemon import Daemon
+from appliance.offline.progress import Progress
+from appliance.offline.sources import DEFAULT_TILE_SIZE, iter_case_tiles
 
-DEMO_CASE = Path(__file__).resolve().parent / "demo" / "idc-10253.tif"
+DEMO_CASE = Path(__file__).resolve().parent / "demo_case" / "idc-10253.tif"
 
 
 @dataclass
@@ -114,7 +114,7 @@ def run_demo(settings: Settings, *, case_path: Path = DEMO_CASE, tile_size: int 
 
 
 def _stream_under_tui(emulator: ScannerEmulator, url: str, settings: Settings, timeout: float):
-    from .tui.app import TriageApp
+    from appliance.tui.app import TriageApp
 
     done: dict = {}
     scanner = threading.Thread(target=lambda: done.setdefault("sent", emulator.run()), name="scanner", daemon=True)

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from .config import Settings
-from .store import CaseStore
+from appliance.config import Settings
+from appliance.store.database import CaseStore
 
 FINISHED = ("done", "cannot-call", "failed", "abandoned")
 

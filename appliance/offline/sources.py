@@ -10,7 +10,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .errors import InputError
+from appliance.errors import InputError
 
 TILE_NAME = re.compile(r"_x(\d+)_y(\d+)")
 IMAGE_SUFFIXES = {".png", ".tif", ".tiff", ".jpg", ".jpeg", ".npy"}

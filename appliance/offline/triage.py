@@ -8,10 +8,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
-from .engine import Engine
-from .pipeline import TriageSession
-from .pipeline.summary import validated
-from .sources import DEFAULT_TILE_SIZE, Skipped, case_extent, count_case_tiles, iter_case_tiles
+from appliance.model.engine import Engine
+from appliance.pipeline import TriageSession
+from appliance.pipeline.summary import validated
+from appliance.offline.sources import DEFAULT_TILE_SIZE, Skipped, case_extent, count_case_tiles, iter_case_tiles
 
 
 def triage_path(

@@ -1,0 +1,1 @@
+"""Entry points that work on files rather than the link: case sources, offline triage, evaluation, the demo."""
