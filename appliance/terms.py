@@ -1,0 +1,101 @@
+"""The words of the system, defined once: verdicts, case statuses, event kinds, case files, id patterns,
+engine names and case rules. The store, pipeline, API and TUI all take them from here, so a rename is one
+edit. Each is a ``StrEnum``: a member *is* its string, so it goes into SQLite, JSON and HTTP unchanged."""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+
+
+class Verdict(StrEnum):
+    """The triage call (research use only)."""
+
+    SUSPICIOUS = "suspicious"
+    BENIGN = "benign-appearing"
+    CANNOT_CALL = "cannot-call"
+
+
+class CaseStatus(StrEnum):
+    """Where a case is in its life; the first two are open, the rest finished."""
+
+    RECEIVING = "receiving"
+    PROCESSING = "processing"
+    DONE = "done"
+    CANNOT_CALL = "cannot-call"
+    FAILED = "failed"
+    ABANDONED = "abandoned"
+
+    @property
+    def finished(self) -> bool:
+        return self not in (CaseStatus.RECEIVING, CaseStatus.PROCESSING)
+
+
+OPEN_STATUSES = tuple(s for s in CaseStatus if not s.finished)
+FINISHED_STATUSES = tuple(s for s in CaseStatus if s.finished)
+
+
+class EventKind(StrEnum):
+    """Kinds of live event the daemon publishes (SSE stream, demo progress, the TUI)."""
+
+    READY = "ready"
+    API = "api"
+    LINK = "link"
+    REFUSED = "refused"
+    CASE_STARTED = "case-started"
+    TILE = "tile"
+    CASE_ENDED = "case-ended"
+    RESUMED = "resumed"
+    EARLY_POSITIVE = "early-positive"
+    FINISHED = "finished"
+    QC_WARNING = "qc-warning"
+    OUTPUTS = "outputs"
+    ERROR = "error"
+    FAILED = "failed"
+    ABANDONED = "abandoned"
+
+
+# Lifecycle events also kept in the store's events table (per-tile progress is not: it is in the tiles table).
+RECORDED_EVENTS = frozenset(EventKind) - {EventKind.TILE, EventKind.API}
+
+
+class CaseFile(StrEnum):
+    """The files written for each finished case, in its folder under ``cases/``."""
+
+    SUMMARY = "summary.json"
+    OVERLAY = "overlay.png"
+    THUMBNAIL = "thumbnail.png"
+    HEATMAP = "heatmap.png"
+    TOP_PATCHES = "top_patches.png"
+    REGIONS = "regions.geojson"
+    CASE_OME = "case.ome.tif"
+    HEATMAP_OME = "heatmap.ome.tif"
+
+    @property
+    def media_type(self) -> str:
+        return _MEDIA_TYPES[self.value.rsplit(".", 1)[1]]
+
+
+_MEDIA_TYPES = {"json": "application/json", "png": "image/png", "geojson": "application/geo+json", "tif": "image/tiff"}
+
+
+class EngineName(StrEnum):
+    """Inference engines: OpenVINO (INT8 IR, the default) and ONNX Runtime (FP32 ONNX, the fallback)."""
+
+    OPENVINO = "openvino"
+    ONNXRUNTIME = "onnxruntime"
+
+
+class CaseRule(StrEnum):
+    """How a case's score is made from its first-stage patch probabilities (the manifest's decision.case_rule)."""
+
+    TOP_K_MEAN = "top-k-mean"
+    LARGEST_REGION_AREA = "largest-region-area"
+    LARGEST_REGION_MASS = "largest-region-mass"
+
+
+# A case id as the scanner sends it and as it names a folder: no path separators, no leading dot.
+CASE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+CASE_ID = re.compile(CASE_ID_PATTERN)
+# A technician's initials on a sign-off or an action (letters, spaces, dots, apostrophes, hyphens).
+INITIALS_PATTERN = r"^[A-Za-z][A-Za-z .'-]*$"
