@@ -4,20 +4,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
 
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
-from appliance.errors import ApplianceError
+from appliance.errors import ConfigError
+from appliance.terms import EngineName
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "idc-resnet"
 INSTALLED_CONFIG = Path("/etc/appliance/appliance.toml")
-
-
-class ConfigError(ApplianceError):
-    """The settings file or environment holds an unknown key or an invalid value."""
 
 
 class Settings(BaseSettings):
@@ -25,7 +21,7 @@ class Settings(BaseSettings):
 
     data_dir: Path = Field(Path("var"), description="Where the database, spool and outputs live.")
     model_dir: Path = Field(DEFAULT_MODEL_DIR, description="Model folder with manifest.json.")
-    engine: Literal["openvino", "onnxruntime"] = "openvino"
+    engine: EngineName = EngineName.OPENVINO
     serial_port: str = Field("/dev/scanner", description="Scanner device path or pyserial URL.")
     api_host: str = "127.0.0.1"
     api_port: int = Field(8470, ge=0, le=65535)

@@ -17,9 +17,29 @@ class EngineError(ApplianceError):
     """An inference engine could not load a model or run a batch."""
 
 
+class EngineUnavailableError(EngineError):
+    """An inference runtime (OpenVINO, ONNX Runtime) cannot be imported on this machine."""
+
+
 class InputError(ApplianceError):
     """An input image, tile or folder cannot be used."""
 
 
 class StoreError(ApplianceError):
     """The case database could not be opened or written."""
+
+
+class CaseNotFoundError(StoreError):
+    """No case with that id is in the case database."""
+
+
+class CaseStateError(StoreError):
+    """The case exists but is not in a state that allows the action (e.g. sign-off before the call)."""
+
+
+class ConfigError(ApplianceError):
+    """The settings file or environment holds an unknown key or an invalid value."""
+
+
+class ApiBindError(ApplianceError):
+    """The status API could not listen on its host and port (e.g. the port is in use)."""

@@ -39,6 +39,7 @@ class EventKind(StrEnum):
     """Kinds of live event the daemon publishes (SSE stream, demo progress, the TUI)."""
 
     READY = "ready"
+    NOT_READY = "not-ready"  # started degraded: the model failed its checks
     API = "api"
     LINK = "link"
     REFUSED = "refused"
@@ -53,6 +54,8 @@ class EventKind(StrEnum):
     ERROR = "error"
     FAILED = "failed"
     ABANDONED = "abandoned"
+    PURGED = "purged"  # retention removed a finished case's files (its row stays)
+    PURGE_FAILED = "purge-failed"  # retention could not remove them all; tried again next time
 
 
 # Lifecycle events also kept in the store's events table (per-tile progress is not: it is in the tiles table).

@@ -12,7 +12,7 @@ from PIL import Image
 
 from appliance.service.daemon import Daemon
 from appliance.offline.demo import case_info_for, run_demo
-from appliance.pipeline.outputs import OUTPUT_FILES
+from appliance.terms import CaseFile
 from appliance.pipeline.summary import TriageSummary
 from firmware_bridge.emulator import ScannerEmulator, TileToSend
 from firmware_bridge.transport import FdTransport
@@ -116,7 +116,7 @@ def test_demo_command_streams_the_bundled_case(settings, tmp_path):
     assert "not for diagnosis" in text.lower()
     # the case's files, in its own folder, open as what they claim to be
     folder = settings.cases_dir / outcome.case_id
-    assert sorted(p.name for p in folder.iterdir()) == sorted(OUTPUT_FILES)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(CaseFile)
     summary = json.loads((folder / "summary.json").read_text())
     TriageSummary.model_validate(summary)
     assert summary["case_id"] == outcome.case_id and summary["verdict"] == outcome.verdict

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
+import importlib
+import threading
 import time
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 
-from appliance.errors import EngineError
+from appliance.errors import EngineError, EngineUnavailableError
 from appliance.model.manifest import ModelManifest, read_manifest, read_verified
-
-Backend = Literal["openvino", "onnxruntime"]
-BACKENDS: tuple[str, ...] = ("openvino", "onnxruntime")
+from appliance.terms import EngineName
 
 
 class LatencyHistogram:
@@ -22,8 +21,6 @@ class LatencyHistogram:
     BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
     def __init__(self):
-        import threading
-
         self._lock = threading.Lock()
         self.counts = [0] * (len(self.BUCKETS) + 1)
         self.total = 0.0
@@ -114,12 +111,12 @@ class OpenVINOEngine(Engine):
     256. ``infer`` splits a batch over the streams too, so even the synchronous path uses every core.
     """
 
-    backend = "openvino"
+    backend = EngineName.OPENVINO
     CHUNK = 128
 
     def __init__(self, model_dir: Path, manifest: ModelManifest, *, precision: str | None = None):
         super().__init__(model_dir, manifest)
-        import openvino as ov
+        ov = _runtime("openvino", "OpenVINO")
 
         xml = read_verified(model_dir, manifest.files.openvino, manifest)
         weights = read_verified(model_dir, manifest.files.openvino_weights, manifest)
@@ -168,11 +165,11 @@ class OpenVINOEngine(Engine):
 class OnnxRuntimeEngine(Engine):
     """The FP32 ONNX model on ONNX Runtime's CPU provider: the fallback when OpenVINO is unavailable."""
 
-    backend = "onnxruntime"
+    backend = EngineName.ONNXRUNTIME
 
     def __init__(self, model_dir: Path, manifest: ModelManifest, *, threads: int = 0):
         super().__init__(model_dir, manifest)
-        import onnxruntime as ort
+        ort = _runtime("onnxruntime", "ONNX Runtime")
 
         data = read_verified(model_dir, manifest.files.onnx, manifest)
         opts = ort.SessionOptions()
@@ -198,14 +195,25 @@ class OnnxRuntimeEngine(Engine):
         return self._context.run(None, {"grid": grid})[0]
 
 
-def load_engine(model_dir: Path, backend: str = "openvino", **options) -> Engine:
+ENGINES: dict[EngineName, type[Engine]] = {EngineName.OPENVINO: OpenVINOEngine,
+                                           EngineName.ONNXRUNTIME: OnnxRuntimeEngine}
+
+
+def _runtime(module: str, name: str):
+    """Import an inference runtime; a missing or broken install is one sentence, not a traceback."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        other = "onnxruntime" if module == "openvino" else "openvino"
+        raise EngineUnavailableError(f"{name} cannot be loaded on this machine ({exc}); reinstall the appliance "
+                                     f"(`pip install -e .`) or choose the other engine (engine = \"{other}\")") from None
+
+
+def load_engine(model_dir: Path, backend: str = EngineName.OPENVINO, **options) -> Engine:
     """Read and validate the manifest in ``model_dir``, verify the files' hashes and load the backend."""
-    manifest = read_manifest(model_dir)
-    if backend == "openvino":
-        return OpenVINOEngine(model_dir, manifest, **options)
-    if backend == "onnxruntime":
-        return OnnxRuntimeEngine(model_dir, manifest, **options)
-    raise EngineError(f"unknown engine backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend not in ENGINES:
+        raise EngineError(f"unknown engine backend {backend!r}; choose one of {', '.join(ENGINES)}")
+    return ENGINES[EngineName(backend)](model_dir, read_manifest(model_dir), **options)
 
 
 class Scorer:

@@ -10,6 +10,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from appliance.errors import ManifestError, ModelIntegrityError
+from appliance.terms import CaseRule
 
 MANIFEST_NAME = "manifest.json"
 
@@ -44,9 +45,6 @@ class PatchSpec(_Strict):
     min_tissue_fraction: float = Field(ge=0, le=1)
 
 
-CASE_RULES = ("top-k-mean", "largest-region-area", "largest-region-mass")
-
-
 class DecisionSpec(_Strict):
     # a patch whose (refined, when the model has a context stage) probability is at or above it is drawn
     patch_threshold: float = Field(ge=0, le=1)
@@ -55,14 +53,14 @@ class DecisionSpec(_Strict):
     min_patches: int = Field(default=15, gt=0)  # fewer tissue patches than this: cannot call, too little tissue
     # the case score: the mean of the top-k first-stage probabilities, or the area (cells) or mass (summed
     # probability) of the largest 4-connected region of first-stage probabilities >= region_threshold
-    case_rule: Literal[CASE_RULES] = "top-k-mean"
+    case_rule: CaseRule = CaseRule.TOP_K_MEAN
     region_threshold: float | None = Field(default=None, ge=0, le=1)
 
     @model_validator(mode="after")
     def _region_rule_has_threshold(self) -> "DecisionSpec":
-        if self.case_rule != "top-k-mean" and self.region_threshold is None:
+        if self.case_rule != CaseRule.TOP_K_MEAN and self.region_threshold is None:
             raise ValueError(f"decision.case_rule {self.case_rule!r} needs decision.region_threshold")
-        if self.case_rule == "top-k-mean" and self.case_threshold > 1:
+        if self.case_rule == CaseRule.TOP_K_MEAN and self.case_threshold > 1:
             raise ValueError("decision.case_threshold of the top-k-mean rule is a probability (<= 1)")
         return self
 

@@ -23,7 +23,11 @@ from appliance.config import Settings
 from appliance.service.daemon import Daemon
 from appliance.offline.progress import Progress
 from appliance.offline.sources import DEFAULT_TILE_SIZE, iter_case_tiles
+from appliance.terms import EventKind
 
+# the events the demo prints a line for (the tile bar and the early call have their own lines)
+SHOWN = frozenset({EventKind.READY, EventKind.API, EventKind.CASE_STARTED, EventKind.CASE_ENDED, EventKind.FINISHED,
+                   EventKind.OUTPUTS, EventKind.ERROR, EventKind.FAILED})
 DEMO_CASE = Path(__file__).resolve().parent / "demo_case" / "idc-10253.tif"
 
 
@@ -65,14 +69,14 @@ def run_demo(settings: Settings, *, case_path: Path = DEMO_CASE, tile_size: int 
         if tui and not tui_closed.is_set():
             return  # the terminal UI owns the screen
         with lock:
-            if kind == "tile":
+            if kind == EventKind.TILE:
                 d = daemon.receiver.current if daemon.receiver else None
                 extra = f"processed {d.tiles_processed}  running score {d.score:.3f}" if d else ""
                 bar.update(data["received"], extra)
-            elif kind == "early-positive":
-                out.write(f"\nEARLY POSITIVE after {data['tiles']} tiles: top-k mean {data['score']:.3f} "
+            elif kind == EventKind.EARLY_POSITIVE:
+                out.write(f"\nEARLY POSITIVE after {data['tiles']} tiles: case score {data['score']:.3f} "
                           f"passed the threshold (final: suspicious)\n")
-            elif kind in ("ready", "api", "case-started", "case-ended", "finished", "outputs", "error", "failed"):
+            elif kind in SHOWN:
                 out.write(f"[{kind}] " + ", ".join(f"{k}={v}" for k, v in data.items() if k != "model") + "\n")
             out.flush()
 

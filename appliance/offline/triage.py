@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from dataclasses import asdict
@@ -11,6 +12,7 @@ from typing import Callable
 from appliance.model.engine import Engine
 from appliance.pipeline import TriageSession
 from appliance.pipeline.summary import validated
+from appliance.terms import CaseFile
 from appliance.offline.sources import DEFAULT_TILE_SIZE, Skipped, case_extent, count_case_tiles, iter_case_tiles
 
 
@@ -47,7 +49,8 @@ def triage_path(
         result["input"] = str(path)
         result["skipped_inputs"] = [asdict(s) for s in skipped]
         if out_dir:
-            session.write_outputs(Path(out_dir), case_id_for(path), result)
+            written = session.write_outputs(Path(out_dir), case_id_for(path), result)
+            result = json.loads(Path(written[CaseFile.SUMMARY]).read_text())  # what the lab opens, exactly
     finally:
         session.close()
         if workdir is not None:

@@ -1,5 +1,6 @@
 """The streaming triage pipeline: tiles in, patch probabilities and a research-use verdict out."""
 
-from appliance.pipeline.session import TriageResult, TriageSession
+from appliance.pipeline.result import PatchScore, TriageResult
+from appliance.pipeline.session import TriageSession
 
-__all__ = ["TriageResult", "TriageSession"]
+__all__ = ["PatchScore", "TriageResult", "TriageSession"]

@@ -11,9 +11,11 @@ from pathlib import Path
 import numpy as np
 
 from appliance import RESEARCH_USE_NOTICE
+from appliance.colormap import colormap
 from appliance.pipeline.heatmap import Heatmap, Thumbnail, regions
 from appliance.pipeline.mosaic import Mosaic
 from appliance.pipeline.summary import validated
+from appliance.terms import CaseFile
 
 OME_TILE = 256
 # Regions smaller than this many patch cells are left out of regions.geojson: on the 19 complete development
@@ -22,22 +24,7 @@ OME_TILE = 256
 MIN_REGION_CELLS = 4
 HEATMAP_PX = 10  # model pixels per heatmap.ome.tif pixel (the heatmap's own detail is one patch stride)
 MIN_LEVEL_SIDE = 256  # keep halving until the smaller side is below this (at least 3 levels)
-# cividis (Nunez et al. 2018), a colour-vision-deficiency-safe blue-to-yellow map, at 9 anchors
-_CIVIDIS = np.array([
-    [0, 34, 78], [18, 53, 112], [59, 73, 108], [87, 92, 109], [112, 113, 115],
-    [138, 134, 120], [166, 157, 117], [196, 181, 105], [230, 207, 81], [254, 232, 56],
-], dtype=np.float32)
 TOP_PATCH_PX = 48  # side of each top patch in top_patches.png
-OUTPUT_FILES = ("overlay.png", "case.ome.tif", "heatmap.ome.tif", "regions.geojson", "summary.json",
-                "thumbnail.png", "heatmap.png", "top_patches.png")
-
-
-def colormap(values: np.ndarray) -> np.ndarray:
-    """Map [0, 1] to cividis RGB uint8 (NaN -> 0)."""
-    v = np.clip(np.nan_to_num(values, nan=0.0), 0, 1) * (len(_CIVIDIS) - 1)
-    i = np.minimum(v.astype(int), len(_CIVIDIS) - 2)
-    f = (v - i)[..., None]
-    return (_CIVIDIS[i] * (1 - f) + _CIVIDIS[i + 1] * f + 0.5).astype(np.uint8)
 
 
 def _replace_into(path: Path, write) -> None:
@@ -192,11 +179,11 @@ def write_outputs(out_dir: Path, case_id: str, summary: dict, *, heatmap: Heatma
     paths = {}
 
     over = overlay_image(thumbnail.image(), heat, thumbnail.cell, heatmap.cell, result, case_id)
-    p = out_dir / "overlay.png"
+    p = out_dir / CaseFile.OVERLAY
     _replace_into(p, lambda tmp: over.save(tmp, format="PNG"))
-    paths["overlay.png"] = str(p)
-    for name, pixels in (("thumbnail.png", thumbnail.image()), ("heatmap.png", heat_image(heat)),
-                         ("top_patches.png", patch_strip(list(top_crops)))):
+    paths[CaseFile.OVERLAY] = str(p)
+    for name, pixels in ((CaseFile.THUMBNAIL, thumbnail.image()), (CaseFile.HEATMAP, heat_image(heat)),
+                         (CaseFile.TOP_PATCHES, patch_strip(list(top_crops)))):
         if pixels.size:
             _save_png(out_dir / name, pixels)
             paths[name] = str(out_dir / name)
@@ -205,26 +192,26 @@ def write_outputs(out_dir: Path, case_id: str, summary: dict, *, heatmap: Heatma
     geo = {"type": "FeatureCollection", "features": feats,
            "properties": {"case_id": case_id, "threshold": patch_threshold, "units": "pixels of case.ome.tif",
                           "notice": RESEARCH_USE_NOTICE}}
-    p = out_dir / "regions.geojson"
+    p = out_dir / CaseFile.REGIONS
     _replace_into(p, lambda tmp: tmp.write_text(json.dumps(geo)))
-    paths["regions.geojson"] = str(p)
+    paths[CaseFile.REGIONS] = str(p)
 
     work = mosaic.root.parent
     if mosaic.width and mosaic.height:
-        p = out_dir / "case.ome.tif"
+        p = out_dir / CaseFile.CASE_OME
         write_pyramid(p, mosaic, mpp, work, f"{case_id} (model resolution)")
-        paths["case.ome.tif"] = str(p)
+        paths[CaseFile.CASE_OME] = str(p)
         px = HEATMAP_PX if heatmap.cell % HEATMAP_PX == 0 else heatmap.cell
         hm = heatmap_mosaic(heat, heatmap.cell, mosaic.width, mosaic.height, work / "heatmap", px)
-        p = out_dir / "heatmap.ome.tif"
+        p = out_dir / CaseFile.HEATMAP_OME
         try:
             write_pyramid(p, hm, mpp * px, work, f"{case_id} heatmap (cividis, patch probability)")
         finally:
             hm.remove()
-        paths["heatmap.ome.tif"] = str(p)
+        paths[CaseFile.HEATMAP_OME] = str(p)
 
-    summary = validated(dict(summary, case_id=case_id, outputs=sorted(paths) + ["summary.json"]))
-    p = out_dir / "summary.json"
+    summary = validated(dict(summary, case_id=case_id, outputs=sorted(paths) + [CaseFile.SUMMARY]))
+    p = out_dir / CaseFile.SUMMARY
     _replace_into(p, lambda tmp: tmp.write_text(json.dumps(summary, indent=1)))
-    paths["summary.json"] = str(p)
+    paths[CaseFile.SUMMARY] = str(p)
     return paths

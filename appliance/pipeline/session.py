@@ -9,19 +9,18 @@ the overlap-averaged heatmap.
 
 from __future__ import annotations
 
-import copy
 import tempfile
 import time
 from collections import defaultdict, deque
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from appliance import RESEARCH_USE_NOTICE
-from appliance.model.engine import Engine
 from appliance.errors import InputError
+from appliance.model.engine import Engine
+from appliance.pipeline import decision
 from appliance.pipeline.context import refine
 from appliance.pipeline.grid import PatchGrid
 from appliance.pipeline.heatmap import Heatmap, Thumbnail
@@ -29,76 +28,19 @@ from appliance.pipeline.mil import LargestRegion, TopKMean
 from appliance.pipeline.mosaic import Mosaic
 from appliance.pipeline.outputs import write_outputs
 from appliance.pipeline.patches import pad_to
-from appliance.pipeline.qc import CaseQc, QcLimits, Reason, laplacian_variance, limits_for
+from appliance.pipeline.qc import CaseQc, QcLimits, laplacian_variance, limits_for
 from appliance.pipeline.resample import resample_tile, scale_factor, target_span
 from appliance.pipeline.stain import StainFit, apply_map, normalising_map
+from appliance.pipeline.result import PatchScore, TriageResult
 from appliance.pipeline.tissue import mask_of_subsampled, patch_fractions, subsample, tissue_mask
+from appliance.terms import CaseFile, CaseRule, EventKind
 
-SUSPICIOUS = "suspicious"
-BENIGN = "benign-appearing"
-CANNOT_CALL = "cannot-call"
-VERDICTS = (SUSPICIOUS, BENIGN, CANNOT_CALL)
 THUMBNAIL_CELL = 10  # model pixels per thumbnail pixel
 # Focus is measured on every 2nd tissue patch in the order the patches are cut (a fixed rule, so the same
 # tiles give the same out-of-focus fraction): the fraction is an estimate.
 FOCUS_SAMPLE = 2
 
-__all__ = ["BENIGN", "CANNOT_CALL", "SUSPICIOUS", "VERDICTS", "PatchScore", "Reason", "TriageResult",
-           "TriageSession"]
-
-
-@dataclass(frozen=True)
-class PatchScore:
-    x: int
-    y: int
-    w: int
-    h: int
-    probability: float  # the context stage's refined probability when the model has one, else the first stage's
-    first_stage: float | None = None  # the patch classifier's own probability (models with a context stage)
-
-    def to_dict(self) -> dict:
-        d = {"x": self.x, "y": self.y, "w": self.w, "h": self.h, "probability": self.probability}
-        if self.first_stage is not None:
-            d["first_stage"] = self.first_stage
-        return d
-
-
-@dataclass
-class TriageResult:
-    verdict: str
-    score: float
-    threshold: float
-    patch_threshold: float  # a patch at or above it is drawn in the regions (regions.geojson)
-    reasons: list[Reason]
-    model: dict
-    timings_ms: dict[str, float]
-    patches: list[PatchScore]
-    tiles: int
-    patches_seen: int
-    early_positive: bool
-    early_positive_after_tiles: int | None
-    top_k: int
-    case_rule: str = "top-k-mean"
-    qc: dict = field(default_factory=dict)
-    warnings: list[Reason] = field(default_factory=list)
-    microns_per_pixel: float = 0.0  # of the mosaic, heatmap and regions (the model's resolution)
-    origin: list[int] = field(default_factory=lambda: [0, 0])  # input pixel position of the mosaic's 0, 0
-    research_use_only: bool = True
-    notice: str = RESEARCH_USE_NOTICE
-
-    def to_dict(self) -> dict:
-        """A JSON-ready copy (built by hand: ``asdict`` deep-copies field by field, 8 ms for a 500-patch case,
-        on the path from the last tile to the verdict)."""
-        d = {f.name: getattr(self, f.name) for f in fields(self)}
-        d.update(reasons=[asdict(r) for r in self.reasons], warnings=[asdict(w) for w in self.warnings],
-                 model=dict(self.model), timings_ms=dict(self.timings_ms), qc=copy.deepcopy(self.qc),
-                 origin=list(self.origin), patches=[p.to_dict() for p in self.patches],
-                 top_patches=[p.to_dict() for p in self.top_patches()])
-        return d
-
-    def top_patches(self) -> list[PatchScore]:
-        """The patches that drove the call, highest probability first."""
-        return sorted(self.patches, key=lambda p: (-p.probability, p.y, p.x))[: self.top_k]
+__all__ = ["TriageSession"]
 
 
 Event = Callable[[str, dict], None]
@@ -155,7 +97,8 @@ class TriageSession:
         self.min_patches = m.decision.min_patches  # fewer tissue patches than this: too little tissue to call
         self.case_rule = m.decision.case_rule
         # the region rule's figures, on first-stage probabilities (they only ever grow: see LargestRegion)
-        self.region = LargestRegion(m.decision.region_threshold) if self.case_rule != "top-k-mean" else None
+        self.region = (LargestRegion(m.decision.region_threshold) if self.case_rule != CaseRule.TOP_K_MEAN
+                       else None)
         self.on_event = on_event or (lambda kind, data: None)
         ref = m.stain.reference
         self.stain_reference = StainFit.from_dict(ref.model_dump()) if ref is not None else None
@@ -197,9 +140,7 @@ class TriageSession:
     def score(self) -> float:
         """The case score under the model's case rule, on first-stage probabilities (so it never falls as
         tiles arrive; the refined probabilities only redraw the heatmap and regions)."""
-        if self.region is None:
-            return self.mil.score
-        return float(self.region.area) if self.case_rule == "largest-region-area" else self.region.mass
+        return decision.case_score(self.case_rule, self.mil, self.region)
 
     @property
     def early_positive(self) -> bool:
@@ -341,10 +282,11 @@ class TriageSession:
         """The early positive at each tile N whose patches are all folded, first N first."""
         while self._checkpoints and self._checkpoints[0].patches <= self._folded:
             cp = self._checkpoints.popleft()
-            if (not self.early_positive and cp.qc_clean and cp.patches >= self.min_patches and self.mil.full
-                    and self.score >= self.threshold):
+            if not self.early_positive and decision.is_early_positive(
+                    qc_clean=cp.qc_clean, patches=cp.patches, min_patches=self.min_patches, mil_full=self.mil.full,
+                    score=self.score, threshold=self.threshold):
                 self.early_positive_after_tiles = cp.tile
-                self.on_event("early-positive", {"score": round(self.score, 6), "tiles": cp.tile})
+                self.on_event(EventKind.EARLY_POSITIVE, {"score": round(self.score, 6), "tiles": cp.tile})
 
     def _to_input(self, x: int, y: int, w: int, h: int) -> tuple[int, int, int, int]:
         """Model-resolution case coordinates -> the input's own pixel coordinates."""
@@ -379,17 +321,11 @@ class TriageSession:
         self._finished = True
         if self.engine.has_context and self._scores:
             self._refine()
-        reasons = self._reasons()
-        warnings: list[Reason] = []
-        if self.early_positive:
-            verdict, warnings = SUSPICIOUS, reasons  # the early call is final; QC found later is a warning
-            reasons = []
-        elif reasons:
-            verdict = CANNOT_CALL
-        elif self.score >= self.threshold:
-            verdict = SUSPICIOUS
-        else:
-            verdict = BENIGN
+        reasons = decision.cannot_call_reasons(tiles=self.tiles, patches_scored=len(self._scores),
+                                               patches_seen=self.patches_seen, qc_reasons=self.qc.reasons(),
+                                               min_patches=self.min_patches)
+        verdict, reasons, warnings = decision.make_call(early_positive=self.early_positive, reasons=reasons,
+                                                        score=self.score, threshold=self.threshold)
         self._timings["total"] = (time.perf_counter() - self._started) * 1e3
         self._scores.sort(key=lambda p: (p.y, p.x))
         result = TriageResult(
@@ -412,7 +348,7 @@ class TriageSession:
             microns_per_pixel=self.mpp,
             origin=list(self.origin),
         )
-        self.on_event("finished", {"verdict": verdict, "score": result.score})
+        self.on_event(EventKind.FINISHED, {"verdict": verdict, "score": result.score})
         return result
 
     def _refine(self) -> None:
@@ -427,32 +363,14 @@ class TriageSession:
         self.heatmap.add_many(pos[:, 0], pos[:, 1], pos[:, 2], pos[:, 3], refined)
         self._timings["context"] = (time.perf_counter() - t0) * 1e3
 
-    def _reasons(self) -> list[Reason]:
-        if self.tiles == 0:
-            return [Reason("no-tiles", "No tiles were received for this case; rescan.")]
-        if not self._scores:
-            return [Reason("no-tissue", f"No tissue was found in {self.tiles} tiles ({self.patches_seen} "
-                                        f"patches): blank or empty slide; check the slide and rescan.")]
-        out = self.qc.reasons()
-        if len(self._scores) < self.min_patches:
-            out.append(Reason("too-little-tissue",
-                              f"Only {len(self._scores)} tissue patches were found; at least {self.min_patches} are "
-                              f"needed for a call. Check the core is on the slide and rescan."))
-        return out
-
-    def write_outputs(self, out_dir: Path, case_id: str, summary: dict) -> dict[str, str]:
-        """overlay.png, case.ome.tif, heatmap.ome.tif, regions.geojson and summary.json into ``out_dir``.
-
-        ``summary`` is the finished result's ``to_dict()`` plus ``input`` and ``skipped_inputs``."""
-        t0 = time.perf_counter()
+    def write_outputs(self, out_dir: Path, case_id: str, summary: dict) -> dict[CaseFile, str]:
+        """The case's files (``CaseFile``) into ``out_dir``; returns their paths. ``summary`` is the finished
+        result's ``to_dict()`` plus ``input`` and ``skipped_inputs``; it is left as it is (summary.json adds the
+        case id and the list of files), so the file and the result a caller holds never differ."""
         crops = [self.mosaic.read(*self._to_model(p.x, p.y, p.w, p.h))
                  for p in sorted(self._scores, key=lambda p: (-p.probability, p.y, p.x))[: self.mil.k]]
-        paths = write_outputs(out_dir, case_id, summary, heatmap=self.heatmap, thumbnail=self.thumbnail,
-                              mosaic=self.mosaic, patch_threshold=self.patch_threshold, top_crops=crops)
-        summary.setdefault("timings_ms", {})
-        summary["timings_ms"]["outputs"] = round((time.perf_counter() - t0) * 1e3, 3)
-        summary["case_id"], summary["outputs"] = case_id, sorted(paths)
-        return paths
+        return write_outputs(out_dir, case_id, summary, heatmap=self.heatmap, thumbnail=self.thumbnail,
+                             mosaic=self.mosaic, patch_threshold=self.patch_threshold, top_crops=crops)
 
     def close(self) -> None:
         """Remove the mosaic (call after the outputs are written)."""

@@ -16,17 +16,20 @@ import time
 from firmware_bridge.errors import LinkError
 from firmware_bridge.host import HostLink
 
+from appliance import __version__
 from appliance.api.app import ApiServer, create_app
 from appliance.config import Settings
-from appliance.model.engine import Engine, load_engine
-from appliance.service.events import EventHub
 from appliance.errors import ManifestError, ModelIntegrityError
+from appliance.model.engine import Engine, load_engine
+from appliance.service import retention
+from appliance.service.events import EventHub
 from appliance.service.receiver import CaseReceiver, StorageGuard
-from appliance.store.spool import TileSpool
-from appliance.store.database import CaseStore
 from appliance.service.worker import CaseProgress, Notify, PipelineWorker, eta_seconds
+from appliance.store.database import CaseStore
+from appliance.store.spool import TileSpool
+from appliance.terms import RECORDED_EVENTS, EventKind
 
-log = logging.getLogger("appliance.service.daemon")
+log = logging.getLogger(__name__)
 
 
 
@@ -53,14 +56,10 @@ class Daemon:
         # daemon then runs degraded, serving its status and this reason but never opening the scanner link.
         self.problem: str | None = None
 
-    # Lifecycle events kept in the store's events table (per-tile progress is not: it is in the tiles table).
-    RECORDED = frozenset({"case-started", "case-ended", "early-positive", "finished", "qc-warning", "outputs",
-                          "error", "failed", "refused", "abandoned", "resumed", "link", "ready"})
-
     def notify(self, kind: str, data: dict) -> None:
         """Record lifecycle events in SQLite, then pass every event on (demo progress, logs)."""
         self.events.publish(kind, data)
-        if kind in self.RECORDED and self.store is not None:
+        if kind in RECORDED_EVENTS and self.store is not None:
             try:
                 self.store.event(kind, case_id=data.get("case_id"), detail=data)
             except Exception:  # noqa: BLE001 - the history must never stop the daemon
@@ -102,7 +101,7 @@ class Daemon:
             self.api = ApiServer(create_app(s, self.store, self.status, self.not_ready, self.engine.latency,
                                             self.events, self.reconnect_link), s.api_host, s.api_port)
             self.api.start()
-            self.notify("api", {"url": f"http://{s.api_host}:{self.api.port}"})
+            self.notify(EventKind.API, {"url": f"http://{s.api_host}:{self.api.port}"})
         self.receiver.recover()
         self._housekeeping_stop = threading.Event()
         self._housekeeping = threading.Thread(target=self._housekeep, name="housekeeping", daemon=True)
@@ -114,18 +113,18 @@ class Daemon:
         for case_id, tiles in self.receiver.ended_recovered:  # their CASE_END may come again: re-ACK it
             self.link.restore_ended(case_id, tiles)
         self.link.start()
-        self.notify("ready", {"port": self.port, "model": self.engine.description})
+        self.notify(EventKind.READY, {"port": self.port, "model": self.engine.description})
 
     def _start_degraded(self) -> None:
         """Store and API only: the status and the reason are served; no pipeline, no link, no new case."""
         s = self.settings
-        self.store.event("not-ready", detail={"reason": self.problem})
-        self.events.publish("not-ready", {"reason": self.problem})
+        self.store.event(EventKind.NOT_READY, detail={"reason": self.problem})
+        self.events.publish(EventKind.NOT_READY, {"reason": self.problem})
         if self.serve_api:
             self.api = ApiServer(create_app(s, self.store, self.status, self.not_ready, None, self.events,
                                             self.reconnect_link), s.api_host, s.api_port)
             self.api.start()
-            self.notify("api", {"url": f"http://{s.api_host}:{self.api.port}"})
+            self.notify(EventKind.API, {"url": f"http://{s.api_host}:{self.api.port}"})
 
     def reconnect_link(self, why: str) -> str:
         """An operator's reconnect (POST /link/reconnect): reopen the scanner port now; returns the link state."""
@@ -134,13 +133,11 @@ class Daemon:
                             else "the scanner link is not started yet")
         log.warning("reconnecting the scanner link: %s", why)
         self.link.request_reconnect(why)
-        self.notify("link", {"kind": "reconnect-requested", "detail": why})
+        self.notify(EventKind.LINK, {"kind": "reconnect-requested", "detail": why})
         return self.link.state
 
     def status(self) -> dict:
         """The live status the API serves: link, case in flight, model, disk."""
-        from appliance import __version__
-
         out: dict = {"version": __version__}
         if self.problem:
             out["problem"] = self.problem
@@ -175,8 +172,6 @@ class Daemon:
 
     def _housekeep(self) -> None:
         """Once a second: abandon cases the scanner left open. Every retention_interval_s: retention."""
-        from appliance.service import retention
-
         tick = min(1.0, self.settings.case_timeout_s / 4)
         next_retention = time.monotonic()
         while not self._housekeeping_stop.wait(tick):

@@ -3,7 +3,6 @@ free-space check that refuses new cases on a full disk (StorageGuard)."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
 import time
@@ -13,11 +12,12 @@ import numpy as np
 
 from firmware_bridge.sink import CaseInfo, CaseRefused, TileReceived
 
-from appliance.store.spool import TileSpool
-from appliance.store.database import CaseStore
 from appliance.service.worker import CaseProgress, Notify, PipelineWorker
+from appliance.store.database import CaseStore
+from appliance.store.spool import TileSpool, pixel_digest
+from appliance.terms import CaseStatus, EventKind
 
-log = logging.getLogger("appliance.service.daemon")
+log = logging.getLogger(__name__)
 
 # Finished cases the receiver keeps in memory (wait_case, the latest call in /status); older ones are in the
 # store only. Without a bound every case's result (its ~1,000 patch scores) stayed in memory for good.
@@ -46,7 +46,7 @@ class CaseReceiver:
             return  # rebuilt after a restart and resumed by the scanner: keep what is stored and replayed
         refusal = self.storage.refusal()
         if refusal:
-            self.notify("refused", {"case_id": info.case_id, "reason": refusal})
+            self.notify(EventKind.REFUSED, {"case_id": info.case_id, "reason": refusal})
             raise CaseRefused(refusal)
         expected = info.expected_tiles or None
         self.spool.begin_case(info.case_id, _info_dict(info))
@@ -58,7 +58,7 @@ class CaseReceiver:
         self.current = progress
         self._forget_finished()
         self.pipeline.begin(progress)
-        self.notify("case-started", {"case_id": info.case_id, "tiles_expected": expected})
+        self.notify(EventKind.CASE_STARTED, {"case_id": info.case_id, "tiles_expected": expected})
 
     def _forget_finished(self) -> None:
         """Drop all but the latest FINISHED_CASES_KEPT finished cases from memory (oldest first)."""
@@ -73,11 +73,12 @@ class CaseReceiver:
             raise CaseRefused(f"case {tile.case_id} was abandoned: {progress.abandoned}")
         progress.last_activity = time.monotonic()
         h, w = tile.pixels.shape[:2]
-        sha = self.spool.store_tile(tile.case_id, tile.index, tile.x, tile.y, tile.pixels)
+        # the link hashed the pixels as it decoded them; the spool hashes only when it did not
+        path, sha = self.spool.store_tile(tile.case_id, tile.index, tile.x, tile.y, tile.pixels, sha256=tile.sha256)
         self.store.tile_stored(tile.case_id, tile.index, tile.x, tile.y, w, h, sha)
         progress.tiles_received += 1
-        self.pipeline.tile(progress, tile.x, tile.y, tile.pixels)
-        self.notify("tile", {"case_id": tile.case_id, "received": progress.tiles_received,
+        self.pipeline.tile(progress, tile.x, tile.y, tile.pixels, path)
+        self.notify(EventKind.TILE, {"case_id": tile.case_id, "received": progress.tiles_received,
                              "expected": progress.tiles_expected})
 
     def case_ended(self, case_id: str, tile_count: int) -> None:
@@ -89,7 +90,7 @@ class CaseReceiver:
         self.store.case_processing(case_id)
         progress.ended = True
         self.pipeline.end(progress)
-        self.notify("case-ended", {"case_id": case_id, "tile_count": tile_count})
+        self.notify(EventKind.CASE_ENDED, {"case_id": case_id, "tile_count": tile_count})
 
     def recover(self) -> list[str]:
         """After a crash: rebuild every case the last run left open from the spool (what was ACKed) and replay
@@ -104,21 +105,20 @@ class CaseReceiver:
             except (OSError, ValueError, TypeError) as exc:
                 self.store.case_failed(case_id, f"could not resume after a restart: {exc}")
                 continue
-            ended = row["status"] == "processing" or any(
-                e["kind"] == "case-ended" for e in self.store.events(case_id))
+            ended = row["status"] == CaseStatus.PROCESSING or any(
+                e["kind"] == EventKind.CASE_ENDED for e in self.store.events(case_id))
             progress = CaseProgress(case_id, info.specimen_id, info.expected_tiles or None, info)
             self.cases[case_id] = progress
             self.current = progress
             self.pipeline.begin(progress)
             logged = {r["idx"] for r in self.store.tiles(case_id)}
             for idx, x, y, path in self.spool.stored_tiles(case_id):
-                pixels = np.load(path, allow_pickle=False)
                 if idx not in logged:  # spooled, then killed before its row was committed (and before the ACK)
-                    self.store.tile_stored(case_id, idx, x, y, pixels.shape[1], pixels.shape[0],
-                                           hashlib.sha256(np.ascontiguousarray(pixels).tobytes()).hexdigest())
-                self.pipeline.tile(progress, x, y, pixels)
+                    pixels = np.load(path, allow_pickle=False)
+                    self.store.tile_stored(case_id, idx, x, y, pixels.shape[1], pixels.shape[0], pixel_digest(pixels))
+                self.pipeline.tile(progress, x, y, None, path)  # read back when its turn comes
                 progress.tiles_received += 1
-            self.notify("resumed", {"case_id": case_id, "tiles": progress.tiles_received, "ended": ended})
+            self.notify(EventKind.RESUMED, {"case_id": case_id, "tiles": progress.tiles_received, "ended": ended})
             if ended:
                 progress.ended = True
                 self.pipeline.end(progress)
@@ -143,7 +143,7 @@ class CaseReceiver:
         return out
 
     def link_event(self, kind: str, detail: str) -> None:
-        self.notify("link", {"kind": kind, "detail": detail})
+        self.notify(EventKind.LINK, {"kind": kind, "detail": detail})
 
 
 class StorageGuard:

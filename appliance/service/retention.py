@@ -7,6 +7,7 @@ went and why. Oldest finished cases go first.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from dataclasses import dataclass
@@ -15,8 +16,9 @@ from pathlib import Path
 
 from appliance.config import Settings
 from appliance.store.database import CaseStore
+from appliance.terms import FINISHED_STATUSES, EventKind
 
-FINISHED = ("done", "cannot-call", "failed", "abandoned")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,7 @@ def plan(store: CaseStore, settings: Settings, now: datetime | None = None) -> l
     if settings.retention_days is None and settings.retention_max_gb is None:
         return []
     now = now or datetime.now(timezone.utc)
-    cases = [c for c in store.list_cases(limit=1_000_000) if c["status"] in FINISHED and c.get("finished_at")]
+    cases = [c for c in store.list_cases(limit=1_000_000) if c["status"] in FINISHED_STATUSES and c.get("finished_at")]
     cases = [c for c in cases if c.get("signed_off_at") or settings.retention_unsigned]
     cases.sort(key=lambda c: c["finished_at"])
     sizes = {c["id"]: sum(folder_bytes(p) for p in case_folders(settings, c["id"])) for c in cases}
@@ -73,11 +75,20 @@ def plan(store: CaseStore, settings: Settings, now: datetime | None = None) -> l
 
 
 def apply(store: CaseStore, settings: Settings, now: datetime | None = None) -> list[Purge]:
-    """Remove the planned cases' spool and output folders; each removal is recorded as an event."""
+    """Remove the planned cases' spool and output folders. A removal is recorded as ``purged`` only when
+    its folders are really gone; otherwise ``purge-failed`` says what is left and why (the next run tries
+    again). Returns the cases whose files are gone."""
     done = []
     for p in plan(store, settings, now):
+        errors: list[str] = []
         for folder in case_folders(settings, p.case_id):
-            shutil.rmtree(folder, ignore_errors=True)
-        store.event("purged", case_id=p.case_id, detail={"reason": p.reason, "bytes": p.bytes})
+            shutil.rmtree(folder, onerror=lambda _fn, path, info: errors.append(f"{path}: {info[1]}"))
+        left = [str(f) for f in case_folders(settings, p.case_id)]
+        if left:
+            log.error("retention could not remove the files of case %s: %s", p.case_id, "; ".join(errors or left))
+            store.event(EventKind.PURGE_FAILED, case_id=p.case_id, detail={"reason": p.reason, "left": left,
+                                                                          "errors": errors})
+            continue
+        store.event(EventKind.PURGED, case_id=p.case_id, detail={"reason": p.reason, "bytes": p.bytes})
         done.append(p)
     return done

@@ -1,5 +1,9 @@
 """The pipeline thread: one TriageSession per case, fed tile by tile through a queue, and what the daemon
-knows about each case in flight (CaseProgress)."""
+knows about each case in flight (CaseProgress).
+
+The queue holds at most MAX_TILES_IN_RAM tiles' pixels. Every tile is in the spool before it is queued (it
+was ACKed), so when inference falls behind, later tiles are queued by their spool path and read back when
+their turn comes: the backlog waits on disk, not in RAM, and the link's ACK path never blocks on it."""
 
 from __future__ import annotations
 
@@ -15,17 +19,21 @@ import numpy as np
 
 from firmware_bridge.sink import CaseInfo
 
+from appliance.errors import ApplianceError, StoreError
 from appliance.model.engine import Engine
-from appliance.errors import ApplianceError
-from appliance.service.heap import release_free_memory
 from appliance.pipeline import TriageResult, TriageSession
+from appliance.service.heap import release_free_memory
 from appliance.store.database import CaseStore
+from appliance.terms import EventKind
 
-log = logging.getLogger("appliance.service.daemon")
+log = logging.getLogger(__name__)
 
 Notify = Callable[[str, dict], None]
 
 LIVE_QC_EVERY = 8  # tiles between live QC checks (focus, exposure, and the stain once it has been judged)
+# Tiles whose pixels may wait in the queue: 32 tiles of 450 px are ~19 MB. About 10 s of scanning at the
+# rates measured here, so a queue that fills means inference is behind, not a hiccup.
+MAX_TILES_IN_RAM = 32
 
 
 def eta_seconds(progress: "CaseProgress", now: float) -> float | None:
@@ -72,6 +80,8 @@ class PipelineWorker:
         self.batch_size = batch_size
         self.notify = notify
         self._queue: queue.Queue = queue.Queue()
+        self._ram_lock = threading.Lock()
+        self.tiles_in_ram = 0  # queued tiles that carry their pixels (at most MAX_TILES_IN_RAM)
         self._thread = threading.Thread(target=self._run, name="pipeline", daemon=True)
         self._sessions: dict[str, TriageSession] = {}
         self.beat = time.monotonic()  # last time the loop was between items (idle or done with one)
@@ -87,8 +97,12 @@ class PipelineWorker:
     def begin(self, progress: CaseProgress) -> None:
         self._queue.put(("begin", progress))
 
-    def tile(self, progress: CaseProgress, x: int, y: int, pixels: np.ndarray) -> None:
-        self._queue.put(("tile", progress, x, y, pixels))
+    def tile(self, progress: CaseProgress, x: int, y: int, pixels: np.ndarray | None, spooled: Path) -> None:
+        """Queue a spooled tile: with its pixels while few tiles wait, else by its spool path (never blocks)."""
+        with self._ram_lock:
+            keep = pixels is not None and self.tiles_in_ram < MAX_TILES_IN_RAM
+            self.tiles_in_ram += keep
+        self._queue.put(("tile", progress, x, y, pixels if keep else None, spooled))
 
     def end(self, progress: CaseProgress) -> None:
         self._queue.put(("end", progress))
@@ -131,10 +145,11 @@ class PipelineWorker:
                         workdir=self.cases_dir / progress.case_id / ".work",
                     )
                 elif kind == "tile":
+                    pixels = self._pixels(item[4], item[5])
                     session = self._sessions.get(progress.case_id)
                     if session is None:  # abandoned while this tile was in flight; it stays in the spool
                         continue
-                    session.add_tile(item[2], item[3], item[4])
+                    session.add_tile(item[2], item[3], pixels)
                     progress.tiles_processed = session.tiles
                     progress.score = session.score
                     if session.tiles % LIVE_QC_EVERY == 0:
@@ -149,10 +164,10 @@ class PipelineWorker:
                     self.store.case_abandoned(progress.case_id, progress.abandoned or "abandoned")
                     progress.done.set()
                     progress.outputs_done.set()
-                    self.notify("abandoned", {"case_id": progress.case_id, "reason": progress.abandoned})
+                    self.notify(EventKind.ABANDONED, {"case_id": progress.case_id, "reason": progress.abandoned})
             except ApplianceError as exc:
                 # A bad tile is reported and the case goes on; nothing acknowledged is dropped silently.
-                self.notify("error", {"case_id": progress.case_id, "message": str(exc)})
+                self.notify(EventKind.ERROR, {"case_id": progress.case_id, "message": str(exc)})
             except Exception as exc:
                 log.exception("pipeline failed on case %s", progress.case_id)
                 self.store.case_failed(progress.case_id, f"{type(exc).__name__}: {exc}")
@@ -160,39 +175,48 @@ class PipelineWorker:
                 if failed is not None:
                     failed.close()
                 progress.done.set()
-                self.notify("failed", {"case_id": progress.case_id, "message": str(exc)})
+                self.notify(EventKind.FAILED, {"case_id": progress.case_id, "message": str(exc)})
+
+    def _pixels(self, pixels: np.ndarray | None, spooled: Path) -> np.ndarray:
+        """A queued tile's pixels: as queued, or read back from the spool."""
+        if pixels is not None:
+            with self._ram_lock:
+                self.tiles_in_ram -= 1
+            return pixels
+        try:
+            return np.load(spooled, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"a spooled tile could not be read back from {spooled}: {exc}") from None
 
     def _session_event(self, progress: CaseProgress, kind: str, data: dict) -> None:
-        if kind == "early-positive":
+        if kind == EventKind.EARLY_POSITIVE:
             progress.early_positive = True
-            self.notify("early-positive", {"case_id": progress.case_id, **data})
+            self.notify(EventKind.EARLY_POSITIVE, {"case_id": progress.case_id, **data})
 
     def _finish(self, progress: CaseProgress) -> None:
+        # the case is already "processing": the receiver committed that on CASE_END, before the ACK
         session = self._sessions.pop(progress.case_id)
-        self.store.case_processing(progress.case_id)
         written: tuple[str, dict] | None = None
         try:
             result = session.finish()
-            summary = result.to_dict()
-            summary["input"] = f"scanner case {progress.case_id}"
-            summary["skipped_inputs"] = []
             # the verdict is final and stored first; the files follow (a failure there does not lose the call)
-            self.store.case_finished(progress.case_id, summary)
+            self.store.case_finished(progress.case_id, result)
             progress.result = result
             progress.score = result.score
             progress.warnings = [asdict(w) for w in result.warnings]  # the call's own, not the live ones
             progress.done.set()
-            self.notify("finished", {"case_id": progress.case_id, "verdict": result.verdict, "score": result.score,
+            self.notify(EventKind.FINISHED, {"case_id": progress.case_id, "verdict": result.verdict, "score": result.score,
                                      "early_positive_after_tiles": result.early_positive_after_tiles,
                                      "warnings": [asdict(w) for w in result.warnings]})
             for w in result.warnings:  # QC found after the early call: in the case's log, never dropped
-                self.notify("qc-warning", {"case_id": progress.case_id, "code": w.code, "message": w.message})
+                self.notify(EventKind.QC_WARNING, {"case_id": progress.case_id, "code": w.code, "message": w.message})
             try:
+                summary = dict(result.to_dict(), input=f"scanner case {progress.case_id}", skipped_inputs=[])
                 progress.outputs = session.write_outputs(self.cases_dir / progress.case_id, progress.case_id, summary)
-                written = ("outputs", {"case_id": progress.case_id, "files": sorted(progress.outputs)})
+                written = (EventKind.OUTPUTS, {"case_id": progress.case_id, "files": sorted(progress.outputs)})
             except (OSError, ValueError) as exc:
                 log.exception("could not write the outputs of case %s", progress.case_id)
-                written = ("error", {"case_id": progress.case_id, "message": f"outputs not written: {exc}"})
+                written = (EventKind.ERROR, {"case_id": progress.case_id, "message": f"outputs not written: {exc}"})
         finally:
             session.close()
             release_free_memory()

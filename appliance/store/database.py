@@ -10,19 +10,18 @@ import json
 import queue
 import sqlite3
 import threading
-import time
 from concurrent.futures import Future
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
 import sqlite_utils
 
-from appliance.errors import StoreError
+from appliance.errors import CaseNotFoundError, CaseStateError, StoreError
+from appliance.pipeline.result import TriageResult
 from appliance.store.migrations import migrations
-
-CASE_STATUSES = ("receiving", "processing", "done", "cannot-call", "failed", "abandoned")
-
+from appliance.terms import OPEN_STATUSES, CaseStatus, Verdict
 
 def utcnow() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
@@ -104,7 +103,7 @@ class CaseStore:
             "id": case_id,
             "specimen_id": specimen_id,
             "source": source,
-            "status": "receiving",
+            "status": CaseStatus.RECEIVING,
             "received_at": utcnow(),
             "tiles_expected": tiles_expected,
             "tiles_received": 0,
@@ -131,51 +130,53 @@ class CaseStore:
         self.write(_write)
 
     def case_processing(self, case_id: str) -> None:
-        self.write(lambda db: db["cases"].update(case_id, {"status": "processing"}))
+        self.write(lambda db: db["cases"].update(case_id, {"status": CaseStatus.PROCESSING}))
 
-    def case_finished(self, case_id: str, result: dict) -> None:
-        status = "cannot-call" if result["verdict"] == "cannot-call" else "done"
+    def case_finished(self, case_id: str, result: TriageResult) -> None:
+        """The call, from the typed result (its patch list is counted here, never turned into dicts)."""
+        model = result.model
         fields = {
-            "status": status,
+            "status": CaseStatus.CANNOT_CALL if result.verdict == Verdict.CANNOT_CALL else CaseStatus.DONE,
             "finished_at": utcnow(),
-            "verdict": result["verdict"],
-            "score": result["score"],
-            "threshold": result["threshold"],
-            "reasons": json.dumps(result["reasons"]),
-            "warnings": json.dumps(result["warnings"]),
-            "patch_threshold": result["patch_threshold"],
-            "case_rule": result.get("case_rule"),
-            "patches_scored": len(result["patches"]),
-            "early_positive": int(result["early_positive"]),
-            "early_positive_after_tiles": result["early_positive_after_tiles"],
-            "timings_ms": json.dumps(result["timings_ms"]),
-            "model_name": result["model"]["name"],
-            "model_version": result["model"]["version"],
-            "model_sha256": result["model"]["sha256"],
-            "engine": result["model"]["backend"],
+            "verdict": result.verdict,
+            "score": result.score,
+            "threshold": result.threshold,
+            "reasons": json.dumps([asdict(r) for r in result.reasons]),
+            "warnings": json.dumps([asdict(w) for w in result.warnings]),
+            "patch_threshold": result.patch_threshold,
+            "case_rule": result.case_rule,
+            "patches_scored": len(result.patches),
+            "early_positive": int(result.early_positive),
+            "early_positive_after_tiles": result.early_positive_after_tiles,
+            "timings_ms": json.dumps(result.timings_ms),
+            "model_name": model["name"],
+            "model_version": model["version"],
+            "model_sha256": model["sha256"],
+            "engine": model["backend"],
         }
         self.write(lambda db: db["cases"].update(case_id, fields))
 
     def case_abandoned(self, case_id: str, message: str) -> None:
-        fields = {"status": "abandoned", "finished_at": utcnow(),
+        fields = {"status": CaseStatus.ABANDONED, "finished_at": utcnow(),
                   "reasons": json.dumps([{"code": "abandoned", "message": message}])}
         self.write(lambda db: db["cases"].update(case_id, fields))
 
     def case_failed(self, case_id: str, message: str) -> None:
-        fields = {"status": "failed", "finished_at": utcnow(),
+        fields = {"status": CaseStatus.FAILED, "finished_at": utcnow(),
                   "reasons": json.dumps([{"code": "failed", "message": message}])}
         self.write(lambda db: db["cases"].update(case_id, fields))
 
     def sign_off(self, case_id: str, *, by: str, comment: str = "", via: str = "api") -> dict:
-        """Sign a finished case off (who, when, comment) and audit it; raises StoreError if it cannot be."""
+        """Sign a finished case off (who, when, comment) and audit it. Raises CaseNotFoundError, or
+        CaseStateError while the case is still open."""
         at = utcnow()
 
         def _write(db: sqlite_utils.Database) -> dict:
             rows = list(db["cases"].rows_where("id = ?", [case_id]))
             if not rows:
-                raise StoreError(f"no case {case_id!r}")
-            if rows[0]["status"] in ("receiving", "processing"):
-                raise StoreError(f"case {case_id!r} is still {rows[0]['status']}; sign off once it is finished")
+                raise CaseNotFoundError(f"no case {case_id!r}")
+            if rows[0]["status"] in OPEN_STATUSES:
+                raise CaseStateError(f"case {case_id!r} is still {rows[0]['status']}; sign off once it is finished")
             db["cases"].update(case_id, {"signed_off_by": by, "signed_off_at": at, "sign_off_comment": comment})
             _audit(db, at, by, via, "sign-off", case_id, {"comment": comment})
             return {"case_id": case_id, "signed_off_by": by, "signed_off_at": at}
@@ -220,7 +221,8 @@ class CaseStore:
         """Cases a previous run left receiving or processing (to resume after a crash), oldest first."""
         db = self._reader()
         try:
-            rows = db["cases"].rows_where("status in ('receiving', 'processing')", order_by="received_at")
+            rows = db["cases"].rows_where(f"status in ({', '.join('?' * len(OPEN_STATUSES))})", list(OPEN_STATUSES),
+                                          order_by="received_at")
             return [_decode_row(r) for r in rows]
         finally:
             db.conn.close()
@@ -290,12 +292,3 @@ def _audit(db: sqlite_utils.Database, at: str, actor: str, via: str, action: str
     db["audit"].insert({"at": at, "actor": actor, "via": via, "action": action, "case_id": case_id,
                         "detail": json.dumps(detail, default=str)})
 
-
-def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
-    """Poll ``predicate`` until it is true or ``timeout`` passes (used by tests and the demo)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()

@@ -12,16 +12,21 @@ from pathlib import Path
 import numpy as np
 
 from appliance.errors import StoreError
+from appliance.terms import CASE_ID
 
 _TILE_FILE = re.compile(r"^tile-(\d+)_x(\d+)_y(\d+)\.npy$")
-_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 def check_case_id(case_id: str) -> str:
     """Case ids become folder names, so only a safe alphabet is allowed."""
-    if not _SAFE_ID.match(case_id) or ".." in case_id:
+    if not CASE_ID.match(case_id) or ".." in case_id:
         raise StoreError(f"case id {case_id!r} is not allowed: use letters, digits, '.', '_' or '-' (max 128)")
     return case_id
+
+
+def pixel_digest(pixels: np.ndarray) -> str:
+    """sha256 of a tile's pixel bytes (C order), as the link computes it on receipt."""
+    return hashlib.sha256(np.ascontiguousarray(pixels)).hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -64,12 +69,16 @@ class TileSpool:
         _fsync_dir(self.root)
         return d
 
-    def store_tile(self, case_id: str, index: int, x: int, y: int, pixels: np.ndarray) -> str:
-        """Store one tile durably and return the sha256 of its pixel bytes."""
+    def store_tile(self, case_id: str, index: int, x: int, y: int, pixels: np.ndarray,
+                   sha256: str | None = None) -> tuple[Path, str]:
+        """Store one tile durably; returns its path and the sha256 of its pixel bytes (``sha256`` when the
+        caller already has it, so a tile is hashed once)."""
+        pixels = np.ascontiguousarray(pixels)
         buf = io.BytesIO()
-        np.save(buf, np.ascontiguousarray(pixels), allow_pickle=False)
-        write_durably(self.tile_path(case_id, index, x, y), buf.getvalue())
-        return hashlib.sha256(np.ascontiguousarray(pixels).tobytes()).hexdigest()
+        np.save(buf, pixels, allow_pickle=False)
+        path = self.tile_path(case_id, index, x, y)
+        write_durably(path, buf.getvalue())
+        return path, sha256 or pixel_digest(pixels)
 
     def tile_path(self, case_id: str, index: int, x: int, y: int) -> Path:
         return self.case_dir(case_id) / f"tile-{index:06d}_x{x}_y{y}.npy"

@@ -14,9 +14,10 @@ from textual.binding import Binding
 from textual import work
 
 from appliance import RESEARCH_USE_NOTICE
-from appliance.tui.client import ApiClient, ApiUnavailable
+from appliance.tui.client import ApiClient, ApiUnavailable, BadAnswer
 from appliance.tui.messages import ConnectionChanged, DaemonEvent, StatusUpdated
 from appliance.tui.screens import CaseScreen, HistoryScreen, LiveScreen
+from appliance.terms import EventKind
 from appliance.tui.widgets import Banner
 
 RETRY_MAX_S = 2.0
@@ -56,7 +57,7 @@ class TriageApp(App):
             except ApiUnavailable as exc:
                 self.post_message(ConnectionChanged(False, str(exc)))
                 delay = min(delay * 2, RETRY_MAX_S)
-            except Exception as exc:  # noqa: BLE001 - an odd answer is shown, never fatal to the screen
+            except BadAnswer as exc:  # shown on the banner, and retried: never fatal to the screen
                 self.post_message(ConnectionChanged(False, f"unexpected answer from the appliance: {exc}"))
                 delay = min(delay * 2, RETRY_MAX_S)
             else:
@@ -73,8 +74,9 @@ class TriageApp(App):
                     self.post_message(DaemonEvent(kind, data))
             except ApiUnavailable:
                 pass  # the poller owns the banner; just come back
-            except Exception:  # noqa: BLE001 - a broken stream is retried, not fatal
-                pass
+            except BadAnswer as exc:  # a malformed event: said on screen and in the log, then the stream is reopened
+                self.log.warning(str(exc))
+                self.notify(str(exc), severity="warning")
             await asyncio.sleep(RETRY_MAX_S / 2)
 
     # -- messages -------------------------------------------------------------------------------------
@@ -92,12 +94,12 @@ class TriageApp(App):
 
     def on_daemon_event(self, msg: DaemonEvent) -> None:
         kind, data = msg.kind, msg.data
-        if kind == "case-started":
+        if kind == EventKind.CASE_STARTED:
             self.live.case_started(data.get("case_id", "?"))
-        elif kind == "early-positive":
+        elif kind == EventKind.EARLY_POSITIVE:
             self.live.early_positive(data.get("case_id", "?"), data.get("tiles"))
             self.bell()
-        elif kind == "finished":
+        elif kind == EventKind.FINISHED:
             self.live.last_verdict(data["case_id"], data["verdict"], data["score"])
             if self.open_verdicts and self.screen is self.live:
                 self.push_screen(CaseScreen(self.client, data["case_id"]))

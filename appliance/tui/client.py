@@ -13,6 +13,10 @@ class ApiUnavailable(Exception):
     """The daemon cannot be reached (down, restarting, wrong URL)."""
 
 
+class BadAnswer(Exception):
+    """The daemon answered, but not with what this UI can read (an error status, or not JSON)."""
+
+
 class ActionRefused(Exception):
     """The daemon answered an action with an error; the message says why in words."""
 
@@ -34,28 +38,22 @@ class ApiClient:
         return r
 
     async def status(self) -> dict:
-        r = await self._get("/status")
-        r.raise_for_status()
-        return r.json()
+        return _json(await self._get("/status"))
 
     async def cases(self, *, verdict: str | None = None, signed_off: bool | None = None, limit: int = 200) -> list:
-        r = await self._get("/cases", verdict=verdict, signed_off=signed_off, limit=limit)
-        r.raise_for_status()
-        return r.json()["cases"]
+        return _json(await self._get("/cases", verdict=verdict, signed_off=signed_off, limit=limit))["cases"]
 
     async def case(self, case_id: str) -> dict | None:
         r = await self._get(f"/cases/{case_id}")
-        if r.status_code == 404:
-            return None
-        r.raise_for_status()
-        return r.json()
+        return None if r.status_code == 404 else _json(r)
 
     async def file(self, case_id: str, name: str) -> bytes | None:
         """One of the case's output files, or None when it is not there (not written yet, or removed)."""
         r = await self._get(f"/cases/{case_id}/{name}")
         if r.status_code == 404:
             return None
-        r.raise_for_status()
+        if r.status_code >= 400:
+            raise BadAnswer(f"GET {r.request.url.path} answered {r.status_code}: {explain(r)}")
         return r.content
 
     def token(self) -> str:
@@ -89,10 +87,24 @@ class ApiClient:
                     if line.startswith("event: "):
                         kind = line[7:]
                     elif line.startswith("data: ") and kind:
-                        yield kind, json.loads(line[6:])
+                        try:
+                            data = json.loads(line[6:])
+                        except ValueError:
+                            raise BadAnswer(f"the event stream sent a {kind!r} event that is not JSON") from None
+                        yield kind, data
                         kind = None
         except httpx.HTTPError as exc:
             raise ApiUnavailable(f"the event stream from {self.url} broke: {type(exc).__name__}") from None
+
+
+def _json(r: httpx.Response):
+    """A GET's JSON body; an error status or a body that is not JSON is a BadAnswer that says which."""
+    if r.status_code >= 400:
+        raise BadAnswer(f"GET {r.request.url.path} answered {r.status_code}: {explain(r)}")
+    try:
+        return r.json()
+    except ValueError:
+        raise BadAnswer(f"GET {r.request.url.path} did not answer JSON") from None
 
 
 def explain(r: httpx.Response) -> str:

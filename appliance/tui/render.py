@@ -13,17 +13,18 @@ from PIL import Image
 from rich.style import Style
 from rich.text import Text
 
-from appliance.pipeline.outputs import colormap
+from appliance.colormap import colormap
+from appliance.terms import Verdict
 
 HALF = "▀"
 # Okabe-Ito colours (safe for the common colour-vision deficiencies); a word and a symbol go with each, so
 # the colour is never the only signal.
 VERDICTS = {
-    "suspicious": ("▲", "SUSPICIOUS", "#E69F00", "#000000",
+    Verdict.SUSPICIOUS: ("▲", "SUSPICIOUS", "#E69F00", "#000000",
                    "Prioritise this case for pathologist review."),
-    "benign-appearing": ("●", "BENIGN-APPEARING", "#0072B2", "#FFFFFF",
+    Verdict.BENIGN: ("●", "BENIGN-APPEARING", "#0072B2", "#FFFFFF",
                          "Routine queue: the pathologist reviews it as usual."),
-    "cannot-call": ("?", "CANNOT CALL", "#BBBBBB", "#000000",
+    Verdict.CANNOT_CALL: ("?", "CANNOT CALL", "#BBBBBB", "#000000",
                     "No call was made: act on the reasons below, then rescan."),
 }
 

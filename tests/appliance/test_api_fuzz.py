@@ -8,6 +8,7 @@ from appliance.api.app import ApiServer, create_app
 from appliance.store.database import CaseStore
 from firmware_bridge.host import HostLink
 from tests.openapi_fuzz import fuzz_api
+from tests.results import a_result
 
 
 @pytest.fixture
@@ -16,9 +17,7 @@ def api_url(settings_for_fuzz):
     store = CaseStore(s.db_path)
     model = {"name": "m", "version": "1", "sha256": "a" * 64, "backend": "openvino"}
     store.case_started("C-1", specimen_id="S-1", model=model)
-    store.case_finished("C-1", {"verdict": "suspicious", "score": 0.9, "threshold": 0.5, "patch_threshold": 0.5, "reasons": [], "warnings": [],
-                                "patches": [], "early_positive": False, "early_positive_after_tiles": None,
-                                "timings_ms": {}, "model": model})
+    store.case_finished("C-1", a_result("suspicious", 0.9, patches=0, model=model))
     master, slave = os.openpty()  # a real link on a pty path, so POST /link/reconnect really reopens it
     link = HostLink(os.ttyname(slave), sink=None, backoff_initial=0.01).start()
 

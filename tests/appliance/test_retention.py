@@ -60,3 +60,48 @@ def test_retention_by_size_removes_oldest_finished_cases_first_until_under_the_l
         assert retention.plan(store, s, NOW) == []
     finally:
         store.close()
+
+
+
+def _unremovable(path):
+    """Make ``path`` (a file) impossible to delete for this process, at the file-system level; returns the undo."""
+    import os
+    import shutil
+    import subprocess
+
+    import pytest
+
+    if os.geteuid() != 0:
+        path.parent.chmod(0o500)
+        return lambda: path.parent.chmod(0o700)
+    if shutil.which("chattr") is None:
+        pytest.skip("running as root without chattr: no way to make a file undeletable here")
+    made = subprocess.run(["chattr", "+i", str(path)], capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"this file system has no immutable flag: {made.stderr.strip()}")
+    return lambda: subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+def test_a_purge_that_cannot_remove_the_files_is_not_recorded_as_done(tmp_path):
+    s = load_settings(None, data_dir=tmp_path, model_dir=MODEL_DIR, retention_days=30)
+    store = CaseStore(s.db_path)
+    stuck = s.cases_dir / "OLD-STUCK" / "inner" / "g.bin"
+    undo = None
+    try:
+        make_case(store, s, "OLD-STUCK", days_ago=40, signed=True)
+        stuck.parent.mkdir()
+        stuck.write_bytes(b"y")
+        undo = _unremovable(stuck)
+        assert retention.apply(store, s, NOW) == []
+        assert stuck.exists() and not (s.spool_dir / "OLD-STUCK").exists()
+        (event,) = store.events("OLD-STUCK")
+        assert event["kind"] == "purge-failed" and event["detail"]["left"] == [str(s.cases_dir / "OLD-STUCK")]
+        assert str(stuck) in " ".join(event["detail"]["errors"])
+        undo()
+        undo = None  # repaired: the next run removes the rest and records it
+        assert [p.case_id for p in retention.apply(store, s, NOW)] == ["OLD-STUCK"]
+        assert [e["kind"] for e in store.events("OLD-STUCK")] == ["purge-failed", "purged"]
+    finally:
+        if undo is not None:
+            undo()
+        store.close()

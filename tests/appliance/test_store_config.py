@@ -1,11 +1,13 @@
 """The case store on a real SQLite file, and the settings object."""
 
+import hashlib
 import sqlite3
 import threading
 
 import pytest
 
-from appliance.config import ConfigError, load_settings
+from appliance.config import load_settings
+from appliance.errors import ConfigError
 from appliance.store.spool import TileSpool
 from appliance.errors import StoreError
 from appliance.store.database import CaseStore
@@ -54,9 +56,12 @@ def test_spool_writes_are_atomic_and_refuse_unsafe_case_ids(tmp_path):
     spool = TileSpool(tmp_path)
     spool.begin_case("C-1", {"a": 1})
     px = np.arange(50 * 50 * 3, dtype=np.uint8).reshape(50, 50, 3)
-    sha = spool.store_tile("C-1", 0, 0, 0, px)
-    assert len(sha) == 64
+    stored, sha = spool.store_tile("C-1", 0, 0, 0, px)
+    assert sha == hashlib.sha256(px.tobytes()).hexdigest()
     (path,) = spool.tiles("C-1")
+    assert path == stored
+    # a digest the link already computed is kept, not computed again
+    assert spool.store_tile("C-1", 1, 50, 0, px, sha256="f" * 64)[1] == "f" * 64
     assert np.array_equal(np.load(path), px)
     assert not list((tmp_path / "C-1").glob(".*tmp"))
     with pytest.raises(StoreError, match="not allowed"):

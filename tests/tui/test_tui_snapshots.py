@@ -14,7 +14,7 @@ from PIL import Image, ImageFilter
 from textual.widgets import Input
 
 from appliance.api.app import ApiServer, create_app
-from appliance.pipeline import TriageSession
+from appliance.pipeline import TriageResult, TriageSession
 from appliance.offline.sources import tiles_from_image
 from appliance.store.database import CaseStore
 from appliance.tui.app import TriageApp
@@ -31,15 +31,14 @@ LIVE = {
 }
 
 
-def triage_into(engine, image, cases_dir, case_id) -> dict:
+def triage_into(engine, image, cases_dir, case_id) -> TriageResult:
     session = TriageSession(engine, height=image.shape[0], width=image.shape[1],
                             workdir=cases_dir / case_id / ".work")
     try:
         for t in tiles_from_image(image, 200):
             session.add_tile(t.x, t.y, np.ascontiguousarray(t.pixels))
-        result = session.finish().to_dict()
-        result.update(input=case_id, skipped_inputs=[])
-        session.write_outputs(cases_dir / case_id, case_id, result)
+        result = session.finish()
+        session.write_outputs(cases_dir / case_id, case_id, dict(result.to_dict(), input=case_id, skipped_inputs=[]))
     finally:
         session.close()
     return result
@@ -55,7 +54,7 @@ def api_url(ov_engine, demo_image, tmp_path_factory):
     blurred = np.asarray(Image.fromarray(demo_image).filter(ImageFilter.GaussianBlur(4)))
     for case_id, specimen, image in (("SNAP-1", "S-2026-0040", demo_image), ("SNAP-2", "S-2026-0041", blurred)):
         result = triage_into(ov_engine, image, settings.cases_dir, case_id)
-        store.case_started(case_id, specimen_id=specimen, tiles_expected=result["tiles"], model=result["model"])
+        store.case_started(case_id, specimen_id=specimen, tiles_expected=result.tiles, model=result.model)
         store.case_finished(case_id, result)
     with sqlite3.connect(settings.db_path) as db:  # pin what depends on the clock
         db.execute("UPDATE cases SET received_at = '2026-11-20T09:0' || substr(id, 6) || ':00.000+00:00', "

@@ -11,15 +11,16 @@ from textual.screen import Screen
 from textual.widgets import Footer, Static
 
 from appliance import RESEARCH_USE_NOTICE
-from appliance.tui.client import ApiClient, ApiUnavailable
+from appliance.terms import OPEN_STATUSES, CaseFile, CaseRule, EventKind
+from appliance.tui.client import ApiClient, ApiUnavailable, BadAnswer
 from appliance.tui.render import decode_png, halfblocks, heat_over_tissue, legend, patch_row, verdict_words
 from appliance.tui.widgets import Picture, chrome
 from appliance.tui.screens.signoff import SignOffDialog
 
 # how a case's score was made (the model's decision.case_rule, stored with the case)
-RULE_WORDS = {"top-k-mean": "mean of the top patch probabilities",
-              "largest-region-area": "cells in the largest suspicious region",
-              "largest-region-mass": "summed probability of the largest suspicious region"}
+RULE_WORDS = {CaseRule.TOP_K_MEAN: "mean of the top patch probabilities",
+              CaseRule.LARGEST_REGION_AREA: "cells in the largest suspicious region",
+              CaseRule.LARGEST_REGION_MASS: "summed probability of the largest suspicious region"}
 
 
 class CaseScreen(Screen):
@@ -58,16 +59,16 @@ class CaseScreen(Screen):
         self.load()
 
     def daemon_event(self, kind: str, data: dict) -> None:
-        if data.get("case_id") == self.case_id and kind in ("finished", "outputs"):
+        if data.get("case_id") == self.case_id and kind in (EventKind.FINISHED, EventKind.OUTPUTS):
             self.load()
 
     @work(exclusive=True, group="load-case")
     async def load(self) -> None:
         try:
             case = await self.client.case(self.case_id)
-            files = {n: await self.client.file(self.case_id, n) for n in ("thumbnail.png", "heatmap.png",
-                                                                           "top_patches.png")}
-        except ApiUnavailable as exc:
+            files = {n: await self.client.file(self.case_id, n) for n in (CaseFile.THUMBNAIL, CaseFile.HEATMAP,
+                                                                           CaseFile.TOP_PATCHES)}
+        except (ApiUnavailable, BadAnswer) as exc:
             self.query_one("#verdict", Static).update(f"Cannot load case {self.case_id}: {exc}")
             return
         if case is None:
@@ -109,19 +110,19 @@ class CaseScreen(Screen):
 
     def show_pictures(self, files: dict[str, bytes | None]) -> None:
         heatmap, top = self.query_one("#heatmap", Picture), self.query_one("#top", Picture)
-        if files.get("thumbnail.png") and files.get("heatmap.png"):
-            thumb, heat = decode_png(files["thumbnail.png"]), decode_png(files["heatmap.png"])
+        if files.get(CaseFile.THUMBNAIL) and files.get(CaseFile.HEATMAP):
+            thumb, heat = decode_png(files[CaseFile.THUMBNAIL]), decode_png(files[CaseFile.HEATMAP])
             heatmap.set_draw(lambda w, h: halfblocks(heat_over_tissue(thumb, heat, w, h)))
         else:
             heatmap.set_draw(None, "(heatmap not written yet, or removed by retention)")
-        if files.get("top_patches.png"):
-            strip = decode_png(files["top_patches.png"])
+        if files.get(CaseFile.TOP_PATCHES):
+            strip = decode_png(files[CaseFile.TOP_PATCHES])
             top.set_draw(lambda w, h: _top_rows(strip, w, h))
         else:
             top.set_draw(None, "(top tiles not written yet)")
 
     def action_sign_off(self) -> None:
-        if self.case is None or self.case.get("status") in ("receiving", "processing"):
+        if self.case is None or self.case.get("status") in OPEN_STATUSES:
             self.notify("This case is not finished yet; sign-off comes after the call.", severity="warning")
             return
 

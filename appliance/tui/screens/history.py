@@ -10,7 +10,8 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Input, Select, Static
 
 from appliance import RESEARCH_USE_NOTICE
-from appliance.tui.client import ApiClient, ApiUnavailable
+from appliance.terms import Verdict
+from appliance.tui.client import ApiClient, ApiUnavailable, BadAnswer
 from appliance.tui.render import verdict_words
 from appliance.tui.widgets import chrome
 from appliance.tui.screens.case import CaseScreen
@@ -34,8 +35,8 @@ class HistoryScreen(Screen):
         yield from chrome()
         with Horizontal(id="filters"):
             yield Input(placeholder="search case or specimen", id="search")
-            yield Select([("suspicious", "suspicious"), ("benign-appearing", "benign-appearing"),
-                          ("cannot call", "cannot-call")], prompt="any verdict", id="verdict-filter")
+            yield Select([(v.value.replace("-", " ") if v == Verdict.CANNOT_CALL else v.value, v) for v in Verdict],
+                         prompt="any verdict", id="verdict-filter")
         yield DataTable(id="cases", cursor_type="row", zebra_stripes=True)
         yield Static(RESEARCH_USE_NOTICE, classes="notice")
         yield Footer()
@@ -67,7 +68,7 @@ class HistoryScreen(Screen):
         verdict = choice if isinstance(choice, str) else None
         try:
             self.rows = await self.client.cases(verdict=verdict)
-        except ApiUnavailable as exc:
+        except (ApiUnavailable, BadAnswer) as exc:
             self.notify(str(exc), severity="error")
             return
         self.fill()

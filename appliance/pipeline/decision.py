@@ -1,0 +1,61 @@
+"""The call as pure functions of what a session has measured: the case score under the model's rule, the
+final early positive at a tile, why a case cannot be called, and the verdict. No I/O, no clocks: the same
+measurements give the same call."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from appliance.pipeline.mil import LargestRegion, TopKMean
+from appliance.pipeline.qc import Reason
+from appliance.terms import CaseRule, Verdict
+
+
+def case_score(rule: CaseRule, mil: TopKMean, region: LargestRegion | None) -> float:
+    """The case score under ``rule``, on first-stage probabilities: each rule's value can only rise as
+    patches are added (a top-k mean of the k highest, a region that only grows or merges)."""
+    if rule == CaseRule.TOP_K_MEAN:
+        return mil.score
+    if region is None:
+        raise ValueError(f"the {rule} rule needs the case's largest region")
+    return float(region.area) if rule == CaseRule.LARGEST_REGION_AREA else region.mass
+
+
+def is_early_positive(*, qc_clean: bool, patches: int, min_patches: int, mil_full: bool, score: float,
+                      threshold: float) -> bool:
+    """Tile N gives a final early positive when every patch of tiles 1..N is scored and: their QC is clean
+    (the stain judged on them), there are enough of them for a call, the top-k holds k patches, and the
+    score passes the case threshold. Adding patches can never lower the score, so the call is final."""
+    return qc_clean and patches >= min_patches and mil_full and score >= threshold
+
+
+def cannot_call_reasons(*, tiles: int, patches_scored: int, patches_seen: int, qc_reasons: list[Reason],
+                        min_patches: int) -> list[Reason]:
+    """Why the case cannot be called (empty when it can): no tiles, no tissue, QC findings, too little tissue."""
+    if tiles == 0:
+        return [Reason("no-tiles", "No tiles were received for this case; rescan.")]
+    if patches_scored == 0:
+        return [Reason("no-tissue", f"No tissue was found in {tiles} tiles ({patches_seen} patches): blank or "
+                                    f"empty slide; check the slide and rescan.")]
+    out = list(qc_reasons)
+    if patches_scored < min_patches:
+        out.append(Reason("too-little-tissue",
+                          f"Only {patches_scored} tissue patches were found; at least {min_patches} are needed "
+                          f"for a call. Check the core is on the slide and rescan."))
+    return out
+
+
+class Call(NamedTuple):
+    verdict: Verdict
+    reasons: list[Reason]  # why it cannot be called (only with CANNOT_CALL)
+    warnings: list[Reason]  # QC found after a final early positive: reported, not blocking
+
+
+def make_call(*, early_positive: bool, reasons: list[Reason], score: float, threshold: float) -> Call:
+    """The verdict. An early positive is final, so QC found after it becomes warnings; otherwise any reason
+    means cannot-call, and the score against the case threshold decides the rest."""
+    if early_positive:
+        return Call(Verdict.SUSPICIOUS, [], list(reasons))
+    if reasons:
+        return Call(Verdict.CANNOT_CALL, list(reasons), [])
+    return Call(Verdict.SUSPICIOUS if score >= threshold else Verdict.BENIGN, [], [])
