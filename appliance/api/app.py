@@ -79,6 +79,11 @@ class ApiServer:
         """The bound port (useful when the settings asked for port 0)."""
         return self._server.servers[0].sockets[0].getsockname()[1]
 
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        """(host, port) of every socket the server listens on, as the kernel has them bound."""
+        return [sock.getsockname()[:2] for server in self._server.servers for sock in server.sockets]
+
     def stop(self) -> None:
         self._server.should_exit = True
         self._thread.join(timeout=10)

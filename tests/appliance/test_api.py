@@ -1,5 +1,8 @@
 """The status API over real HTTP on 127.0.0.1, served by uvicorn as the daemon serves it."""
 
+import ipaddress
+import socket
+
 import httpx
 import pytest
 
@@ -45,8 +48,67 @@ def test_health_cases_and_case(api):
         assert c.get("/openapi.json").status_code == 200
 
 
-def test_api_binds_loopback_only_by_default(settings):
-    assert settings.api_host == "127.0.0.1"
+def _non_loopback_addresses() -> set[str]:
+    """This machine's IPv4 addresses other than loopback: the host name's, and the source address the kernel
+    would route from (a UDP connect sends nothing)."""
+    found = set()
+    try:
+        found |= {a[4][0] for a in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)}
+    except OSError:
+        pass
+    for far in ("192.0.2.1", "198.51.100.1", "10.255.255.254"):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            try:
+                probe.connect((far, 9))
+                found.add(probe.getsockname()[0])
+            except OSError:
+                pass
+    return {a for a in found if not ipaddress.ip_address(a).is_loopback and not ipaddress.ip_address(a).is_unspecified}
+
+
+def _accepts(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            return True
+    except OSError:  # refused (nothing listens on that address), or unreachable
+        return False
+
+
+def test_api_binds_loopback_only_by_default(tmp_path):
+    """The daemon's own start-up with the default api_host (only the port is 0): the listening socket is bound
+    to 127.0.0.1, and from this machine's other addresses the port is closed. The model folder is empty, so
+    the daemon starts degraded (store and API only, no model, no scanner link): that start serves the API the
+    same way, from settings.api_host."""
+    from appliance.config import load_settings
+    from appliance.service.daemon import Daemon
+
+    (tmp_path / "no-model").mkdir()
+    defaults = load_settings(None, data_dir=tmp_path / "var", model_dir=tmp_path / "no-model", api_port=0)
+    assert defaults.api_host == "127.0.0.1"
+    daemon = Daemon(defaults, port=str(tmp_path / "scanner"), notify=lambda kind, data: None)
+    daemon.start()
+    try:
+        assert daemon.problem and daemon.api is not None  # degraded, and serving
+        bound = daemon.api.addresses
+        port = daemon.api.port
+        assert bound and {host for host, _ in bound} == {"127.0.0.1"}, bound
+        assert _accepts("127.0.0.1", port)
+        others = _non_loopback_addresses()
+        refused = {a: _accepts(a, port) for a in others}
+    finally:
+        daemon.stop()
+    assert not any(refused.values()), refused
+    if others:  # the probe can see a listener on those addresses: one bound to all of them is reached
+        allowed = load_settings(None, data_dir=tmp_path / "var2", model_dir=tmp_path / "no-model", api_port=0,
+                                api_host="0.0.0.0", api_allow_remote=True)
+        store = CaseStore(allowed.db_path)
+        everywhere = ApiServer(create_app(allowed, store), allowed.api_host, 0)
+        everywhere.start()
+        try:
+            assert all(_accepts(a, everywhere.port) for a in others), others
+        finally:
+            everywhere.stop()
+            store.close()
 
 
 def _finished_case(store, case_id="C-1"):
