@@ -11,6 +11,7 @@ from textual.screen import Screen
 from textual.widgets import Footer, Static
 
 from appliance import RESEARCH_USE_NOTICE
+from appliance.terms import CaseFile
 from appliance.tui.client import ApiClient, ApiUnavailable
 from appliance.tui.render import decode_png, halfblocks, heat_over_tissue, legend, patch_row, verdict_words
 from appliance.tui.widgets import Picture, chrome
@@ -20,6 +21,7 @@ from appliance.tui.screens.signoff import SignOffDialog
 RULE_WORDS = {"top-k-mean": "mean of the top patch probabilities",
               "largest-region-area": "cells in the largest suspicious region",
               "largest-region-mass": "summed probability of the largest suspicious region"}
+PICTURES = (CaseFile.THUMBNAIL, CaseFile.HEATMAP, CaseFile.TOP_PATCHES)  # what the card draws
 
 
 class CaseScreen(Screen):
@@ -65,8 +67,9 @@ class CaseScreen(Screen):
     async def load(self) -> None:
         try:
             case = await self.client.case(self.case_id)
-            files = {n: await self.client.file(self.case_id, n) for n in ("thumbnail.png", "heatmap.png",
-                                                                           "top_patches.png")}
+            # the record lists the files that exist: fetch those, instead of asking for each and getting 404s
+            present = {f["name"] for f in (case or {}).get("files", [])}
+            files = {n: await self.client.file(self.case_id, n) for n in PICTURES if n in present}
         except ApiUnavailable as exc:
             self.query_one("#verdict", Static).update(f"Cannot load case {self.case_id}: {exc}")
             return
