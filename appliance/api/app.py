@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import uvicorn
 from fastapi import Depends, FastAPI
@@ -17,9 +17,12 @@ from appliance.service.events import EventHub
 from appliance.api.routes import cases, events, health, link, metrics
 from appliance.api.routes import status as status_route
 
+if TYPE_CHECKING:
+    from appliance.model.engine import LatencyHistogram
+
 
 def create_app(settings: Settings, store: CaseStore, status: Callable[[], dict] | None = None,
-               ready: Callable[[], list[str]] | None = None, latency=None,
+               ready: Callable[[], list[str]] | None = None, latency: LatencyHistogram | None = None,
                hub: EventHub | None = None, reconnect: Callable[[str], str] | None = None) -> FastAPI:
     """Build the API around its collaborators: ``status`` returns the daemon's live status as a dict,
     ``ready`` the reasons it is not ready yet (empty when ready), ``reconnect(why)`` asks the scanner link
@@ -43,6 +46,7 @@ def create_app(settings: Settings, store: CaseStore, status: Callable[[], dict] 
     app.state.latency = latency  # the engine's LatencyHistogram, when the daemon serves the API
     app.state.events = hub or EventHub()
     app.state.reconnect = reconnect
+    app.state.metrics = metrics.registry_for(app.state)  # read by GET /metrics; the app's own registry
     app.include_router(health.router)
     app.include_router(cases.router)
     app.include_router(status_route.router)
@@ -55,7 +59,7 @@ def create_app(settings: Settings, store: CaseStore, status: Callable[[], dict] 
 class ApiServer:
     """uvicorn in a background thread, so the daemon's link and pipeline threads stay in charge."""
 
-    def __init__(self, app: FastAPI, host: str, port: int):
+    def __init__(self, app: FastAPI, host: str, port: int) -> None:
         self._server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
                                                      access_log=False, lifespan="on"))
         self._thread = threading.Thread(target=self._server.run, name="api", daemon=True)
@@ -74,6 +78,11 @@ class ApiServer:
     def port(self) -> int:
         """The bound port (useful when the settings asked for port 0)."""
         return self._server.servers[0].sockets[0].getsockname()[1]
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        """(host, port) of every socket the server listens on, as the kernel has them bound."""
+        return [sock.getsockname()[:2] for server in self._server.servers for sock in server.sockets]
 
     def stop(self) -> None:
         self._server.should_exit = True

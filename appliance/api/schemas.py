@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from appliance import RESEARCH_USE_NOTICE
+from appliance.terms import CaseFile
 
 
 class Health(BaseModel):
@@ -16,6 +17,15 @@ class Health(BaseModel):
 class ReasonPublic(BaseModel):
     code: str
     message: str
+
+
+class CaseFileLink(BaseModel):
+    """One of a case's files that is on disk and complete, and where to get it."""
+
+    name: CaseFile
+    url: str = Field(description="path of GET /cases/{case_id}/{name}, relative to the API's base URL")
+    media_type: str
+    bytes: int = Field(ge=0)
 
 
 class CasePublic(BaseModel):
@@ -44,6 +54,9 @@ class CasePublic(BaseModel):
     signed_off_by: str | None = None
     signed_off_at: str | None = None
     sign_off_comment: str | None = None
+    # Files that exist now: they appear one by one after the call (the call is stored first) and go when
+    # retention removes them, so a client reads this list instead of polling each file for a 404.
+    files: list[CaseFileLink] = []
     research_use_only: bool = True
     notice: str = RESEARCH_USE_NOTICE
 

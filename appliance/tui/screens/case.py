@@ -21,6 +21,7 @@ from appliance.tui.screens.signoff import SignOffDialog
 RULE_WORDS = {CaseRule.TOP_K_MEAN: "mean of the top patch probabilities",
               CaseRule.LARGEST_REGION_AREA: "cells in the largest suspicious region",
               CaseRule.LARGEST_REGION_MASS: "summed probability of the largest suspicious region"}
+PICTURES = (CaseFile.THUMBNAIL, CaseFile.HEATMAP, CaseFile.TOP_PATCHES)  # what the card draws
 
 
 class CaseScreen(Screen):
@@ -66,8 +67,9 @@ class CaseScreen(Screen):
     async def load(self) -> None:
         try:
             case = await self.client.case(self.case_id)
-            files = {n: await self.client.file(self.case_id, n) for n in (CaseFile.THUMBNAIL, CaseFile.HEATMAP,
-                                                                           CaseFile.TOP_PATCHES)}
+            # the record lists the files that exist: fetch those, instead of asking for each and getting 404s
+            present = {f["name"] for f in (case or {}).get("files", [])}
+            files = {n: await self.client.file(self.case_id, n) for n in PICTURES if n in present}
         except (ApiUnavailable, BadAnswer) as exc:
             self.query_one("#verdict", Static).update(f"Cannot load case {self.case_id}: {exc}")
             return
