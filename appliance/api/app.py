@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import socket
 import threading
 from typing import TYPE_CHECKING, Callable
 
@@ -10,7 +12,7 @@ from fastapi import Depends, FastAPI
 
 from appliance import RESEARCH_USE_NOTICE, __version__
 from appliance.config import Settings
-from appliance.errors import ApplianceError
+from appliance.errors import ApiBindError, ApplianceError
 from appliance.api.auth import ensure_token, is_loopback, reads_need_token
 from appliance.store.database import CaseStore
 from appliance.service.events import EventHub
@@ -57,14 +59,20 @@ def create_app(settings: Settings, store: CaseStore, status: Callable[[], dict] 
 
 
 class ApiServer:
-    """uvicorn in a background thread, so the daemon's link and pipeline threads stay in charge."""
+    """uvicorn in a background thread, so the daemon's link and pipeline threads stay in charge.
+
+    The socket is bound here, before uvicorn starts, so a port in use is an ApiBindError that says so in one
+    sentence (uvicorn alone would log a traceback-like error and exit its thread)."""
 
     def __init__(self, app: FastAPI, host: str, port: int) -> None:
+        self.host, self.requested_port = host, port
         self._server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
                                                      access_log=False, lifespan="on"))
-        self._thread = threading.Thread(target=self._server.run, name="api", daemon=True)
+        self._thread: threading.Thread | None = None
 
     def start(self, timeout: float = 10) -> None:
+        sock = bind_socket(self.host, self.requested_port)
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, name="api", daemon=True)
         self._thread.start()
         deadline = threading.Event()
         for _ in range(int(timeout / 0.05)):
@@ -72,7 +80,9 @@ class ApiServer:
                 break
             deadline.wait(0.05)
         if not self._server.started:
-            raise RuntimeError("the status API did not start (is the port already in use?)")
+            sock.close()
+            raise ApiBindError(f"the status API on {self.host}:{self.requested_port} did not start within "
+                               f"{timeout:g} s; see the log above")
 
     @property
     def port(self) -> int:
@@ -86,4 +96,24 @@ class ApiServer:
 
     def stop(self) -> None:
         self._server.should_exit = True
-        self._thread.join(timeout=10)
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening-ready TCP socket on host:port (SO_REUSEADDR, as uvicorn binds); ApiBindError if it cannot be."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except socket.gaierror as exc:
+        raise ApiBindError(f"the status API cannot listen on {host!r}: {exc.strerror}; check api_host") from None
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        hint = ("another program (another appliance?) already listens there; stop it or set api_port"
+                if exc.errno == errno.EADDRINUSE else "check api_host and api_port")
+        raise ApiBindError(f"the status API cannot listen on {host}:{port}: {exc.strerror}; {hint}") from None
+    sock.set_inheritable(True)
+    return sock

@@ -440,3 +440,30 @@ def test_metrics_parse_as_prometheus_text_with_the_expected_families_and_values(
     assert [s.value for s in bare_families["appliance_tiles_received"].samples] == [4]
     # the appliance's families are not in prometheus_client's process-wide registry
     assert not any(m.name.startswith("appliance_") for m in REGISTRY.collect())
+
+
+def test_a_port_in_use_is_one_sentence_from_the_api_and_from_appliance_run(api, settings, tmp_path):
+    import subprocess
+    import sys
+
+    from appliance.errors import ApiBindError
+
+    store, url = api
+    port = int(url.rsplit(":", 1)[1])
+    second = ApiServer(create_app(settings, store), "127.0.0.1", port)
+    with pytest.raises(ApiBindError, match=rf"cannot listen on 127\.0\.0\.1:{port}: Address already in use; "
+                                           r"another program \(another appliance\?\) already listens there"):
+        second.start()
+    second.stop()  # nothing was started: stopping is harmless
+    with httpx.Client(base_url=url, timeout=10) as c:  # the first server is untouched
+        assert c.get("/health").status_code == 200
+
+    # the daemon as systemd starts it: one line on stderr, exit status 1, no traceback
+    config = tmp_path / "appliance.toml"
+    config.write_text(f'data_dir = "{tmp_path / "var"}"\nmodel_dir = "{settings.model_dir}"\n'
+                      f'api_port = {port}\nserial_port = "{tmp_path / "no-scanner"}"\n')
+    run = subprocess.run([sys.executable, "-m", "appliance.cli", "--config", str(config), "run"],
+                         capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert run.returncode == 1, run.stderr
+    assert "Traceback" not in run.stderr
+    assert f"Error: the status API cannot listen on 127.0.0.1:{port}: Address already in use" in run.stderr

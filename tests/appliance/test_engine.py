@@ -150,3 +150,22 @@ def test_models_list_shows_hash_status(tmp_path):
     assert "hashes ok" in lines["good"]
     assert "1 FILE(S) FAIL THEIR HASH" in lines["bad"]
     assert "model.fp32.onnx" in proc.stdout
+
+
+def test_an_engine_that_cannot_be_imported_is_one_sentence(tmp_path):
+    """A broken OpenVINO install (its shared library missing) as the daemon meets it: `openvino` raises
+    ImportError on import. `models verify` says which engine, why, and what to do; no traceback."""
+    broken = tmp_path / "site" / "openvino"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text('raise ImportError("libopenvino.so.2540: cannot open shared object file")\n')
+    env = dict(__import__("os").environ, PYTHONPATH=f"{broken.parent}")
+    run = subprocess.run([sys.executable, "-m", "appliance.cli", "models", "verify", str(MODEL_DIR)], env=env,
+                         capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL, cwd=tmp_path)
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines() == [
+        "Error: OpenVINO cannot be loaded on this machine (libopenvino.so.2540: cannot open shared object file); "
+        "reinstall the appliance (`pip install -e .`) or choose the other engine (engine = \"onnxruntime\")"]
+    ort = subprocess.run([sys.executable, "-m", "appliance.cli", "models", "verify", str(MODEL_DIR), "--engine",
+                          "onnxruntime"], env=env, capture_output=True, text=True, timeout=120,
+                         stdin=subprocess.DEVNULL, cwd=tmp_path)
+    assert ort.returncode == 0, ort.stderr  # the fallback engine still works on the same machine

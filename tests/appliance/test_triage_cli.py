@@ -148,3 +148,14 @@ def test_a_spooled_case_can_be_triaged_again_from_its_npy_tiles(ov_engine, tmp_p
     assert from_spool["verdict"] == from_image["verdict"] and from_spool["score"] == from_image["score"]
     assert [s["name"].endswith("tile-000099_x0_y0.npy") for s in from_spool["skipped_inputs"]] == [True]
     assert "not a readable .npy tile" in from_spool["skipped_inputs"][0]["reason"]
+
+
+def test_the_json_result_is_the_summary_file_exactly(tmp_path):
+    """What `triage --json` writes and the case's summary.json are one document: nothing is added to the
+    result after the file is written (the outputs' timing once was)."""
+    out, folder = tmp_path / "r.json", tmp_path / "case"
+    run_cli("triage", IDC / "10269", "--json", out, "--out", folder)
+    printed, summary = json.loads(out.read_text()), json.loads((folder / "summary.json").read_text())
+    assert printed == summary
+    assert summary["case_id"] == "10269" and "summary.json" in summary["outputs"]
+    assert "outputs" not in summary["timings_ms"]
