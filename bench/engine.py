@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 ENGINES = ["openvino-int8", "openvino-int8-latency", "openvino-f32", "onnxruntime-fp32", "torch-eager-fp32"]
 
@@ -93,18 +92,14 @@ def worker(engine: str, n: int, batch: int, repeats: int) -> dict:
             import torch
         except ImportError:
             return {"engine": engine, "skipped": "torch is not installed (it is only in the [train] extra)"}
-        import importlib.util
-
-        spec = importlib.util.spec_from_file_location("build", ROOT / "models" / "tools" / "build_idc_model.py")
-        build = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(build)
+        from idc_build.network import build_model
         meta = json.loads((model_dir / "manifest.json").read_text())["input"]
         ckpt = model_dir / "work" / "model.pt"
         state = torch.load(ckpt, map_location="cpu") if ckpt.exists() else None
         # the same graph as the shipped model: members, and TTA only if the build kept it
         tta = bool(state.get("tta", False)) if isinstance(state, dict) else json.loads(
             (model_dir / "manifest.json").read_text())["training"].get("tta", False)
-        net = build.build_model(meta["mean"], meta["std"], tta=tta).eval()
+        net = build_model(meta["mean"], meta["std"], tta=tta).eval()
         weights = "random (speed only)"
         if state is not None:
             try:

@@ -17,7 +17,6 @@ import multiprocessing as mp
 import os
 import platform
 import pstats
-import sys
 import threading
 import time
 import tty
@@ -27,13 +26,12 @@ import numpy as np
 import tifffile
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from firmware_bridge.emulator import ScannerEmulator, TileToSend  # noqa: E402
-from firmware_bridge.host import HostLink  # noqa: E402
-from firmware_bridge.sink import CaseInfo, TileReceived  # noqa: E402
-from firmware_bridge.messages import CaseBegin  # noqa: E402
-from firmware_bridge.transport import FdTransport, open_port  # noqa: E402
+from firmware_bridge.emulator import ScannerEmulator, TileToSend
+from firmware_bridge.host import HostLink
+from firmware_bridge.sink import CaseInfo, TileReceived
+from firmware_bridge.messages import CaseBegin
+from firmware_bridge.transport import FdTransport, open_port
 
 CASE_TIF = ROOT / "appliance" / "offline" / "demo_case" / "idc-10253.tif"
 ENCODINGS = ["raw", "zlib", "png", "jpeg"]

@@ -35,7 +35,6 @@ from pathlib import Path
 from report import write_json  # noqa: E402  (bench/ is the script's folder)
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 DATA = ROOT.parent / "shared" / "data" / "idc_breast_histopathology"
 TILES = 1197
@@ -209,11 +208,10 @@ def _torch_model():
         return None
     if not ck.exists():
         return None
-    sys.path.insert(0, str(ROOT / "models" / "tools"))
-    import build_idc_model as b
+    from idc_build.network import build_model
 
     state = torch.load(ck, map_location="cpu")
-    model = b.build_model(state["mean"], state["std"], tta=state["tta"])
+    model = build_model(state["mean"], state["std"], tta=state["tta"])
     model.load_state_dict(state["model"])
     return model.eval()
 

@@ -26,12 +26,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from appliance.offline.demo import DEMO_CASE, case_info_for  # noqa: E402
-from appliance.offline.sources import iter_case_tiles  # noqa: E402
-from firmware_bridge import PtyCable  # noqa: E402
-from firmware_bridge.emulator import ScannerEmulator, TileToSend  # noqa: E402
+from appliance.offline.demo import DEMO_CASE, case_info_for
+from appliance.offline.sources import iter_case_tiles
+from firmware_bridge import PtyCable
+from firmware_bridge.emulator import ScannerEmulator, TileToSend
 from report import write_json  # noqa: E402  (bench/ is the script's folder)
 
 MODEL_DIR = ROOT / "models" / "idc-resnet"

@@ -21,14 +21,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from appliance.config import load_settings  # noqa: E402
-from appliance.service.daemon import Daemon  # noqa: E402
-from appliance.offline.demo import DEMO_CASE, case_info_for  # noqa: E402
-from appliance.offline.sources import iter_case_tiles  # noqa: E402
-from firmware_bridge.emulator import ScannerEmulator, TileToSend  # noqa: E402
-from firmware_bridge.transport import FdTransport  # noqa: E402
+from appliance.config import load_settings
+from appliance.service.daemon import Daemon
+from appliance.offline.demo import DEMO_CASE, case_info_for
+from appliance.offline.sources import iter_case_tiles
+from firmware_bridge.emulator import ScannerEmulator, TileToSend
+from firmware_bridge.transport import FdTransport
 from report import write_json  # noqa: E402  (bench/ is the script's folder)
 
 

@@ -15,7 +15,7 @@ import ctypes
 import functools
 import logging
 
-log = logging.getLogger("appliance.service.heap")
+log = logging.getLogger(__name__)
 
 M_TRIM_THRESHOLD = -1  # mallopt parameters, from glibc's malloc.h
 M_MMAP_THRESHOLD = -3

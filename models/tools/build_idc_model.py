@@ -30,18 +30,9 @@ FOR RESEARCH AND TRIAGE ONLY, NOT FOR DIAGNOSIS.
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+from idc_build.build import main
 
-# the idc_build package lives next to this script; bench/engine.py loads this file by path, so add its folder
-HERE = str(Path(__file__).resolve().parent)
-if HERE not in sys.path:
-    sys.path.insert(0, HERE)
-
-from idc_build.build import main  # noqa: E402
-from idc_build.network import build_model  # noqa: E402  (used by bench/engine.py and bench/r1.py)
-
-__all__ = ["main", "build_model"]
+__all__ = ["main"]
 
 if __name__ == "__main__":
     main(description=__doc__, script=__file__)

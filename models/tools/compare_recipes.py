@@ -21,10 +21,8 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "models" / "tools"))
-sys.path.insert(0, str(ROOT))
 
-from evaluate_aggregation import evaluate  # noqa: E402
+from evaluate_aggregation import evaluate
 
 
 def rule_key(decision: dict) -> str:

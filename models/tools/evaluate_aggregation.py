@@ -28,10 +28,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "models" / "tools"))
 
-from idc_build.metrics import auc, best_balanced_accuracy_threshold, summary  # noqa: E402
-from idc_build.stacking import bag_scores, patient_cells, rule_aucs, slide_dice, stack_out_of_fold  # noqa: E402
+from idc_build.metrics import auc, best_balanced_accuracy_threshold, summary
+from idc_build.stacking import bag_scores, patient_cells, rule_aucs, slide_dice, stack_out_of_fold
 
 
 def load(data: Path, model: Path):

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -26,12 +25,10 @@ import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
 
-sys.path.insert(0, str(ROOT / "models" / "tools"))
 
-from appliance.pipeline.stain import StainFit  # noqa: E402
-from idc_build.stainshift import ANGLES, limit_from_curve, patient_fits, shift_curve  # noqa: E402
+from appliance.pipeline.stain import StainFit
+from idc_build.stainshift import ANGLES, limit_from_curve, patient_fits, shift_curve
 
 PATCH, PAD_VALUE = 50, 255
 

@@ -6,7 +6,7 @@ import numpy as np
 from .log import log
 
 def _stain_module():
-    from appliance.pipeline import stain  # the repository root is on sys.path (see __init__.py)
+    from appliance.pipeline import stain
 
     return stain
 
