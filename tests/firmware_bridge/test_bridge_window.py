@@ -90,6 +90,14 @@ def test_unknown_seq_nack_shortens_every_timer_to_the_crc_grace() -> None:
     assert [p for p, _ in window.due(grace)] == [a, b]
 
 
+def test_crc_grace_leaves_a_scheduled_retry_alone() -> None:
+    window = SendWindow(4, ack_timeout=ACK_TIMEOUT, max_retries=2, retry_delay=1.0)  # retry later than the grace
+    a, b = _send_tiles(window, [0, 1], now=0.0)
+    window.on_nack(Nack(10, NackReason.BUSY, "later"), 0.0)
+    window.on_nack(Nack(UNKNOWN_SEQ, NackReason.CRC), 0.0)
+    assert a.deadline == 1.0 and b.deadline == ACK_TIMEOUT * CRC_GRACE_SHARE
+
+
 def test_storage_nack_schedules_a_resend_after_retry_delay_then_gives_up() -> None:
     window = _window(max_retries=2)
     (a,) = _send_tiles(window, [0], now=0.0)
