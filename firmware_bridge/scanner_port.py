@@ -1,9 +1,9 @@
-"""The emulator's end of the cable: a reader thread that decodes the host's frames into an inbox, frame
-writes with injected faults, and the unplug / replug of a PtyCable.
+"""The emulator's port keeper: it reads the host's frames on a thread, writes with injected faults, replugs.
 
-The scanner-side counterpart of host.py's port keeper. The reader thread only reads and
-decodes; every write comes from the thread that drives the case, so the transport sees one
-reader and one writer, as serial.Serial allows.
+The scanner-side counterpart of host.py. A reader thread decodes the host's frames into an
+inbox; every write (through the fault injector, if any) comes from the thread that drives
+the case, so the transport sees one reader and one writer, as serial.Serial allows. With a
+PtyCable it also pulls and replugs the cable, or waits for someone else to plug it back.
 """
 
 from __future__ import annotations
