@@ -1,25 +1,26 @@
-"""Protocol v1 messages: dataclasses with fixed little-endian layouts and pure encode/decode.
+"""Protocol v1 messages: one frozen dataclass per message type, each declaring its wire layout as a table.
 
 Every layout is documented byte by byte in PROTOCOL.md. Each class's WIRE tuple lists its
-fields in wire order with their PROTOCOL.md type names; LAYOUT (the struct for the fixed
-part) is derived from it, and the test suite checks WIRE, the bytes encode() produces and
-the doc's tables against each other. Strings are "str8" (u8 byte length + UTF-8) except
-ERROR text, which is "str16".
+fields in wire order with their PROTOCOL.md type names; codec.WireMessage derives LAYOUT
+(the struct for the fixed part) and the one encode()/decode() pair from it, and the test
+suite checks WIRE, the bytes encode() produces and the doc's tables against each other.
+Strings are "str8" (u8 byte length + UTF-8) except ERROR text, which is "str16". The
+classes here only add what the table cannot say: field checks and the odd value mapping.
 """
 
 from __future__ import annotations
 
 import math
-import struct
 from dataclasses import dataclass, field
 from enum import IntEnum, IntFlag
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
+from firmware_bridge.codec import STR8_MAX, STR16_MAX, WireMessage
 from firmware_bridge.errors import MessageDecodeError
 from firmware_bridge.frames import MAX_PAYLOAD, UNKNOWN_SEQ, Frame, encode_frame
-from firmware_bridge.layout import Wire, fixed_layout
+from firmware_bridge.layout import Wire
 from firmware_bridge.pixels import CHANNELS, TileEncoding, decode_pixels
 
 __all__ = [
@@ -109,8 +110,16 @@ class ErrorCode(IntEnum):
 DTYPE_CODES = {"uint8": 1}
 _DTYPE_NAMES = {code: name for name, code in DTYPE_CODES.items()}
 
-STR8_MAX = 0xFF
-STR16_MAX = 0xFFFF
+
+def _dtype_name(code: int) -> str:
+    if code not in _DTYPE_NAMES:
+        raise MessageDecodeError(f"CASE_BEGIN: unknown dtype code {code}")
+    return _DTYPE_NAMES[code]
+
+
+def _known_capabilities(bits: int) -> Capability:
+    # A later revision may set bits this one does not know; they are dropped, not refused.
+    return Capability(bits & sum(int(c) for c in Capability))
 
 
 def clip_text(text: str, max_bytes: int = STR8_MAX) -> str:
@@ -136,70 +145,8 @@ def _check_str(name: str, value: str, max_bytes: int, *, allow_empty: bool = Tru
         raise ValueError(f"{name} is {size} bytes in UTF-8, the limit is {max_bytes}")
 
 
-def _str8(value: str) -> bytes:
-    raw = value.encode("utf-8")
-    return bytes([len(raw)]) + raw
-
-
-def _str16(value: str) -> bytes:
-    raw = value.encode("utf-8")
-    return struct.pack("<H", len(raw)) + raw
-
-
-class _Cursor:
-    """Bounds-checked reader over one payload; every failure names the message and field."""
-
-    def __init__(self, payload: bytes, what: str) -> None:
-        self.data = bytes(payload)
-        self.pos = 0
-        self.what = what
-
-    def unpack(self, layout: struct.Struct, fields: str) -> tuple:
-        if len(self.data) - self.pos < layout.size:
-            raise MessageDecodeError(
-                f"{self.what}: {len(self.data) - self.pos} bytes left at offset {self.pos}, "
-                f"need {layout.size} for {fields}"
-            )
-        values = layout.unpack_from(self.data, self.pos)
-        self.pos += layout.size
-        return values
-
-    def take(self, n: int, name: str) -> bytes:
-        if len(self.data) - self.pos < n:
-            raise MessageDecodeError(
-                f"{self.what}: {name} needs {n} bytes at offset {self.pos}, "
-                f"only {len(self.data) - self.pos} left"
-            )
-        chunk = self.data[self.pos : self.pos + n]
-        self.pos += n
-        return chunk
-
-    def text(self, name: str, *, wide: bool = False) -> str:
-        (n,) = self.unpack(_U16 if wide else _U8, f"length of {name}")
-        raw = self.take(n, name)
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise MessageDecodeError(f"{self.what}: {name} is not valid UTF-8 ({exc})") from exc
-
-    def rest(self) -> bytes:
-        chunk = self.data[self.pos :]
-        self.pos = len(self.data)
-        return chunk
-
-    def end(self) -> None:
-        if self.pos != len(self.data):
-            raise MessageDecodeError(
-                f"{self.what}: {len(self.data) - self.pos} unexpected bytes after offset {self.pos}"
-            )
-
-
-_U8 = struct.Struct("<B")
-_U16 = struct.Struct("<H")
-
-
 @dataclass(frozen=True)
-class Hello:
+class Hello(WireMessage):
     """Sent by both ends first. Its layout is frozen for all versions; later ones may only append."""
 
     MSG_TYPE: ClassVar[MsgType] = MsgType.HELLO
@@ -209,8 +156,10 @@ class Hello:
         ("window", "u16"),
         ("max_payload", "u32"),
         ("capabilities", "u32"),
-    )
-    LAYOUT: ClassVar[struct.Struct] = fixed_layout(WIRE)  # 12 bytes
+    )  # 12 bytes
+    # Every version must read this: a later one may append fields or set new capability bits.
+    APPENDABLE: ClassVar[bool] = True
+    FROM_WIRE: ClassVar[dict[str, Any]] = {"capabilities": _known_capabilities}
 
     version: int  # highest protocol version the sender speaks
     role: Role
@@ -228,26 +177,9 @@ class Hello:
         _check_uint("capabilities", int(self.capabilities), 32)
         object.__setattr__(self, "capabilities", Capability(self.capabilities))
 
-    def encode(self) -> bytes:
-        return self.LAYOUT.pack(
-            self.version, self.role, self.window, self.max_payload, self.capabilities
-        )
-
-    @classmethod
-    def decode(cls, payload: bytes) -> Hello:
-        cur = _Cursor(payload, "HELLO")
-        version, role, window, max_payload, caps = cur.unpack(cls.LAYOUT, "the HELLO fields")
-        # No cur.end(): a later version may append fields, and every version must read this.
-        # Unknown capability bits are dropped rather than rejected for the same reason.
-        known = caps & sum(int(c) for c in Capability)
-        return _build(
-            cls, "HELLO", version=version, role=role, window=window, max_payload=max_payload,
-            capabilities=Capability(known),
-        )
-
 
 @dataclass(frozen=True)
-class CaseBegin:
+class CaseBegin(WireMessage):
     """Opens a case: what the slide is and how its tiles are laid out."""
 
     MSG_TYPE: ClassVar[MsgType] = MsgType.CASE_BEGIN
@@ -264,8 +196,9 @@ class CaseBegin:
         ("case_id", "str8"),
         ("specimen_id", "str8"),
         ("modality", "str8"),
-    )
-    LAYOUT: ClassVar[struct.Struct] = fixed_layout(WIRE)  # 28 bytes, then the three strings
+    )  # 28 bytes, then the three strings
+    TO_WIRE: ClassVar[dict[str, Any]] = {"dtype": DTYPE_CODES.__getitem__}
+    FROM_WIRE: ClassVar[dict[str, Any]] = {"dtype": _dtype_name}
 
     case_id: str
     specimen_id: str
@@ -298,52 +231,9 @@ class CaseBegin:
         if self.dtype not in DTYPE_CODES:
             raise ValueError(f"dtype={self.dtype!r} is not supported; v1 knows {sorted(DTYPE_CODES)}")
 
-    def encode(self) -> bytes:
-        fixed = self.LAYOUT.pack(
-            self.microns_per_pixel,
-            self.image_width,
-            self.image_height,
-            self.expected_tiles,
-            self.tile_width,
-            self.tile_height,
-            self.overlap,
-            self.channels,
-            DTYPE_CODES[self.dtype],
-        )
-        return fixed + _str8(self.case_id) + _str8(self.specimen_id) + _str8(self.modality)
-
-    @classmethod
-    def decode(cls, payload: bytes) -> CaseBegin:
-        cur = _Cursor(payload, "CASE_BEGIN")
-        mpp, iw, ih, expected, tw, th, overlap, channels, dtype_code = cur.unpack(
-            cls.LAYOUT, "the fixed CASE_BEGIN fields"
-        )
-        case_id = cur.text("case_id")
-        specimen_id = cur.text("specimen_id")
-        modality = cur.text("modality")
-        cur.end()
-        if dtype_code not in _DTYPE_NAMES:
-            raise MessageDecodeError(f"CASE_BEGIN: unknown dtype code {dtype_code}")
-        return _build(
-            cls,
-            "CASE_BEGIN",
-            case_id=case_id,
-            specimen_id=specimen_id,
-            modality=modality,
-            microns_per_pixel=mpp,
-            tile_width=tw,
-            tile_height=th,
-            channels=channels,
-            dtype=_DTYPE_NAMES[dtype_code],
-            expected_tiles=expected,
-            image_width=iw,
-            image_height=ih,
-            overlap=overlap,
-        )
-
 
 @dataclass(frozen=True)
-class Tile:
+class Tile(WireMessage):
     """One tile: where it sits in the slide and its encoded pixels."""
 
     MSG_TYPE: ClassVar[MsgType] = MsgType.TILE
@@ -356,9 +246,10 @@ class Tile:
         ("encoding", "u8"),
         ("reserved", "u8"),
         ("case_id", "str8"),
-        ("pixels", "bytes"),  # the attribute is `payload`: everything up to the frame's end
-    )
-    LAYOUT: ClassVar[struct.Struct] = fixed_layout(WIRE)  # 18 bytes
+        ("pixels", "bytes"),  # everything up to the frame's end
+    )  # 18 bytes, then case_id and the pixels
+    # PROTOCOL.md calls the field "pixels"; in code it is the encoded payload, not pixels yet.
+    FIELD_ATTRS: ClassVar[dict[str, str]] = {"pixels": "payload"}
 
     case_id: str
     index: int
@@ -380,28 +271,13 @@ class Tile:
         object.__setattr__(self, "encoding", TileEncoding.parse(self.encoding))
         object.__setattr__(self, "payload", bytes(self.payload))
 
-    def encode(self) -> bytes:
-        fixed = self.LAYOUT.pack(self.index, self.x, self.y, self.w, self.h, self.encoding)
-        return fixed + _str8(self.case_id) + self.payload
-
-    @classmethod
-    def decode(cls, payload: bytes) -> Tile:
-        cur = _Cursor(payload, "TILE")
-        index, x, y, w, h, encoding = cur.unpack(cls.LAYOUT, "the fixed TILE fields")
-        case_id = cur.text("case_id")
-        return _build(
-            cls, "TILE", case_id=case_id, index=index, x=x, y=y, w=w, h=h,
-            encoding=encoding, payload=cur.rest(),
-        )
-
 
 @dataclass(frozen=True)
-class CaseEnd:
+class CaseEnd(WireMessage):
     """Closes a case; tile_count is how many tiles the scanner produced for it."""
 
     MSG_TYPE: ClassVar[MsgType] = MsgType.CASE_END
     WIRE: ClassVar[Wire] = (("tile_count", "u32"), ("case_id", "str8"))
-    LAYOUT: ClassVar[struct.Struct] = fixed_layout(WIRE)
 
     case_id: str
     tile_count: int
@@ -410,25 +286,13 @@ class CaseEnd:
         _check_str("case_id", self.case_id, STR8_MAX, allow_empty=False)
         _check_uint("tile_count", self.tile_count, 32)
 
-    def encode(self) -> bytes:
-        return self.LAYOUT.pack(self.tile_count) + _str8(self.case_id)
-
-    @classmethod
-    def decode(cls, payload: bytes) -> CaseEnd:
-        cur = _Cursor(payload, "CASE_END")
-        (count,) = cur.unpack(cls.LAYOUT, "tile_count")
-        case_id = cur.text("case_id")
-        cur.end()
-        return _build(cls, "CASE_END", case_id=case_id, tile_count=count)
-
 
 @dataclass(frozen=True)
-class Ack:
+class Ack(WireMessage):
     """The frame with header seq acked_seq is durably handled."""
 
     MSG_TYPE: ClassVar[MsgType] = MsgType.ACK
     WIRE: ClassVar[Wire] = (("acked_seq", "u32"), ("tile_index", "i32"), ("case_id", "str8"))
-    LAYOUT: ClassVar[struct.Struct] = fixed_layout(WIRE)
 
     acked_seq: int
     case_id: str = ""
@@ -440,25 +304,13 @@ class Ack:
         if not isinstance(self.tile_index, int) or not -1 <= self.tile_index < (1 << 31):
             raise ValueError(f"tile_index={self.tile_index!r} must be -1 or in 0..{(1 << 31) - 1}")
 
-    def encode(self) -> bytes:
-        return self.LAYOUT.pack(self.acked_seq, self.tile_index) + _str8(self.case_id)
-
-    @classmethod
-    def decode(cls, payload: bytes) -> Ack:
-        cur = _Cursor(payload, "ACK")
-        acked_seq, index = cur.unpack(cls.LAYOUT, "acked_seq and tile_index")
-        case_id = cur.text("case_id")
-        cur.end()
-        return _build(cls, "ACK", acked_seq=acked_seq, case_id=case_id, tile_index=index)
-
 
 @dataclass(frozen=True)
-class Nack:
+class Nack(WireMessage):
     """The frame with header seq was not handled; seq is UNKNOWN_SEQ when it was unreadable."""
 
     MSG_TYPE: ClassVar[MsgType] = MsgType.NACK
     WIRE: ClassVar[Wire] = (("seq", "u32"), ("reason", "u8"), ("detail", "str8"))
-    LAYOUT: ClassVar[struct.Struct] = fixed_layout(WIRE)
 
     seq: int
     reason: NackReason
@@ -473,25 +325,13 @@ class Nack:
     def seq_known(self) -> bool:
         return self.seq != UNKNOWN_SEQ
 
-    def encode(self) -> bytes:
-        return self.LAYOUT.pack(self.seq, self.reason) + _str8(self.detail)
-
-    @classmethod
-    def decode(cls, payload: bytes) -> Nack:
-        cur = _Cursor(payload, "NACK")
-        seq, reason = cur.unpack(cls.LAYOUT, "seq and reason")
-        detail = cur.text("detail")
-        cur.end()
-        return _build(cls, "NACK", seq=seq, reason=reason, detail=detail)
-
 
 @dataclass(frozen=True)
-class ErrorMessage:
+class ErrorMessage(WireMessage):
     """A condition that no retransmission fixes; the receiver should stop and report it."""
 
     MSG_TYPE: ClassVar[MsgType] = MsgType.ERROR
     WIRE: ClassVar[Wire] = (("code", "u16"), ("text", "str16"))
-    LAYOUT: ClassVar[struct.Struct] = fixed_layout(WIRE)
 
     code: ErrorCode
     text: str = ""
@@ -500,25 +340,13 @@ class ErrorMessage:
         object.__setattr__(self, "code", ErrorCode(self.code))
         _check_str("text", self.text, STR16_MAX)
 
-    def encode(self) -> bytes:
-        return self.LAYOUT.pack(self.code) + _str16(self.text)
-
-    @classmethod
-    def decode(cls, payload: bytes) -> ErrorMessage:
-        cur = _Cursor(payload, "ERROR")
-        (code,) = cur.unpack(cls.LAYOUT, "code")
-        text = cur.text("text", wide=True)
-        cur.end()
-        return _build(cls, "ERROR", code=code, text=text)
-
 
 @dataclass(frozen=True)
-class Heartbeat:
+class Heartbeat(WireMessage):
     """Keep-alive. reply_to is UNKNOWN_SEQ in one a sender originates, else the seq it answers."""
 
     MSG_TYPE: ClassVar[MsgType] = MsgType.HEARTBEAT
-    WIRE: ClassVar[Wire] = (("reply_to", "u32"), ("uptime_ms", "u32"), ("interval_ms", "u16"))
-    LAYOUT: ClassVar[struct.Struct] = fixed_layout(WIRE)  # 10 bytes
+    WIRE: ClassVar[Wire] = (("reply_to", "u32"), ("uptime_ms", "u32"), ("interval_ms", "u16"))  # 10 bytes
 
     reply_to: int = UNKNOWN_SEQ
     uptime_ms: int = 0  # sender's monotonic clock, wrapping; for logs and round-trip times
@@ -533,29 +361,11 @@ class Heartbeat:
     def is_reply(self) -> bool:
         return self.reply_to != UNKNOWN_SEQ
 
-    def encode(self) -> bytes:
-        return self.LAYOUT.pack(self.reply_to, self.uptime_ms, self.interval_ms)
-
-    @classmethod
-    def decode(cls, payload: bytes) -> Heartbeat:
-        cur = _Cursor(payload, "HEARTBEAT")
-        reply_to, uptime_ms, interval_ms = cur.unpack(cls.LAYOUT, "the HEARTBEAT fields")
-        cur.end()
-        return _build(cls, "HEARTBEAT", reply_to=reply_to, uptime_ms=uptime_ms, interval_ms=interval_ms)
-
 
 Message = Hello | CaseBegin | Tile | CaseEnd | Ack | Nack | ErrorMessage | Heartbeat
 
-ALL_MESSAGES: tuple[type, ...] = (Hello, CaseBegin, Tile, CaseEnd, Ack, Nack, ErrorMessage, Heartbeat)
-_BY_TYPE: dict[int, type] = {cls.MSG_TYPE: cls for cls in ALL_MESSAGES}
-
-
-def _build(cls: type, what: str, **fields: object):
-    """Construct a decoded message, turning a failed field check into MessageDecodeError."""
-    try:
-        return cls(**fields)
-    except ValueError as exc:
-        raise MessageDecodeError(f"{what}: {exc}") from exc
+ALL_MESSAGES: tuple[type[WireMessage], ...] = (Hello, CaseBegin, Tile, CaseEnd, Ack, Nack, ErrorMessage, Heartbeat)
+_BY_TYPE: dict[int, type[WireMessage]] = {cls.MSG_TYPE: cls for cls in ALL_MESSAGES}
 
 
 def encode_message(msg: Message) -> tuple[MsgType, bytes]:
@@ -587,4 +397,3 @@ def decode_tile_pixels(tile: Tile, *, channels: int = CHANNELS) -> np.ndarray:
     return decode_pixels(
         tile.payload, tile.encoding, tile.w, tile.h, channels=channels, label=f"tile {tile.index}"
     )
-

@@ -1,5 +1,7 @@
-"""What the link hands over, and to whom: the case and tile records the host gives its sink, and the sink's
-interface (TileSink, with the optional LinkEventSink)."""
+"""What the link hands over, and to whom: the case and tile records the host gives its sink, and its interface.
+
+The sink's interface is TileSink, with the optional LinkEventSink.
+"""
 
 from __future__ import annotations
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
-__all__ = ["NOISY_EVENTS", "LinkCounters", "LinkEvent", "LinkState"]
+__all__ = ["NOISY_EVENTS", "LinkCounters", "LinkEvent", "LinkState", "LinkStatus"]
+
+log = logging.getLogger(__name__)
 
 
 class LinkState(StrEnum):
@@ -68,3 +72,46 @@ class LinkCounters:
     reconnects: int = 0  # successful reopens of a vanished port
     reconnect_attempts: int = 0
     last_error: str | None = None
+
+
+class LinkStatus:
+    """The host's state, counters and event stream, as the daemon's status API and the sink's link_event see them.
+
+    Shared by the protocol session (the scanner's states and damage) and the port keeper
+    (the port's states); `now` comes from the caller, who owns the clock.
+    """
+
+    def __init__(self, hook: Callable[[str, str], None] | None, *, event_interval: float) -> None:
+        self.state = LinkState.STOPPED
+        self.counters = LinkCounters()
+        self.event_interval = event_interval
+        self._hook = hook
+        self._noisy: dict[LinkEvent, tuple[float, int]] = {}
+
+    def set_state(self, state: LinkState, detail: str, now: float, *, always: bool = False) -> None:
+        """Change state and report it as the event of the same name (unless unchanged and not `always`)."""
+        if state == self.state and not always:
+            return
+        self.state = state
+        self.emit(LinkEvent(state.value), detail, now)
+
+    def problem(self, kind: LinkEvent, detail: str, now: float) -> None:
+        """Record detail as last_error, then report it."""
+        self.counters.last_error = f"{kind}: {detail}"
+        self.emit(kind, detail, now)
+
+    def emit(self, kind: LinkEvent, detail: str, now: float) -> None:
+        """Report one event; the noisy kinds at most once per event_interval, with a tally of the rest."""
+        if kind in NOISY_EVENTS:
+            # A noisy line produces these by the thousand; the counters keep the exact
+            # numbers, the event stream gets one per event_interval with a tally.
+            last, suppressed = self._noisy.get(kind, (float("-inf"), 0))
+            if now - last < self.event_interval:
+                self._noisy[kind] = (last, suppressed + 1)
+                return
+            self._noisy[kind] = (now, 0)
+            if suppressed:
+                detail = f"{detail} (and {suppressed} more since the last report)"
+        log.debug("link event %s: %s", kind, detail)
+        if self._hook is not None:
+            self._hook(str(kind), detail)
