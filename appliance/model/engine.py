@@ -116,7 +116,7 @@ class OpenVINOEngine(Engine):
 
     def __init__(self, model_dir: Path, manifest: ModelManifest, *, precision: str | None = None):
         super().__init__(model_dir, manifest)
-        ov = _runtime("openvino", "OpenVINO")
+        ov = _runtime(EngineName.OPENVINO, "openvino", "OpenVINO")
 
         xml = read_verified(model_dir, manifest.files.openvino, manifest)
         weights = read_verified(model_dir, manifest.files.openvino_weights, manifest)
@@ -169,7 +169,7 @@ class OnnxRuntimeEngine(Engine):
 
     def __init__(self, model_dir: Path, manifest: ModelManifest, *, threads: int = 0):
         super().__init__(model_dir, manifest)
-        ort = _runtime("onnxruntime", "ONNX Runtime")
+        ort = _runtime(EngineName.ONNXRUNTIME, "onnxruntime", "ONNX Runtime")
 
         data = read_verified(model_dir, manifest.files.onnx, manifest)
         opts = ort.SessionOptions()
@@ -199,12 +199,12 @@ ENGINES: dict[EngineName, type[Engine]] = {EngineName.OPENVINO: OpenVINOEngine,
                                            EngineName.ONNXRUNTIME: OnnxRuntimeEngine}
 
 
-def _runtime(module: str, name: str):
+def _runtime(engine: EngineName, module: str, name: str):
     """Import an inference runtime; a missing or broken install is one sentence, not a traceback."""
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        other = "onnxruntime" if module == "openvino" else "openvino"
+        (other,) = set(EngineName) - {engine}
         raise EngineUnavailableError(f"{name} cannot be loaded on this machine ({exc}); reinstall the appliance "
                                      f"(`pip install -e .`) or choose the other engine (engine = \"{other}\")") from None
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import heapq
 
+from appliance.terms import CaseRule
+
 
 class TopKMean:
     """Streaming top-k mean.
@@ -103,14 +105,14 @@ def case_score(rule: str, top_k: int, region_threshold: float | None, gx, gy, pr
     import numpy as np
 
     probability = np.asarray(probability, dtype=np.float64)
-    if rule == "top-k-mean":
+    if rule == CaseRule.TOP_K_MEAN:
         t = TopKMean(top_k)
         for p in probability.tolist():
             t.add(p)
         return t.score
     area, mass = largest_region(np.asarray(gx), np.asarray(gy), probability, region_threshold)
-    if rule == "largest-region-area":
+    if rule == CaseRule.LARGEST_REGION_AREA:
         return float(area)
-    if rule == "largest-region-mass":
+    if rule == CaseRule.LARGEST_REGION_MASS:
         return mass
     raise ValueError(f"unknown case rule {rule!r}")

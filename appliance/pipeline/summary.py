@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from appliance.terms import CaseRule, Verdict
+
 
 class _Closed(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -31,7 +33,7 @@ class SkippedOut(_Closed):
 
 
 class TriageSummary(_Closed):
-    verdict: Literal["suspicious", "benign-appearing", "cannot-call"]
+    verdict: Verdict
     score: float
     threshold: float
     patch_threshold: float
@@ -46,7 +48,7 @@ class TriageSummary(_Closed):
     early_positive: bool
     early_positive_after_tiles: int | None
     top_k: int
-    case_rule: Literal["top-k-mean", "largest-region-area", "largest-region-mass"]
+    case_rule: CaseRule
     qc: dict
     microns_per_pixel: float
     origin: list[int]
