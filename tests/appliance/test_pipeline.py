@@ -60,7 +60,8 @@ def test_demo_case_outputs_open_in_the_tools_a_lab_uses(ov_engine, tmp_path):
         with tifffile.TiffFile(out / name) as tif:
             assert tif.is_ome
             series = tif.series[0]
-            assert series.is_pyramidal and len(series.levels) == levels  # halved until the short side is below 256 px, 3 at least
+            # halved until the short side is below 256 px, 3 levels at least
+            assert series.is_pyramidal and len(series.levels) == levels
             assert series.levels[0].shape == shape
             assert all(lv.keyframe.is_tiled and lv.keyframe.tilewidth == 256 for lv in series.levels)
             assert [lv.shape[0] for lv in series.levels[:3]] == [shape[0], shape[0] // 2, shape[0] // 4]
