@@ -45,12 +45,14 @@ class ApplianceRun:
             self._ended = True
             self._said.notify_all()
 
-    def wait_for(self, prefix: str, timeout: float) -> str:
-        """The first stderr line starting with ``prefix``, waiting up to ``timeout`` seconds for it."""
+    def wait_for(self, prefix: str, timeout: float, *, anywhere: bool = False) -> str:
+        """The first stderr line starting with ``prefix`` (containing it, if ``anywhere``), waiting up to
+        ``timeout`` seconds for it. (Woken by each new line, not polling.)"""
         deadline = time.monotonic() + timeout
         with self._said:
             while True:
-                found = next((line for line in self.lines if line.startswith(prefix)), None)
+                found = next((line for line in self.lines
+                              if (prefix in line if anywhere else line.startswith(prefix))), None)
                 if found is not None:
                     return found
                 left = deadline - time.monotonic()

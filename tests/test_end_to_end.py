@@ -17,6 +17,7 @@ from appliance.pipeline.summary import TriageSummary
 from firmware_bridge.emulator import ScannerEmulator, TileToSend
 from firmware_bridge.transport import FdTransport
 from tests.conftest import DEMO_CASE
+from tests.waiting import wait_until
 
 
 @pytest.fixture
@@ -64,7 +65,7 @@ def test_streamed_case_is_stored_tile_for_tile_and_logged(settings, pty_pair, de
     finally:
         daemon.stop()
 
-    assert sent.tiles_sent >= len(tiles)
+    assert sent.tiles_sent == len(tiles) and sorted(sent.acked) == list(range(len(tiles)))
     # every tile the emulator sent is in the spool, byte for byte, and in the tiles table
     spooled = sorted(settings.spool_dir.joinpath("E2E-1").glob("tile-*.npy"))
     assert len(spooled) == len(tiles)
@@ -77,7 +78,8 @@ def test_streamed_case_is_stored_tile_for_tile_and_logged(settings, pty_pair, de
         assert (rows[i]["x"], rows[i]["y"]) == (t.x, t.y)
     # the case row is written with the verdict and the model that made it
     case = daemon.store.get_case("E2E-1")
-    assert case["status"] in ("done", "cannot-call")
+    # 600x600 px of the demo slide's tumour: the shipped model calls it suspicious
+    assert case["status"] == "done" and case["verdict"] == "suspicious"
     assert case["verdict"] == progress.result.verdict
     assert case["tiles_received"] == len(tiles) and case["tiles_expected"] == len(tiles)
     assert case["patches_scored"] == len(progress.result.patches) > 0
@@ -92,7 +94,7 @@ def test_streamed_case_is_stored_tile_for_tile_and_logged(settings, pty_pair, de
     families = {f.name: f for f in text_string_to_metric_families(metrics.text)}
     assert families["appliance_tiles_received"].samples[0].value == len(tiles)
     verdicts = {s.labels["verdict"]: s.value for s in families["appliance_cases"].samples}
-    assert verdicts == {case["verdict"]: 1}
+    assert verdicts == {"suspicious": 1}
     hist = {s.name: s.value for s in families["appliance_inference_batch_seconds"].samples if not s.labels}
     assert hist["appliance_inference_batch_seconds_count"] > 0 and hist["appliance_inference_batch_seconds_sum"] > 0
     assert "appliance_link_crc_errors" in families and "appliance_disk_free_bytes" in families
@@ -110,7 +112,7 @@ def test_demo_command_streams_the_bundled_case(settings, tmp_path):
     outcome = run_demo(settings, case_path=DEMO_CASE, out=out)
     text = out.getvalue()
     assert outcome.exit_code == 0
-    assert outcome.verdict in ("suspicious", "benign-appearing", "cannot-call")
+    assert outcome.verdict == "suspicious"  # the bundled demo case, as the shipped model calls it
     assert outcome.tiles_stored == 130  # 2500x2000 in 200 px tiles: 13 x 10
     assert "tiles: 130/130" in text and outcome.verdict.upper() in text
     assert "not for diagnosis" in text.lower()
@@ -121,7 +123,7 @@ def test_demo_command_streams_the_bundled_case(settings, tmp_path):
     TriageSummary.model_validate(summary)
     assert summary["case_id"] == outcome.case_id and summary["verdict"] == outcome.verdict
     with tifffile.TiffFile(folder / "case.ome.tif") as tif:
-        assert tif.is_ome and len(tif.series[0].levels) >= 3
+        assert tif.is_ome and len(tif.series[0].levels) == 4  # 2000 x 2500, halved down to 250 x 313
     with Image.open(folder / "overlay.png") as im:
         im.verify()
     assert f"outputs in {folder}" in text
@@ -160,8 +162,10 @@ def test_daemon_rides_through_link_faults_and_reports_them(settings, demo_image,
     bad = link["counters"].get("frames_bad", 0) + link["counters"].get("crc_errors", 0)
     assert bad > 0
     # seed 7 with these weights pulls the cable at least once: the daemon reopened the same path
+    # (how many pulls depends on how many frames went out, retransmissions included: it varies)
     assert faults.counts.get("disconnect", 0) >= 1, faults.counts
-    assert link["counters"]["reconnects"] >= 1
+    # two pulls close together are one reopen: at least one, at most one per pull
+    assert 1 <= link["counters"]["reconnects"] <= faults.counts["disconnect"], (link, faults.counts)
 
 
 def test_event_stream_delivers_early_positive_then_finished_in_order(settings, pty_pair, demo_image):
@@ -255,9 +259,13 @@ def test_operator_reconnect_mid_case_keeps_every_tile_and_is_audited(settings, d
             assert c.post("/link/reconnect", json={"initials": ""},
                           headers={"Authorization": f"Bearer {token}"}).status_code == 422
             scanner.start()
-            while daemon.receiver.current is None or daemon.receiver.current.tiles_received < 10:
-                assert scanner.is_alive()
-                threading.Event().wait(0.02)
+
+            def ten_tiles_in() -> bool:
+                assert scanner.is_alive(), "the scanner stopped before 10 tiles were in"
+                current = daemon.receiver.current
+                return current is not None and current.tiles_received >= 10
+
+            wait_until(ten_tiles_in, 60, interval=0.02, what="10 tiles of RECON-1 received")
             mid = c.get("/status").json()["case"]
             r = c.post("/link/reconnect", json=body, headers={"Authorization": f"Bearer {token}"})
             assert r.status_code == 202, r.text
@@ -269,7 +277,8 @@ def test_operator_reconnect_mid_case_keeps_every_tile_and_is_audited(settings, d
         cable.close()
     assert progress is not None and progress.result is not None
     assert_stored_once_each(daemon, "RECON-1", tiles)
-    assert status["link"]["counters"]["reconnects"] >= 1 and status["link"]["state"] == "up"
+    # the one reconnect the operator asked for, and no other (no faults on this cable)
+    assert status["link"]["counters"]["reconnects"] == 1 and status["link"]["state"] == "up"
     # mid-scan, /status had the progress, an ETA from this case's own rate, and the live QC (clean tissue)
     assert mid["case_id"] == "RECON-1" and mid["tiles_expected"] == 64 and 10 <= mid["tiles_received"] < 64
     assert mid["eta_s"] is None or mid["eta_s"] > 0

@@ -55,11 +55,13 @@ def test_demo_case_outputs_open_in_the_tools_a_lab_uses(ov_engine, tmp_path):
         pixels = np.asarray(im)
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 100  # a picture, not a blank
 
-    for name, shape, mpp in (("case.ome.tif", (2000, 2500, 3), "4.0"), ("heatmap.ome.tif", (200, 250, 3), "40.0")):
+    for name, shape, mpp, levels in (("case.ome.tif", (2000, 2500, 3), "4.0", 4),
+                                     ("heatmap.ome.tif", (200, 250, 3), "40.0", 3)):
         with tifffile.TiffFile(out / name) as tif:
             assert tif.is_ome
             series = tif.series[0]
-            assert series.is_pyramidal and len(series.levels) >= 3
+            # halved until the short side is below 256 px, 3 levels at least
+            assert series.is_pyramidal and len(series.levels) == levels
             assert series.levels[0].shape == shape
             assert all(lv.keyframe.is_tiled and lv.keyframe.tilewidth == 256 for lv in series.levels)
             assert [lv.shape[0] for lv in series.levels[:3]] == [shape[0], shape[0] // 2, shape[0] // 4]
@@ -372,8 +374,8 @@ def test_manifest_asking_for_macenko_normalises_with_one_map_per_case(tmp_path, 
         r = session.finish()
     finally:
         session.close()
-    assert r.verdict in ("suspicious", "benign-appearing") and r.patches
-    assert r.qc["stain"] is not None and r.qc["stain_fits"] >= 1
+    assert r.verdict == "suspicious" and r.patches  # 600 x 1000 px of the demo slide's tumour
+    assert r.qc["stain"] is not None and r.qc["stain_fits"] == 1
     # one map for the whole case, from the stain's first judgement (which tile that is depends on the tiles only)
     assert session._stain_map is not None and not np.allclose(session._stain_map, np.eye(3))
     assert np.array_equal(session._stain_map, normalising_map(session.qc.first_fit, session.stain_reference))

@@ -45,7 +45,7 @@ def turned(tmp_path_factory, demo_image):
 
 def test_a_real_slide_turned_inside_the_limit_gets_a_call(ov_engine, turned):
     r = triage_path(ov_engine, turned["inside"])
-    assert r["verdict"] in ("suspicious", "benign-appearing")
+    assert r["verdict"] == "suspicious"  # the demo slide's own call, kept under the turned stain
     assert "stain-out-of-range" not in [x["code"] for x in r["reasons"] + r["warnings"]]
     assert r["qc"]["stain_angles_deg"][0] < LIMIT
 

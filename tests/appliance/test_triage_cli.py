@@ -33,7 +33,7 @@ def test_triage_patient_folder_writes_the_documented_json(tmp_path):
     result = json.loads(out.read_text())
     for key in ENV_KEYS:
         assert key in result
-    assert result["verdict"] in ("suspicious", "benign-appearing", "cannot-call")
+    assert result["verdict"] == "suspicious"  # patient 10269 (IDC-positive patches), by the shipped model
     assert result["research_use_only"] is True
     assert set(result["model"]) >= {"name", "version", "sha256"}
     assert len(result["model"]["sha256"]) == 64

@@ -9,8 +9,10 @@ and read back over the localhost API; SIGKILL is followed by a restart; with fau
 WatchdogSec, SIGUSR1 (pipeline hang) leads to a watchdog kill and restart; MemoryDenyWriteExecute=yes breaks
 OpenVINO's model load and does not break ONNX Runtime's. Finally install.sh --uninstall keeps the data.
 
-Needs root, network access to Debian and PyPI mirrors, and about 2-4 minutes (the bookworm root file system
-is built once with debootstrap, about a minute, and cached in /var/cache/appliance-test-rootfs).
+Needs root, systemd-nspawn, nsenter and debootstrap on the host (Debian: systemd-container, util-linux,
+debootstrap; the test skips naming what is missing, it installs nothing on the host), network access to Debian
+and PyPI mirrors, and about 2-4 minutes (the bookworm root file system is built once with debootstrap, about a
+minute, and cached in /var/cache/appliance-test-rootfs).
 
 What this container cannot show: it runs on a cgroup v1/v2 hybrid without the devices controller or the BPF
 firewall delegated to it, so DevicePolicy=/DeviceAllow= and IPAddressDeny=/IPAddressAllow= are accepted but
@@ -29,6 +31,8 @@ import uuid
 from pathlib import Path
 
 import pytest
+
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -89,13 +93,11 @@ def sh(*cmd: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
 
 
 def ensure_tools() -> None:
-    if shutil.which("systemd-nspawn") and shutil.which("debootstrap") and shutil.which("nsenter"):
-        return
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    r = subprocess.run(["apt-get", "install", "-y", "debootstrap", "systemd-container"],
-                       capture_output=True, text=True, env=env)
-    if r.returncode != 0:
-        pytest.skip(f"could not install debootstrap and systemd-container: {r.stderr[-500:]}")
+    """Skip, naming them, when the host lacks the tools (nothing is installed here)."""
+    missing = [tool for tool in ("systemd-nspawn", "debootstrap", "nsenter") if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"{', '.join(missing)} not installed (Debian: systemd-container, debootstrap, util-linux): "
+                    "no container to boot the unit in")
 
 
 def ensure_rootfs() -> Path:
@@ -146,15 +148,9 @@ class Container:
         return dict(line.split("=", 1) for line in text.splitlines())
 
     def wait(self, what: str, cond, timeout: float, every: float = 0.5):
-        end = time.monotonic() + timeout
-        while True:
-            got = cond()
-            if got:
-                return got
-            if time.monotonic() > end:
-                journal = self.out("journalctl -u appliance --no-pager -n 40", check=False)
-                raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{journal}")
-            time.sleep(every)
+        """wait_until, with the unit's last journal lines when it times out."""
+        return wait_until(cond, timeout, interval=every, what=what,
+                          detail=lambda: self.out("journalctl -u appliance --no-pager -n 40", check=False))
 
     def journal_since(self, cursor_usec: int) -> str:
         return self.out(f"journalctl -u appliance --no-pager -o short-monotonic "
@@ -165,17 +161,20 @@ class Container:
 
 
 def _leader(nspawn_pid: int, timeout: float = 30) -> int:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
+    def systemd_child() -> int | None:
         try:
             kids = Path(f"/proc/{nspawn_pid}/task/{nspawn_pid}/children").read_text().split()
         except FileNotFoundError:
-            break
+            raise AssertionError("systemd-nspawn exited before it started the container's systemd") from None
         for k in kids:
-            if Path(f"/proc/{k}/comm").read_text().strip() == "systemd":
-                return int(k)
-        time.sleep(0.2)
-    raise AssertionError("systemd-nspawn did not start the container's systemd")
+            try:
+                if Path(f"/proc/{k}/comm").read_text().strip() == "systemd":
+                    return int(k)
+            except FileNotFoundError:
+                pass  # that child has gone already
+        return None
+
+    return wait_until(systemd_child, timeout, interval=0.2, what="systemd-nspawn to start the container's systemd")
 
 
 @pytest.fixture(scope="module")
@@ -264,7 +263,7 @@ def test_2_active_only_after_ready_once_the_scanner_port_exists(box):
     # The model loads, then it waits for /dev/scanner: activating, never active, for as long as it is missing.
     box.wait("the model to load", lambda: "waiting for the scanner port" in box.show("StatusText")["StatusText"],
              120)
-    for _ in range(10):
+    for _ in range(10):  # and stays so: ten looks over 5 s (the time passing is what is tested)
         s = box.show("ActiveState", "SubState", "StatusText")
         assert (s["ActiveState"], s["SubState"]) == ("activating", "start"), s
         time.sleep(0.5)
@@ -309,7 +308,8 @@ def stream_case(box, case_id: str, timeout: float = 180) -> dict:
 def test_3_a_case_is_scored_by_openvino_under_the_hardened_unit(box):
     got = stream_case(box, "CASE-NSPAWN-OV")
     log(f"case over the pty under the unit: {got}")
-    assert got["tiles_sent"] > 0 and got["verdict"] in ("suspicious", "benign-appearing", "cannot-call")
+    assert got["tiles_sent"] == 130  # the demo case: 2500 x 2000 in 200 px tiles, 13 x 10
+    assert got["verdict"] == "suspicious"  # the bundled demo case, as the shipped model calls it
     assert "backend': 'openvino'" in box.out("journalctl -u appliance --no-pager | grep '\\[ready\\]' | tail -1")
     assert box.out("stat -c '%U %a' /var/lib/appliance/cases/CASE-NSPAWN-OV/overlay.png") == "appliance 600"
     status = box.out("appliance status")
@@ -336,7 +336,8 @@ def test_5_a_hung_pipeline_is_restarted_by_the_watchdog(box):
             "printf '[Service]\\nWatchdogSec=4s\\n' > /etc/systemd/system/appliance.service.d/50-test-watchdog.conf\n"
             "systemctl daemon-reload\nsystemctl restart appliance")
     assert box.show("WatchdogUSec")["WatchdogUSec"] == "4s"
-    time.sleep(6)  # healthy beyond one watchdog period: WATCHDOG=1 keeps it alive
+    # healthy beyond one watchdog period (the time passing is what is tested): WATCHDOG=1 keeps it alive
+    time.sleep(6)
     before = box.show("ActiveState", "MainPID", "NRestarts")
     assert before["ActiveState"] == "active", before
     since = box.realtime_usec()
@@ -376,7 +377,8 @@ def test_6_memory_deny_write_execute_breaks_openvino_not_onnxruntime(box):
     assert "backend': 'onnxruntime'" in box.out("journalctl -u appliance --no-pager | grep '\\[ready\\]' | tail -1")
     got = stream_case(box, "CASE-NSPAWN-ORT-MDWE")
     log(f"MemoryDenyWriteExecute=yes, engine onnxruntime: {got}")
-    assert got["verdict"] in ("suspicious", "benign-appearing", "cannot-call")
+    assert got["tiles_sent"] == 130
+    assert got["verdict"] == "suspicious"  # ONNX Runtime calls the demo case as OpenVINO does
     box.run("rm -f /etc/systemd/system/appliance.service.d/60-mdwe.conf && systemctl daemon-reload")
 
 

@@ -32,7 +32,7 @@ def test_low_disk_refuses_new_cases_and_keeps_old_ones(tmp_path, demo_image):
         try:
             stream(master, "KEEP-1", tiles)
             assert ok.wait_case("KEEP-1", 120).result is not None
-            ok.receiver.cases["KEEP-1"].outputs_done.wait(60)
+            assert ok.receiver.cases["KEEP-1"].outputs_done.wait(60)
         finally:
             ok.stop()
         before = {p.name: p.read_bytes() for p in (data / "spool" / "KEEP-1").iterdir()}
@@ -58,7 +58,9 @@ def test_low_disk_refuses_new_cases_and_keeps_old_ones(tmp_path, demo_image):
         os.close(slave)
     # nothing of the refused case was stored; the old case is untouched
     assert full.store.get_case("NEW-2") is None and not (data / "spool" / "NEW-2").exists()
-    assert full.store.get_case("KEEP-1")["status"] in ("done", "cannot-call")
+    # 400 x 400 px of the demo slide's tumour: called suspicious by the shipped model
+    assert full.store.get_case("KEEP-1")["status"] == "done"
+    assert full.store.get_case("KEEP-1")["verdict"] == "suspicious"
     assert len(full.store.tiles("KEEP-1")) == len(tiles)
     assert {p.name: p.read_bytes() for p in (data / "spool" / "KEEP-1").iterdir()} == before
     assert sorted(p.name for p in (data / "cases" / "KEEP-1").iterdir()) == outputs
@@ -191,7 +193,9 @@ def test_real_full_disk_nacks_the_tile_keeps_the_daemon_up_and_refuses_new_cases
     # /status says the disk is full and no case is taken
     assert status["storage"]["accepting_cases"] is False and status["storage"]["free_bytes"] < 1_000_000
     assert "not enough free disk space" in status["storage"]["reason"] and str(spool) in status["storage"]["reason"]
-    assert status["link"]["counters"]["storage_errors"] >= 1
+    # every NACK the scanner got (before it gave up) was for a write that failed; more writes may have failed
+    # by then (the tiles in flight behind the failed one), so the count is a bound, not exact
+    assert status["link"]["counters"]["storage_errors"] >= scanner.result.nacks_received >= 1
     # the failure is in the history, with the OS's words
     storage_events = [e for e in events if e["kind"] == "link" and e["detail"]["kind"] == "storage-error"]
     assert any(f"tile {failed} of FILL-2" in e["detail"]["detail"]
@@ -207,5 +211,6 @@ def test_real_full_disk_nacks_the_tile_keeps_the_daemon_up_and_refuses_new_cases
     # the finished case and its files are untouched; nothing of the refused case was stored
     assert after == before
     assert {p.name: p.read_bytes() for p in (data / "cases" / "KEEP-1").iterdir()} == outputs
-    assert daemon.store.get_case("KEEP-1")["status"] in ("done", "cannot-call")
+    assert daemon.store.get_case("KEEP-1")["status"] == "done"
+    assert daemon.store.get_case("KEEP-1")["verdict"] == "suspicious"
     assert daemon.store.get_case("NEW-3") is None

@@ -56,10 +56,12 @@ def bench(settings, demo_image):
         b.close()
 
 
-async def wait_for(pilot, condition, timeout: float = 60.0, what: str = "condition"):
-    """Let the app run until ``condition()`` holds; fail with ``what`` after ``timeout`` s."""
+async def wait_for(pilot, condition, timeout: float = 60.0, what: str = "condition", interval: float = 0.05):
+    """The async twin of tests.waiting.wait_until for Pilot tests: let the app run (``pilot.pause``) until
+    ``condition()`` holds and return its value; fail naming ``what`` after ``timeout`` s."""
     deadline = time.monotonic() + timeout
-    while not condition():
+    while not (got := condition()):
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await pilot.pause(0.05)
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        await pilot.pause(interval)
+    return got

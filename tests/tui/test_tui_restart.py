@@ -6,7 +6,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import httpx
 
@@ -14,6 +13,7 @@ from appliance.tui.app import TriageApp
 from appliance.tui.widgets import Banner
 from tests.conftest import MODEL_DIR
 from tests.tui.conftest import wait_for
+from tests.waiting import wait_until
 
 
 def free_port() -> int:
@@ -26,16 +26,20 @@ def start_daemon(env: dict, serial: str) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-m", "appliance.cli", "run", "--port", serial], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{env['APPLIANCE_API_PORT']}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stderr.read()
+
+    def healthy() -> bool:
+        assert proc.poll() is None, proc.stderr.read()  # it exited: no point waiting
         try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return proc
+            return httpx.get(f"{url}/health", timeout=1).status_code == 200
         except httpx.HTTPError:
-            time.sleep(0.1)
-    proc.kill()
-    raise AssertionError("the daemon did not come up")
+            return False
+
+    try:
+        wait_until(healthy, 60, interval=0.1, what=f"the daemon to answer {url}/health")
+    except BaseException:
+        proc.kill()
+        raise
+    return proc
 
 
 def test_banner_while_the_daemon_is_down_then_recovery_without_restarting_the_tui(tmp_path):
