@@ -90,6 +90,10 @@ class TriageApp(App):
                 banner.show(self.down_reason)
 
     def on_status_updated(self, msg: StatusUpdated) -> None:
+        # a poll can land before the live screen is composed or after the app has begun to take it down:
+        # then there is nothing to draw on, and the next poll draws it
+        if not self.live.is_mounted or not self.live.query("#link"):
+            return
         self.live.show_status(msg.status)
 
     def on_daemon_event(self, msg: DaemonEvent) -> None:

@@ -9,7 +9,7 @@ import pytest
 import tifffile
 
 from appliance.offline.triage import triage_path
-from tests.conftest import DEMO_CASE, MODEL_DIR
+from tests.conftest import MODEL_DIR
 from tests.images import stain_turned
 
 MANIFEST = json.loads((MODEL_DIR / "manifest.json").read_text())

@@ -80,12 +80,12 @@ def test_unplug_mid_case_host_reopens_the_symlink_and_the_case_completes(tmp_pat
         _wait_for(lambda: len(sink.tiles) >= 15, what="15 tiles stored")
         cable.unplug()  # mid-case: the host reads EIO, the scanner's writes fail
         _wait_for(lambda: host.state == "reconnecting", what="host reconnecting")
-        # The path is gone; the host must idle in its backoff, not spin.
-        cpu0, attempts0, t0 = time.process_time(), host.counters.reconnect_attempts, time.monotonic()
+        # The path is gone; the host must idle in its backoff, not spin: counted in reopen attempts, which a
+        # spinning loop would make by the thousand (the time passing is the behaviour under test).
+        attempts0 = host.counters.reconnect_attempts
         time.sleep(0.6)
-        cpu, attempts = time.process_time() - cpu0, host.counters.reconnect_attempts - attempts0
+        attempts = host.counters.reconnect_attempts - attempts0
         assert host.state == "reconnecting" and host.last_error.startswith("port: ")
-        assert cpu < 0.2, f"{cpu:.2f} s of CPU in {time.monotonic() - t0:.2f} s while unplugged"
         assert 1 <= attempts <= 5, attempts  # 0.05, 0.1, 0.2, 0.4 s apart
         stored_while_out = len(sink.tiles)
         cable.replug()
