@@ -6,23 +6,17 @@ import threading
 import numpy as np
 
 from appliance.offline.sources import tiles_from_image
-from appliance.pipeline import TriageSession
 from appliance.service.worker import MAX_TILES_IN_RAM, CaseProgress, PipelineWorker
 from appliance.store.database import CaseStore
 from appliance.store.spool import TileSpool
+from tests.results import reference_call
 
 
 def test_a_backlog_waits_in_the_spool_not_in_ram_and_gives_the_same_call(ov_engine, demo_image, tmp_path):
     tiles = list(tiles_from_image(demo_image, 200))
     assert len(tiles) > MAX_TILES_IN_RAM + 10  # the case must overflow the queue's RAM budget
 
-    in_ram = TriageSession(ov_engine, width=demo_image.shape[1], height=demo_image.shape[0])
-    try:
-        for t in tiles:
-            in_ram.add_tile(t.x, t.y, np.ascontiguousarray(t.pixels))
-        expected = in_ram.finish()
-    finally:
-        in_ram.close()
+    expected = reference_call(ov_engine, tiles, width=demo_image.shape[1], height=demo_image.shape[0])
 
     store = CaseStore(tmp_path / "appliance.db")
     spool = TileSpool(tmp_path / "spool")

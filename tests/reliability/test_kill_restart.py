@@ -11,7 +11,7 @@ from appliance.config import load_settings
 from appliance.service.daemon import Daemon
 from appliance.offline.demo import case_info_for
 from appliance.model.engine import load_engine
-from appliance.pipeline import TriageSession
+from tests.results import reference_call
 from firmware_bridge import PtyCable
 from firmware_bridge.emulator import ScannerEmulator, TileToSend
 from tests.appliance_run import ApplianceRun
@@ -21,13 +21,7 @@ from tests.waiting import wait_until
 
 def uninterrupted_call(engine, info, tiles):
     """The call an uninterrupted run makes on the same tiles, through the same session code."""
-    reference = TriageSession(engine, scanner_mpp=4.0, width=info.image_width, height=info.image_height)
-    try:
-        for t in tiles:
-            reference.add_tile(t.x, t.y, t.pixels)
-        return reference.finish()
-    finally:
-        reference.close()
+    return reference_call(engine, tiles, scanner_mpp=4.0, width=info.image_width, height=info.image_height)
 
 
 def test_case_acked_before_a_sigkill_is_finished_after_restart_with_the_same_call(tmp_path, demo_image):

@@ -14,7 +14,7 @@ import pytest
 
 from appliance.service.daemon import Daemon
 from appliance.offline.demo import case_info_for
-from appliance.pipeline import TriageSession
+from tests.results import reference_call
 from firmware_bridge import Faults, PtyCable
 from firmware_bridge.emulator import ScannerEmulator, TileToSend
 from tests.waiting import wait_until
@@ -28,18 +28,6 @@ def case_tiles(image: np.ndarray, c: int, n_side: int = 10) -> list[TileToSend]:
     oy, ox = 400 + (c * 97) % 900, 300 + (c * 131) % 1400
     return [TileToSend(x, y, np.ascontiguousarray(image[oy + y: oy + y + TILE, ox + x: ox + x + TILE]))
             for y in range(0, n_side * TILE, TILE) for x in range(0, n_side * TILE, TILE)]
-
-
-def clean_call(engine, info, tiles: list[TileToSend]):
-    """The call the same tiles get when nothing goes wrong on the way: the daemon's session code, fed directly."""
-    session = TriageSession(engine, scanner_mpp=info.microns_per_pixel, width=info.image_width,
-                            height=info.image_height)
-    try:
-        for t in tiles:
-            session.add_tile(t.x, t.y, t.pixels)
-        return session.finish()
-    finally:
-        session.close()
 
 
 def check_case(daemon: Daemon, case_id: str, tiles: list[TileToSend], expected) -> None:
@@ -86,7 +74,8 @@ def run_faulty_cases(settings, demo_image, tmp_path, engine, *, min_faults: int,
             totals.update(frames=result.frames_written, retransmits=result.retransmits,
                           reconnects=result.reconnects, tiles=len(tiles))
             assert not result.rejected, result.rejected
-            check_case(daemon, case_id, tiles, clean_call(engine, info, tiles))
+            check_case(daemon, case_id, tiles, reference_call(engine, tiles, scanner_mpp=info.microns_per_pixel,
+                                                                width=info.image_width, height=info.image_height))
             ok, why = daemon.health()
             assert ok, why
             c += 1
