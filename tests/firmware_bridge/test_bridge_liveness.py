@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 from firmware_bridge.emulator import ScannerEmulator
 from firmware_bridge.frames import UNKNOWN_SEQ, encode_frame
@@ -11,16 +10,9 @@ from firmware_bridge.host import HostLink
 from firmware_bridge.messages import Capability, Heartbeat, Hello, MsgType, Role
 from firmware_bridge.transport import open_port
 
+from tests.waiting import wait_until
+
 from .test_bridge_reconnect import SlowSink
-
-
-def _wait_for(predicate, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def test_state_follows_the_link_lifecycle(pty_pair, scanner, sink) -> None:
@@ -48,7 +40,7 @@ def test_heartbeat_is_answered_and_silence_marks_the_scanner_down(host, scanner,
     assert snap["peer"]["heartbeat_interval_s"] == 0.1 and snap["last_heard_age_s"] < 1.0
     assert "heartbeat" in snap["peer"]["capabilities"]
     # Three missed intervals (0.3 s) and the host calls the scanner down...
-    assert _wait_for(lambda: host.state == "down", 2.0), host.state
+    wait_until(lambda: host.state == "down", 2.0, 0.01, what="the link to be down", detail=lambda: host.state)
     assert any(k == "down" and "no frame from the scanner" in d for k, d in sink.events)
     assert host.last_heard_age() > 0.3
     # ...and up again on its next frame.
@@ -66,7 +58,8 @@ def test_host_answers_heartbeats_while_the_emulator_waits_on_slow_storage(pty_pa
         )
         result = emulator.run()
         assert host.wait_case_end(5) == case.case_id
-        assert _wait_for(lambda: host.counters.heartbeats == result.heartbeats_sent)
+        wait_until(lambda: host.counters.heartbeats == result.heartbeats_sent, 5.0, 0.01,
+                   what="every heartbeat counted", detail=lambda: (host.counters.heartbeats, result.heartbeats_sent))
     assert result.heartbeats_sent >= 4  # while storage was slow, and while lingering after the case
     assert result.heartbeat_replies == result.heartbeats_sent
     assert result.retransmits == 0  # heartbeats kept the link busy without confusing the window

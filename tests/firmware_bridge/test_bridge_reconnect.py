@@ -20,6 +20,7 @@ from firmware_bridge.sink import CaseInfo
 from firmware_bridge.messages import Ack, CaseBegin, Hello, MsgType, Nack, NackReason, Role, Tile, TileEncoding
 from firmware_bridge.pixels import encode_pixels
 from firmware_bridge.ptycable import PtyCable
+from tests.waiting import wait_until
 
 from .conftest import RecordingSink, ScriptedScanner
 
@@ -34,14 +35,6 @@ class SlowSink(RecordingSink):
     def tile_received(self, tile) -> None:
         time.sleep(self.delay)
         super().tile_received(tile)
-
-
-def _wait_for(predicate, timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 def _assert_exactly_once(sink: RecordingSink, case: CaseBegin, tiles, result) -> None:
@@ -77,9 +70,9 @@ def test_unplug_mid_case_host_reopens_the_symlink_and_the_case_completes(tmp_pat
 
         worker = threading.Thread(target=scan)
         worker.start()
-        _wait_for(lambda: len(sink.tiles) >= 15, what="15 tiles stored")
+        wait_until(lambda: len(sink.tiles) >= 15, 10.0, 0.01, what="15 tiles stored")
         cable.unplug()  # mid-case: the host reads EIO, the scanner's writes fail
-        _wait_for(lambda: host.state == "reconnecting", what="host reconnecting")
+        wait_until(lambda: host.state == "reconnecting", 10.0, 0.01, what="host reconnecting")
         # The path is gone; the host must idle in its backoff, not spin: counted in reopen attempts, which a
         # spinning loop would make by the thousand (the time passing is the behaviour under test).
         attempts0 = host.counters.reconnect_attempts
