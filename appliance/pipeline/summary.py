@@ -32,6 +32,20 @@ class SkippedOut(_Closed):
     reason: str
 
 
+class SlideOut(_Closed):
+    """What was read from a slide file (appliance.offline.slides.SlideInfo)."""
+
+    reader: str
+    vendor: str
+    width: int
+    height: int
+    microns_per_pixel: float
+    mpp_source: Literal["slide", "given"]
+    level: int
+    downsample: float
+    level_microns_per_pixel: float
+
+
 class TriageSummary(_Closed):
     verdict: Verdict
     score: float
@@ -58,6 +72,7 @@ class TriageSummary(_Closed):
     skipped_inputs: list[SkippedOut]
     case_id: str | None = None
     outputs: list[str] | None = None
+    slide: SlideOut | None = None  # a slide file: what was read; patch positions are then in its level-0 pixels
 
 
 def validated(summary: dict) -> dict:

@@ -1,0 +1,113 @@
+"""Slide files in (appliance/offline/slides.py): real third-party fixtures in SVS, DICOM WSI and generic tiled
+TIFF, and an Aperio-style pyramid written here from the bundled real case, read back through OpenSlide."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from appliance.errors import InputError
+from appliance.offline.slides import Slide, is_slide, pick_level
+from appliance.offline.triage import triage_path
+from tests.conftest import DEMO_CASE, ROOT
+
+FIXTURES = ROOT.parent / "shared" / "data" / "wsi-format-fixtures"
+CLI = [sys.executable, "-m", "appliance.cli"]
+
+pytestmark = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"the slide fixtures are not at {FIXTURES}")
+
+
+def run_cli(*args):
+    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=300,
+                          stdin=subprocess.DEVNULL)
+
+
+@pytest.mark.parametrize("name, vendor", [("small.svs", "aperio"), ("boxes_0.dcm", "dicom")])
+def test_tiny_real_slides_open_with_their_resolution_and_give_a_cannot_call(name, vendor, tmp_path):
+    out = tmp_path / "r.json"
+    run = run_cli("triage", FIXTURES / name, "--json", out)
+    assert run.returncode == 0 and "Traceback" not in run.stderr, run.stderr
+    result = json.loads(out.read_text())
+    assert result["slide"] == {"reader": "openslide", "vendor": vendor, "width": 16, "height": 16,
+                               "microns_per_pixel": 0.499, "mpp_source": "slide", "level": 0, "downsample": 1.0,
+                               "level_microns_per_pixel": 0.499}
+    assert result["verdict"] == "cannot-call" and [r["code"] for r in result["reasons"]] == ["no-tissue"]
+
+
+def test_a_generic_tiff_without_a_real_resolution_needs_mpp_and_its_level_0_is_the_png(tmp_path):
+    boxes = FIXTURES / "boxes.tiff"
+    assert is_slide(boxes)  # four levels: a pyramid
+    run = run_cli("triage", boxes, "--json", tmp_path / "r.json", "--out", tmp_path / "out")
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines() == [
+        f"Error: {boxes}: the slide states 352.778 µm/px, which is no microscope resolution (a TIFF's default "
+        f"72 dpi reads as 352.8); give the real one with --mpp"]
+    assert not (tmp_path / "out").exists() and not (tmp_path / "r.json").exists()  # nothing written
+
+    with Slide(boxes, target_mpp=0.5, mpp=0.5) as slide:
+        assert (slide.level, slide.width, slide.height) == (0, 300, 250)
+        png = np.asarray(Image.open(FIXTURES / "boxes.png").convert("RGB"))
+        assert np.array_equal(slide.read(0, 0, 300, 250), png)
+    with Slide(boxes, target_mpp=4.0, mpp=0.5) as slide:  # levels at 0.5, 1, 2 and ~4 um/px (37 x 31 px)
+        assert (slide.level, slide.level_width, slide.level_height) == (3, 37, 31)
+        assert slide.info.level_microns_per_pixel == pytest.approx(4.04, abs=0.01)
+
+
+def test_a_damaged_slide_is_one_sentence_and_nothing_is_written(tmp_path):
+    data = (FIXTURES / "small.svs").read_bytes()  # 2,651 bytes; its one JPEG tile starts before byte 1,200
+    cut = tmp_path / "cut.svs"
+    cut.write_bytes(data[:1000])  # the copy stopped part way
+    flipped = tmp_path / "flipped.svs"
+    flipped.write_bytes(data[:1200] + bytes(b ^ 0xFF for b in data[1200:1350]) + data[1350:])  # bad tile bytes
+    junk = tmp_path / "notes.ndpi"
+    junk.write_text("not a slide at all")
+    for bad, says in ((cut, "not a slide OpenSlide can read, an unknown format or a damaged file"),
+                      (junk, "not a slide OpenSlide can read, an unknown format or a damaged file"),
+                      (flipped, "cannot read the region at level 0 (0, 0, 16 x 16): Corrupt JPEG data")):
+        out = tmp_path / f"out-{bad.stem}"
+        run = run_cli("triage", bad, "--out", out, "--json", tmp_path / f"{bad.stem}.json")
+        assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+        (line,) = [x for x in run.stderr.strip().splitlines() if x.startswith("Error:")]
+        assert line.startswith(f"Error: {bad}: {says}"), line
+        assert not out.exists() and not (tmp_path / f"{bad.stem}.json").exists()  # nothing written
+
+
+def test_the_level_nearest_the_model_is_read_and_positions_come_back_in_level_0(ov_engine, tmp_path):
+    """The bundled case at 2 um/px (level 0, each pixel doubled) over itself at 4 um/px (level 1), as an
+    Aperio SVS: the appliance reads level 1, the model's resolution, tissue tiles only, and reports every
+    patch in level-0 pixels, twice the positions the same pixels get as a plain image."""
+    image = tifffile.imread(DEMO_CASE)
+    svs = tmp_path / "case.svs"
+    big = np.repeat(np.repeat(image, 2, axis=0), 2, axis=1)
+    with tifffile.TiffWriter(svs) as tw:
+        tw.write(big, tile=(256, 256), compression="jpeg", compressionargs={"level": 95}, photometric="rgb",
+                 metadata=None, description=f"Aperio Image Library v12.0.0\n{big.shape[1]}x{big.shape[0]} "
+                                            f"(256x256) JPEG Q=95|AppMag = 5|MPP = 2.0")
+        tw.write(image, tile=(256, 256), compression="zlib", photometric="rgb", metadata=None,
+                 description="Aperio Image Library v12.0.0\nlevel 1")
+    plain = triage_path(ov_engine, DEMO_CASE, tile_size=200)
+    got = triage_path(ov_engine, svs, tile_size=200, out_dir=tmp_path / "out")
+    assert got["slide"]["vendor"] == "aperio" and got["slide"]["microns_per_pixel"] == 2.0
+    assert (got["slide"]["level"], got["slide"]["downsample"], got["slide"]["level_microns_per_pixel"]) == (1, 2.0, 4.0)
+    assert got["tiles"] < plain["tiles"] == 130  # background tiles are never read
+    assert got["verdict"] == plain["verdict"] == "suspicious"
+    assert got["score"] == pytest.approx(plain["score"], abs=0.01)
+    doubled = {(p["x"] * 2, p["y"] * 2, p["w"] * 2): p["probability"] for p in plain["patches"]}
+    same = [p for p in got["patches"] if doubled.get((p["x"], p["y"], p["w"])) == p["probability"]]
+    assert len(same) >= 0.95 * len(plain["patches"])  # the same patches, now in the slide's level-0 pixels
+    assert [(p["x"], p["y"]) for p in got["top_patches"]] == [(p["x"] * 2, p["y"] * 2) for p in plain["top_patches"]]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["slide"] == got["slide"] and summary["patches"] == got["patches"]
+
+
+def test_pick_level_never_upsamples():
+    assert pick_level([0.25, 1.0, 4.0, 16.0], 4.0) == 2
+    assert pick_level([0.25, 1.0, 4.3, 16.0], 4.0) == 2  # within 10 %: fine enough
+    assert pick_level([0.25, 1.0, 4.5, 16.0], 4.0) == 1  # coarser than the model: read the finer level
+    assert pick_level([8.0, 16.0], 4.0) == 0  # nothing fine enough: the finest there is
