@@ -76,7 +76,7 @@ def test_demo_case_outputs_open_in_the_tools_a_lab_uses(ov_engine, tmp_path):
         rings = f["geometry"]["coordinates"]
         assert all(r[0] == r[-1] and len(r) >= 5 for r in rings)
         assert ring_area([tuple(p) for p in rings[0]]) > 0  # exterior counter-clockwise (RFC 7946)
-        assert f["properties"]["max_probability"] >= ov_engine.manifest.decision.patch_threshold
+        assert f["properties"]["measurements"]["max_probability"] >= ov_engine.manifest.decision.patch_threshold
 
     summary = json.loads((out / "summary.json").read_text())
     TriageSummary.model_validate(summary)
@@ -352,7 +352,7 @@ def test_heatmap_averages_overlapping_patches_and_traces_regions():
     assert len(feats) == 1
     rings = feats[0]["geometry"]["coordinates"]
     assert len(rings) == 2 and ring_area([tuple(p) for p in rings[1]]) < 0  # one hole, clockwise
-    assert feats[0]["properties"]["cells"] == 19
+    assert feats[0]["properties"]["measurements"]["cells"] == 19
     assert regions(heat, 0.5, 25, min_cells=20) == []
 
 
