@@ -122,8 +122,10 @@ def test_demo_command_streams_the_bundled_case(settings, tmp_path):
     summary = json.loads((folder / "summary.json").read_text())
     TriageSummary.model_validate(summary)
     assert summary["case_id"] == outcome.case_id and summary["verdict"] == outcome.verdict
-    with tifffile.TiffFile(folder / "case.ome.tif") as tif:
-        assert tif.is_ome and len(tif.series[0].levels) == 4  # 2000 x 2500, halved down to 250 x 313
+    with tifffile.TiffFile(folder / "case.ome.tif") as tif:  # 2000 x 2500, halved down to 250 x 313
+        assert len(tif.series[0].levels) == 4 and tif.series[0].levels[-1].shape == (250, 313, 3)
+        assert len(tif.pages) == 4  # each level its own IFD, as OpenSlide reads them
+        assert 1 / tif.pages[0].get_resolution(tifffile.RESUNIT.MICROMETER)[0] == pytest.approx(4.0)
     with Image.open(folder / "overlay.png") as im:
         im.verify()
     assert f"outputs in {folder}" in text

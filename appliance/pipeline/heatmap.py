@@ -10,6 +10,7 @@ polygon (outer ring plus holes) along cell edges, in mosaic pixel coordinates.
 
 from __future__ import annotations
 
+import uuid
 from math import gcd
 
 import numpy as np
@@ -185,8 +186,14 @@ def ring_area(ring: list[tuple[int, int]]) -> float:
     return 0.5 * sum(a[0] * b[1] - b[0] * a[1] for a, b in zip(ring, ring[1:]))
 
 
+REGION_CLASS = {"name": "Suspicious", "color": [230, 159, 0]}  # QuPath's PathClass: name and (r, g, b)
+
+
 def regions(heat: np.ndarray, threshold: float, cell: int, min_cells: int = 1) -> list[dict]:
-    """Connected regions of heat >= threshold as GeoJSON Features (polygon coordinates in mosaic pixels)."""
+    """Connected regions of heat >= threshold as GeoJSON Features (polygon coordinates in mosaic pixels), laid
+    out as QuPath's own GeoJSON reader wants them: a UUID ``id``, ``objectType`` "annotation", a
+    ``classification`` (name and [r, g, b]), ``isLocked`` and every number under ``measurements`` (QuPath
+    drops other numeric properties)."""
     hot = np.nan_to_num(heat, nan=0.0) >= threshold
     labels, n = label_components(hot)
     features = []
@@ -203,14 +210,19 @@ def regions(heat: np.ndarray, threshold: float, cell: int, min_cells: int = 1) -
         vals = heat[region]
         features.append({
             "type": "Feature",
+            "id": str(uuid.uuid4()),
             "geometry": {"type": "Polygon", "coordinates": coords},
             "properties": {
                 "objectType": "annotation",
-                "classification": {"name": "Suspicious (model)", "color": [230, 159, 0]},
-                "cells": cells,
-                "area_px": cells * cell * cell,
-                "max_probability": round(float(vals.max()), 4),
-                "mean_probability": round(float(vals.mean()), 4),
+                "name": f"Suspicious (model) {len(features) + 1}",
+                "classification": dict(REGION_CLASS, color=list(REGION_CLASS["color"])),
+                "isLocked": True,
+                "measurements": {
+                    "max_probability": round(float(vals.max()), 4),
+                    "mean_probability": round(float(vals.mean()), 4),
+                    "cells": cells,
+                    "area_px": cells * cell * cell,
+                },
             },
         })
     return features

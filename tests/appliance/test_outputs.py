@@ -1,0 +1,202 @@
+"""The case's slide files and regions, opened by the readers a lab uses: OpenSlide (and so QuPath's OpenSlide
+server), tifffile, tiffslide; regions.geojson laid out as QuPath's own GeoJSON reader reads it."""
+
+import json
+import uuid
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from appliance.colormap import colormap
+from appliance.offline.triage import triage_path
+from appliance.pipeline.heatmap import regions
+from appliance.pipeline.mosaic import Mosaic
+from appliance.pipeline.outputs import JPEG_QUALITY, PYRAMID_TILE, write_pyramid
+from tests.conftest import DEMO_CASE
+
+openslide = pytest.importorskip("openslide")
+
+
+def box2(img: np.ndarray) -> np.ndarray:
+    """2 x 2 box filter with the mosaic's rounding (odd edges padded with glass)."""
+    h, w = img.shape[:2]
+    pad = np.pad(img, ((0, h & 1), (0, w & 1), (0, 0)), constant_values=255).astype(np.uint16)
+    return ((pad[0::2, 0::2] + pad[1::2, 0::2] + pad[0::2, 1::2] + pad[1::2, 1::2] + 2) >> 2).astype(np.uint8)
+
+
+def mean_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
+    assert a.shape == b.shape
+    return float(np.abs(a.astype(np.int16) - b.astype(np.int16)).mean())
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(((a.astype(np.float64) - b) ** 2).mean())
+    return 10 * np.log10(255 ** 2 / mse)
+
+
+@pytest.fixture(scope="module")
+def demo_out(ov_engine, tmp_path_factory):
+    out = tmp_path_factory.mktemp("outputs") / "DEMO"
+    result = triage_path(ov_engine, DEMO_CASE, out_dir=out)
+    return out, result, json.loads((out / "summary.json").read_text())
+
+
+# ------------------------------------------------------------------------------------------- pyramids
+def test_case_pyramid_opens_in_openslide_with_levels_mpp_and_the_case_pixels(demo_out):
+    out, _, summary = demo_out
+    case = tifffile.imread(DEMO_CASE)
+    mpp = summary["microns_per_pixel"]
+    assert mpp == pytest.approx(4.0)
+    with openslide.OpenSlide(out / "case.ome.tif") as slide:
+        assert slide.properties["openslide.vendor"] == "generic-tiff"
+        assert slide.level_count == 4  # 2500 x 2000 halved until the short side is below 256
+        assert slide.level_dimensions == ((2500, 2000), (1250, 1000), (625, 500), (313, 250))
+        assert slide.level_downsamples == pytest.approx((1, 2, 4, 8), rel=1e-3)
+        assert float(slide.properties["openslide.mpp-x"]) == pytest.approx(mpp, rel=1e-6)
+        assert float(slide.properties["openslide.mpp-y"]) == pytest.approx(mpp, rel=1e-6)
+        assert slide.properties["tiff.ResolutionUnit"] == "centimeter"
+        assert int(slide.properties["openslide.level[0].tile-width"]) == PYRAMID_TILE
+        assert "Not for diagnosis" in slide.properties["openslide.comment"]
+        level0 = np.asarray(slide.read_region((0, 0), 0, slide.level_dimensions[0]).convert("RGB"))
+        assert mean_abs_diff(level0, case) < 3  # JPEG: close to the case, not equal
+        tissue = case.min(axis=2) < 220
+        assert psnr(level0[tissue], case[tissue]) > 30  # dB, where the stain is (4:2:0 chroma would be 29.5)
+        expect = case
+        for level in range(1, slide.level_count):
+            expect = box2(expect)
+            got = np.asarray(slide.read_region((0, 0), level, slide.level_dimensions[level]).convert("RGB"))
+            assert mean_abs_diff(got, expect) < 3, level  # each reduced level is the case, halved again
+
+
+def test_case_pyramid_in_tifffile_every_level_a_tiled_jpeg_page_with_resolution(demo_out):
+    out, _, summary = demo_out
+    case = tifffile.imread(DEMO_CASE)
+    with tifffile.TiffFile(out / "case.ome.tif") as tif:
+        assert len(tif.pages) == 4 and len(tif.series) == 1
+        series = tif.series[0]
+        assert series.is_pyramidal and len(series.levels) == 4
+        assert [lv.shape for lv in series.levels] == [(2000, 2500, 3), (1000, 1250, 3), (500, 625, 3),
+                                                      (250, 313, 3)]
+        for i, page in enumerate(tif.pages):
+            assert page.is_tiled and (page.tilewidth, page.tilelength) == (PYRAMID_TILE, PYRAMID_TILE)
+            assert page.compression == tifffile.COMPRESSION.JPEG
+            assert page.subfiletype == (1 if i else 0)  # reduced levels are marked reduced
+            assert not page.subifds  # ordinary IFDs, not SubIFDs (OpenSlide reads only the IFD chain)
+            # um per pixel from the resolution tags (pixels per micrometre), doubling level by level
+            assert 1 / page.get_resolution(tifffile.RESUNIT.MICROMETER)[0] == pytest.approx(
+                summary["microns_per_pixel"] * 2 ** i, rel=1e-6)
+        assert mean_abs_diff(series.levels[0].asarray(), case) < 3
+
+
+def test_case_pyramid_in_tiffslide(demo_out):
+    tiffslide = pytest.importorskip("tiffslide")
+    out, _, summary = demo_out
+    with tiffslide.TiffSlide(out / "case.ome.tif") as slide:
+        assert slide.level_count == 4
+        assert slide.level_dimensions[0] == (2500, 2000) and slide.level_dimensions[3] == (313, 250)
+        assert slide.properties["tiffslide.mpp-x"] == pytest.approx(summary["microns_per_pixel"], rel=1e-6)
+        region = np.asarray(slide.read_region((1000, 800), 0, (300, 200)).convert("RGB"))
+        level0 = np.asarray(slide.read_region((0, 0), 0, (2500, 2000)).convert("RGB"))
+    assert mean_abs_diff(level0, tifffile.imread(DEMO_CASE)) < 3
+    assert np.array_equal(region, tifffile.imread(out / "case.ome.tif")[800:1000, 1000:1300])
+
+
+def test_heatmap_pyramid_is_the_colour_mapped_heatmap_over_the_same_microns(demo_out):
+    out, _, summary = demo_out
+    with Image.open(out / "heatmap.png") as im:
+        grey, alpha = np.asarray(im).transpose(2, 0, 1)
+    geo = json.loads((out / "regions.geojson").read_text())
+    m = geo["features"][0]["properties"]["measurements"]
+    cell = int(round((m["area_px"] / m["cells"]) ** 0.5))  # model pixels per heatmap cell
+    with openslide.OpenSlide(out / "heatmap.ome.tif") as slide:
+        assert slide.level_count >= 3
+        (w, h) = slide.level_dimensions[0]
+        mpp = float(slide.properties["openslide.mpp-x"])
+        assert mpp == pytest.approx(summary["microns_per_pixel"] * 10, rel=1e-6)
+        assert w * mpp == pytest.approx(2500 * summary["microns_per_pixel"])  # same area as case.ome.tif
+        pic = np.asarray(slide.read_region((0, 0), 0, (w, h)).convert("RGB"))
+    rep = cell // 10  # heatmap.ome.tif pixels per heatmap cell (10 model pixels per pixel)
+    assert rep >= 2
+    centres = pic[rep // 2::rep, rep // 2::rep][: grey.shape[0], : grey.shape[1]].astype(int)
+    rows, cols = centres.shape[:2]
+    scored = alpha[:rows, :cols] == 255
+    assert scored.sum() > 100 and (~scored).sum() > 0
+    expect = colormap(grey[:rows, :cols] / 255.0).astype(int)
+    err = np.abs(centres[scored] - expect[scored]).max(axis=1)  # cividis of each scored cell, through JPEG
+    assert np.percentile(err, 95) <= 12 and err.max() <= 32
+    glass = centres[~scored].min(axis=1)  # glass where nothing was scored (no cividis colour has all >= 200)
+    assert glass.min() >= 200 and (glass >= 240).mean() > 0.95, np.sort(glass)[:10]
+
+
+def test_write_pyramid_keeps_a_fractional_mpp_and_three_levels_for_a_small_mosaic(tmp_path):
+    case = tifffile.imread(DEMO_CASE)[:600, :700]
+    mosaic = Mosaic(tmp_path / "m")
+    for y in range(0, 600, 200):
+        for x in range(0, 700, 300):
+            mosaic.write(x, y, case[y:y + 200, x:x + 300])
+    path = tmp_path / "small.tif"
+    try:
+        levels = write_pyramid(path, mosaic, 0.2527, tmp_path, "small")
+    finally:
+        mosaic.remove()
+    assert levels == 3 and not list(tmp_path.glob("level*"))  # reduced levels' scratch mosaics are gone
+    assert not list(tmp_path.glob(".*.tmp"))
+    with openslide.OpenSlide(path) as slide:
+        assert slide.level_count == 3
+        assert slide.level_dimensions == ((700, 600), (350, 300), (175, 150))
+        assert float(slide.properties["openslide.mpp-x"]) == pytest.approx(0.2527, rel=1e-6)
+        assert mean_abs_diff(np.asarray(slide.read_region((0, 0), 0, (700, 600)).convert("RGB")), case) < 3
+    assert JPEG_QUALITY >= 85
+
+
+# ------------------------------------------------------------------------------------------- regions
+def assert_qupath_feature(f: dict) -> None:
+    """One Feature as QuPath's GeoJSON reader wants it (objectType, classification, measurements)."""
+    assert f["type"] == "Feature" and f["geometry"]["type"] == "Polygon"
+    assert str(uuid.UUID(f["id"])) == f["id"]  # QuPath takes "id" as the object's UUID
+    props = f["properties"]
+    assert props["objectType"] == "annotation"
+    assert props["isLocked"] is True
+    cls = props["classification"]
+    assert set(cls) == {"name", "color"} and cls["name"] == "Suspicious"
+    assert len(cls["color"]) == 3 and all(isinstance(c, int) and 0 <= c <= 255 for c in cls["color"])
+    m = props["measurements"]
+    assert set(m) >= {"max_probability", "mean_probability", "cells"}
+    assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in m.values())
+    # QuPath drops numeric properties outside measurements: none are left there
+    for key, value in props.items():
+        if key not in ("measurements", "classification"):
+            assert isinstance(value, (str, bool)), key
+            assert not isinstance(value, bool) or key == "isLocked", key
+
+
+def test_regions_geojson_is_what_qupath_imports(demo_out, ov_engine):
+    out, _, summary = demo_out
+    geo = json.loads((out / "regions.geojson").read_text())
+    assert geo["type"] == "FeatureCollection" and geo["features"]
+    threshold = ov_engine.manifest.decision.patch_threshold
+    for f in geo["features"]:
+        assert_qupath_feature(f)
+        m = f["properties"]["measurements"]
+        assert threshold <= m["mean_probability"] <= m["max_probability"] <= 1
+        assert m["cells"] >= 4  # MIN_REGION_CELLS
+    assert len({f["id"] for f in geo["features"]}) == len(geo["features"])
+
+
+def test_regions_measure_each_region_under_measurements():
+    heat = np.full((6, 9), np.nan, np.float32)
+    heat[1:3, 1:3] = 0.8  # 4 cells
+    heat[1:5, 5:8] = 0.6  # 12 cells
+    heat[4, 6] = 0.95
+    feats = regions(heat, 0.5, 25)
+    assert len(feats) == 2
+    for f in feats:
+        assert_qupath_feature(f)
+    by_cells = {f["properties"]["measurements"]["cells"]: f["properties"]["measurements"] for f in feats}
+    assert set(by_cells) == {4, 12}
+    assert by_cells[4] == {"max_probability": 0.8, "mean_probability": 0.8, "cells": 4, "area_px": 4 * 625}
+    assert by_cells[12]["max_probability"] == 0.95
+    assert by_cells[12]["mean_probability"] == pytest.approx((11 * 0.6 + 0.95) / 12, abs=1e-4)
+    assert feats[0]["id"] != feats[1]["id"]
