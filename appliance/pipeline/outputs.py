@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,15 @@ MIN_REGION_CELLS = 4
 HEATMAP_PX = 10  # model pixels per heatmap.ome.tif pixel (the heatmap's own detail is one patch stride)
 MIN_LEVEL_SIDE = 256  # keep halving until the smaller side is below this (at least 3 levels)
 TOP_PATCH_PX = 48  # side of each top patch in top_patches.png
+
+
+def to_slide(features: list[dict], factor: float) -> None:
+    """Region polygons from mosaic pixels (the model's resolution) to a slide's level-0 pixels, in place."""
+    for feat in features:
+        feat["geometry"]["coordinates"] = [[[round(x * factor, 2), round(y * factor, 2)] for x, y in ring]
+                                           for ring in feat["geometry"]["coordinates"]]
+        m = feat["properties"]["measurements"]
+        m["area_px"] = round(m["area_px"] * factor * factor, 2)
 
 
 def _replace_into(path: Path, write) -> None:
@@ -202,8 +212,15 @@ def write_outputs(out_dir: Path, case_id: str, summary: dict, *, heatmap: Heatma
             paths[name] = str(out_dir / name)
 
     feats = regions(heat, patch_threshold, heatmap.cell, min_region_cells)
+    units = "pixels of case.ome.tif"
+    slide = result.get("slide")
+    if slide:  # a slide file: drawn over the slide itself, so in its level-0 pixels
+        units = f"level-0 pixels of {Path(result['input']).name}"
+        to_slide(feats, mpp / slide["microns_per_pixel"])
+    for i, feat in enumerate(feats):  # the same case gives the same ids (a re-run replaces, never duplicates)
+        feat["id"] = str(uuid.uuid5(uuid.NAMESPACE_URL, f"bench-triage-appliance:{case_id}:region:{i}"))
     geo = {"type": "FeatureCollection", "features": feats,
-           "properties": {"case_id": case_id, "threshold": patch_threshold, "units": "pixels of case.ome.tif",
+           "properties": {"case_id": case_id, "threshold": patch_threshold, "units": units,
                           "notice": RESEARCH_USE_NOTICE}}
     p = out_dir / CaseFile.REGIONS
     _replace_into(p, lambda tmp: tmp.write_text(json.dumps(geo)))

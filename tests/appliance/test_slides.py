@@ -91,7 +91,7 @@ def test_the_level_nearest_the_model_is_read_and_positions_come_back_in_level_0(
                                             f"(256x256) JPEG Q=95|AppMag = 5|MPP = 2.0")
         tw.write(image, tile=(256, 256), compression="zlib", photometric="rgb", metadata=None,
                  description="Aperio Image Library v12.0.0\nlevel 1")
-    plain = triage_path(ov_engine, DEMO_CASE, tile_size=200)
+    plain = triage_path(ov_engine, DEMO_CASE, tile_size=200, out_dir=tmp_path / "plain")
     got = triage_path(ov_engine, svs, tile_size=200, out_dir=tmp_path / "out")
     assert got["slide"]["vendor"] == "aperio" and got["slide"]["microns_per_pixel"] == 2.0
     assert (got["slide"]["level"], got["slide"]["downsample"], got["slide"]["level_microns_per_pixel"]) == (1, 2.0, 4.0)
@@ -104,6 +104,20 @@ def test_the_level_nearest_the_model_is_read_and_positions_come_back_in_level_0(
     assert [(p["x"], p["y"]) for p in got["top_patches"]] == [(p["x"] * 2, p["y"] * 2) for p in plain["top_patches"]]
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["slide"] == got["slide"] and summary["patches"] == got["patches"]
+    # the regions are drawn over the slide itself: its level-0 pixels, twice the plain image's
+    slide_geo = json.loads((tmp_path / "out" / "regions.geojson").read_text())
+    plain_geo = json.loads((tmp_path / "plain" / "regions.geojson").read_text())
+    assert slide_geo["properties"]["units"] == "level-0 pixels of case.svs"
+    assert plain_geo["properties"]["units"] == "pixels of case.ome.tif"
+
+    def box(geo):
+        pts = np.array([xy for f in geo["features"] for ring in f["geometry"]["coordinates"] for xy in ring])
+        return pts.min(axis=0), pts.max(axis=0)
+
+    assert slide_geo["features"] and plain_geo["features"]
+    (slo, shi), (plo, phi) = box(slide_geo), box(plain_geo)
+    assert np.all(np.abs(slo - 2 * plo) <= 100) and np.all(np.abs(shi - 2 * phi) <= 100)  # within one cell
+    assert shi[0] <= 5000 and shi[1] <= 4000
 
 
 def test_pick_level_never_upsamples():
