@@ -107,7 +107,8 @@ def run(ctx, port: str | None) -> None:
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Write overlay.png, case.ome.tif, heatmap.ome.tif, regions.geojson and summary.json here.")
 @click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Microns per pixel of INPUT (default: the model's own, no resampling).")
+              help="Microns per pixel of INPUT. A slide file's own metadata is used when it states one; "
+                   "other images default to the model's own (no resampling).")
 @click.option("--engine", type=ENGINES, default=None)
 @click.option("--tile-size", default=DEFAULT_TILE_SIZE, show_default=True,
               help="Tile size used to cut a single image into scanner tiles.")
@@ -115,7 +116,8 @@ def run(ctx, port: str | None) -> None:
 @friendly_errors
 def triage(ctx, input_path: Path, json_out: Path | None, out_dir: Path | None, mpp: float | None,
            engine: str | None, tile_size: int) -> None:
-    """Triage a case on disk: one slide image, or a folder of tiles named like '..._x<X>_y<Y>.png'."""
+    """Triage a case on disk: a slide file (SVS, NDPI, MRXS, SCN, Philips/generic pyramid TIFF, DICOM WSI),
+    one image, or a folder of tiles named like '..._x<X>_y<Y>.png'."""
     from appliance.model.engine import load_engine
     from appliance.offline.triage import triage_path
 
@@ -158,21 +160,36 @@ def triage(ctx, input_path: Path, json_out: Path | None, out_dir: Path | None, m
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--tile-size", default=DEFAULT_TILE_SIZE, show_default=True)
 @click.option("--case-id", default=None, help="Case id to announce (default: derived from INPUT and time).")
+@click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Microns per pixel of INPUT (a slide file's own metadata is used when it states one; "
+                   "otherwise 4.0, the bundled case's).")
+@click.pass_context
 @friendly_errors
-def emulate(port: str, input_path: Path, encoding: str, faults: float, seed: int, tile_size: int,
-            case_id: str | None) -> None:
-    """Act as the scanner: stream INPUT (image or tile folder) to PORT tile by tile."""
+def emulate(ctx, port: str, input_path: Path, encoding: str, faults: float, seed: int, tile_size: int,
+            case_id: str | None, mpp: float | None) -> None:
+    """Act as the scanner: stream INPUT (slide file, image or tile folder) to PORT tile by tile. A slide is
+    sent at the pyramid level nearest the model's resolution, tissue tiles only, announced at that level's µm/px."""
     import time
 
     from firmware_bridge import Faults, ScannerEmulator, TileToSend
     from firmware_bridge.transport import open_port
 
+    from appliance.model.manifest import read_manifest
     from appliance.offline.demo import case_info_for
+    from appliance.offline.slides import Slide, is_slide
     from appliance.offline.sources import iter_case_tiles
 
-    tiles = [TileToSend(t.x, t.y, t.pixels) for t in iter_case_tiles(input_path, tile_size)]
+    if is_slide(input_path):
+        target = read_manifest(_settings(ctx).model_dir).input.microns_per_pixel
+        with Slide(input_path, target, mpp) as slide:
+            tiles = [TileToSend(t.x, t.y, t.pixels) for t in slide.tiles(tile_size)]
+            mpp = slide.info.level_microns_per_pixel
+    else:
+        tiles = [TileToSend(t.x, t.y, t.pixels) for t in iter_case_tiles(input_path, tile_size)]
+    if not tiles:
+        raise click.ClickException(f"{input_path}: no tissue tiles to send")
     case_id = case_id or time.strftime("CASE-%Y%m%d-%H%M%S")
-    info = case_info_for(case_id, input_path.name, tiles, 4.0, tile_size)
+    info = case_info_for(case_id, input_path.name, tiles, mpp or 4.0, tile_size)
     bar = Progress("tiles acked", len(tiles))
     emulator = ScannerEmulator(
         open_port(port, timeout=0.1), info, tiles, encoding=encoding,

@@ -2,17 +2,14 @@
 TIFF, and an Aperio-style pyramid written here from the bundled real case, read back through OpenSlide."""
 
 import json
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import tifffile
 from PIL import Image
 
-from appliance.errors import InputError
 from appliance.offline.slides import Slide, is_slide, pick_level
 from appliance.offline.triage import triage_path
 from tests.conftest import DEMO_CASE, ROOT
@@ -125,3 +122,62 @@ def test_pick_level_never_upsamples():
     assert pick_level([0.25, 1.0, 4.3, 16.0], 4.0) == 2  # within 10 %: fine enough
     assert pick_level([0.25, 1.0, 4.5, 16.0], 4.0) == 1  # coarser than the model: read the finer level
     assert pick_level([8.0, 16.0], 4.0) == 0  # nothing fine enough: the finest there is
+
+
+def _null_modem() -> tuple[str, str, list[int]]:
+    """Two ptys joined master to master (a null-modem cable): two device paths a host and a scanner
+    process can each open. Returns (host path, scanner path, fds to close)."""
+    import os
+    import select
+    import threading
+    import tty
+
+    ma, sa = os.openpty()
+    mb, sb = os.openpty()
+    for fd in (sa, sb):
+        tty.setraw(fd)
+
+    def relay() -> None:
+        while True:
+            ready, _, _ = select.select([ma, mb], [], [], 0.5)
+            for fd in ready:
+                try:
+                    data = os.read(fd, 65536)
+                    os.write(mb if fd == ma else ma, data)
+                except OSError:
+                    return
+
+    threading.Thread(target=relay, name="null-modem", daemon=True).start()
+    return os.ttyname(sa), os.ttyname(sb), [ma, sa, mb, sb]
+
+
+def test_emulate_streams_a_slide_file_at_the_models_level(settings, tmp_path):
+    """`appliance emulate --port PORT case.svs` as a separate process, into the real daemon over ptys: the
+    scanner sends level 1 (4 um/px), tissue tiles only, announced at that resolution; the daemon calls it."""
+    import os
+
+    from appliance.service.daemon import Daemon
+
+    image = tifffile.imread(DEMO_CASE)
+    svs = tmp_path / "case.svs"
+    with tifffile.TiffWriter(svs) as tw:
+        tw.write(np.repeat(np.repeat(image, 2, axis=0), 2, axis=1), tile=(256, 256), compression="jpeg",
+                 photometric="rgb", metadata=None, description="Aperio Image Library v12.0.0\n|MPP = 2.0")
+        tw.write(image, tile=(256, 256), compression="zlib", photometric="rgb", metadata=None,
+                 description="Aperio Image Library v12.0.0\nlevel 1")
+    host, scanner, fds = _null_modem()
+    daemon = Daemon(settings, port=host)
+    try:
+        daemon.start()
+        run = subprocess.run([*CLI, "emulate", "--port", scanner, str(svs), "--case-id", "EMU-SVS"],
+                             capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+        assert run.returncode == 0, run.stderr
+        progress = daemon.wait_case("EMU-SVS", 120)
+        assert progress is not None and progress.result is not None
+        assert progress.info.microns_per_pixel == 4.0 and progress.info.image_width == 2500
+        assert progress.result.verdict == "suspicious" and progress.result.tiles == progress.tiles_received < 130
+        assert daemon.store.get_case("EMU-SVS")["status"] == "done"
+    finally:
+        daemon.stop()
+        for fd in fds:
+            os.close(fd)
