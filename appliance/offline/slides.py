@@ -28,6 +28,7 @@ TIFF_SUFFIXES = {".tif", ".tiff"}
 # reads as 352.8 µm/px: outside, so such a file is treated as stating no resolution.
 MPP_RANGE = (0.05, 50.0)
 THUMBNAIL_SIDE = 2048  # the tissue map's longer side, in pixels (a 40,000 px slide: one cell per ~20 px)
+THUMBNAIL_MAX_PX = 64_000_000  # the most pixels decoded to make the map (256 MB as RGBA)
 LEVEL_TOLERANCE = 1.1  # a level up to 10 % coarser than the model still counts as fine enough
 
 
@@ -173,29 +174,77 @@ class Slide:
         rgb = (rgba[:, :, :3].astype(np.uint16) * alpha + 255 * (255 - alpha) + 127) // 255
         return np.ascontiguousarray(rgb.astype(np.uint8))
 
-    def tissue_map(self) -> tuple[np.ndarray, float]:
-        """A tissue mask of the whole slide from a thumbnail, and the chosen level's pixels per mask cell."""
+    def tissue_map(self) -> tuple[np.ndarray, float] | None:
+        """A tissue mask of the whole slide from a thumbnail, and the chosen level's pixels per mask cell; None
+        when the slide has no level coarse enough to make one cheaply (every tile is then read, and the
+        pipeline's own tissue mask sorts them)."""
         scale = max(self.level_width, self.level_height) / THUMBNAIL_SIDE
         if scale <= 1:
             thumb = self.read(0, 0, self.level_width, self.level_height)
             scale = 1.0
         else:
+            # a thumbnail is made from the level nearest its size: refuse to decode more than THUMBNAIL_MAX_PX
+            # (a slide with level 0 only would otherwise be read whole, GBs of RAM)
+            best = self._slide.get_best_level_for_downsample(scale * self.downsample)
+            bw, bh = self._slide.level_dimensions[best]
+            if bw * bh > THUMBNAIL_MAX_PX:
+                log.info("%s: no level small enough for a tissue map (%d x %d); reading every tile", self.path,
+                         bw, bh)
+                return None
             size = (max(1, round(self.level_width / scale)), max(1, round(self.level_height / scale)))
             thumb = np.asarray(self._slide.get_thumbnail(size).convert("RGB"))
         mask = tissue_mask(thumb, step=1)
         return dilate(mask, 3), scale  # a margin, so a patch at the tissue's edge is read whole
 
     def tiles(self, tile_size: int) -> Iterator[SourceTile]:
-        """The chosen level in raster order, only the tiles that touch tissue on the tissue map."""
-        mask, scale = self.tissue_map()
+        """The chosen level in raster order, only the tiles that touch tissue on the tissue map (all of them
+        when there is no map)."""
+        tissue = self.tissue_map()
         for y in range(0, self.level_height, tile_size):
             for x in range(0, self.level_width, tile_size):
                 w, h = min(tile_size, self.level_width - x), min(tile_size, self.level_height - y)
-                y0, x0 = int(y / scale), int(x / scale)
-                y1, x1 = max(y0 + 1, math.ceil((y + h) / scale)), max(x0 + 1, math.ceil((x + w) / scale))
-                if mask[y0:y1, x0:x1].any():
-                    yield SourceTile(x, y, self.read(x, y, w, h), f"{self.path.name}@L{self.level}x{x}_y{y}")
+                if tissue is not None:
+                    mask, scale = tissue
+                    y0, x0 = int(y / scale), int(x / scale)
+                    y1, x1 = max(y0 + 1, math.ceil((y + h) / scale)), max(x0 + 1, math.ceil((x + w) / scale))
+                    if not mask[y0:y1, x0:x1].any():
+                        continue
+                yield SourceTile(x, y, self.read(x, y, w, h), f"{self.path.name}@L{self.level}x{x}_y{y}")
 
     def count_tiles(self, tile_size: int) -> int:
         """All tiles of the chosen level (an upper bound on what ``tiles`` yields)."""
         return math.ceil(self.level_width / tile_size) * math.ceil(self.level_height / tile_size)
+
+
+def write_svs(path: Path, image: np.ndarray, *, upsample: int, mpp: float, downsamples: tuple[int, ...] = (1, 4, 16),
+              tile: int = 256, quality: int = 90) -> tuple[int, int]:
+    """An Aperio-style SVS pyramid made from ``image`` (for tests, benchmarks and demonstrations): level 0 is
+    the image with each pixel repeated ``upsample`` times each way, at ``mpp`` µm/px; each further level is
+    reduced by its downsample (which must divide ``upsample``). Written tile by tile as JPEG, never whole in
+    memory, so a 40,000 px slide costs a few MB of RAM. Returns level 0's (width, height)."""
+    import tifffile
+
+    h0, w0 = image.shape[0] * upsample, image.shape[1] * upsample
+
+    def tiles(factor: int, height: int, width: int):
+        for y in range(0, height, tile):
+            for x in range(0, width, tile):
+                src = image[y // factor:-(-(y + tile) // factor), x // factor:-(-(x + tile) // factor)]
+                block = np.repeat(np.repeat(src, factor, axis=0), factor, axis=1)
+                block = block[y % factor:y % factor + tile, x % factor:x % factor + tile]
+                out = np.full((tile, tile, 3), 255, np.uint8)
+                out[:block.shape[0], :block.shape[1]] = block[:min(tile, height - y), :min(tile, width - x)]
+                yield out
+
+    with tifffile.TiffWriter(path, bigtiff=True) as tw:
+        for i, d in enumerate(downsamples):
+            if upsample % d:
+                raise ValueError(f"downsample {d} does not divide the upsampling {upsample}")
+            height, width = -(-h0 // d), -(-w0 // d)
+            description = (f"Aperio Image Library v12.0.0\n{w0}x{h0} ({tile}x{tile}) JPEG Q={quality}"
+                           f"|AppMag = {40 * 0.25 / mpp:g}|MPP = {mpp}" if i == 0 else "")
+            tw.write(tiles(upsample // d, height, width), shape=(height, width, 3), dtype=np.uint8,
+                     tile=(tile, tile), compression="jpeg", compressionargs={"level": quality},
+                     photometric="rgb", metadata=None, description=description or None,
+                     subfiletype=1 if i else 0)
+    return w0, h0

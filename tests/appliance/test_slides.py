@@ -181,3 +181,27 @@ def test_emulate_streams_a_slide_file_at_the_models_level(settings, tmp_path):
         daemon.stop()
         for fd in fds:
             os.close(fd)
+
+
+def test_a_40000_px_slide_of_real_tissue_is_triaged_in_bounded_memory(tmp_path):
+    """Done-means of issue 17: a >= 40,000 x 30,000 px SVS of real tissue (the bundled case, each pixel repeated
+    16 x 16, at 0.25 um/px with levels at 1 and 4 um/px), triaged by `appliance triage` in its own process:
+    peak RSS under 1 GiB, the call of the case, positions in the slide's level-0 pixels."""
+    from appliance.offline.slides import write_svs
+
+    svs = tmp_path / "big.svs"
+    assert write_svs(svs, tifffile.imread(DEMO_CASE), upsample=16, mpp=0.25) == (40000, 32000)
+    out = tmp_path / "r.json"
+    child = ("import resource, sys\nfrom appliance.cli import main\n"
+             f"sys.argv = ['appliance', 'triage', {str(svs)!r}, '--json', {str(out)!r}]\n"
+             "try:\n    main()\nexcept SystemExit as exc:\n    code = exc.code\n"
+             "print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, 'EXIT', code)\n")
+    run = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=600,
+                         stdin=subprocess.DEVNULL)
+    last = run.stdout.strip().splitlines()[-1].split()
+    assert last[0] == "MAXRSS_KB" and last[3] == "0", run.stdout + run.stderr
+    assert int(last[1]) < 1024 * 1024, f"peak RSS {int(last[1]) // 1024} MB"
+    result = json.loads(out.read_text())
+    assert result["slide"]["width"] == 40000 and result["slide"]["level"] == 2 and result["verdict"] == "suspicious"
+    xs = [p["x"] + p["w"] for p in result["patches"]]
+    assert max(xs) <= 40000 and max(xs) > 2500 * 8  # level-0 pixels, not the level read
