@@ -115,7 +115,11 @@ def _pipeline_child(folder: str, outputs: bool, q) -> None:
     t0 = time.perf_counter()
     res = triage_path(engine, Path(folder), tile_size=TILE, batch_size=128, out_dir=out_dir)
     wall = time.perf_counter() - t0
+    # the case's files are ready this long after the call (the session's total stops at the call; what follows
+    # is writing the files and reading summary.json back, as `appliance triage --out` does)
+    outputs_ms = wall * 1e3 - res["timings_ms"]["total"] if outputs else None
     q.put({"wall_s": wall, "verdict": res["verdict"], "score": res["score"], "tiles": res["tiles"],
+           "outputs_ms": outputs_ms,
            "patches": [(p["x"], p["y"]) for p in res["patches"]], "timings_ms": res["timings_ms"],
            "early_positive_after_tiles": res["early_positive_after_tiles"],
            "peak_rss_mb": peak_rss_mb()})
@@ -245,14 +249,19 @@ def main(argv=None) -> int:
     n_patches = len(a["patches"])
     outputs = None
     if args.outputs:
-        print("(a') the pipeline again, now also writing the case's files (outside the ratios) ...", flush=True)
-        outputs = run_pipeline(folder, True)
-        print(f"    {outputs['wall_s']:.1f} s, of which outputs {outputs['timings_ms']['outputs'] / 1e3:.1f} s", flush=True)
+        written = []
+        for r in range(args.repeats):
+            print(f"[{r + 1}/{args.repeats}] (a') the pipeline again, now also writing the case's files (outside "
+                  f"the ratios) ...", flush=True)
+            written.append(run_pipeline(folder, True))
+            print(f"    {written[-1]['wall_s']:.1f} s, files ready {written[-1]['outputs_ms'] / 1e3:.1f} s after the call",
+                  flush=True)
+        outputs = sorted(written, key=lambda o: o["outputs_ms"])[len(written) // 2]  # the median run
     print(f"(c) naive one-patch-per-call loop on {args.naive_patches} of the same patches ...", flush=True)
     c_engine, c_per, c_n = naive(patches, args.naive_patches)
     c_s = c_per * n_patches
 
-    out_ms = outputs["timings_ms"]["outputs"] if outputs else None
+    out_ms = outputs["outputs_ms"] if outputs else None
     res = {
         "workload": {"tiles": TILES, "tile_px": TILE, "patches_scored": n_patches,
                      "patches_per_tile": round(n_patches / TILES, 1)},
