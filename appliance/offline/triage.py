@@ -73,7 +73,10 @@ def _triage(engine: Engine, path: Path, tiles: Iterable[SourceTile], total: int 
             result["slide"] = slide.to_dict()
         if out_dir:
             written = session.write_outputs(Path(out_dir), case_id_for(path), result)
-            result = json.loads(Path(written[CaseFile.SUMMARY]).read_text())  # what the lab opens, exactly
+            # what the lab opens, exactly (validated as it was written)
+            result = json.loads(Path(written[CaseFile.SUMMARY]).read_text())
+        else:
+            validated(result)
         done = True
     finally:
         session.close()
@@ -81,7 +84,7 @@ def _triage(engine: Engine, path: Path, tiles: Iterable[SourceTile], total: int 
             shutil.rmtree(workdir, ignore_errors=True)
         if made_out_dir and not done and not any(Path(out_dir).iterdir()):
             Path(out_dir).rmdir()  # a case that failed leaves nothing behind
-    return validated(result)
+    return result
 
 
 def to_level0(result: dict, downsample: float) -> None:

@@ -242,6 +242,7 @@ def write_outputs(out_dir: Path, case_id: str, summary: dict, *, heatmap: Heatma
 
     summary = validated(dict(summary, case_id=case_id, outputs=sorted(paths) + [CaseFile.SUMMARY]))
     p = out_dir / CaseFile.SUMMARY
-    _replace_into(p, lambda tmp: tmp.write_text(json.dumps(summary, indent=1)))
+    # compact: json's C encoder runs only without indent; indented, R1's 87,000 patches took 2 s to write
+    _replace_into(p, lambda tmp: tmp.write_text(json.dumps(summary, separators=(",", ":"))))
     paths[CaseFile.SUMMARY] = str(p)
     return paths
