@@ -1,0 +1,78 @@
+"""GET /metrics over real HTTP: prometheus-client text with the daemon's families and values."""
+
+import httpx
+import pytest
+
+from appliance.api.app import ApiServer, create_app
+from appliance.store.database import CaseStore
+from tests.appliance.conftest import finished_case
+
+
+def test_metrics_parse_as_prometheus_text_with_the_expected_families_and_values(settings):
+    from prometheus_client import REGISTRY
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from appliance.model.engine import LatencyHistogram
+
+    store = CaseStore(settings.db_path)
+    finished_case(store, "A")
+    finished_case(store, "B")
+    store.case_started("RUN-1", specimen_id="S", tiles_expected=9)
+    for i in range(4):
+        store.tile_stored("RUN-1", i, i * 200, 0, 200, 200, "0" * 64)
+    latency = LatencyHistogram()
+    for seconds in (0.004, 0.03, 0.3, 7.0):
+        latency.observe(seconds)
+    live = {"case": {"tiles_received": 4, "tiles_processed": 3}, "disk_free_bytes": 123456789,
+            "link": {"state": "up", "counters": {"crc_errors": 2, "reconnects": 1}}}
+    # two apps in one process, as in this test session: each has its own registry, neither clashes
+    servers = [ApiServer(create_app(settings, store, status=lambda: live, latency=latency), "127.0.0.1", 0),
+               ApiServer(create_app(settings, store), "127.0.0.1", 0)]
+    for s in servers:
+        s.start()
+    try:
+        full, bare = (httpx.get(f"http://127.0.0.1:{s.port}/metrics", timeout=10) for s in servers)
+    finally:
+        for s in servers:
+            s.stop()
+        store.close()
+    for r in (full, bare):
+        assert r.status_code == 200 and r.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+    # the exposed names are the ones scrapers already use (counters end in _total)
+    types = {line.split()[2]: line.split()[3] for line in full.text.splitlines() if line.startswith("# TYPE ")}
+    assert types == {"appliance_tiles_received_total": "counter", "appliance_current_case_tiles": "gauge",
+                     "appliance_cases": "gauge", "appliance_link_crc_errors_total": "counter",
+                     "appliance_link_reconnects_total": "counter", "appliance_link_up": "gauge",
+                     "appliance_disk_free_bytes": "gauge", "appliance_inference_batch_seconds": "histogram"}
+    families = {f.name: f for f in text_string_to_metric_families(full.text)}
+    assert {n: f.type for n, f in families.items()} == {
+        "appliance_tiles_received": "counter", "appliance_current_case_tiles": "gauge", "appliance_cases": "gauge",
+        "appliance_link_crc_errors": "counter", "appliance_link_reconnects": "counter", "appliance_link_up": "gauge",
+        "appliance_disk_free_bytes": "gauge", "appliance_inference_batch_seconds": "histogram"}
+
+    def values(name):
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value for s in families[name].samples}
+
+    assert values("appliance_tiles_received") == {("appliance_tiles_received_total", ()): 4}
+    assert values("appliance_current_case_tiles") == {("appliance_current_case_tiles", (("stage", "received"),)): 4,
+                                                      ("appliance_current_case_tiles", (("stage", "processed"),)): 3}
+    assert values("appliance_cases") == {("appliance_cases", (("verdict", "suspicious"),)): 2,
+                                         ("appliance_cases", (("verdict", "receiving"),)): 1}
+    assert values("appliance_link_crc_errors") == {("appliance_link_crc_errors_total", ()): 2}
+    assert values("appliance_link_reconnects") == {("appliance_link_reconnects_total", ()): 1}
+    assert values("appliance_link_up") == {("appliance_link_up", ()): 1}
+    assert values("appliance_disk_free_bytes") == {("appliance_disk_free_bytes", ()): 123456789}
+    hist = values("appliance_inference_batch_seconds")
+    buckets = {dict(labels)["le"]: v for (name, labels), v in hist.items() if name.endswith("_bucket")}
+    assert buckets == {"0.005": 1, "0.01": 1, "0.025": 1, "0.05": 2, "0.1": 2, "0.25": 2, "0.5": 3, "1.0": 3,
+                       "2.5": 3, "+Inf": 4}
+    assert hist[("appliance_inference_batch_seconds_count", ())] == 4
+    assert hist[("appliance_inference_batch_seconds_sum", ())] == pytest.approx(7.334)
+    # without a live case, a link, a disk reading or an engine: zeros, and no disk or latency family at all
+    bare_families = {f.name: f for f in text_string_to_metric_families(bare.text)}
+    assert set(families) - set(bare_families) == {"appliance_disk_free_bytes", "appliance_inference_batch_seconds"}
+    assert [s.value for s in bare_families["appliance_link_up"].samples] == [0]
+    assert [s.value for s in bare_families["appliance_current_case_tiles"].samples] == [0, 0]
+    assert [s.value for s in bare_families["appliance_tiles_received"].samples] == [4]
+    # the appliance's families are not in prometheus_client's process-wide registry
+    assert not any(m.name.startswith("appliance_") for m in REGISTRY.collect())
