@@ -181,14 +181,14 @@ def test_emulate_streams_a_slide_file_at_the_models_level(settings, tmp_path):
             os.close(fd)
 
 
-def test_a_40000_px_slide_of_real_tissue_is_triaged_in_bounded_memory(tmp_path):
+def test_a_40000_px_slide_of_real_tissue_is_triaged_in_bounded_memory(demo_image, tmp_path):
     """Done-means of issue 17: a >= 40,000 x 30,000 px SVS of real tissue (the bundled case, each pixel repeated
     16 x 16, at 0.25 um/px with levels at 1 and 4 um/px), triaged by `appliance triage` in its own process:
     peak RSS under 1 GiB, the call of the case, positions in the slide's level-0 pixels."""
     from appliance.offline.slides import write_svs
 
     svs = tmp_path / "big.svs"
-    assert write_svs(svs, tifffile.imread(DEMO_CASE), upsample=16, mpp=0.25) == (40000, 32000)
+    assert write_svs(svs, demo_image, upsample=16, mpp=0.25) == (40000, 32000)
     out = tmp_path / "r.json"
     child = ("import resource, sys\nfrom appliance.cli import main\n"
              f"sys.argv = ['appliance', 'triage', {str(svs)!r}, '--json', {str(out)!r}]\n"
