@@ -3,7 +3,7 @@
 A core-needle case at the model's resolution can be hundreds of megabytes, so it never lives in RAM.
 Writing a tile is one sequential append, done by a writer thread so the disk (about 100 MB/s of buffered
 writes on the bench PC) overlaps with the pipeline's compute; at most WRITE_QUEUE tiles wait in memory.
-Reading a region (a patch that straddles tiles, or an OME-TIFF tile) first lets pending writes land, then
+Reading a region (a patch that straddles tiles, or a band of the case pyramid) first lets pending writes land, then
 memory-maps just the tiles that overlap it, painting them in arrival order so a later tile over the same
 pixels wins. Areas never scanned read as white glass.
 """
@@ -110,23 +110,10 @@ class Mosaic:
             del data  # unmap: pages read leave this process's RSS
         return out
 
-    def tiles(self, size: int) -> Iterator[np.ndarray]:
-        """Every ``size`` x ``size`` tile of the extent in raster order (edge tiles padded with glass)."""
-        for y in range(0, self.height, size):
-            for x in range(0, self.width, size):
-                yield self.read(x, y, size, size)
-
-    def downsample2(self, root: Path, band: int = 1024) -> "Mosaic":
-        """A half-resolution copy (2x2 box filter) in another folder, built block by block."""
-        half = Mosaic(root, self.fill)
-        for y in range(0, self.height, band):
-            for x in range(0, self.width, band):
-                h, w = min(band, self.height - y), min(band, self.width - x)
-                block = self.read(x, y, w + (w & 1), h + (h & 1)).astype(np.uint16)
-                small = (block[0::2, 0::2] + block[1::2, 0::2] + block[0::2, 1::2] + block[1::2, 1::2] + 2) >> 2
-                half.write(x // 2, y // 2, small.astype(np.uint8))
-        half.width, half.height = (self.width + 1) // 2, (self.height + 1) // 2
-        return half
+    def bands(self, rows: int) -> Iterator[np.ndarray]:
+        """The extent as full-width bands of ``rows`` rows, top to bottom (the last may be shorter)."""
+        for y in range(0, self.height, rows):
+            yield self.read(0, y, self.width, min(rows, self.height - y))
 
     def close(self) -> None:
         if self._writer.is_alive():

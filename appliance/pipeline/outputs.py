@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -15,21 +16,18 @@ from appliance import RESEARCH_USE_NOTICE
 from appliance.colormap import colormap
 from appliance.pipeline.heatmap import Heatmap, Thumbnail, regions
 from appliance.pipeline.mosaic import Mosaic
+from appliance.pipeline.pyramid import BAND, write_pyramid
 from appliance.pipeline.summary import validated
 from appliance.terms import CaseFile
 
-PYRAMID_TILE = 256  # px, the tile side of case.ome.tif and heatmap.ome.tif
-JPEG_QUALITY = 90
-# No chroma subsampling: on the demo case's tissue 4:4:4 at quality 90 is 31.8 dB PSNR (4:2:0: 29.5 dB) for
-# a third of zlib's bytes; the stain colours are what a reader looks at.
-JPEG_SUBSAMPLING = (1, 1)
-JPEG_WORKERS = 2  # threads encoding pyramid tiles (the bench PC has 2 cores)
 # Regions smaller than this many patch cells are left out of regions.geojson: on the 19 complete development
 # slides (out-of-fold scores) this raised mean slide Dice from 0.683 (every region) to 0.701 (4 cells) and
 # 0.710 (8 cells); 4 keeps small foci (a 4-cell region is 200 x 200 um at 4 um/px).
 MIN_REGION_CELLS = 4
 HEATMAP_PX = 10  # model pixels per heatmap.ome.tif pixel (the heatmap's own detail is one patch stride)
-MIN_LEVEL_SIDE = 256  # keep halving until the smaller side is below this (at least 3 levels)
+# zlib level of the PNGs: on R1 level 1 wrote thumbnail.png and overlay.png in 0.40 s instead of 1.09 s
+# (level 6, PIL's default) for 5 % more bytes
+PNG_LEVEL = 1
 TOP_PATCH_PX = 48  # side of each top patch in top_patches.png
 
 
@@ -59,14 +57,14 @@ def overlay_image(thumb: np.ndarray, heat: np.ndarray, thumb_cell: int, heat_cel
 
     rep = heat_cell // thumb_cell
     rows, cols = thumb.shape[:2]
-    big = np.repeat(np.repeat(heat, rep, axis=0), rep, axis=1)
-    hm = np.full((rows, cols), np.nan, dtype=np.float32)
-    r, c = min(rows, big.shape[0]), min(cols, big.shape[1])
-    hm[:r, :c] = big[:r, :c]
-    scored = ~np.isnan(hm)
-    img = thumb.astype(np.float32)
-    img[scored] = 0.45 * img[scored] + 0.55 * colormap(hm[scored])
-    img = img.astype(np.uint8)
+    # colour per heatmap cell, then repeated to thumbnail cells (the colour map is per value, so the same)
+    cells = np.repeat(np.repeat(np.dstack([colormap(heat), ~np.isnan(heat)]), rep, axis=0), rep, axis=1)
+    r, c = min(rows, cells.shape[0]), min(cols, cells.shape[1])
+    scored = np.zeros((rows, cols), dtype=bool)
+    scored[:r, :c] = cells[:r, :c, 3] > 0
+    heat_rgb = np.zeros((rows, cols, 3), dtype=np.uint8)
+    heat_rgb[:r, :c] = cells[:r, :c, :3]
+    img = np.where(scored[..., None], 0.45 * thumb.astype(np.float32) + 0.55 * heat_rgb, thumb).astype(np.uint8)
     zoom = max(1, min(4, 600 // max(1, max(rows, cols))))
     pic = Image.fromarray(img).resize((cols * zoom, rows * zoom), Image.NEAREST)
     font = ImageFont.load_default(size=14)
@@ -124,86 +122,33 @@ def _save_png(path: Path, pixels: np.ndarray) -> None:
     from PIL import Image
 
     mode = "LA" if pixels.ndim == 3 and pixels.shape[2] == 2 else "RGB"
-    _replace_into(path, lambda tmp: Image.fromarray(pixels, mode=mode).save(tmp, format="PNG"))
+    _replace_into(path, lambda tmp: Image.fromarray(pixels, mode=mode).save(tmp, format="PNG",
+                                                                            compress_level=PNG_LEVEL))
 
 
 # -------------------------------------------------------------------------------------- tiled pyramids
-def _levels(width: int, height: int) -> int:
-    n = 1
-    while min(width, height) >> n >= MIN_LEVEL_SIDE // 2 and n < 8:
-        n += 1
-    return max(n, 3)
-
-
-def write_pyramid(path: Path, level0: Mosaic, mpp: float, workdir: Path, name: str) -> int:
-    """Pyramidal, tiled TIFF streamed tile by tile; returns the number of levels.
-
-    Laid out for OpenSlide's generic-tiff reader, which tifffile, tiffslide and QuPath also read: every level
-    is an ordinary tiled IFD (level 0 first, each reduced level its own page with NewSubfileType 1), 256 px
-    JPEG tiles (quality JPEG_QUALITY, encoded on JPEG_WORKERS threads) and XResolution/YResolution in pixels
-    per centimetre, so ``openslide.mpp-x`` (and tifffile's ``get_resolution``) give ``mpp`` back at level 0.
-    No OME-XML: tifffile writes one OME Image per top-level page, so tifffile and tiffslide would see four
-    one-level images instead of a pyramid, and OME's own pyramid layout (SubIFDs) is invisible to OpenSlide.
-    """
-    import tifffile
-
-    levels = [level0]
-    n = _levels(level0.width, level0.height)
-    for i in range(1, n):
-        levels.append(levels[-1].downsample2(workdir / f"level{i}"))
-
-    def write(tmp: Path) -> None:
-        with tifffile.TiffWriter(tmp, bigtiff=True) as tif:
-            for i, lv in enumerate(levels):
-                per_cm = 1e4 / (mpp * 2 ** i) if mpp > 0 else None
-                tif.write(lv.tiles(PYRAMID_TILE), shape=(lv.height, lv.width, 3), dtype=np.uint8,
-                          tile=(PYRAMID_TILE, PYRAMID_TILE), photometric="rgb", compression="jpeg",
-                          compressionargs={"level": JPEG_QUALITY}, subsampling=JPEG_SUBSAMPLING,
-                          maxworkers=JPEG_WORKERS, subfiletype=1 if i else 0, metadata=None,
-                          description=f"{name}; {mpp:g} um/px at level 0; {RESEARCH_USE_NOTICE}" if i == 0 else None,
-                          resolution=(per_cm, per_cm) if per_cm else None,
-                          resolutionunit="CENTIMETER" if per_cm else None)
-
-    try:
-        _replace_into(path, write)
-    finally:
-        for lv in levels[1:]:
-            lv.remove()
-    return n
-
-
-def heatmap_mosaic(heat: np.ndarray, cell: int, width: int, height: int, root: Path, px: int) -> Mosaic:
+def heatmap_image(heat: np.ndarray, cell: int, width: int, height: int, px: int) -> np.ndarray:
     """The heatmap as a colour image at ``px`` model pixels per pixel (glass where not scored), covering the
-    same area as case.ome.tif; its physical pixel size says so, so the two line up in microns."""
-    out = Mosaic(root)
+    same area as a ``width`` x ``height`` case.ome.tif; its physical pixel size says so, so the two line up
+    in microns. A hundredth of the case's pixels at 10 px, so it is built in RAM."""
     rgb = colormap(heat)
     rgb[np.isnan(heat)] = 255
     rep = cell // px
     w, h = -(-width // px), -(-height // px)
-    band = max(1, 512 // rep)
-    for r0 in range(0, heat.shape[0], band):
-        strip = np.repeat(np.repeat(rgb[r0:r0 + band], rep, axis=0), rep, axis=1)
-        out.write(0, r0 * rep, np.ascontiguousarray(strip[: max(0, h - r0 * rep), :w]))
-    out.width, out.height = w, h
+    out = np.full((h, w, 3), 255, dtype=np.uint8)
+    big = np.repeat(np.repeat(rgb, rep, axis=0), rep, axis=1)[:h, :w]
+    out[: big.shape[0], : big.shape[1]] = big
     return out
 
 
 # ---------------------------------------------------------------------------------------------- all
-def write_outputs(out_dir: Path, case_id: str, summary: dict, *, heatmap: Heatmap, thumbnail: Thumbnail,
-                  mosaic: Mosaic, patch_threshold: float, top_crops: list[np.ndarray] = (),
-                  min_region_cells: int = MIN_REGION_CELLS) -> dict[str, str]:
-    """Write the case's files into ``out_dir``; returns {name: path}. ``summary`` follows TriageSummary;
-    ``top_crops`` are the top patches' pixels, highest probability first."""
-    result = summary
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    heat = heatmap.average()
-    mpp = result.get("microns_per_pixel") or 0.0
-    paths = {}
-
+def _write_pictures(out_dir: Path, case_id: str, result: dict, heat: np.ndarray, heatmap: Heatmap,
+                    thumbnail: Thumbnail, mosaic: Mosaic, patch_threshold: float, top_crops, min_region_cells: int,
+                    mpp: float, work: Path, paths: dict) -> None:
+    """Every file but case.ome.tif and summary.json, adding each to ``paths``."""
     over = overlay_image(thumbnail.image(), heat, thumbnail.cell, heatmap.cell, result, case_id)
     p = out_dir / CaseFile.OVERLAY
-    _replace_into(p, lambda tmp: over.save(tmp, format="PNG"))
+    _replace_into(p, lambda tmp: over.save(tmp, format="PNG", compress_level=PNG_LEVEL))
     paths[CaseFile.OVERLAY] = str(p)
     for name, pixels in ((CaseFile.THUMBNAIL, thumbnail.image()), (CaseFile.HEATMAP, heat_image(heat)),
                          (CaseFile.TOP_PATCHES, patch_strip(list(top_crops)))):
@@ -226,19 +171,44 @@ def write_outputs(out_dir: Path, case_id: str, summary: dict, *, heatmap: Heatma
     _replace_into(p, lambda tmp: tmp.write_text(json.dumps(geo)))
     paths[CaseFile.REGIONS] = str(p)
 
+    if mosaic.width and mosaic.height:
+        px = HEATMAP_PX if heatmap.cell % HEATMAP_PX == 0 else heatmap.cell
+        hm = heatmap_image(heat, heatmap.cell, mosaic.width, mosaic.height, px)
+        p = out_dir / CaseFile.HEATMAP_OME
+        bands = (hm[y:y + BAND] for y in range(0, hm.shape[0], BAND))
+        _replace_into(p, lambda tmp: write_pyramid(tmp, hm.shape[1], hm.shape[0], bands, mpp * px, work,
+                                                   f"{case_id} heatmap (cividis, patch probability)"))
+        paths[CaseFile.HEATMAP_OME] = str(p)
+
+
+def write_outputs(out_dir: Path, case_id: str, summary: dict, *, heatmap: Heatmap, thumbnail: Thumbnail,
+                  mosaic: Mosaic, patch_threshold: float, top_crops: list[np.ndarray] = (),
+                  min_region_cells: int = MIN_REGION_CELLS) -> dict[str, str]:
+    """Write the case's files into ``out_dir``; returns {name: path}. ``summary`` follows TriageSummary;
+    ``top_crops`` are the top patches' pixels, highest probability first."""
+    result = summary
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    heat = heatmap.average()
+    mpp = result.get("microns_per_pixel") or 0.0
+    paths = {}
     work = mosaic.root.parent
+    # The case pyramid is most of the work (the whole mosaic read, halved and JPEG-encoded): it starts first,
+    # on a thread of its own, and everything else is written while it runs.
+    pyramid = None
     if mosaic.width and mosaic.height:
         p = out_dir / CaseFile.CASE_OME
-        write_pyramid(p, mosaic, mpp, work, f"{case_id} (model resolution)")
+        pool = ThreadPoolExecutor(1, thread_name_prefix="case-pyramid")
+        pyramid = pool.submit(_replace_into, p, lambda tmp: write_pyramid(
+            tmp, mosaic.width, mosaic.height, mosaic.bands(BAND), mpp, work, f"{case_id} (model resolution)"))
+        pool.shutdown(wait=False)
         paths[CaseFile.CASE_OME] = str(p)
-        px = HEATMAP_PX if heatmap.cell % HEATMAP_PX == 0 else heatmap.cell
-        hm = heatmap_mosaic(heat, heatmap.cell, mosaic.width, mosaic.height, work / "heatmap", px)
-        p = out_dir / CaseFile.HEATMAP_OME
-        try:
-            write_pyramid(p, hm, mpp * px, work, f"{case_id} heatmap (cividis, patch probability)")
-        finally:
-            hm.remove()
-        paths[CaseFile.HEATMAP_OME] = str(p)
+    try:
+        _write_pictures(out_dir, case_id, result, heat, heatmap, thumbnail, mosaic, patch_threshold, top_crops,
+                        min_region_cells, mpp, work, paths)
+    finally:
+        if pyramid is not None:
+            pyramid.result()  # its error, if any, is raised here
 
     summary = validated(dict(summary, case_id=case_id, outputs=sorted(paths) + [CaseFile.SUMMARY]))
     p = out_dir / CaseFile.SUMMARY

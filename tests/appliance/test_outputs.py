@@ -13,7 +13,8 @@ from appliance.colormap import colormap
 from appliance.offline.triage import triage_path
 from appliance.pipeline.heatmap import regions
 from appliance.pipeline.mosaic import Mosaic
-from appliance.pipeline.outputs import JPEG_QUALITY, PYRAMID_TILE, write_pyramid
+from appliance.pipeline.pyramid import BAND, JPEG_QUALITY, write_pyramid
+from appliance.pipeline.pyramid import TILE as PYRAMID_TILE
 from tests.conftest import DEMO_CASE
 
 openslide = pytest.importorskip("openslide")
@@ -138,16 +139,20 @@ def test_write_pyramid_keeps_a_fractional_mpp_and_three_levels_for_a_small_mosai
             mosaic.write(x, y, case[y:y + 200, x:x + 300])
     path = tmp_path / "small.tif"
     try:
-        levels = write_pyramid(path, mosaic, 0.2527, tmp_path, "small")
+        levels = write_pyramid(path, mosaic.width, mosaic.height, mosaic.bands(BAND), 0.2527, tmp_path, "small")
     finally:
         mosaic.remove()
-    assert levels == 3 and not list(tmp_path.glob("level*"))  # reduced levels' scratch mosaics are gone
-    assert not list(tmp_path.glob(".*.tmp"))
+    assert levels == 3 and not list(tmp_path.glob(".pyramid-*"))  # reduced levels' scratch files are gone
     with openslide.OpenSlide(path) as slide:
         assert slide.level_count == 3
         assert slide.level_dimensions == ((700, 600), (350, 300), (175, 150))
         assert float(slide.properties["openslide.mpp-x"]) == pytest.approx(0.2527, rel=1e-6)
         assert mean_abs_diff(np.asarray(slide.read_region((0, 0), 0, (700, 600)).convert("RGB")), case) < 3
+        expect = case
+        for level in (1, 2):
+            expect = box2(expect)
+            got = np.asarray(slide.read_region((0, 0), level, slide.level_dimensions[level]).convert("RGB"))
+            assert mean_abs_diff(got, expect) < 3, level
     assert JPEG_QUALITY >= 85
 
 

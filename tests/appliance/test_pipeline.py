@@ -19,6 +19,7 @@ from appliance.pipeline.heatmap import Heatmap, regions, ring_area
 from appliance.pipeline.mil import TopKMean, case_score
 from appliance.pipeline.mosaic import Mosaic
 from appliance.pipeline.patches import pad_to
+from appliance.pipeline.pyramid import reduce2
 from appliance.pipeline.resample import resample_tile, scale_factor
 from appliance.pipeline.summary import TriageSummary
 from appliance.pipeline.tissue import close, tissue_mask
@@ -321,7 +322,7 @@ def test_tissue_mask_closing_fills_pale_gaps():
     assert tissue_mask(rgb)[9:11, 9:11].all()
 
 
-def test_mosaic_reads_back_across_chunks_and_halves(tmp_path):
+def test_mosaic_reads_back_across_chunks_and_in_bands(tmp_path):
     mos = Mosaic(tmp_path / "m")
     rng = np.random.default_rng(0)
     img = rng.integers(0, 255, (150, 170, 3), dtype=np.uint8)
@@ -331,9 +332,17 @@ def test_mosaic_reads_back_across_chunks_and_halves(tmp_path):
     assert (mos.width, mos.height) == (170, 150)
     assert np.array_equal(mos.read(0, 0, 170, 150), img)
     assert np.array_equal(mos.read(160, 140, 20, 20)[10:, 10:], np.full((10, 10, 3), 255, np.uint8))
-    half = mos.downsample2(tmp_path / "h")
-    expect = img[:150, :170].reshape(75, 2, 85, 2, 3).astype(np.uint16).sum(axis=(1, 3)) + 2 >> 2
-    assert np.array_equal(half.read(0, 0, 85, 75), expect.astype(np.uint8))
+    bands = list(mos.bands(64))
+    assert [b.shape for b in bands] == [(64, 170, 3), (64, 170, 3), (22, 170, 3)]
+    assert np.array_equal(np.concatenate(bands), img)
+
+
+def test_reduce2_is_a_rounded_box_filter_with_glass_past_an_odd_edge():
+    img = np.random.default_rng(1).integers(0, 255, (151, 171, 3), dtype=np.uint8)
+    pad = np.full((152, 172, 3), 255, np.uint8)
+    pad[:151, :171] = img
+    expect = pad.reshape(76, 2, 86, 2, 3).astype(np.uint16).sum(axis=(1, 3)) + 2 >> 2
+    assert np.array_equal(reduce2(img), expect.astype(np.uint8))
 
 
 def test_heatmap_averages_overlapping_patches_and_traces_regions():
