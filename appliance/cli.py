@@ -112,10 +112,12 @@ def run(ctx, port: str | None) -> None:
 @click.option("--engine", type=ENGINES, default=None)
 @click.option("--tile-size", default=DEFAULT_TILE_SIZE, show_default=True,
               help="Tile size used to cut a single image into scanner tiles.")
+@click.option("--geojson-tiles", is_flag=True,
+              help="Also put every scored patch in regions.geojson, as a locked QuPath tile with its probability.")
 @click.pass_context
 @friendly_errors
 def triage(ctx, input_path: Path, json_out: Path | None, out_dir: Path | None, mpp: float | None,
-           engine: str | None, tile_size: int) -> None:
+           engine: str | None, tile_size: int, geojson_tiles: bool) -> None:
     """Triage a case on disk: a slide file (SVS, NDPI, MRXS, SCN, Philips/generic pyramid TIFF, DICOM WSI),
     one image, or a folder of tiles named like '..._x<X>_y<Y>.png'."""
     from appliance.model.engine import load_engine
@@ -123,6 +125,8 @@ def triage(ctx, input_path: Path, json_out: Path | None, out_dir: Path | None, m
 
     if json_out is None and out_dir is None:
         raise click.UsageError("say where the result goes: --json FILE and/or --out DIR")
+    if geojson_tiles and out_dir is None:
+        raise click.UsageError("--geojson-tiles goes into regions.geojson: give --out DIR")
     settings = _settings(ctx, engine=engine)
     eng = load_engine(settings.model_dir, settings.engine)
     bar = Progress("tiles", None)
@@ -132,7 +136,7 @@ def triage(ctx, input_path: Path, json_out: Path | None, out_dir: Path | None, m
         bar.update(n, f"running score {score:.3f}")
 
     result = triage_path(eng, input_path, tile_size=tile_size, batch_size=settings.batch_size, out_dir=out_dir,
-                         microns_per_pixel=mpp, progress=progress)
+                         microns_per_pixel=mpp, progress=progress, geojson_tiles=geojson_tiles)
     bar.close()
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)

@@ -27,6 +27,7 @@ def triage_path(
     out_dir: Path | None = None,
     microns_per_pixel: float | None = None,
     progress: Callable[[int, int | None, float], None] | None = None,
+    geojson_tiles: bool = False,
 ) -> dict:
     """Triage a slide file, a single image or a tile folder and return the JSON-ready result.
 
@@ -36,7 +37,8 @@ def triage_path(
     tile folder is at ``microns_per_pixel`` (default: the model's own, i.e. no resampling).
 
     With ``out_dir`` the case's files (overlay, OME-TIFFs, regions, summary) are written there and the
-    mosaic is kept in ``out_dir/.work`` while the case runs. Unreadable tile files are listed under
+    mosaic is kept in ``out_dir/.work`` while the case runs; ``geojson_tiles`` adds every scored patch to
+    regions.geojson as a QuPath tile object. Unreadable tile files are listed under
     ``skipped_inputs`` instead of stopping the case.
     """
     path = Path(path)
@@ -44,17 +46,19 @@ def triage_path(
         with Slide(path, engine.manifest.input.microns_per_pixel, microns_per_pixel) as slide:
             return _triage(engine, path, slide.tiles(tile_size), slide.count_tiles(tile_size), (0, 0),
                            slide.level_width, slide.level_height, slide.info.level_microns_per_pixel, [],
-                           batch_size=batch_size, out_dir=out_dir, progress=progress, slide=slide.info)
+                           batch_size=batch_size, out_dir=out_dir, progress=progress, slide=slide.info,
+                           geojson_tiles=geojson_tiles)
     skipped: list[Skipped] = []
     ox, oy, width, height = case_extent(path)
     return _triage(engine, path, iter_case_tiles(path, tile_size, skipped), count_case_tiles(path, tile_size),
                    (ox, oy), width, height, microns_per_pixel, skipped, batch_size=batch_size, out_dir=out_dir,
-                   progress=progress)
+                   progress=progress, geojson_tiles=geojson_tiles)
 
 
 def _triage(engine: Engine, path: Path, tiles: Iterable[SourceTile], total: int | None, origin: tuple[int, int],
             width: int | None, height: int | None, scanner_mpp: float | None, skipped: list[Skipped], *,
-            batch_size: int, out_dir: Path | None, progress, slide: SlideInfo | None = None) -> dict:
+            batch_size: int, out_dir: Path | None, progress, slide: SlideInfo | None = None,
+            geojson_tiles: bool = False) -> dict:
     made_out_dir = out_dir is not None and not Path(out_dir).exists()
     workdir = Path(out_dir) / ".work" if out_dir else None
     session = TriageSession(engine, batch_size=batch_size, scanner_mpp=scanner_mpp, width=width,
@@ -72,7 +76,7 @@ def _triage(engine: Engine, path: Path, tiles: Iterable[SourceTile], total: int 
             to_level0(result, slide.downsample)
             result["slide"] = slide.to_dict()
         if out_dir:
-            written = session.write_outputs(Path(out_dir), case_id_for(path), result)
+            written = session.write_outputs(Path(out_dir), case_id_for(path), result, geojson_tiles=geojson_tiles)
             # what the lab opens, exactly (validated as it was written)
             result = json.loads(Path(written[CaseFile.SUMMARY]).read_text())
         else:

@@ -32,12 +32,32 @@ TOP_PATCH_PX = 48  # side of each top patch in top_patches.png
 
 
 def to_slide(features: list[dict], factor: float) -> None:
-    """Region polygons from mosaic pixels (the model's resolution) to a slide's level-0 pixels, in place."""
+    """Polygons from mosaic pixels (the model's resolution) to a slide's level-0 pixels, in place."""
     for feat in features:
         feat["geometry"]["coordinates"] = [[[round(x * factor, 2), round(y * factor, 2)] for x, y in ring]
                                            for ring in feat["geometry"]["coordinates"]]
         m = feat["properties"]["measurements"]
-        m["area_px"] = round(m["area_px"] * factor * factor, 2)
+        if "area_px" in m:
+            m["area_px"] = round(m["area_px"] * factor * factor, 2)
+
+
+def tile_features(tiles: list[tuple[int, int, int, int, float, float | None]], case_id: str) -> list[dict]:
+    """One locked QuPath ``tile`` object per scored patch, as WSInfer writes them: a box (x, y, w, h in mosaic
+    pixels) with the patch's probability (and the first stage's, when refined) under ``measurements``."""
+    feats = []
+    for i, (x, y, w, h, prob, first) in enumerate(tiles):
+        m = {"probability": round(prob, 4)}
+        if first is not None:
+            m["first_stage"] = round(first, 4)
+        feats.append({
+            "type": "Feature",
+            "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"bench-triage-appliance:{case_id}:tile:{i}")),
+            # counter-clockwise as numbers (positive shoelace area), as the region exteriors
+            "geometry": {"type": "Polygon",
+                         "coordinates": [[[x, y], [x + w, y], [x + w, y + h], [x, y + h], [x, y]]]},
+            "properties": {"objectType": "tile", "isLocked": True, "measurements": m},
+        })
+    return feats
 
 
 def _replace_into(path: Path, write) -> None:
@@ -144,7 +164,7 @@ def heatmap_image(heat: np.ndarray, cell: int, width: int, height: int, px: int)
 # ---------------------------------------------------------------------------------------------- all
 def _write_pictures(out_dir: Path, case_id: str, result: dict, heat: np.ndarray, heatmap: Heatmap,
                     thumbnail: Thumbnail, mosaic: Mosaic, patch_threshold: float, top_crops, min_region_cells: int,
-                    mpp: float, work: Path, paths: dict) -> None:
+                    tiles: list[tuple] | None, mpp: float, work: Path, paths: dict) -> None:
     """Every file but case.ome.tif and summary.json, adding each to ``paths``."""
     over = overlay_image(thumbnail.image(), heat, thumbnail.cell, heatmap.cell, result, case_id)
     p = out_dir / CaseFile.OVERLAY
@@ -157,13 +177,15 @@ def _write_pictures(out_dir: Path, case_id: str, result: dict, heat: np.ndarray,
             paths[name] = str(out_dir / name)
 
     feats = regions(heat, patch_threshold, heatmap.cell, min_region_cells)
+    for i, feat in enumerate(feats):  # the same case gives the same ids (a re-run replaces, never duplicates)
+        feat["id"] = str(uuid.uuid5(uuid.NAMESPACE_URL, f"bench-triage-appliance:{case_id}:region:{i}"))
+    if tiles:
+        feats += tile_features(tiles, case_id)
     units = "pixels of case.ome.tif"
     slide = result.get("slide")
     if slide:  # a slide file: drawn over the slide itself, so in its level-0 pixels
         units = f"level-0 pixels of {Path(result['input']).name}"
         to_slide(feats, mpp / slide["microns_per_pixel"])
-    for i, feat in enumerate(feats):  # the same case gives the same ids (a re-run replaces, never duplicates)
-        feat["id"] = str(uuid.uuid5(uuid.NAMESPACE_URL, f"bench-triage-appliance:{case_id}:region:{i}"))
     geo = {"type": "FeatureCollection", "features": feats,
            "properties": {"case_id": case_id, "threshold": patch_threshold, "units": units,
                           "notice": RESEARCH_USE_NOTICE}}
@@ -183,9 +205,10 @@ def _write_pictures(out_dir: Path, case_id: str, result: dict, heat: np.ndarray,
 
 def write_outputs(out_dir: Path, case_id: str, summary: dict, *, heatmap: Heatmap, thumbnail: Thumbnail,
                   mosaic: Mosaic, patch_threshold: float, top_crops: list[np.ndarray] = (),
-                  min_region_cells: int = MIN_REGION_CELLS) -> dict[str, str]:
+                  min_region_cells: int = MIN_REGION_CELLS, tiles: list[tuple] | None = None) -> dict[str, str]:
     """Write the case's files into ``out_dir``; returns {name: path}. ``summary`` follows TriageSummary;
-    ``top_crops`` are the top patches' pixels, highest probability first."""
+    ``top_crops`` are the top patches' pixels, highest probability first; ``tiles`` (x, y, w, h, probability,
+    first-stage probability) in mosaic pixels, when given, go into regions.geojson as one tile object each."""
     result = summary
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -205,7 +228,7 @@ def write_outputs(out_dir: Path, case_id: str, summary: dict, *, heatmap: Heatma
         paths[CaseFile.CASE_OME] = str(p)
     try:
         _write_pictures(out_dir, case_id, result, heat, heatmap, thumbnail, mosaic, patch_threshold, top_crops,
-                        min_region_cells, mpp, work, paths)
+                        min_region_cells, tiles, mpp, work, paths)
     finally:
         if pyramid is not None:
             pyramid.result()  # its error, if any, is raised here

@@ -33,6 +33,9 @@ JPEG_QUALITY = 90
 # a third of zlib's bytes; the stain colours are what a reader looks at.
 JPEG_SUBSAMPLING = (1, 1)
 JPEG_WORKERS = 2  # threads encoding tiles (the bench PC has 2 cores)
+# Tiles handed to the JPEG threads at a time. tifffile's default (512 MB of raw tiles, 2,700 here) held R1's
+# pyramid at +500 MB of RAM and left the threads idle while the batch was read; 64 tiles: +100 MB, 10 % faster.
+ENCODE_BATCH = 64
 MIN_LEVEL_SIDE = 256  # keep halving until the smaller side is below this (at least 3 levels)
 MAX_LEVELS = 8
 GLASS = 255
@@ -172,13 +175,14 @@ def write_pyramid(path: Path, width: int, height: int, bands: Iterable[np.ndarra
                 ahead = _Ahead(source, depth=2)
                 per_cm = 1e4 / (mpp * 2 ** i) if mpp > 0 else None
                 try:
-                    tif.write(tiles_of(ahead, w), shape=(h, w, 3), dtype=np.uint8, tile=(TILE, TILE),
-                          photometric="rgb", compression="jpeg", compressionargs={"level": JPEG_QUALITY},
-                          subsampling=JPEG_SUBSAMPLING, maxworkers=JPEG_WORKERS, subfiletype=1 if i else 0,
-                          metadata=None,
-                          description=f"{name}; {mpp:g} um/px at level 0; {RESEARCH_USE_NOTICE}" if i == 0 else None,
-                          resolution=(per_cm, per_cm) if per_cm else None,
-                          resolutionunit="CENTIMETER" if per_cm else None)
+                    tif.write(
+                        tiles_of(ahead, w), shape=(h, w, 3), dtype=np.uint8, tile=(TILE, TILE), photometric="rgb",
+                        compression="jpeg", compressionargs={"level": JPEG_QUALITY}, subsampling=JPEG_SUBSAMPLING,
+                        maxworkers=JPEG_WORKERS, buffersize=ENCODE_BATCH * TILE * TILE * 3,
+                        subfiletype=1 if i else 0, metadata=None,
+                        description=f"{name}; {mpp:g} um/px at level 0; {RESEARCH_USE_NOTICE}" if i == 0 else None,
+                        resolution=(per_cm, per_cm) if per_cm else None,
+                        resolutionunit="CENTIMETER" if per_cm else None)
                 finally:
                     ahead.close()
     finally:

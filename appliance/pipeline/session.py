@@ -363,14 +363,18 @@ class TriageSession:
         self.heatmap.add_many(pos[:, 0], pos[:, 1], pos[:, 2], pos[:, 3], refined)
         self._timings["context"] = (time.perf_counter() - t0) * 1e3
 
-    def write_outputs(self, out_dir: Path, case_id: str, summary: dict) -> dict[CaseFile, str]:
+    def write_outputs(self, out_dir: Path, case_id: str, summary: dict, *, geojson_tiles: bool = False
+                      ) -> dict[CaseFile, str]:
         """The case's files (``CaseFile``) into ``out_dir``; returns their paths. ``summary`` is the finished
         result's ``to_dict()`` plus ``input`` and ``skipped_inputs``; it is left as it is (summary.json adds the
-        case id and the list of files), so the file and the result a caller holds never differ."""
+        case id and the list of files), so the file and the result a caller holds never differ. With
+        ``geojson_tiles`` every scored patch is also a tile object in regions.geojson."""
         crops = [self.mosaic.read(*self._to_model(p.x, p.y, p.w, p.h))
                  for p in sorted(self._scores, key=lambda p: (-p.probability, p.y, p.x))[: self.mil.k]]
+        tiles = [(*self._to_model(p.x, p.y, p.w, p.h), p.probability, p.first_stage)
+                 for p in self._scores] if geojson_tiles else None
         return write_outputs(out_dir, case_id, summary, heatmap=self.heatmap, thumbnail=self.thumbnail,
-                             mosaic=self.mosaic, patch_threshold=self.patch_threshold, top_crops=crops)
+                             mosaic=self.mosaic, patch_threshold=self.patch_threshold, top_crops=crops, tiles=tiles)
 
     def close(self) -> None:
         """Remove the mosaic (call after the outputs are written)."""

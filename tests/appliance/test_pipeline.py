@@ -109,7 +109,7 @@ def test_triage_cli_out_dir_and_json_agree(tmp_path):
     import sys
 
     proc = subprocess.run([sys.executable, "-m", "appliance.cli", "triage", str(DEMO_CASE), "--out",
-                           str(tmp_path / "o"), "--json", str(tmp_path / "r.json")],
+                           str(tmp_path / "o"), "--json", str(tmp_path / "r.json"), "--geojson-tiles"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     a = json.loads((tmp_path / "r.json").read_text())
@@ -117,9 +117,17 @@ def test_triage_cli_out_dir_and_json_agree(tmp_path):
     TriageSummary.model_validate(a)
     assert {k: v for k, v in b.items() if k not in ("case_id", "outputs", "timings_ms")} == \
         {k: v for k, v in a.items() if k not in ("case_id", "outputs", "timings_ms")}
+    geo = json.loads((tmp_path / "o" / "regions.geojson").read_text())
+    tiles = {tuple(f["geometry"]["coordinates"][0][0]): f["properties"]["measurements"]["probability"]
+             for f in geo["features"] if f["properties"]["objectType"] == "tile"}
+    # the bundled case is at the model's resolution: each tile is its patch, at the patch's own place
+    assert tiles == {(p["x"], p["y"]): round(p["probability"], 4) for p in a["patches"]}
     bad = subprocess.run([sys.executable, "-m", "appliance.cli", "triage", str(DEMO_CASE)],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "--json" in bad.stderr
+    bad = subprocess.run([sys.executable, "-m", "appliance.cli", "triage", str(DEMO_CASE), "--geojson-tiles",
+                          "--json", str(tmp_path / "r2.json")], capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "give --out" in bad.stderr and not (tmp_path / "r2.json").exists()
 
 
 # ------------------------------------------------------------------------------------------ verdicts

@@ -4,6 +4,7 @@ TIFF, and an Aperio-style pyramid written here from the bundled real case, read 
 import json
 import subprocess
 import sys
+import uuid
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from PIL import Image
 
 from appliance.offline.slides import Slide, is_slide, pick_level
 from appliance.offline.triage import triage_path
+from appliance.pipeline.heatmap import ring_area
 from tests.conftest import DEMO_CASE, FIXTURES as ALL_FIXTURES
 
 FIXTURES = ALL_FIXTURES / "wsi"  # third-party files in real slide formats (tests/fixtures/README.md)
@@ -87,7 +89,7 @@ def test_the_level_nearest_the_model_is_read_and_positions_come_back_in_level_0(
         tw.write(image, tile=(256, 256), compression="zlib", photometric="rgb", metadata=None,
                  description="Aperio Image Library v12.0.0\nlevel 1")
     plain = triage_path(ov_engine, DEMO_CASE, tile_size=200, out_dir=tmp_path / "plain")
-    got = triage_path(ov_engine, svs, tile_size=200, out_dir=tmp_path / "out")
+    got = triage_path(ov_engine, svs, tile_size=200, out_dir=tmp_path / "out", geojson_tiles=True)
     assert got["slide"]["vendor"] == "aperio" and got["slide"]["microns_per_pixel"] == 2.0
     assert (got["slide"]["level"], got["slide"]["downsample"], got["slide"]["level_microns_per_pixel"]) == (1, 2.0, 4.0)
     assert got["tiles"] < plain["tiles"] == 130  # background tiles are never read
@@ -106,13 +108,39 @@ def test_the_level_nearest_the_model_is_read_and_positions_come_back_in_level_0(
     assert plain_geo["properties"]["units"] == "pixels of case.ome.tif"
 
     def box(geo):
-        pts = np.array([xy for f in geo["features"] for ring in f["geometry"]["coordinates"] for xy in ring])
+        pts = np.array([xy for f in geo["features"] if f["properties"]["objectType"] == "annotation"
+                        for ring in f["geometry"]["coordinates"] for xy in ring])
         return pts.min(axis=0), pts.max(axis=0)
+
+    # --geojson-tiles: every scored patch as a QuPath tile, over the same level-0 box as in the summary
+    tiles = [f for f in slide_geo["features"] if f["properties"]["objectType"] == "tile"]
+    assert len(tiles) == len(got["patches"])
+    assert not [f for f in plain_geo["features"] if f["properties"]["objectType"] == "tile"]
+    by_box = {(p["x"], p["y"], p["x"] + p["w"], p["y"] + p["h"]): p for p in got["patches"]}
+    for f in tiles:
+        assert_qupath_tile(f)
+        (xs, ys) = zip(*f["geometry"]["coordinates"][0])
+        p = by_box[(min(xs), min(ys), max(xs), max(ys))]
+        m = f["properties"]["measurements"]
+        assert m["probability"] == pytest.approx(p["probability"], abs=1e-4)  # 4 decimals in the file
+        assert m.get("first_stage") == (None if p.get("first_stage") is None else pytest.approx(p["first_stage"], abs=1e-4))
 
     assert slide_geo["features"] and plain_geo["features"]
     (slo, shi), (plo, phi) = box(slide_geo), box(plain_geo)
     assert np.all(np.abs(slo - 2 * plo) <= 100) and np.all(np.abs(shi - 2 * phi) <= 100)  # within one cell
     assert shi[0] <= 5000 and shi[1] <= 4000
+
+
+def assert_qupath_tile(f: dict) -> None:
+    """A tile object as WSInfer writes them for QuPath: locked, a closed box, numbers under measurements."""
+    assert f["type"] == "Feature" and f["geometry"]["type"] == "Polygon"
+    assert str(uuid.UUID(f["id"])) == f["id"]
+    assert set(f["properties"]) == {"objectType", "isLocked", "measurements"}
+    assert f["properties"]["objectType"] == "tile" and f["properties"]["isLocked"] is True
+    (ring,) = f["geometry"]["coordinates"]
+    assert len(ring) == 5 and ring[0] == ring[-1]
+    assert ring_area(ring) > 0  # counter-clockwise as numbers, like the region exteriors
+    assert all(isinstance(v, float) for v in f["properties"]["measurements"].values())
 
 
 def test_pick_level_never_upsamples():
