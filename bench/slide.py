@@ -1,9 +1,14 @@
 """Slide-file triage against R1, in the same run.
 
-The slide: an Aperio-style SVS pyramid of real tissue, written to a temporary folder. Level 0 is a grid of
-GRID x GRID copies of the bundled case (each copy flipped differently, so neighbouring copies differ), each
-pixel repeated UPSAMPLE times, at MPP µm/px, with the levels DOWNSAMPLES. By default 40,000 x 32,000 px at
-1 µm/px, levels at 4 and 16 µm/px: the appliance reads level 1 (the model's 4 µm/px), tissue tiles only.
+The slide: an Aperio-style SVS pyramid of real tissue, written to a temporary folder, its level 0 made from
+  --source r1    R1's own tissue (its 1,197 tiles in their places, 15,750 x 15,750 px at 4 µm/px), so the
+                 two runs score the same patches and differ only in where the pixels come from; with the
+                 defaults (--upsample 2 --mpp 2 --downsamples 1,2,8) 31,500 x 31,500 px at 2 µm/px;
+  --source demo  GRID x GRID copies of the bundled case (flipped in turn), sparse tissue (a quarter of the
+                 pixels), the realistic case for glass; use --upsample 4 --mpp 1 --downsamples 1,4,16 for
+                 40,000 x 32,000 px at 1 µm/px.
+Each pixel is repeated UPSAMPLE times at MPP µm/px; the appliance reads the level at the model's 4 µm/px,
+tissue tiles only (found on the lowest level).
 
 In one run, alternating --repeats times (the 2-core VM drifts 10-20 % from minute to minute):
   (s) `appliance triage SLIDE` as the command does it (OpenSlide, the level nearest the model, tissue tiles
@@ -12,8 +17,9 @@ In one run, alternating --repeats times (the 2-core VM drifts 10-20 % from minut
 Both are scored per tissue patch: the slide's patches/s over R1's patches/s is the ratio reported (the
 median pair). Also printed: tiles/s, the time to the first scored patch and peak RSS.
 
-    python bench/slide.py [--grid 4] [--upsample 4] [--mpp 1.0] [--downsamples 1,4,16] [--repeats 3]
-                          [--data ../shared/data/idc_breast_histopathology] [--json bench/results/slide.json]
+    python bench/slide.py [--source r1|demo] [--grid 4] [--upsample 2] [--mpp 2.0] [--downsamples 1,2,8]
+                          [--tile-size 500] [--repeats 3] [--data ../shared/data/idc_breast_histopathology]
+                          [--json bench/results/slide.json]
 
 --downsamples 1 writes level 0 only, so every tile is read at level 0 and resampled to the model's 4 µm/px:
 the reading and resampling path at its heaviest.
@@ -30,7 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
-from r1 import DATA, TILES, peak_rss_mb, r1_tiles, run_pipeline  # noqa: E402  (bench/ is the script's folder)
+from appliance.offline.sources import DEFAULT_TILE_SIZE
+from r1 import DATA, TILE, TILES, peak_rss_mb, r1_tiles, run_pipeline  # noqa: E402  (bench/ is the script's folder)
 from report import write_json  # noqa: E402
 
 
@@ -39,6 +46,20 @@ def grid_image(image: np.ndarray, grid: int) -> np.ndarray:
     flips = (lambda a: a, np.fliplr, np.flipud, lambda a: a[::-1, ::-1])
     return np.concatenate([np.concatenate([flips[(r * grid + c) % 4](image) for c in range(grid)], axis=1)
                            for r in range(grid)], axis=0)
+
+
+def r1_image(folder: Path) -> np.ndarray:
+    """R1's tiles in their places, glass between."""
+    tiles = {}
+    for f in folder.glob("r1_x*_y*.npy"):
+        x, y = (int(v[1:]) for v in f.stem.split("_")[1:3])
+        tiles[(x, y)] = f
+    w = max(x for x, _ in tiles) + TILE
+    h = max(y for _, y in tiles) + TILE
+    image = np.full((h, w, 3), 255, np.uint8)
+    for (x, y), f in tiles.items():
+        image[y:y + TILE, x:x + TILE] = np.load(f)
+    return image
 
 
 def _slide_child(path: str, tile_size: int, q) -> None:
@@ -82,11 +103,12 @@ def run_slide(path: Path, tile_size: int) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--grid", type=int, default=4)
-    ap.add_argument("--upsample", type=int, default=4)
-    ap.add_argument("--mpp", type=float, default=1.0)
-    ap.add_argument("--downsamples", default="1,4,16")
-    ap.add_argument("--tile-size", type=int, default=512)
+    ap.add_argument("--source", choices=("r1", "demo"), default="r1")
+    ap.add_argument("--grid", type=int, default=4, help="copies of the bundled case each way (--source demo)")
+    ap.add_argument("--upsample", type=int, default=2)
+    ap.add_argument("--mpp", type=float, default=2.0)
+    ap.add_argument("--downsamples", default="1,2,8")
+    ap.add_argument("--tile-size", type=int, default=DEFAULT_TILE_SIZE)
     ap.add_argument("--repeats", type=int, default=1, help="alternating (s)/(r) pairs; the median ratio is reported")
     ap.add_argument("--data", type=Path, default=DATA, help="the IDC data, to build R1's tiles if not cached")
     ap.add_argument("--json", type=Path, default=None)
@@ -98,7 +120,7 @@ def main(argv=None) -> int:
     from appliance.offline.slides import write_svs
 
     folder = r1_tiles(args.data)
-    image = grid_image(tifffile.imread(DEMO_CASE), args.grid)
+    image = r1_image(folder) if args.source == "r1" else grid_image(tifffile.imread(DEMO_CASE), args.grid)
     with tempfile.TemporaryDirectory(prefix="bench-slide-") as tmp:
         path = Path(tmp) / "bench.svs"
         t0 = time.perf_counter()
@@ -129,8 +151,9 @@ def main(argv=None) -> int:
     s, a = sorted(pairs, key=ratio)[len(pairs) // 2]
     r1_pps = len(a["patches"]) / a["wall_s"]
     res = {
-        "slide": {"width": width, "height": height, "mpp": args.mpp, "file_mb": round(size_mb, 1),
-                  "write_s": round(write_s, 2), "grid": args.grid, "upsample": args.upsample,
+        "slide": {"source": args.source, "width": width, "height": height, "mpp": args.mpp,
+                  "file_mb": round(size_mb, 1), "write_s": round(write_s, 2), "upsample": args.upsample,
+                  "grid": args.grid if args.source == "demo" else None,
                   "level_read": s["level"], "level_mpp": s["level_mpp"], "level_size": s["level_size"]},
         "tiles": s["tiles"], "patches": s["patches"], "wall_s": round(s["wall_s"], 2),
         "tiles_per_s": round(s["tiles"] / s["wall_s"], 1), "patches_per_s": round(s["patches"] / s["wall_s"], 1),

@@ -170,6 +170,8 @@ class Slide:
             raise InputError(f"{self.path}: cannot read the region at level {self.level} ({x}, {y}, {w} x {h}): "
                              f"{exc}") from None
         rgba = np.asarray(region)
+        if rgba[:, :, 3].min() == 255:  # all scanned (the usual case): nothing to composite
+            return np.ascontiguousarray(rgba[:, :, :3])
         alpha = rgba[:, :, 3:4].astype(np.uint16)
         rgb = (rgba[:, :, :3].astype(np.uint16) * alpha + 255 * (255 - alpha) + 127) // 255
         return np.ascontiguousarray(rgb.astype(np.uint8))
@@ -220,13 +222,16 @@ def write_svs(path: Path, image: np.ndarray, *, upsample: int, mpp: float, downs
               tile: int = 256, quality: int = 90) -> tuple[int, int]:
     """An Aperio-style SVS pyramid made from ``image`` (for tests, benchmarks and demonstrations): level 0 is
     the image with each pixel repeated ``upsample`` times each way, at ``mpp`` µm/px; each further level is
-    reduced by its downsample (which must divide ``upsample``). Written tile by tile as JPEG, never whole in
-    memory, so a 40,000 px slide costs a few MB of RAM. Returns level 0's (width, height)."""
+    reduced by its downsample (a divisor of ``upsample``). Written tile by tile as JPEG, never whole in
+    memory, so a 40,000 px slide costs a few MB of RAM. A downsample beyond ``upsample`` (a multiple of it) is
+    ``image`` itself reduced by a box filter, as a scanner's low-resolution levels are. Returns level 0's
+    (width, height)."""
     import tifffile
+    from PIL import Image
 
     h0, w0 = image.shape[0] * upsample, image.shape[1] * upsample
 
-    def tiles(factor: int, height: int, width: int):
+    def tiles(image: np.ndarray, factor: int, height: int, width: int):
         for y in range(0, height, tile):
             for x in range(0, width, tile):
                 src = image[y // factor:-(-(y + tile) // factor), x // factor:-(-(x + tile) // factor)]
@@ -238,12 +243,15 @@ def write_svs(path: Path, image: np.ndarray, *, upsample: int, mpp: float, downs
 
     with tifffile.TiffWriter(path, bigtiff=True) as tw:
         for i, d in enumerate(downsamples):
-            if upsample % d:
-                raise ValueError(f"downsample {d} does not divide the upsampling {upsample}")
+            if upsample % d and d % upsample:
+                raise ValueError(f"downsample {d} neither divides the upsampling {upsample} nor is a multiple of it")
             height, width = -(-h0 // d), -(-w0 // d)
+            source, factor = image, upsample // d
+            if d > upsample:
+                source, factor = np.asarray(Image.fromarray(image).reduce(d // upsample)), 1
             description = (f"Aperio Image Library v12.0.0\n{w0}x{h0} ({tile}x{tile}) JPEG Q={quality}"
                            f"|AppMag = {40 * 0.25 / mpp:g}|MPP = {mpp}" if i == 0 else "")
-            tw.write(tiles(upsample // d, height, width), shape=(height, width, 3), dtype=np.uint8,
+            tw.write(tiles(source, factor, height, width), shape=(height, width, 3), dtype=np.uint8,
                      tile=(tile, tile), compression="jpeg", compressionargs={"level": quality},
                      photometric="rgb", metadata=None, description=description or None,
                      subfiletype=1 if i else 0)

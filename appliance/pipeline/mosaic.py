@@ -3,13 +3,15 @@
 A core-needle case at the model's resolution can be hundreds of megabytes, so it never lives in RAM.
 Writing a tile is one sequential append, done by a writer thread so the disk (about 100 MB/s of buffered
 writes on the bench PC) overlaps with the pipeline's compute; at most WRITE_QUEUE tiles wait in memory.
-Reading a region (a patch that straddles tiles, or a band of the case pyramid) first lets pending writes land, then
-memory-maps just the tiles that overlap it, painting them in arrival order so a later tile over the same
-pixels wins. Areas never scanned read as white glass.
+Reading a region (a patch that straddles tiles, or a band of the case pyramid) paints the tiles that overlap
+it in arrival order, so a later tile over the same pixels wins: a tile still waiting for the writer from its
+pixels in memory, a written one by reading just the rows it needs from the file (one pread per tile, no
+memory map, so nothing read stays in this process's RSS). Areas never scanned read as white glass.
 """
 
 from __future__ import annotations
 
+import os
 import queue
 import shutil
 import threading
@@ -41,10 +43,13 @@ class Mosaic:
         self.width = 0  # extent of everything written so far
         self.height = 0
         self._path = self.root / "tiles.raw"
-        self._file = open(self._path, "wb")  # a leftover from a crashed run is started over
+        # unbuffered: a write is in the file (for pread) as soon as it returns; a crashed run's file is started over
+        self._file = open(self._path, "w+b", buffering=0)
         self._size = 0
         self._entries: list[_Entry] = []
         self._index: dict[tuple[int, int], list[int]] = {}
+        self._pending: dict[int, np.ndarray] = {}  # entry -> its pixels, until the writer has written them
+        self._lock = threading.Lock()
         self._queue: queue.Queue = queue.Queue(maxsize=WRITE_QUEUE)
         self._error: BaseException | None = None
         self._writer = threading.Thread(target=self._write_loop, name="mosaic-writer", daemon=True)
@@ -52,12 +57,17 @@ class Mosaic:
 
     def _write_loop(self) -> None:
         while True:
-            data = self._queue.get()
+            item = self._queue.get()
             try:
-                if data is None:
+                if item is None:
                     return
+                i, data = item
                 if self._error is None:
-                    self._file.write(memoryview(data).cast("B"))
+                    view = memoryview(data).cast("B")
+                    while view:
+                        view = view[self._file.write(view):]
+                with self._lock:
+                    del self._pending[i]
             except BaseException as exc:  # e.g. a full disk: reported by the next write or read
                 self._error = exc
             finally:
@@ -76,8 +86,10 @@ class Mosaic:
             raise ValueError(f"tile position ({x}, {y}) is negative")
         self._check()
         data = np.ascontiguousarray(pixels, dtype=np.uint8)
-        self._queue.put(data)
         i = len(self._entries)
+        with self._lock:
+            self._pending[i] = data
+        self._queue.put((i, data))
         self._entries.append(_Entry(x, y, w, h, self._size))
         self._size += data.nbytes
         for key in _buckets(x, y, w, h):
@@ -91,24 +103,30 @@ class Mosaic:
         if w <= 0 or h <= 0:
             return out
         hits = sorted({i for key in _buckets(x, y, w, h) for i in self._index.get(key, ())})
-        if not hits:
-            return out
-        self._queue.join()
         self._check()
-        self._file.flush()
-        data = np.memmap(self._path, dtype=np.uint8, mode="r", shape=(self._size,))
-        try:
-            for i in hits:
-                e = self._entries[i]
-                x0, y0 = max(x, e.x), max(y, e.y)
-                x1, y1 = min(x + w, e.x + e.w), min(y + h, e.y + e.h)
-                if x1 <= x0 or y1 <= y0:
-                    continue
-                tile = data[e.offset : e.offset + e.w * e.h * 3].reshape(e.h, e.w, 3)
-                out[y0 - y : y1 - y, x0 - x : x1 - x] = tile[y0 - e.y : y1 - e.y, x0 - e.x : x1 - e.x]
-        finally:
-            del data  # unmap: pages read leave this process's RSS
+        for i in hits:
+            e = self._entries[i]
+            x0, y0 = max(x, e.x), max(y, e.y)
+            x1, y1 = min(x + w, e.x + e.w), min(y + h, e.y + e.h)
+            if x1 <= x0 or y1 <= y0:
+                continue
+            with self._lock:
+                rows = self._pending.get(i)
+            if rows is not None:
+                rows = rows[y0 - e.y : y1 - e.y]
+            else:
+                rows = self._read_rows(e, y0 - e.y, y1 - e.y)
+            out[y0 - y : y1 - y, x0 - x : x1 - x] = rows[:, x0 - e.x : x1 - e.x]
         return out
+
+    def _read_rows(self, e: _Entry, r0: int, r1: int) -> np.ndarray:
+        """Rows r0..r1 of a written tile, read from the file."""
+        row = e.w * 3
+        want = (r1 - r0) * row
+        data = os.pread(self._file.fileno(), want, e.offset + r0 * row)
+        if len(data) != want:
+            raise OSError(f"the case mosaic {self._path} is shorter than what was written to it")
+        return np.frombuffer(data, dtype=np.uint8).reshape(r1 - r0, e.w, 3)
 
     def bands(self, rows: int) -> Iterator[np.ndarray]:
         """The extent as full-width bands of ``rows`` rows, top to bottom (the last may be shorter)."""
