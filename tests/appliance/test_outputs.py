@@ -104,6 +104,19 @@ def test_case_pyramid_in_tiffslide(demo_out):
     assert np.array_equal(region, tifffile.imread(out / "case.ome.tif")[800:1000, 1000:1300])
 
 
+def test_case_pyramid_in_libvips(demo_out):
+    pyvips = pytest.importorskip("pyvips")
+    out, _, summary = demo_out
+    path = str(out / "case.ome.tif")
+    first = pyvips.Image.new_from_file(path)
+    assert first.get("n-pages") == 4
+    for page, (w, h) in enumerate([(2500, 2000), (1250, 1000), (625, 500), (313, 250)]):
+        level = pyvips.Image.new_from_file(path, page=page)
+        assert (level.width, level.height, level.bands) == (w, h, 3)
+        assert 1000 / level.xres == pytest.approx(summary["microns_per_pixel"] * 2 ** page, rel=1e-6)  # px/mm
+    assert mean_abs_diff(first.numpy(), tifffile.imread(DEMO_CASE)) < 3
+
+
 def test_heatmap_pyramid_is_the_colour_mapped_heatmap_over_the_same_microns(demo_out):
     out, _, summary = demo_out
     with Image.open(out / "heatmap.png") as im:
