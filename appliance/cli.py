@@ -172,10 +172,13 @@ def triage(ctx, input_path: Path, json_out: Path | None, out_dir: Path | None, m
 def emulate(ctx, port: str, input_path: Path, encoding: str, faults: float, seed: int, tile_size: int,
             case_id: str | None, mpp: float | None) -> None:
     """Act as the scanner: stream INPUT (slide file, image or tile folder) to PORT tile by tile. A slide is
-    sent at the pyramid level nearest the model's resolution, tissue tiles only, announced at that level's µm/px."""
+    sent at the pyramid level nearest the model's resolution, tissue tiles only, announced at that level's µm/px;
+    each slide tile is read when it is sent, so the slide is never held in memory."""
+    import contextlib
+    import functools
     import time
 
-    from firmware_bridge import Faults, ScannerEmulator, TileToSend
+    from firmware_bridge import Faults, ScannerEmulator, TileOnDemand, TileToSend
     from firmware_bridge.transport import open_port
 
     from appliance.model.manifest import read_manifest
@@ -183,24 +186,27 @@ def emulate(ctx, port: str, input_path: Path, encoding: str, faults: float, seed
     from appliance.offline.slides import Slide, is_slide
     from appliance.offline.sources import iter_case_tiles
 
-    if is_slide(input_path):
-        target = read_manifest(_settings(ctx).model_dir).input.microns_per_pixel
-        with Slide(input_path, target, mpp) as slide:
-            tiles = [TileToSend(t.x, t.y, t.pixels) for t in slide.tiles(tile_size)]
+    with contextlib.ExitStack() as stack:
+        if is_slide(input_path):
+            target = read_manifest(_settings(ctx).model_dir).input.microns_per_pixel
+            slide = stack.enter_context(Slide(input_path, target, mpp))
+            read = functools.lru_cache(maxsize=1)(slide.read)  # the tile being sent, read once, then let go
+            tiles = [TileOnDemand(x, y, w, h, functools.partial(read, x, y, w, h))
+                     for x, y, w, h in slide.tile_boxes(tile_size)]
             mpp = slide.info.level_microns_per_pixel
-    else:
-        tiles = [TileToSend(t.x, t.y, t.pixels) for t in iter_case_tiles(input_path, tile_size)]
-    if not tiles:
-        raise click.ClickException(f"{input_path}: no tissue tiles to send")
-    case_id = case_id or time.strftime("CASE-%Y%m%d-%H%M%S")
-    info = case_info_for(case_id, input_path.name, tiles, mpp or 4.0, tile_size)
-    bar = Progress("tiles acked", len(tiles))
-    emulator = ScannerEmulator(
-        open_port(port, timeout=0.1), info, tiles, encoding=encoding,
-        faults=Faults(faults, seed) if faults > 0 else None,
-        progress=lambda sent, acked, total: bar.update(acked),
-    )
-    result = emulator.run()
+        else:
+            tiles = [TileToSend(t.x, t.y, t.pixels) for t in iter_case_tiles(input_path, tile_size)]
+        if not tiles:
+            raise click.ClickException(f"{input_path}: no tissue tiles to send")
+        case_id = case_id or time.strftime("CASE-%Y%m%d-%H%M%S")
+        info = case_info_for(case_id, input_path.name, tiles, mpp or 4.0, tile_size)
+        bar = Progress("tiles acked", len(tiles))
+        emulator = ScannerEmulator(
+            open_port(port, timeout=0.1), info, tiles, encoding=encoding,
+            faults=Faults(faults, seed) if faults > 0 else None,
+            progress=lambda sent, acked, total: bar.update(acked),
+        )
+        result = emulator.run()
     summary = f"{result.tiles_sent} tiles sent, {result.retransmits} retransmits"
     if emulator.faults is not None:
         summary += f", {emulator.faults.total} faults injected ({dict(emulator.faults.counts)})"

@@ -134,14 +134,20 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_pipeline(folder: Path, outputs: bool) -> dict:
+def in_child(target, *args) -> dict:
+    """Run ``target(*args, queue)`` in a fresh (spawned) process, so its peak RSS is its own; return what it
+    puts on the queue."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    p = ctx.Process(target=_pipeline_child, args=(str(folder), outputs, q))
+    p = ctx.Process(target=target, args=(*args, q))
     p.start()
     res = q.get()
     p.join()
     return res
+
+
+def run_pipeline(folder: Path, outputs: bool) -> dict:
+    return in_child(_pipeline_child, str(folder), outputs)
 
 
 # ------------------------------------------------------------------------------------------ (b), (c)

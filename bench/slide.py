@@ -28,7 +28,6 @@ the reading and resampling path at its heaviest.
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import sys
 import tempfile
 import time
@@ -37,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from appliance.offline.sources import DEFAULT_TILE_SIZE
-from r1 import DATA, TILE, TILES, peak_rss_mb, r1_tiles, run_pipeline  # noqa: E402  (bench/ is the script's folder)
+from r1 import DATA, TILE, TILES, in_child, peak_rss_mb, r1_tiles, run_pipeline  # noqa: E402  (bench/ is the script's folder)
 from report import write_json  # noqa: E402
 
 
@@ -91,16 +90,6 @@ def _slide_child(path: str, tile_size: int, q) -> None:
            "level_mpp": info.level_microns_per_pixel, "level_size": [slide.level_width, slide.level_height]})
 
 
-def run_slide(path: Path, tile_size: int) -> dict:
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    p = ctx.Process(target=_slide_child, args=(str(path), tile_size, q))
-    p.start()
-    res = q.get()
-    p.join()
-    return res
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--source", choices=("r1", "demo"), default="r1")
@@ -134,7 +123,7 @@ def main(argv=None) -> int:
         pairs = []
         for r in range(args.repeats):
             print(f"[{r + 1}/{args.repeats}] (s) the slide, as `appliance triage` reads it ...", flush=True)
-            s = run_slide(path, args.tile_size)
+            s = in_child(_slide_child, str(path), args.tile_size)
             print(f"    {s['wall_s']:.1f} s, {s['patches']} tissue patches, {s['patches'] / s['wall_s']:.0f} patches/s",
                   flush=True)
             print(f"[{r + 1}/{args.repeats}] (r) R1 end to end ...", flush=True)

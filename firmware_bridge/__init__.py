@@ -1,6 +1,6 @@
 """Serial link between the slide scanner and the bench daemon: frames, messages, host session, emulator."""
 
-from firmware_bridge.emulator import EmulatorResult, ScannerEmulator, TileToSend
+from firmware_bridge.emulator import EmulatorResult, ScannerEmulator, TileOnDemand, TileToSend
 from firmware_bridge.errors import (
     BridgeError,
     CobsError,
@@ -50,6 +50,7 @@ __all__ = [
     "TileDecodeError",
     "TileReceived",
     "TileSink",
+    "TileOnDemand",
     "TileToSend",
     "TransportError",
     "TruncatedFrameError",

@@ -32,7 +32,14 @@ from firmware_bridge.messages import (
     message_to_frame,
 )
 from firmware_bridge.pixels import JPEG_QUALITY, TileEncoding, encode_pixels
-from firmware_bridge.scanjob import EmulatorResult, ProgressCallback, TileToSend, case_begin_from, expected_digest
+from firmware_bridge.scanjob import (
+    EmulatorResult,
+    ProgressCallback,
+    TileOnDemand,
+    TileToSend,
+    case_begin_from,
+    expected_digest,
+)
 from firmware_bridge.scanner_port import Disconnected, Pluggable, ScannerPort
 from firmware_bridge.transport import Transport
 from firmware_bridge.window import CRC_GRACE_SHARE, HelloRetry, Pending, SendWindow
@@ -48,6 +55,7 @@ __all__ = [
     "Faults",
     "Pluggable",
     "ScannerEmulator",
+    "TileOnDemand",
     "TileToSend",
 ]
 
@@ -69,7 +77,7 @@ class ScannerEmulator:
         self,
         transport: Transport | Pluggable,
         case: CaseBegin | CaseInfo,
-        tiles: Iterable[TileToSend],
+        tiles: Iterable[TileToSend | TileOnDemand],
         *,
         encoding: TileEncoding | str = "raw",
         window: int = 4,

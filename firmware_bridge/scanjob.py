@@ -11,7 +11,7 @@ import numpy as np
 from firmware_bridge.messages import CaseBegin, Tile
 from firmware_bridge.pixels import TileEncoding, decode_pixels
 
-__all__ = ["EmulatorResult", "ProgressCallback", "TileToSend", "case_begin_from", "expected_digest"]
+__all__ = ["EmulatorResult", "ProgressCallback", "TileOnDemand", "TileToSend", "case_begin_from", "expected_digest"]
 
 ProgressCallback = Callable[[int, int, int | None], None]  # (sent, acked, total or None)
 
@@ -24,10 +24,37 @@ class TileToSend:
     y: int
     pixels: np.ndarray = field(repr=False)
 
+    @property
+    def w(self) -> int:
+        return int(self.pixels.shape[1])
+
+    @property
+    def h(self) -> int:
+        return int(self.pixels.shape[0])
+
     def message(self, case_id: str, index: int, encoding: TileEncoding, payload: bytes) -> Tile:
         """The TILE message carrying this tile's pixels, already encoded as payload."""
-        w, h = int(self.pixels.shape[1]), int(self.pixels.shape[0])
-        return Tile(case_id=case_id, index=index, x=self.x, y=self.y, w=w, h=h, encoding=encoding, payload=payload)
+        return Tile(case_id=case_id, index=index, x=self.x, y=self.y, w=self.w, h=self.h, encoding=encoding,
+                    payload=payload)
+
+
+@dataclass(frozen=True)
+class TileOnDemand:
+    """A tile whose pixels are read from their source (``read()``) each time they are needed, not held: a
+    scanner streaming a large slide never has the slide in memory. Sent like a TileToSend; ``read`` may keep
+    the last tile it read, so the encoder and the digest of one tile read it once."""
+
+    x: int
+    y: int
+    w: int
+    h: int
+    read: Callable[[], np.ndarray] = field(repr=False, compare=False)
+
+    @property
+    def pixels(self) -> np.ndarray:
+        return self.read()
+
+    message = TileToSend.message
 
 
 @dataclass

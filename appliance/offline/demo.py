@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from firmware_bridge.emulator import ScannerEmulator, TileToSend
+from firmware_bridge.emulator import ScannerEmulator, TileOnDemand, TileToSend
 from firmware_bridge.sink import CaseInfo
 from firmware_bridge.transport import FdTransport
 
@@ -41,9 +41,10 @@ class DemoOutcome:
     exit_code: int
 
 
-def case_info_for(case_id: str, specimen_id: str, tiles: list[TileToSend], mpp: float, tile_size: int) -> CaseInfo:
-    width = max(t.x + t.pixels.shape[1] for t in tiles)
-    height = max(t.y + t.pixels.shape[0] for t in tiles)
+def case_info_for(case_id: str, specimen_id: str, tiles: list[TileToSend | TileOnDemand], mpp: float,
+                  tile_size: int) -> CaseInfo:
+    width = max(t.x + t.w for t in tiles)
+    height = max(t.y + t.h for t in tiles)
     return CaseInfo(
         case_id=case_id, specimen_id=specimen_id, modality="brightfield-he", microns_per_pixel=mpp,
         tile_width=tile_size, tile_height=tile_size, channels=3, dtype="uint8", expected_tiles=len(tiles),

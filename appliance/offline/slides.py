@@ -198,9 +198,9 @@ class Slide:
         mask = tissue_mask(thumb, step=1)
         return dilate(mask, 3), scale  # a margin, so a patch at the tissue's edge is read whole
 
-    def tiles(self, tile_size: int) -> Iterator[SourceTile]:
-        """The chosen level in raster order, only the tiles that touch tissue on the tissue map (all of them
-        when there is no map)."""
+    def tile_boxes(self, tile_size: int) -> Iterator[tuple[int, int, int, int]]:
+        """(x, y, w, h) of the chosen level's tiles in raster order, only those that touch tissue on the tissue
+        map (all of them when there is no map); nothing is read but the map."""
         tissue = self.tissue_map()
         for y in range(0, self.level_height, tile_size):
             for x in range(0, self.level_width, tile_size):
@@ -211,7 +211,12 @@ class Slide:
                     y1, x1 = max(y0 + 1, math.ceil((y + h) / scale)), max(x0 + 1, math.ceil((x + w) / scale))
                     if not mask[y0:y1, x0:x1].any():
                         continue
-                yield SourceTile(x, y, self.read(x, y, w, h), f"{self.path.name}@L{self.level}x{x}_y{y}")
+                yield x, y, w, h
+
+    def tiles(self, tile_size: int) -> Iterator[SourceTile]:
+        """The tissue tiles (``tile_boxes``), read one by one."""
+        for x, y, w, h in self.tile_boxes(tile_size):
+            yield SourceTile(x, y, self.read(x, y, w, h), f"{self.path.name}@L{self.level}x{x}_y{y}")
 
     def count_tiles(self, tile_size: int) -> int:
         """All tiles of the chosen level (an upper bound on what ``tiles`` yields)."""

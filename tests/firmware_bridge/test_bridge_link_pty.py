@@ -10,7 +10,7 @@ import tty
 import numpy as np
 import pytest
 
-from firmware_bridge.emulator import ScannerEmulator, TileToSend
+from firmware_bridge.emulator import ScannerEmulator, TileOnDemand, TileToSend
 from firmware_bridge.errors import LinkTimeoutError
 from firmware_bridge.faults import BitFlipFaults
 from firmware_bridge.host import HostLink
@@ -47,6 +47,25 @@ def test_every_tile_arrives_once_with_identical_pixels(host, pty_pair, sink, mak
     _assert_delivered_exactly_once(sink, case, tiles, result)
     assert progress[-1] == (30, 30, 30)
     assert host.counters.crc_errors == 0 and host.counters.bad_tiles == 0
+
+
+def test_tiles_read_on_demand_are_read_when_sent_and_arrive_identical(host, pty_pair, sink, make_case) -> None:
+    """`appliance emulate SLIDE`: each tile's pixels come from their source when the tile is sent."""
+    case, tiles = make_case("CASE-LAZY")
+    reads: list[int] = []
+
+    def source(i: int) -> np.ndarray:
+        reads.append(i)
+        return tiles[i].pixels
+
+    lazy = [TileOnDemand(t.x, t.y, t.w, t.h, lambda i=i: source(i)) for i, t in enumerate(tiles)]
+    emulator = ScannerEmulator(pty_pair.scanner, case, lazy, encoding="zlib", ack_timeout=2.0)
+    assert reads == []  # nothing read before the link is up
+    result = emulator.run()
+    assert host.wait_case_end(5) == case.case_id
+    _assert_delivered_exactly_once(sink, case, tiles, result)
+    assert sorted(set(reads)) == list(range(len(tiles)))
+    assert reads == sorted(reads)  # in sending order, one tile after another
 
 
 def test_bit_flips_on_the_wire_still_deliver_every_tile_once(host, pty_pair, sink, make_case) -> None:
