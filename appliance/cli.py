@@ -156,6 +156,77 @@ def triage(ctx, input_path: Path, json_out: Path | None, out_dir: Path | None, m
 
 
 @main.command()
+@click.argument("inputs", metavar="INPUT...", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--manifest", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="CSV of inputs: a 'path' (or 'input') column and an optional 'specimen' column.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Each case's files go into OUT/<case id> (default: the daemon's cases folder, served by the API).")
+@click.option("--report", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write one CSV row per input here: input, specimen, status, verdict, score, reasons, ...")
+@click.option("--workers", type=click.IntRange(1, 256), default=None,
+              help="Worker processes of the embedded cluster (default: one per 2 cores).")
+@click.option("--scheduler", default=None, help="A Dask scheduler to submit to instead, e.g. tcp://10.0.0.5:8786.")
+@click.option("--retry-failed", is_flag=True, help="Try again the inputs that failed on an earlier run.")
+@click.pass_context
+@friendly_errors
+def batch(ctx, inputs: tuple[Path, ...], manifest: Path | None, out_dir: Path | None, report: Path | None,
+          workers: int | None, scheduler: str | None, retry_failed: bool) -> None:
+    """Re-triage an archive (slide files, images, tile folders) on Dask: an embedded cluster by default, a
+    lab's scheduler with --scheduler. Every case is recorded in the case store; a rerun skips what is done
+    with the same model, and a run stopped halfway resumes."""
+    import os
+    import time
+
+    from distributed import Client
+
+    from appliance.offline.batch import default_workers, local_cluster, read_inputs, run_batch, write_report
+
+    settings = _settings(ctx)
+    items = read_inputs(inputs, manifest)
+    if scheduler:
+        cluster, threads = None, 0
+        client = Client(scheduler, timeout=30)
+    else:
+        workers = workers or default_workers()
+        threads = max(1, (os.cpu_count() or 2) // workers)
+        cluster = local_cluster(workers)
+        client = Client(cluster)
+    click.echo(f"{len(items)} inputs on {len(client.scheduler_info()['workers'])} workers "
+               f"({scheduler or 'embedded cluster'}); dashboard: {client.dashboard_link or 'not available'}",
+               err=True)
+    bar = Progress("slides", len(items))
+    counts = {"done": 0, "failed": 0, "skipped": 0}
+    started = time.monotonic()
+
+    def on_row(row, finished: int, total: int) -> None:
+        counts[row.status] += 1
+        worked = counts["done"] + counts["failed"]
+        hours = (time.monotonic() - started) / 3600
+        rate = worked / hours if hours > 0 and worked else 0.0
+        eta = f", ETA {(total - finished) / rate * 60:.1f} min" if rate else ""
+        bar.update(finished, f"{counts['done']} done, {counts['failed']} failed, {counts['skipped']} skipped, "
+                             f"{rate:.0f} slides/h{eta}")
+
+    try:
+        rows = run_batch(items, settings, client, out_root=out_dir, threads=threads, retry_failed=retry_failed,
+                         on_row=on_row)
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+    bar.close(f"{counts['done']} done, {counts['failed']} failed, {counts['skipped']} skipped")
+    if report is not None:
+        write_report(report, rows)
+    for row in rows:
+        if row.status == "failed":
+            click.echo(f"  failed {row.input}: {row.reasons}", err=True)
+    click.echo(f"{counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed"
+               f"{f'; report {report}' if report else ''}. {RESEARCH_USE_NOTICE}")
+    if counts["failed"]:
+        ctx.exit(1)
+
+
+@main.command()
 @click.option("--port", required=True, help="Serial device path or pyserial URL to write to.")
 @click.argument("input_path", metavar="INPUT", type=click.Path(exists=True, path_type=Path))
 @click.option("--encoding", type=click.Choice(ENCODINGS), default="zlib", show_default=True)

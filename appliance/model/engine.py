@@ -114,7 +114,8 @@ class OpenVINOEngine(Engine):
     backend = EngineName.OPENVINO
     CHUNK = 128
 
-    def __init__(self, model_dir: Path, manifest: ModelManifest, *, precision: str | None = None):
+    def __init__(self, model_dir: Path, manifest: ModelManifest, *, precision: str | None = None,
+                 threads: int = 0):
         super().__init__(model_dir, manifest)
         ov = _runtime(EngineName.OPENVINO, "openvino", "OpenVINO")
 
@@ -123,6 +124,8 @@ class OpenVINOEngine(Engine):
         config: dict[str, str] = {"PERFORMANCE_HINT": "THROUGHPUT"}
         if precision:
             config["INFERENCE_PRECISION_HINT"] = precision
+        if threads:  # a share of the cores, when several processes score side by side (appliance batch)
+            config["INFERENCE_NUM_THREADS"] = str(threads)
         try:
             core = ov.Core()
             model = core.read_model(model=xml, weights=ov.Tensor(np.frombuffer(weights, dtype=np.uint8)))

@@ -11,6 +11,7 @@ from typing import Callable, Iterable
 
 from appliance.model.engine import Engine
 from appliance.pipeline import TriageSession
+from appliance.pipeline.result import TriageResult
 from appliance.pipeline.summary import validated
 from appliance.terms import CaseFile
 from appliance.offline.slides import Slide, SlideInfo, is_slide
@@ -18,7 +19,12 @@ from appliance.offline.sources import (DEFAULT_TILE_SIZE, Skipped, SourceTile, c
                                        iter_case_tiles)
 
 
-def triage_path(
+def triage_path(engine: Engine, path: Path, **options) -> dict:
+    """Triage a slide file, a single image or a tile folder and return the JSON-ready result (``triage_case``)."""
+    return triage_case(engine, path, **options)[1]
+
+
+def triage_case(
     engine: Engine,
     path: Path,
     *,
@@ -28,8 +34,10 @@ def triage_path(
     microns_per_pixel: float | None = None,
     progress: Callable[[int, int | None, float], None] | None = None,
     geojson_tiles: bool = False,
-) -> dict:
-    """Triage a slide file, a single image or a tile folder and return the JSON-ready result.
+    case_id: str | None = None,
+) -> tuple[TriageResult, dict]:
+    """Triage a slide file, a single image or a tile folder; returns the typed result (what the case store
+    records) and the JSON-ready summary.
 
     A slide (``slides.is_slide``) is read region by region at the pyramid level nearest the model's resolution,
     tissue tiles only, with the µm/px its metadata states (or ``microns_per_pixel`` when given); its patch
@@ -38,8 +46,8 @@ def triage_path(
 
     With ``out_dir`` the case's files (overlay, OME-TIFFs, regions, summary) are written there and the
     mosaic is kept in ``out_dir/.work`` while the case runs; ``geojson_tiles`` adds every scored patch to
-    regions.geojson as a QuPath tile object. Unreadable tile files are listed under
-    ``skipped_inputs`` instead of stopping the case.
+    regions.geojson as a QuPath tile object; ``case_id`` names the case in them (default: from the file name).
+    Unreadable tile files are listed under ``skipped_inputs`` instead of stopping the case.
     """
     path = Path(path)
     if is_slide(path):
@@ -47,18 +55,18 @@ def triage_path(
             return _triage(engine, path, slide.tiles(tile_size), slide.count_tiles(tile_size), (0, 0),
                            slide.level_width, slide.level_height, slide.info.level_microns_per_pixel, [],
                            batch_size=batch_size, out_dir=out_dir, progress=progress, slide=slide.info,
-                           geojson_tiles=geojson_tiles)
+                           geojson_tiles=geojson_tiles, case_id=case_id)
     skipped: list[Skipped] = []
     ox, oy, width, height = case_extent(path)
     return _triage(engine, path, iter_case_tiles(path, tile_size, skipped), count_case_tiles(path, tile_size),
                    (ox, oy), width, height, microns_per_pixel, skipped, batch_size=batch_size, out_dir=out_dir,
-                   progress=progress, geojson_tiles=geojson_tiles)
+                   progress=progress, geojson_tiles=geojson_tiles, case_id=case_id)
 
 
 def _triage(engine: Engine, path: Path, tiles: Iterable[SourceTile], total: int | None, origin: tuple[int, int],
             width: int | None, height: int | None, scanner_mpp: float | None, skipped: list[Skipped], *,
             batch_size: int, out_dir: Path | None, progress, slide: SlideInfo | None = None,
-            geojson_tiles: bool = False) -> dict:
+            geojson_tiles: bool = False, case_id: str | None = None) -> tuple[TriageResult, dict]:
     made_out_dir = out_dir is not None and not Path(out_dir).exists()
     workdir = Path(out_dir) / ".work" if out_dir else None
     session = TriageSession(engine, batch_size=batch_size, scanner_mpp=scanner_mpp, width=width,
@@ -69,14 +77,16 @@ def _triage(engine: Engine, path: Path, tiles: Iterable[SourceTile], total: int 
             session.add_tile(tile.x, tile.y, tile.pixels)
             if progress:
                 progress(n, total, session.score)
-        result = session.finish().to_dict()
+        finished = session.finish()
+        result = finished.to_dict()
         result["input"] = str(path)
         result["skipped_inputs"] = [asdict(s) for s in skipped]
         if slide is not None:
             to_level0(result, slide.downsample)
             result["slide"] = slide.to_dict()
         if out_dir:
-            written = session.write_outputs(Path(out_dir), case_id_for(path), result, geojson_tiles=geojson_tiles)
+            written = session.write_outputs(Path(out_dir), case_id or case_id_for(path), result,
+                                            geojson_tiles=geojson_tiles)
             # what the lab opens, exactly (validated as it was written)
             result = json.loads(Path(written[CaseFile.SUMMARY]).read_text())
         else:
@@ -88,7 +98,7 @@ def _triage(engine: Engine, path: Path, tiles: Iterable[SourceTile], total: int 
             shutil.rmtree(workdir, ignore_errors=True)
         if made_out_dir and not done and not any(Path(out_dir).iterdir()):
             Path(out_dir).rmdir()  # a case that failed leaves nothing behind
-    return result
+    return finished, result
 
 
 def to_level0(result: dict, downsample: float) -> None:
