@@ -143,7 +143,8 @@ def run_batch(inputs: list[BatchInput], settings: Settings, client, *, out_root:
     model_sha = manifest.digest
     model = {"name": manifest.name, "version": manifest.version, "sha256": model_sha,
              "backend": str(settings.engine)}
-    out_root = Path(out_root) if out_root is not None else settings.cases_dir
+    # absolute: a worker on another machine (or in another folder) gets the same paths
+    out_root = (Path(out_root) if out_root is not None else settings.cases_dir).absolute()
     store = CaseStore(settings.db_path)
     rows: list[BatchRow | None] = [None] * len(inputs)
     finished = 0
@@ -173,8 +174,9 @@ def run_batch(inputs: list[BatchInput], settings: Settings, client, *, out_root:
                 continue
             store.case_started(case_id, specimen_id=item.specimen, source=str(item.path), model=model)
             store.case_processing(case_id)
-            fut = client.submit(triage_on_worker, str(item.path), str(out_root / case_id), case_id,
-                                str(settings.model_dir), str(settings.engine), threads, settings.batch_size,
+            fut = client.submit(triage_on_worker, str(item.path.absolute()), str(out_root / case_id), case_id,
+                                str(settings.model_dir.absolute()), str(settings.engine), threads,
+                                settings.batch_size,
                                 key=f"triage-{case_id}", pure=False)
             futures[fut] = (i, base)
         for fut in as_completed(list(futures)):
