@@ -15,6 +15,7 @@ scheduler, and only the answer that comes back is recorded.
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import os
 import time
@@ -81,6 +82,8 @@ def read_inputs(paths: Iterable[Path], manifest: Path | None = None) -> list[Bat
 
 def input_digest(path: Path) -> str:
     """sha256 of a file's bytes, or of a folder's files (relative names and bytes, in name order)."""
+    if not path.exists():
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(path))
     h = hashlib.sha256()
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     for f in files:
@@ -156,40 +159,55 @@ def run_batch(inputs: list[BatchInput], settings: Settings, client, *, out_root:
         if on_row:
             on_row(row, finished, len(inputs))
 
-    futures = {}
+    # Two kinds of task, both on the workers: hashing an input (the archive is read where it is mounted, in
+    # parallel), then, unless (input, model) is already recorded, triaging it. The answers are handled here
+    # as they come, in whatever order.
+    settled = (CaseStatus.DONE, CaseStatus.CANNOT_CALL) + (() if retry_failed else (CaseStatus.FAILED,))
+    waiting = as_completed()
+    hashing: dict = {}  # digest future -> input index
+    triaging: dict[str, list[int]] = {}  # case id -> the input indexes waiting for it (the same input twice)
+    bases = [BatchRow(str(item.path), item.specimen, "", model_sha256=model_sha) for item in inputs]
     try:
         for i, item in enumerate(inputs):
-            base = BatchRow(str(item.path), item.specimen, "", model_sha256=model_sha)
-            try:
-                digest = input_digest(item.path)
-            except OSError as exc:
-                report(i, _failed(base, f"{item.path}: cannot be read ({exc.strerror or exc})"))
+            fut = client.submit(input_digest, item.path.absolute(), pure=False)
+            hashing[fut] = i
+            waiting.add(fut)
+        for fut in waiting:
+            if fut in hashing:
+                i = hashing.pop(fut)
+                item, base = inputs[i], bases[i]
+                if fut.status == "error":
+                    exc = fut.exception()
+                    report(i, _failed(base, f"{item.path}: cannot be read ({getattr(exc, 'strerror', None) or exc})"))
+                    continue
+                case_id = base.case_id = batch_case_id(item.path, fut.result(), model_sha)
+                if case_id in triaging:
+                    triaging[case_id].append(i)
+                    continue
+                known = store.get_case(case_id)
+                if known is not None and known["status"] in settled:
+                    report(i, _from_case(base, known, "skipped"))
+                    continue
+                store.case_started(case_id, specimen_id=item.specimen, source=str(item.path), model=model)
+                store.case_processing(case_id)
+                triaging[case_id] = [i]
+                waiting.add(client.submit(
+                    triage_on_worker, str(item.path.absolute()), str(out_root / case_id), case_id,
+                    str(settings.model_dir.absolute()), str(settings.engine), threads, settings.batch_size,
+                    key=f"triage-{case_id}", pure=False))
                 continue
-            case_id = batch_case_id(item.path, digest, model_sha)
-            base.case_id = case_id
-            known = store.get_case(case_id)
-            settled = (CaseStatus.DONE, CaseStatus.CANNOT_CALL) + (() if retry_failed else (CaseStatus.FAILED,))
-            if known is not None and known["status"] in settled:
-                report(i, _from_case(base, known, "skipped"))
-                continue
-            store.case_started(case_id, specimen_id=item.specimen, source=str(item.path), model=model)
-            store.case_processing(case_id)
-            fut = client.submit(triage_on_worker, str(item.path.absolute()), str(out_root / case_id), case_id,
-                                str(settings.model_dir.absolute()), str(settings.engine), threads,
-                                settings.batch_size,
-                                key=f"triage-{case_id}", pure=False)
-            futures[fut] = (i, base)
-        for fut in as_completed(list(futures)):
-            i, base = futures[fut]
+            case_id = fut.key.removeprefix("triage-")
             if fut.status == "error":
-                exc = fut.exception()
-                message = _reason(exc)
-                store.case_failed(base.case_id, message)
-                report(i, _failed(base, message))
+                message = _reason(fut.exception())
+                store.case_failed(case_id, message)
+                for i in triaging.pop(case_id):
+                    report(i, _failed(bases[i], message))
                 continue
             result, seconds = fut.result()
-            store.case_finished(base.case_id, result)
-            report(i, _from_case(base, store.get_case(base.case_id), "done", seconds))
+            store.case_finished(case_id, result)
+            case = store.get_case(case_id)
+            for i in triaging.pop(case_id):
+                report(i, _from_case(bases[i], case, "done", seconds))
             fut.release()
     finally:
         store.close()

@@ -156,3 +156,20 @@ def test_a_worker_killed_mid_slide_has_its_slide_retried_and_recorded_once(tmp_p
     stored = cases(tmp_path / "var")
     assert len(stored) == 4 and {c["specimen_id"] for c in stored} == {"S-0", "S-1", "S-2", "S-3"}
     assert all(c["verdict"] == "suspicious" for c in stored)  # the bundled case, however it is turned
+
+
+def test_a_missing_input_fails_with_its_reason_and_an_input_given_twice_is_one_case(tmp_path):
+    from distributed import Client
+
+    (core,) = crops(tmp_path, WINDOWS[:1])
+    twin = tmp_path / "twin.png"
+    twin.write_bytes(core.read_bytes())  # the same bytes under another name: the same specimen scanned twice
+    missing = tmp_path / "gone.svs"
+    settings = load_settings(None, data_dir=tmp_path / "var")
+    with local_cluster(1) as cluster, Client(cluster) as client:
+        rows = run_batch([BatchInput(core), BatchInput(missing), BatchInput(core), BatchInput(twin)], settings, client)
+    assert [r.status for r in rows] == ["done", "failed", "done", "done"]
+    assert "gone.svs: cannot be read" in rows[1].reasons and "No such file" in rows[1].reasons
+    assert rows[0].case_id == rows[2].case_id != rows[3].case_id  # the case id carries the file's name
+    assert rows[0].verdict == rows[2].verdict == rows[3].verdict and rows[0].score == rows[3].score
+    assert len(cases(tmp_path / "var")) == 2
