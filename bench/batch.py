@@ -6,7 +6,9 @@ or flipped so each has its own bytes (and so its own case), written to a tempora
 worker count gets a fresh case store, so nothing is skipped. Prints slides/hour, the scaling efficiency
 (slides/hour with 2 workers / (2 x with 1)) and each worker process's peak RSS, and writes JSON.
 
-    python bench/batch.py [--slides 12] [--workers 1,2] [--json bench/results/batch.json]
+    python bench/batch.py [--slides 12] [--workers 1,2] [--threads N] [--json bench/results/batch.json]
+
+With --threads 1 every worker has one core, so 1 -> 2 workers is the scaling a lab gets per added core.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--slides", type=int, default=12)
     ap.add_argument("--workers", default="1,2")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="OpenVINO threads per worker (default: the cores shared out, as appliance batch does)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
 
@@ -58,7 +62,7 @@ def main(argv=None) -> int:
             inputs.append(BatchInput(p))
         for n in (int(w) for w in args.workers.split(",")):
             settings = load_settings(None, data_dir=Path(tmp) / f"var-{n}")
-            threads = max(1, (os.cpu_count() or 2) // n)
+            threads = args.threads or max(1, (os.cpu_count() or 2) // n)
             print(f"{n} worker(s), {threads} OpenVINO thread(s) each ...", flush=True)
             with local_cluster(n) as cluster, Client(cluster) as client:
                 client.run(lambda: None)  # workers up
