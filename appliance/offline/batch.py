@@ -3,7 +3,8 @@
 The driver (this process) hashes each input, decides what is left to do, submits one task per input to a
 Dask cluster (an embedded LocalCluster of worker processes by default, or a lab's scheduler by address) and
 records every answer in the case store itself: the workers only read inputs, score and write the case's
-files, so the store keeps its one writer.
+files, so the store keeps its one writer. A case is recorded when its answer comes back, never before, so no
+batch case is ever open in the store (a daemon restarting meanwhile has nothing of the batch's to resume).
 
 A case is keyed by (sha256 of the input, sha256 of the model) and its id is made from them, so a rerun finds
 what is done and skips it, a run killed halfway resumes where it stopped, the same input is never recorded
@@ -188,8 +189,6 @@ def run_batch(inputs: list[BatchInput], settings: Settings, client, *, out_root:
                 if known is not None and known["status"] in settled:
                     report(i, _from_case(base, known, "skipped"))
                     continue
-                store.case_started(case_id, specimen_id=item.specimen, source=str(item.path), model=model)
-                store.case_processing(case_id)
                 triaging[case_id] = [i]
                 waiting.add(client.submit(
                     triage_on_worker, str(item.path.absolute()), str(out_root / case_id), case_id,
@@ -197,6 +196,10 @@ def run_batch(inputs: list[BatchInput], settings: Settings, client, *, out_root:
                     key=f"triage-{case_id}", pure=False))
                 continue
             case_id = fut.key.removeprefix("triage-")
+            # recorded only once answered: no batch case is ever left open in the store, so a daemon restarting
+            # meanwhile has nothing of the batch's to resume, and a killed batch leaves nothing half-done
+            first = inputs[triaging[case_id][0]]
+            store.case_started(case_id, specimen_id=first.specimen, source=str(first.path), model=model)
             if fut.status == "error":
                 message = _reason(fut.exception())
                 store.case_failed(case_id, message)

@@ -114,6 +114,7 @@ def test_a_batch_killed_halfway_resumes_and_records_each_case_once(tmp_path):
         proc.wait()
     halfway = [c for c in cases(data) if c["status"] in ("done", "cannot-call")]
     assert 2 <= len(halfway) < len(inputs)
+    assert len(cases(data)) == len(halfway)  # nothing left open for a restarting daemon to find
 
     report = tmp_path / "report.csv"
     rest = run([*inputs, "--workers", "1", "--report", report], data)
