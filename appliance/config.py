@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from appliance.errors import ConfigError
@@ -44,6 +44,33 @@ class Settings(BaseSettings):
         120.0, gt=0, description="The pipeline counts as stuck (no systemd WATCHDOG=1) after this long on one item.")
     fault_injection: bool = Field(
         False, description="Reliability testing only: SIGUSR1 makes the pipeline thread hang, as a hung model would.")
+    lis_mllp: list[str] = Field(
+        default_factory=list, description="HL7 v2 MLLP receivers (host:port) each call is delivered to (ORU^R01).")
+    lis_fhir_url: str | None = Field(
+        None, description="FHIR base URL; each call is POSTed as a DiagnosticReport to <url>/DiagnosticReport.")
+    lis_fhir_token_file: Path | None = Field(
+        None, description="File (0600) holding the bearer token for lis_fhir_url.")
+
+    @field_validator("lis_mllp")
+    @classmethod
+    def _host_port(cls, value: list[str]) -> list[str]:
+        for item in value:
+            host, _, port = item.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"{item!r} is not host:port (e.g. lis.example.org:2575)")
+        return value
+
+    @field_validator("lis_fhir_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError(f"{value!r} is not an http(s) URL")
+        return value.rstrip("/") if value else value
+
+    @property
+    def lis_destinations(self) -> list[str]:
+        """Where each call goes: ``mllp:host:port`` and ``fhir:<base url>`` (the outbox's destination names)."""
+        return [f"mllp:{m}" for m in self.lis_mllp] + ([f"fhir:{self.lis_fhir_url}"] if self.lis_fhir_url else [])
 
     @property
     def db_path(self) -> Path:

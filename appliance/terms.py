@@ -98,6 +98,14 @@ class CaseRule(StrEnum):
 
 
 # A case id as the scanner sends it and as it names a folder: no path separators, no leading dot.
+class DeliveryStatus(StrEnum):
+    """Where one message to the lab's systems stands (the outbox)."""
+
+    PENDING = "pending"  # to be sent, now or after a backoff
+    DELIVERED = "delivered"  # the receiver acknowledged it (HL7 AA, FHIR 2xx)
+    FAILED = "failed"  # rejected (HL7 AE/AR, FHIR 4xx) or not buildable: an operator decides
+
+
 CASE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 CASE_ID = re.compile(CASE_ID_PATTERN)
 # A technician's initials on a sign-off or an action (letters, spaces, dots, apostrophes, hyphens).

@@ -16,7 +16,7 @@ from appliance.errors import ApiBindError, ApplianceError
 from appliance.api.auth import ensure_token, is_loopback, reads_need_token
 from appliance.store.database import CaseStore
 from appliance.service.events import EventHub
-from appliance.api.routes import cases, events, health, link, metrics
+from appliance.api.routes import cases, deliveries, events, health, link, metrics
 from appliance.api.routes import status as status_route
 
 if TYPE_CHECKING:
@@ -55,6 +55,7 @@ def create_app(settings: Settings, store: CaseStore, status: Callable[[], dict] 
     app.include_router(metrics.router)
     app.include_router(events.router)
     app.include_router(link.router)
+    app.include_router(deliveries.router)
     return app
 
 

@@ -28,6 +28,22 @@ class CaseFileLink(BaseModel):
     bytes: int = Field(ge=0)
 
 
+class DeliveryPublic(BaseModel):
+    """One message of the case to one of the lab's systems (the outbox)."""
+
+    id: str
+    destination: str
+    kind: str  # hl7 or fhir
+    message_id: str  # MSH-10 / DiagnosticReport.identifier: the same on every retry
+    revision: int
+    status: str  # pending, delivered or failed
+    attempts: int
+    last_error: str | None = None
+    next_attempt_at: str | None = None
+    created_at: str | None = None
+    delivered_at: str | None = None
+
+
 class CasePublic(BaseModel):
     id: str
     specimen_id: str | None = None
@@ -57,6 +73,7 @@ class CasePublic(BaseModel):
     # Files that exist now: they appear one by one after the call (the call is stored first) and go when
     # retention removes them, so a client reads this list instead of polling each file for a 404.
     files: list[CaseFileLink] = []
+    deliveries: list[DeliveryPublic] = []  # to the lab's systems, when any are configured
     research_use_only: bool = True
     notice: str = RESEARCH_USE_NOTICE
 
@@ -110,4 +127,5 @@ class StatusPublic(BaseModel):
     model: ModelStatus | None = None
     disk_free_bytes: int | None = None
     storage: StorageStatus | None = None
+    deliveries: dict[str, int] | None = None  # messages to the lab's systems by state: pending, delivered, failed
     notice: str = RESEARCH_USE_NOTICE

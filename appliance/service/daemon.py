@@ -23,6 +23,7 @@ from appliance.errors import ManifestError, ModelIntegrityError
 from appliance.model.engine import Engine, load_engine
 from appliance.service import retention
 from appliance.service.events import EventHub
+from appliance.service.outbox import Outbox
 from appliance.service.receiver import CaseReceiver, StorageGuard
 from appliance.service.worker import CaseProgress, Notify, PipelineWorker, eta_seconds
 from appliance.store.database import CaseStore
@@ -50,6 +51,7 @@ class Daemon:
         self.store: CaseStore | None = None
         self.link: HostLink | None = None
         self.api: ApiServer | None = None
+        self.outbox: Outbox | None = None
         self.receiver: CaseReceiver | None = None
         self.pipeline: PipelineWorker | None = None
         # Why the daemon cannot take cases at all (the model failed its checks), or None. Set at start: the
@@ -87,7 +89,10 @@ class Daemon:
         except (ManifestError, ModelIntegrityError) as exc:
             self.problem = " ".join(f"the model failed its checks: {exc}".split())  # one line, for STATUS=
             log.error("NOT READY, the scanner link stays closed: %s", self.problem)
-        self.store = CaseStore(s.db_path)
+        self.store = CaseStore(s.db_path, s.lis_destinations)
+        if s.lis_destinations:  # delivers the calls to the lab's systems, model or not
+            self.outbox = Outbox(self.store, s.lis_fhir_token_file)
+            self.outbox.start()
         if self.problem:
             self._start_degraded()
             return
@@ -243,6 +248,8 @@ class Daemon:
             self.pipeline.stop()
         if self.api:
             self.api.stop()
+        if self.outbox is not None:
+            self.outbox.stop()
         if self.store:
             self.store.close()
 

@@ -6,6 +6,7 @@ Durability is chosen on purpose: WAL so readers (API, TUI) never block the write
 
 from __future__ import annotations
 
+import hashlib
 import json
 import queue
 import sqlite3
@@ -14,14 +15,14 @@ from concurrent.futures import Future
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import sqlite_utils
 
 from appliance.errors import CaseNotFoundError, CaseStateError, StoreError
 from appliance.pipeline.result import TriageResult
 from appliance.store.migrations import migrations
-from appliance.terms import OPEN_STATUSES, CaseStatus, Verdict
+from appliance.terms import OPEN_STATUSES, CaseStatus, DeliveryStatus, Verdict
 
 def utcnow() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
@@ -52,8 +53,11 @@ def _connect(path: Path) -> sqlite3.Connection:
 class CaseStore:
     """Writes go through ``submit`` to the single writer thread; reads use short-lived connections."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, destinations: Iterable[str] = ()):
+        """``destinations`` (``mllp:host:port``, ``fhir:<base url>``): where each call is to be delivered; a
+        delivery row per destination is written in the same transaction as the call."""
         self.path = Path(path)
+        self.destinations = list(destinations)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite_utils.Database(_connect(self.path))
@@ -154,7 +158,12 @@ class CaseStore:
             "model_sha256": model["sha256"],
             "engine": model["backend"],
         }
-        self.write(lambda db: db["cases"].update(case_id, fields))
+
+        def _write(db: sqlite_utils.Database) -> None:
+            db["cases"].update(case_id, fields)
+            self._queue_deliveries(db, case_id, fields["finished_at"])
+
+        self.write(_write)
 
     def case_abandoned(self, case_id: str, message: str) -> None:
         fields = {"status": CaseStatus.ABANDONED, "finished_at": utcnow(),
@@ -179,7 +188,81 @@ class CaseStore:
                 raise CaseStateError(f"case {case_id!r} is still {rows[0]['status']}; sign off once it is finished")
             db["cases"].update(case_id, {"signed_off_by": by, "signed_off_at": at, "sign_off_comment": comment})
             _audit(db, at, by, via, "sign-off", case_id, {"comment": comment})
+            self._queue_deliveries(db, case_id, at)
             return {"case_id": case_id, "signed_off_by": by, "signed_off_at": at}
+
+        return self.write(_write)
+
+    # -- the outbox ----------------------------------------------------------------------------------
+    def _queue_deliveries(self, db: sqlite_utils.Database, case_id: str, at: str) -> None:
+        """A new revision of the case, and one pending delivery of it per destination (inside the caller's
+        transaction). A message that cannot be built is a failed delivery with the reason, never a lost call."""
+        if not self.destinations:
+            return
+        from appliance.lis.messages import fhir_report, hl7_oru, message_id
+
+        row = next(db["cases"].rows_where("id = ?", [case_id]))
+        revision = (row.get("revision") or 0) + 1
+        db["cases"].update(case_id, {"revision": revision})
+        row["revision"] = revision
+        mid = message_id(case_id, revision)
+        for dest in self.destinations:
+            kind = "hl7" if dest.startswith("mllp:") else "fhir"
+            status, payload, error = DeliveryStatus.PENDING, None, None
+            try:
+                payload = hl7_oru(row, revision, at) if kind == "hl7" else json.dumps(fhir_report(row, revision, at))
+            except Exception as exc:  # noqa: BLE001 - a message that cannot be built must not lose the call
+                status, error = DeliveryStatus.FAILED, f"the message could not be built: {exc}"
+            db["deliveries"].insert({
+                "id": f"{mid}.{hashlib.sha256(dest.encode()).hexdigest()[:10]}", "case_id": case_id, "revision": revision, "message_id": mid,
+                "destination": dest, "kind": kind, "payload": payload, "status": status, "attempts": 0,
+                "next_attempt_at": at, "last_error": error, "created_at": at, "delivered_at": None,
+            }, replace=True)
+
+    def due_deliveries(self, now: str, limit: int = 20) -> list[dict]:
+        return self._rows("deliveries", "status = ? and next_attempt_at <= ?", [DeliveryStatus.PENDING, now],
+                          "next_attempt_at, id", limit=limit)
+
+    def deliveries(self, case_id: str | None = None) -> list[dict]:
+        where, args = ("case_id = ?", [case_id]) if case_id else (None, [])
+        return self._rows("deliveries", where, args, "created_at, id")
+
+    def delivery_counts(self) -> dict[str, int]:
+        db = self._reader()
+        try:
+            rows = db.execute("select status, count(*) from deliveries group by status").fetchall()
+        finally:
+            db.conn.close()
+        counts = {s.value: 0 for s in DeliveryStatus}
+        counts.update({status: n for status, n in rows})
+        return counts
+
+    def delivery_attempted(self, delivery_id: str, status: DeliveryStatus, *, error: str | None = None,
+                           next_attempt_at: str | None = None) -> None:
+        """The outcome of one attempt: delivered, failed (rejected: no more tries), or pending again."""
+        def _write(db: sqlite_utils.Database) -> None:
+            db.execute("update deliveries set attempts = attempts + 1, status = ?, last_error = ?, "
+                       "next_attempt_at = coalesce(?, next_attempt_at), delivered_at = ? where id = ?",
+                       [status, error, next_attempt_at, utcnow() if status == DeliveryStatus.DELIVERED else None,
+                        delivery_id])
+
+        self.write(_write)
+
+    def retry_delivery(self, delivery_id: str, *, by: str, via: str = "api") -> dict:
+        """Queue a failed delivery again (the same message), and audit it. Raises CaseNotFoundError for an
+        unknown id, CaseStateError when it is not failed."""
+        at = utcnow()
+
+        def _write(db: sqlite_utils.Database) -> dict:
+            rows = list(db["deliveries"].rows_where("id = ?", [delivery_id]))
+            if not rows:
+                raise CaseNotFoundError(f"no delivery {delivery_id!r}")
+            if rows[0]["status"] != DeliveryStatus.FAILED or rows[0]["payload"] is None:
+                raise CaseStateError(f"delivery {delivery_id!r} is {rows[0]['status']}; only a failed message "
+                                     f"can be queued again")
+            db["deliveries"].update(delivery_id, {"status": DeliveryStatus.PENDING, "next_attempt_at": at})
+            _audit(db, at, by, via, "delivery-retry", rows[0]["case_id"], {"delivery": delivery_id})
+            return {"delivery_id": delivery_id, "status": DeliveryStatus.PENDING}
 
         return self.write(_write)
 
@@ -236,10 +319,10 @@ class CaseStore:
     def models(self) -> list[dict]:
         return self._rows("models", None, [], "first_seen")
 
-    def _rows(self, table: str, where: str | None, args: list, order: str) -> list[dict]:
+    def _rows(self, table: str, where: str | None, args: list, order: str, limit: int | None = None) -> list[dict]:
         db = self._reader()
         try:
-            rows = db[table].rows_where(where, args, order_by=order)
+            rows = db[table].rows_where(where, args, order_by=order, limit=limit)
             return [dict(r, detail=json.loads(r["detail"])) if "detail" in r else dict(r) for r in rows]
         finally:
             db.conn.close()

@@ -75,3 +75,30 @@ def _warnings_patch_threshold(db: sqlite_utils.Database) -> None:
 @migrations(name="0004_case_rule")
 def _case_rule(db: sqlite_utils.Database) -> None:
     db["cases"].add_column("case_rule", str)
+
+
+@migrations(name="0005_revision_and_deliveries")
+def _deliveries(db: sqlite_utils.Database) -> None:
+    """The outbox: one row per (message, destination), written in the transaction that records the call."""
+    db["cases"].add_column("revision", int)
+    db["deliveries"].create(
+        {
+            "id": str,  # <message id>.<first 10 hex of the destination's sha256>: URL-safe
+            "case_id": str,
+            "revision": int,
+            "message_id": str,  # <case id>.r<revision>: the same on every retry
+            "destination": str,  # mllp:host:port or fhir:<base url>
+            "kind": str,  # hl7 or fhir
+            "payload": str,  # exactly what is sent, every time it is sent
+            "status": str,  # pending, delivered or failed
+            "attempts": int,
+            "next_attempt_at": str,
+            "last_error": str,
+            "created_at": str,
+            "delivered_at": str,
+        },
+        pk="id",
+        foreign_keys=[("case_id", "cases", "id")],
+    )
+    db["deliveries"].create_index(["status", "next_attempt_at"])
+    db["deliveries"].create_index(["case_id"])

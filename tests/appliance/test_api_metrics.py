@@ -43,12 +43,14 @@ def test_metrics_parse_as_prometheus_text_with_the_expected_families_and_values(
     assert types == {"appliance_tiles_received_total": "counter", "appliance_current_case_tiles": "gauge",
                      "appliance_cases": "gauge", "appliance_link_crc_errors_total": "counter",
                      "appliance_link_reconnects_total": "counter", "appliance_link_up": "gauge",
-                     "appliance_disk_free_bytes": "gauge", "appliance_inference_batch_seconds": "histogram"}
+                     "appliance_disk_free_bytes": "gauge", "appliance_inference_batch_seconds": "histogram",
+                     "appliance_deliveries": "gauge"}
     families = {f.name: f for f in text_string_to_metric_families(full.text)}
     assert {n: f.type for n, f in families.items()} == {
         "appliance_tiles_received": "counter", "appliance_current_case_tiles": "gauge", "appliance_cases": "gauge",
         "appliance_link_crc_errors": "counter", "appliance_link_reconnects": "counter", "appliance_link_up": "gauge",
-        "appliance_disk_free_bytes": "gauge", "appliance_inference_batch_seconds": "histogram"}
+        "appliance_disk_free_bytes": "gauge", "appliance_inference_batch_seconds": "histogram",
+        "appliance_deliveries": "gauge"}
 
     def values(name):
         return {(s.name, tuple(sorted(s.labels.items()))): s.value for s in families[name].samples}
@@ -61,6 +63,8 @@ def test_metrics_parse_as_prometheus_text_with_the_expected_families_and_values(
     assert values("appliance_link_crc_errors") == {("appliance_link_crc_errors_total", ()): 2}
     assert values("appliance_link_reconnects") == {("appliance_link_reconnects_total", ()): 1}
     assert values("appliance_link_up") == {("appliance_link_up", ()): 1}
+    assert values("appliance_deliveries") == {("appliance_deliveries", (("state", s),)): 0
+                                              for s in ("delivered", "failed", "pending")}  # no LIS configured
     assert values("appliance_disk_free_bytes") == {("appliance_disk_free_bytes", ()): 123456789}
     hist = values("appliance_inference_batch_seconds")
     buckets = {dict(labels)["le"]: v for (name, labels), v in hist.items() if name.endswith("_bucket")}

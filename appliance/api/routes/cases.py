@@ -116,6 +116,8 @@ def _public(row: dict, request: Request) -> CasePublic:
     row["reasons"] = row.get("reasons") or []
     row["warnings"] = row.get("warnings") or []
     row["files"] = case_files(request.app.state.settings.cases_dir, row["id"], request)
+    row["deliveries"] = [{k: v for k, v in d.items() if k != "payload"}
+                         for d in request.app.state.store.deliveries(row["id"])]
     return CasePublic.model_validate(row)
 
 

@@ -41,6 +41,11 @@ class ApplianceCollector(Collector):
         for verdict, n in sorted(counts["by_verdict"].items()):
             cases.add_metric([verdict], n)
         yield cases
+        deliveries = GaugeMetricFamily("appliance_deliveries", "Messages to the lab's systems by state.",
+                                       labels=["state"])
+        for state, n in sorted(st.store.delivery_counts().items()):
+            deliveries.add_metric([state], n)
+        yield deliveries
         link = status.get("link") or {}
         counters = link.get("counters", {})
         yield CounterMetricFamily("appliance_link_crc_errors_total", "Frames from the scanner that failed CRC.",
