@@ -22,15 +22,15 @@ BACKOFF_MAX_S = 300.0
 POLL_S = 0.5
 
 
-def backoff_s(attempts: int, first: float = 1.0) -> float:
-    return min(BACKOFF_MAX_S, first * 2 ** max(0, attempts - 1))
+def backoff_s(attempts: int, first: float = 1.0, most: float = BACKOFF_MAX_S) -> float:
+    return min(most, first * 2 ** max(0, attempts - 1))
 
 
 class Outbox:
     def __init__(self, store: CaseStore, token_file: Path | None = None, *, first_backoff_s: float = 1.0,
-                 timeout_s: float = 10.0):
+                 max_backoff_s: float = BACKOFF_MAX_S, timeout_s: float = 10.0):
         self.store, self.token_file = store, token_file
-        self.first_backoff_s, self.timeout_s = first_backoff_s, timeout_s
+        self.first_backoff_s, self.max_backoff_s, self.timeout_s = first_backoff_s, max_backoff_s, timeout_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="outbox", daemon=True)
 
@@ -60,9 +60,9 @@ class Outbox:
         attempts = d["attempts"] + 1
         next_at = None
         if outcome.status == DeliveryStatus.PENDING:
-            wait = backoff_s(attempts, self.first_backoff_s)
+            wait = backoff_s(attempts, self.first_backoff_s, self.max_backoff_s)
             next_at = (datetime.now(timezone.utc) + timedelta(seconds=wait)).isoformat(timespec="milliseconds")
-            log.warning("delivery %s: attempt %d failed, again in %.0f s: %s", d["id"], attempts, wait,
+            log.warning("delivery %s: attempt %d failed, again in %.1f s: %s", d["id"], attempts, wait,
                         outcome.detail)
         elif outcome.status == DeliveryStatus.FAILED:
             log.error("delivery %s rejected: %s", d["id"], outcome.detail)

@@ -1,0 +1,227 @@
+"""The outbox: each call delivered to the lab's systems as HL7 v2 (MLLP) and FHIR, over real sockets to real
+receivers (tests/lis_receivers.py), through a real case store; receivers down, rejecting, restarting; the
+sender killed between sending and the ACK."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+from appliance import RESEARCH_USE_NOTICE
+from appliance.service.outbox import Outbox
+from appliance.store import CaseStore
+from tests.appliance.conftest import finished_case
+from tests.lis_receivers import FhirReceiver, MllpReceiver
+from tests.results import a_result
+from tests.waiting import wait_until
+
+TOKEN = "fhir-test-token"
+
+
+@pytest.fixture
+def token_file(tmp_path):
+    path = tmp_path / "fhir-token"
+    path.write_text(TOKEN + "\n")
+    path.chmod(0o600)
+    return path
+
+
+@pytest.fixture
+def receivers():
+    mllp, fhir = MllpReceiver(), FhirReceiver(TOKEN)
+    yield mllp, fhir
+    mllp.hold.set()
+    mllp.stop()
+    fhir.stop()
+
+
+def deliveries(store: CaseStore, case_id: str | None = None) -> dict[str, dict]:
+    return {d["destination"].split(":")[0]: d for d in store.deliveries(case_id)}
+
+
+def test_a_call_reaches_both_receivers_once_they_are_up_as_the_same_message(tmp_path, token_file, receivers):
+    mllp, fhir = receivers
+    fhir.status = 503  # the LIS is restarting
+    fhir.start()
+    store = CaseStore(tmp_path / "a.db", [f"mllp:{mllp.address}", f"fhir:{fhir.base}"])
+    outbox = Outbox(store, token_file, first_backoff_s=0.05, max_backoff_s=0.2, timeout_s=2)
+    try:
+        store.case_started("C-1", specimen_id="S-1", model={"name": "m"})
+        store.case_finished("C-1", a_result("suspicious", 0.91))
+        pending = deliveries(store, "C-1")
+        assert {d["status"] for d in pending.values()} == {"pending"}  # written with the call
+        assert {d["message_id"] for d in pending.values()} == {"C-1.r1"}
+        outbox.start()
+        # the MLLP receiver is down and the FHIR one answers 503: tried again and again, never given up
+        wait_until(lambda: all(d["attempts"] >= 3 for d in deliveries(store, "C-1").values()), timeout=30)
+        assert {d["status"] for d in deliveries(store, "C-1").values()} == {"pending"}
+        assert "ConnectionRefusedError" in deliveries(store, "C-1")["mllp"]["last_error"]
+        assert "503" in deliveries(store, "C-1")["fhir"]["last_error"]
+        mllp.start()
+        fhir.status = 201
+        wait_until(lambda: {d["status"] for d in deliveries(store, "C-1").values()} == {"delivered"}, timeout=30)
+    finally:
+        outbox.stop()
+        store.close()
+    assert [mid for mid, _ in mllp.received] == ["C-1.r1"]
+    message = mllp.received[0][1]
+    assert "ORU^R01" in message and "|2.5.1" in message and "suspicious" in message and RESEARCH_USE_NOTICE in message
+    assert "OBX|2|NM|TRIAGE-SCORE" in message and "0.910000" in message
+    # every FHIR attempt carried the same message; the one accepted validated as a DiagnosticReport
+    assert {mid for mid, _ in fhir.received} == {"C-1.r1"} and fhir.answered[-1] == 201
+    assert len({json.dumps(body, sort_keys=True) for _, body in fhir.received}) == 1
+    report = fhir.received[-1][1]
+    assert report["status"] == "final" and RESEARCH_USE_NOTICE in report["conclusion"]
+    assert {"C-1"} == {i["value"] for i in report["identifier"] if i["system"].endswith("case-id")}
+
+
+def test_a_rejected_message_fails_with_its_reason_and_is_sent_again_only_when_an_operator_asks(
+        settings, token_file, receivers):
+    from appliance.api.app import create_app
+    from appliance.api.auth import ensure_token
+    from appliance.service.daemon import ApiServer
+
+    mllp, fhir = receivers
+    mllp.answer, fhir.status = "AE", 422
+    mllp.start()
+    fhir.start()
+    store = CaseStore(settings.db_path, [f"mllp:{mllp.address}", f"fhir:{fhir.base}"])
+    outbox = Outbox(store, token_file, first_backoff_s=0.05, max_backoff_s=0.2, timeout_s=2)
+    server = ApiServer(create_app(settings, store), "127.0.0.1", 0)
+    server.start()
+    url = f"http://127.0.0.1:{server.port}"
+    try:
+        finished_case(store, "C-9")
+        outbox.start()
+        wait_until(lambda: {d["status"] for d in deliveries(store, "C-9").values()} == {"failed"}, timeout=30)
+        time.sleep(1.0)  # many backoff periods: a rejected message is not tried again
+        got = deliveries(store, "C-9")
+        assert got["mllp"]["attempts"] == 1 and got["fhir"]["attempts"] == 1
+        assert "answered AE" in got["mllp"]["last_error"]
+        assert "422" in got["fhir"]["last_error"] and "rejected by the test" in got["fhir"]["last_error"]
+        case = httpx.get(f"{url}/cases/C-9").json()
+        assert {d["status"] for d in case["deliveries"]} == {"failed"} and all(
+            "payload" not in d for d in case["deliveries"])
+        assert httpx.get(f"{url}/status").json()["deliveries"] == {"pending": 0, "delivered": 0, "failed": 2}
+
+        mllp.answer, fhir.status = "AA", 201  # the LIS is fixed
+        for d in case["deliveries"]:
+            assert httpx.post(f"{url}/deliveries/{d['id']}/retry", json={"initials": "AB"}).status_code == 401
+        token = ensure_token(settings.token_path)
+        for d in case["deliveries"]:
+            r = httpx.post(f"{url}/deliveries/{d['id']}/retry", json={"initials": "AB"},
+                           headers={"Authorization": f"Bearer {token}"})
+            assert r.status_code == 200 and r.json()["status"] == "pending"
+        again = httpx.post(f"{url}/deliveries/{case['deliveries'][0]['id']}/retry", json={"initials": "AB"},
+                           headers={"Authorization": f"Bearer {token}"})
+        assert again.status_code == 409  # only a failed message can be queued again
+        wait_until(lambda: {d["status"] for d in deliveries(store, "C-9").values()} == {"delivered"}, timeout=30)
+        assert [a["action"] for a in store.audit_log("C-9")].count("delivery-retry") == 2
+        metrics = httpx.get(f"{url}/metrics").text
+        assert 'appliance_deliveries{state="delivered"} 2.0' in metrics
+    finally:
+        outbox.stop()
+        server.stop()
+        store.close()
+    assert [mid for mid, _ in mllp.received] == ["C-9.r1", "C-9.r1"]  # the same message, sent again
+
+
+SENDER = """
+import sys, time
+from pathlib import Path
+from appliance.service.outbox import Outbox
+from appliance.store import CaseStore
+store = CaseStore(Path(sys.argv[1]), [sys.argv[2]])
+Outbox(store, None, first_backoff_s=0.05, max_backoff_s=0.2, timeout_s=30).start()
+time.sleep(600)
+"""
+
+
+def test_a_sender_killed_between_sending_and_the_ack_sends_the_same_message_again(tmp_path, receivers):
+    mllp, _ = receivers
+    mllp.hold.clear()  # the ACK waits
+    mllp.start()
+    db = tmp_path / "k.db"
+    dest = f"mllp:{mllp.address}"
+    store = CaseStore(db, [dest])
+    finished_case(store, "C-K")
+    store.close()
+
+    def sender() -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", SENDER, str(db), dest], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    first = sender()
+    try:
+        assert mllp.got.wait(60), "the message never arrived"
+        os.kill(first.pid, signal.SIGKILL)  # sent, not yet acknowledged
+        first.wait()
+    finally:
+        first.kill()
+    mllp.hold.set()  # the ACK goes to a dead peer
+    store = CaseStore(db)
+    assert deliveries(store, "C-K")["mllp"]["status"] == "pending"  # not delivered: no ACK was read
+    second = sender()
+    try:
+        wait_until(lambda: deliveries(store, "C-K")["mllp"]["status"] == "delivered", timeout=60)
+    finally:
+        second.kill()
+        second.wait()
+        store.close()
+    assert [mid for mid, _ in mllp.received] == ["C-K.r1", "C-K.r1"]
+    assert mllp.received[0][1] == mllp.received[1][1]  # the same message, byte for byte: no second result
+
+
+def test_100_cases_reach_both_receivers_exactly_once_by_message_id_while_they_restart(tmp_path, token_file,
+                                                                                        receivers):
+    mllp, fhir = receivers
+    mllp.start()
+    fhir.start()
+    store = CaseStore(tmp_path / "c.db", [f"mllp:{mllp.address}", f"fhir:{fhir.base}"])
+    outbox = Outbox(store, token_file, first_backoff_s=0.02, max_backoff_s=0.2, timeout_s=2)
+    rng = random.Random(2026)
+    stop = threading.Event()
+    restarts = {"mllp": 0, "fhir": 0}
+
+    def chaos() -> None:
+        while not stop.is_set():
+            time.sleep(rng.uniform(0.05, 0.3))
+            which = rng.choice(["mllp", "fhir"])
+            receiver = mllp if which == "mllp" else fhir
+            receiver.stop()
+            time.sleep(rng.uniform(0.05, 0.3))
+            receiver.start()
+            restarts[which] += 1
+
+    outbox.start()
+    chaos_thread = threading.Thread(target=chaos, daemon=True)
+    chaos_thread.start()
+    try:
+        for i in range(100):
+            store.case_started(f"M-{i:03d}", model={"name": "m"})
+            store.case_finished(f"M-{i:03d}", a_result("suspicious" if i % 3 else "benign-appearing", i / 100))
+        wait_until(lambda: store.delivery_counts()["delivered"] == 200, timeout=300,
+                   detail=lambda: store.delivery_counts())
+    finally:
+        stop.set()
+        chaos_thread.join()
+        outbox.stop()
+        store.close()
+    expected = {f"M-{i:03d}.r1" for i in range(100)}
+    assert mllp.accepted() == expected and fhir.accepted() == expected  # every case, at each destination
+    assert restarts["mllp"] + restarts["fhir"] >= 5
+    # a repeat is only ever the same message again (an ACK lost in a restart): never a second, different result
+    for received in (mllp.received, [(m, json.dumps(b, sort_keys=True)) for m, b in fhir.received]):
+        by_id: dict[str, set] = {}
+        for mid, body in received:
+            by_id.setdefault(mid, set()).add(body)
+        assert all(len(bodies) == 1 for bodies in by_id.values())
