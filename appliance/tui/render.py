@@ -107,3 +107,25 @@ def eta_words(seconds: float | None) -> str:
 def _hex(rgb) -> str:
     r, g, b = (int(v) for v in rgb[:3])
     return f"#{r:02x}{g:02x}{b:02x}"
+
+
+def delivery_words(deliveries: list[dict]) -> str:
+    """The case's messages to the lab's systems in words, one line per destination (its latest revision);
+    empty when none are configured."""
+    latest: dict[str, dict] = {}
+    for d in deliveries:
+        if d["destination"] not in latest or d["revision"] >= latest[d["destination"]]["revision"]:
+            latest[d["destination"]] = d
+    lines = []
+    for dest, d in sorted(latest.items()):
+        kind, _, where = dest.partition(":")
+        name = f"{'HL7' if kind == 'mllp' else 'FHIR'} {where}"
+        if d["status"] == "delivered":
+            lines.append(f"Sent to LIS ✓ ({name}, message {d['message_id']})")
+        elif d["status"] == "failed":
+            lines.append(f"NOT sent to LIS ({name}): {d.get('last_error') or 'rejected'}. Fix the receiver, then "
+                         f"send it again: POST /deliveries/{d['id']}/retry")
+        else:
+            tried = f"attempt {d['attempts']} failed: {d['last_error']}" if d.get("attempts") else "sending"
+            lines.append(f"Sending to LIS ({name}): {tried}; trying again")
+    return "\n".join(lines)

@@ -7,9 +7,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
-import subprocess
-import sys
 import threading
 import time
 
@@ -135,48 +132,41 @@ def test_a_rejected_message_fails_with_its_reason_and_is_sent_again_only_when_an
     assert [mid for mid, _ in mllp.received] == ["C-9.r1", "C-9.r1"]  # the same message, sent again
 
 
-SENDER = """
-import sys, time
-from pathlib import Path
-from appliance.service.outbox import Outbox
-from appliance.store import CaseStore
-store = CaseStore(Path(sys.argv[1]), [sys.argv[2]])
-Outbox(store, None, first_backoff_s=0.05, max_backoff_s=0.2, timeout_s=30).start()
-time.sleep(600)
-"""
+def test_a_daemon_killed_between_sending_and_the_ack_sends_the_same_message_again(tmp_path, receivers):
+    """`appliance run` itself: the call is in the store with its delivery pending (as the pipeline leaves it);
+    the daemon sends it, is SIGKILLed before the ACK, and after the restart the same message goes again."""
+    from tests.appliance_run import ApplianceRun
 
-
-def test_a_sender_killed_between_sending_and_the_ack_sends_the_same_message_again(tmp_path, receivers):
     mllp, _ = receivers
     mllp.hold.clear()  # the ACK waits
     mllp.start()
-    db = tmp_path / "k.db"
+    data = tmp_path / "var"
     dest = f"mllp:{mllp.address}"
-    store = CaseStore(db, [dest])
+    store = CaseStore(data / "appliance.db", [dest])
     finished_case(store, "C-K")
     store.close()
-
-    def sender() -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-c", SENDER, str(db), dest], stdin=subprocess.DEVNULL,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    first = sender()
+    master, slave = os.openpty()
+    env = {"APPLIANCE_LIS_MLLP": json.dumps([mllp.address])}
     try:
-        assert mllp.got.wait(60), "the message never arrived"
-        os.kill(first.pid, signal.SIGKILL)  # sent, not yet acknowledged
-        first.wait()
+        first = ApplianceRun(os.ttyname(slave), data, **env)
+        try:
+            assert mllp.got.wait(60), "the message never arrived"
+        finally:
+            first.kill()  # SIGKILL: sent, not yet acknowledged
+        mllp.hold.set()  # the ACK goes to a dead peer
+        store = CaseStore(data / "appliance.db")
+        try:
+            assert deliveries(store, "C-K")["mllp"]["status"] == "pending"  # no ACK was read: not delivered
+            second = ApplianceRun(os.ttyname(slave), data, **env)
+            try:
+                wait_until(lambda: deliveries(store, "C-K")["mllp"]["status"] == "delivered", timeout=60)
+            finally:
+                second.stop()
+        finally:
+            store.close()
     finally:
-        first.kill()
-    mllp.hold.set()  # the ACK goes to a dead peer
-    store = CaseStore(db)
-    assert deliveries(store, "C-K")["mllp"]["status"] == "pending"  # not delivered: no ACK was read
-    second = sender()
-    try:
-        wait_until(lambda: deliveries(store, "C-K")["mllp"]["status"] == "delivered", timeout=60)
-    finally:
-        second.kill()
-        second.wait()
-        store.close()
+        os.close(master)
+        os.close(slave)
     assert [mid for mid, _ in mllp.received] == ["C-K.r1", "C-K.r1"]
     assert mllp.received[0][1] == mllp.received[1][1]  # the same message, byte for byte: no second result
 
@@ -225,3 +215,44 @@ def test_100_cases_reach_both_receivers_exactly_once_by_message_id_while_they_re
         for mid, body in received:
             by_id.setdefault(mid, set()).add(body)
         assert all(len(bodies) == 1 for bodies in by_id.values())
+
+
+def test_the_verdict_card_says_sent_to_lis_or_why_not(settings, token_file, receivers):
+    import asyncio
+
+    from textual.widgets import Static
+
+    from appliance.api.app import ApiServer, create_app
+    from appliance.tui.app import TriageApp
+    from appliance.tui.screens import CaseScreen
+    from tests.tui.conftest import wait_for
+
+    mllp, fhir = receivers
+    fhir.status = 422
+    mllp.start()
+    fhir.start()
+    store = CaseStore(settings.db_path, [f"mllp:{mllp.address}", f"fhir:{fhir.base}"])
+    outbox = Outbox(store, token_file, first_backoff_s=0.05, max_backoff_s=0.2, timeout_s=2)
+    server = ApiServer(create_app(settings, store), "127.0.0.1", 0)
+    server.start()
+    try:
+        finished_case(store, "C-T")
+        outbox.start()
+        wait_until(lambda: {d["status"] for d in deliveries(store, "C-T").values()} == {"delivered", "failed"},
+                   timeout=30)
+
+        async def card_text() -> str:
+            app = TriageApp(f"http://127.0.0.1:{server.port}", settings.token_path, poll_s=0.1, open_verdicts=False)
+            async with app.run_test(size=(120, 50)) as pilot:
+                app.push_screen(CaseScreen(app.client, "C-T"))
+                await wait_for(pilot, lambda: isinstance(app.screen, CaseScreen) and app.screen.case is not None,
+                               what="the card")
+                return str(app.screen.query_one("#signoff-state", Static).content)
+
+        text = asyncio.run(card_text())
+    finally:
+        outbox.stop()
+        server.stop()
+        store.close()
+    assert f"Sent to LIS ✓ (HL7 {mllp.address}, message C-T.r1)" in text
+    assert f"NOT sent to LIS (FHIR {fhir.base})" in text and "422" in text and "/retry" in text

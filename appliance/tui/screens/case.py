@@ -13,7 +13,8 @@ from textual.widgets import Footer, Static
 from appliance import RESEARCH_USE_NOTICE
 from appliance.terms import OPEN_STATUSES, CaseFile, CaseRule, EventKind
 from appliance.tui.client import ApiClient, ApiUnavailable, BadAnswer
-from appliance.tui.render import decode_png, halfblocks, heat_over_tissue, legend, patch_row, verdict_words
+from appliance.tui.render import (decode_png, delivery_words, halfblocks, heat_over_tissue, legend, patch_row,
+                                  verdict_words)
 from appliance.tui.widgets import Picture, chrome
 from appliance.tui.screens.signoff import SignOffDialog
 
@@ -105,10 +106,11 @@ class CaseScreen(Screen):
             f"Model {c.get('model_name') or '?'} {c.get('model_version') or ''} on {c.get('engine') or '?'}, "
             f"sha256 {(c.get('model_sha256') or '')[:16]}…")
         signed = c.get("signed_off_by")
-        self.query_one("#signoff-state", Static).update(
-            f"Signed off by {signed} at {c.get('signed_off_at')}" + (f": {c['sign_off_comment']}"
-                                                                    if c.get("sign_off_comment") else "")
-            if signed else "Not signed off yet: press s to sign off.")
+        state = (f"Signed off by {signed} at {c.get('signed_off_at')}" + (f": {c['sign_off_comment']}"
+                                                                         if c.get("sign_off_comment") else "")
+                 if signed else "Not signed off yet: press s to sign off.")
+        sent = delivery_words(c.get("deliveries") or [])
+        self.query_one("#signoff-state", Static).update(state + ("\n" + sent if sent else ""))
 
     def show_pictures(self, files: dict[str, bytes | None]) -> None:
         heatmap, top = self.query_one("#heatmap", Picture), self.query_one("#top", Picture)
