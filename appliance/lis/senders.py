@@ -79,6 +79,9 @@ def send_fhir(base: str, body: str, token_file: Path | None, timeout: float = TI
     headers = {"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"}
     if token_file is not None:
         try:
+            if Path(token_file).stat().st_mode & 0o077:
+                return Outcome(DeliveryStatus.PENDING, f"the FHIR token file {token_file} is readable by others; "
+                                                       f"chmod 600 it (nothing is sent until then)")
             headers["Authorization"] = f"Bearer {Path(token_file).read_text().strip()}"
         except OSError as exc:
             return Outcome(DeliveryStatus.PENDING, f"the FHIR token file {token_file} cannot be read: {exc}")

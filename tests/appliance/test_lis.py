@@ -256,3 +256,22 @@ def test_the_verdict_card_says_sent_to_lis_or_why_not(settings, token_file, rece
         store.close()
     assert f"Sent to LIS ✓ (HL7 {mllp.address}, message C-T.r1)" in text
     assert f"NOT sent to LIS (FHIR {fhir.base})" in text and "422" in text and "/retry" in text
+
+
+def test_a_token_file_others_can_read_sends_nothing_and_says_why(tmp_path, token_file, receivers):
+    _, fhir = receivers
+    fhir.start()
+    token_file.chmod(0o644)
+    store = CaseStore(tmp_path / "t.db", [f"fhir:{fhir.base}"])
+    outbox = Outbox(store, token_file, first_backoff_s=0.05, max_backoff_s=0.2, timeout_s=2)
+    try:
+        finished_case(store, "C-P")
+        outbox.start()
+        wait_until(lambda: deliveries(store, "C-P")["fhir"]["attempts"] >= 2, timeout=30)
+        assert "readable by others; chmod 600" in deliveries(store, "C-P")["fhir"]["last_error"]
+        assert fhir.received == []  # the token never left the machine
+        token_file.chmod(0o600)
+        wait_until(lambda: deliveries(store, "C-P")["fhir"]["status"] == "delivered", timeout=30)
+    finally:
+        outbox.stop()
+        store.close()
