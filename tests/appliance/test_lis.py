@@ -275,3 +275,25 @@ def test_a_token_file_others_can_read_sends_nothing_and_says_why(tmp_path, token
     finally:
         outbox.stop()
         store.close()
+
+
+def test_a_sign_off_is_a_new_revision_sent_as_a_correction(tmp_path, token_file, receivers):
+    mllp, fhir = receivers
+    mllp.start()
+    fhir.start()
+    store = CaseStore(tmp_path / "s.db", [f"mllp:{mllp.address}", f"fhir:{fhir.base}"])
+    outbox = Outbox(store, token_file, first_backoff_s=0.05, max_backoff_s=0.2, timeout_s=2)
+    try:
+        finished_case(store, "C-S")
+        outbox.start()
+        wait_until(lambda: store.delivery_counts()["delivered"] == 2, timeout=30)
+        store.sign_off("C-S", by="AB", comment="seen")
+        wait_until(lambda: store.delivery_counts()["delivered"] == 4, timeout=30)
+        assert store.get_case("C-S")["revision"] == 2
+    finally:
+        outbox.stop()
+        store.close()
+    assert [mid for mid, _ in mllp.received] == ["C-S.r1", "C-S.r2"]
+    first, second = (m for _, m in mllp.received)
+    assert "||SP|F" in first and "||SP|C" in second and "SIGNED-OFF^Signed off by^L||AB" in second
+    assert [b["status"] for _, b in fhir.received] == ["final", "amended"]
