@@ -4,6 +4,7 @@ sender killed between sending and the ACK."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -41,6 +42,32 @@ def receivers():
     fhir.stop()
 
 
+def quick_outbox(store: CaseStore, token_file=None) -> Outbox:
+    """The daemon's outbox with test-sized waits: first retry after 50 ms, at most 200 ms apart."""
+    return Outbox(store, token_file, first_backoff_s=0.05, max_backoff_s=0.2, timeout_s=2)
+
+
+def both(mllp: MllpReceiver, fhir: FhirReceiver) -> list[str]:
+    return [f"mllp:{mllp.address}", f"fhir:{fhir.base}"]
+
+
+@contextlib.contextmanager
+def store_outbox_api(settings, token_file, mllp: MllpReceiver, fhir: FhirReceiver):
+    """The daemon's parts that deliver and show deliveries: the store, the outbox and the live API."""
+    from appliance.api.app import ApiServer, create_app
+
+    store = CaseStore(settings.db_path, both(mllp, fhir))
+    outbox = quick_outbox(store, token_file)
+    server = ApiServer(create_app(settings, store), "127.0.0.1", 0)
+    server.start()
+    try:
+        yield store, outbox, f"http://127.0.0.1:{server.port}"
+    finally:
+        outbox.stop()
+        server.stop()
+        store.close()
+
+
 def deliveries(store: CaseStore, case_id: str | None = None) -> dict[str, dict]:
     return {d["destination"].split(":")[0]: d for d in store.deliveries(case_id)}
 
@@ -49,8 +76,8 @@ def test_a_call_reaches_both_receivers_once_they_are_up_as_the_same_message(tmp_
     mllp, fhir = receivers
     fhir.status = 503  # the LIS is restarting
     fhir.start()
-    store = CaseStore(tmp_path / "a.db", [f"mllp:{mllp.address}", f"fhir:{fhir.base}"])
-    outbox = Outbox(store, token_file, first_backoff_s=0.05, max_backoff_s=0.2, timeout_s=2)
+    store = CaseStore(tmp_path / "a.db", both(mllp, fhir))
+    outbox = quick_outbox(store, token_file)
     try:
         store.case_started("C-1", specimen_id="S-1", model={"name": "m"})
         store.case_finished("C-1", a_result("suspicious", 0.91))
@@ -83,20 +110,13 @@ def test_a_call_reaches_both_receivers_once_they_are_up_as_the_same_message(tmp_
 
 def test_a_rejected_message_fails_with_its_reason_and_is_sent_again_only_when_an_operator_asks(
         settings, token_file, receivers):
-    from appliance.api.app import create_app
     from appliance.api.auth import ensure_token
-    from appliance.service.daemon import ApiServer
 
     mllp, fhir = receivers
     mllp.answer, fhir.status = "AE", 422
     mllp.start()
     fhir.start()
-    store = CaseStore(settings.db_path, [f"mllp:{mllp.address}", f"fhir:{fhir.base}"])
-    outbox = Outbox(store, token_file, first_backoff_s=0.05, max_backoff_s=0.2, timeout_s=2)
-    server = ApiServer(create_app(settings, store), "127.0.0.1", 0)
-    server.start()
-    url = f"http://127.0.0.1:{server.port}"
-    try:
+    with store_outbox_api(settings, token_file, mllp, fhir) as (store, outbox, url):
         finished_case(store, "C-9")
         outbox.start()
         wait_until(lambda: {d["status"] for d in deliveries(store, "C-9").values()} == {"failed"}, timeout=30)
@@ -125,10 +145,6 @@ def test_a_rejected_message_fails_with_its_reason_and_is_sent_again_only_when_an
         assert [a["action"] for a in store.audit_log("C-9")].count("delivery-retry") == 2
         metrics = httpx.get(f"{url}/metrics").text
         assert 'appliance_deliveries{state="delivered"} 2.0' in metrics
-    finally:
-        outbox.stop()
-        server.stop()
-        store.close()
     assert [mid for mid, _ in mllp.received] == ["C-9.r1", "C-9.r1"]  # the same message, sent again
 
 
@@ -176,7 +192,7 @@ def test_100_cases_reach_both_receivers_exactly_once_by_message_id_while_they_re
     mllp, fhir = receivers
     mllp.start()
     fhir.start()
-    store = CaseStore(tmp_path / "c.db", [f"mllp:{mllp.address}", f"fhir:{fhir.base}"])
+    store = CaseStore(tmp_path / "c.db", both(mllp, fhir))
     outbox = Outbox(store, token_file, first_backoff_s=0.02, max_backoff_s=0.2, timeout_s=2)
     rng = random.Random(2026)
     stop = threading.Event()
@@ -222,7 +238,6 @@ def test_the_verdict_card_says_sent_to_lis_or_why_not(settings, token_file, rece
 
     from textual.widgets import Static
 
-    from appliance.api.app import ApiServer, create_app
     from appliance.tui.app import TriageApp
     from appliance.tui.screens import CaseScreen
     from tests.tui.conftest import wait_for
@@ -231,18 +246,14 @@ def test_the_verdict_card_says_sent_to_lis_or_why_not(settings, token_file, rece
     fhir.status = 422
     mllp.start()
     fhir.start()
-    store = CaseStore(settings.db_path, [f"mllp:{mllp.address}", f"fhir:{fhir.base}"])
-    outbox = Outbox(store, token_file, first_backoff_s=0.05, max_backoff_s=0.2, timeout_s=2)
-    server = ApiServer(create_app(settings, store), "127.0.0.1", 0)
-    server.start()
-    try:
+    with store_outbox_api(settings, token_file, mllp, fhir) as (store, outbox, url):
         finished_case(store, "C-T")
         outbox.start()
         wait_until(lambda: {d["status"] for d in deliveries(store, "C-T").values()} == {"delivered", "failed"},
                    timeout=30)
 
         async def card_text() -> str:
-            app = TriageApp(f"http://127.0.0.1:{server.port}", settings.token_path, poll_s=0.1, open_verdicts=False)
+            app = TriageApp(url, settings.token_path, poll_s=0.1, open_verdicts=False)
             async with app.run_test(size=(120, 50)) as pilot:
                 app.push_screen(CaseScreen(app.client, "C-T"))
                 await wait_for(pilot, lambda: isinstance(app.screen, CaseScreen) and app.screen.case is not None,
@@ -250,10 +261,6 @@ def test_the_verdict_card_says_sent_to_lis_or_why_not(settings, token_file, rece
                 return str(app.screen.query_one("#signoff-state", Static).content)
 
         text = asyncio.run(card_text())
-    finally:
-        outbox.stop()
-        server.stop()
-        store.close()
     assert f"Sent to LIS ✓ (HL7 {mllp.address}, message C-T.r1)" in text
     assert f"NOT sent to LIS (FHIR {fhir.base})" in text and "422" in text and "/retry" in text
 
@@ -263,7 +270,7 @@ def test_a_token_file_others_can_read_sends_nothing_and_says_why(tmp_path, token
     fhir.start()
     token_file.chmod(0o644)
     store = CaseStore(tmp_path / "t.db", [f"fhir:{fhir.base}"])
-    outbox = Outbox(store, token_file, first_backoff_s=0.05, max_backoff_s=0.2, timeout_s=2)
+    outbox = quick_outbox(store, token_file)
     try:
         finished_case(store, "C-P")
         outbox.start()
@@ -281,8 +288,8 @@ def test_a_sign_off_is_a_new_revision_sent_as_a_correction(tmp_path, token_file,
     mllp, fhir = receivers
     mllp.start()
     fhir.start()
-    store = CaseStore(tmp_path / "s.db", [f"mllp:{mllp.address}", f"fhir:{fhir.base}"])
-    outbox = Outbox(store, token_file, first_backoff_s=0.05, max_backoff_s=0.2, timeout_s=2)
+    store = CaseStore(tmp_path / "s.db", both(mllp, fhir))
+    outbox = quick_outbox(store, token_file)
     try:
         finished_case(store, "C-S")
         outbox.start()
