@@ -69,6 +69,14 @@ class MllpReceiver:
             ready.set()
             self._loop.run_forever()
             self._server.close()
+            tasks = asyncio.all_tasks(self._loop)  # connections still open: end them here, not at garbage collection
+            for task in tasks:
+                task.cancel()
+
+            async def ended() -> None:
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+            self._loop.run_until_complete(ended())
             self._loop.run_until_complete(self._server.wait_closed())
             self._loop.close()
 
