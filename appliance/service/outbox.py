@@ -1,5 +1,5 @@
-"""The outbox's sender: a thread that delivers due messages from the case store, one at a time, and records
-each attempt's outcome there. A pending message is tried again after an exponential backoff (1 s doubling to
+"""The outbox's senders: one thread per destination (a receiver that hangs never holds up another) that
+delivers its due messages from the case store, one at a time, and records each attempt's outcome there. A pending message is tried again after an exponential backoff (1 s doubling to
 BACKOFF_MAX_S); a rejected one waits for an operator (POST /deliveries/{id}/retry). The rows are written in
 the transaction that records the call, so a restart or kill -9 loses none: whatever was not acknowledged is
 sent again, the same bytes with the same message id."""
@@ -32,20 +32,23 @@ class Outbox:
         self.store, self.token_file = store, token_file
         self.first_backoff_s, self.max_backoff_s, self.timeout_s = first_backoff_s, max_backoff_s, timeout_s
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="outbox", daemon=True)
+        self._threads = [threading.Thread(target=self._run, args=(dest,), name=f"outbox {dest}", daemon=True)
+                         for dest in store.destinations]
 
     def start(self) -> None:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
 
     def stop(self) -> None:
         self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=self.timeout_s + 5)
+        for thread in self._threads:
+            if thread.is_alive():
+                thread.join(timeout=self.timeout_s + 5)
 
-    def _run(self) -> None:
+    def _run(self, destination: str) -> None:
         while not self._stop.is_set():
             try:
-                due = self.store.due_deliveries(utcnow())
+                due = self.store.due_deliveries(utcnow(), destination)
             except Exception:  # noqa: BLE001 - the store is busy or closing: look again shortly
                 log.exception("outbox: cannot read the due deliveries")
                 due = []

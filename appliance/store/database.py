@@ -219,9 +219,10 @@ class CaseStore:
                 "next_attempt_at": at, "last_error": error, "created_at": at, "delivered_at": None,
             }, replace=True)
 
-    def due_deliveries(self, now: str, limit: int = 20) -> list[dict]:
-        return self._rows("deliveries", "status = ? and next_attempt_at <= ?", [DeliveryStatus.PENDING, now],
-                          "next_attempt_at, id", limit=limit)
+    def due_deliveries(self, now: str, destination: str, limit: int = 20) -> list[dict]:
+        """Pending messages to ``destination`` whose time has come, oldest first."""
+        return self._rows("deliveries", "destination = ? and status = ? and next_attempt_at <= ?",
+                          [destination, DeliveryStatus.PENDING, now], "next_attempt_at, id", limit=limit)
 
     def deliveries(self, case_id: str | None = None) -> list[dict]:
         where, args = ("case_id = ?", [case_id]) if case_id else (None, [])

@@ -304,3 +304,24 @@ def test_a_sign_off_is_a_new_revision_sent_as_a_correction(tmp_path, token_file,
     first, second = (m for _, m in mllp.received)
     assert "||SP|F" in first and "||SP|C" in second and "SIGNED-OFF^Signed off by^L||AB" in second
     assert [b["status"] for _, b in fhir.received] == ["final", "amended"]
+
+
+def test_a_receiver_that_never_answers_holds_up_no_other_destination(tmp_path, token_file, receivers):
+    mllp, fhir = receivers
+    mllp.hold.clear()  # takes the message, never ACKs (until the test lets it)
+    mllp.start()
+    fhir.start()
+    store = CaseStore(tmp_path / "h.db", both(mllp, fhir))
+    outbox = Outbox(store, token_file, first_backoff_s=0.05, max_backoff_s=0.2, timeout_s=60)
+    try:
+        finished_case(store, "C-H")
+        outbox.start()
+        assert mllp.got.wait(30)
+        wait_until(lambda: deliveries(store, "C-H")["fhir"]["status"] == "delivered", timeout=30)
+        assert deliveries(store, "C-H")["mllp"]["attempts"] == 0  # still waiting for its ACK meanwhile
+        mllp.hold.set()
+        wait_until(lambda: deliveries(store, "C-H")["mllp"]["status"] == "delivered", timeout=30)
+    finally:
+        mllp.hold.set()
+        outbox.stop()
+        store.close()
