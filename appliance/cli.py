@@ -174,55 +174,30 @@ def batch(ctx, inputs: tuple[Path, ...], manifest: Path | None, out_dir: Path | 
     """Re-triage an archive (slide files, images, tile folders) on Dask: an embedded cluster by default, a
     lab's scheduler with --scheduler. Every case is recorded in the case store; a rerun skips what is done
     with the same model, and a run stopped halfway resumes."""
-    import os
-    import time
-
-    from distributed import Client
-
-    from appliance.offline.batch import default_workers, local_cluster, read_inputs, run_batch, write_report
+    from appliance.offline.batch import Tally, connect, read_inputs, run_batch, write_report
 
     settings = _settings(ctx)
     items = read_inputs(inputs, manifest)
-    if scheduler:
-        cluster, threads = None, 0
-        client = Client(scheduler, timeout=30)
-    else:
-        workers = workers or default_workers()
-        threads = max(1, (os.cpu_count() or 2) // workers)
-        cluster = local_cluster(workers)
-        client = Client(cluster)
-    click.echo(f"{len(items)} inputs on {len(client.scheduler_info()['workers'])} workers "
-               f"({scheduler or 'embedded cluster'}); dashboard: {client.dashboard_link or 'not available'}",
-               err=True)
-    bar = Progress("slides", len(items))
-    counts = {"done": 0, "failed": 0, "skipped": 0}
-    started = time.monotonic()
+    bar, tally = Progress("slides", len(items)), Tally(len(items))
 
     def on_row(row, finished: int, total: int) -> None:
-        counts[row.status] += 1
-        worked = counts["done"] + counts["failed"]
-        hours = (time.monotonic() - started) / 3600
-        rate = worked / hours if hours > 0 and worked else 0.0
-        eta = f", ETA {(total - finished) / rate * 60:.1f} min" if rate else ""
-        bar.update(finished, f"{counts['done']} done, {counts['failed']} failed, {counts['skipped']} skipped, "
-                             f"{rate:.0f} slides/h{eta}")
+        tally.add(row)
+        bar.update(finished, tally.line())
 
-    try:
+    with connect(scheduler, workers) as (client, threads):
+        click.echo(f"{len(items)} inputs on {len(client.scheduler_info()['workers'])} workers "
+                   f"({scheduler or 'embedded cluster'}); dashboard: {client.dashboard_link or 'not available'}",
+                   err=True)
         rows = run_batch(items, settings, client, out_root=out_dir, threads=threads, retry_failed=retry_failed,
                          on_row=on_row)
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
-    bar.close(f"{counts['done']} done, {counts['failed']} failed, {counts['skipped']} skipped")
+    bar.close(tally.summary())
     if report is not None:
         write_report(report, rows)
     for row in rows:
         if row.status == "failed":
             click.echo(f"  failed {row.input}: {row.reasons}", err=True)
-    click.echo(f"{counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed"
-               f"{f'; report {report}' if report else ''}. {RESEARCH_USE_NOTICE}")
-    if counts["failed"]:
+    click.echo(f"{tally.summary()}{f'; report {report}' if report else ''}. {RESEARCH_USE_NOTICE}")
+    if tally.counts["failed"]:
         ctx.exit(1)
 
 

@@ -42,10 +42,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     import tifffile
-    from distributed import Client
-
     from appliance.config import load_settings
-    from appliance.offline.batch import BatchInput, local_cluster, run_batch
+    from appliance.offline.batch import BatchInput, connect, run_batch
     from appliance.offline.demo import DEMO_CASE
 
     image = tifffile.imread(DEMO_CASE)
@@ -62,9 +60,9 @@ def main(argv=None) -> int:
             inputs.append(BatchInput(p))
         for n in (int(w) for w in args.workers.split(",")):
             settings = load_settings(None, data_dir=Path(tmp) / f"var-{n}")
-            threads = args.threads or max(1, (os.cpu_count() or 2) // n)
-            print(f"{n} worker(s), {threads} OpenVINO thread(s) each ...", flush=True)
-            with local_cluster(n) as cluster, Client(cluster) as client:
+            with connect(workers=n) as (client, shared):
+                threads = args.threads or shared
+                print(f"{n} worker(s), {threads} OpenVINO thread(s) each ...", flush=True)
                 client.run(lambda: None)  # workers up
                 t0 = time.perf_counter()
                 rows = run_batch(inputs, settings, client, threads=threads)

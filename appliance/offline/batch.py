@@ -15,6 +15,7 @@ scheduler, and only the answer that comes back is recorded.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import errno
 import hashlib
@@ -130,6 +131,52 @@ def local_cluster(workers: int):
 
 def default_workers() -> int:
     return max(1, (os.cpu_count() or 2) // 2)
+
+
+@contextlib.contextmanager
+def connect(scheduler: str | None = None, workers: int | None = None):
+    """A Dask client and the OpenVINO threads each worker may use: the lab's ``scheduler`` (its workers keep
+    OpenVINO's own default), or an embedded cluster of ``workers`` processes (default: one per 2 cores)
+    sharing this machine's cores. Closed (and the embedded cluster stopped) on leaving."""
+    from distributed import Client
+
+    if scheduler:
+        with Client(scheduler, timeout=30) as client:
+            yield client, 0
+        return
+    workers = workers or default_workers()
+    with local_cluster(workers) as cluster, Client(cluster) as client:
+        yield client, max(1, (os.cpu_count() or 2) // workers)
+
+
+class Tally:
+    """Done/failed/skipped so far, slides per hour (of the inputs actually worked on) and the time left."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self.counts = {"done": 0, "failed": 0, "skipped": 0}
+        self._started = time.monotonic()
+
+    def add(self, row: BatchRow) -> None:
+        self.counts[row.status] += 1
+
+    @property
+    def finished(self) -> int:
+        return sum(self.counts.values())
+
+    def slides_per_hour(self) -> float:
+        worked = self.counts["done"] + self.counts["failed"]
+        hours = (time.monotonic() - self._started) / 3600
+        return worked / hours if worked and hours > 0 else 0.0
+
+    def summary(self) -> str:
+        c = self.counts
+        return f"{c['done']} done, {c['skipped']} skipped, {c['failed']} failed"
+
+    def line(self) -> str:
+        rate = self.slides_per_hour()
+        eta = f", ETA {(self.total - self.finished) / rate * 60:.1f} min" if rate else ""
+        return f"{self.summary()}, {rate:.0f} slides/h{eta}"
 
 
 # ------------------------------------------------------------------------------------------- driver

@@ -18,7 +18,7 @@ import tifffile
 from PIL import Image
 
 from appliance.config import load_settings
-from appliance.offline.batch import BatchInput, local_cluster, run_batch
+from appliance.offline.batch import BatchInput, connect, run_batch
 from appliance.offline.triage import triage_path
 from tests.conftest import DEMO_CASE
 from tests.waiting import wait_until
@@ -129,8 +129,6 @@ def test_a_batch_killed_halfway_resumes_and_records_each_case_once(tmp_path):
 
 
 def test_a_worker_killed_mid_slide_has_its_slide_retried_and_recorded_once(tmp_path):
-    from distributed import Client
-
     image = tifffile.imread(DEMO_CASE)
     inputs = []
     for i, flip in enumerate((lambda a: a, np.fliplr, np.flipud, lambda a: a[::-1, ::-1])):
@@ -139,7 +137,7 @@ def test_a_worker_killed_mid_slide_has_its_slide_retried_and_recorded_once(tmp_p
         inputs.append(BatchInput(p, f"S-{i}"))
     settings = load_settings(None, data_dir=tmp_path / "var")
     killed = []
-    with local_cluster(2) as cluster, Client(cluster) as client:
+    with connect(workers=2) as (client, _):
         pids = client.run(os.getpid)  # worker address -> pid
 
         def kill_a_busy_worker() -> None:
@@ -160,14 +158,12 @@ def test_a_worker_killed_mid_slide_has_its_slide_retried_and_recorded_once(tmp_p
 
 
 def test_a_missing_input_fails_with_its_reason_and_an_input_given_twice_is_one_case(tmp_path):
-    from distributed import Client
-
     (core,) = crops(tmp_path, WINDOWS[:1])
     twin = tmp_path / "twin.png"
     twin.write_bytes(core.read_bytes())  # the same bytes under another name: the same specimen scanned twice
     missing = tmp_path / "gone.svs"
     settings = load_settings(None, data_dir=tmp_path / "var")
-    with local_cluster(1) as cluster, Client(cluster) as client:
+    with connect(workers=1) as (client, _):
         rows = run_batch([BatchInput(core), BatchInput(missing), BatchInput(core), BatchInput(twin)], settings, client)
     assert [r.status for r in rows] == ["done", "failed", "done", "done"]
     assert "gone.svs: cannot be read" in rows[1].reasons and "No such file" in rows[1].reasons
