@@ -55,6 +55,8 @@ def cases(data: Path) -> list[dict]:
         return []
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10) as conn:
         conn.row_factory = sqlite3.Row
+        if conn.execute("select 1 from sqlite_master where type = 'table' and name = 'cases'").fetchone() is None:
+            return []  # the batch has made the file and not yet its tables
         rows = [dict(r) for r in conn.execute("select * from cases")]
     for r in rows:
         r["reasons"] = json.loads(r["reasons"]) if r.get("reasons") else []
