@@ -29,7 +29,7 @@ from .stain import macenko_per_patient, stain_reference
 from .training import (ABLATION_VARIANTS, AUGMENTATIONS, BATCH_SIZE, EMA_DECAY, MAX_LR, WEIGHT_DECAY, fit_logistic,
                        train_member)
 
-VERSION = "0.4.0"
+VERSION = "0.5.0"
 MIN_PATCHES = 15  # fewer tissue patches in a case: too little tissue to call (the top-15 rule's old minimum)
 SCRIPT = Path(__file__).resolve().parents[1] / "build_idc_model.py"  # the command line that calls main()
 METRIC_KEYS = ("auc", "balanced_accuracy", "f1", "sensitivity", "specificity")  # summarised as mean ± sd
@@ -70,8 +70,8 @@ def parse_args(argv=None, description=None):
                     help=f"8-way flip/rotation TTA in the shipped graph; auto = on if it raises pooled OOF AUC "
                          f"by >= {TTA_MIN_GAIN}. Default off: TTA costs 8x the inference and the whole model may "
                          f"cost at most 1.3x the 0.3.0 model's inference time, so it cannot pay")
-    ap.add_argument("--aug", choices=sorted(AUGMENTATIONS), default="stainturn",
-                    help="training augmentation of the fold members (hsv = the 0.3.0 recipe)")
+    ap.add_argument("--aug", choices=sorted(AUGMENTATIONS), default="labshift",
+                    help="training augmentation of the fold members (hsv = the 0.3.0 recipe, stainturn = 0.4.0)")
     ap.add_argument("--ablation", choices=sorted(ABLATION_VARIANTS), default=None)
     ap.add_argument("--folds", default=None, help="with --ablation: comma-separated folds to train (default all)")
     ap.add_argument("--card-only", action="store_true", help="re-render MODEL_CARD.md from manifest.json")

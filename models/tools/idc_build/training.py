@@ -23,6 +23,7 @@ ABLATION_VARIANTS = {
     "macenko": {"stain": "macenko"},
     "hedstrong": {"aug": "hedstrong"},
     "hsv": {"aug": "hsv"},  # the 0.3.0 recipe (no stain turn)
+    "stainturn": {"aug": "stainturn"},  # the 0.4.0 recipe (no lab-shift augmentations)
     "wide": {"width_mult": 1.5},
     "seed2": {"seed_offset": 1},
 }
@@ -38,7 +39,14 @@ AUGMENTATIONS = {
                  "haematoxylin and eosin concentrations on the build's stain reference (least squares, the "
                  "residual kept), the H vector turned in the H&E plane by U(-10, +40) deg (positive = away from "
                  "eosin), the E vector by U(-10, +30) deg (away from H), each strength scaled by exp(U(-0.25, 0.25))",
+    "labshift": "as stainturn, plus what differs between labs and scanners, each on half of the patches: scale "
+                "x0.8-1.2 (bilinear resampling about the centre, reflected edges), Gaussian blur sigma 0-1 px, "
+                "brightness +-0.08, contrast x0.8-1.25, gamma 0.8-1.25, and JPEG compression at quality 60-95 "
+                "(Pillow, 4:4:4) on the uint8 grid",
 }
+# the "labshift" additions: each applied to a patch with probability p, parameters uniform in the ranges
+LAB_SHIFT = {"p": 0.5, "scale": (0.8, 1.2), "blur_sigma": (0.0, 1.0), "brightness": 0.08,
+             "contrast": (0.8, 1.25), "gamma": (0.8, 1.25), "jpeg_quality": (60, 95)}
 STAIN_TURN = {"p": 0.9, "h_deg": (-10.0, 40.0), "e_deg": (-10.0, 30.0), "log_strength": 0.25}
 # Ruifrok & Johnston (as in skimage.color): rows are the OD of pure haematoxylin, eosin, DAB in R, G, B
 RGB_FROM_HED = [[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]]
@@ -119,6 +127,78 @@ def _stain_turn(x, u, he_ref):
     return ((256.0 * torch.exp(-od.clamp_min(0.0)) - 1.0) / 255.0).clamp_(0.0, 1.0)
 
 
+def _rescale(x, s):
+    """Each patch (float NCHW) resampled by its factor s (n,) about its centre: s > 1 enlarges (as a scanner
+    at a finer resolution would), s < 1 shrinks, edges reflected; bilinear."""
+    import torch
+    import torch.nn.functional as F
+
+    n = x.shape[0]
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0] = 1.0 / s
+    theta[:, 1, 1] = 1.0 / s
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def _blur(x, sigma):
+    """Each patch blurred by a Gaussian of its own sigma (n,) in pixels (5x5 kernel, reflected edges)."""
+    import torch
+    import torch.nn.functional as F
+
+    n, c = x.shape[:2]
+    r = torch.arange(-2, 3, dtype=torch.float32)
+    g = torch.exp(-(r[None, :] ** 2) / (2 * sigma.clamp_min(1e-3)[:, None] ** 2))
+    g = g / g.sum(1, keepdim=True)  # (n, 5)
+    k = (g[:, :, None] * g[:, None, :]).repeat_interleave(c, 0)[:, None]  # (n*c, 1, 5, 5)
+    y = F.conv2d(F.pad(x.reshape(1, n * c, *x.shape[2:]), (2, 2, 2, 2), mode="reflect"), k, groups=n * c)
+    return y.reshape(x.shape)
+
+
+def _jpeg(x_u8_nchw, quality):
+    """Each uint8 patch through a JPEG encode/decode at its quality (Pillow, no chroma subsampling)."""
+    import io
+
+    import torch
+    from PIL import Image
+
+    out = x_u8_nchw.clone()
+    for i, q in enumerate(quality.tolist()):
+        buf = io.BytesIO()
+        Image.fromarray(x_u8_nchw[i].permute(1, 2, 0).numpy()).save(buf, "JPEG", quality=int(q), subsampling=0)
+        buf.seek(0)
+        out[i] = torch.from_numpy(np.array(Image.open(buf).convert("RGB"))).permute(2, 0, 1)
+    return out
+
+
+def _lab_shift_geometry(x, u, pick):
+    st = LAB_SHIFT
+    m = pick()
+    if m.any():
+        x[m] = _rescale(x[m], u(*st["scale"])[m])
+    m = pick()
+    if m.any():
+        x[m] = _blur(x[m], u(*st["blur_sigma"])[m])
+    return x
+
+
+def _lab_shift_tone(x, u, pick):
+    st = LAB_SHIFT
+    b = u(-st["brightness"], st["brightness"], 1, 1, 1) * pick()[:, None, None, None]
+    x = (x + b).clamp_(0.0, 1.0)
+    c = _where(pick(), u(*st["contrast"]), 1.0)
+    m = x.mean(dim=(1, 2, 3), keepdim=True)
+    x = ((x - m) * c[:, None, None, None] + m).clamp_(0.0, 1.0)
+    g = _where(pick(), u(*st["gamma"]), 1.0)
+    return x.clamp_min(0.0) ** g[:, None, None, None]
+
+
+def _where(mask, a, b):
+    import torch
+
+    return torch.where(mask, a, torch.as_tensor(b, dtype=a.dtype))
+
+
 def augment(xb_u8, gen, kind: str = "hsv", stain_he=None):
     """H&E-suited augmentation on a uint8 NHWC batch -> float NCHW in [0,1] on the uint8 grid.
     stain_he: the stain reference's (3, 2) H and E vectors, needed by kind "stainturn"."""
@@ -137,7 +217,12 @@ def augment(xb_u8, gen, kind: str = "hsv", stain_he=None):
     def u(lo, hi, *shape):
         return lo + (hi - lo) * torch.rand(n, *shape, generator=gen)
 
-    if kind in ("hsv", "hed", "hedstrong", "stainturn"):
+    def pick():
+        return torch.rand(n, generator=gen) < LAB_SHIFT["p"]
+
+    if kind == "labshift":
+        x = _lab_shift_geometry(x, u, pick)
+    if kind in ("hsv", "hed", "hedstrong", "stainturn", "labshift"):
         h, s, v = _rgb_to_hsv(x)
         h = torch.remainder(h + u(-0.04, 0.04, 1, 1), 1.0)
         s = (s * u(0.75, 1.25, 1, 1)).clamp_(0.0, 1.0)
@@ -147,10 +232,18 @@ def augment(xb_u8, gen, kind: str = "hsv", stain_he=None):
         x = x * u(0.9, 1.1, 1, 1, 1)
     if kind in ("hed", "hedstrong"):
         x = _hed_jitter(x, u, 0.05 if kind == "hed" else 0.2)
-    if kind == "stainturn":
+    if kind in ("stainturn", "labshift"):
         x = _stain_turn(x, u, stain_he)
     m = x.mean(dim=(1, 2, 3), keepdim=True)
     x = ((x - m) * u(0.9, 1.1, 1, 1, 1) + m).clamp_(0.0, 1.0)
+    if kind == "labshift":
+        x = _lab_shift_tone(x, u, pick)
+        x8 = (x * 255.0).round_().to(torch.uint8)
+        m = pick()
+        q = torch.randint(LAB_SHIFT["jpeg_quality"][0], LAB_SHIFT["jpeg_quality"][1] + 1, (n,), generator=gen)
+        if m.any():
+            x8[m] = _jpeg(x8[m], q[m])
+        return x8.float().div_(255.0)
     return (x * 255.0).round_().div_(255.0)  # the uint8 grid the deployed model sees
 
 
