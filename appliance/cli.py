@@ -18,7 +18,7 @@ from firmware_bridge.errors import BridgeError
 from appliance.errors import ApplianceError
 from appliance.offline.progress import Progress
 from appliance.offline.sources import DEFAULT_TILE_SIZE
-from appliance.terms import CaseRule, EngineName
+from appliance.terms import CaseRule, EngineName, rule_words
 
 ENGINES = click.Choice([e.value for e in EngineName])
 ENCODINGS = ["raw", "zlib", "png", "jpeg"]
@@ -353,8 +353,7 @@ def format_metrics(m: dict, model: dict) -> str:
         rows.append(f"{'1st stage':<10}{first['n']:>7}{first['positives']:>6}{f(first['auc']):>7}"
                     f"{f(first['balanced_accuracy']):>8}{f(first['f1']):>7}{f(first['sensitivity']):>7}"
                     f"{f(first['specificity']):>7}   (patch classifier alone, before the context stage)")
-    rule = {CaseRule.TOP_K_MEAN: f"top-{m['top_k']} mean", CaseRule.LARGEST_REGION_AREA: "largest region's area (cells)",
-            CaseRule.LARGEST_REGION_MASS: "largest region's mass"}[m.get("case_rule", CaseRule.TOP_K_MEAN)]
+    rule = rule_words(m.get("case_rule", CaseRule.TOP_K_MEAN), m["top_k"])
     rows.append(f"patients: {m['n_patients']}; mean per-patient balanced accuracy "
                 f"{f(m['mean_patient_balanced_accuracy'])} over {m['patients_with_both_classes']} patients with "
                 f"both classes; patch threshold {m['patch_threshold']:.3f}; patient score = {rule} "

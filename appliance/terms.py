@@ -90,11 +90,27 @@ class EngineName(StrEnum):
 
 
 class CaseRule(StrEnum):
-    """How a case's score is made from its first-stage patch probabilities (the manifest's decision.case_rule)."""
+    """How a case's score is made from its patch probabilities (the manifest's decision.case_rule and
+    decision.early.rule). All but TOP_K_MEAN_REFINED use first-stage probabilities, which never change once
+    scored, so their score never falls as tiles arrive (MONOTONE_RULES); the refined rule is known only when the
+    case ends, after the context stage."""
 
     TOP_K_MEAN = "top-k-mean"
     LARGEST_REGION_AREA = "largest-region-area"
     LARGEST_REGION_MASS = "largest-region-mass"
+    TOP_K_MEAN_REFINED = "top-k-mean-refined"
+
+
+MONOTONE_RULES = frozenset({CaseRule.TOP_K_MEAN, CaseRule.LARGEST_REGION_AREA, CaseRule.LARGEST_REGION_MASS})
+
+
+def rule_words(rule: str | None, top_k: int | None = None) -> str:
+    """A case rule in words, for screens, pictures and printed verdicts."""
+    k = f" {top_k}" if top_k else ""
+    return {CaseRule.TOP_K_MEAN: f"mean of the top{k} patch probabilities",
+            CaseRule.TOP_K_MEAN_REFINED: f"mean of the top{k} refined patch probabilities",
+            CaseRule.LARGEST_REGION_AREA: "cells in the largest suspicious region",
+            CaseRule.LARGEST_REGION_MASS: "summed probability of the largest suspicious region"}.get(rule, "case score")
 
 
 # A case id as the scanner sends it and as it names a folder: no path separators, no leading dot.

@@ -58,6 +58,9 @@ class CasePublic(BaseModel):
     threshold: float | None = None
     patch_threshold: float | None = None
     case_rule: str | None = None  # how score was made from the patches (the model's decision.case_rule)
+    early_rule: str | None = None  # the early positive's rule and threshold (the model's decision.early)
+    early_threshold: float | None = None
+    early_score: float | None = None
     reasons: list[ReasonPublic] = []
     warnings: list[ReasonPublic] = []  # QC findings after an early call: reported, never dropped
     early_positive: bool | None = None

@@ -10,7 +10,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from appliance.errors import ManifestError, ModelIntegrityError
-from appliance.terms import CaseRule
+from appliance.terms import MONOTONE_RULES, CaseRule
 
 MANIFEST_NAME = "manifest.json"
 
@@ -45,24 +45,55 @@ class PatchSpec(_Strict):
     min_tissue_fraction: float = Field(ge=0, le=1)
 
 
+def _check_rule(name: str, rule: CaseRule, threshold: float, region_threshold: float | None) -> None:
+    if rule in (CaseRule.LARGEST_REGION_AREA, CaseRule.LARGEST_REGION_MASS) and region_threshold is None:
+        raise ValueError(f"{name} {rule!r} needs decision.region_threshold")
+    if rule in (CaseRule.TOP_K_MEAN, CaseRule.TOP_K_MEAN_REFINED) and threshold > 1:
+        raise ValueError(f"the threshold of {name} {rule!r} is a probability (<= 1)")
+
+
+class EarlySpec(_Strict):
+    """The early positive: a rule on first-stage probabilities (it never falls as tiles arrive) and its own
+    threshold. A case whose early rule passes it is suspicious, whatever the final rule says at the end."""
+
+    rule: CaseRule
+    top_k: int = Field(gt=0)
+    threshold: float = Field(ge=0)
+
+
 class DecisionSpec(_Strict):
     # a patch whose (refined, when the model has a context stage) probability is at or above it is drawn
     patch_threshold: float = Field(ge=0, le=1)
     top_k: int = Field(gt=0)
     case_threshold: float = Field(ge=0)
     min_patches: int = Field(default=15, gt=0)  # fewer tissue patches than this: cannot call, too little tissue
-    # the case score: the mean of the top-k first-stage probabilities, or the area (cells) or mass (summed
-    # probability) of the largest 4-connected region of first-stage probabilities >= region_threshold
+    # the final rule: the mean of the top-k first-stage (or, top-k-mean-refined, context-refined) probabilities,
+    # or the area (cells) or mass (summed probability) of the largest 4-connected region of first-stage
+    # probabilities >= region_threshold
     case_rule: CaseRule = CaseRule.TOP_K_MEAN
     region_threshold: float | None = Field(default=None, ge=0, le=1)
+    # the early positive; without it, the final rule at case_threshold (which must then be a first-stage rule)
+    early: EarlySpec | None = None
 
     @model_validator(mode="after")
-    def _region_rule_has_threshold(self) -> "DecisionSpec":
-        if self.case_rule != CaseRule.TOP_K_MEAN and self.region_threshold is None:
-            raise ValueError(f"decision.case_rule {self.case_rule!r} needs decision.region_threshold")
-        if self.case_rule == CaseRule.TOP_K_MEAN and self.case_threshold > 1:
-            raise ValueError("decision.case_threshold of the top-k-mean rule is a probability (<= 1)")
+    def _rules_are_runnable(self) -> "DecisionSpec":
+        _check_rule("decision.case_rule", self.case_rule, self.case_threshold, self.region_threshold)
+        if self.early is not None:
+            if self.early.rule not in MONOTONE_RULES:
+                raise ValueError(f"decision.early.rule {self.early.rule!r} can fall as tiles arrive; the early "
+                                 f"positive needs a first-stage rule ({', '.join(sorted(MONOTONE_RULES))})")
+            _check_rule("decision.early.rule", self.early.rule, self.early.threshold, self.region_threshold)
+        elif self.case_rule not in MONOTONE_RULES:
+            raise ValueError(f"decision.case_rule {self.case_rule!r} is known only at the end of a case: the "
+                             f"manifest must give decision.early (a first-stage rule and its threshold)")
         return self
+
+    @property
+    def early_rule(self) -> EarlySpec:
+        """The early positive's rule, top_k and threshold (the final rule's own when no early rule is given)."""
+        if self.early is not None:
+            return self.early
+        return EarlySpec(rule=self.case_rule, top_k=self.top_k, threshold=self.case_threshold)
 
 
 class StainReference(_Strict):
@@ -139,6 +170,8 @@ class ModelManifest(_Strict):
                 raise ValueError(f"the manifest lists {f!r} but sha256 has no entry for it")
         if self.patch.size != self.input.width or self.input.width != self.input.height:
             raise ValueError("patch.size must equal input width and height (square patches)")
+        if self.decision.case_rule == CaseRule.TOP_K_MEAN_REFINED and self.context is None:
+            raise ValueError("decision.case_rule 'top-k-mean-refined' needs a context stage (the manifest's context)")
         return self
 
     @property

@@ -23,7 +23,7 @@ from appliance.config import Settings
 from appliance.service.daemon import Daemon
 from appliance.offline.progress import Progress
 from appliance.offline.sources import DEFAULT_TILE_SIZE, iter_case_tiles
-from appliance.terms import EventKind
+from appliance.terms import EventKind, rule_words
 
 # the events the demo prints a line for (the tile bar and the early call have their own lines)
 SHOWN = frozenset({EventKind.READY, EventKind.API, EventKind.CASE_STARTED, EventKind.CASE_ENDED, EventKind.FINISHED,
@@ -135,7 +135,7 @@ def format_verdict(result: dict, case_id: str) -> str:
     lines = [
         "",
         f"=== case {case_id}: {result['verdict'].upper()} ===",
-        f"score {result['score']:.3f} (mean of top {result['top_k']} patch probabilities; threshold "
+        f"score {result['score']:.3f} ({rule_words(result['case_rule'], result['top_k'])}; threshold "
         f"{result['threshold']:.3f}); {len(result['patches'])} tissue patches scored from {result['tiles']} tiles",
     ]
     if result["early_positive"]:

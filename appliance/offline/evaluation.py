@@ -12,9 +12,10 @@ import numpy as np
 
 from appliance.model.engine import Engine
 from appliance.errors import InputError
-from appliance.model.metrics import binary_metrics
+from appliance.model.metrics import binary_metrics, top_k_mean
 from appliance.pipeline.context import refine
 from appliance.pipeline.mil import case_score
+from appliance.terms import CaseRule
 from appliance.pipeline.patches import pad_to
 from appliance.offline.sources import IMAGE_SUFFIXES, read_image, walk_files
 
@@ -149,13 +150,25 @@ def _refine_by_patient(engine: Engine, images, good, cells, first) -> np.ndarray
     return refined
 
 
+def patient_score(decision, gx, gy, first, refined) -> float:
+    """A patient's score as the appliance calls a case: the final rule's score, raised to the case threshold
+    when the early rule fired (an early positive is suspicious whatever the final rule says)."""
+    early = decision.early_rule
+    early_score = case_score(early.rule, early.top_k, decision.region_threshold, gx, gy, first)
+    if decision.case_rule == CaseRule.TOP_K_MEAN_REFINED:
+        final = top_k_mean(refined, decision.top_k)
+    else:
+        final = case_score(decision.case_rule, decision.top_k, decision.region_threshold, gx, gy, first)
+    return max(final, decision.case_threshold) if early_score >= early.threshold else final
+
+
 def metrics_from_rows(rows: list[PatchRow], decision) -> dict:
     """Patch-level metrics over all rows (the refined probability against the patch threshold), and
     patient-level metrics.
 
-    Patient level: a patient is positive if any of its patches is IDC; its score is the model's case rule on
-    its first-stage probabilities (the same rule the appliance uses for a case; a region rule needs the
-    patches' positions, and a patch without one counts as a region of its own). Also the per-patient mean
+    Patient level: a patient is positive if any of its patches is IDC; its score is the model's decision as
+    the appliance applies it to a case (patient_score; a region rule needs the patches' positions, and a patch
+    without one counts as a region of its own). Also the per-patient mean
     of patch-level balanced accuracy, so one large patient cannot dominate.
     """
     patch_threshold, case_threshold, top_k = decision.patch_threshold, decision.case_threshold, decision.top_k
@@ -174,7 +187,7 @@ def metrics_from_rows(rows: list[PatchRow], decision) -> dict:
         # unpositioned patches get cells far apart (each its own region)
         gx = np.array([r.gx if r.gx is not None else -10 * (j + 1) for j, r in enumerate(own)])
         gy = np.array([r.gy if r.gy is not None else -10 * (j + 1) for j, r in enumerate(own)])
-        p_scores.append(case_score(decision.case_rule, top_k, decision.region_threshold, gx, gy, first[sel]))
+        p_scores.append(patient_score(decision, gx, gy, first[sel], scores[sel]))
         bm = binary_metrics(labels[sel], scores[sel], patch_threshold)
         if bm["balanced_accuracy"] is not None:
             per_patient_bal.append(bm["balanced_accuracy"])

@@ -6,19 +6,33 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from appliance.model.metrics import top_k_mean
 from appliance.pipeline.mil import LargestRegion, TopKMean
 from appliance.pipeline.qc import Reason
 from appliance.terms import CaseRule, Verdict
 
 
 def case_score(rule: CaseRule, mil: TopKMean, region: LargestRegion | None) -> float:
-    """The case score under ``rule``, on first-stage probabilities: each rule's value can only rise as
-    patches are added (a top-k mean of the k highest, a region that only grows or merges)."""
+    """The score under a first-stage ``rule`` (the early rule, and the final one when it is first-stage): each
+    such rule's value can only rise as patches are added (a top-k mean of the k highest, a region that only
+    grows or merges)."""
     if rule == CaseRule.TOP_K_MEAN:
         return mil.score
+    if rule == CaseRule.TOP_K_MEAN_REFINED:
+        raise ValueError("the refined rule is scored once, when the case ends (final_score)")
     if region is None:
         raise ValueError(f"the {rule} rule needs the case's largest region")
     return float(region.area) if rule == CaseRule.LARGEST_REGION_AREA else region.mass
+
+
+def final_score(rule: CaseRule, top_k: int, early_score: float, refined: list[float] | None) -> float:
+    """The final rule's score when the case ends: the top-k mean of the refined probabilities for the refined
+    rule, else the first-stage rule's own score (the early rule is then the same rule)."""
+    if rule != CaseRule.TOP_K_MEAN_REFINED:
+        return early_score
+    if refined is None:
+        raise ValueError("the refined rule needs the context stage's probabilities")
+    return top_k_mean(refined, top_k)
 
 
 def is_early_positive(*, qc_clean: bool, patches: int, min_patches: int, mil_full: bool, score: float,
@@ -52,8 +66,9 @@ class Call(NamedTuple):
 
 
 def make_call(*, early_positive: bool, reasons: list[Reason], score: float, threshold: float) -> Call:
-    """The verdict. An early positive is final, so QC found after it becomes warnings; otherwise any reason
-    means cannot-call, and the score against the case threshold decides the rest."""
+    """The verdict. An early positive is final: it is suspicious whatever the final rule's score, and QC found
+    after it becomes warnings. Otherwise any reason means cannot-call, and the final score against the case
+    threshold decides the rest."""
     if early_positive:
         return Call(Verdict.SUSPICIOUS, [], list(reasons))
     if reasons:

@@ -42,7 +42,12 @@ class TriageResult:
     early_positive: bool
     early_positive_after_tiles: int | None
     top_k: int
-    case_rule: CaseRule = CaseRule.TOP_K_MEAN
+    case_rule: CaseRule = CaseRule.TOP_K_MEAN  # the final rule; score and threshold are its
+    # the early positive's rule (first stage, never falls), top_k and threshold, and its score at the end
+    early_rule: CaseRule = CaseRule.TOP_K_MEAN
+    early_top_k: int = 0
+    early_threshold: float = 0.0
+    early_score: float = 0.0
     qc: dict = field(default_factory=dict)
     warnings: list[Reason] = field(default_factory=list)
     microns_per_pixel: float = 0.0  # of the mosaic, heatmap and regions (the model's resolution)

@@ -93,11 +93,14 @@ class TriageSession:
         self.mpp = m.input.microns_per_pixel
         self.scale = scale_factor(scanner_mpp, self.mpp)
         self.origin = origin
-        self.mil = TopKMean(m.decision.top_k)
         self.min_patches = m.decision.min_patches  # fewer tissue patches than this: too little tissue to call
-        self.case_rule = m.decision.case_rule
+        self.case_rule = m.decision.case_rule  # the final rule, scored when the case ends
+        self.top_k = m.decision.top_k
+        # the early positive's rule and threshold: on first-stage probabilities, so its score never falls
+        self.early = m.decision.early_rule
+        self.mil = TopKMean(self.early.top_k)
         # the region rule's figures, on first-stage probabilities (they only ever grow: see LargestRegion)
-        self.region = (LargestRegion(m.decision.region_threshold) if self.case_rule != CaseRule.TOP_K_MEAN
+        self.region = (LargestRegion(m.decision.region_threshold) if self.early.rule != CaseRule.TOP_K_MEAN
                        else None)
         self.on_event = on_event or (lambda kind, data: None)
         ref = m.stain.reference
@@ -138,9 +141,9 @@ class TriageSession:
     # ------------------------------------------------------------------------------------------ state
     @property
     def score(self) -> float:
-        """The case score under the model's case rule, on first-stage probabilities (so it never falls as
-        tiles arrive; the refined probabilities only redraw the heatmap and regions)."""
-        return decision.case_score(self.case_rule, self.mil, self.region)
+        """The running score under the early rule, on first-stage probabilities (so it never falls as tiles
+        arrive). The final rule's score is known when the case ends."""
+        return decision.case_score(self.early.rule, self.mil, self.region)
 
     @property
     def early_positive(self) -> bool:
@@ -284,7 +287,7 @@ class TriageSession:
             cp = self._checkpoints.popleft()
             if not self.early_positive and decision.is_early_positive(
                     qc_clean=cp.qc_clean, patches=cp.patches, min_patches=self.min_patches, mil_full=self.mil.full,
-                    score=self.score, threshold=self.threshold):
+                    score=self.score, threshold=self.early.threshold):
                 self.early_positive_after_tiles = cp.tile
                 self.on_event(EventKind.EARLY_POSITIVE, {"score": round(self.score, 6), "tiles": cp.tile})
 
@@ -319,18 +322,21 @@ class TriageSession:
         self.scorer.close()
         self._timings["wait_inference"] += (time.perf_counter() - t0) * 1e3
         self._finished = True
-        if self.engine.has_context and self._scores:
-            self._refine()
+        refined = None
+        if self.engine.has_context:
+            refined = self._refine() if self._scores else []
+        early_score = self.score
+        score = decision.final_score(self.case_rule, self.top_k, early_score, refined)
         reasons = decision.cannot_call_reasons(tiles=self.tiles, patches_scored=len(self._scores),
                                                patches_seen=self.patches_seen, qc_reasons=self.qc.reasons(),
                                                min_patches=self.min_patches)
         verdict, reasons, warnings = decision.make_call(early_positive=self.early_positive, reasons=reasons,
-                                                        score=self.score, threshold=self.threshold)
+                                                        score=score, threshold=self.threshold)
         self._timings["total"] = (time.perf_counter() - self._started) * 1e3
         self._scores.sort(key=lambda p: (p.y, p.x))
         result = TriageResult(
             verdict=verdict,
-            score=round(self.score, 6),
+            score=round(score, 6),
             threshold=self.threshold,
             patch_threshold=self.patch_threshold,
             reasons=reasons,
@@ -341,8 +347,12 @@ class TriageSession:
             patches_seen=self.patches_seen,
             early_positive=self.early_positive,
             early_positive_after_tiles=self.early_positive_after_tiles,
-            top_k=self.mil.k,
+            top_k=self.top_k,
             case_rule=self.case_rule,
+            early_rule=self.early.rule,
+            early_top_k=self.early.top_k,
+            early_threshold=self.early.threshold,
+            early_score=round(early_score, 6),
             qc=self.qc.summary(),
             warnings=warnings,
             microns_per_pixel=self.mpp,
@@ -351,9 +361,10 @@ class TriageSession:
         self.on_event(EventKind.FINISHED, {"verdict": verdict, "score": result.score})
         return result
 
-    def _refine(self) -> None:
+    def _refine(self) -> list[float]:
         """The context stage over the whole case grid: each patch's probability becomes the refined one (the
-        first stage's kept beside it), and the heatmap is drawn from them. The call is not changed by it."""
+        first stage's kept beside it), and the heatmap is drawn from them. Returns the refined probabilities
+        (the final rule's input when it is the refined rule)."""
         t0 = time.perf_counter()
         pos = np.asarray(self._model_pos, dtype=np.int64)
         first = np.array([p.probability for p in self._scores])
@@ -362,6 +373,7 @@ class TriageSession:
                         for p, r in zip(self._scores, refined.tolist())]
         self.heatmap.add_many(pos[:, 0], pos[:, 1], pos[:, 2], pos[:, 3], refined)
         self._timings["context"] = (time.perf_counter() - t0) * 1e3
+        return refined.tolist()
 
     def write_outputs(self, out_dir: Path, case_id: str, summary: dict, *, geojson_tiles: bool = False
                       ) -> dict[CaseFile, str]:
@@ -370,7 +382,7 @@ class TriageSession:
         case id and the list of files), so the file and the result a caller holds never differ. With
         ``geojson_tiles`` every scored patch is also a tile object in regions.geojson."""
         crops = [self.mosaic.read(*self._to_model(p.x, p.y, p.w, p.h))
-                 for p in sorted(self._scores, key=lambda p: (-p.probability, p.y, p.x))[: self.mil.k]]
+                 for p in sorted(self._scores, key=lambda p: (-p.probability, p.y, p.x))[: self.top_k]]
         tiles = [(*self._to_model(p.x, p.y, p.w, p.h), p.probability, p.first_stage)
                  for p in self._scores] if geojson_tiles else None
         return write_outputs(out_dir, case_id, summary, heatmap=self.heatmap, thumbnail=self.thumbnail,

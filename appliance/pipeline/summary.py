@@ -63,6 +63,10 @@ class TriageSummary(_Closed):
     early_positive_after_tiles: int | None
     top_k: int
     case_rule: CaseRule
+    early_rule: CaseRule
+    early_top_k: int
+    early_threshold: float
+    early_score: float
     qc: dict
     microns_per_pixel: float
     origin: list[int]

@@ -102,3 +102,11 @@ def _deliveries(db: sqlite_utils.Database) -> None:
     )
     db["deliveries"].create_index(["status", "next_attempt_at"])
     db["deliveries"].create_index(["case_id"])
+
+
+@migrations(name="0006_early_rule")
+def _early_rule(db: sqlite_utils.Database) -> None:
+    """The early positive's own rule and threshold, beside the final rule's (case_rule, threshold)."""
+    db["cases"].add_column("early_rule", str)
+    db["cases"].add_column("early_threshold", float)
+    db["cases"].add_column("early_score", float)

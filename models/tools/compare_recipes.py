@@ -48,7 +48,7 @@ def stain_curve(data: Path, model: Path) -> list[dict]:
     import openvino as ov
 
     from appliance.pipeline.stain import StainFit
-    from idc_build.stainshift import ANGLES, patient_fits, shift_curve
+    from idc_build.stainshift import ANGLES, own_fit_shift, patient_fits, shift_curve
     from stain_shift import load_development
 
     manifest = json.loads((model / "manifest.json").read_text())
@@ -63,7 +63,7 @@ def stain_curve(data: Path, model: Path) -> list[dict]:
         return np.concatenate([np.asarray(req.infer({0: x[i:i + 512]})[members[f].output(0)]).reshape(-1)
                                for i in range(0, len(x), 512)])
 
-    return shift_curve(images, labels, patients, folds, predict, fits, ANGLES, log=lambda m: print(m, flush=True))
+    return shift_curve(images, labels, patients, folds, predict, own_fit_shift(fits), ANGLES, log=lambda m: print(m, flush=True))
 
 
 def main(argv=None) -> int:

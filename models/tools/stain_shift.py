@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 from appliance.pipeline.stain import StainFit
-from idc_build.stainshift import ANGLES, limit_from_curve, patient_fits, shift_curve
+from idc_build.stainshift import ANGLES, limit_from_curve, own_fit_shift, patient_fits, shift_curve
 
 PATCH, PAD_VALUE = 50, 255
 
@@ -80,7 +80,7 @@ def main(argv=None) -> int:
         return np.concatenate([np.asarray(req.infer({0: x[i:i + 512]})[members[f].output(0)]).reshape(-1)
                                for i in range(0, len(x), 512)])
 
-    rows = shift_curve(images, labels, patients, folds, predict, fits, angles,
+    rows = shift_curve(images, labels, patients, folds, predict, own_fit_shift(fits), angles,
                        log=lambda msg: print(msg, flush=True))
     base = rows[0]["pooled_auc"] if rows and rows[0]["angle_deg"] == 0 else None
     built = manifest.get("metrics", {}).get("cross_validation", {}).get("fp32_no_tta", {}).get("pooled", {})

@@ -11,17 +11,13 @@ from textual.screen import Screen
 from textual.widgets import Footer, Static
 
 from appliance import RESEARCH_USE_NOTICE
-from appliance.terms import OPEN_STATUSES, CaseFile, CaseRule, EventKind
+from appliance.terms import OPEN_STATUSES, CaseFile, EventKind, rule_words
 from appliance.tui.client import ApiClient, ApiUnavailable, BadAnswer
 from appliance.tui.render import (decode_png, delivery_words, halfblocks, heat_over_tissue, legend, patch_row,
                                   verdict_words)
 from appliance.tui.widgets import Picture, chrome
 from appliance.tui.screens.signoff import SignOffDialog
 
-# how a case's score was made (the model's decision.case_rule, stored with the case)
-RULE_WORDS = {CaseRule.TOP_K_MEAN: "mean of the top patch probabilities",
-              CaseRule.LARGEST_REGION_AREA: "cells in the largest suspicious region",
-              CaseRule.LARGEST_REGION_MASS: "summed probability of the largest suspicious region"}
 PICTURES = (CaseFile.THUMBNAIL, CaseFile.HEATMAP, CaseFile.TOP_PATCHES)  # what the card draws
 
 
@@ -89,11 +85,13 @@ class CaseScreen(Screen):
         score = c.get("score")
         facts = [f"Case {c['id']}   specimen {c.get('specimen_id') or '-'}   status {c['status']}"]
         if score is not None:
-            facts.append(f"Score {score:.3f} ({RULE_WORDS.get(c.get('case_rule'), 'case score')})   threshold "
+            facts.append(f"Score {score:.3f} ({rule_words(c.get('case_rule'))})   threshold "
                          f"{c.get('threshold') or 0:.3f}   {c.get('patches_scored') or 0} tissue patches scored")
         if c.get("early_positive"):
+            early = (f" ({rule_words(c.get('early_rule'))} passed {c['early_threshold']:.3f})"
+                     if c.get("early_threshold") is not None else "")
             facts.append(f"Called early: after {c.get('early_positive_after_tiles')} of "
-                         f"{c.get('tiles_received') or c.get('tiles_expected') or '?'} tiles")
+                         f"{c.get('tiles_received') or c.get('tiles_expected') or '?'} tiles{early}")
         self.query_one("#facts", Static).update("\n".join(facts))
         advice = [f"What to do: {todo}"] if c.get("verdict") else [todo]
         for r in c.get("reasons") or []:

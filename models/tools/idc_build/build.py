@@ -17,14 +17,14 @@ import numpy as np
 from .card import collect_ablations, write_card
 from .context import RINGS
 from .data import PAD_VALUE, PATCH, RESERVED, colour_features, load_coords, load_patches
-from .deciding import case_rule_step, context_stage, per_fold_auc, reserved_context_check, stain_limit_step
+from .deciding import (case_rule_step, context_stage, core_step, per_fold_auc, reserved_context_check,
+                       robustness_step, stain_limit_step)
 from .export import N_CALIBRATION, export_onnx, ov_fp32_predict, ov_predict, quantize_int8, torch_predict
 from .log import log
 from .metrics import (CASE_MIN_SENSITIVITY, TOP_K, auc, best_balanced_accuracy_threshold, binary_metrics,
                       case_scores, summary)
 from .network import ARCHITECTURE, TTA_MIN_GAIN, _classes, build_model
 from .split import K_FOLDS, fold_split
-from .stacking import BAG_KS, RULE_AUC_TOLERANCE
 from .stain import macenko_per_patient, stain_reference
 from .training import (ABLATION_VARIANTS, AUGMENTATIONS, BATCH_SIZE, EMA_DECAY, MAX_LR, WEIGHT_DECAY, fit_logistic,
                        train_member)
@@ -144,10 +144,14 @@ def main(argv=None, *, description=None, script=None):
     # the context stage, stacked out of fold on the members' INT8 probabilities (what it sees at run time)
     context = context_stage(d, p_oof0, p_oof_int8, thr, out, core)
     patch_thr = context["patch_threshold"]
-    # the case rule: bags of out-of-fold first-stage INT8 probabilities
-    rule, case_thr, case_m = case_rule_step(d, context, p_oof_int8, thr)
-    # the stain limit: out-of-fold AUC of the fold members against a turned haematoxylin
+    # the case rule and its threshold: virtual core biopsies of the complete slides, out of fold
+    cores_m, decision = core_step(d, context, p_oof_int8, thr)
+    # the bag proxy (sparse patients as bags), kept as a second figure
+    rule, case_m = case_rule_step(d, context, p_oof_int8, thr, decision)
+    # the stain limit: out-of-fold AUC of the fold members against a turned haematoxylin, two transforms
     stain_limit = stain_limit_step(d, work, core, stain_ref)
+    # other lab and scanner differences: out-of-fold AUC under fixed shifts
+    lab_shifts = robustness_step(d, work, core)
 
     cv = cross_validation(d, p_oof0, p_oof8, p_oof_int8, thr, tta)
     quant_cv = quantization_out_of_fold(d, p_oof_fp32, p_oof_int8, thr)
@@ -155,7 +159,7 @@ def main(argv=None, *, description=None, script=None):
         f"quantization {quant_cv}")
 
     shipped_checks = build_shipped(d, members, tta, out, work, core, cal_rng, thr, args.seed)
-    shipped_checks["shipped_reserved_context"] = reserved_context_check(d, out, core, context, rule, case_thr, thr)
+    shipped_checks["shipped_reserved_context"] = reserved_context_check(d, out, core, context, decision, thr)
 
     write_split(out, d, args.seed)
     wall = time.time() - t_start
@@ -169,28 +173,31 @@ def main(argv=None, *, description=None, script=None):
                                "patient scored by models that did not train on it); positive if >= threshold",
             "region_threshold": "maximises balanced accuracy of the pooled out-of-fold first-stage INT8 "
                                 "probabilities; the case rule's regions are first-stage cells at or above it",
-            "case_rule": f"among the rules that never fall as tiles arrive (the mean of the top k first-stage "
-                         f"probabilities for k in {list(BAG_KS)}, the area and the mass of the largest region), "
-                         f"of those within {RULE_AUC_TOLERANCE} of the best out-of-fold bag AUC the one resting on "
-                         f"the most patches (largest k first, then the region rules): {rule['choice']}",
+            "case_rule": f"on out-of-fold virtual core biopsies of the complete development slides: "
+                         f"{cores_m['final_rule_choice']}: {cores_m['final_rule']}",
             "case_threshold": f"the highest threshold (4 decimals, rounded down) that flags >= "
-                              f"{CASE_MIN_SENSITIVITY:.0%} of the out-of-fold positive bags (patients with IDC; "
-                              f"sensitivity-first for triage); specificity on the negative bags (each patient "
-                              f"with IDC with its IDC patches removed, and the {n_case_neg} patients without IDC)",
+                              f"{CASE_MIN_SENSITIVITY:.0%} of the out-of-fold positive virtual cores "
+                              f"(sensitivity-first for triage)",
+            "early_threshold": "a first-stage rule that never falls as tiles arrive, its threshold just above the "
+                               "highest out-of-fold negative core's score, so that no negative core fires early "
+                               "(the final rule itself when that is a first-stage top-k mean)",
+            "bag_proxy": f"second figure: patients as bags (each patient with IDC, and again with its IDC patches "
+                         f"removed, and the {n_case_neg} patients without IDC), scored with the shipped rule",
         },
         "cross_validation": cv,
         "baseline_colour_histogram": baseline,
         "quantization_out_of_fold": quant_cv,
+        "virtual_cores": cores_m,
         "case_level_out_of_fold": case_m,
         "case_rules_out_of_fold": rule,
+        "lab_shifts": lab_shifts,
         "context_stage": context["metrics"],
         "stain_shift": stain_limit,
         "tta_ablation": {"pooled_oof_auc_no_tta": round(auc0, 4), "pooled_oof_auc_tta": round(auc8, 4),
                          "per_fold_no_tta": per_fold_auc(d, p_oof0), "per_fold_tta": per_fold_auc(d, p_oof8)},
         **shipped_checks,
     }
-    manifest = manifest_header(d, patch_thr, case_thr, stain_ref, stain_angles, rule["case_rule"], rule["top_k"],
-                               thr, stain_limit)
+    manifest = manifest_header(d, patch_thr, decision, stain_ref, stain_angles, thr, stain_limit)
     manifest["training"] = training
     manifest["metrics"] = metrics
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
@@ -528,8 +535,7 @@ def training_record(args, d: Data, command_line, *, tta, auc0, auc8, n_params, t
     }
 
 
-def manifest_header(d: Data, thr, case_thr, stain_ref, stain_angles, case_rule, top_k, region_thr,
-                    stain_limit) -> dict:
+def manifest_header(d: Data, thr, decision, stain_ref, stain_angles, region_thr, stain_limit) -> dict:
     """The manifest up to "sha256" (the runtime contract, thresholds, stain reference); write_card fills sha256."""
     return {
         "schema_version": 1,
@@ -543,8 +549,9 @@ def manifest_header(d: Data, thr, case_thr, stain_ref, stain_angles, case_rule, 
                   "mean": d.mean, "std": d.std},
         "output": {"name": "probability", "kind": "sigmoid-probability-of-positive"},
         "patch": {"size": PATCH, "stride": PATCH, "min_tissue_fraction": 0.25},
-        "decision": {"patch_threshold": thr, "top_k": top_k, "case_threshold": case_thr, "case_rule": case_rule,
-                     "region_threshold": region_thr, "min_patches": MIN_PATCHES},
+        "decision": {"patch_threshold": thr, "top_k": decision["top_k"], "case_threshold": decision["case_threshold"],
+                     "case_rule": decision["case_rule"], "region_threshold": region_thr, "min_patches": MIN_PATCHES,
+                     "early": decision["early"]},
         "stain": {"normalisation": "none", "reference": stain_ref.to_dict(),
                   "rule": "reference = Macenko fit of the median development patient (H and E vectors and 99th "
                           "percentile strengths, median over patients); used for the stain QC and, if "

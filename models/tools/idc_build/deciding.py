@@ -12,12 +12,17 @@ from .context import RINGS, apply_context, export_context, fit_context, to_grid
 from .data import RESERVED
 from .export import ov_predict
 from .log import log
-from .metrics import (CASE_MIN_SENSITIVITY, TOP_K, auc, best_balanced_accuracy_threshold, sensitivity_first_threshold,
-                      summary)
+from .metrics import CASE_MIN_SENSITIVITY, TOP_K, auc, best_balanced_accuracy_threshold, summary
+
+from appliance.model.metrics import top_k_mean  # noqa: E402
 from .split import K_FOLDS
-from .stacking import (MONOTONE_RULES, bag_scores, choose_case_rule, context_training_set, patient_cells, rule_aucs,
-                       slide_dice, stack_out_of_fold)
-from .stainshift import ANGLES, MAX_AUC_DROP, limit_from_curve, patient_fits, qc_stain_angles, shift_curve
+from .robustness import shift_table
+from .stacking import bag_scores, context_training_set, patient_cells, rule_aucs, slide_dice, stack_out_of_fold
+from .corerules import (FINAL, auc_with_ci, choose_final_rule, combined_call, early_rule, operating_table,
+                        rule_table, score_cores)
+from .cores import DIRECTIONS, IDC_BINS, cut_all
+from .stainshift import (ANGLES, MAX_AUC_DROP, judged_angles, limit_from_curve, own_fit_shift, patient_fits,
+                         qc_stain_angles, rj_shift, shift_curve)
 
 
 def per_fold_auc(d, p):
@@ -83,77 +88,203 @@ def context_stage(d, p_oof0, p_oof_int8, thr, out: Path, core) -> dict:
             "cell_map": cell_map}
 
 
-def reserved_context_check(d, out: Path, core, context, rule, case_thr, region_thr) -> dict:
-    """The shipped graph (INT8) and context stage on the reserved patients (never trained on): patch AUC and
-    Dice before and after the context stage, and the case score under the chosen rule."""
-    from appliance.pipeline.mil import case_score
+def _call_scores(decision, p1, p2):
+    """(final score, early score) of one case under the manifest decision, from its first-stage (p1) and
+    refined (p2) probabilities."""
+    q = p2 if decision["case_rule"] == "top-k-mean-refined" else p1
+    return top_k_mean(q, decision["top_k"]), top_k_mean(p1, decision["early"]["top_k"])
 
+
+def reserved_context_check(d, out: Path, core, context, decision, region_thr) -> dict:
+    """The shipped graph (INT8) and context stage on the reserved patients (never trained on): patch AUC and
+    Dice before and after the context stage, the case's call under the shipped decision, and for the reserved
+    complete slide (the demo case) the call on each of its virtual cores."""
     int8_c = core.compile_model(core.read_model(str(out / "model.int8.xml")), "CPU")
     ctx_c = core.compile_model(core.read_model(str(out / "context.xml")), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+
+    def refine(gx, gy, p1):
+        return np.asarray(ctx_c({0: to_grid(gx - gx.min(), gy - gy.min(), p1)})[0])[0, 0][
+            gy - gy.min(), gx - gx.min()].astype(np.float64)
+
+    def called(p1, p2):
+        final, early = _call_scores(decision, p1, p2)
+        return final, early, bool(early >= decision["early"]["threshold"] or final >= decision["case_threshold"])
+
     res = {}
     for pid in RESERVED:
         idx, gx, gy = context["cell_map"][pid]
         p1 = ov_predict(int8_c, d.images[idx]).astype(np.float64)
-        p2 = np.asarray(ctx_c({0: to_grid(gx, gy, p1)})[0])[0, 0][gy, gx].astype(np.float64)
+        p2 = refine(gx, gy, p1)
         y = d.labels[idx]
 
         def dice(p, t):
             pred, truth = p >= t, y == 1
             return round(float(2 * (pred & truth).sum() / max(1, pred.sum() + truth.sum())), 4)
 
-        score = case_score(rule["case_rule"], rule["top_k"], region_thr, gx, gy, p1)
+        final, early, flag = called(p1, p2)
         res[str(pid)] = {"patches": int(len(idx)), "idc_patches": int(y.sum()),
                          "auc_first_stage": round(auc(y, p1), 4), "auc_refined": round(auc(y, p2), 4),
                          "dice_first_stage": dice(p1, region_thr), "dice_refined": dice(p2, context["patch_threshold"]),
-                         "case_score": round(score, 4), "flagged": bool(score >= case_thr)}
+                         "case_score": round(final, 4), "early_score": round(early, 4), "flagged": flag}
+        if d.complete[pid]:
+            cores, counts = cut_all([pid], context["cell_map"], d.labels)
+            p_all = np.full(len(d.labels), np.nan)
+            p_all[idx] = p1
+            pos = {int(i): (x, yy) for i, x, yy in zip(idx, gx, gy)}
+            calls = []
+            for c in cores:
+                cgx = np.array([pos[int(i)][0] for i in c.idx])
+                cgy = np.array([pos[int(i)][1] for i in c.idx])
+                q1 = p_all[c.idx]
+                calls.append((c.label, called(q1, refine(cgx, cgy, q1))[2]))
+            tp = sum(1 for lab, f in calls if lab and f)
+            tn = sum(1 for lab, f in calls if not lab and not f)
+            res[str(pid)]["virtual_cores"] = {**counts, "true_positive": tp, "true_negative": tn}
     log(f"reserved patients, shipped graph + context stage: {res}")
     return res
 
 
-def case_rule_step(d, context: dict, p_oof_int8, region_thr):
-    """Bag AUC of every case rule on out-of-fold INT8 probabilities; the chosen rule and its threshold."""
+def case_rule_step(d, context: dict, p_oof_int8, region_thr, decision):
+    """The bag proxy (idc_build/stacking.py), a second figure beside the virtual cores: bag AUC of every rule on
+    out-of-fold INT8 probabilities, and the shipped decision's sensitivity and specificity on the bags."""
     patients = sorted(d.fold_of)
     yb, scores = bag_scores(context["cell_map"], p_oof_int8, d.labels, patients, d.fold_of, context["fold_params"],
                             region_thr, context["patch_threshold"], k=TOP_K)
-    (manifest_rule, k), key, t, chosen = choose_case_rule(yb, scores, CASE_MIN_SENSITIVITY)
     aucs = rule_aucs(yb, scores)
-    log(f"bag AUC per rule ({len(yb)} bags, {int(yb.sum())} positive): {aucs}; chose {manifest_rule}, threshold {t} "
-        f"(sensitivity {chosen['sensitivity']}, specificity {chosen['specificity']})")
-    top = scores["top15"]
-    t_top = sensitivity_first_threshold(top, yb, CASE_MIN_SENSITIVITY)
-    rule = {"bag_auc": aucs, "bags": int(len(yb)), "positive_bags": int(yb.sum()),
-            "monotone_rules": sorted(MONOTONE_RULES), "choice": key, "case_rule": manifest_rule,
-            "top_k": k or TOP_K,
-            "chosen": chosen,
-            "top15_at_same_sensitivity_rule": {"threshold": t_top,
-                                               "sensitivity": round(float((top[yb == 1] >= t_top).mean()), 4),
-                                               "specificity": round(float((top[yb == 0] < t_top).mean()), 4)}}
-    return rule, t, chosen
+    key = f"top{decision['top_k']}" + ("_refined" if decision["case_rule"] == "top-k-mean-refined" else "")
+    early_key = f"top{decision['early']['top_k']}"
+    flagged = (scores[key] >= decision["case_threshold"]) | (scores[early_key] >= decision["early"]["threshold"])
+    shipped = {"rule": key, "bag_auc": aucs.get(key), "threshold": decision["case_threshold"],
+               "sensitivity": round(float(flagged[yb == 1].mean()), 4),
+               "specificity": round(float((~flagged[yb == 0]).mean()), 4),
+               "positive_bags": int(yb.sum()), "negative_bags": int((yb == 0).sum())}
+    log(f"bag proxy ({len(yb)} bags, {int(yb.sum())} positive): bag AUC per rule {aucs}; shipped decision {shipped}")
+    rule = {"bag_auc": aucs, "bags": int(len(yb)), "positive_bags": int(yb.sum()), "shipped": shipped}
+    return rule, shipped
+
+
+def core_step(d, context, p_oof_int8, region_thr) -> tuple[dict, dict]:
+    """Virtual core biopsies of the complete development slides (idc_build/cores.py), scored out of fold on the
+    fold members' INT8 probabilities: every rule's core AUC and specificity at its sensitivity-first threshold;
+    the final rule (the best specificity there), its threshold, the early rule when the final rule is refined,
+    the operating table and the shipped call, with patient-bootstrap CIs. Returns (metrics, decision)."""
+    t0 = time.time()
+    cell_map = context["cell_map"]
+    slides = sorted(p for p in d.fold_of if d.complete[p])
+    cores, counts = cut_all(slides, cell_map, d.labels)
+    gx_all, gy_all = np.zeros(len(d.labels), np.int64), np.zeros(len(d.labels), np.int64)
+    for idx, gx, gy in cell_map.values():
+        gx_all[idx], gy_all[idx] = gx, gy
+    y = np.array([c.label for c in cores])
+    patients = np.array([c.patient for c in cores])
+    scores = score_cores(cores, gx_all, gy_all, p_oof_int8, d.fold_of, context["fold_params"], region_thr,
+                         context["patch_threshold"])
+    table = rule_table(scores, y, CASE_MIN_SENSITIVITY)
+    final = choose_final_rule(table)
+    case_rule, top_k = FINAL[final]
+    case_thr = table[final]["threshold"]
+    if case_rule == "top-k-mean":  # a first-stage rule never falls: the early positive is the rule itself
+        early = {"rule": final, "case_rule": case_rule, "top_k": top_k, "threshold": case_thr,
+                 "note": "the final rule is a first-stage top-k mean, which never falls as tiles arrive, so the "
+                         "early positive is the same rule at the same threshold"}
+    else:
+        early = early_rule(scores, y)
+    s_final, s_early = scores[final], scores[early["rule"]]
+    shipped = combined_call(s_final, s_early, y, patients, case_thr, early["threshold"])
+    by_bin = {name: round(float((s_final[[c.idc_bin == name for c in cores]] >= case_thr).mean()), 4)
+              for *_, name in IDC_BINS if any(c.idc_bin == name for c in cores)}
+    by_direction = {}
+    for direction in DIRECTIONS:
+        m = np.array([c.direction == direction for c in cores])
+        by_direction[direction] = {"cores": int(m.sum()), "auc": round(auc(y[m], s_final[m]), 4)}
+    metrics = {
+        "what": "virtual core-needle biopsies: strips 1 mm wide (5 cells of 50 px at 4 um/px; 7 steps along a "
+                "diagonal) cut every 1 mm across each complete development slide, horizontally, vertically and "
+                "along both diagonals, kept with >= 15 tissue patches; positive when a strip holds an IDC patch, "
+                "negative when neither it nor a one-cell margin on both sides does (the rest left out); scored out "
+                "of fold (the fold member that never saw the patient, INT8; refined rules through the context "
+                "stage of the patient's fold run on the core's own cells); CIs by bootstrap over patients",
+        **counts,
+        "rules": table,
+        "final_rule": final,
+        "final_rule_choice": "of the rules the appliance can run at the end of a case (first-stage and refined "
+                             "top-k means), the highest out-of-fold specificity at its own highest threshold with "
+                             f"sensitivity >= {CASE_MIN_SENSITIVITY} on positive cores, then the higher core AUC",
+        "final": {**auc_with_ci(s_final, y, patients), "threshold": case_thr},
+        "early": early,
+        "shipped_call": shipped,
+        "operating_table": operating_table(s_final, y, patients),
+        "sensitivity_by_idc_patches": by_bin,
+        "by_direction": by_direction,
+        "seconds": round(time.time() - t0, 1),
+    }
+    log(f"virtual cores: {counts['cores']} ({counts['positive']} positive) from {len(slides)} slides; final rule "
+        f"{final} AUC {metrics['final']['auc']} {metrics['final']['auc_ci95']}, threshold {case_thr}: "
+        f"sensitivity {shipped['sensitivity']} {shipped['sensitivity_ci95']}, specificity {shipped['specificity']} "
+        f"{shipped['specificity_ci95']}; early {early['rule']} >= {early['threshold']}")
+    decision = {"case_rule": case_rule, "top_k": top_k, "case_threshold": case_thr,
+                "early": {"rule": early["case_rule"], "top_k": early["top_k"], "threshold": early["threshold"]}}
+    return metrics, decision
+
+
+JUDGED_ANGLES = (0, 10, 20, 30, 40)
 
 
 def stain_limit_step(d, work: Path, core, stain_ref) -> dict:
-    """The stain-shift curve of the fold members (FP32, no TTA) and the stain-out-of-range limit from it; then
-    every development patient through the appliance's QC with that limit (none may be refused)."""
+    """The stain-shift curves of the fold members (FP32, no TTA) under two transforms: each patient's own
+    Macenko fit with H turned (the kind of shift training augments with), and a fixed Ruifrok-Johnston basis
+    with H turned (which training never sees). The stain-out-of-range limit is the smaller of the two angles
+    where a curve falls by more than MAX_AUC_DROP. Then what the appliance's QC reads on the complete slides under
+    each transform, and every development patient through the QC with that limit."""
     t0 = time.time()
     dev = d.dev
     images, labels, patients, folds = d.images[dev], d.labels[dev], d.patients[dev], d.fold[dev]
     members = [core.compile_model(core.read_model(str(work / f"fold{k}.notta.onnx")), "CPU",
                                   {"INFERENCE_PRECISION_HINT": "f32"}) for k in range(K_FOLDS)]
     fits, fallback = patient_fits(images, patients, stain_ref)
-    rows = shift_curve(images, labels, patients, folds, lambda k, x: ov_predict(members[k], x), fits, ANGLES, log)
-    limit, crossed = limit_from_curve(rows)
+
+    def predict(k, x):
+        return ov_predict(members[k], x)
+
+    transforms = {"own_fit": own_fit_shift(fits), "ruifrok_johnston": rj_shift}
+    curves, limits = {}, {}
+    for name, shift in transforms.items():
+        curves[name] = shift_curve(images, labels, patients, folds, predict, shift, ANGLES, log, name)
+        limits[name] = limit_from_curve(curves[name])
+    name = min(limits, key=lambda n: (limits[n][0], n))
+    limit, crossed = limits[name]
+    slides = sorted(p for p in d.fold_of if d.complete[p])
+    judged = {n: judged_angles(d.images, d.patients, slides, stain_ref, shift, JUDGED_ANGLES)
+              for n, shift in transforms.items()}
     angles = qc_stain_angles(d.images, d.patients, sorted(d.fold_of), stain_ref)
-    judged = {p: a for p, a in angles.items() if a is not None}
-    refused = sorted(p for p, a in judged.items() if max(a) > limit)
-    worst = max((max(a) for a in judged.values()), default=0.0)
-    log(f"stain limit {limit} deg ({'AUC fell by more than' if crossed else 'AUC never fell by'} {MAX_AUC_DROP}); "
-        f"{len(judged)} development patients judged by the QC, worst {worst:.1f} deg, refused {refused}")
-    return {"limit_deg": limit, "crossed": crossed, "max_auc_drop": MAX_AUC_DROP, "curve": rows,
-            "rule": f"the haematoxylin vector of each development patient turned in the H&E plane away from eosin "
-                    f"(models/tools/idc_build/stainshift.py); limit = the angle where the pooled out-of-fold AUC "
+    judged_dev = {p: a for p, a in angles.items() if a is not None}
+    refused = sorted(p for p, a in judged_dev.items() if max(a) > limit)
+    worst = max((max(a) for a in judged_dev.values()), default=0.0)
+    log(f"stain limits {limits}; limit {limit} deg from {name}; {len(judged_dev)} development patients judged by the "
+        f"QC, worst {worst:.1f} deg, refused {refused}")
+    return {"limit_deg": limit, "limit_from": name, "crossed": crossed, "max_auc_drop": MAX_AUC_DROP,
+            "curve": curves["own_fit"], "curves": curves,
+            "limits_deg": {n: v[0] for n, v in limits.items()},
+            "qc_judged_on_complete_slides": judged,
+            "rule": f"two transforms re-colour every development patient: (own_fit) the patient's own Macenko fit "
+                    f"with the haematoxylin vector turned in its H&E plane away from eosin, the kind of shift "
+                    f"training augments with; (ruifrok_johnston) skimage.color's fixed Ruifrok-Johnston H, E, DAB "
+                    f"basis with H turned in the H&E plane, which training never sees "
+                    f"(models/tools/idc_build/stainshift.py). For each, the angle where the pooled out-of-fold AUC "
                     f"of the fold members falls by more than {MAX_AUC_DROP} from the unturned data (linear "
-                    f"interpolation, rounded down to 0.5 deg)" + ("" if crossed else
-                    f"; it did not fall that far up to {ANGLES[-1]} deg, so the limit is the largest angle measured"),
-            "development_patients_judged": len(judged), "development_patients_refused": refused,
+                    f"interpolation, rounded down to 0.5 deg; the largest angle measured if it never does); the limit "
+                    f"is the smaller of the two",
+            "development_patients_judged": len(judged_dev), "development_patients_refused": refused,
             "development_worst_angle_deg": round(worst, 2), "patients_fitted_with_reference": fallback,
             "seconds": round(time.time() - t0, 1)}
+
+
+def robustness_step(d, work: Path, core) -> dict:
+    """Out-of-fold AUC of the fold members (FP32, no TTA) under fixed scale, blur, JPEG, brightness, contrast
+    and gamma shifts (idc_build/robustness.py)."""
+    t0 = time.time()
+    dev = d.dev
+    members = [core.compile_model(core.read_model(str(work / f"fold{k}.notta.onnx")), "CPU",
+                                  {"INFERENCE_PRECISION_HINT": "f32"}) for k in range(K_FOLDS)]
+    table = shift_table(d.images[dev], d.labels[dev], d.fold[dev], lambda k, x: ov_predict(members[k], x), log)
+    return {**table, "seconds": round(time.time() - t0, 1)}

@@ -106,31 +106,3 @@ def bag_scores(cell_map, prob, labels, patients, fold_of, params, thr1, thr2, k=
 
 def rule_aucs(y, scores) -> dict:
     return {n: round(auc(y, s), 4) for n, s in scores.items()}
-
-
-# the rules that never fall as tiles arrive (first-stage probabilities) -> (manifest case_rule, top_k)
-MONOTONE_RULES = {**{f"top{k}": ("top-k-mean", k) for k in BAG_KS},
-                  "region_area": ("largest-region-area", None), "region_mass": ("largest-region-mass", None)}
-
-
-RULE_AUC_TOLERANCE = 0.005  # bag AUCs closer than this are not told apart (same-seed noise, MODEL-NOTES.md)
-
-
-def choose_case_rule(y, scores, min_sens):
-    """The case rule among those that never fall as tiles arrive (first-stage rules): of those whose bag AUC is
-    within RULE_AUC_TOLERANCE of the best, the one resting on the most patches (top-k with the largest k, then
-    the region rules), so one odd patch sways the call as little as the data allow.
-    Returns ((manifest rule name, top_k), bag-score key, threshold, metrics at that threshold)."""
-    from .metrics import sensitivity_first_threshold
-
-    aucs = {n: auc(y, scores[n]) for n in MONOTONE_RULES}
-    best = max(aucs.values())
-    preference = [f"top{k}" for k in sorted(BAG_KS, reverse=True)] + ["region_mass", "region_area"]
-    key = next(n for n in preference if aucs[n] >= best - RULE_AUC_TOLERANCE)
-    s = scores[key]
-    t = sensitivity_first_threshold(s, y, min_sens)
-    pos, neg = s[y == 1], s[y == 0]
-    return MONOTONE_RULES[key], key, t, {
-        "bag_auc": round(auc(y, s), 4), "threshold": t,
-        "sensitivity": round(float((pos >= t).mean()), 4), "specificity": round(float((neg < t).mean()), 4),
-        "positive_bags": int(len(pos)), "negative_bags": int(len(neg))}

@@ -34,19 +34,51 @@ def patient_fits(images, patients, reference):
     return fits, fallback
 
 
-def shift_curve(images, labels, patients, folds, predict, fits, angles=ANGLES, log=print):
-    """Rows {angle_deg, pooled_auc, fold_auc}; predict(fold, uint8 patches) -> probabilities of that fold's
-    member (the member that did not train on the fold's patients)."""
+def own_fit_shift(fits):
+    """The first stain shift: each patient's own Macenko fit (fits: patient -> StainFit) with its H vector
+    turned in its H&E plane (`appliance.pipeline.stain.turn_haematoxylin`)."""
     from appliance.pipeline.stain import turn_haematoxylin
 
+    return lambda x, pid, angle: turn_haematoxylin(x, fits[pid], angle)
+
+
+def rj_shift(x, pid, angle):
+    """The second stain shift (turn_haematoxylin_rj), the same for every patient."""
+    return turn_haematoxylin_rj(x, angle)
+
+
+def judged_angles(images, patients, slides, reference, shift, angles) -> list[dict]:
+    """What the appliance's stain QC reads on the listed (complete) slides under a shift: per angle, the
+    haematoxylin angle it judges (min, median, max over the slides) and the largest of H and E."""
+    rows = []
+    for angle in angles:
+        sel = np.isin(patients, slides)
+        x, pats = images[sel], patients[sel]
+        if angle:
+            x = x.copy()
+            for pid in slides:
+                m = pats == pid
+                x[m] = shift(x[m], int(pid), angle)
+        judged = [a for a in qc_stain_angles(x, pats, slides, reference).values() if a is not None]
+        h, hm = [a[0] for a in judged], [max(a) for a in judged]
+        rows.append({"angle_deg": float(angle), "slides_judged": len(judged),
+                     "h_deg": [round(float(v), 1) for v in (min(h), np.median(h), max(h))],
+                     "max_h_e_deg": [round(float(v), 1) for v in (min(hm), np.median(hm), max(hm))]})
+    return rows
+
+
+def shift_curve(images, labels, patients, folds, predict, shift, angles=ANGLES, log=print, name=""):
+    """Rows {angle_deg, pooled_auc, fold_auc}; predict(fold, uint8 patches) -> probabilities of that fold's
+    member (the member that did not train on the fold's patients); shift(patches, patient, angle) -> the
+    patient's patches re-coloured."""
     k = int(folds.max()) + 1
     rows = []
     for angle in angles:
         shifted = images.copy()
         if angle:
-            for pid, fit in fits.items():
+            for pid in np.unique(patients):
                 sel = patients == pid
-                shifted[sel] = turn_haematoxylin(images[sel], fit, angle)
+                shifted[sel] = shift(images[sel], int(pid), angle)
         p = np.full(len(images), np.nan)
         for f in range(k):
             sel = folds == f
@@ -54,7 +86,7 @@ def shift_curve(images, labels, patients, folds, predict, fits, angles=ANGLES, l
         row = {"angle_deg": float(angle), "pooled_auc": round(auc(labels, p), 4),
                "fold_auc": [round(auc(labels[folds == f], p[folds == f]), 4) for f in range(k)]}
         rows.append(row)
-        log(f"stain shift: H turned {angle:>2} deg, pooled OOF AUC {row['pooled_auc']:.4f} {row['fold_auc']}")
+        log(f"stain shift {name}: H turned {angle:>2} deg, pooled OOF AUC {row['pooled_auc']:.4f} {row['fold_auc']}")
     return rows
 
 
@@ -88,3 +120,24 @@ def qc_stain_angles(images, patients, pids, reference):
         qc.finish()
         out[int(pid)] = qc.stain_angles() if qc.stain_assessed else None
     return out
+
+
+def turn_haematoxylin_rj(rgb: np.ndarray, degrees: float) -> np.ndarray:
+    """The second, independent stain shift: uint8 RGB unmixed on the fixed Ruifrok & Johnston H, E, DAB basis
+    (skimage.color's HED matrices, the same for every patient, not the patient's own fit), the H vector turned
+    by ``degrees`` in the plane of H and E, away from eosin (its length kept), and the pixels recombined with
+    the turned basis. Training never sees this transform (its stain turn works on the build's own reference in
+    its own optical density), so the curve it gives does not flatter the model."""
+    from skimage.color import combine_stains, rgb_from_hed, separate_stains
+
+    basis = np.array(rgb_from_hed, dtype=np.float64)
+    h, e = basis[0] / np.linalg.norm(basis[0]), basis[1] / np.linalg.norm(basis[1])
+    u = e - (e @ h) * h
+    u /= np.linalg.norm(u)
+    t = np.radians(degrees)
+    turned = basis.copy()
+    turned[0] = (np.cos(t) * h - np.sin(t) * u) * np.linalg.norm(basis[0])
+    flat = rgb.reshape(-1, 3)
+    stains = separate_stains(flat, np.linalg.inv(basis))
+    out = combine_stains(stains, turned)
+    return np.clip(np.round(out * 255.0), 0, 255).astype(np.uint8).reshape(rgb.shape)
