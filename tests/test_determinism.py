@@ -42,7 +42,8 @@ from tests.images import stain_turned
 
 # What must not change between runs (timings and the input's name may).
 DECISION = ("verdict", "score", "threshold", "patch_threshold", "reasons", "warnings", "qc", "early_positive",
-            "early_positive_after_tiles", "tiles", "patches_seen", "patches", "top_patches", "case_rule")
+            "early_positive_after_tiles", "tiles", "patches_seen", "patches", "top_patches", "case_rule",
+            "early_rule", "early_threshold", "early_score")
 
 
 def decision(result: dict) -> str:
@@ -153,13 +154,24 @@ def _bottom_up(demo_image):
     return list(tiles_from_image(np.ascontiguousarray(demo_image[800:2000]), 200))[::-1]
 
 
-@pytest.fixture(scope="module", params=["shipped rule", "largest-region-mass", "largest-region-area"])
+@pytest.fixture(scope="module", params=["shipped rule", "largest-region-mass", "largest-region-area",
+                                        "refined final rule above the case's score"])
 def region(request, demo_image, tmp_path_factory):
-    """(engine, tiles, the call made the plain way) for the shipped case rule and for each region rule (a model
-    copy whose case threshold is half the region's final size, so the crossing comes mid-scan)."""
+    """(engine, tiles, the call made the plain way) for the shipped case rule, for each region rule (a model
+    copy whose case threshold is half the region's final size, so the crossing comes mid-scan), and for a
+    refined final rule whose case threshold lies above the case's final refined score, with the shipped early
+    rule: only the early positive makes this case suspicious, and the final rule must not reverse it."""
     tiles = _bottom_up(demo_image)
     if request.param == "shipped rule":
         engine = load_engine(_model_copy(tmp_path_factory), "openvino")
+    elif request.param.startswith("refined"):
+        early = load_engine(MODEL_DIR, "openvino").manifest.decision.early_rule.model_dump()
+        probe = load_engine(_model_copy(tmp_path_factory, case_rule="top-k-mean-refined", case_threshold=1.0,
+                                        early=early), "openvino")
+        final, _ = _triage_region(probe, tiles, 64)
+        assert final["case_rule"] == "top-k-mean-refined" and final["score"] < 0.999
+        engine = load_engine(_model_copy(tmp_path_factory, case_rule="top-k-mean-refined", early=early,
+                                         case_threshold=round((final["score"] + 1.0) / 2, 6)), "openvino")
     else:
         base = load_engine(MODEL_DIR, "openvino").manifest.decision
         region_threshold = base.region_threshold if base.region_threshold is not None else base.patch_threshold
@@ -171,6 +183,8 @@ def region(request, demo_image, tmp_path_factory):
                                          region_threshold=region_threshold), "openvino")
     want, calls = _triage_region(engine, tiles, 64)
     assert want["early_positive"] and want["early_positive_after_tiles"] < len(tiles) and len(calls) == 1
+    if request.param.startswith("refined"):  # the final rule alone would not call it
+        assert want["score"] < want["threshold"] and want["verdict"] == "suspicious"
     return engine, tiles, want
 
 
@@ -182,9 +196,10 @@ def test_the_early_call_is_the_same_tile_and_final_whatever_order_results_come_b
     engine, tiles, want = region
     got, calls = _triage_region(engine, tiles, batch, lambda inner: ShuffledScorer(inner, releases, seed))
     assert decision(got) == decision(want)
-    # announced once, for the tile it was earned on, and final: the case's score never fell below it
+    # announced once, for the tile it was earned on, and final: the early rule's score never fell below it, and
+    # the final rule, whatever its score, did not reverse it
     assert len(calls) == 1 and calls[0]["tiles"] == got["early_positive_after_tiles"]
-    assert got["verdict"] == "suspicious" and got["score"] >= calls[0]["score"] >= got["threshold"]
+    assert got["verdict"] == "suspicious" and got["early_score"] >= calls[0]["score"] >= got["early_threshold"]
 
 
 def stain_judgements(engine, image) -> list[tuple[int | str, float]]:

@@ -2,7 +2,10 @@
 
 import pytest
 
-from appliance.pipeline.decision import (case_score, cannot_call_reasons, is_early_positive, make_call)
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from appliance.pipeline.decision import case_score, cannot_call_reasons, final_score, is_early_positive, make_call
 from appliance.pipeline.mil import LargestRegion, TopKMean
 from appliance.pipeline.qc import Reason
 from appliance.terms import CaseRule, Verdict
@@ -53,3 +56,30 @@ def test_the_verdict():
     # an early positive is final: QC found after it is a warning, never a reason
     assert make_call(early_positive=True, reasons=[BLUR], score=0.1, threshold=0.5) == (
         Verdict.SUSPICIOUS, [], [BLUR])
+
+
+@settings(max_examples=300, deadline=None)
+@given(first=st.lists(st.floats(0, 1), min_size=1, max_size=60), refined=st.lists(st.floats(0, 1), min_size=1,
+                                                                                   max_size=60),
+       k_early=st.integers(1, 10), k_final=st.integers(1, 10), early_threshold=st.floats(0, 1),
+       case_threshold=st.floats(0, 1), qc=st.lists(st.sampled_from(["stain-out-of-range", "blurred"]), max_size=2))
+def test_the_final_rule_never_reverses_an_early_positive(first, refined, k_early, k_final, early_threshold,
+                                                       case_threshold, qc):
+    """Whatever the refined probabilities and the final rule's threshold, and whatever QC finds after the early
+    call, a case whose early rule passed its threshold is suspicious; otherwise the final rule decides."""
+    mil = TopKMean(k_early)
+    for p in first:
+        mil.add(p)
+    early_score = case_score(CaseRule.TOP_K_MEAN, mil, None)
+    final = final_score(CaseRule.TOP_K_MEAN_REFINED, k_final, early_score, refined)
+    fired = mil.full and early_score >= early_threshold
+    reasons = [Reason(code, code) for code in qc]
+    call = make_call(early_positive=fired, reasons=reasons, score=final, threshold=case_threshold)
+    if fired:
+        assert call.verdict == Verdict.SUSPICIOUS and call.warnings == reasons and not call.reasons
+    elif reasons:
+        assert call.verdict == Verdict.CANNOT_CALL
+    else:
+        assert call.verdict == (Verdict.SUSPICIOUS if final >= case_threshold else Verdict.BENIGN)
+    # a first-stage final rule is the early rule's own score
+    assert final_score(CaseRule.TOP_K_MEAN, k_final, early_score, refined) == early_score

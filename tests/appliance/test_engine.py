@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from appliance.model.engine import load_engine
+from appliance.model.manifest import read_manifest
 from appliance.errors import EngineError, ManifestError, ModelIntegrityError
 from appliance.offline.evaluation import find_labelled_images
 from appliance.pipeline.patches import pad_to
@@ -169,3 +170,33 @@ def test_an_engine_that_cannot_be_imported_is_one_sentence(tmp_path):
                           "onnxruntime"], env=env, capture_output=True, text=True, timeout=120,
                          stdin=subprocess.DEVNULL, cwd=tmp_path)
     assert ort.returncode == 0, ort.stderr  # the fallback engine still works on the same machine
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"case_rule": "top-k-mean-refined"}, "must give decision.early"),
+    ({"case_rule": "top-k-mean-refined", "early": {"rule": "top-k-mean-refined", "top_k": 3, "threshold": 0.9}},
+     "can fall as tiles arrive"),
+    ({"early": {"rule": "top-k-mean", "top_k": 3, "threshold": 1.5}}, "is a probability"),
+])
+def test_a_manifest_whose_early_call_could_be_reversed_is_refused(tmp_path, change, message):
+    """The early positive must rest on a rule that never falls; a refined final rule needs one."""
+    model = tmp_path / "m"
+    shutil.copytree(MODEL_DIR, model, ignore=shutil.ignore_patterns("work"))
+    manifest = json.loads((model / "manifest.json").read_text())
+    manifest["decision"].pop("early", None)
+    manifest["decision"].update(change)
+    (model / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ManifestError, match=message):
+        read_manifest(model)
+
+
+def test_a_refined_final_rule_needs_a_context_stage(tmp_path):
+    model = tmp_path / "m"
+    shutil.copytree(MODEL_DIR, model, ignore=shutil.ignore_patterns("work"))
+    manifest = json.loads((model / "manifest.json").read_text())
+    manifest["decision"].update(case_rule="top-k-mean-refined",
+                                early={"rule": "top-k-mean", "top_k": 3, "threshold": 0.9})
+    manifest.pop("context")
+    (model / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ManifestError, match="needs a context stage"):
+        read_manifest(model)

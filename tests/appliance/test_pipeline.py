@@ -25,6 +25,8 @@ from appliance.pipeline.summary import TriageSummary
 from appliance.pipeline.tissue import close, tissue_mask
 from appliance.offline.sources import tiles_from_image
 from appliance.offline.triage import triage_path
+from appliance.model.metrics import top_k_mean
+from appliance.terms import CaseRule
 from tests.conftest import DEMO_CASE, MODEL_DIR
 from tests.images import gaussian_blur
 
@@ -207,7 +209,8 @@ def test_early_call_is_final_whatever_follows(ov_engine, demo_image):
 def test_the_context_stage_redraws_patches_and_heatmap_while_the_call_stays_on_the_first_stage(ov_engine,
                                                                                                  demo_image):
     """On the real slide: every patch keeps its first-stage probability beside the refined one; the heatmap
-    holds the refined ones; the case score is the case rule on the first-stage ones (what the early call saw)."""
+    holds the refined ones; the early score is the early rule on the first-stage ones (what the early call saw),
+    and the case score is the final rule (on the refined ones when it is the refined rule)."""
     m = ov_engine.manifest
     image = demo_image[:1000, :1500]
     r = run_session(ov_engine, image, tile=250)
@@ -218,8 +221,15 @@ def test_the_context_stage_redraws_patches_and_heatmap_while_the_call_stays_on_t
     gx = np.array([p.x // m.patch.stride for p in r.patches])
     gy = np.array([p.y // m.patch.stride for p in r.patches])
     assert r.case_rule == m.decision.case_rule
-    assert r.score == pytest.approx(case_score(m.decision.case_rule, m.decision.top_k, m.decision.region_threshold,
-                                               gx, gy, first), abs=1e-6)
+    early = m.decision.early_rule
+    assert (r.early_rule, r.early_top_k, r.early_threshold) == (early.rule, early.top_k, early.threshold)
+    assert r.early_score == pytest.approx(case_score(early.rule, early.top_k, m.decision.region_threshold, gx, gy,
+                                                     first), abs=1e-6)
+    if m.decision.case_rule == CaseRule.TOP_K_MEAN_REFINED:
+        assert r.score == pytest.approx(top_k_mean(refined, m.decision.top_k), abs=1e-6)
+    else:
+        assert r.score == pytest.approx(case_score(m.decision.case_rule, m.decision.top_k,
+                                                   m.decision.region_threshold, gx, gy, first), abs=1e-6)
     d = r.to_dict()
     assert d["patches"][0]["first_stage"] == r.patches[0].first_stage
     TriageSummary.model_validate(d | {"input": "x", "skipped_inputs": []})
