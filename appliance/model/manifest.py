@@ -54,7 +54,9 @@ def _check_rule(name: str, rule: CaseRule, threshold: float, region_threshold: f
 
 class EarlySpec(_Strict):
     """The early positive: a rule on first-stage probabilities (it never falls as tiles arrive) and its own
-    threshold. A case whose early rule passes it is suspicious, whatever the final rule says at the end."""
+    threshold. A case whose early rule passes it is suspicious, whatever the final rule says at the end. A
+    top-k threshold above 1 can never be passed: the model then makes no early call (its build found a
+    negative case scoring 1)."""
 
     rule: CaseRule
     top_k: int = Field(gt=0)
@@ -82,7 +84,9 @@ class DecisionSpec(_Strict):
             if self.early.rule not in MONOTONE_RULES:
                 raise ValueError(f"decision.early.rule {self.early.rule!r} can fall as tiles arrive; the early "
                                  f"positive needs a first-stage rule ({', '.join(sorted(MONOTONE_RULES))})")
-            _check_rule("decision.early.rule", self.early.rule, self.early.threshold, self.region_threshold)
+            if self.early.rule in (CaseRule.LARGEST_REGION_AREA, CaseRule.LARGEST_REGION_MASS) \
+                    and self.region_threshold is None:
+                raise ValueError(f"decision.early.rule {self.early.rule!r} needs decision.region_threshold")
         elif self.case_rule not in MONOTONE_RULES:
             raise ValueError(f"decision.case_rule {self.case_rule!r} is known only at the end of a case: the "
                              f"manifest must give decision.early (a first-stage rule and its threshold)")

@@ -176,7 +176,7 @@ def test_an_engine_that_cannot_be_imported_is_one_sentence(tmp_path):
     ({"case_rule": "top-k-mean-refined"}, "must give decision.early"),
     ({"case_rule": "top-k-mean-refined", "early": {"rule": "top-k-mean-refined", "top_k": 3, "threshold": 0.9}},
      "can fall as tiles arrive"),
-    ({"early": {"rule": "top-k-mean", "top_k": 3, "threshold": 1.5}}, "is a probability"),
+    ({"case_threshold": 1.5}, "is a probability"),
 ])
 def test_a_manifest_whose_early_call_could_be_reversed_is_refused(tmp_path, change, message):
     """The early positive must rest on a rule that never falls; a refined final rule needs one."""

@@ -347,14 +347,19 @@ def write_default_ablation(work, d: Data, epochs, p_oof0, p_oof8, train_secs, n_
 
 
 def fold_members_int8(d: Data, work: Path, tta, core, cal_rng, p_oof_fp32):
-    """Each fold member alone: its exported graph quantized by NNCF (calibration from its own training patients)
-    and scored in OpenVINO INT8 on its out-of-fold patients. Returns the OOF INT8 probabilities."""
+    """Each fold member alone: its exported graph quantized by NNCF (calibration from its own training patients),
+    saved as work/fold<k>.int8.xml, and scored in OpenVINO INT8 on its out-of-fold patients. Returns the OOF INT8
+    probabilities."""
+    import openvino as ov
+
     p_oof_int8 = np.full(len(d.images), np.nan)
     for k in range(K_FOLDS):
         tr_idx, va = np.flatnonzero(d.train_of(k)), d.in_fold(k)
         path = work / f"fold{k}.{'tta' if tta else 'notta'}.onnx"
         cal = d.images[np.sort(cal_rng.choice(tr_idx, size=N_CALIBRATION, replace=False))]
-        int8_c = core.compile_model(quantize_int8(path, cal), "CPU")
+        q = quantize_int8(path, cal)
+        ov.save_model(q, str(work / f"fold{k}.int8.xml"))  # the stain curves and lab shifts score with these
+        int8_c = core.compile_model(q, "CPU")
         p_oof_int8[va] = ov_predict(int8_c, d.images[va])
         log(f"fold {k}: OpenVINO FP32 AUC {auc(d.labels[va], p_oof_fp32[va]):.4f}, "
             f"INT8 AUC {auc(d.labels[va], p_oof_int8[va]):.4f}")

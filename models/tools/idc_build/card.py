@@ -202,7 +202,8 @@ def _stain_section(m: dict) -> str:
     return f"""
 ## Stain: what the model tolerates, and the QC limit
 
-{st['rule']}. Pooled out-of-fold AUC of the fold members (FP32, no TTA), change from unturned in brackets:
+{st['rule']}. Pooled out-of-fold AUC of the fold members (INT8, as the appliance runs them, no TTA), change
+from unturned in brackets:
 
 | H turned (deg) | {' | '.join(names)} |
 |---:|{'|'.join('---:' for _ in names)}|
@@ -236,7 +237,7 @@ def _lab_shift_section(m: dict) -> str:
     return f"""
 ## Other lab and scanner differences
 
-Out-of-fold pooled AUC of the fold members (FP32) under fixed shifts, made with Pillow/numpy code and parameters
+Out-of-fold pooled AUC of the fold members (INT8) under fixed shifts, made with Pillow/numpy code and parameters
 that differ from the training augmentation's (idc_build/robustness.py); unshifted {ls['unshifted_pooled_auc']:.4f}:
 
 | shift | what | pooled AUC | change |

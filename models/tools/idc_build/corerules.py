@@ -118,8 +118,8 @@ def early_rule(scores: dict, y, candidates=tuple(MONOTONE)) -> dict:
     best = None
     for name in candidates:
         s = scores[name]
-        t = float(np.floor(s[y == 0].max() * 1e4) / 1e4 + 1e-4) if (y == 0).any() else 0.0
-        t = round(min(t, 1.0), 4)
+        # above 1 when a negative core scores 1: a top-k mean can never pass it, so the early positive never fires
+        t = round(float(np.floor(s[y == 0].max() * 1e4) / 1e4 + 1e-4), 4) if (y == 0).any() else 0.0
         fires = int((s[y == 1] >= t).sum())
         key = (fires, MONOTONE[name][1])
         if best is None or key > best[0]:

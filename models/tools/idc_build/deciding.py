@@ -227,11 +227,16 @@ def core_step(d, context, p_oof_int8, region_thr) -> tuple[dict, dict]:
     return metrics, decision
 
 
-JUDGED_ANGLES = (0, 10, 20, 30, 40)
+JUDGED_ANGLES = (0, 10, 20, 30)
+
+
+def int8_members(work: Path, core) -> list:
+    """The fold members as the appliance runs them (INT8, saved by build.fold_members_int8), compiled."""
+    return [core.compile_model(core.read_model(str(work / f"fold{k}.int8.xml")), "CPU") for k in range(K_FOLDS)]
 
 
 def stain_limit_step(d, work: Path, core, stain_ref) -> dict:
-    """The stain-shift curves of the fold members (FP32, no TTA) under two transforms: each patient's own
+    """The stain-shift curves of the fold members (INT8, no TTA) under two transforms: each patient's own
     Macenko fit with H turned (the kind of shift training augments with), and a fixed Ruifrok-Johnston basis
     with H turned (which training never sees). The stain-out-of-range limit is the smaller of the two angles
     where a curve falls by more than MAX_AUC_DROP. Then what the appliance's QC reads on the complete slides under
@@ -239,8 +244,7 @@ def stain_limit_step(d, work: Path, core, stain_ref) -> dict:
     t0 = time.time()
     dev = d.dev
     images, labels, patients, folds = d.images[dev], d.labels[dev], d.patients[dev], d.fold[dev]
-    members = [core.compile_model(core.read_model(str(work / f"fold{k}.notta.onnx")), "CPU",
-                                  {"INFERENCE_PRECISION_HINT": "f32"}) for k in range(K_FOLDS)]
+    members = int8_members(work, core)
     fits, fallback = patient_fits(images, patients, stain_ref)
 
     def predict(k, x):
@@ -280,11 +284,10 @@ def stain_limit_step(d, work: Path, core, stain_ref) -> dict:
 
 
 def robustness_step(d, work: Path, core) -> dict:
-    """Out-of-fold AUC of the fold members (FP32, no TTA) under fixed scale, blur, JPEG, brightness, contrast
+    """Out-of-fold AUC of the fold members (INT8, no TTA) under fixed scale, blur, JPEG, brightness, contrast
     and gamma shifts (idc_build/robustness.py)."""
     t0 = time.time()
     dev = d.dev
-    members = [core.compile_model(core.read_model(str(work / f"fold{k}.notta.onnx")), "CPU",
-                                  {"INFERENCE_PRECISION_HINT": "f32"}) for k in range(K_FOLDS)]
+    members = int8_members(work, core)
     table = shift_table(d.images[dev], d.labels[dev], d.fold[dev], lambda k, x: ov_predict(members[k], x), log)
     return {**table, "seconds": round(time.time() - t0, 1)}

@@ -16,7 +16,7 @@ import numpy as np
 
 from .metrics import auc
 
-ANGLES = (0, 5, 10, 15, 20, 25, 30, 35, 40, 45)
+ANGLES = (0, 10, 15, 20, 25, 30, 35, 40)
 MAX_AUC_DROP = 0.02
 
 
