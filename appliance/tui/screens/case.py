@@ -88,8 +88,10 @@ class CaseScreen(Screen):
             facts.append(f"Score {score:.3f} ({rule_words(c.get('case_rule'))})   threshold "
                          f"{c.get('threshold') or 0:.3f}   {c.get('patches_scored') or 0} tissue patches scored")
         if c.get("early_positive"):
-            early = (f" ({rule_words(c.get('early_rule'))} passed {c['early_threshold']:.3f})"
-                     if c.get("early_threshold") is not None else "")
+            # the early rule is named when it is not the final rule at the final threshold
+            differs = c.get("early_threshold") is not None and (c["early_threshold"], c.get("early_rule")) != (
+                c.get("threshold"), c.get("case_rule"))
+            early = (f" ({rule_words(c.get('early_rule'))} passed {c['early_threshold']:.3f})" if differs else "")
             facts.append(f"Called early: after {c.get('early_positive_after_tiles')} of "
                          f"{c.get('tiles_received') or c.get('tiles_expected') or '?'} tiles{early}")
         self.query_one("#facts", Static).update("\n".join(facts))
