@@ -122,6 +122,7 @@ def main(argv=None, *, description=None, script=None):
     auc0, auc8 = auc(d.labels[d.dev], p_oof0[d.dev]), auc(d.labels[d.dev], p_oof8[d.dev])
     tta = {"auto": auc8 - auc0 >= TTA_MIN_GAIN, "on": True, "off": False}[args.tta]
     log(f"pooled OOF AUC {auc0:.4f} without TTA, {auc8:.4f} with TTA -> TTA {'on' if tta else 'off'}")
+    augmentation = augmentation_decision(args.aug, auc0)
 
     import nncf
     import onnx
@@ -191,6 +192,7 @@ def main(argv=None, *, description=None, script=None):
         "case_level_out_of_fold": case_m,
         "case_rules_out_of_fold": rule,
         "lab_shifts": lab_shifts,
+        "augmentation_decision": augmentation,
         "context_stage": context["metrics"],
         "stain_shift": stain_limit,
         "tta_ablation": {"pooled_oof_auc_no_tta": round(auc0, 4), "pooled_oof_auc_tta": round(auc8, 4),
@@ -206,6 +208,31 @@ def main(argv=None, *, description=None, script=None):
 
 
 # ------------------------------------------------------------------------------------------- steps
+AUGMENTATION_MAX_AUC_LOSS = 0.005  # an augmentation is kept only if unshifted pooled OOF AUC stays within this
+
+
+def augmentation_decision(aug: str, auc0: float) -> dict:
+    """The lab-shift augmentations are kept only if this build's unshifted pooled out-of-fold AUC (FP32, no TTA)
+    stays within AUGMENTATION_MAX_AUC_LOSS of the stain-turn recipe's (0.4.0) on the same folds, as recorded in
+    models/tools/recipe_comparison.json. One build trains one recipe, so the rule is checked here and a build
+    that fails it says so (rebuild with --aug stainturn)."""
+    from .card import COMPARISON_FILE
+
+    if aug != "labshift" or not COMPARISON_FILE.exists():
+        return {"augmentation": aug, "rule": "not applicable (no lab-shift augmentation in this build)"}
+    ref = json.loads(COMPARISON_FILE.read_text())["new"]
+    before = ref["first_stage"]["pooled_auc"]
+    kept = auc0 >= before - AUGMENTATION_MAX_AUC_LOSS
+    out = {"augmentation": aug, "reference": f"{ref['version']} (stainturn), same folds and seed",
+           "reference_pooled_oof_auc": before, "pooled_oof_auc": round(auc0, 4),
+           "change": round(auc0 - before, 4), "max_loss": AUGMENTATION_MAX_AUC_LOSS, "kept": bool(kept),
+           "rule": f"kept only if the unshifted pooled out-of-fold AUC (FP32, no TTA) stays within "
+                   f"{AUGMENTATION_MAX_AUC_LOSS} of the stain-turn recipe's"}
+    log(f"lab-shift augmentation: pooled OOF AUC {auc0:.4f} against {before:.4f} -> "
+        f"{'kept' if kept else 'NOT within the rule: rebuild with --aug stainturn'}")
+    return out
+
+
 def member_seed(seed, k, offset=0):
     return seed + 1000 * k + 7919 * offset
 

@@ -232,6 +232,11 @@ def _lab_shift_section(m: dict) -> str:
     ls = m["metrics"].get("lab_shifts")
     if not ls:
         return ""
+    ad = m["metrics"].get("augmentation_decision", {})
+    decision = (f"The lab-shift augmentations (scale, blur, brightness, contrast, gamma, JPEG; see Recipe) are "
+                f"**{'kept' if ad['kept'] else 'not kept'}**: {ad['rule']}: pooled out-of-fold AUC "
+                f"{ad['pooled_oof_auc']:.4f} against {ad['reference_pooled_oof_auc']:.4f} for {ad['reference']} "
+                f"({ad['change']:+.4f}).\n" if "kept" in ad else "")
     rows = "\n".join(f"| {k} | {v['what']} | {v['pooled_auc']:.4f} | {-v['drop']:+.4f} |"
                       for k, v in ls.items() if isinstance(v, dict))
     return f"""
@@ -243,7 +248,8 @@ that differ from the training augmentation's (idc_build/robustness.py); unshifte
 | shift | what | pooled AUC | change |
 |---|---|---:|---:|
 {rows}
-"""
+
+{decision}"""
 
 
 def _reserved_context(mt: dict) -> str:
@@ -284,15 +290,15 @@ def _comparison_section(cmp) -> str:
     if cmp.get("stain_shift"):
         so, sn = cmp["stain_shift"]["old"], cmp["stain_shift"]["new"]
         stain = ("\n\nOut-of-fold AUC under a turned haematoxylin (same folds, FP32 members):\n\n"
-                 "| H turned (deg) | 0.3.0 recipe | this recipe |\n|---:|---:|---:|\n" +
+                 f"| H turned (deg) | {cmp['old']['version']} | {cmp['new']['version']} |\n|---:|---:|---:|\n" +
                  "\n".join(f"| {a['angle_deg']:.0f} | {a['pooled_auc']:.4f} | {b['pooled_auc']:.4f} |"
                            for a, b in zip(so, sn)))
     return f"""
-## Against the 0.3.0 recipe, same folds
+## Earlier recipes, same folds
 
 {cmp['how']}
 
-| figure | 0.3.0 recipe | this recipe | change |
+| figure | {cmp['old']['version']} | {cmp['new']['version']} | change |
 |---|---:|---:|---:|
 {chr(10).join(rows)}{stain}
 """
@@ -342,11 +348,12 @@ def model_card(m: dict, split: dict, abl, comparison=None) -> str:
         f"| `make model` wall time (min) | ≤ 60 | {t['wall_seconds'] / 60:.1f} | "
         f"{'met' if t['wall_seconds'] <= 3600 else '**missed**'} |",
     ] + ([
-        target("pooled OOF patch AUC gain over the 0.3.0 recipe, same folds", comparison["new"]["shipped"]["pooled_auc"]
-               - comparison["old"]["first_stage"]["pooled_auc"], 0.02),
-        target("region Dice, complete development slides, mean (OOF)", comparison["new"]["shipped"]["dice_mean"], 0.80),
-        target("bag AUC (OOF)", comparison["new"]["shipped"]["bag_auc"], 0.88),
-    ] if comparison else []))
+        target("virtual-core AUC of the final rule (OOF)", mt["virtual_cores"]["final"]["auc"], 0.97),
+        target("virtual-core sensitivity of the shipped call (OOF)", mt["virtual_cores"]["shipped_call"]["sensitivity"],
+               0.98),
+        target("virtual-core specificity of the shipped call (OOF)", mt["virtual_cores"]["shipped_call"]["specificity"],
+               0.75),
+    ] if mt.get("virtual_cores") else []))
     tta = mt["tta_ablation"]
     tta_rows = "\n".join(f"| fold {i} | {tta['per_fold_no_tta'][i]:.4f} | {tta['per_fold_tta'][i]:.4f} | "
                          f"{tta['per_fold_tta'][i] - tta['per_fold_no_tta'][i]:+.4f} |" for i in range(k))

@@ -198,7 +198,7 @@ def core_step(d, context, p_oof_int8, region_thr) -> tuple[dict, dict]:
         m = np.array([c.direction == direction for c in cores])
         by_direction[direction] = {"cores": int(m.sum()), "auc": round(auc(y[m], s_final[m]), 4)}
     metrics = {
-        "what": "virtual core-needle biopsies: strips 1 mm wide (5 cells of 50 px at 4 um/px; 7 steps along a "
+        "what": "strips 1 mm wide (5 cells of 50 px at 4 um/px; 7 steps along a "
                 "diagonal) cut every 1 mm across each complete development slide, horizontally, vertically and "
                 "along both diagonals, kept with >= 15 tissue patches; positive when a strip holds an IDC patch, "
                 "negative when neither it nor a one-cell margin on both sides does (the rest left out); scored out "
