@@ -87,6 +87,9 @@ class DecisionSpec(_Strict):
             if self.early.rule in (CaseRule.LARGEST_REGION_AREA, CaseRule.LARGEST_REGION_MASS) \
                     and self.region_threshold is None:
                 raise ValueError(f"decision.early.rule {self.early.rule!r} needs decision.region_threshold")
+            if self.case_rule in MONOTONE_RULES and (self.early.rule, self.early.top_k) != (self.case_rule, self.top_k):
+                raise ValueError(f"decision.case_rule {self.case_rule!r} is a first-stage rule, so it is its own "
+                                 f"early rule: decision.early must name the same rule and top_k")
         elif self.case_rule not in MONOTONE_RULES:
             raise ValueError(f"decision.case_rule {self.case_rule!r} is known only at the end of a case: the "
                              f"manifest must give decision.early (a first-stage rule and its threshold)")

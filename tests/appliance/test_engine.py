@@ -200,3 +200,14 @@ def test_a_refined_final_rule_needs_a_context_stage(tmp_path):
     (model / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ManifestError, match="needs a context stage"):
         read_manifest(model)
+
+
+def test_a_first_stage_final_rule_is_its_own_early_rule(tmp_path):
+    model = tmp_path / "m"
+    shutil.copytree(MODEL_DIR, model, ignore=shutil.ignore_patterns("work"))
+    manifest = json.loads((model / "manifest.json").read_text())
+    manifest["decision"].update(case_rule="top-k-mean", top_k=5,
+                                early={"rule": "top-k-mean", "top_k": 3, "threshold": 0.9})
+    (model / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ManifestError, match="its own early rule"):
+        read_manifest(model)
