@@ -146,7 +146,7 @@ def main(argv=None, *, description=None, script=None):
     context = context_stage(d, p_oof0, p_oof_int8, thr, out, core)
     patch_thr = context["patch_threshold"]
     # the case rule and its threshold: virtual core biopsies of the complete slides, out of fold
-    cores_m, decision = core_step(d, context, p_oof_int8, thr)
+    cores_m, decision = core_step(d, context, p_oof_int8, thr, work)
     # the bag proxy (sparse patients as bags), kept as a second figure
     rule, case_m = case_rule_step(d, context, p_oof_int8, thr, decision)
     # the stain limit: out-of-fold AUC of the fold members against a turned haematoxylin, two transforms

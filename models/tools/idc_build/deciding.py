@@ -3,6 +3,7 @@
 stain limit from the stain-shift curve, and the shipped context stage on the reserved patients."""
 from __future__ import annotations
 
+import csv
 import time
 from pathlib import Path
 
@@ -163,11 +164,12 @@ def case_rule_step(d, context: dict, p_oof_int8, region_thr, decision):
     return rule, shipped
 
 
-def core_step(d, context, p_oof_int8, region_thr) -> tuple[dict, dict]:
+def core_step(d, context, p_oof_int8, region_thr, work: Path | None = None) -> tuple[dict, dict]:
     """Virtual core biopsies of the complete development slides (idc_build/cores.py), scored out of fold on the
     fold members' INT8 probabilities: every rule's core AUC and specificity at its sensitivity-first threshold;
     the final rule (the best specificity there), its threshold, the early rule when the final rule is refined,
-    the operating table and the shipped call, with patient-bootstrap CIs. Returns (metrics, decision)."""
+    the operating table and the shipped call, with patient-bootstrap CIs; every core with its label, IDC patch
+    count and scores in work/virtual_cores.csv. Returns (metrics, decision)."""
     t0 = time.time()
     cell_map = context["cell_map"]
     slides = sorted(p for p in d.fold_of if d.complete[p])
@@ -190,6 +192,13 @@ def core_step(d, context, p_oof_int8, region_thr) -> tuple[dict, dict]:
     else:
         early = early_rule(scores, y)
     s_final, s_early = scores[final], scores[early["rule"]]
+    if work is not None:
+        with open(work / "virtual_cores.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["core", "patient", "direction", "band", "patches", "label", "idc_patches", *scores])
+            for i, c in enumerate(cores):
+                w.writerow([c.name, c.patient, c.direction, c.band, len(c.idx), c.label, c.idc_patches,
+                            *(f"{s[i]:.6g}" for s in scores.values())])
     shipped = combined_call(s_final, s_early, y, patients, case_thr, early["threshold"])
     by_bin = {name: round(float((s_final[[c.idc_bin == name for c in cores]] >= case_thr).mean()), 4)
               for *_, name in IDC_BINS if any(c.idc_bin == name for c in cores)}
