@@ -175,12 +175,13 @@ def region(request, demo_image, tmp_path_factory):
     else:
         base = load_engine(MODEL_DIR, "openvino").manifest.decision
         region_threshold = base.region_threshold if base.region_threshold is not None else base.patch_threshold
+        # a region rule is its own early rule (early=None), at the case threshold
         probe = load_engine(_model_copy(tmp_path_factory, case_rule=request.param, case_threshold=1e9,
-                                        region_threshold=region_threshold), "openvino")
+                                        region_threshold=region_threshold, early=None), "openvino")
         final, _ = _triage_region(probe, tiles, 64)
         assert final["case_rule"] == request.param and final["score"] > 2
         engine = load_engine(_model_copy(tmp_path_factory, case_rule=request.param, case_threshold=final["score"] / 2,
-                                         region_threshold=region_threshold), "openvino")
+                                         region_threshold=region_threshold, early=None), "openvino")
     want, calls = _triage_region(engine, tiles, 64)
     assert want["early_positive"] and want["early_positive_after_tiles"] < len(tiles) and len(calls) == 1
     if request.param.startswith("refined"):  # the final rule alone would not call it
