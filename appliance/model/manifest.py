@@ -45,10 +45,11 @@ class PatchSpec(_Strict):
     min_tissue_fraction: float = Field(ge=0, le=1)
 
 
-def _check_rule(name: str, rule: CaseRule, threshold: float, region_threshold: float | None) -> None:
+def _check_rule(name: str, rule: CaseRule, region_threshold: float | None, threshold: float | None = None) -> None:
+    """A region rule needs the region threshold; a top-k rule's threshold, when given, is a probability."""
     if rule in (CaseRule.LARGEST_REGION_AREA, CaseRule.LARGEST_REGION_MASS) and region_threshold is None:
         raise ValueError(f"{name} {rule!r} needs decision.region_threshold")
-    if rule in (CaseRule.TOP_K_MEAN, CaseRule.TOP_K_MEAN_REFINED) and threshold > 1:
+    if rule in (CaseRule.TOP_K_MEAN, CaseRule.TOP_K_MEAN_REFINED) and threshold is not None and threshold > 1:
         raise ValueError(f"the threshold of {name} {rule!r} is a probability (<= 1)")
 
 
@@ -79,14 +80,12 @@ class DecisionSpec(_Strict):
 
     @model_validator(mode="after")
     def _rules_are_runnable(self) -> "DecisionSpec":
-        _check_rule("decision.case_rule", self.case_rule, self.case_threshold, self.region_threshold)
+        _check_rule("decision.case_rule", self.case_rule, self.region_threshold, self.case_threshold)
         if self.early is not None:
             if self.early.rule not in MONOTONE_RULES:
                 raise ValueError(f"decision.early.rule {self.early.rule!r} can fall as tiles arrive; the early "
                                  f"positive needs a first-stage rule ({', '.join(sorted(MONOTONE_RULES))})")
-            if self.early.rule in (CaseRule.LARGEST_REGION_AREA, CaseRule.LARGEST_REGION_MASS) \
-                    and self.region_threshold is None:
-                raise ValueError(f"decision.early.rule {self.early.rule!r} needs decision.region_threshold")
+            _check_rule("decision.early.rule", self.early.rule, self.region_threshold)  # above 1: never fires
             if self.case_rule in MONOTONE_RULES and (self.early.rule, self.early.top_k) != (self.case_rule, self.top_k):
                 raise ValueError(f"decision.case_rule {self.case_rule!r} is a first-stage rule, so it is its own "
                                  f"early rule: decision.early must name the same rule and top_k")

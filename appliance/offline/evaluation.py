@@ -12,10 +12,9 @@ import numpy as np
 
 from appliance.model.engine import Engine
 from appliance.errors import InputError
-from appliance.model.metrics import binary_metrics, top_k_mean
+from appliance.model.metrics import binary_metrics
 from appliance.pipeline.context import refine
-from appliance.pipeline.mil import case_score
-from appliance.terms import CaseRule
+from appliance.pipeline.decision import whole_case_scores
 from appliance.pipeline.patches import pad_to
 from appliance.offline.sources import IMAGE_SUFFIXES, read_image, walk_files
 
@@ -153,13 +152,8 @@ def _refine_by_patient(engine: Engine, images, good, cells, first) -> np.ndarray
 def patient_score(decision, gx, gy, first, refined) -> float:
     """A patient's score as the appliance calls a case: the final rule's score, raised to the case threshold
     when the early rule fired (an early positive is suspicious whatever the final rule says)."""
-    early = decision.early_rule
-    early_score = case_score(early.rule, early.top_k, decision.region_threshold, gx, gy, first)
-    if decision.case_rule == CaseRule.TOP_K_MEAN_REFINED:
-        final = top_k_mean(refined, decision.top_k)
-    else:
-        final = case_score(decision.case_rule, decision.top_k, decision.region_threshold, gx, gy, first)
-    return max(final, decision.case_threshold) if early_score >= early.threshold else final
+    final, early_score = whole_case_scores(decision, gx, gy, first, refined)
+    return max(final, decision.case_threshold) if early_score >= decision.early_rule.threshold else final
 
 
 def metrics_from_rows(rows: list[PatchRow], decision) -> dict:

@@ -8,6 +8,7 @@ from typing import NamedTuple
 
 from appliance.model.metrics import top_k_mean
 from appliance.pipeline.mil import LargestRegion, TopKMean
+from appliance.pipeline.mil import case_score as mil_case_score
 from appliance.pipeline.qc import Reason
 from appliance.terms import CaseRule, Verdict
 
@@ -33,6 +34,17 @@ def final_score(rule: CaseRule, top_k: int, early_score: float, refined: list[fl
     if refined is None:
         raise ValueError("the refined rule needs the context stage's probabilities")
     return top_k_mean(refined, top_k)
+
+
+def whole_case_scores(decision, gx, gy, first, refined) -> tuple[float, float]:
+    """(final score, early score) of a whole case under a manifest's decision, from its first-stage and
+    refined probabilities at grid cells gx, gy: what a streaming case ends with, for offline evaluation and
+    the model build."""
+    early = decision.early_rule
+    early_score = mil_case_score(early.rule, early.top_k, decision.region_threshold, gx, gy, first)
+    if decision.case_rule == CaseRule.TOP_K_MEAN_REFINED:
+        return top_k_mean(refined, decision.top_k), early_score
+    return mil_case_score(decision.case_rule, decision.top_k, decision.region_threshold, gx, gy, first), early_score
 
 
 def is_early_positive(*, qc_clean: bool, patches: int, min_patches: int, mil_full: bool, score: float,

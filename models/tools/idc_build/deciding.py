@@ -15,7 +15,8 @@ from .export import ov_predict
 from .log import log
 from .metrics import CASE_MIN_SENSITIVITY, TOP_K, auc, best_balanced_accuracy_threshold, summary
 
-from appliance.model.metrics import top_k_mean  # noqa: E402
+from appliance.model.manifest import DecisionSpec  # noqa: E402
+from appliance.pipeline.decision import whole_case_scores  # noqa: E402
 from .split import K_FOLDS
 from .robustness import shift_table
 from .stacking import bag_scores, context_training_set, patient_cells, rule_aucs, slide_dice, stack_out_of_fold
@@ -89,11 +90,12 @@ def context_stage(d, p_oof0, p_oof_int8, thr, out: Path, core) -> dict:
             "cell_map": cell_map}
 
 
-def _call_scores(decision, p1, p2):
-    """(final score, early score) of one case under the manifest decision, from its first-stage (p1) and
-    refined (p2) probabilities."""
-    q = p2 if decision["case_rule"] == "top-k-mean-refined" else p1
-    return top_k_mean(q, decision["top_k"]), top_k_mean(p1, decision["early"]["top_k"])
+def grid_positions(cell_map, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every patch's grid cell (gx, gy) in its patient's grid, as arrays over all n patches."""
+    gx_all, gy_all = np.zeros(n, np.int64), np.zeros(n, np.int64)
+    for idx, gx, gy in cell_map.values():
+        gx_all[idx], gy_all[idx] = gx, gy
+    return gx_all, gy_all
 
 
 def reserved_context_check(d, out: Path, core, context, decision, region_thr) -> dict:
@@ -107,9 +109,13 @@ def reserved_context_check(d, out: Path, core, context, decision, region_thr) ->
         return np.asarray(ctx_c({0: to_grid(gx - gx.min(), gy - gy.min(), p1)})[0])[0, 0][
             gy - gy.min(), gx - gx.min()].astype(np.float64)
 
-    def called(p1, p2):
-        final, early = _call_scores(decision, p1, p2)
-        return final, early, bool(early >= decision["early"]["threshold"] or final >= decision["case_threshold"])
+    spec = DecisionSpec(patch_threshold=context["patch_threshold"], region_threshold=region_thr, **decision)
+    gx_all, gy_all = grid_positions(context["cell_map"], len(d.labels))
+
+    def called(gx, gy, p1, p2):
+        """(final score, early score, suspicious) as the appliance's decision makes them."""
+        final, early = whole_case_scores(spec, gx, gy, p1, p2)
+        return final, early, bool(early >= spec.early_rule.threshold or final >= spec.case_threshold)
 
     res = {}
     for pid in RESERVED:
@@ -122,7 +128,7 @@ def reserved_context_check(d, out: Path, core, context, decision, region_thr) ->
             pred, truth = p >= t, y == 1
             return round(float(2 * (pred & truth).sum() / max(1, pred.sum() + truth.sum())), 4)
 
-        final, early, flag = called(p1, p2)
+        final, early, flag = called(gx, gy, p1, p2)
         res[str(pid)] = {"patches": int(len(idx)), "idc_patches": int(y.sum()),
                          "auc_first_stage": round(auc(y, p1), 4), "auc_refined": round(auc(y, p2), 4),
                          "dice_first_stage": dice(p1, region_thr), "dice_refined": dice(p2, context["patch_threshold"]),
@@ -131,13 +137,10 @@ def reserved_context_check(d, out: Path, core, context, decision, region_thr) ->
             cores, counts = cut_all([pid], context["cell_map"], d.labels)
             p_all = np.full(len(d.labels), np.nan)
             p_all[idx] = p1
-            pos = {int(i): (x, yy) for i, x, yy in zip(idx, gx, gy)}
             calls = []
             for c in cores:
-                cgx = np.array([pos[int(i)][0] for i in c.idx])
-                cgy = np.array([pos[int(i)][1] for i in c.idx])
-                q1 = p_all[c.idx]
-                calls.append((c.label, called(q1, refine(cgx, cgy, q1))[2]))
+                cgx, cgy, q1 = gx_all[c.idx], gy_all[c.idx], p_all[c.idx]
+                calls.append((c.label, called(cgx, cgy, q1, refine(cgx, cgy, q1))[2]))
             tp = sum(1 for lab, f in calls if lab and f)
             tn = sum(1 for lab, f in calls if not lab and not f)
             res[str(pid)]["virtual_cores"] = {**counts, "true_positive": tp, "true_negative": tn}
@@ -174,9 +177,7 @@ def core_step(d, context, p_oof_int8, region_thr, work: Path | None = None) -> t
     cell_map = context["cell_map"]
     slides = sorted(p for p in d.fold_of if d.complete[p])
     cores, counts = cut_all(slides, cell_map, d.labels)
-    gx_all, gy_all = np.zeros(len(d.labels), np.int64), np.zeros(len(d.labels), np.int64)
-    for idx, gx, gy in cell_map.values():
-        gx_all[idx], gy_all[idx] = gx, gy
+    gx_all, gy_all = grid_positions(cell_map, len(d.labels))
     y = np.array([c.label for c in cores])
     patients = np.array([c.patient for c in cores])
     scores = score_cores(cores, gx_all, gy_all, p_oof_int8, d.fold_of, context["fold_params"], region_thr,
