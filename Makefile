@@ -8,7 +8,7 @@ DATA ?= ../shared/data/idc_breast_histopathology
 export OMP_NUM_THREADS ?= 1
 export OPENBLAS_NUM_THREADS ?= 1
 
-.PHONY: run test test-slow model demo-case bench clean
+.PHONY: run test test-slow model demo-case bench clean browser
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -23,8 +23,20 @@ $(TRAIN_VENV)/.installed: pyproject.toml
 run: $(VENV)/.installed
 	$(VENV)/bin/appliance demo
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed browser
 	$(VENV)/bin/python -m pytest -q
+
+# Debian's headless Chromium and its driver, for the tests that open the site report in a real browser
+# (installed when run as root; otherwise those tests are skipped and say why)
+browser:
+	@if [ ! -x /usr/bin/chromedriver ]; then \
+		if [ "$$(id -u)" = 0 ]; then \
+			export DEBIAN_FRONTEND=noninteractive; \
+			apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
+			{ apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium chromium-driver >/dev/null; } || \
+			echo "could not install chromium: the browser tests will be skipped"; \
+		else echo "chromium is not installed (as root: apt-get install chromium chromium-driver); the browser tests will be skipped"; fi; \
+	fi
 
 # every long run, the real-systemd container test included (root; about 15 minutes)
 test-slow: $(VENV)/.installed
@@ -32,6 +44,7 @@ test-slow: $(VENV)/.installed
 
 model: $(TRAIN_VENV)/.installed
 	$(TRAIN_VENV)/bin/python models/tools/build_idc_model.py --data $(DATA) --out models/idc-resnet
+	$(TRAIN_VENV)/bin/python models/tools/drift_reference.py --data $(DATA) --model-dir models/idc-resnet
 
 demo-case: $(VENV)/.installed
 	$(VENV)/bin/python scripts/build_demo_case.py --data $(DATA)

@@ -56,10 +56,20 @@ class EventKind(StrEnum):
     ABANDONED = "abandoned"
     PURGED = "purged"  # retention removed a finished case's files (its row stays)
     PURGE_FAILED = "purge-failed"  # retention could not remove them all; tried again next time
+    DRIFT = "drift"  # the drift watch found recent cases outside the reference range (or back inside it)
+    SITE_ACCEPTED = "site-accepted"  # a site operating point was accepted (appliance site accept)
+    SITE_RESET = "site-reset"  # it was undone: the model's threshold is in force again
 
 
 # Lifecycle events also kept in the store's events table (per-tile progress is not: it is in the tiles table).
 RECORDED_EVENTS = frozenset(EventKind) - {EventKind.TILE, EventKind.API}
+
+
+class ThresholdSource(StrEnum):
+    """Whose threshold decided a call: the model's own (its manifest), or the site's accepted validation."""
+
+    MODEL = "model"
+    SITE = "site"
 
 
 class CaseFile(StrEnum):

@@ -16,7 +16,7 @@ from appliance.errors import ApiBindError, ApplianceError
 from appliance.api.auth import ensure_token, is_loopback, reads_need_token
 from appliance.store.database import CaseStore
 from appliance.service.events import EventHub
-from appliance.api.routes import cases, deliveries, events, health, link, metrics
+from appliance.api.routes import cases, deliveries, events, health, link, metrics, site
 from appliance.api.routes import status as status_route
 
 if TYPE_CHECKING:
@@ -25,10 +25,12 @@ if TYPE_CHECKING:
 
 def create_app(settings: Settings, store: CaseStore, status: Callable[[], dict] | None = None,
                ready: Callable[[], list[str]] | None = None, latency: LatencyHistogram | None = None,
-               hub: EventHub | None = None, reconnect: Callable[[str], str] | None = None) -> FastAPI:
+               hub: EventHub | None = None, reconnect: Callable[[str], str] | None = None,
+               site_changed: Callable[[], None] | None = None) -> FastAPI:
     """Build the API around its collaborators: ``status`` returns the daemon's live status as a dict,
     ``ready`` the reasons it is not ready yet (empty when ready), ``reconnect(why)`` asks the scanner link
-    to reopen its port and returns the link state."""
+    to reopen its port and returns the link state, ``site_changed()`` is told when a site point is accepted or
+    reset (the daemon re-judges drift against the new reference)."""
     remote = not is_loopback(settings.api_host)
     if remote and not settings.api_allow_remote:
         raise ApplianceError(f"the API would listen on {settings.api_host}, which is not loopback; set "
@@ -48,6 +50,7 @@ def create_app(settings: Settings, store: CaseStore, status: Callable[[], dict] 
     app.state.latency = latency  # the engine's LatencyHistogram, when the daemon serves the API
     app.state.events = hub or EventHub()
     app.state.reconnect = reconnect
+    app.state.site_changed = site_changed
     app.state.metrics = metrics.registry_for(app.state)  # read by GET /metrics; the app's own registry
     app.include_router(health.router)
     app.include_router(cases.router)
@@ -56,6 +59,7 @@ def create_app(settings: Settings, store: CaseStore, status: Callable[[], dict] 
     app.include_router(events.router)
     app.include_router(link.router)
     app.include_router(deliveries.router)
+    app.include_router(site.router)
     return app
 
 

@@ -61,6 +61,10 @@ class CasePublic(BaseModel):
     early_rule: str | None = None  # the early positive's rule and threshold (the model's decision.early)
     early_threshold: float | None = None
     early_score: float | None = None
+    threshold_source: str | None = None  # whose threshold decided: model, or site (an accepted site point)
+    site_accepted_at: str | None = None
+    site_report_sha256: str | None = None
+    measures: dict | None = None  # what the drift watch follows: stain angles, focus, tissue area
     reasons: list[ReasonPublic] = []
     warnings: list[ReasonPublic] = []  # QC findings after an early call: reported, never dropped
     early_positive: bool | None = None
@@ -131,4 +135,6 @@ class StatusPublic(BaseModel):
     disk_free_bytes: int | None = None
     storage: StorageStatus | None = None
     deliveries: dict[str, int] | None = None  # messages to the lab's systems by state: pending, delivered, failed
+    threshold: dict | None = None  # the threshold in force: value, source (model/site), site_accepted_at, words
+    drift: dict | None = None  # the drift watch: reference, window, rule, drifted measures, warning, findings
     notice: str = RESEARCH_USE_NOTICE

@@ -29,6 +29,15 @@ def _reasons(case: dict) -> list[dict]:
     return list(raw or [])
 
 
+def threshold_words(case: dict) -> str:
+    """Whose threshold decided the call, in words: the model's, or the site's with its acceptance date."""
+    value = "?" if case.get("threshold") is None else f"{case['threshold']:.6f}"
+    if case.get("threshold_source") == "site":
+        return (f"site threshold {value} (site validation accepted {case.get('site_accepted_at') or '?'}, "
+                f"report sha256 {case.get('site_report_sha256') or '?'})")
+    return f"model threshold {value}"
+
+
 def _model(case: dict) -> str:
     return f"{case.get('model_name') or '?'} {case.get('model_version') or '?'} sha256 {case.get('model_sha256') or '?'}"
 
@@ -59,6 +68,7 @@ def hl7_oru(case: dict, revision: int, created_at: str) -> str:
         ("NM", "TRIAGE-SCORE^Case score (top-k mean)^L", "" if case.get("score") is None else f"{case['score']:.6f}"),
         ("NM", "TRIAGE-THRESHOLD^Case threshold^L",
          "" if case.get("threshold") is None else f"{case['threshold']:.6f}"),
+        ("ST", "TRIAGE-THRESHOLD-SOURCE^Threshold that decided the call^L", _esc(threshold_words(case))),
         ("TX", "TRIAGE-REASONS^Reasons the case cannot be called^L", reasons),
         ("ST", "TRIAGE-MODEL^Model name, version and sha256^L", _esc(_model(case))),
         ("TX", "RESEARCH-USE^Intended use^L", _esc(RESEARCH_USE_NOTICE)),
@@ -96,6 +106,10 @@ def fhir_report(case: dict, revision: int, created_at: str) -> dict:
     if case.get("score") is not None:
         contained.append(obs("score", "triage-score", "Case score (top-k mean)",
                              {"valueQuantity": {"value": round(float(case["score"]), 6), "unit": "1"}}))
+    if case.get("threshold") is not None:
+        contained.append(obs("threshold", "triage-threshold", "Threshold that decided the call",
+                             {"valueQuantity": {"value": round(float(case["threshold"]), 6), "unit": "1"},
+                              "note": [{"text": threshold_words(case)}, {"text": RESEARCH_USE_NOTICE}]}))
     for i, r in enumerate(_reasons(case), start=1):
         contained.append(obs(f"reason{i}", "triage-reason", "Reason the case cannot be called",
                              {"valueString": f"{r['code']}: {r['message']}"}))
@@ -109,7 +123,8 @@ def fhir_report(case: dict, revision: int, created_at: str) -> dict:
         "issued": created_at,
         "contained": contained,
         "result": [{"reference": f"#{o['id']}"} for o in contained],
-        "conclusion": f"{case.get('verdict') or ''}. Model {_model(case)}. {RESEARCH_USE_NOTICE}",
+        "conclusion": f"{case.get('verdict') or ''} ({threshold_words(case)}). Model {_model(case)}. "
+                      f"{RESEARCH_USE_NOTICE}",
     }
     DiagnosticReport.model_validate(report)  # raises on anything FHIR R4B would refuse
     return report

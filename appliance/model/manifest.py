@@ -165,6 +165,9 @@ class ModelManifest(_Strict):
     sha256: dict[str, str]
     training: dict
     metrics: dict
+    # the drift watch's development reference (appliance.site.drift): cases, each followed measure's
+    # 5th/50th/95th percentiles and the cannot-call counts by reason; None: no development reference
+    drift: dict | None = None
 
     @model_validator(mode="after")
     def _every_file_hashed(self) -> "ModelManifest":

@@ -136,7 +136,8 @@ def format_verdict(result: dict, case_id: str) -> str:
         "",
         f"=== case {case_id}: {result['verdict'].upper()} ===",
         f"score {result['score']:.3f} ({rule_words(result['case_rule'], result['top_k'])}; threshold "
-        f"{result['threshold']:.3f}); {len(result['patches'])} tissue patches scored from {result['tiles']} tiles",
+        f"{result['threshold']:.3f}, {_whose(result)}); {len(result['patches'])} tissue patches scored from "
+        f"{result['tiles']} tiles",
     ]
     if result["early_positive"]:
         lines.append(f"early positive call after {result['early_positive_after_tiles']} tiles")
@@ -154,3 +155,10 @@ def format_verdict(result: dict, case_id: str) -> str:
     lines.append("timings ms: " + json.dumps(t))
     lines.append(RESEARCH_USE_NOTICE)
     return "\n".join(lines) + "\n"
+
+
+def _whose(result: dict) -> str:
+    """Whose threshold decided: the model's, or the site's with the date it was accepted."""
+    if result.get("threshold_source") == "site":
+        return f"the site's, accepted {(result.get('site_accepted_at') or '?')[:10]}"
+    return "the model's"

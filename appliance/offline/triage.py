@@ -11,6 +11,7 @@ from typing import Callable, Iterable
 
 from appliance.model.engine import Engine
 from appliance.pipeline import TriageSession
+from appliance.pipeline.decision import ThresholdInForce
 from appliance.pipeline.result import TriageResult
 from appliance.pipeline.summary import validated
 from appliance.terms import CaseFile
@@ -35,6 +36,7 @@ def triage_case(
     progress: Callable[[int, int | None, float], None] | None = None,
     geojson_tiles: bool = False,
     case_id: str | None = None,
+    thresholds: ThresholdInForce | None = None,
 ) -> tuple[TriageResult, dict]:
     """Triage a slide file, a single image or a tile folder; returns the typed result (what the case store
     records) and the JSON-ready summary.
@@ -46,7 +48,8 @@ def triage_case(
 
     With ``out_dir`` the case's files (overlay, OME-TIFFs, regions, summary) are written there and the
     mosaic is kept in ``out_dir/.work`` while the case runs; ``geojson_tiles`` adds every scored patch to
-    regions.geojson as a QuPath tile object; ``case_id`` names the case in them (default: from the file name).
+    regions.geojson as a QuPath tile object; ``case_id`` names the case in them (default: from the file name);
+    ``thresholds`` are the ones in force (default: the model's).
     Unreadable tile files are listed under ``skipped_inputs`` instead of stopping the case.
     """
     path = Path(path)
@@ -55,22 +58,23 @@ def triage_case(
             return _triage(engine, path, slide.tiles(tile_size), slide.count_tiles(tile_size), (0, 0),
                            slide.level_width, slide.level_height, slide.info.level_microns_per_pixel, [],
                            batch_size=batch_size, out_dir=out_dir, progress=progress, slide=slide.info,
-                           geojson_tiles=geojson_tiles, case_id=case_id)
+                           geojson_tiles=geojson_tiles, case_id=case_id, thresholds=thresholds)
     skipped: list[Skipped] = []
     ox, oy, width, height = case_extent(path)
     return _triage(engine, path, iter_case_tiles(path, tile_size, skipped), count_case_tiles(path, tile_size),
                    (ox, oy), width, height, microns_per_pixel, skipped, batch_size=batch_size, out_dir=out_dir,
-                   progress=progress, geojson_tiles=geojson_tiles, case_id=case_id)
+                   progress=progress, geojson_tiles=geojson_tiles, case_id=case_id, thresholds=thresholds)
 
 
 def _triage(engine: Engine, path: Path, tiles: Iterable[SourceTile], total: int | None, origin: tuple[int, int],
             width: int | None, height: int | None, scanner_mpp: float | None, skipped: list[Skipped], *,
             batch_size: int, out_dir: Path | None, progress, slide: SlideInfo | None = None,
-            geojson_tiles: bool = False, case_id: str | None = None) -> tuple[TriageResult, dict]:
+            geojson_tiles: bool = False, case_id: str | None = None,
+            thresholds: ThresholdInForce | None = None) -> tuple[TriageResult, dict]:
     made_out_dir = out_dir is not None and not Path(out_dir).exists()
     workdir = Path(out_dir) / ".work" if out_dir else None
     session = TriageSession(engine, batch_size=batch_size, scanner_mpp=scanner_mpp, width=width,
-                            height=height, workdir=workdir, origin=origin)
+                            height=height, workdir=workdir, origin=origin, thresholds=thresholds)
     done = False
     try:
         for n, tile in enumerate(tiles, 1):

@@ -4,13 +4,46 @@ measurements give the same call."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 from appliance.model.metrics import top_k_mean
 from appliance.pipeline.mil import LargestRegion, TopKMean
 from appliance.pipeline.mil import case_score as mil_case_score
 from appliance.pipeline.qc import Reason
-from appliance.terms import CaseRule, Verdict
+from appliance.terms import CaseRule, ThresholdSource, Verdict
+
+
+@dataclass(frozen=True)
+class ThresholdInForce:
+    """The thresholds a case is called with: the model's (its manifest's), or a site's accepted operating
+    point (``appliance site accept``), named with its date and report so every record says which decided."""
+
+    threshold: float  # the final rule's
+    early_threshold: float  # the early rule's
+    source: ThresholdSource = ThresholdSource.MODEL
+    site_accepted_at: str | None = None
+    site_report_sha256: str | None = None
+
+    @classmethod
+    def of_model(cls, decision) -> "ThresholdInForce":
+        return cls(decision.case_threshold, decision.early_rule.threshold)
+
+    @classmethod
+    def of_site(cls, decision, threshold: float, accepted_at: str, report_sha256: str) -> "ThresholdInForce":
+        """A site's threshold for the final rule. When the early rule is the final rule itself (a first-stage
+        top-k mean) the early positive uses it too, so the early call and the final one never disagree;
+        an early rule of its own (on another scale) keeps the model's early threshold."""
+        early = decision.early_rule
+        same = (early.rule, early.top_k) == (decision.case_rule, decision.top_k)
+        return cls(threshold, threshold if same else early.threshold, ThresholdSource.SITE, accepted_at,
+                   report_sha256)
+
+    def words(self) -> str:
+        """'the model's threshold 0.706' or 'the site threshold 0.512 (accepted 2026-12-06)'."""
+        if self.source == ThresholdSource.SITE:
+            return f"the site threshold {self.threshold:.3f} (accepted {(self.site_accepted_at or '?')[:10]})"
+        return f"the model's threshold {self.threshold:.3f}"
 
 
 def case_score(rule: CaseRule, mil: TopKMean, region: LargestRegion | None) -> float:

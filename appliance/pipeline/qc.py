@@ -128,6 +128,7 @@ class CaseQc:
     stain_judged_at_tiles: int | None = None  # tiles 1..N the latest stain fit was made on
     first_fit: StainFit | None = None  # the first judgement's fit (a normalising model's map comes from it)
     fits: int = 0
+    focus_values: list[float] = field(default_factory=list)  # every focus-checked patch's Laplacian variance
     sample: StainSample = field(init=False)
     _next_judgement: int = field(init=False)
 
@@ -153,6 +154,7 @@ class CaseQc:
 
     def add_patches(self, focus: np.ndarray) -> None:
         self.patches_scored += len(focus)
+        self.focus_values.extend(np.asarray(focus, dtype=np.float64).tolist())
         self.patches_blurred += int((focus < self.limits.focus_min).sum())
 
     def fit_stain(self) -> StainFit | None:
@@ -176,6 +178,11 @@ class CaseQc:
     @property
     def blurred_fraction(self) -> float:
         return self.patches_blurred / self.patches_scored if self.patches_scored else 0.0
+
+    @property
+    def focus_median(self) -> float | None:
+        """The median Laplacian variance of the focus-checked patches (None before any): how sharp the case is."""
+        return round(float(np.median(self.focus_values)), 2) if self.focus_values else None
 
     @property
     def clipped_fraction(self) -> float:
@@ -225,6 +232,7 @@ class CaseQc:
             "patches_focus_checked": self.patches_scored,
             "patches_out_of_focus": self.patches_blurred,
             "out_of_focus_fraction": round(self.blurred_fraction, 4),
+            "focus_median": self.focus_median,
             "stain": self.stain.to_dict() if self.stain is not None else None,
             "stain_error": self.stain_error,
             "stain_angles_deg": [round(a, 1) for a in angles] if angles else None,

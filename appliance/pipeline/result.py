@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 from appliance import RESEARCH_USE_NOTICE
 from appliance.pipeline.qc import Reason
-from appliance.terms import CaseRule, Verdict
+from appliance.terms import CaseRule, ThresholdSource, Verdict
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,14 @@ class TriageResult:
     early_top_k: int = 0
     early_threshold: float = 0.0
     early_score: float = 0.0
+    # whose threshold decided: the model's, or the site's accepted operating point (with its date and report)
+    threshold_source: ThresholdSource = ThresholdSource.MODEL
+    site_accepted_at: str | None = None
+    site_report_sha256: str | None = None
     qc: dict = field(default_factory=dict)
+    # what the drift watch follows (appliance.site.drift): stain angles to the model's reference (deg), focus
+    # (median Laplacian variance of the focus-checked patches) and tissue area (mm^2 of tissue patches)
+    measures: dict = field(default_factory=dict)
     warnings: list[Reason] = field(default_factory=list)
     microns_per_pixel: float = 0.0  # of the mosaic, heatmap and regions (the model's resolution)
     origin: list[int] = field(default_factory=lambda: [0, 0])  # input pixel position of the mosaic's 0, 0
@@ -60,7 +67,7 @@ class TriageResult:
         on the path from the last tile to the verdict)."""
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         d.update(reasons=[asdict(r) for r in self.reasons], warnings=[asdict(w) for w in self.warnings],
-                 model=dict(self.model), timings_ms=dict(self.timings_ms), qc=copy.deepcopy(self.qc),
+                 model=dict(self.model), timings_ms=dict(self.timings_ms), qc=copy.deepcopy(self.qc), measures=dict(self.measures),
                  origin=list(self.origin), patches=[p.to_dict() for p in self.patches],
                  top_patches=[p.to_dict() for p in self.top_patches()])
         return d

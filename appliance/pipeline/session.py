@@ -73,14 +73,16 @@ class TriageSession:
     after it are reported as warnings.
 
     ``scanner_mpp``/``width``/``height`` describe the case in scanner pixels (0/None when unknown);
-    ``workdir`` holds the on-disk mosaic (a temporary folder when not given). ``origin`` is the input's
+    ``workdir`` holds the on-disk mosaic (a temporary folder when not given). ``thresholds`` are the ones in
+    force (default: the model's own; a site's accepted operating point replaces them). ``origin`` is the input's
     top-left (a tile folder cut from a slide need not start at 0, 0): the grid, mosaic, heatmap and output
     files are anchored there, while patch positions in the result are reported in input pixels.
     """
 
     def __init__(self, engine: Engine, *, batch_size: int = 128, on_event: Event | None = None,
                  scanner_mpp: float | None = None, width: int | None = None, height: int | None = None,
-                 workdir: Path | None = None, qc_limits: QcLimits | None = None, origin: tuple[int, int] = (0, 0)):
+                 workdir: Path | None = None, qc_limits: QcLimits | None = None, origin: tuple[int, int] = (0, 0),
+                 thresholds: decision.ThresholdInForce | None = None):
         m = engine.manifest
         self.engine = engine
         self.batch_size = batch_size
@@ -88,7 +90,9 @@ class TriageSession:
         self.stride = m.patch.stride
         self.pad_value = m.input.pad_value
         self.min_tissue = m.patch.min_tissue_fraction
-        self.threshold = m.decision.case_threshold
+        # the model's thresholds, or a site's accepted operating point (appliance.site.points)
+        self.thresholds = thresholds or decision.ThresholdInForce.of_model(m.decision)
+        self.threshold = self.thresholds.threshold
         self.patch_threshold = m.decision.patch_threshold
         self.mpp = m.input.microns_per_pixel
         self.scale = scale_factor(scanner_mpp, self.mpp)
@@ -287,7 +291,7 @@ class TriageSession:
             cp = self._checkpoints.popleft()
             if not self.early_positive and decision.is_early_positive(
                     qc_clean=cp.qc_clean, patches=cp.patches, min_patches=self.min_patches, mil_full=self.mil.full,
-                    score=self.score, threshold=self.early.threshold):
+                    score=self.score, threshold=self.thresholds.early_threshold):
                 self.early_positive_after_tiles = cp.tile
                 self.on_event(EventKind.EARLY_POSITIVE, {"score": round(self.score, 6), "tiles": cp.tile})
 
@@ -351,15 +355,29 @@ class TriageSession:
             case_rule=self.case_rule,
             early_rule=self.early.rule,
             early_top_k=self.early.top_k,
-            early_threshold=self.early.threshold,
+            early_threshold=self.thresholds.early_threshold,
             early_score=round(early_score, 6),
+            threshold_source=self.thresholds.source,
+            site_accepted_at=self.thresholds.site_accepted_at,
+            site_report_sha256=self.thresholds.site_report_sha256,
             qc=self.qc.summary(),
+            measures=self._measures(),
             warnings=warnings,
             microns_per_pixel=self.mpp,
             origin=list(self.origin),
         )
         self.on_event(EventKind.FINISHED, {"verdict": verdict, "score": result.score})
         return result
+
+    def _measures(self) -> dict[str, float | None]:
+        """What the drift watch follows for this case (appliance.site.drift). Tissue area counts each scored
+        patch's stride x stride cell at the model's resolution (the patches tile the tissue)."""
+        angles = self.qc.stain_angles()
+        cell_mm = self.stride * self.mpp / 1000.0
+        return {"stain_h_deg": round(angles[0], 2) if angles else None,
+                "stain_e_deg": round(angles[1], 2) if angles else None,
+                "focus": self.qc.focus_median,
+                "tissue_mm2": round(len(self._scores) * cell_mm * cell_mm, 4)}
 
     def _refine(self) -> list[float]:
         """The context stage over the whole case grid: each patch's probability becomes the refined one (the

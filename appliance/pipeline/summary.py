@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from appliance.terms import CaseRule, Verdict
+from appliance.terms import CaseRule, ThresholdSource, Verdict
 
 
 class _Closed(BaseModel):
@@ -67,7 +67,11 @@ class TriageSummary(_Closed):
     early_top_k: int
     early_threshold: float
     early_score: float
+    threshold_source: ThresholdSource
+    site_accepted_at: str | None
+    site_report_sha256: str | None
     qc: dict
+    measures: dict
     microns_per_pixel: float
     origin: list[int]
     research_use_only: Literal[True]

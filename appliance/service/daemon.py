@@ -26,6 +26,8 @@ from appliance.service.events import EventHub
 from appliance.service.outbox import Outbox
 from appliance.service.receiver import CaseReceiver, StorageGuard
 from appliance.service.worker import CaseProgress, Notify, PipelineWorker, eta_seconds
+from appliance.site.drift import DriftWatch, reference_in_force
+from appliance.site.points import thresholds_in_force
 from appliance.store.database import CaseStore
 from appliance.store.spool import TileSpool
 from appliance.terms import RECORDED_EVENTS, EventKind
@@ -57,6 +59,26 @@ class Daemon:
         # Why the daemon cannot take cases at all (the model failed its checks), or None. Set at start: the
         # daemon then runs degraded, serving its status and this reason but never opening the scanner link.
         self.problem: str | None = None
+        self.drift = DriftWatch()
+
+    def thresholds(self):
+        """The thresholds in force for the next case: the accepted site point's for this model, else the model's."""
+        return thresholds_in_force(self.store.site_point(), self.engine.manifest)
+
+    def check_drift(self) -> None:
+        """Re-judge the last cases against the reference in force; a change in what drifted is an event."""
+        if self.store is None or self.engine is None:
+            return
+        try:
+            reference, name = reference_in_force(self.engine.manifest, self.store.site_point())
+            changed = self.drift.check(self.store.recent_cases(self.drift.window), reference, name)
+        except Exception:  # noqa: BLE001 - the watch must never stop the daemon
+            log.exception("the drift watch failed")
+            return
+        if changed:
+            st = self.drift.status()
+            self.notify(EventKind.DRIFT, {"drifted": st["drifted"], "reference": st["reference"],
+                                          "warning": st["warning"] or "no drift: recent cases are like the reference"})
 
     def notify(self, kind: str, data: dict) -> None:
         """Record lifecycle events in SQLite, then pass every event on (demo progress, logs)."""
@@ -67,6 +89,8 @@ class Daemon:
             except Exception:  # noqa: BLE001 - the history must never stop the daemon
                 log.exception("could not record event %s", kind)
         self._user_notify(kind, data)
+        if kind == EventKind.FINISHED:
+            self.check_drift()
 
     def start(self) -> None:
         """Load the model, open the store, serve the API and open the link; on any failure undo it all.
@@ -98,13 +122,16 @@ class Daemon:
             return
         self.store.model_seen(self.engine.description)
         spool = TileSpool(s.spool_dir)
-        self.pipeline = PipelineWorker(self.engine, self.store, s.batch_size, self.notify, s.cases_dir)
+        self.pipeline = PipelineWorker(self.engine, self.store, s.batch_size, self.notify, s.cases_dir,
+                                       self.thresholds)
+        self.check_drift()
         self.pipeline.start()
         self.receiver = CaseReceiver(spool, self.store, self.pipeline, self.engine.description, self.notify,
                                      self.storage)
         if self.serve_api:
             self.api = ApiServer(create_app(s, self.store, self.status, self.not_ready, self.engine.latency,
-                                            self.events, self.reconnect_link), s.api_host, s.api_port)
+                                            self.events, self.reconnect_link, self.check_drift),
+                                 s.api_host, s.api_port)
             self.api.start()
             self.notify(EventKind.API, {"url": f"http://{s.api_host}:{self.api.port}"})
         self.receiver.recover()
@@ -170,6 +197,12 @@ class Daemon:
             }
         if self.engine is not None:
             out["model"] = self.engine.description
+            if self.store is not None and not self.problem:
+                thresholds = self.thresholds()
+                out["threshold"] = {"value": thresholds.threshold, "source": thresholds.source,
+                                    "site_accepted_at": thresholds.site_accepted_at,
+                                    "site_report_sha256": thresholds.site_report_sha256, "words": thresholds.words()}
+                out["drift"] = self.drift.status()
         storage = self.storage.status()
         out["disk_free_bytes"] = storage["free_bytes"]
         out["storage"] = storage

@@ -22,6 +22,7 @@ from firmware_bridge.sink import CaseInfo
 from appliance.errors import ApplianceError, StoreError
 from appliance.model.engine import Engine
 from appliance.pipeline import TriageResult, TriageSession
+from appliance.pipeline.decision import ThresholdInForce
 from appliance.service.heap import release_free_memory
 from appliance.store.database import CaseStore
 from appliance.terms import EventKind
@@ -73,8 +74,12 @@ class CaseProgress:
 class PipelineWorker:
     """Runs one TriageSession per case on its own thread, fed tile by tile through a queue."""
 
-    def __init__(self, engine: Engine, store: CaseStore, batch_size: int, notify: Notify, cases_dir: Path):
+    def __init__(self, engine: Engine, store: CaseStore, batch_size: int, notify: Notify, cases_dir: Path,
+                 thresholds: Callable[[], ThresholdInForce] | None = None):
+        """``thresholds()`` gives the thresholds in force, asked at each case's start (a site point accepted
+        meanwhile applies from the next case on, never to one in flight)."""
         self.engine = engine
+        self.thresholds = thresholds or (lambda: ThresholdInForce.of_model(engine.manifest.decision))
         self.store = store
         self.cases_dir = Path(cases_dir)
         self.batch_size = batch_size
@@ -143,6 +148,7 @@ class PipelineWorker:
                         width=info.image_width if info else None,
                         height=info.image_height if info else None,
                         workdir=self.cases_dir / progress.case_id / ".work",
+                        thresholds=self.thresholds(),
                     )
                 elif kind == "tile":
                     pixels = self._pixels(item[4], item[5])

@@ -110,3 +110,32 @@ def _early_rule(db: sqlite_utils.Database) -> None:
     db["cases"].add_column("early_rule", str)
     db["cases"].add_column("early_threshold", float)
     db["cases"].add_column("early_score", float)
+
+
+@migrations(name="0007_site_operating_point")
+def _site_operating_point(db: sqlite_utils.Database) -> None:
+    """Whose threshold decided each call, what the drift watch follows per case, and the site operating points
+    a lab accepted from its own validation (one in force at a time; never deleted, for the audit)."""
+    db["cases"].add_column("threshold_source", str)  # model or site
+    db["cases"].add_column("site_accepted_at", str)
+    db["cases"].add_column("site_report_sha256", str)
+    db["cases"].add_column("measures", str)  # JSON: stain_h_deg, stain_e_deg, focus, tissue_mm2
+    db["site_points"].create(
+        {
+            "id": int,
+            "model_sha256": str,  # the point applies to this model only
+            "threshold": float,
+            "target_sensitivity": float,
+            "malignant": int,  # callable cases of each label in the validation
+            "benign": int,
+            "report_sha256": str,
+            "report": str,  # JSON: the report's figures and the drift reference (its case list left out)
+            "accepted_at": str,
+            "accepted_by": str,
+            "accepted_via": str,
+            "ended_at": str,  # reset, or replaced by a newer point
+            "ended_by": str,
+            "ended_why": str,
+        },
+        pk="id",
+    )

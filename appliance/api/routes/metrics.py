@@ -54,6 +54,16 @@ class ApplianceCollector(Collector):
                                   value=counters.get("reconnects", 0))
         yield GaugeMetricFamily("appliance_link_up", "1 while a scanner is connected and heard.",
                                 value=1 if link.get("state") == "up" else 0)
+        drift = status.get("drift")
+        if drift is not None:  # 1 per followed measure the drift watch finds outside the reference, else 0
+            gauge = GaugeMetricFamily("appliance_drift", "1 while the last cases' measure is outside the drift "
+                                      "reference (appliance.site.drift), 0 while inside.", labels=["measure"])
+            for f in drift["findings"]:
+                gauge.add_metric([f["measure"]], 1 if f["drifted"] else 0)
+            yield gauge
+        if status.get("threshold") is not None:
+            yield GaugeMetricFamily("appliance_case_threshold", "The case threshold in force (the site's when "
+                                    "one is accepted, else the model's).", value=status["threshold"]["value"])
         free = status.get("disk_free_bytes")
         if free is not None:  # unknown is left out rather than reported as 0 bytes free
             yield GaugeMetricFamily("appliance_disk_free_bytes", "Free space on the data disk.", value=free)

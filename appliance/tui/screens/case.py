@@ -86,7 +86,8 @@ class CaseScreen(Screen):
         facts = [f"Case {c['id']}   specimen {c.get('specimen_id') or '-'}   status {c['status']}"]
         if score is not None:
             facts.append(f"Score {score:.3f} ({rule_words(c.get('case_rule'))})   threshold "
-                         f"{c.get('threshold') or 0:.3f}   {c.get('patches_scored') or 0} tissue patches scored")
+                         f"{c.get('threshold') or 0:.3f} {_threshold_source(c)}   "
+                         f"{c.get('patches_scored') or 0} tissue patches scored")
         if c.get("early_positive"):
             # the early rule is named when it is not the final rule at the final threshold
             differs = c.get("early_threshold") is not None and (c["early_threshold"], c.get("early_rule")) != (
@@ -152,3 +153,10 @@ def _top_rows(strip, width: int, _lines: int) -> Text:
 
 
 # fixed widths: the table fits 80 columns and does not jump about as rows arrive
+
+
+def _threshold_source(c: dict) -> str:
+    """Whose threshold decided the call: the model's, or the site's with the date it was accepted."""
+    if c.get("threshold_source") == "site":
+        return f"(site, accepted {(c.get('site_accepted_at') or '?')[:10]})"
+    return "(model's)"

@@ -50,7 +50,9 @@ class LiveScreen(Screen):
         self.query_one("#link", Static).update(Text.assemble(
             ("Scanner link: ", "bold"), (f"{'● UP' if up else '○ ' + state.upper()}", "bold" if up else "bold reverse"),
             f"  on {link.get('port', '?')}",
-            (f"   last error: {link['last_error']}" if link.get("last_error") and not up else "")))
+            (f"   last error: {link['last_error']}" if link.get("last_error") and not up else ""),
+            # the drift watch's warning, on the status line while it holds
+            (f"\n⚠ {st['drift']['warning']}" if (st.get("drift") or {}).get("warning") else "", "bold reverse")))
         c = st.get("case")
         if not c:
             return

@@ -58,15 +58,18 @@ class Core:
 
 
 def cut_cores(patient: int, idx: np.ndarray, gx: np.ndarray, gy: np.ndarray, labels: np.ndarray,
-              min_patches: int = MIN_CORE_PATCHES, directions=tuple(DIRECTIONS)) -> tuple[list[Core], int]:
+              min_patches: int = MIN_CORE_PATCHES, directions=tuple(DIRECTIONS), offset: int = 0
+              ) -> tuple[list[Core], int]:
     """The cores of one complete slide. idx: the slide's patch positions in the caller's arrays; gx, gy their
-    grid cells; labels their patch labels. Returns (cores, strips left out as ambiguous)."""
+    grid cells; labels their patch labels. ``offset`` (cells) moves the strips' edges: strips cut at each
+    offset 0..width-1 are all the cores a needle could take in that direction, overlapping. Returns (cores,
+    strips left out as ambiguous)."""
     idx, gx, gy, labels = (np.asarray(a) for a in (idx, gx, gy, labels))
     cores, ambiguous = [], 0
     for direction in directions:
         coord, width = DIRECTIONS[direction]
         u = coord(gx, gy)
-        u0 = int(u.min())
+        u0 = int(u.min()) - offset % width
         band = (u - u0) // width
         for b in range(int(band.max()) + 1):
             inside = band == b

@@ -1,0 +1,1 @@
+"""Site validation: measuring the appliance on a lab's own cases."""
