@@ -141,7 +141,7 @@ def render_html(report: dict) -> str:
     """One self-contained HTML page (inline CSS, plots as data: URIs) for a lab technician to read or print."""
     notice, model = _e(report["notice"]), report["model"]
     rec = report.get("recommended")
-    note = "" if rec else f'<p class="note">{_e(report.get("recommendation_note") or "No threshold recommended.")}</p>'
+    note = f'<p class="note">{_e(report.get("recommendation_note") or "No threshold recommended.")}</p>'
     roc = (f'<img id="roc" alt="ROC curve" src="{_roc_png(report)}">' if report.get("roc")
            else "<p>No ROC curve: the callable cases do not include both malignant and benign cases.</p>")
     cases = [(c["case_id"], c["input"], c["specimen"], "malignant" if c["label"] == 1 else "benign", c["status"],
@@ -161,6 +161,7 @@ Created: {_e(report["created_at"])}<br>Report sha256: <code>{_e(report.get("repo
 <h2>Cases</h2>
 {_rows(cases, ("case", "input", "specimen", "label", "status", "verdict", "score", "cannot-call reasons"))}
 <h2>Drift reference</h2>
+<p>Once this report is accepted, the drift watch compares the lab's recent cases with these cases.</p>
 {_rows(spreads, ("measure", "n", "5th percentile", "median", "95th percentile"))}
 <h2>How the threshold is recommended</h2><p>{_e(rec["rule"] if rec else RECOMMENDATION_RULE)}</p>
 <p class="notice">{notice}</p>

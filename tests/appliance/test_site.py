@@ -243,7 +243,9 @@ def accepted(sites, reports):
 def test_after_accept_the_daemon_calls_with_the_site_threshold_and_its_messages_say_so(sites, accepted, tmp_path):
     from appliance.config import Settings
     from appliance.offline.demo import run_demo
+    from appliance.service.outbox import Outbox
     from tests.lis_receivers import FhirReceiver, MllpReceiver
+    from tests.waiting import wait_until
 
     token = tmp_path / "fhir-token"
     token.write_text("site-test-token\n")
@@ -257,27 +259,81 @@ def test_after_accept_the_daemon_calls_with_the_site_threshold_and_its_messages_
         case = sites["b"].parent / read_rows(sites["b"])[0]["path"]
         outcome = run_demo(settings, case_path=case, timeout=120, out=open(os.devnull, "w"))
         assert outcome.exit_code == 0
+        # the call's messages were queued with it; the daemon's sender delivers what its run left pending
         store = CaseStore(settings.db_path)
+        outbox = Outbox(store, token, first_backoff_s=0.05, max_backoff_s=0.2, timeout_s=5)
+        outbox.start()
         try:
             row = store.get_case(outcome.case_id)
-            deadline = time.monotonic() + 60
-            while len(mllp.received) < 1 or len(fhir.received) < 1:
-                assert time.monotonic() < deadline, "the messages did not arrive"
-                time.sleep(0.1)
+            wait_until(lambda: {d["status"] for d in store.deliveries(outcome.case_id)} == {"delivered"}, timeout=60)
         finally:
+            outbox.stop()
             store.close()
     finally:
         mllp.stop()
         fhir.stop()
     threshold = accepted["recommended"]["threshold"]
+    audit = [(a["actor"], a["via"], a["action"], a["detail"]["threshold"]) for a in CaseStore(settings.db_path).audit_log()]
+    assert ("QA", "cli", "site-accept", threshold) in audit
     assert row["threshold_source"] == "site" and row["threshold"] == threshold
     assert row["site_report_sha256"] == accepted["report_sha256"]
-    hl7 = mllp.received[-1][1]
+    hl7 = next(m for mid, m in mllp.received if mid == f"{outcome.case_id}.r1")
     assert "TRIAGE-THRESHOLD-SOURCE" in hl7 and f"site threshold {threshold:.6f}" in hl7
-    body = fhir.received[-1][1]
+    body = next(b for mid, b in fhir.received if mid == f"{outcome.case_id}.r1")
     assert f"site threshold {threshold:.6f}" in body["conclusion"]
     observed = {o["id"]: o for o in body["contained"]}
     assert observed["threshold"]["valueQuantity"]["value"] == round(threshold, 6)
+    # `appliance triage` reads the site point in force from the same store
+    out = tmp_path / "triage.json"
+    run = appliance(sites["data"], "triage", str(case), "--json", str(out))
+    assert run.returncode == 0, run.stderr
+    summary = json.loads(out.read_text())
+    assert (summary["threshold_source"], summary["threshold"]) == ("site", threshold)
+    assert f"the site threshold {threshold:.3f}" in run.stdout
+
+
+def test_the_daemon_warns_of_drift_in_status_metrics_events_and_the_tui(sites, reports, demo_image):
+    """The store's last 50 cases are site b's (a finer scanner): against the development reference the focus
+    drifts. Accepting site b's validation makes it the reference (quiet); resetting brings the warning back."""
+    import asyncio
+
+    from textual.widgets import Static
+
+    from appliance.config import Settings
+    from appliance.tui.app import TriageApp
+    from tests.tui.conftest import Bench, wait_for
+
+    settings = Settings(data_dir=sites["data"], model_dir=MODEL_DIR, api_port=0)
+    bench = Bench(settings, demo_image)
+    try:
+        st = httpx.get(f"{bench.url}/status").json()
+        assert "focus" in st["drift"]["drifted"] and st["drift"]["warning"].startswith("Drift: focus")
+        assert st["drift"]["reference"] == "idc-resnet 0.5.0 development cases"
+        assert st["threshold"]["source"] == "model"
+        assert 'appliance_drift{measure="focus"} 1.0' in httpx.get(f"{bench.url}/metrics").text
+        events = [e for e in bench.daemon.store.events() if e["kind"] == "drift"]
+        assert "focus" in events[-1]["detail"]["drifted"]
+
+        async def status_line():
+            app = TriageApp(bench.url, settings.token_path, poll_s=0.1)
+            async with app.run_test(size=(120, 40)) as pilot:
+                await wait_for(pilot, lambda: "Drift: focus" in str(app.live.query_one("#link", Static).content),
+                               what="the drift warning on the status line")
+
+        asyncio.run(status_line())
+        auth = {"Authorization": f"Bearer {settings.token_path.read_text().strip()}"}
+        report = json.loads((reports["report_b"] / "report.json").read_text())
+        assert httpx.post(f"{bench.url}/site/accept", json={"initials": "QA", "report": report},
+                          headers=auth).status_code == 200
+        st = httpx.get(f"{bench.url}/status").json()
+        assert st["drift"]["drifted"] == [] and st["drift"]["reference"].startswith("site validation accepted")
+        assert st["threshold"]["source"] == "site" and "site threshold" in st["threshold"]["words"]
+        assert 'appliance_drift{measure="focus"} 0.0' in httpx.get(f"{bench.url}/metrics").text
+        assert bench.daemon.store.events()[-1]["kind"] == "drift"  # cleared: said once
+        assert httpx.post(f"{bench.url}/site/reset", json={"initials": "QA"}, headers=auth).status_code == 200
+        assert "focus" in httpx.get(f"{bench.url}/status").json()["drift"]["drifted"]
+    finally:
+        bench.close()
 
 
 def test_accept_and_reset_through_the_api_are_audited_and_visible(sites, reports, tmp_path):
