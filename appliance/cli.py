@@ -343,9 +343,15 @@ def site_show(ctx) -> None:
     settings = _settings(ctx)
     manifest = read_manifest(settings.model_dir)
     point = read_point(settings.db_path)
-    click.echo(f"in force: {thresholds_in_force(point, manifest).words()}")
+    click.echo(f"in force: {thresholds_in_force(point, manifest).words()}; the model's own is "
+               f"{manifest.decision.case_threshold:.4f}")
     if point is not None and point["model_sha256"] != manifest.digest:
         click.echo("  (the accepted site point is for another model; validate this model to set one for it)")
+    if point is not None:
+        click.echo(f"  site point {point['id']}: threshold {point['threshold']:.4f} for sensitivity "
+                   f"{point['target_sensitivity']:g}, from {point['malignant']} malignant and {point['benign']} benign "
+                   f"cases; accepted {point['accepted_at']} by {point['accepted_by']} ({point['accepted_via']}); "
+                   f"report sha256 {point['report_sha256']}")
 
 
 @main.command()

@@ -5,8 +5,8 @@
 The cores are cut as the model build cuts them (idc_build.cores: strips 1 mm wide, four directions, a core
 positive when it holds an IDC patch, negative when neither it nor a one-cell margin does), at every offset of
 the strips' edges, so one slide gives the hundred-odd distinct, overlapping cores a site needs. A site's
-"lab shift" is a transform of every tile's pixels: a turn of the haematoxylin colour on the fixed
-Ruifrok-Johnston basis (a different stain batch), or nothing.
+"lab shift" is a scanner of another resolution (``write_site(scale=...)``) or a transform of every tile's
+pixels.
 """
 
 from __future__ import annotations
@@ -28,10 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SLIDE = ROOT / "appliance" / "offline" / "demo_case" / "idc-10253.tif"
 LABELS = ROOT / "tests" / "fixtures" / "site" / "idc-10253-labels.csv"
 CELL = 50
-# Ruifrok & Johnston's H, E and DAB optical-density vectors (rows), as in scikit-image's rgb_from_hed
-RJ_BASIS = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
 
-Transform = Callable[[np.ndarray], np.ndarray]
+Transform = Callable[[np.ndarray], np.ndarray]  # a tile's pixels as another lab would have them
 
 
 def load_slide() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -58,24 +56,13 @@ def virtual_cores(xs: np.ndarray, ys: np.ndarray, labels: np.ndarray) -> list[tu
     return out
 
 
-def turn_haematoxylin(degrees: float) -> Transform:
-    """A stain batch that stains haematoxylin in another hue: each pixel unmixed on the Ruifrok-Johnston basis
-    (Beer-Lambert optical density), the H vector turned by ``degrees`` in the plane of H and E away from eosin,
-    and the pixel mixed again."""
-    h, e = RJ_BASIS[0] / np.linalg.norm(RJ_BASIS[0]), RJ_BASIS[1] / np.linalg.norm(RJ_BASIS[1])
-    u = e - (e @ h) * h
-    u /= np.linalg.norm(u)
-    t = np.radians(degrees)
-    turned = RJ_BASIS.copy()
-    turned[0] = (np.cos(t) * h - np.sin(t) * u) * np.linalg.norm(RJ_BASIS[0])
-    unmix = np.linalg.inv(RJ_BASIS)
-
-    def apply(rgb: np.ndarray) -> np.ndarray:
-        od = -np.log((rgb.reshape(-1, 3).astype(np.float64) + 1.0) / 256.0)
-        out = 256.0 * np.exp(-((od @ unmix) @ turned)) - 1.0
-        return np.clip(np.round(out), 0, 255).astype(np.uint8).reshape(rgb.shape)
-
-    return apply
+def write_cases(path: Path, rows: list[dict]) -> Path:
+    """A site's case list: path, label (malignant/benign), specimen."""
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["path", "label", "specimen"])
+        w.writeheader()
+        w.writerows(rows)
+    return path
 
 
 def write_site(root: Path, cores, slide: tuple, transform: Transform | None = None, prefix: str = "core",
@@ -95,12 +82,7 @@ def write_site(root: Path, cores, slide: tuple, transform: Transform | None = No
                 tile = transform(tile)
             Image.fromarray(tile).save(folder / f"{prefix}_x{x}_y{y}.png", compress_level=1)
         rows.append({"path": folder.name, "label": "malignant" if label else "benign", "specimen": f"S-{name}"})
-    manifest = root / "cases.csv"
-    with open(manifest, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["path", "label", "specimen"])
-        w.writeheader()
-        w.writerows(rows)
-    return manifest
+    return write_cases(root / "cases.csv", rows)
 
 
 def _core_tiles(pixels: np.ndarray, xs: np.ndarray, ys: np.ndarray, scale: float):
@@ -182,9 +164,4 @@ def dev_site(root: Path, data: Path, per_label: int = 60, seed: int = 2026) -> P
             except OSError:
                 shutil.copyfile(src, folder / src.name)
         out.append({"path": folder.name, "label": "malignant" if label else "benign", "specimen": name})
-    manifest = root / "cases.csv"
-    with open(manifest, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["path", "label", "specimen"])
-        w.writeheader()
-        w.writerows(out)
-    return manifest
+    return write_cases(root / "cases.csv", out)

@@ -17,7 +17,10 @@ KEPT = ("created_at", "model", "target_sensitivity", "counts", "auc", "shipped",
 def point_from_report(report: dict, manifest) -> dict:
     """The site_points row a verified report gives (``site.report.read_report`` checked its sha256). Refuses a
     report of another model, or one that recommends nothing, with the reason."""
-    model_sha = (report.get("model") or {}).get("sha256")
+    missing = [k for k in ("model", "recommended", "counts", "target_sensitivity", "report_sha256") if k not in report]
+    if missing or not isinstance(report.get("model"), dict) or not isinstance(report.get("counts"), dict):
+        raise InputError(f"not a site validation report (appliance site validate): no {', '.join(missing) or 'model'}")
+    model_sha = report["model"].get("sha256")
     if model_sha != manifest.digest:
         raise InputError(f"the report validated model {str(model_sha)[:12]}..., but the appliance runs "
                          f"{manifest.name} {manifest.version} ({manifest.digest[:12]}...): validate this model first")
@@ -25,10 +28,13 @@ def point_from_report(report: dict, manifest) -> dict:
     if not rec:
         raise InputError(f"the report recommends no threshold: {report.get('recommendation_note') or 'too few cases'}")
     counts = report["counts"]
-    return {"model_sha256": model_sha, "threshold": float(rec["threshold"]),
-            "target_sensitivity": float(report["target_sensitivity"]),
-            "malignant": int(counts["callable_malignant"]), "benign": int(counts["callable_benign"]),
-            "report_sha256": report["report_sha256"], "report": {k: report.get(k) for k in KEPT}}
+    try:
+        return {"model_sha256": model_sha, "threshold": float(rec["threshold"]),
+                "target_sensitivity": float(report["target_sensitivity"]),
+                "malignant": int(counts["callable_malignant"]), "benign": int(counts["callable_benign"]),
+                "report_sha256": str(report["report_sha256"]), "report": {k: report.get(k) for k in KEPT}}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InputError(f"not a site validation report (appliance site validate): {exc!r}") from None
 
 
 def thresholds_in_force(point: dict | None, manifest) -> ThresholdInForce:
