@@ -10,7 +10,7 @@ measure's 5th/50th/95th percentiles and the cannot-call counts by reason (applia
 
 Run after `make model` (the Makefile does):
     python models/tools/drift_reference.py --data ../shared/data/idc_breast_histopathology --model-dir models/idc-resnet
-The manifest's sha256 of the model (its weights' hash) does not change.
+The model card gets its drift section; the model's sha256 (its weights' hash) does not change.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from appliance.model.engine import load_engine
 from appliance.pipeline import TriageSession
 from appliance.site.drift import reference_of
 from appliance.site.stats import spread
+from idc_build.card import write_card
 from idc_build.cores import cut_all
 from idc_build.data import load_coords, load_patches
 
@@ -78,8 +79,9 @@ def main() -> None:
     manifest = json.loads(path.read_text())
     manifest["drift"] = reference
     path.write_text(json.dumps(manifest, indent=2) + "\n")
+    write_card(args.model_dir)  # the card's drift section, and the card's new sha256 in the manifest
     print(json.dumps(reference, indent=1))
-    print(f"wrote drift into {path} in {time.time() - t0:.0f} s ({counts['cores']} cores)")
+    print(f"wrote drift into {path} and MODEL_CARD.md in {time.time() - t0:.0f} s ({counts['cores']} cores)")
 
 
 if __name__ == "__main__":

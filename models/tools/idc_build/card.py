@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .card_decision import cores_section, lab_shift_section, stain_section
+from .card_decision import cores_section, drift_section, lab_shift_section, stain_section
 from .metrics import auc
 from .training import ABLATION_VARIANTS
 
@@ -106,7 +106,7 @@ the same probabilities):
 |---|---|---:|---:|---:|
 {chr(10).join(rows)}
 
-{_reserved_context(mt)}{cores_section(m)}{stain_section(m)}{lab_shift_section(m)}"""
+{_reserved_context(mt)}{cores_section(m)}{stain_section(m)}{lab_shift_section(m)}{drift_section(m)}"""
 
 
 def _reserved_context(mt: dict) -> str:

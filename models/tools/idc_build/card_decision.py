@@ -161,3 +161,25 @@ that differ from the training augmentation's (idc_build/robustness.py); unshifte
 {rows}
 
 {decision}"""
+
+
+def drift_section(m: dict) -> str:
+    """The drift watch's development reference (models/tools/drift_reference.py), as the appliance uses it."""
+    d = m.get("drift")
+    if not d:
+        return ""
+    rows = "\n".join(f"| {k} | {s['n']} | {s['p05']:g} | {s['p50']:g} | {s['p95']:g} |"
+                     for k, s in d["measures"].items() if s)
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(d["cannot_call"]["by_reason"].items())) or "none"
+    return f"""
+## Drift reference
+
+What the appliance's drift watch compares a lab's recent cases with until the lab accepts a site validation
+of its own (appliance/site/drift.py; README "Validating the appliance in your lab"): {d['what']}.
+
+| measure | cases | 5th percentile | median | 95th percentile |
+|---|---:|---:|---:|---:|
+{rows}
+
+Cannot call, of {d['cannot_call']['cases']} cores: {reasons}.
+"""
