@@ -86,12 +86,18 @@ def test_the_site_point_applies_to_its_own_model_only():
 
 
 def test_a_report_of_another_model_or_without_a_recommendation_is_refused():
-    report = {"model": {"sha256": "0" * 64}, "recommended": {"threshold": 0.5}}
+    report = {"model": {"sha256": MANIFEST.digest}, "recommended": {"threshold": 0.5}, "target_sensitivity": 0.98,
+              "counts": {"callable_malignant": 40, "callable_benign": 50}, "report_sha256": "e" * 64}
+    point = point_from_report(report, MANIFEST)
+    assert (point["threshold"], point["malignant"], point["benign"]) == (0.5, 40, 50)
     with pytest.raises(InputError, match="validate this model first"):
-        point_from_report(report, MANIFEST)
+        point_from_report(dict(report, model={"sha256": "0" * 64}), MANIFEST)
     with pytest.raises(InputError, match="recommends no threshold: too few"):
-        point_from_report({"model": {"sha256": MANIFEST.digest}, "recommended": None,
-                           "recommendation_note": "too few"}, MANIFEST)
+        point_from_report(dict(report, recommended=None, recommendation_note="too few"), MANIFEST)
+    with pytest.raises(InputError, match="not a site validation report.*no counts"):
+        point_from_report({k: v for k, v in report.items() if k != "counts"}, MANIFEST)
+    with pytest.raises(InputError, match="not a site validation report"):
+        point_from_report(dict(report, recommended={"threshold": "high"}), MANIFEST)
 
 
 @pytest.mark.parametrize("threshold", [0.5, 0.99])

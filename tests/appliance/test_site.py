@@ -305,6 +305,7 @@ def test_the_daemon_warns_of_drift_in_status_metrics_events_and_the_tui(sites, r
 
     from appliance.config import Settings
     from appliance.tui.app import TriageApp
+    from appliance.tui.screens import CaseScreen
     from tests.tui.conftest import Bench, wait_for
 
     settings = Settings(data_dir=sites["data"], model_dir=MODEL_DIR, api_port=0)
@@ -329,11 +330,25 @@ def test_the_daemon_warns_of_drift_in_status_metrics_events_and_the_tui(sites, r
         report = json.loads((reports["report_b"] / "report.json").read_text())
         assert httpx.post(f"{bench.url}/site/accept", json={"initials": "QA", "report": report},
                           headers=auth).status_code == 200
+
+        async def verdict_card():  # the next case, called with the site threshold, and its card says so
+            app = TriageApp(bench.url, settings.token_path, poll_s=0.1)
+            async with app.run_test(size=(120, 40)) as pilot:
+                bench.stream("SITE-CARD-1", pace=0.0)
+                await wait_for(pilot, lambda: isinstance(app.screen, CaseScreen) and app.screen.case is not None
+                               and app.screen.case.get("verdict") is not None, what="the verdict card")
+                return str(app.screen.query_one("#facts", Static).content)
+
+        facts = asyncio.run(verdict_card())
+        threshold = report["recommended"]["threshold"]
+        assert f"threshold {threshold:.3f} (site, accepted {time.strftime('%Y-%m-%d', time.gmtime())}" in facts
         st = httpx.get(f"{bench.url}/status").json()
         assert st["drift"]["drifted"] == [] and st["drift"]["reference"].startswith("site validation accepted")
         assert st["threshold"]["source"] == "site" and "site threshold" in st["threshold"]["words"]
         assert 'appliance_drift{measure="focus"} 0.0' in httpx.get(f"{bench.url}/metrics").text
-        assert bench.daemon.store.events()[-1]["kind"] == "drift"  # cleared: said once
+        kinds = [(e["kind"], e["detail"].get("drifted")) for e in bench.daemon.store.events()]
+        accepted_at = max(i for i, (k, _) in enumerate(kinds) if k == "site-accepted")
+        assert [d for k, d in kinds[accepted_at:] if k == "drift"] == [[]]  # cleared, and said once
         assert httpx.post(f"{bench.url}/site/reset", json={"initials": "QA"}, headers=auth).status_code == 200
         assert "focus" in httpx.get(f"{bench.url}/status").json()["drift"]["drifted"]
     finally:
