@@ -108,6 +108,7 @@ class CaseStatus(BaseModel):
     score: float
     early_positive: bool
     verdict: str | None = None
+    failed: str | None = None  # why the case failed (its call could not be made or stored)
     eta_s: float | None = None
     warnings: list[ReasonPublic] = []
 

@@ -5,7 +5,6 @@ summary.json. Everything is written to a temporary name and renamed, so a reader
 from __future__ import annotations
 
 import json
-import os
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,6 +13,7 @@ import numpy as np
 
 from appliance import RESEARCH_USE_NOTICE
 from appliance.colormap import colormap
+from appliance.durable import replace_durably
 from appliance.pipeline.heatmap import Heatmap, Thumbnail, regions
 from appliance.pipeline.mosaic import Mosaic
 from appliance.pipeline.pyramid import BAND, write_pyramid
@@ -61,10 +61,12 @@ def tile_features(tiles: list[tuple[int, int, int, int, float, float | None]], c
 
 
 def _replace_into(path: Path, write) -> None:
+    """``write(tmp)``, then the file in place under ``path`` durably (appliance.durable): after a power cut the
+    name holds the whole file or nothing, never a truncated one."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         write(tmp)
-        os.replace(tmp, path)
+        replace_durably(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 

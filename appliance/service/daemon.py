@@ -192,6 +192,7 @@ class Daemon:
                 "score": current.score,
                 "early_positive": current.early_positive,
                 "verdict": current.result.verdict if current.result else None,
+                "failed": current.failed,
                 "eta_s": eta_seconds(current, time.monotonic()),
                 "warnings": list(current.warnings),
             }

@@ -66,6 +66,7 @@ class CaseProgress:
     warnings: list[dict] = field(default_factory=list)  # live QC of the tiles so far, while the scan goes on
     ended: bool = False  # CASE_END received
     abandoned: str | None = None  # why, once abandoned
+    failed: str | None = None  # why, once the case failed (its call could not be made or stored)
     outputs: dict[str, str] = field(default_factory=dict)
     outputs_done: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)
@@ -176,12 +177,22 @@ class PipelineWorker:
                 self.notify(EventKind.ERROR, {"case_id": progress.case_id, "message": str(exc)})
             except Exception as exc:
                 log.exception("pipeline failed on case %s", progress.case_id)
-                self.store.case_failed(progress.case_id, f"{type(exc).__name__}: {exc}")
                 failed = self._sessions.pop(progress.case_id, None)
                 if failed is not None:
                     failed.close()
-                progress.done.set()
-                self.notify(EventKind.FAILED, {"case_id": progress.case_id, "message": str(exc)})
+                self._failed(progress, f"{type(exc).__name__}: {exc}")
+
+    def _failed(self, progress: CaseProgress, message: str) -> None:
+        """The case failed: said at once (its progress, the event, the log) and stored when the store can."""
+        log.error("case %s failed: %s", progress.case_id, message)
+        progress.failed = message
+        try:
+            self.store.case_failed(progress.case_id, message)
+        except StoreError:
+            log.exception("the failure of case %s could not be stored either", progress.case_id)
+        progress.done.set()
+        progress.outputs_done.set()
+        self.notify(EventKind.FAILED, {"case_id": progress.case_id, "message": message})
 
     def _pixels(self, pixels: np.ndarray | None, spooled: Path) -> np.ndarray:
         """A queued tile's pixels: as queued, or read back from the spool."""
@@ -206,7 +217,12 @@ class PipelineWorker:
         try:
             result = session.finish()
             # the verdict is final and stored first; the files follow (a failure there does not lose the call)
-            self.store.case_finished(progress.case_id, result)
+            try:
+                self.store.case_finished(progress.case_id, result)
+            except StoreError as exc:
+                self._failed(progress, f"the call was made but could not be stored, so it was not given: {exc}; "
+                                       f"the case's tiles are kept in the spool")
+                return
             progress.result = result
             progress.score = result.score
             progress.warnings = [asdict(w) for w in result.warnings]  # the call's own, not the live ones

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from appliance.durable import fsync_path
 from appliance.errors import StoreError
 from appliance.terms import CASE_ID
 
@@ -29,14 +30,6 @@ def pixel_digest(pixels: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(pixels)).hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_durably(path: Path, data: bytes) -> None:
     """Write to a temporary file, fsync it, rename it into place and fsync the directory."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -46,7 +39,7 @@ def write_durably(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_path(path.parent)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise StoreError(f"could not store {path}: {exc.strerror or exc}") from None
@@ -66,7 +59,7 @@ class TileSpool:
         d = self.case_dir(case_id)
         d.mkdir(parents=True, exist_ok=True)
         write_durably(d / "case.json", json.dumps(info, sort_keys=True).encode())
-        _fsync_dir(self.root)
+        fsync_path(self.root)
         return d
 
     def store_tile(self, case_id: str, index: int, x: int, y: int, pixels: np.ndarray,
