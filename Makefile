@@ -8,7 +8,7 @@ DATA ?= ../shared/data/idc_breast_histopathology
 export OMP_NUM_THREADS ?= 1
 export OPENBLAS_NUM_THREADS ?= 1
 
-.PHONY: run test test-slow model demo-case bench clean browser
+.PHONY: run test test-slow model demo-case bench clean test-tools
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -23,19 +23,22 @@ $(TRAIN_VENV)/.installed: pyproject.toml
 run: $(VENV)/.installed
 	$(VENV)/bin/appliance demo
 
-test: $(VENV)/.installed browser
+test: $(VENV)/.installed test-tools
 	$(VENV)/bin/python -m pytest -q
 
-# Debian's headless Chromium and its driver, for the tests that open the site report in a real browser
-# (installed when run as root; otherwise those tests are skipped and say why)
-browser:
-	@if [ ! -x /usr/bin/chromedriver ]; then \
+# Debian packages some tests use: headless Chromium and its driver (the site report opened in a real browser),
+# strace (the case files' fsyncs seen in the real process's system calls). Installed when run as root;
+# otherwise those tests are skipped and say why.
+TEST_TOOLS := /usr/bin/chromium:chromium /usr/bin/chromedriver:chromium-driver /usr/bin/strace:strace
+test-tools:
+	@missing=""; for t in $(TEST_TOOLS); do [ -x "$${t%%:*}" ] || missing="$$missing $${t##*:}"; done; \
+	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ]; then \
 			export DEBIAN_FRONTEND=noninteractive; \
-			apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
-			{ apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium chromium-driver >/dev/null; } || \
-			echo "could not install chromium: the browser tests will be skipped"; \
-		else echo "chromium is not installed (as root: apt-get install chromium chromium-driver); the browser tests will be skipped"; fi; \
+			apt-get install -y -q $$missing >/dev/null 2>&1 || \
+			{ apt-get update -q >/dev/null 2>&1 && apt-get install -y -q $$missing >/dev/null; } || \
+			echo "could not install$$missing: the tests that need them will be skipped"; \
+		else echo "not installed:$$missing (as root: apt-get install$$missing); the tests that need them will be skipped"; fi; \
 	fi
 
 # every long run, the real-systemd container test included (root; about 15 minutes)

@@ -69,9 +69,10 @@ class CaseReceiver:
 
     def tile_received(self, tile: TileReceived) -> None:
         progress = self.cases[tile.case_id]
-        if progress.abandoned:
-            raise CaseRefused(f"case {tile.case_id} was abandoned: {progress.abandoned}")
-        progress.last_activity = time.monotonic()
+        with progress.lock:  # refused, or alive from now on: never abandoned in between
+            if progress.abandoned:
+                raise CaseRefused(f"case {tile.case_id} was abandoned: {progress.abandoned}")
+            progress.last_activity = time.monotonic()
         h, w = tile.pixels.shape[:2]
         # the link hashed the pixels as it decoded them; the spool hashes only when it did not
         path, sha = self.spool.store_tile(tile.case_id, tile.index, tile.x, tile.y, tile.pixels, sha256=tile.sha256)
@@ -83,13 +84,14 @@ class CaseReceiver:
 
     def case_ended(self, case_id: str, tile_count: int) -> None:
         progress = self.cases[case_id]
-        if progress.abandoned:
-            raise CaseRefused(f"case {case_id} was abandoned: {progress.abandoned}")
-        # Committed before this returns (and so before the ACK): a crash after the ACK must still find the
-        # case ended, or the restarted daemon would wait for a CASE_END the scanner will never resend.
-        self.store.case_processing(case_id)
-        progress.ended = True
-        self.pipeline.end(progress)
+        with progress.lock:  # ended or abandoned, one or the other: a timeout waits for this CASE_END's commit
+            if progress.abandoned:
+                raise CaseRefused(f"case {case_id} was abandoned: {progress.abandoned}")
+            # Committed before this returns (and so before the ACK): a crash after the ACK must still find the
+            # case ended, or the restarted daemon would wait for a CASE_END the scanner will never resend.
+            self.store.case_processing(case_id)
+            progress.ended = True
+            self.pipeline.end(progress)
         self.notify(EventKind.CASE_ENDED, {"case_id": case_id, "tile_count": tile_count})
 
     def recover(self) -> list[str]:
@@ -132,14 +134,15 @@ class CaseReceiver:
         """Mark cases with no tile and no CASE_END for ``timeout`` seconds abandoned; returns their ids."""
         now, out = time.monotonic(), []
         for progress in list(self.cases.values()):
-            if progress.ended or progress.abandoned or progress.done.is_set():
-                continue
-            idle = now - progress.last_activity
-            if idle > timeout:
-                progress.abandoned = (f"no tile and no CASE_END for {idle:.0f} s (limit {timeout:.0f} s) after "
-                                      f"{progress.tiles_received} tiles")
-                self.pipeline.abandon(progress)
-                out.append(progress.case_id)
+            with progress.lock:
+                if progress.ended or progress.abandoned or progress.done.is_set():
+                    continue
+                idle = now - progress.last_activity
+                if idle > timeout:
+                    progress.abandoned = (f"no tile and no CASE_END for {idle:.0f} s (limit {timeout:.0f} s) "
+                                          f"after {progress.tiles_received} tiles")
+                    self.pipeline.abandon(progress)
+                    out.append(progress.case_id)
         return out
 
     def link_event(self, kind: str, detail: str) -> None:

@@ -50,7 +50,12 @@ def eta_seconds(progress: "CaseProgress", now: float) -> float | None:
 
 @dataclass
 class CaseProgress:
-    """What the daemon knows about the case in flight (read by the API and the demo's progress line)."""
+    """What the daemon knows about the case in flight (read by the API and the demo's progress line).
+
+    The link thread (tiles, CASE_END) and the housekeeping thread (abandoning a stale case) decide on the same
+    fields; ``lock`` makes each decision and what it sets one step, so a CASE_END and a timeout arriving
+    together give one outcome: ended (and called) or abandoned, never both. The pipeline thread writes only
+    its own fields (processed tiles, score, result, failure)."""
 
     case_id: str
     specimen_id: str
@@ -70,6 +75,7 @@ class CaseProgress:
     outputs: dict[str, str] = field(default_factory=dict)
     outputs_done: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
 
 class PipelineWorker:

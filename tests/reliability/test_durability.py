@@ -1,14 +1,18 @@
-"""What a power cut or a full disk would find: case files fsynced before they take their name (seen in the
-system calls the real process makes, under strace), and a call that cannot be stored failing its case at once
-(a real full disk: the case store on a tmpfs filled to the last byte) instead of leaving it `processing`."""
+"""What a power cut, a full disk or two threads at once would find: case files fsynced before they take their
+name (seen in the system calls the real process makes, under strace); a call that cannot be stored failing its
+case at once (a real full disk: the case store on a tmpfs filled to the last byte) instead of leaving it
+`processing`; and a CASE_END meeting a timeout giving one outcome (a real busy database holds the CASE_END at
+its commit)."""
 
 from __future__ import annotations
 
 import os
 import re
 import shutil
+import sqlite3
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -89,3 +93,59 @@ def test_a_call_that_cannot_be_stored_fails_the_case_at_once_and_says_why(tmp_pa
         if store is not None:
             store.close()
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def _inside(thread: threading.Thread, function: str) -> bool:
+    """Whether ``thread`` is running ``function`` now (somewhere on its stack)."""
+    frame = sys._current_frames().get(thread.ident)
+    while frame is not None:
+        if frame.f_code.co_name == function:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def test_a_case_end_and_a_timeout_at_the_same_moment_give_one_outcome(tmp_path, ov_engine, demo_image):
+    """The link thread's CASE_END and the housekeeping thread's timeout meet: the CASE_END has passed its
+    check and waits to commit (another writer holds the database), when the case times out. One of them
+    must win whole: here the CASE_END, whose ACK the scanner gets. Before CaseProgress had a lock the timeout
+    abandoned the case too, and the case then failed in the pipeline (ended after it was abandoned)."""
+    from firmware_bridge.sink import CaseInfo, TileReceived
+
+    from appliance.service.receiver import CaseReceiver, StorageGuard
+    from appliance.store.spool import TileSpool
+    from tests.waiting import wait_until
+
+    events: list[tuple[str, dict]] = []
+    store = CaseStore(tmp_path / "appliance.db")
+    worker = PipelineWorker(ov_engine, store, 64, lambda kind, data: events.append((kind, data)), tmp_path / "cases")
+    worker.start()
+    receiver = CaseReceiver(TileSpool(tmp_path / "spool"), store, worker, ov_engine.description,
+                            lambda kind, data: events.append((kind, data)), StorageGuard(tmp_path, 1))
+    try:
+        tiles = list(tiles_from_image(demo_image, 200))[:24]
+        receiver.case_began(CaseInfo("RACE-1", "S-1", "brightfield-he", 4.0, 200, 200, expected_tiles=len(tiles),
+                                     image_width=demo_image.shape[1], image_height=demo_image.shape[0]))
+        for i, t in enumerate(tiles):
+            receiver.tile_received(TileReceived("RACE-1", i, t.x, t.y, t.pixels.copy()))
+        blocker = sqlite3.connect(store.path, timeout=10)
+        blocker.execute("BEGIN IMMEDIATE")  # another writer: the CASE_END's commit waits for it
+        ended = threading.Thread(target=receiver.case_ended, args=("RACE-1", len(tiles)))
+        ended.start()
+        wait_until(lambda: _inside(ended, "case_processing"), timeout=10, what="the CASE_END waiting to commit")
+        abandoned: list[str] = []
+        timeout = threading.Thread(target=lambda: abandoned.extend(receiver.abandon_stale(0.0)))
+        timeout.start()  # the scanner has been quiet longer than the limit (0 s)
+        timeout.join(0.5)
+        blocker.rollback()
+        blocker.close()
+        ended.join(30)
+        timeout.join(30)
+        progress = receiver.cases["RACE-1"]
+        assert progress.done.wait(60)
+        assert abandoned == [] and progress.abandoned is None
+        assert progress.failed is None and progress.result is not None
+        assert store.get_case("RACE-1")["status"] in ("done", "cannot-call")
+    finally:
+        worker.stop()
+        store.close()
