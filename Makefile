@@ -27,11 +27,13 @@ test: $(VENV)/.installed test-tools
 	$(VENV)/bin/python -m pytest -q
 
 # Debian packages some tests use: headless Chromium and its driver (the site report opened in a real browser),
-# strace (the case files' fsyncs seen in the real process's system calls). Installed when run as root;
-# otherwise those tests are skipped and say why.
-TEST_TOOLS := /usr/bin/chromium:chromium /usr/bin/chromedriver:chromium-driver /usr/bin/strace:strace
+# strace (the case files' fsyncs seen in the real process's system calls), FUSE 3 and libfuse2 (the lazy file
+# system of the power-cut tests, through fusepy). Installed when run as root; otherwise the tests that need
+# them are skipped and say why.
+TEST_PACKAGES := chromium chromium-driver strace fuse3 libfuse2
 test-tools:
-	@missing=""; for t in $(TEST_TOOLS); do [ -x "$${t%%:*}" ] || missing="$$missing $${t##*:}"; done; \
+	@missing=""; for p in $(TEST_PACKAGES); do \
+		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ]; then \
 			export DEBIAN_FRONTEND=noninteractive; \

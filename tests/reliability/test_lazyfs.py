@@ -1,0 +1,163 @@
+"""The lazy file system for power-cut tests (tests/lazyfs.py), on its own: what is fsynced survives a drop,
+what is not does not, and SQLite's committed transactions survive with the database intact."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.lazyfs import CONTROL
+from tests.waiting import wait_until
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def fuse_missing() -> str | None:
+    if not Path("/dev/fuse").exists():
+        return "no /dev/fuse"
+    if shutil.which("fusermount") is None:
+        return "no fusermount (apt-get install fuse3)"
+    try:
+        import fuse  # noqa: F401
+    except (ImportError, OSError, EnvironmentError) as exc:
+        return f"fusepy cannot load libfuse ({exc}; apt-get install libfuse2)"
+    return None
+
+
+pytestmark = pytest.mark.skipif(fuse_missing() is not None, reason=str(fuse_missing()))
+
+
+class Lazy:
+    """The lazy file system over ``backing``, mounted at ``mnt`` in a process of its own."""
+
+    def __init__(self, backing: Path, mnt: Path):
+        self.backing, self.mnt = backing, mnt
+        backing.mkdir(exist_ok=True)
+        mnt.mkdir(exist_ok=True)
+        self.proc = subprocess.Popen([sys.executable, "-m", "tests.lazyfs", str(backing), str(mnt)], cwd=ROOT,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        wait_until(lambda: os.path.ismount(mnt) or self.proc.poll() is not None, timeout=20,
+                   what="the lazy file system mounted")
+        assert os.path.ismount(mnt), self.proc.stderr.read()
+
+    def cut(self) -> None:
+        """The power cut: drop what is pending, then unmount (the durable state goes to the backing folder)."""
+        (self.mnt / CONTROL).write_text("drop")
+        self.unmount()
+
+    def unmount(self) -> None:
+        subprocess.run(["fusermount", "-u", str(self.mnt)], check=True, capture_output=True)
+        self.proc.wait(20)
+
+
+@pytest.fixture
+def lazy(tmp_path):
+    fs = Lazy(tmp_path / "backing", tmp_path / "mnt")
+    yield fs
+    if fs.proc.poll() is None:
+        subprocess.run(["fusermount", "-uz", str(fs.mnt)], capture_output=True)
+        fs.proc.wait(20)
+
+
+def fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def test_what_is_fsynced_survives_and_what_is_not_is_lost(lazy):
+    m = lazy.mnt
+    (m / "kept.txt").write_text("kept")
+    fsync(m / "kept.txt")
+    (m / "named-only.txt").write_text("data never synced")
+    fsync(m)  # both names durable; only kept.txt's data
+    (m / "kept.txt").write_text("changed, not synced")
+    (m / "never.txt").write_text("neither name nor data")
+    (m / "sub").mkdir()
+    (m / "sub" / "deep.txt").write_text("deep")
+    fsync(m / "sub" / "deep.txt")
+    fsync(m / "sub")  # deep.txt is named in sub, but sub itself is not named in the root
+    lazy.cut()
+    b = lazy.backing
+    assert sorted(p.name for p in b.iterdir()) == ["kept.txt", "named-only.txt"]
+    assert (b / "kept.txt").read_text() == "kept"
+    assert (b / "named-only.txt").read_bytes() == b""  # a durable name whose data was never synced
+
+
+def test_a_rename_without_its_folder_fsynced_is_lost(lazy):
+    m = lazy.mnt
+    (m / "f.json").write_text('{"old": 1}')
+    fsync(m / "f.json")
+    fsync(m)
+    (m / ".f.json.tmp").write_text('{"new": 2}')
+    fsync(m / ".f.json.tmp")
+    os.replace(m / ".f.json.tmp", m / "f.json")  # the new data is durable, the rename is not
+    lazy.cut()
+    assert [p.name for p in lazy.backing.iterdir()] == ["f.json"]
+    assert (lazy.backing / "f.json").read_text() == '{"old": 1}'
+
+
+def test_a_rename_with_its_folder_fsynced_survives_and_remounting_shows_it(lazy, tmp_path):
+    m = lazy.mnt
+    (m / ".f.json.tmp").write_text('{"new": 2}')
+    fsync(m / ".f.json.tmp")
+    os.replace(m / ".f.json.tmp", m / "f.json")
+    fsync(m)
+    lazy.cut()
+    again = Lazy(lazy.backing, lazy.mnt)
+    try:
+        assert (again.mnt / "f.json").read_text() == '{"new": 2}' and not (again.mnt / ".f.json.tmp").exists()
+    finally:
+        again.unmount()
+
+
+def test_sqlite_commits_survive_a_cut_with_the_database_intact(lazy):
+    db = lazy.mnt / "a.db"
+    conn = sqlite3.connect(db)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("create table t (id integer primary key, v text)")
+    for i in range(50):
+        with conn:
+            conn.execute("insert into t (v) values (?)", (f"row {i}",))
+    conn.close()
+    lazy.cut()
+    again = Lazy(lazy.backing, lazy.mnt)
+    try:
+        conn = sqlite3.connect(again.mnt / "a.db")
+        assert conn.execute("pragma integrity_check").fetchone()[0] == "ok"
+        assert conn.execute("select count(*) from t").fetchone()[0] == 50
+        conn.close()
+    finally:
+        again.unmount()
+
+
+def test_sqlite_commits_of_a_killed_writer_survive_a_cut(lazy):
+    """The writer is SIGKILLed with its connection open (the WAL not checkpointed), then the power goes."""
+    script = ("import sqlite3, sys, time\n"
+              "c = sqlite3.connect(sys.argv[1]); c.execute('PRAGMA journal_mode=WAL');"
+              " c.execute('PRAGMA synchronous=FULL'); c.execute('create table t (v text)'); c.commit()\n"
+              "for i in range(40):\n    c.execute('insert into t values (?)', (str(i),)); c.commit()\n"
+              "c.execute('insert into t values (?)', ('never committed',))\n"
+              "print('committed', flush=True); time.sleep(600)\n")
+    writer = subprocess.Popen([sys.executable, "-c", script, str(lazy.mnt / "a.db")], stdout=subprocess.PIPE, text=True)
+    assert writer.stdout.readline().strip() == "committed"
+    writer.kill()
+    writer.wait()
+    lazy.cut()
+    again = Lazy(lazy.backing, lazy.mnt)
+    try:
+        conn = sqlite3.connect(again.mnt / "a.db")
+        assert conn.execute("pragma integrity_check").fetchone()[0] == "ok"
+        assert conn.execute("select count(*) from t").fetchone()[0] == 40
+        conn.close()
+    finally:
+        again.unmount()
