@@ -13,7 +13,7 @@ import numpy as np
 
 from appliance import RESEARCH_USE_NOTICE
 from appliance.colormap import colormap
-from appliance.durable import replace_durably
+from appliance.durable import fsync_path, replace_durably
 from appliance.pipeline.heatmap import Heatmap, Thumbnail, regions
 from appliance.pipeline.mosaic import Mosaic
 from appliance.pipeline.pyramid import BAND, write_pyramid
@@ -241,4 +241,8 @@ def write_outputs(out_dir: Path, case_id: str, summary: dict, *, heatmap: Heatma
     # compact: json's C encoder runs only without indent; indented, R1's 87,000 patches took 2 s to write
     _replace_into(p, lambda tmp: tmp.write_text(json.dumps(summary, separators=(",", ":"))))
     paths[CaseFile.SUMMARY] = str(p)
+    # the case folder's own name (made when the case began), and its folder's: without them a power cut
+    # loses every file of the case, whole as each one is
+    fsync_path(out_dir.absolute().parent)
+    fsync_path(out_dir.absolute().parent.parent)
     return paths

@@ -18,6 +18,7 @@ from typing import Callable
 
 import numpy as np
 
+from appliance.durable import fsync_path
 from appliance.errors import InputError
 from appliance.model.engine import Engine
 from appliance.pipeline import decision
@@ -409,8 +410,10 @@ class TriageSession:
     def close(self) -> None:
         """Remove the mosaic (call after the outputs are written)."""
         self.mosaic.remove()
+        work = self.mosaic.root.parent
         try:
-            self.mosaic.root.parent.rmdir()  # the work folder, when nothing else is in it
+            work.rmdir()  # the work folder, when nothing else is in it
+            fsync_path(work.parent)  # and gone for good: a power cut must not bring it back beside the files
         except OSError:
             pass
         if self._tmp is not None:
