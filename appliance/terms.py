@@ -114,6 +114,14 @@ class CaseRule(StrEnum):
 MONOTONE_RULES = frozenset({CaseRule.TOP_K_MEAN, CaseRule.LARGEST_REGION_AREA, CaseRule.LARGEST_REGION_MASS})
 
 
+def whose_threshold(record: dict) -> str:
+    """Whose threshold decided a call, from a case record or summary: "model's", or "site, accepted <date>" (a
+    site operating point), as the verdict card and the demo put it beside the threshold."""
+    if record.get("threshold_source") == ThresholdSource.SITE:
+        return f"site, accepted {(record.get('site_accepted_at') or '?')[:10]}"
+    return "model's"
+
+
 def rule_words(rule: str | None, top_k: int | None = None) -> str:
     """A case rule in words, for screens, pictures and printed verdicts."""
     k = f" {top_k}" if top_k else ""

@@ -23,7 +23,7 @@ from appliance.config import Settings
 from appliance.service.daemon import Daemon
 from appliance.offline.progress import Progress
 from appliance.offline.sources import DEFAULT_TILE_SIZE, iter_case_tiles
-from appliance.terms import EventKind, rule_words
+from appliance.terms import EventKind, rule_words, whose_threshold
 
 # the events the demo prints a line for (the tile bar and the early call have their own lines)
 SHOWN = frozenset({EventKind.READY, EventKind.API, EventKind.CASE_STARTED, EventKind.CASE_ENDED, EventKind.FINISHED,
@@ -136,7 +136,7 @@ def format_verdict(result: dict, case_id: str) -> str:
         "",
         f"=== case {case_id}: {result['verdict'].upper()} ===",
         f"score {result['score']:.3f} ({rule_words(result['case_rule'], result['top_k'])}; threshold "
-        f"{result['threshold']:.3f}, {_whose(result)}); {len(result['patches'])} tissue patches scored from "
+        f"{result['threshold']:.3f} ({whose_threshold(result)})); {len(result['patches'])} tissue patches scored from "
         f"{result['tiles']} tiles",
     ]
     if result["early_positive"]:
@@ -155,10 +155,3 @@ def format_verdict(result: dict, case_id: str) -> str:
     lines.append("timings ms: " + json.dumps(t))
     lines.append(RESEARCH_USE_NOTICE)
     return "\n".join(lines) + "\n"
-
-
-def _whose(result: dict) -> str:
-    """Whose threshold decided: the model's, or the site's with the date it was accepted."""
-    if result.get("threshold_source") == "site":
-        return f"the site's, accepted {(result.get('site_accepted_at') or '?')[:10]}"
-    return "the model's"

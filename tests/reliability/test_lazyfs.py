@@ -73,6 +73,20 @@ def fsync(path: Path) -> None:
         os.close(fd)
 
 
+def after_remount(lazy: Lazy, name: str) -> tuple[str, int]:
+    """Mount the cut file system again and read the database ``name``: (integrity_check, rows in t)."""
+    again = Lazy(lazy.backing, lazy.mnt)
+    try:
+        conn = sqlite3.connect(again.mnt / name)
+        try:
+            return (conn.execute("pragma integrity_check").fetchone()[0],
+                    conn.execute("select count(*) from t").fetchone()[0])
+        finally:
+            conn.close()
+    finally:
+        again.unmount()
+
+
 def test_what_is_fsynced_survives_and_what_is_not_is_lost(lazy):
     m = lazy.mnt
     (m / "kept.txt").write_text("kept")
@@ -130,14 +144,7 @@ def test_sqlite_commits_survive_a_cut_with_the_database_intact(lazy):
             conn.execute("insert into t (v) values (?)", (f"row {i}",))
     conn.close()
     lazy.cut()
-    again = Lazy(lazy.backing, lazy.mnt)
-    try:
-        conn = sqlite3.connect(again.mnt / "a.db")
-        assert conn.execute("pragma integrity_check").fetchone()[0] == "ok"
-        assert conn.execute("select count(*) from t").fetchone()[0] == 50
-        conn.close()
-    finally:
-        again.unmount()
+    assert after_remount(lazy, "a.db") == ("ok", 50)
 
 
 def test_sqlite_commits_of_a_killed_writer_survive_a_cut(lazy):
@@ -153,14 +160,7 @@ def test_sqlite_commits_of_a_killed_writer_survive_a_cut(lazy):
     writer.kill()
     writer.wait()
     lazy.cut()
-    again = Lazy(lazy.backing, lazy.mnt)
-    try:
-        conn = sqlite3.connect(again.mnt / "a.db")
-        assert conn.execute("pragma integrity_check").fetchone()[0] == "ok"
-        assert conn.execute("select count(*) from t").fetchone()[0] == 40
-        conn.close()
-    finally:
-        again.unmount()
+    assert after_remount(lazy, "a.db") == ("ok", 40)
 
 
 def test_a_triaged_case_s_files_survive_a_cut_whole(lazy, tmp_path):

@@ -11,7 +11,7 @@ from textual.screen import Screen
 from textual.widgets import Footer, Static
 
 from appliance import RESEARCH_USE_NOTICE
-from appliance.terms import OPEN_STATUSES, CaseFile, EventKind, rule_words
+from appliance.terms import OPEN_STATUSES, CaseFile, EventKind, rule_words, whose_threshold
 from appliance.tui.client import ApiClient, ApiUnavailable, BadAnswer
 from appliance.tui.render import (decode_png, delivery_words, halfblocks, heat_over_tissue, legend, patch_row,
                                   verdict_words)
@@ -86,7 +86,7 @@ class CaseScreen(Screen):
         facts = [f"Case {c['id']}   specimen {c.get('specimen_id') or '-'}   status {c['status']}"]
         if score is not None:
             facts.append(f"Score {score:.3f} ({rule_words(c.get('case_rule'))})   threshold "
-                         f"{c.get('threshold') or 0:.3f} {_threshold_source(c)}   "
+                         f"{c.get('threshold') or 0:.3f} ({whose_threshold(c)})   "
                          f"{c.get('patches_scored') or 0} tissue patches scored")
         if c.get("early_positive"):
             # the early rule is named when it is not the final rule at the final threshold
@@ -153,10 +153,3 @@ def _top_rows(strip, width: int, _lines: int) -> Text:
 
 
 # fixed widths: the table fits 80 columns and does not jump about as rows arrive
-
-
-def _threshold_source(c: dict) -> str:
-    """Whose threshold decided the call: the model's, or the site's with the date it was accepted."""
-    if c.get("threshold_source") == "site":
-        return f"(site, accepted {(c.get('site_accepted_at') or '?')[:10]})"
-    return "(model's)"

@@ -1,0 +1,29 @@
+"""What every `appliance` subcommand module shares: named errors as one clear line, and the settings of the
+invocation (the --config file given to the top-level command, plus the subcommand's overrides)."""
+
+from __future__ import annotations
+
+from functools import wraps
+
+import click
+
+from appliance.config import load_settings
+from appliance.errors import ApplianceError
+from firmware_bridge.errors import BridgeError
+
+
+def friendly_errors(fn):
+    """A named error (the appliance's or the link's) becomes one line and exit status 1, not a traceback."""
+    @wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (ApplianceError, BridgeError) as exc:
+            raise click.ClickException(str(exc)) from None
+
+    return wrapper
+
+
+def settings_for(ctx: click.Context, **overrides):
+    """The settings of this invocation: the top-level --config file, then ``overrides``."""
+    return load_settings(ctx.find_root().obj["config_file"], **overrides)
