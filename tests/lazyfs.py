@@ -6,15 +6,27 @@ system over a backing folder that keeps what a power cut would lose in memory, a
 * ``drop``: everything not durable is forgotten, exactly as a power cut would: the view becomes the durable
   state (a name made durable whose data never was is an empty file).
 
-Commands go through a control file at the mount's root, ``.lazyfs-control`` (write ``drop``). At unmount the
-durable state is written to the backing folder, so a remount starts from what survived; a power-cut test
-drops, unmounts and mounts again (the kernel's caches of the old view go with the unmount).
+Commands go through a control file at the mount's root, ``.lazyfs-control``, one per write:
+
+* ``drop``: forget everything pending (the file system stays usable).
+* ``cut PID``: the power cut of a machine running process PID: SIGKILL it, drop what is pending, and fail
+  every later operation with EIO until the unmount (nothing more can become durable).
+* ``arm OPS WHEN NTH REGEX``: a cut at a chosen moment: at the NTH operation in OPS (comma-separated:
+  create, mkdir, write, truncate, fsync, fsyncdir, rename, unlink, rmdir) on a path matching REGEX, the
+  process that asked for it is killed and the power cut, ``before`` or ``after`` the operation takes effect
+  (after an fsync: the data is durable, but the caller never learns it).
+* ``disarm``: no armed cut; prints how many operations matched.
+
+What happens is printed on stdout, one line each: ``cut <what>`` and ``matched <n>``. At unmount the durable
+state is written to the backing folder, so a remount starts from what survived; a power-cut test cuts,
+unmounts and mounts again (the kernel's caches of the old view go with the unmount).
 
 SQLite on it: POSIX byte-range locks are left to the kernel (FUSE keeps them locally when the file system
 implements no ``lock``), and mmap of the WAL index works through the page cache; both are fine for one
 process, which is how the appliance uses its store.
 
-Run: ``python -m tests.lazyfs BACKING MOUNTPOINT`` (foreground; ``fusermount -u MOUNTPOINT`` to stop).
+Run: ``python -m tests.lazyfs BACKING MOUNTPOINT`` (foreground; ``fusermount -u MOUNTPOINT`` to stop), or
+use ``Lazy`` below.
 """
 
 from __future__ import annotations
@@ -22,8 +34,11 @@ from __future__ import annotations
 import errno
 import itertools
 import os
+import re
 import shutil
+import signal
 import stat
+import subprocess
 import sys
 import threading
 import time
@@ -31,6 +46,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 CONTROL = ".lazyfs-control"
+OPERATIONS = {"create", "mkdir", "write", "truncate", "fsync", "fsyncdir", "rename", "unlink", "rmdir"}
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass
@@ -171,27 +188,109 @@ class LazyState:
         write(backing, self.nodes[self.root])
 
 
+@dataclass
+class Armed:
+    """A cut waiting for its moment: the ``nth`` operation in ``ops`` on a path matching ``pattern``."""
+
+    ops: set[str]
+    when: str  # "before" or "after" the operation takes effect
+    nth: int
+    pattern: re.Pattern
+    matched: int = 0
+
+    @classmethod
+    def parse(cls, words: list[str]) -> "Armed":
+        ops, when, nth, pattern = words[0], words[1], words[2], " ".join(words[3:])
+        unknown = set(ops.split(",")) - OPERATIONS
+        if unknown or when not in ("before", "after") or not nth.isdigit() or int(nth) < 1:
+            raise ValueError(f"arm {' '.join(words)}: want OPS (of {sorted(OPERATIONS)}) before|after NTH REGEX")
+        return cls(set(ops.split(",")), when, int(nth), re.compile(pattern))
+
+
+def caller_process() -> int:
+    """The process (thread group) of the thread whose request is being served."""
+    from fuse import fuse_get_context
+
+    tid = fuse_get_context()[2]
+    try:
+        status = Path(f"/proc/{tid}/status").read_text()
+        return int(re.search(r"^Tgid:\s+(\d+)", status, re.M).group(1))
+    except (OSError, AttributeError):
+        return tid
+
+
 def serve(backing: Path, mountpoint: Path) -> None:
     from fuse import FUSE, FuseOSError, Operations
 
     state = LazyState()
     state.load(backing)
+    power = {"off": False, "armed": None}
 
-    def guarded(fn):
-        def run(*args):
-            with state.lock:
-                try:
-                    return fn(*args)
-                except KeyError:
-                    raise FuseOSError(errno.ENOENT) from None
-                except OSError as exc:
-                    raise FuseOSError(exc.errno or errno.EIO) from None
-        return run
+    def say(line: str) -> None:
+        print(line, flush=True)
+
+    def cut(pid: int, what: str) -> None:
+        """SIGKILL ``pid`` and cut the power: pending changes dropped, every later operation an error."""
+        if pid in (os.getpid(), os.getppid()):
+            say(f"cut {what} (its caller {pid} is the test or the file system itself: not killed)")
+        elif pid > 0:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        state.drop()
+        power["off"], power["armed"] = True, None
+        say(f"cut {what}")
+
+    def command(text: str) -> None:
+        words = text.split()
+        if words == ["drop"]:
+            state.drop()
+        elif len(words) == 2 and words[0] == "cut" and words[1].isdigit():
+            cut(int(words[1]), f"on command (pid {words[1]})")
+        elif words[:1] == ["arm"] and len(words) >= 5:
+            power["armed"] = Armed.parse(words[1:])
+        elif words == ["disarm"]:
+            armed, power["armed"] = power["armed"], None
+            say(f"matched {armed.matched if armed else 0}")
+        else:
+            raise OSError(errno.EINVAL, f"unknown command {text!r}")
+
+    def guarded(op: str | None = None):
+        """Every operation: serialised, refused once the power is off, and the armed cut's moment checked
+        (on the operation's path, and a rename's new path too)."""
+        def wrap(fn):
+            def run(*args):
+                with state.lock:
+                    if power["off"] and args[1] != "/" + CONTROL:
+                        raise FuseOSError(errno.EIO)
+                    armed = power["armed"]
+                    fire = False
+                    if armed is not None and op in armed.ops and (
+                            armed.pattern.search(args[1]) or (op == "rename" and armed.pattern.search(args[2]))):
+                        armed.matched += 1
+                        fire = armed.matched == armed.nth
+                    what = f"{armed.when if fire else ''} {op} {args[1]}".strip()
+                    if fire and armed.when == "before":
+                        cut(caller_process(), what)
+                        raise FuseOSError(errno.EIO)
+                    try:
+                        out = fn(*args)
+                    except KeyError:
+                        raise FuseOSError(errno.ENOENT) from None
+                    except OSError as exc:
+                        raise FuseOSError(exc.errno or errno.EIO) from None
+                    if fire:
+                        cut(caller_process(), what)
+                        raise FuseOSError(errno.EIO)  # the caller is gone: it never learns the outcome
+                    return out
+            return run
+        return wrap
 
     class Lazy(Operations):
         use_ns = False
 
-        @guarded
+        @guarded()
         def getattr(self, path, fh=None):
             if path == "/" + CONTROL:
                 return {"st_mode": stat.S_IFREG | 0o600, "st_nlink": 1, "st_size": 0}
@@ -201,20 +300,20 @@ def serve(backing: Path, mountpoint: Path) -> None:
                     "st_size": len(node.data), "st_mtime": node.mtime, "st_ctime": node.mtime,
                     "st_atime": node.mtime, "st_uid": os.getuid(), "st_gid": os.getgid()}
 
-        @guarded
+        @guarded()
         def readdir(self, path, fh):
             return [".", "..", *state.lookup(path).entries]
 
-        @guarded
+        @guarded("mkdir")
         def mkdir(self, path, mode):
             state.create(path, stat.S_IMODE(mode), is_dir=True)
 
-        @guarded
+        @guarded("create")
         def create(self, path, mode, fi=None):
             state.create(path, stat.S_IMODE(mode))
             return 0
 
-        @guarded
+        @guarded()
         def open(self, path, flags):
             if path != "/" + CONTROL:
                 node = state.lookup(path)
@@ -222,15 +321,14 @@ def serve(backing: Path, mountpoint: Path) -> None:
                     node.data = bytearray()
             return 0
 
-        @guarded
+        @guarded()
         def read(self, path, size, offset, fh):
             return bytes(state.lookup(path).data[offset:offset + size])
 
-        @guarded
+        @guarded("write")
         def write(self, path, data, offset, fh):
             if path == "/" + CONTROL:
-                if data.strip() == b"drop":
-                    state.drop()
+                command(data.decode(errors="replace"))
                 return len(data)
             node = state.lookup(path)
             if offset > len(node.data):
@@ -239,7 +337,7 @@ def serve(backing: Path, mountpoint: Path) -> None:
             node.mtime = time.time()
             return len(data)
 
-        @guarded
+        @guarded("truncate")
         def truncate(self, path, length, fh=None):
             if path == "/" + CONTROL:
                 return
@@ -247,21 +345,21 @@ def serve(backing: Path, mountpoint: Path) -> None:
             del node.data[length:]
             node.data.extend(b"\0" * (length - len(node.data)))
 
-        @guarded
+        @guarded("unlink")
         def unlink(self, path):
             state.unlink(path)
 
-        @guarded
+        @guarded("rmdir")
         def rmdir(self, path):
             if state.lookup(path).entries:
                 raise OSError(errno.ENOTEMPTY, path)
             state.unlink(path)
 
-        @guarded
+        @guarded("rename")
         def rename(self, old, new):
             state.rename(old, new)
 
-        @guarded
+        @guarded()
         def chmod(self, path, mode):
             state.lookup(path).mode = stat.S_IMODE(mode)
 
@@ -271,11 +369,11 @@ def serve(backing: Path, mountpoint: Path) -> None:
         def utimens(self, path, times=None):
             return 0
 
-        @guarded
+        @guarded("fsync")
         def fsync(self, path, datasync, fh):
             state.fsync_file(state.lookup(path))
 
-        @guarded
+        @guarded("fsyncdir")
         def fsyncdir(self, path, datasync, fh):
             state.fsync_dir(state.lookup(path))
 
@@ -294,6 +392,85 @@ def serve(backing: Path, mountpoint: Path) -> None:
     finally:
         with state.lock:
             state.save(backing)
+
+
+def fuse_missing() -> str | None:
+    """Why the lazy file system cannot run here, or None."""
+    if not Path("/dev/fuse").exists():
+        return "no /dev/fuse"
+    if shutil.which("fusermount") is None:
+        return "no fusermount (apt-get install fuse3)"
+    try:
+        import fuse  # noqa: F401 - loads libfuse
+    except (ImportError, OSError, EnvironmentError) as exc:
+        return f"fusepy cannot load libfuse ({exc}; apt-get install libfuse2)"
+    return None
+
+
+class Lazy:
+    """The lazy file system over ``backing``, mounted at ``mnt`` in a process of its own; what it says (its
+    cuts, its counts) is kept in ``said``."""
+
+    def __init__(self, backing: Path, mnt: Path):
+        self.backing, self.mnt = Path(backing), Path(mnt)
+        self.backing.mkdir(exist_ok=True)
+        self.mnt.mkdir(exist_ok=True)
+        self.proc = subprocess.Popen([sys.executable, "-m", "tests.lazyfs", str(backing), str(mnt)], cwd=ROOT,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.said: list[str] = []
+        self._said = threading.Condition()
+        threading.Thread(target=self._read, daemon=True).start()
+        deadline = time.monotonic() + 20
+        while not os.path.ismount(self.mnt) and self.proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if not os.path.ismount(self.mnt):
+            self.proc.kill()
+            raise RuntimeError(f"the lazy file system did not mount at {mnt}: {self.proc.stderr.read()[-2000:]}")
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            with self._said:
+                self.said.append(line.strip())
+                self._said.notify_all()
+
+    def command(self, text: str) -> None:
+        with open(self.mnt / CONTROL, "w") as f:
+            f.write(text)
+
+    def cut(self, pid: int = 0) -> None:
+        """The power cut (SIGKILL ``pid`` first, when given), then the unmount: the durable state goes to the
+        backing folder."""
+        self.command(f"cut {pid}")
+        self.unmount()
+
+    def arm(self, ops: str, when: str, nth: int, pattern: str) -> None:
+        self.command(f"arm {ops} {when} {nth} {pattern}")
+
+    def disarm(self) -> int:
+        """No armed cut any more; returns how many operations it matched."""
+        n = len(self.said)
+        self.command("disarm")
+        with self._said:
+            self._said.wait_for(lambda: any(s.startswith("matched ") for s in self.said[n:]), 10)
+            return int(next(s for s in self.said[n:] if s.startswith("matched ")).split()[1])
+
+    def cuts(self) -> list[str]:
+        """What each cut so far was (``before fsync /spool/...``, ``on command (pid 12)``)."""
+        with self._said:
+            return [s[4:] for s in self.said if s.startswith("cut ")]
+
+    def unmount(self) -> None:
+        subprocess.run(["fusermount", "-u", str(self.mnt)], check=True, capture_output=True)
+        self.proc.wait(20)
+
+    def close(self) -> None:
+        """Unmount whatever state it is in (for a test's cleanup)."""
+        if self.proc.poll() is None:
+            subprocess.run(["fusermount", "-uz", str(self.mnt)], capture_output=True)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@ what is not does not, and SQLite's committed transactions survive with the datab
 from __future__ import annotations
 
 import os
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -12,57 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.lazyfs import CONTROL
-from tests.waiting import wait_until
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def fuse_missing() -> str | None:
-    if not Path("/dev/fuse").exists():
-        return "no /dev/fuse"
-    if shutil.which("fusermount") is None:
-        return "no fusermount (apt-get install fuse3)"
-    try:
-        import fuse  # noqa: F401
-    except (ImportError, OSError, EnvironmentError) as exc:
-        return f"fusepy cannot load libfuse ({exc}; apt-get install libfuse2)"
-    return None
-
+from tests.lazyfs import Lazy, fuse_missing
 
 pytestmark = pytest.mark.skipif(fuse_missing() is not None, reason=str(fuse_missing()))
-
-
-class Lazy:
-    """The lazy file system over ``backing``, mounted at ``mnt`` in a process of its own."""
-
-    def __init__(self, backing: Path, mnt: Path):
-        self.backing, self.mnt = backing, mnt
-        backing.mkdir(exist_ok=True)
-        mnt.mkdir(exist_ok=True)
-        self.proc = subprocess.Popen([sys.executable, "-m", "tests.lazyfs", str(backing), str(mnt)], cwd=ROOT,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        wait_until(lambda: os.path.ismount(mnt) or self.proc.poll() is not None, timeout=20,
-                   what="the lazy file system mounted")
-        assert os.path.ismount(mnt), self.proc.stderr.read()
-
-    def cut(self) -> None:
-        """The power cut: drop what is pending, then unmount (the durable state goes to the backing folder)."""
-        (self.mnt / CONTROL).write_text("drop")
-        self.unmount()
-
-    def unmount(self) -> None:
-        subprocess.run(["fusermount", "-u", str(self.mnt)], check=True, capture_output=True)
-        self.proc.wait(20)
 
 
 @pytest.fixture
 def lazy(tmp_path):
     fs = Lazy(tmp_path / "backing", tmp_path / "mnt")
     yield fs
-    if fs.proc.poll() is None:
-        subprocess.run(["fusermount", "-uz", str(fs.mnt)], capture_output=True)
-        fs.proc.wait(20)
+    fs.close()
 
 
 def fsync(path: Path) -> None:
@@ -191,3 +149,36 @@ def test_a_triaged_case_s_files_survive_a_cut_whole(lazy, tmp_path):
         with tifffile.TiffFile(p) as tif:
             assert tif.series[0].levels[0].asarray().size
     json.loads((kept / "regions.geojson").read_text())
+
+
+def test_an_armed_cut_kills_its_caller_at_that_moment_and_nothing_after_it_lands(lazy):
+    """Armed at the third fsync of a temporary file, after it: the writer is SIGKILLed inside that fsync, the
+    two files renamed into place (and their folder fsynced) before it survive, and the third, whose data was
+    durable but whose name was not, does not; the file system refuses everything after the cut."""
+    script = ("import os, sys\n"
+              "d = sys.argv[1]\n"
+              "for i in range(10):\n"
+              "    tmp = os.path.join(d, f'.f{i}.tmp')\n"
+              "    with open(tmp, 'w') as f:\n"
+              "        f.write(f'file {i}'); f.flush(); os.fsync(f.fileno())\n"
+              "    os.replace(tmp, os.path.join(d, f'f{i}'))\n"
+              "    fd = os.open(d, os.O_RDONLY); os.fsync(fd); os.close(fd)\n")
+    lazy.arm("fsync", "after", 3, r"\.tmp$")
+    writer = subprocess.run([sys.executable, "-c", script, str(lazy.mnt)], capture_output=True, timeout=30)
+    assert writer.returncode == -9  # SIGKILLed by the cut
+    assert lazy.cuts() == ["after fsync /.f2.tmp"]
+    with pytest.raises(OSError):
+        (lazy.mnt / "late").write_text("after the power went")
+    lazy.unmount()
+    assert sorted(p.name for p in lazy.backing.iterdir()) == ["f0", "f1"]
+    assert [(lazy.backing / n).read_text() for n in ("f0", "f1")] == ["file 0", "file 1"]
+
+
+def test_disarm_counts_the_operations_the_pattern_matched(lazy):
+    lazy.arm("create,rename", "before", 1000, r"^/sub/")
+    (lazy.mnt / "sub").mkdir()
+    for i in range(3):
+        (lazy.mnt / "sub" / f".{i}.tmp").write_text("x")
+        os.replace(lazy.mnt / "sub" / f".{i}.tmp", lazy.mnt / "sub" / str(i))
+    (lazy.mnt / "other").write_text("not matched")
+    assert lazy.disarm() == 6 and lazy.cuts() == []
