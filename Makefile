@@ -8,7 +8,7 @@ DATA ?= ../shared/data/idc_breast_histopathology
 export OMP_NUM_THREADS ?= 1
 export OPENBLAS_NUM_THREADS ?= 1
 
-.PHONY: run test test-slow model demo-case bench clean test-tools
+.PHONY: run test test-slow test-power model demo-case bench clean test-tools
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,14 @@ test-tools:
 # every long run, the real-systemd container test included (root; about 15 minutes)
 test-slow: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest -q -s -m slow
+
+# the power-cut test (README "Reliability"): the daemon's data on a lazy FUSE file system, the power cut at
+# seeded moments (8 cases, 40 cuts, a few minutes); SEED=n repeats a run, CASES=n changes its length
+SEED ?= $(shell od -An -N3 -tu4 /dev/urandom | tr -d ' ')
+CASES ?= 8
+test-power: $(VENV)/.installed test-tools
+	@echo "power-cut test: seed $(SEED), $(CASES) cases"
+	POWER_SEED=$(SEED) POWER_CASES=$(CASES) $(VENV)/bin/python -m pytest -q -s -m slow tests/reliability/test_power_cut.py
 
 model: $(TRAIN_VENV)/.installed
 	$(TRAIN_VENV)/bin/python models/tools/build_idc_model.py --data $(DATA) --out models/idc-resnet

@@ -15,6 +15,7 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from appliance.durable import replace_durably
 from appliance.errors import ApplianceError
 
 
@@ -28,7 +29,8 @@ def is_loopback(host: str) -> bool:
 
 
 def ensure_token(path: Path) -> str:
-    """Read the token, creating it (0600, atomically) on first run; refuse a file others can read."""
+    """Read the token, creating it (0600, atomically and durably: a power cut leaves it whole or absent) on
+    first run; refuse a file others can read."""
     path = Path(path)
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -37,7 +39,7 @@ def ensure_token(path: Path) -> str:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(token + "\n")
-        os.replace(tmp, path)
+        replace_durably(tmp, path)
         return token
     mode = path.stat().st_mode & 0o777
     if mode & 0o077:
