@@ -10,12 +10,13 @@ from pathlib import Path
 
 import numpy as np
 
+from firmware_bridge.cases import ENDED_CASES_REMEMBERED
 from firmware_bridge.sink import CaseInfo, CaseRefused, TileReceived
 
 from appliance.service.worker import CaseProgress, Notify, PipelineWorker
 from appliance.store.database import CaseStore
 from appliance.store.spool import TileSpool, pixel_digest
-from appliance.terms import CaseStatus, EventKind
+from appliance.terms import CaseFile, CaseStatus, EventKind
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +99,14 @@ class CaseReceiver:
         """After a crash: rebuild every case the last run left open from the spool (what was ACKed) and replay
         its tiles into the pipeline in index order; a case whose CASE_END was received is finished now, with
         the same tiles, so the same verdict and score. Others stay open (and are abandoned if the scanner
-        does not come back within case_timeout_s)."""
+        does not come back within case_timeout_s).
+
+        The latest called cases are remembered as ended too: a power cut can take the ACK of a CASE_END whose
+        commit it kept, and the case can be called after a restart before the scanner sends CASE_END again
+        (to be ACKed, not refused as unknown)."""
         resumed = []
+        self.ended_recovered = [(r["id"], r["tiles_received"])
+                                for r in self.store.called_cases(ENDED_CASES_REMEMBERED)]
         for row in self.store.open_cases():
             case_id = row["id"]
             try:
@@ -128,7 +135,36 @@ class CaseReceiver:
             else:
                 self.reopened.append((info, [i for i, _x, _y, _p in self.spool.stored_tiles(case_id)]))
             resumed.append(case_id)
+        self.rebuild_lost_files()
         return resumed
+
+    def rebuild_lost_files(self) -> list[str]:
+        """After a power cut while a called case's files were written: it has no summary.json (written last,
+        once the others are durable), but its tiles are in the spool, so the pipeline makes its files again
+        from them. The call stays as stored; the files come only if the tiles give that call again."""
+        rebuilt = []
+        for case_id in (r["id"] for r in self.store.called_cases()):
+            if (self.pipeline.cases_dir / case_id / CaseFile.SUMMARY).exists():
+                continue
+            tiles = self.spool.stored_tiles(case_id)
+            if not tiles:  # retention removed its spool (and its files): nothing to make them from
+                continue
+            try:
+                info = CaseInfo(**self.spool.case_info(case_id))
+            except (OSError, ValueError, TypeError) as exc:
+                log.error("case %s lost its files and they cannot be made again: %s", case_id, exc)
+                continue
+            log.warning("case %s: its files were lost (a power cut while they were written); making them again "
+                        "from its %d spooled tiles", case_id, len(tiles))
+            progress = CaseProgress(case_id, info.specimen_id, info.expected_tiles or None, info, ended=True,
+                                    rebuild_files=True)
+            self.pipeline.begin(progress)
+            for _idx, x, y, path in tiles:
+                self.pipeline.tile(progress, x, y, None, path)
+                progress.tiles_received += 1
+            self.pipeline.end(progress)
+            rebuilt.append(case_id)
+        return rebuilt
 
     def abandon_stale(self, timeout: float) -> list[str]:
         """Mark cases with no tile and no CASE_END for ``timeout`` seconds abandoned; returns their ids."""

@@ -73,6 +73,7 @@ class CaseProgress:
     abandoned: str | None = None  # why, once abandoned
     failed: str | None = None  # why, once the case failed (its call could not be made or stored)
     outputs: dict[str, str] = field(default_factory=dict)
+    rebuild_files: bool = False  # called before a power cut took its files: only they are made again
     outputs_done: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
@@ -222,26 +223,40 @@ class PipelineWorker:
         written: tuple[str, dict] | None = None
         try:
             result = session.finish()
-            # the verdict is final and stored first; the files follow (a failure there does not lose the call)
-            try:
-                self.store.case_finished(progress.case_id, result)
-            except StoreError as exc:
-                self._failed(progress, f"the call was made but could not be stored, so it was not given: {exc}; "
-                                       f"the case's tiles are kept in the spool")
-                return
+            if progress.rebuild_files:
+                # called before a power cut took its files: the same tiles again give the stored call, and
+                # only the files are written (a different call, as after a new site threshold, writes nothing)
+                stored = self.store.get_case(progress.case_id)
+                if (stored["verdict"], stored["score"]) != (str(result.verdict), result.score):
+                    written = (EventKind.ERROR, {"case_id": progress.case_id, "message": (
+                        f"the case's files were lost and not made again: its tiles now give {result.verdict} "
+                        f"{result.score:.4f}, not the stored {stored['verdict']} {stored['score']:.4f}")})
+                    return
+            else:
+                # the verdict is final and stored first; the files follow (a failure there does not lose the call)
+                try:
+                    self.store.case_finished(progress.case_id, result)
+                except StoreError as exc:
+                    self._failed(progress, f"the call was made but could not be stored, so it was not given: "
+                                           f"{exc}; the case's tiles are kept in the spool")
+                    return
             progress.result = result
             progress.score = result.score
             progress.warnings = [asdict(w) for w in result.warnings]  # the call's own, not the live ones
             progress.done.set()
-            self.notify(EventKind.FINISHED, {"case_id": progress.case_id, "verdict": result.verdict, "score": result.score,
-                                     "early_positive_after_tiles": result.early_positive_after_tiles,
-                                     "warnings": [asdict(w) for w in result.warnings]})
-            for w in result.warnings:  # QC found after the early call: in the case's log, never dropped
-                self.notify(EventKind.QC_WARNING, {"case_id": progress.case_id, "code": w.code, "message": w.message})
+            if not progress.rebuild_files:
+                self.notify(EventKind.FINISHED, {
+                    "case_id": progress.case_id, "verdict": result.verdict, "score": result.score,
+                    "early_positive_after_tiles": result.early_positive_after_tiles,
+                    "warnings": [asdict(w) for w in result.warnings]})
+                for w in result.warnings:  # QC found after the early call: in the case's log, never dropped
+                    self.notify(EventKind.QC_WARNING, {"case_id": progress.case_id, "code": w.code,
+                                                       "message": w.message})
             try:
                 summary = dict(result.to_dict(), input=f"scanner case {progress.case_id}", skipped_inputs=[])
                 progress.outputs = session.write_outputs(self.cases_dir / progress.case_id, progress.case_id, summary)
-                written = (EventKind.OUTPUTS, {"case_id": progress.case_id, "files": sorted(progress.outputs)})
+                written = (EventKind.OUTPUTS, {"case_id": progress.case_id, "files": sorted(progress.outputs),
+                                               **({"rebuilt": True} if progress.rebuild_files else {})})
             except (OSError, ValueError) as exc:
                 log.exception("could not write the outputs of case %s", progress.case_id)
                 written = (EventKind.ERROR, {"case_id": progress.case_id, "message": f"outputs not written: {exc}"})
@@ -251,4 +266,5 @@ class PipelineWorker:
             # told last: whoever waits for a case's files finds the pipeline done with the case
             if written is not None:
                 self.notify(*written)
+            progress.done.set()
             progress.outputs_done.set()

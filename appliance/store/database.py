@@ -375,6 +375,18 @@ class CaseStore:
         finally:
             db.conn.close()
 
+    def called_cases(self, latest: int | None = None) -> list[dict]:
+        """id and tiles_received of the cases that got a call (done or cannot-call), oldest first; only the
+        ``latest`` ones, if given."""
+        db = self._reader()
+        try:
+            rows = db.execute("select id, tiles_received from cases where status in (?, ?) order by received_at desc"
+                              + (f" limit {int(latest)}" if latest is not None else ""),
+                              [CaseStatus.DONE, CaseStatus.CANNOT_CALL]).fetchall()
+            return [{"id": r[0], "tiles_received": r[1]} for r in reversed(rows)]
+        finally:
+            db.conn.close()
+
     def events(self, case_id: str | None = None) -> list[dict]:
         return self._rows("events", "case_id = ?" if case_id else None, [case_id] if case_id else [], "id")
 

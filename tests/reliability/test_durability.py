@@ -149,3 +149,45 @@ def test_a_case_end_and_a_timeout_at_the_same_moment_give_one_outcome(tmp_path, 
     finally:
         worker.stop()
         store.close()
+
+
+def test_a_case_end_sent_again_after_a_restart_is_acked_when_its_case_was_called_meanwhile(tmp_path, demo_image):
+    """Found by the power-cut test: the cut kept a CASE_END's commit but took its ACK; the restarted daemon
+    called the case from the spool, and a second cut came before the scanner sent CASE_END again. The third
+    daemon refused it as 'not open' and the scanner gave up on a case that was called. Here: a case called,
+    a new daemon, and a scanner sending only its CASE_END again, on a real pty."""
+    import numpy as np
+
+    from appliance.config import load_settings
+    from appliance.offline.demo import case_info_for
+    from appliance.service.daemon import Daemon
+    from firmware_bridge import PtyCable
+    from firmware_bridge.emulator import ScannerEmulator, TileToSend
+    from firmware_bridge.messages import Ack, CaseEnd
+    from firmware_bridge.transport import FdTransport
+    from tests.firmware_bridge.conftest import ScriptedScanner
+
+    tiles = [TileToSend(x, y, np.ascontiguousarray(demo_image[400 + y: 600 + y, 700 + x: 900 + x]))
+             for y in range(0, 400, 200) for x in range(0, 400, 200)]
+    info = case_info_for("RE-END", "S", tiles, 4.0, 200)
+    settings = load_settings(None, data_dir=tmp_path / "var", model_dir=MODEL_DIR, api_port=0)
+    cable = PtyCable(tmp_path / "scanner")
+    first = Daemon(settings, port=str(cable.path), serve_api=False)
+    first.start()
+    try:
+        ScannerEmulator(cable, info, tiles, encoding="raw").run()
+        assert first.wait_case("RE-END", 120).result is not None
+    finally:
+        first.stop()
+        cable.close()
+    master, slave = os.openpty()
+    second = Daemon(settings, port=os.ttyname(slave), serve_api=False)
+    second.start()
+    try:
+        scanner = ScriptedScanner(FdTransport(master, timeout=0.05, write_timeout=10.0))
+        seq = scanner.send(CaseEnd("RE-END", len(tiles)))
+        assert scanner.expect(10) == Ack(seq, "RE-END", -1)
+    finally:
+        second.stop()
+        os.close(master)
+        os.close(slave)

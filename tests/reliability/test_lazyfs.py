@@ -198,3 +198,51 @@ def test_the_api_token_made_on_first_run_survives_a_power_cut(lazy):
         assert ensure_token(again.mnt / "api-token") == token
     finally:
         again.unmount()
+
+
+def test_a_called_case_whose_files_a_cut_took_gets_them_made_again_at_restart(lazy, tmp_path, demo_image):
+    """The power goes while a called case's files are written (at the 12th operation on them): the call is
+    stored, the files are not all there. Before, they never came; now the restarted daemon makes them again
+    from the spool, and they carry the stored call."""
+    import json
+
+    import numpy as np
+
+    from appliance.offline.demo import case_info_for
+    from firmware_bridge import PtyCable
+    from firmware_bridge.emulator import ScannerEmulator, TileToSend
+    from tests.appliance_run import ApplianceRun
+    from tests.waiting import wait_until
+
+    tiles = [TileToSend(x, y, np.ascontiguousarray(demo_image[400 + y: 600 + y, 700 + x: 900 + x]))
+             for y in range(0, 600, 200) for x in range(0, 800, 200)]
+    info = case_info_for("PC-F", "S-F", tiles, 4.0, 200)
+    cable = PtyCable(tmp_path / "scanner")
+    lazy.arm("create,mkdir,rename,fsync,fsyncdir,unlink,rmdir", "before", 12, r"^/cases/PC-F(/(?!\.work)|$)")
+    daemon = ApplianceRun(cable.path, lazy.mnt)
+    try:
+        ScannerEmulator(cable, info, tiles, encoding="raw").run()  # CASE_END is ACKed before the files begin
+        assert daemon.proc.wait(120) == -9 and len(lazy.cuts()) == 1
+        lazy.unmount()
+        again = Lazy(lazy.backing, lazy.mnt)
+        summary = again.mnt / "cases" / "PC-F" / "summary.json"
+        try:
+            assert not summary.exists()
+            daemon = ApplianceRun(cable.path, again.mnt)
+            wait_until(summary.exists, 120, what="the case's files made again")
+            daemon.stop()
+            kept = json.loads(summary.read_text())
+            db = sqlite3.connect(again.mnt / "appliance.db")
+            stored = db.execute("select verdict, score from cases where id = 'PC-F'").fetchone()
+            rebuilt = [json.loads(d) for (d,) in db.execute(
+                "select detail from events where case_id = 'PC-F' and kind = 'outputs'")]
+            db.close()
+            assert (kept["verdict"], kept["score"]) == stored and stored[0] == "suspicious"
+            assert all((summary.parent / name).exists() for name in kept["outputs"])
+            assert [e.get("rebuilt") for e in rebuilt] == [True]
+        finally:
+            daemon.kill()
+            again.unmount()
+    finally:
+        daemon.kill()
+        cable.close()

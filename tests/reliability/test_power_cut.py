@@ -17,8 +17,9 @@ The moments, each case going through all five in its life:
 Checked after every cut, on what survived: ``PRAGMA integrity_check`` is ok; every tile the scanner saw ACKed
 is in the store and in the spool with the sha256 it sent; every file under its final name is whole (JSON
 parses, PNG decodes, OpenSlide opens the pyramids, the API token is a token), and a summary.json names only
-files that are there. At each case's end: the call equals an uninterrupted run's, and its LIS message
-arrived, never two different messages under one id.
+files that are there. At each case's end: the call equals an uninterrupted run's, its files are all there
+(made again from the spool if a cut took them), and its LIS message arrived with that call, never two
+different messages under one id.
 
 Slow (``make test-power SEED=n``); POWER_SEED and POWER_CASES choose the seed (printed) and the number of
 cases (8: 40 cuts)."""
@@ -409,6 +410,11 @@ def finish_case(bench: Bench, case: Case, engine) -> None:
     if (verdict, score) != (str(expected.verdict), expected.score):
         bench.violations.append(f"{case.case_id}: called {verdict} {score} ({status}); uninterrupted: "
                                 f"{expected.verdict} {expected.score}")
+    summary = bench.fs.mnt / "cases" / case.case_id / "summary.json"
+    try:
+        wait_until(summary.exists, 120, what=f"the files of {case.case_id}")
+    except AssertionError:
+        bench.violations.append(f"{case.case_id}: its files are not all there (no summary.json)")
     wait_until(lambda: any(of_case(mid) == case.case_id for mid, _t in bench.lis.received), 120,
                what=f"the LIS message of {case.case_id}")
     for mid, text in bench.lis.received:
