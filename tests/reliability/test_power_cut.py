@@ -164,7 +164,12 @@ class Bench:
     def restart(self) -> None:
         """The daemon started again on what survived (unless the last moment passed without its cut)."""
         if self.daemon.proc.poll() is not None:
-            self.daemon = ApplianceRun(self.cable.path, self.fs.mnt, **self.env)
+            self.daemon = ApplianceRun(self.cable.path, self.fs.mnt, wait_ready=False, **self.env)
+            try:
+                self.daemon.wait_for("[ready]", 120)
+            except AssertionError:
+                if self.daemon.proc.wait(10) is None or not wait_until(self.fs.cuts, 5, what="a cut"):
+                    raise  # not killed by an armed cut as it started: it failed to start
 
     def close(self) -> None:
         self.daemon.kill()
@@ -301,6 +306,9 @@ def test_power_cuts_at_seeded_moments_lose_no_acked_tile_leave_no_torn_file_and_
             finish_case(bench, case, engine)
         bench.daemon.stop()
         check_deliveries(bench, cases)
+    except BaseException:
+        print("the daemon's last words:\n" + "".join(bench.daemon.lines[-40:]))
+        raise
     finally:
         bench.close()
 
