@@ -375,7 +375,7 @@ def run_case_through_five_cuts(bench: Bench, case: Case, cases: list[Case], rng:
         bench.remount(cases)
 
     # 4. while the case's files are written
-    nth = rng.randint(1, file_ops)
+    nth = rng.randint(1, file_ops - 1)  # (the calibration's count has the case folder's mkdir at CASE_BEGIN too)
     bench.fs.arm(FILE_OPS, rng.choice(["before", "after"]), nth, case_files_pattern(case.case_id))
     bench.restart()
     summary = bench.fs.mnt / "cases" / case.case_id / "summary.json"
@@ -425,10 +425,21 @@ def finish_case(bench: Bench, case: Case, engine) -> None:
         bench.violations.append(f"{case.case_id}: its files are not all there (no summary.json)")
     wait_until(lambda: any(of_case(mid) == case.case_id for mid, _t in bench.lis.received), 120,
                what=f"the LIS message of {case.case_id}")
+    # its ACK recorded before the next case begins, whose held ACK must hold back only its own message
+    wait_until(lambda: delivery_status(db, case.case_id) == {"delivered"}, 120,
+               what=f"the LIS ACK of {case.case_id}'s message recorded", detail=lambda: delivery_status(db, case.case_id))
     for mid, text in bench.lis.received:
         if of_case(mid) == case.case_id and lis_results(text).get("TRIAGE-CALL") != str(expected.verdict):
             bench.violations.append(f"{case.case_id}: LIS message {mid} says {lis_results(text).get('TRIAGE-CALL')}"
                                     f", not {expected.verdict}")
+
+
+def delivery_status(db: Path, case_id: str) -> set[str]:
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        return {s for (s,) in conn.execute("select status from deliveries where case_id = ?", [case_id])}
+    finally:
+        conn.close()
 
 
 def check_deliveries(bench: Bench, cases: list[Case]) -> None:
