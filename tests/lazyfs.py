@@ -32,6 +32,7 @@ use ``Lazy`` below.
 from __future__ import annotations
 
 import errno
+import importlib
 import itertools
 import os
 import re
@@ -401,7 +402,7 @@ def fuse_missing() -> str | None:
     if shutil.which("fusermount") is None:
         return "no fusermount (apt-get install fuse3)"
     try:
-        import fuse  # noqa: F401 - loads libfuse
+        importlib.import_module("fuse")  # fusepy loads libfuse as it is imported
     except (ImportError, OSError, EnvironmentError) as exc:
         return f"fusepy cannot load libfuse ({exc}; apt-get install libfuse2)"
     return None

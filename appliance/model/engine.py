@@ -100,7 +100,8 @@ class Engine(ABC):
     @property
     def description(self) -> dict:
         m = self.manifest
-        return {"name": m.name, "version": m.version, "sha256": m.digest, "backend": self.backend}
+        # plain data (str, not the EngineName): it goes into logs, JSON and the store as it is
+        return {"name": m.name, "version": m.version, "sha256": m.digest, "backend": str(self.backend)}
 
 
 class OpenVINOEngine(Engine):
