@@ -16,6 +16,7 @@ from appliance.cli_common import settings_for as _settings
 from appliance.offline.progress import Progress
 from appliance.offline.sources import DEFAULT_TILE_SIZE
 from appliance.site.cli import site
+from appliance.api.access_cli import tls
 from appliance.terms import CaseRule, EngineName, rule_words
 
 ENGINES = click.Choice([e.value for e in EngineName])
@@ -360,9 +361,9 @@ def status(ctx, url: str | None, as_json: bool) -> None:
     import httpx
 
     settings = _settings(ctx)
-    url = (url or f"http://{settings.api_host}:{settings.api_port}").rstrip("/")
+    url = (url or settings.api_url).rstrip("/")
     try:
-        r = httpx.get(f"{url}/status", timeout=5)
+        r = httpx.get(f"{url}/status", timeout=5, verify=settings.api_verify)
         r.raise_for_status()
     except httpx.HTTPError as exc:
         raise click.ClickException(f"cannot reach the appliance at {url}: {exc}") from None
@@ -405,8 +406,8 @@ def tui(ctx, url: str | None) -> None:
     from appliance.tui.app import TriageApp
 
     settings = _settings(ctx)
-    url = url or f"http://{settings.api_host}:{settings.api_port}"
-    TriageApp(url, settings.token_path).run()
+    url = url or settings.api_url
+    TriageApp(url, settings.token_path, verify=settings.api_verify).run()
 
 
 @main.group()
@@ -424,6 +425,7 @@ def config_show(ctx) -> None:
 
 
 main.add_command(site)
+main.add_command(tls)
 
 if __name__ == "__main__":
     main()

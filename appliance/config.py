@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
+import ssl
 from pathlib import Path
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from appliance.errors import ConfigError
@@ -28,6 +29,10 @@ class Settings(BaseSettings):
     api_allow_remote: bool = Field(
         False, description="Allow api_host to be a non-loopback address; then every endpoint needs the token.")
     api_token_file: Path | None = Field(None, description="API token file (0600); default <data_dir>/api-token.")
+    api_tls_cert: Path | None = Field(
+        None, description="PEM certificate: the API serves HTTPS (with api_tls_key). `appliance tls self-signed "
+                          "--host NAME` makes one; a non-loopback api_host needs it.")
+    api_tls_key: Path | None = Field(None, description="PEM private key of api_tls_cert (0600).")
     batch_size: int = Field(128, ge=1, le=4096)
     min_free_mb: int = Field(
         1024, ge=0, description="New cases are refused over the link while the data disk has less free space.")
@@ -66,6 +71,32 @@ class Settings(BaseSettings):
         if value is not None and not value.startswith(("http://", "https://")):
             raise ValueError(f"{value!r} is not an http(s) URL")
         return value.rstrip("/") if value else value
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> "Settings":
+        if (self.api_tls_cert is None) != (self.api_tls_key is None):
+            raise ValueError("api_tls_cert and api_tls_key go together: set both (HTTPS) or neither")
+        return self
+
+    @property
+    def api_tls_files(self) -> tuple[Path, Path] | None:
+        """(certificate, key) when the API serves HTTPS."""
+        return (self.api_tls_cert, self.api_tls_key) if self.api_tls_cert is not None else None
+
+    @property
+    def api_scheme(self) -> str:
+        return "https" if self.api_tls_files else "http"
+
+    @property
+    def api_url(self) -> str:
+        """Where the local tools (status, tui, site) reach the API."""
+        return f"{self.api_scheme}://{self.api_host}:{self.api_port}"
+
+    @property
+    def api_verify(self) -> ssl.SSLContext | bool:
+        """What an HTTPS client of the API (httpx ``verify=``) checks it against: the configured certificate (a
+        self-signed one is its own authority)."""
+        return ssl.create_default_context(cafile=str(self.api_tls_cert)) if self.api_tls_files else True
 
     @property
     def lis_destinations(self) -> list[str]:

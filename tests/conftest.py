@@ -88,3 +88,11 @@ def notify_socket(tmp_path):
     sock.bind(path)
     yield path, sock
     sock.close()
+
+
+@pytest.fixture
+def tls_files(tmp_path) -> tuple[Path, Path]:
+    """A self-signed certificate for localhost and 127.0.0.1, as `appliance tls self-signed` makes it."""
+    from appliance.api.tls import self_signed, write_pair
+
+    return write_pair(tmp_path / "tls", *self_signed(["localhost", "127.0.0.1"]))

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import errno
 import socket
+import ssl
 import threading
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 import uvicorn
@@ -12,7 +14,7 @@ from fastapi import Depends, FastAPI
 
 from appliance import RESEARCH_USE_NOTICE, __version__
 from appliance.config import Settings
-from appliance.errors import ApiBindError, ApplianceError
+from appliance.errors import ApiBindError, ApplianceError, ConfigError
 from appliance.api.auth import ensure_token, is_loopback, reads_need_token
 from appliance.store.database import CaseStore
 from appliance.service.events import EventHub
@@ -32,6 +34,9 @@ def create_app(settings: Settings, store: CaseStore, status: Callable[[], dict] 
     to reopen its port and returns the link state, ``site_changed()`` is told when a site point is accepted or
     reset (the daemon re-judges drift against the new reference)."""
     remote = not is_loopback(settings.api_host)
+    if remote and not settings.api_tls_files:
+        raise ApplianceError(f"the API would listen on {settings.api_host}, which is not loopback, over plain HTTP; "
+                             f"set api_tls_cert and api_tls_key (`appliance tls self-signed --host NAME` makes them)")
     if remote and not settings.api_allow_remote:
         raise ApplianceError(f"the API would listen on {settings.api_host}, which is not loopback; set "
                              f"api_allow_remote = true to allow it (every endpoint then needs the token)")
@@ -69,10 +74,15 @@ class ApiServer:
     The socket is bound here, before uvicorn starts, so a port in use is an ApiBindError that says so in one
     sentence (uvicorn alone would log a traceback-like error and exit its thread)."""
 
-    def __init__(self, app: FastAPI, host: str, port: int) -> None:
+    def __init__(self, app: FastAPI, host: str, port: int, tls: tuple[Path, Path] | None = None) -> None:
+        """``tls``: (certificate, key) PEM files; the API then serves HTTPS only."""
         self.host, self.requested_port = host, port
+        if tls is not None:
+            check_tls_files(*tls)
+        cert, key = tls or (None, None)
         self._server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
-                                                     access_log=False, lifespan="on"))
+                                                     access_log=False, lifespan="on", ssl_certfile=cert,
+                                                     ssl_keyfile=key))
         self._thread: threading.Thread | None = None
 
     def start(self, timeout: float = 10) -> None:
@@ -103,6 +113,19 @@ class ApiServer:
         self._server.should_exit = True
         if self._thread is not None:
             self._thread.join(timeout=10)
+
+
+def check_tls_files(cert: Path, key: Path) -> None:
+    """Refuse, in one sentence, a certificate and key that uvicorn could not serve (before its thread runs)."""
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"the API's TLS file {exc.filename} does not exist; check api_tls_cert and api_tls_key")
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(f"the API cannot serve HTTPS with certificate {cert} and key {key}: "
+                          f"{getattr(exc, 'reason', None) or exc}; make them again with `appliance tls self-signed`")
+    if Path(key).stat().st_mode & 0o077:
+        raise ConfigError(f"the API's TLS key {key} is readable by others; chmod 600 it")
 
 
 def bind_socket(host: str, port: int) -> socket.socket:

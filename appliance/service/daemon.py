@@ -131,9 +131,9 @@ class Daemon:
         if self.serve_api:
             self.api = ApiServer(create_app(s, self.store, self.status, self.not_ready, self.engine.latency,
                                             self.events, self.reconnect_link, self.check_drift),
-                                 s.api_host, s.api_port)
+                                 s.api_host, s.api_port, tls=s.api_tls_files)
             self.api.start()
-            self.notify(EventKind.API, {"url": f"http://{s.api_host}:{self.api.port}"})
+            self.notify(EventKind.API, {"url": f"{s.api_scheme}://{s.api_host}:{self.api.port}"})
         self.receiver.recover()
         self._housekeeping_stop = threading.Event()
         self._housekeeping = threading.Thread(target=self._housekeep, name="housekeeping", daemon=True)
@@ -154,9 +154,10 @@ class Daemon:
         self.events.publish(EventKind.NOT_READY, {"reason": self.problem})
         if self.serve_api:
             self.api = ApiServer(create_app(s, self.store, self.status, self.not_ready, None, self.events,
-                                            self.reconnect_link), s.api_host, s.api_port)
+                                            self.reconnect_link), s.api_host, s.api_port,
+                                 tls=s.api_tls_files)
             self.api.start()
-            self.notify(EventKind.API, {"url": f"http://{s.api_host}:{self.api.port}"})
+            self.notify(EventKind.API, {"url": f"{s.api_scheme}://{s.api_host}:{self.api.port}"})
 
     def reconnect_link(self, why: str) -> str:
         """An operator's reconnect (POST /link/reconnect): reopen the scanner port now; returns the link state."""

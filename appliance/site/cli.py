@@ -102,11 +102,12 @@ def _site_change(ctx, action: str, report_dir: Path | None, url: str | None, ini
             return store.reset_site_point(by=initials, via="cli")
         finally:
             store.close()
-    url = (url or f"http://{settings.api_host}:{settings.api_port}").rstrip("/")
+    url = (url or settings.api_url).rstrip("/")
     token = ensure_token(settings.token_path)
     try:
         body = {"initials": initials} | ({"report": report} if report is not None else {})
-        r = httpx.post(f"{url}/site/{action}", json=body, headers={"Authorization": f"Bearer {token}"}, timeout=30)
+        r = httpx.post(f"{url}/site/{action}", json=body, headers={"Authorization": f"Bearer {token}"}, timeout=30,
+                       verify=settings.api_verify)
     except httpx.HTTPError as exc:
         raise click.ClickException(f"not root, and cannot reach the appliance at {url}: {exc}") from None
     if r.status_code >= 400:

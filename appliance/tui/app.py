@@ -7,6 +7,7 @@ cannot be reached both keep retrying, and a banner on every screen says so until
 from __future__ import annotations
 
 import asyncio
+import ssl
 from pathlib import Path
 
 from textual.app import App
@@ -30,9 +31,9 @@ class TriageApp(App):
     BINDINGS = [Binding("l", "live", "Live"), Binding("h", "history", "History"), Binding("q", "quit", "Quit")]
 
     def __init__(self, api_url: str, token_path: Path | None = None, *, poll_s: float = 1.0,
-                 open_verdicts: bool = True) -> None:
+                 open_verdicts: bool = True, verify: ssl.SSLContext | bool = True) -> None:
         super().__init__()
-        self.client = ApiClient(api_url, token_path)
+        self.client = ApiClient(api_url, token_path, verify=verify)
         self.poll_s = poll_s
         self.open_verdicts = open_verdicts  # push the verdict card when a case is called
         self.connected: bool | None = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -22,10 +23,11 @@ class ActionRefused(Exception):
 
 
 class ApiClient:
-    def __init__(self, url: str, token_path: Path | None = None, timeout: float = 5.0):
+    def __init__(self, url: str, token_path: Path | None = None, timeout: float = 5.0, verify: ssl.SSLContext | bool = True):
+        """``verify``: for an HTTPS API, the certificate file to check it against (Settings.api_verify)."""
         self.url = url.rstrip("/")
         self.token_path = token_path
-        self._http = httpx.AsyncClient(base_url=self.url, timeout=timeout)
+        self._http = httpx.AsyncClient(base_url=self.url, timeout=timeout, verify=verify)
 
     async def close(self) -> None:
         await self._http.aclose()

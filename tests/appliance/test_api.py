@@ -2,6 +2,7 @@
 
 import ipaddress
 import socket
+import ssl
 
 import httpx
 import pytest
@@ -84,10 +85,13 @@ def test_api_binds_loopback_only_by_default(tmp_path):
         daemon.stop()
     assert not any(refused.values()), refused
     if others:  # the probe can see a listener on those addresses: one bound to all of them is reached
+        from appliance.api.tls import self_signed, write_pair
+
+        cert, key = write_pair(tmp_path / "tls", *self_signed(["localhost"]))
         allowed = load_settings(None, data_dir=tmp_path / "var2", model_dir=tmp_path / "no-model", api_port=0,
-                                api_host="0.0.0.0", api_allow_remote=True)
+                                api_host="0.0.0.0", api_allow_remote=True, api_tls_cert=cert, api_tls_key=key)
         store = CaseStore(allowed.db_path)
-        everywhere = ApiServer(create_app(allowed, store), allowed.api_host, 0)
+        everywhere = ApiServer(create_app(allowed, store), allowed.api_host, 0, tls=allowed.api_tls_files)
         everywhere.start()
         try:
             assert all(_accepts(a, everywhere.port) for a in others), others
@@ -197,23 +201,29 @@ def test_ready_is_503_with_reasons_until_ready(settings):
         store.close()
 
 
-def test_a_non_loopback_bind_must_be_allowed_and_then_needs_the_token_everywhere(settings):
+def test_a_non_loopback_bind_needs_tls_and_to_be_allowed_and_then_the_token_everywhere(settings, tls_files):
     from appliance.config import load_settings
     from appliance.errors import ApplianceError
     from tests.conftest import MODEL_DIR
 
+    cert, key = tls_files
     store = CaseStore(settings.db_path)
     try:
-        remote = load_settings(None, data_dir=settings.data_dir, model_dir=MODEL_DIR, api_host="0.0.0.0", api_port=0)
-        with pytest.raises(ApplianceError, match="not loopback"):
-            create_app(remote, store)
+        plain = load_settings(None, data_dir=settings.data_dir, model_dir=MODEL_DIR, api_host="0.0.0.0", api_port=0,
+                              api_allow_remote=True)
+        with pytest.raises(ApplianceError, match="not loopback, over plain HTTP; set api_tls_cert and api_tls_key"):
+            create_app(plain, store)
+        not_allowed = load_settings(None, data_dir=settings.data_dir, model_dir=MODEL_DIR, api_host="0.0.0.0",
+                                    api_port=0, api_tls_cert=cert, api_tls_key=key)
+        with pytest.raises(ApplianceError, match="api_allow_remote"):
+            create_app(not_allowed, store)
         allowed = load_settings(None, data_dir=settings.data_dir, model_dir=MODEL_DIR, api_host="0.0.0.0",
-                                api_port=0, api_allow_remote=True)
-        server = ApiServer(create_app(allowed, store), "127.0.0.1", 0)
+                                api_port=0, api_allow_remote=True, api_tls_cert=cert, api_tls_key=key)
+        server = ApiServer(create_app(allowed, store), "127.0.0.1", 0, tls=allowed.api_tls_files)
         server.start()
         try:
             token = allowed.token_path.read_text().strip()
-            with httpx.Client(base_url=f"http://127.0.0.1:{server.port}", timeout=10) as c:
+            with httpx.Client(base_url=f"https://localhost:{server.port}", timeout=10, verify=ssl.create_default_context(cafile=str(cert))) as c:
                 assert c.get("/cases").status_code == 401
                 assert c.get("/health", headers={"Authorization": "Bearer wrong"}).status_code == 403
                 assert c.get("/cases", headers={"Authorization": f"Bearer {token}"}).status_code == 200
