@@ -16,7 +16,7 @@ from appliance.cli_common import settings_for as _settings
 from appliance.offline.progress import Progress
 from appliance.offline.sources import DEFAULT_TILE_SIZE
 from appliance.site.cli import site
-from appliance.api.access_cli import tls
+from appliance.api.access_cli import tls, users
 from appliance.terms import CaseRule, EngineName, rule_words
 
 ENGINES = click.Choice([e.value for e in EngineName])
@@ -426,6 +426,7 @@ def config_show(ctx) -> None:
 
 main.add_command(site)
 main.add_command(tls)
+main.add_command(users)
 
 if __name__ == "__main__":
     main()

@@ -33,6 +33,10 @@ class CaseNotFoundError(StoreError):
     """No case with that id is in the case database."""
 
 
+class UserNotFoundError(StoreError):
+    """No reviewer with that name."""
+
+
 class CaseStateError(StoreError):
     """The case exists but is not in a state that allows the action (e.g. sign-off before the call)."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import logging
 import socket
 import ssl
 import threading
@@ -11,6 +12,7 @@ from typing import TYPE_CHECKING, Callable
 
 import uvicorn
 from fastapi import Depends, FastAPI
+from fastapi.staticfiles import StaticFiles
 
 from appliance import RESEARCH_USE_NOTICE, __version__
 from appliance.config import Settings
@@ -18,8 +20,12 @@ from appliance.errors import ApiBindError, ApplianceError, ConfigError
 from appliance.api.auth import ensure_token, is_loopback, reads_need_token
 from appliance.store.database import CaseStore
 from appliance.service.events import EventHub
-from appliance.api.routes import cases, deliveries, events, health, link, metrics, site
+from appliance.api.deepzoom import DeepZoom
+from appliance.api.logins import LoginLimiter, Sessions
+from appliance.api.routes import cases, deliveries, events, health, link, metrics, site, viewer
 from appliance.api.routes import status as status_route
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from appliance.model.engine import LatencyHistogram
@@ -65,6 +71,16 @@ def create_app(settings: Settings, store: CaseStore, status: Callable[[], dict] 
     app.include_router(link.router)
     app.include_router(deliveries.router)
     app.include_router(site.router)
+    app.state.sessions = Sessions()
+    app.state.logins = LoginLimiter()
+    app.state.deepzoom = DeepZoom()
+    app.include_router(viewer.router)
+    app.mount("/viewer/static", StaticFiles(directory=viewer.STATIC_DIR), name="viewer-static")
+    if viewer.OSD_DIR.is_dir():
+        app.mount("/viewer/osd", StaticFiles(directory=viewer.OSD_DIR), name="viewer-osd")
+    else:
+        log.warning("the browser viewer has no OpenSeadragon: %s is missing (make installs it with npm ci)",
+                    viewer.OSD_DIR)
     return app
 
 

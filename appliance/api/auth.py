@@ -16,6 +16,7 @@ from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from appliance.durable import replace_durably
+from appliance.api.logins import SESSION_COOKIE, Session
 from appliance.errors import ApplianceError
 
 
@@ -65,8 +66,25 @@ def require_token(request: Request,
     return "token"
 
 
+def viewer_session(request: Request) -> Session | None:
+    """The logged-in reviewer's session (from its cookie), if any and if the reviewer is still enabled."""
+    sessions = getattr(request.app.state, "sessions", None)
+    sid = request.cookies.get(SESSION_COOKIE)
+    session = sessions.get(sid) if sessions is not None else None
+    if session is None:
+        return None
+    user = request.app.state.store.user(session.user)
+    if user is None or user["disabled_at"]:
+        sessions.end_all(session.user)
+        return None
+    return session
+
+
 def reads_need_token(request: Request,
                      cred: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
-    """On a non-loopback bind every endpoint needs the token."""
-    if request.app.state.remote:
+    """On a non-loopback bind every endpoint needs the token, or a reviewer's session; the viewer's own pages
+    check their session themselves (its login page needs none)."""
+    if not request.app.state.remote or request.url.path.startswith("/viewer/"):
+        return
+    if viewer_session(request) is None:
         require_token(request, cred)

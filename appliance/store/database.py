@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable
 
 import sqlite_utils
 
-from appliance.errors import CaseNotFoundError, CaseStateError, StoreError
+from appliance.errors import CaseNotFoundError, CaseStateError, StoreError, UserNotFoundError
 from appliance.pipeline.result import TriageResult
 from appliance.store.migrations import migrations
 from appliance.terms import OPEN_STATUSES, CaseStatus, DeliveryStatus, Verdict
@@ -330,6 +330,42 @@ class CaseStore:
             return {"delivery_id": delivery_id, "status": DeliveryStatus.PENDING}
 
         return self.write(_write)
+
+    # ------------------------------------------------------------------------------------- reviewers
+    def set_user(self, name: str, password_hash: str, *, by: str, via: str = "cli") -> bool:
+        """Add a reviewer, or give one a new password (enabling it again); audited. True if it is new."""
+        at = utcnow()
+
+        def _write(db: sqlite_utils.Database) -> bool:
+            new = not list(db["users"].rows_where("name = ?", [name]))
+            if new:
+                db["users"].insert({"name": name, "password_hash": password_hash, "created_at": at, "changed_at": at,
+                                    "disabled_at": None})
+            else:
+                db["users"].update(name, {"password_hash": password_hash, "changed_at": at, "disabled_at": None})
+            _audit(db, at, by, via, "user-added" if new else "user-password", None, {"user": name})
+            return new
+
+        return self.write(_write)
+
+    def disable_user(self, name: str, *, by: str, via: str = "cli") -> None:
+        """A reviewer can no longer log in (kept: the audit names them). Raises UserNotFoundError."""
+        at = utcnow()
+
+        def _write(db: sqlite_utils.Database) -> None:
+            if not list(db["users"].rows_where("name = ?", [name])):
+                raise UserNotFoundError(f"no reviewer named {name!r}")
+            db["users"].update(name, {"disabled_at": at})
+            _audit(db, at, by, via, "user-disabled", None, {"user": name})
+
+        self.write(_write)
+
+    def user(self, name: str) -> dict | None:
+        rows = self._rows("users", "name = ?", [name], "name")
+        return rows[0] if rows else None
+
+    def users(self) -> list[dict]:
+        return [{k: v for k, v in r.items() if k != "password_hash"} for r in self._rows("users", None, [], "name")]
 
     def audit(self, actor: str, action: str, *, case_id: str | None = None, detail: dict | None = None,
               via: str = "api") -> None:

@@ -139,3 +139,13 @@ def _site_operating_point(db: sqlite_utils.Database) -> None:
         },
         pk="id",
     )
+
+
+@migrations(name="0008_users")
+def _users(db: sqlite_utils.Database) -> None:
+    """The reviewers who log in to the browser viewer: a name, an argon2 hash of the password (never the
+    password), and when the account was made, changed and disabled (never deleted: the audit names them)."""
+    db["users"].create(
+        {"name": str, "password_hash": str, "created_at": str, "changed_at": str, "disabled_at": str},
+        pk="name",
+    )

@@ -1,0 +1,89 @@
+// The case page: the case pyramid in OpenSeadragon, the heatmap pyramid over it, the regions as an SVG overlay,
+// and the gallery of the patches that drove the call. window.review holds what the browser test reads.
+(function () {
+  "use strict";
+  const el = document.getElementById("osd");
+  if (!el || !Number(el.dataset.width)) return;
+  const id = el.dataset.case, width = Number(el.dataset.width), height = Number(el.dataset.height);
+  const base = "/viewer/cases/" + encodeURIComponent(id);
+  const review = (window.review = {tilesLoaded: 0, maxLevelLoaded: -1, heatmap: null, regions: null});
+  const viewer = OpenSeadragon({
+    id: "osd", prefixUrl: "/viewer/osd/images/", tileSources: base + "/slide.dzi",
+    showNavigator: true, maxZoomPixelRatio: 4, crossOriginPolicy: false, loadTilesWithAjax: false,
+  });
+  review.viewer = viewer;
+
+  viewer.addHandler("tile-loaded", function (e) {
+    if (e.tiledImage !== viewer.world.getItemAt(0)) return;
+    review.tilesLoaded += 1;
+    review.maxLevelLoaded = Math.max(review.maxLevelLoaded, e.tile.level);
+  });
+  viewer.addHandler("zoom", function () {
+    const z = viewer.viewport.viewportToImageZoom(viewer.viewport.getZoom(true));
+    document.getElementById("zoom-level").textContent = "image zoom " + z.toFixed(2) + "x";
+  });
+
+  viewer.addOnceHandler("open", function () {
+    if (el.dataset.heatmap) {
+      viewer.addTiledImage({
+        tileSource: base + "/heatmap.dzi", x: 0, y: 0, width: 1, opacity: 0.45,
+        success: function (e) { review.heatmap = e.item; },
+      });
+    }
+    if (el.dataset.regions) {
+      fetch("/cases/" + encodeURIComponent(id) + "/regions.geojson", {credentials: "same-origin"})
+        .then(function (r) { return r.json(); })
+        .then(drawRegions);
+    }
+  });
+
+  function drawRegions(geojson) {
+    const ns = "http://www.w3.org/2000/svg";
+    const svg = document.createElementNS(ns, "svg");
+    svg.setAttribute("viewBox", "0 0 " + width + " " + height);
+    svg.setAttribute("preserveAspectRatio", "none");
+    svg.setAttribute("class", "regions");
+    let count = 0;
+    (geojson.features || []).forEach(function (f) {
+      const g = f.geometry || {};
+      const polygons = g.type === "Polygon" ? [g.coordinates] : g.type === "MultiPolygon" ? g.coordinates : [];
+      polygons.forEach(function (rings) {
+        const path = document.createElementNS(ns, "path");
+        path.setAttribute("d", rings.map(function (ring) {
+          return "M" + ring.map(function (p) { return p[0] + " " + p[1]; }).join("L") + "Z";
+        }).join(""));
+        path.setAttribute("fill-rule", "evenodd");
+        svg.appendChild(path);
+        count += 1;
+      });
+    });
+    const holder = document.createElement("div");
+    holder.className = "regions-holder";
+    holder.appendChild(svg);
+    viewer.addOverlay({element: holder, location: new OpenSeadragon.Rect(0, 0, 1, height / width)});
+    review.regions = {element: holder, polygons: count};
+  }
+
+  function setHeatmap() {
+    if (!review.heatmap) return;
+    const on = document.getElementById("heatmap-on").checked;
+    review.heatmap.setOpacity(on ? Number(document.getElementById("heatmap-opacity").value) / 100 : 0);
+  }
+  const heatOn = document.getElementById("heatmap-on");
+  if (heatOn) {
+    heatOn.addEventListener("change", setHeatmap);
+    document.getElementById("heatmap-opacity").addEventListener("input", setHeatmap);
+  }
+  const regionsOn = document.getElementById("regions-on");
+  if (regionsOn) {
+    regionsOn.addEventListener("change", function () {
+      if (review.regions) review.regions.element.style.display = regionsOn.checked ? "" : "none";
+    });
+  }
+  document.querySelectorAll("#gallery .patch").forEach(function (b) {
+    b.addEventListener("click", function () {
+      const x = Number(b.dataset.x), y = Number(b.dataset.y), w = Number(b.dataset.w), h = Number(b.dataset.h);
+      viewer.viewport.fitBounds(viewer.viewport.imageToViewportRectangle(x - w, y - h, 3 * w, 3 * h));
+    });
+  });
+})();
