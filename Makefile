@@ -20,10 +20,16 @@ $(TRAIN_VENV)/.installed: pyproject.toml
 	$(TRAIN_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -e '.[train,dev]'
 	touch $@
 
-run: $(VENV)/.installed
+# OpenSeadragon for the browser viewer, from npm with the lockfile (served by the daemon; never a CDN)
+VIEWER := appliance/api/viewer
+$(VIEWER)/node_modules/.installed: $(VIEWER)/package-lock.json
+	cd $(VIEWER) && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+run: $(VENV)/.installed $(VIEWER)/node_modules/.installed
 	$(VENV)/bin/appliance demo
 
-test: $(VENV)/.installed test-tools
+test: $(VENV)/.installed $(VIEWER)/node_modules/.installed test-tools
 	$(VENV)/bin/python -m pytest -q
 
 # Debian packages some tests use: headless Chromium and its driver (the site report opened in a real browser),

@@ -134,9 +134,16 @@ chmod 0755 "$PREFIX" "$PREFIX/models"
 
 say "building the appliance package"
 # Only what the package is made of, copied out so the build writes nothing into the source tree.
-tar -C "$SRC" --exclude=__pycache__ --exclude='*.pyc' -cf - pyproject.toml README.md appliance firmware_bridge \
+tar -C "$SRC" --exclude=__pycache__ --exclude='*.pyc' --exclude='node_modules/.package-lock.json' \
+    -cf - pyproject.toml README.md appliance firmware_bridge \
     | tar -C "$STAGE" -xf -
 mkdir -p "$STAGE/src" && mv "$STAGE"/{pyproject.toml,README.md,appliance,firmware_bridge} "$STAGE/src/"
+# the browser viewer's OpenSeadragon, from npm with its lockfile (if `make` has not installed it already)
+VIEWER=$STAGE/src/appliance/api/viewer
+if [ ! -e "$VIEWER/node_modules/openseadragon/build/openseadragon/openseadragon.min.js" ]; then
+    command -v npm >/dev/null || die "npm is needed to install the viewer's OpenSeadragon (apt-get install npm)"
+    (cd "$VIEWER" && npm ci --no-audit --no-fund --loglevel=error) || die "npm ci for the viewer failed"
+fi
 rm -rf "$VENV.new"
 "$PYTHON" -m venv "$VENV.new"
 PIP=("$VENV.new/bin/python" -m pip --disable-pip-version-check --no-input)
