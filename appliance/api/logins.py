@@ -18,7 +18,8 @@ USER_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9._-]{0,63}$")
 MIN_PASSWORD = 12
 SESSION_COOKIE = "appliance_session"
 SESSION_HOURS = 12.0  # a working day; then log in again
-FAILURES_ALLOWED = 5  # failed logins per name, and per client address, within FAILURE_WINDOW_S
+FAILURES_ALLOWED = 5  # failed logins per name within FAILURE_WINDOW_S
+FAILURES_ALLOWED_PER_ADDRESS = 20  # and per client address (a shared reading-room PC: names tried in turn)
 FAILURE_WINDOW_S = 300.0
 
 _hasher = PasswordHasher()
@@ -90,10 +91,12 @@ class Sessions:
 
 @dataclass
 class LoginLimiter:
-    """At most FAILURES_ALLOWED failed logins per name and per client address in FAILURE_WINDOW_S; past that,
-    every attempt is refused (right password or not) until the oldest failure leaves the window."""
+    """At most FAILURES_ALLOWED failed logins per name (key ``name:...``) and FAILURES_ALLOWED_PER_ADDRESS per
+    client address (``address:...``) in FAILURE_WINDOW_S; past that, every attempt is refused (right password
+    or not) until the oldest failure leaves the window."""
 
     allowed: int = FAILURES_ALLOWED
+    allowed_per_address: int = FAILURES_ALLOWED_PER_ADDRESS
     window_s: float = FAILURE_WINDOW_S
     _failures: dict[str, deque] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -107,7 +110,8 @@ class LoginLimiter:
                 q = self._failures.get(key)
                 while q and q[0] <= now - self.window_s:
                     q.popleft()
-                if q and len(q) >= self.allowed:
+                limit = self.allowed_per_address if key.startswith("address:") else self.allowed
+                if q and len(q) >= limit:
                     waits.append(q[0] + self.window_s - now)
             return max(waits, default=0.0)
 

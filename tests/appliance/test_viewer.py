@@ -1,0 +1,183 @@
+"""The browser viewer (/viewer/) over real HTTP, on a real case (the demo slide's tumour called by the shipped
+model, its files written as the daemon writes them): logins (argon2, the failed-login limit, the cookie's
+flags), the worklist, deep-zoom tiles, CSRF on sign-off, the audit with the reviewer's name; and the whole
+review in Debian's headless Chromium (selenium), with screenshots in tests/output/viewer/."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from appliance.api.app import ApiServer, create_app
+from appliance.api.logins import FAILURES_ALLOWED, hash_password
+from appliance.config import load_settings
+from appliance.pipeline import TriageSession
+from appliance.store import CaseStore
+from tests.conftest import MODEL_DIR, ROOT
+
+PASSWORD = "correct horse battery staple"
+SCREENSHOTS = ROOT / "tests" / "output" / "viewer"
+
+
+def called_case(engine, store: CaseStore, cases_dir: Path, case_id: str, pixels: np.ndarray, tile: int = 200) -> None:
+    """A case called as the daemon calls one: its tiles through a TriageSession, the call stored, its files
+    written."""
+    h, w = pixels.shape[:2]
+    store.case_started(case_id, specimen_id=f"S-{case_id}", tiles_expected=(h // tile) * (w // tile),
+                       model=engine.description)
+    session = TriageSession(engine, scanner_mpp=4.0, width=w, height=h)
+    try:
+        for y in range(0, h, tile):
+            for x in range(0, w, tile):
+                session.add_tile(x, y, np.ascontiguousarray(pixels[y:y + tile, x:x + tile]))
+        result = session.finish()
+        store.case_finished(case_id, result)
+        session.write_outputs(cases_dir / case_id, case_id, dict(result.to_dict(), input="test", skipped_inputs=[]))
+    finally:
+        session.close()
+
+
+@pytest.fixture(scope="module")
+def viewer(tmp_path_factory, ov_engine, demo_image):
+    """The API with the viewer on 127.0.0.1, two called cases and one reviewer."""
+    data = tmp_path_factory.mktemp("viewer") / "var"
+    settings = load_settings(None, data_dir=data, model_dir=MODEL_DIR, api_port=0)
+    store = CaseStore(settings.db_path)
+    called_case(ov_engine, store, settings.cases_dir, "V-TUMOUR", demo_image[400:1000, 700:1500])
+    called_case(ov_engine, store, settings.cases_dir, "V-EDGE", demo_image[0:400, 0:400])
+    store.set_user("drsmith", hash_password(PASSWORD), by="test")
+    server = ApiServer(create_app(settings, store), "127.0.0.1", 0)
+    server.start()
+    try:
+        yield store, f"http://127.0.0.1:{server.port}", settings
+    finally:
+        server.stop()
+        store.close()
+
+
+@contextmanager
+def logged_in(url: str):
+    with httpx.Client(base_url=url, timeout=30) as client:
+        r = client.post("/viewer/login", data={"name": "drsmith", "password": PASSWORD, "next": "/viewer/"})
+        assert r.status_code == 303 and r.headers["location"] == "/viewer/"
+        client.cookies.set("appliance_session", r.cookies["appliance_session"])  # httpx sends Secure ones on https only
+        yield client
+
+
+def test_a_wrong_password_gets_no_session_and_the_cookie_is_httponly_secure_samesite(viewer):
+    store, url, _ = viewer
+    with httpx.Client(base_url=url, timeout=30) as c:
+        assert c.get("/viewer/").headers["location"] == "/viewer/login?next=/viewer/"
+        wrong = c.post("/viewer/login", data={"name": "drsmith", "password": "not the password"})
+        assert wrong.status_code == 401 and "set-cookie" not in wrong.headers and "Wrong name or password" in wrong.text
+        unknown = c.post("/viewer/login", data={"name": "nobody", "password": PASSWORD})
+        assert unknown.status_code == 401 and "set-cookie" not in unknown.headers
+        c.cookies.set("appliance_session", "made-up")
+        assert c.get("/viewer/").status_code == 303
+        c.cookies.clear()
+        ok = c.post("/viewer/login", data={"name": "drsmith", "password": PASSWORD})
+        cookie = ok.headers["set-cookie"]
+        assert ok.status_code == 303 and all(f in cookie for f in ("HttpOnly", "Secure", "SameSite=strict", "Path=/"))
+    actions = [(a["actor"], a["action"]) for a in store.audit_log()]
+    assert ("drsmith", "login-failed") in actions and ("drsmith", "login") in actions
+
+
+def test_failed_logins_past_the_limit_are_refused_even_with_the_right_password(viewer):
+    store, url, _ = viewer
+    store.set_user("locum", hash_password(PASSWORD), by="test")
+    with httpx.Client(base_url=url, timeout=30) as c:
+        for _ in range(FAILURES_ALLOWED):
+            assert c.post("/viewer/login", data={"name": "locum", "password": "guess guess guess"}).status_code == 401
+        blocked = c.post("/viewer/login", data={"name": "locum", "password": PASSWORD})
+        assert blocked.status_code == 429 and "Too many failed logins" in blocked.text
+        assert "set-cookie" not in blocked.headers
+
+
+def test_the_worklist_puts_suspicious_first_and_the_case_page_serves_its_deep_zoom(viewer):
+    store, url, _ = viewer
+    with logged_in(url) as c:
+        page = c.get("/viewer/")
+        assert page.status_code == 200 and "research" in page.text.lower()
+        order = re.findall(r'class="case-link" href="/viewer/cases/([^"]+)"', page.text)
+        calls = {r["id"]: r["verdict"] for r in store.list_cases()}
+        assert sorted(order) == ["V-EDGE", "V-TUMOUR"] and calls["V-TUMOUR"] == "suspicious"
+        assert order[0] == "V-TUMOUR"
+        only = c.get("/viewer/", params={"call": "suspicious"})
+        assert re.findall(r'class="case-link" href="/viewer/cases/([^"]+)"', only.text) == ["V-TUMOUR"]
+        case = c.get("/viewer/cases/V-TUMOUR")
+        assert case.status_code == 200 and "suspicious" in case.text
+        dzi = c.get("/viewer/cases/V-TUMOUR/slide.dzi").text
+        width, height = map(int, re.search(r'Width="(\d+)" Height="(\d+)"', dzi).groups())
+        top = int(np.ceil(np.log2(max(width, height))))  # the full-resolution level
+        tile = c.get(f"/viewer/cases/V-TUMOUR/slide_files/{top}/0_0.jpeg")
+        assert tile.status_code == 200 and tile.content[:2] == b"\xff\xd8"
+        assert c.get(f"/viewer/cases/V-TUMOUR/slide_files/{top + 1}/0_0.jpeg").status_code == 404
+        assert c.get("/viewer/cases/V-TUMOUR/heatmap.dzi").status_code == 200
+        assert c.get("/viewer/cases/V-TUMOUR/patch/0.png").content[:4] == b"\x89PNG"
+        assert c.get("/viewer/osd/openseadragon.min.js").status_code == 200  # served here, never from a CDN
+
+
+def test_a_sign_off_needs_its_csrf_token_and_is_audited_with_the_reviewer_s_name(viewer):
+    store, url, _ = viewer
+    with logged_in(url) as c:
+        csrf = re.search(r'name="csrf" value="([^"]+)"', c.get("/viewer/cases/V-EDGE").text).group(1)
+        for bad in ({}, {"csrf": "not-the-token"}):
+            r = c.post("/viewer/cases/V-EDGE/signoff", data={"comment": "forged", **bad})
+            assert r.status_code == 403 and "CSRF" in r.text
+        assert store.get_case("V-EDGE")["signed_off_by"] is None
+        with logged_in(url) as theirs:  # another session's token is no good here either
+            other_csrf = re.search(r'name="csrf" value="([^"]+)"', theirs.get("/viewer/cases/V-EDGE").text).group(1)
+            assert other_csrf != csrf
+        assert c.post("/viewer/cases/V-EDGE/signoff", data={"comment": "x", "csrf": other_csrf}).status_code == 403
+        r = c.post("/viewer/cases/V-EDGE/signoff", data={"comment": "edge of the core", "csrf": csrf})
+        assert r.status_code == 303
+    case = httpx.get(f"{url}/cases/V-EDGE", timeout=30).json()
+    assert case["signed_off_by"] == "drsmith" and case["sign_off_comment"] == "edge of the core"
+    audit = [(a["actor"], a["action"], a["via"]) for a in store.audit_log("V-EDGE")]
+    assert ("drsmith", "sign-off", "viewer") in audit
+
+
+def test_a_disabled_reviewer_s_session_ends(viewer):
+    store, url, _ = viewer
+    store.set_user("leaver", hash_password(PASSWORD), by="test")
+    with httpx.Client(base_url=url, timeout=30) as c:
+        r = c.post("/viewer/login", data={"name": "leaver", "password": PASSWORD})
+        c.cookies.set("appliance_session", r.cookies["appliance_session"])
+        assert c.get("/viewer/").status_code == 200
+        store.disable_user("leaver", by="test")
+        assert c.get("/viewer/").status_code == 303
+        assert c.post("/viewer/login", data={"name": "leaver", "password": PASSWORD}).status_code == 401
+
+
+def test_users_are_added_with_a_hashed_password_listed_and_disabled_from_the_command_line(tmp_path):
+    env = dict(os.environ, APPLIANCE_DATA_DIR=str(tmp_path / "var"), APPLIANCE_MODEL_DIR=str(MODEL_DIR))
+
+    def cli(*args, stdin=""):
+        return subprocess.run([sys.executable, "-m", "appliance.cli", "users", *args], env=env, input=stdin,
+                              capture_output=True, text=True, timeout=60)
+
+    short = cli("add", "drjones", "--password-stdin", stdin="short\n")
+    assert short.returncode == 1 and "at least 12 characters" in short.stderr
+    bad = cli("add", "dr jones", "--password-stdin", stdin=PASSWORD + "\n")
+    assert bad.returncode == 1 and "is not a reviewer name" in bad.stderr
+    added = cli("add", "drjones", "--password-stdin", stdin=PASSWORD + "\n")
+    assert added.returncode == 0, added.stderr
+    store = CaseStore(tmp_path / "var" / "appliance.db")
+    try:
+        row = store.user("drjones")
+        assert row["password_hash"].startswith("$argon2id$") and PASSWORD not in row["password_hash"]
+        assert "drjones" in cli("list").stdout
+        assert cli("disable", "drjones").returncode == 0 and store.user("drjones")["disabled_at"]
+        assert cli("disable", "nobody").returncode == 1
+        assert [a["action"] for a in store.audit_log() if a["detail"].get("user") == "drjones"] == [
+            "user-added", "user-disabled"]
+    finally:
+        store.close()
