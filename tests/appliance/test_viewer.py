@@ -51,7 +51,7 @@ def viewer(tmp_path_factory, ov_engine, demo_image):
     data = tmp_path_factory.mktemp("viewer") / "var"
     settings = load_settings(None, data_dir=data, model_dir=MODEL_DIR, api_port=0)
     store = CaseStore(settings.db_path)
-    called_case(ov_engine, store, settings.cases_dir, "V-TUMOUR", demo_image[400:1000, 700:1500])
+    called_case(ov_engine, store, settings.cases_dir, "V-TUMOUR", demo_image)  # the whole bundled case
     called_case(ov_engine, store, settings.cases_dir, "V-EDGE", demo_image[0:400, 0:400])
     store.set_user("drsmith", hash_password(PASSWORD), by="test")
     server = ApiServer(create_app(settings, store), "127.0.0.1", 0)
@@ -181,3 +181,69 @@ def test_users_are_added_with_a_hashed_password_listed_and_disabled_from_the_com
             "user-added", "user-disabled"]
     finally:
         store.close()
+
+
+def test_the_review_in_a_real_browser(viewer, chromium):
+    """Debian's headless Chromium: log in, the worklist, the case, zoom to full resolution with its tiles
+    loaded, the heatmap toggled, the regions seen, a patch of the gallery jumped to, signed off. Screenshots go
+    to tests/output/viewer/."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    store, url, _ = viewer
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    wait = WebDriverWait(chromium, 30)
+    js = chromium.execute_script
+
+    chromium.get(f"{url}/viewer/")
+    assert "/viewer/login" in chromium.current_url
+    chromium.find_element(By.ID, "name").send_keys("drsmith")
+    chromium.find_element(By.ID, "password").send_keys("a wrong password")
+    chromium.find_element(By.ID, "login").click()
+    assert "Wrong name or password" in chromium.find_element(By.ID, "login-error").text
+    assert chromium.get_cookie("appliance_session") is None
+    chromium.find_element(By.ID, "name").send_keys("drsmith")
+    chromium.find_element(By.ID, "password").send_keys(PASSWORD)
+    chromium.find_element(By.ID, "login").click()
+    wait.until(lambda d: d.find_elements(By.ID, "cases"))
+    assert chromium.find_element(By.ID, "who").text == "drsmith"
+    assert "not" in chromium.find_element(By.ID, "notice").text.lower()  # research use, not diagnosis
+    chromium.save_screenshot(str(SCREENSHOTS / "worklist.png"))
+
+    chromium.find_element(By.CSS_SELECTOR, 'a.case-link[href="/viewer/cases/V-TUMOUR"]').click()
+    wait.until(lambda d: js("return window.review && window.review.tilesLoaded > 0"))
+    wait.until(lambda d: js("return !!(window.review.heatmap && window.review.regions)"))
+    assert js("return window.review.regions.polygons") >= 1
+    assert js("return window.review.regions.element.style.display") != "none"
+    width = js("return window.review.viewer.world.getItemAt(0).source.width")
+    top = int(np.ceil(np.log2(width)))
+    assert js("return window.review.maxLevelLoaded") < top  # the whole case fits: not yet full resolution
+    chromium.save_screenshot(str(SCREENSHOTS / "case.png"))
+
+    # full resolution: one image pixel per screen pixel, and more (OpenSeadragon then draws the top level)
+    js("const v = window.review.viewer; v.viewport.zoomTo(v.viewport.imageToViewportZoom(2), null, true);")
+    wait.until(lambda d: js("return window.review.maxLevelLoaded") == top)
+    chromium.save_screenshot(str(SCREENSHOTS / "full-resolution.png"))
+
+    assert js("return window.review.heatmap.getOpacity()") > 0
+    chromium.find_element(By.ID, "heatmap-on").click()
+    assert js("return window.review.heatmap.getOpacity()") == 0
+    chromium.find_element(By.ID, "heatmap-on").click()
+    assert js("return window.review.heatmap.getOpacity()") > 0
+    chromium.find_element(By.ID, "regions-on").click()
+    assert js("return window.review.regions.element.style.display") == "none"
+    chromium.find_element(By.ID, "regions-on").click()
+
+    before = js("return window.review.viewer.viewport.getCenter(true).x")
+    chromium.find_elements(By.CSS_SELECTOR, "#gallery .patch")[1].click()
+    wait.until(lambda d: abs(js("return window.review.viewer.viewport.getCenter(true).x") - before) > 1e-3)
+    assert js("return document.querySelector('#gallery img').naturalWidth") > 0
+
+    chromium.find_element(By.CSS_SELECTOR, "#signoff-form textarea").send_keys("reviewed in the browser")
+    chromium.find_element(By.ID, "signoff").click()
+    wait.until(lambda d: d.find_elements(By.ID, "signed-off"))
+    assert "drsmith" in chromium.find_element(By.ID, "signed-off").text
+    chromium.save_screenshot(str(SCREENSHOTS / "signed-off.png"))
+    case = httpx.get(f"{url}/cases/V-TUMOUR", timeout=30).json()
+    assert case["signed_off_by"] == "drsmith" and case["sign_off_comment"] == "reviewed in the browser"
+    assert ("drsmith", "sign-off", "viewer") in [(a["actor"], a["action"], a["via"]) for a in store.audit_log("V-TUMOUR")]
