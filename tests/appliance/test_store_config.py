@@ -23,7 +23,7 @@ def test_store_uses_wal_full_sync_and_migrations(tmp_path):
     names = [r[0] for r in conn.execute("select name from _sqlite_migrations")]
     assert names == ["0001_cases_and_tiles", "0002_events_audit_models_signoff", "0003_warnings_patch_threshold",
                      "0004_case_rule", "0005_revision_and_deliveries", "0006_early_rule",
-                     "0007_site_operating_point"]
+                     "0007_site_operating_point", "0008_users"]
     # the writer sets synchronous=FULL on its own connection; check it is what the store opens with
     from appliance.store.database import _connect
 
@@ -113,7 +113,7 @@ def test_migrations_build_the_documented_schema_on_an_empty_database(tmp_path):
     applied = [r["name"] for r in db["_sqlite_migrations"].rows]
     assert applied == ["0001_cases_and_tiles", "0002_events_audit_models_signoff", "0003_warnings_patch_threshold",
                        "0004_case_rule", "0005_revision_and_deliveries", "0006_early_rule",
-                     "0007_site_operating_point"]
+                     "0007_site_operating_point", "0008_users"]
     assert db.execute("pragma journal_mode").fetchone()[0] == "wal"
 
 

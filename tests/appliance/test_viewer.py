@@ -200,6 +200,7 @@ def test_the_review_in_a_real_browser(viewer, chromium):
     chromium.find_element(By.ID, "name").send_keys("drsmith")
     chromium.find_element(By.ID, "password").send_keys("a wrong password")
     chromium.find_element(By.ID, "login").click()
+    wait.until(lambda d: d.find_elements(By.ID, "login-error"))
     assert "Wrong name or password" in chromium.find_element(By.ID, "login-error").text
     assert chromium.get_cookie("appliance_session") is None
     chromium.find_element(By.ID, "name").send_keys("drsmith")
