@@ -85,6 +85,26 @@ class Engine(ABC):
     @abstractmethod
     def _refine(self, grid: np.ndarray) -> np.ndarray: ...
 
+    @property
+    def has_cam(self) -> bool:
+        return self.manifest.cam is not None
+
+    def cam(self, batch: np.ndarray) -> np.ndarray:
+        """Class-activation maps of a few patches (the ones that drove a call): uint8 (N, H, W, 3) -> float32
+        (N, members, h, w), each member's logit at every position of its last feature map (the mean over
+        positions is the member's logit)."""
+        if not self.has_cam:
+            raise EngineError(f"model {self.manifest.name} {self.manifest.version} has no CAM head")
+        self._check_batch(batch)
+        out = np.asarray(self._cam(np.ascontiguousarray(batch)), dtype=np.float32)
+        if out.ndim != 4 or out.shape[:2] != (len(batch), self.manifest.cam.members):
+            raise EngineError(f"{self.backend}: CAM output has shape {out.shape}, expected (N, "
+                              f"{self.manifest.cam.members}, h, w)")
+        return out
+
+    @abstractmethod
+    def _cam(self, batch: np.ndarray) -> np.ndarray: ...
+
     def scorer(self) -> "Scorer":
         """A non-blocking front end for streaming: submit batches, collect results later."""
         return Scorer(self)
@@ -146,6 +166,20 @@ class OpenVINOEngine(Engine):
                                                                "PERFORMANCE_HINT": "LATENCY"})
             except RuntimeError as exc:
                 raise EngineError(f"OpenVINO could not load {self.model_dir / c.openvino}: {exc}") from None
+        self._features = self._cam_head = None
+        if manifest.cam is not None:  # the same verified INT8 model giving its last feature maps, and the head
+            c = manifest.cam
+            head_xml = read_verified(model_dir, c.openvino, manifest)
+            head_weights = read_verified(model_dir, c.openvino_weights, manifest)
+            try:
+                fm = core.read_model(model=xml, weights=ov.Tensor(np.frombuffer(weights, dtype=np.uint8)))
+                fm.add_outputs(c.feature_maps)
+                latency = {"PERFORMANCE_HINT": "LATENCY", **({"INFERENCE_NUM_THREADS": str(threads)} if threads else {})}
+                self._features = core.compile_model(fm, "CPU", latency)
+                head = core.read_model(model=head_xml, weights=ov.Tensor(np.frombuffer(head_weights, dtype=np.uint8)))
+                self._cam_head = core.compile_model(head, "CPU", {"INFERENCE_PRECISION_HINT": "f32", **latency})
+            except RuntimeError as exc:
+                raise EngineError(f"OpenVINO could not load the CAM head {self.model_dir / c.openvino}: {exc}") from None
 
     def _infer(self, batch: np.ndarray) -> np.ndarray:
         chunks = [batch[i : i + self.CHUNK] for i in range(0, len(batch), self.CHUNK)]
@@ -161,6 +195,11 @@ class OpenVINOEngine(Engine):
 
     def _refine(self, grid: np.ndarray) -> np.ndarray:
         return self._context({0: grid})[0]
+
+    def _cam(self, batch: np.ndarray) -> np.ndarray:
+        out = self._features({0: batch})
+        maps = [out[self._features.output(name)] for name in self.manifest.cam.feature_maps]
+        return self._cam_head({f"f{i}": m for i, m in enumerate(maps)})[0]
 
     def scorer(self) -> "Scorer":
         return AsyncScorer(self, self.jobs)
@@ -191,9 +230,27 @@ class OnnxRuntimeEngine(Engine):
                 self._context = ort.InferenceSession(graph, sess_options=opts, providers=["CPUExecutionProvider"])
             except Exception as exc:  # as above
                 raise EngineError(f"ONNX Runtime could not load {self.model_dir / c.onnx}: {exc}") from None
+        self._features = self._cam_head = None
+        if manifest.cam is not None:  # the same verified model giving its last feature maps, and the head
+            import onnx
+
+            c = manifest.cam
+            head = read_verified(model_dir, c.onnx, manifest)
+            try:
+                full = onnx.load_from_string(data)
+                full.graph.output.extend(onnx.ValueInfoProto(name=name) for name in c.feature_maps)
+                self._features = ort.InferenceSession(full.SerializeToString(), sess_options=opts,
+                                                      providers=["CPUExecutionProvider"])
+                self._cam_head = ort.InferenceSession(head, sess_options=opts, providers=["CPUExecutionProvider"])
+            except Exception as exc:  # as above
+                raise EngineError(f"ONNX Runtime could not load the CAM head {self.model_dir / c.onnx}: {exc}") from None
 
     def _infer(self, batch: np.ndarray) -> np.ndarray:
         return self._session.run(None, {self._input: batch})[0]
+
+    def _cam(self, batch: np.ndarray) -> np.ndarray:
+        maps = self._features.run(self.manifest.cam.feature_maps, {self._input: batch})
+        return self._cam_head.run(["cam"], {f"f{i}": m for i, m in enumerate(maps)})[0]
 
     def _refine(self, grid: np.ndarray) -> np.ndarray:
         return self._context.run(None, {"grid": grid})[0]

@@ -149,6 +149,25 @@ class ContextSpec(_Strict):
         return self.openvino, self.openvino_weights, self.onnx
 
 
+class CamSpec(_Strict):
+    """Class-activation maps of the first stage (models/tools/build_cam.py): its last feature maps, one per
+    ensemble member (``feature_maps``: tensor names in the first stage, added as outputs at load), go through
+    a head (inputs f0, f1, ...; output ``cam`` float32 (N, members, h, w)) whose maps average, over their
+    positions, to each member's logit."""
+
+    method: str
+    feature_maps: list[str] = Field(min_length=1)
+    members: int = Field(gt=0)
+    map_size: list[int]
+    openvino: str
+    openvino_weights: str
+    onnx: str
+
+    @property
+    def file_names(self) -> tuple[str, str, str]:
+        return self.openvino, self.openvino_weights, self.onnx
+
+
 class ModelManifest(_Strict):
     schema_version: Literal[1]
     name: str
@@ -168,12 +187,15 @@ class ModelManifest(_Strict):
     # the drift watch's development reference (appliance.site.drift): cases, each followed measure's
     # 5th/50th/95th percentiles and the cannot-call counts by reason; None: no development reference
     drift: dict | None = None
+    cam: CamSpec | None = None  # None: the model draws no class-activation maps
 
     @model_validator(mode="after")
     def _every_file_hashed(self) -> "ModelManifest":
         listed = [self.files.openvino, self.files.openvino_weights, self.files.onnx]
         if self.context is not None:
             listed += self.context.file_names
+        if self.cam is not None:
+            listed += self.cam.file_names
         for f in listed:
             if f not in self.sha256:
                 raise ValueError(f"the manifest lists {f!r} but sha256 has no entry for it")

@@ -218,3 +218,18 @@ def test_the_model_description_is_plain_data_as_the_ready_line_and_the_store_sho
     for engine, word in ((ov_engine, "openvino"), (ort_engine, "onnxruntime")):
         backend = engine.description["backend"]
         assert type(backend) is str and repr(backend) == repr(word)
+
+
+def test_both_engines_draw_class_activation_maps_that_average_to_the_model_s_own_score(ov_engine, ort_engine,
+                                                                                       fixture_batch):
+    """CAM: the mean over positions of each member's map is that member's logit, so the maps give back the
+    first stage's probability: exactly on ONNX Runtime (fp32 throughout), closely on OpenVINO (its INT8
+    feature maps through the fp32 head, against its INT8 pool and head)."""
+    batch = fixture_batch[0][:12]
+    for engine, tolerance in ((ort_engine, 1e-5), (ov_engine, 0.03)):
+        cams = engine.cam(batch)
+        assert cams.shape == (12, engine.manifest.cam.members, *engine.manifest.cam.map_size)
+        implied = (1 / (1 + np.exp(-cams.mean(axis=(2, 3))))).mean(axis=1)
+        assert np.abs(implied - engine.infer(batch)).max() < tolerance, engine.backend
+    with pytest.raises(EngineError, match="uint8"):
+        ov_engine.cam(batch.astype(np.float32))
