@@ -80,6 +80,7 @@ class CaseFile(StrEnum):
     THUMBNAIL = "thumbnail.png"
     HEATMAP = "heatmap.png"
     TOP_PATCHES = "top_patches.png"
+    TOP_PATCHES_JSON = "top_patches.json"  # where they are in case.ome.tif, and their class-activation maps
     REGIONS = "regions.geojson"
     CASE_OME = "case.ome.tif"
     HEATMAP_OME = "heatmap.ome.tif"

@@ -208,7 +208,8 @@ def _write_pictures(out_dir: Path, case_id: str, result: dict, heat: np.ndarray,
 
 def write_outputs(out_dir: Path, case_id: str, summary: dict, *, heatmap: Heatmap, thumbnail: Thumbnail,
                   mosaic: Mosaic, patch_threshold: float, top_crops: list[np.ndarray] = (),
-                  min_region_cells: int = MIN_REGION_CELLS, tiles: list[tuple] | None = None) -> dict[str, str]:
+                  min_region_cells: int = MIN_REGION_CELLS, tiles: list[tuple] | None = None,
+                  top: list[dict] | None = None) -> dict[str, str]:
     """Write the case's files into ``out_dir``; returns {name: path}. ``summary`` follows TriageSummary;
     ``top_crops`` are the top patches' pixels, highest probability first; ``tiles`` (x, y, w, h, probability,
     first-stage probability) in mosaic pixels, when given, go into regions.geojson as one tile object each."""
@@ -236,6 +237,13 @@ def write_outputs(out_dir: Path, case_id: str, summary: dict, *, heatmap: Heatma
         if pyramid is not None:
             pyramid.result()  # its error, if any, is raised here
 
+    if top:  # the top patches in case.ome.tif's pixels, with their class-activation maps (the viewer's gallery)
+        p = out_dir / CaseFile.TOP_PATCHES_JSON
+        doc = {"case_id": case_id, "units": "pixels of case.ome.tif", "patches": top,
+               "cam": "each patch's map: the ensemble members' mean logit at each position of the last feature "
+                      "map (its mean over positions is the patch's mean logit)", "notice": RESEARCH_USE_NOTICE}
+        _replace_into(p, lambda tmp: tmp.write_text(json.dumps(doc)))
+        paths[CaseFile.TOP_PATCHES_JSON] = str(p)
     summary = validated(dict(summary, case_id=case_id, outputs=sorted(paths) + [CaseFile.SUMMARY]))
     p = out_dir / CaseFile.SUMMARY
     # compact: json's C encoder runs only without indent; indented, R1's 87,000 patches took 2 s to write

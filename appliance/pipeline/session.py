@@ -400,12 +400,25 @@ class TriageSession:
         result's ``to_dict()`` plus ``input`` and ``skipped_inputs``; it is left as it is (summary.json adds the
         case id and the list of files), so the file and the result a caller holds never differ. With
         ``geojson_tiles`` every scored patch is also a tile object in regions.geojson."""
-        crops = [self.mosaic.read(*self._to_model(p.x, p.y, p.w, p.h))
-                 for p in sorted(self._scores, key=lambda p: (-p.probability, p.y, p.x))[: self.top_k]]
+        top = sorted(self._scores, key=lambda p: (-p.probability, p.y, p.x))[: self.top_k]
+        rects = [self._to_model(p.x, p.y, p.w, p.h) for p in top]
+        crops = [self.mosaic.read(*r) for r in rects]
+        cams = self._cams(crops)
+        top_records = [{"x": r[0], "y": r[1], "w": r[2], "h": r[3], "probability": p.probability,
+                        "first_stage": p.first_stage, "cam": cam} for r, p, cam in zip(rects, top, cams)]
         tiles = [(*self._to_model(p.x, p.y, p.w, p.h), p.probability, p.first_stage)
                  for p in self._scores] if geojson_tiles else None
         return write_outputs(out_dir, case_id, summary, heatmap=self.heatmap, thumbnail=self.thumbnail,
-                             mosaic=self.mosaic, patch_threshold=self.patch_threshold, top_crops=crops, tiles=tiles)
+                             mosaic=self.mosaic, patch_threshold=self.patch_threshold, top_crops=crops, tiles=tiles,
+                             top=top_records)
+
+    def _cams(self, crops: list[np.ndarray]) -> list[list[list[float]] | None]:
+        """The class-activation map of each top patch (the members' mean logit at each position of the last
+        feature map, 4 decimals), or None each when the model has no CAM head. Only the top-k, once: cheap."""
+        if not crops or not self.engine.has_cam:
+            return [None] * len(crops)
+        maps = self.engine.cam(np.stack([pad_to(c, self.size, self.pad_value) for c in crops])).mean(axis=1)
+        return [np.round(m, 4).tolist() for m in maps]
 
     def close(self) -> None:
         """Remove the mosaic (call after the outputs are written)."""

@@ -235,6 +235,18 @@ def test_the_review_in_a_real_browser(viewer, chromium):
     assert js("return window.review.regions.element.style.display") == "none"
     chromium.find_element(By.ID, "regions-on").click()
 
+    # the class-activation maps: over each gallery patch, and as a layer over the case, off until asked for
+    assert js("return window.review.cams.length") == len(chromium.find_elements(By.CSS_SELECTOR, "#gallery .patch"))
+    shown = "return window.review.cams.map(c => c.isConnected && getComputedStyle(c).display !== 'none')"
+    assert not any(js(shown))
+    chromium.find_element(By.ID, "cam-on").click()
+    assert all(js(shown))
+    painted = js("const c = document.querySelector('#gallery canvas.cam');"
+                 "return Array.from(c.getContext('2d').getImageData(0, 0, 50, 50).data).filter((v, i) => i % 4 == 3"
+                 " && v > 0).length")
+    assert painted > 0  # the map is drawn, not an empty canvas
+    chromium.save_screenshot(str(SCREENSHOTS / "cam.png"))
+
     before = js("return window.review.viewer.viewport.getCenter(true).x")
     chromium.find_elements(By.CSS_SELECTOR, "#gallery .patch")[1].click()
     wait.until(lambda d: abs(js("return window.review.viewer.viewport.getCenter(true).x") - before) > 1e-3)

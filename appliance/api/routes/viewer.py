@@ -123,9 +123,18 @@ def case_page(request: Request, case_id: CaseId, session: Reviewer) -> HTMLRespo
     return _page(request, "case.html", session=session, case=case, summary=summary,
                  width=width, height=height, has_heatmap=(folder / CaseFile.HEATMAP_OME).is_file(),
                  has_regions=(folder / CaseFile.REGIONS).is_file(),
-                 top_patches=summary.get("top_patches", [])[:12],
+                 top_patches=_top_patches(folder, summary)[:12],
                  deliveries=state.store.deliveries(case_id),
                  comments=[a for a in state.store.audit_log(case_id) if a["action"] in ("comment", "sign-off")])
+
+
+def _top_patches(folder: Path, summary: dict) -> list[dict]:
+    """The patches that drove the call, in case.ome.tif's pixels, with their class-activation maps
+    (top_patches.json); from summary.json, without maps, for a case written before there were any."""
+    try:
+        return json.loads((folder / CaseFile.TOP_PATCHES_JSON).read_text())["patches"]
+    except (OSError, ValueError, KeyError):
+        return [dict(p, cam=None) for p in summary.get("top_patches", [])]
 
 
 def _summary(folder: Path) -> dict:
@@ -166,7 +175,7 @@ def dz_tile(request: Request, case_id: CaseId, layer: str, level: int, col: int,
 def patch(request: Request, case_id: CaseId, index: int, _session: Reviewer) -> Response:
     """The index-th of the patches that drove the call, cut from the case pyramid at full resolution."""
     folder = request.app.state.settings.cases_dir / case_id
-    patches = _summary(folder).get("top_patches", [])
+    patches = _top_patches(folder, _summary(folder))
     if not 0 <= index < len(patches):
         raise HTTPException(status_code=404, detail=f"case {case_id} has no top patch {index}")
     p = patches[index]

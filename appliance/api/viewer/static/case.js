@@ -80,6 +80,46 @@
       if (review.regions) review.regions.element.style.display = regionsOn.checked ? "" : "none";
     });
   }
+  // class-activation maps: each top patch's map (its members' mean logit per position), scaled from its own
+  // lowest to its highest position (where in the patch the score came from, as CAMs are read) and drawn in
+  // red, over the gallery's patch and, as an optional layer, over the case
+  function paintCam(canvas, cam) {
+    const rows = cam.length, cols = cam[0].length, small = document.createElement("canvas");
+    const flat = [].concat.apply([], cam), lo = Math.min.apply(null, flat), hi = Math.max.apply(null, flat);
+    small.width = cols; small.height = rows;
+    const ctx = small.getContext("2d"), img = ctx.createImageData(cols, rows);
+    cam.forEach(function (row, y) {
+      row.forEach(function (v, x) {
+        const p = hi > lo ? (v - lo) / (hi - lo) : 0.5, i = 4 * (y * cols + x);
+        img.data[i] = 255; img.data[i + 1] = 40; img.data[i + 2] = 40; img.data[i + 3] = Math.round(200 * p);
+      });
+    });
+    ctx.putImageData(img, 0, 0);
+    const out = canvas.getContext("2d");
+    out.imageSmoothingEnabled = true;
+    out.clearRect(0, 0, canvas.width, canvas.height);
+    out.drawImage(small, 0, 0, canvas.width, canvas.height);
+  }
+  review.cams = [];
+  document.querySelectorAll("#gallery .patch").forEach(function (b) {
+    if (!b.dataset.cam) return;
+    const cam = JSON.parse(b.dataset.cam);
+    paintCam(b.querySelector("canvas.cam"), cam);
+    const layer = document.createElement("canvas");
+    layer.width = 50; layer.height = 50; layer.className = "cam-layer";
+    paintCam(layer, cam);
+    const x = Number(b.dataset.x), y = Number(b.dataset.y), w = Number(b.dataset.w), h = Number(b.dataset.h);
+    viewer.addOnceHandler("open", function () {  // image coordinates need the opened case pyramid
+      viewer.addOverlay({element: layer, location: viewer.viewport.imageToViewportRectangle(x, y, w, h)});
+    });
+    review.cams.push(layer);
+  });
+  // (OpenSeadragon sets its overlays' own display: the layer is shown and hidden by a class on the viewer)
+  el.classList.add("cams-hidden");
+  const camOn = document.getElementById("cam-on");
+  if (camOn) {
+    camOn.addEventListener("change", function () { el.classList.toggle("cams-hidden", !camOn.checked); });
+  }
   document.querySelectorAll("#gallery .patch").forEach(function (b) {
     b.addEventListener("click", function () {
       const x = Number(b.dataset.x), y = Number(b.dataset.y), w = Number(b.dataset.w), h = Number(b.dataset.h);
