@@ -16,6 +16,7 @@
   viewer.addHandler("tile-loaded", function (e) {
     if (e.tiledImage !== viewer.world.getItemAt(0)) return;
     review.tilesLoaded += 1;
+    if (review.firstTileMs === undefined) review.firstTileMs = performance.now();  // since the page was asked for
     review.maxLevelLoaded = Math.max(review.maxLevelLoaded, e.tile.level);
   });
   viewer.addHandler("zoom", function () {
