@@ -260,3 +260,40 @@ def test_the_review_in_a_real_browser(viewer, chromium):
     case = httpx.get(f"{url}/cases/V-TUMOUR", timeout=30).json()
     assert case["signed_off_by"] == "drsmith" and case["sign_off_comment"] == "reviewed in the browser"
     assert ("drsmith", "sign-off", "viewer") in [(a["actor"], a["action"], a["via"]) for a in store.audit_log("V-TUMOUR")]
+
+
+def test_a_batch_case_is_viewed_on_its_original_slide_with_the_patches_and_regions_in_its_pixels(tmp_path,
+                                                                                                   demo_image):
+    """`appliance batch` on an SVS of real tissue: the viewer's deep zoom reads the slide file itself (its
+    full-resolution tiles), the top patches (in case.ome.tif's pixels) scaled to it; once the slide is gone,
+    the case pyramid, with the regions (in the slide's pixels) scaled down to it."""
+    from appliance.offline.slides import write_svs
+
+    svs = tmp_path / "core.svs"
+    assert write_svs(svs, demo_image[:1000, :1200], upsample=4, mpp=1.0, downsamples=(1, 4)) == (4800, 4000)
+    data = tmp_path / "var"
+    env = dict(os.environ, APPLIANCE_DATA_DIR=str(data), APPLIANCE_MODEL_DIR=str(MODEL_DIR))
+    batch = subprocess.run([sys.executable, "-m", "appliance.cli", "batch", str(svs), "--workers", "1"], env=env,
+                           capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+    assert batch.returncode == 0, batch.stderr[-2000:]
+    settings = load_settings(None, data_dir=data, model_dir=MODEL_DIR, api_port=0)
+    store = CaseStore(settings.db_path)
+    store.set_user("drsmith", hash_password(PASSWORD), by="test")
+    (case_id,) = [r["id"] for r in store.list_cases()]
+    server = ApiServer(create_app(settings, store), "127.0.0.1", 0)
+    server.start()
+    try:
+        with logged_in(f"http://127.0.0.1:{server.port}") as c:
+            page = c.get(f"/viewer/cases/{case_id}").text
+            assert 'id="view-source">core.svs<' in page
+            scale = float(re.search(r'data-scale="([0-9.]+)"', page).group(1))
+            assert scale == pytest.approx(4800 / 1200, rel=0.01)  # the model read it at 4 um/px: 1200 px wide
+            assert 'data-width="4800"' in page and 'data-regions-scale="1.0"' in page
+            assert c.get(f"/viewer/cases/{case_id}/slide_files/13/0_0.jpeg").status_code == 200  # 2^13 > 4800
+            svs.unlink()  # the slide moved away: the case pyramid is shown instead
+            page = c.get(f"/viewer/cases/{case_id}").text
+            assert 'id="view-source">case.ome.tif<' in page and 'data-scale="1.0"' in page
+            assert float(re.search(r'data-regions-scale="([0-9.]+)"', page).group(1)) == pytest.approx(0.25, rel=0.01)
+    finally:
+        server.stop()
+        store.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import secrets
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 from urllib.parse import quote
@@ -118,14 +119,43 @@ def case_page(request: Request, case_id: CaseId, session: Reviewer) -> HTMLRespo
         raise HTTPException(status_code=404, detail=f"no case with id {case_id!r}")
     folder = state.settings.cases_dir / case_id
     summary = _summary(folder)
-    slide = folder / CaseFile.CASE_OME
-    width, height = state.deepzoom.size(slide) if slide.is_file() else (0, 0)
-    return _page(request, "case.html", session=session, case=case, summary=summary,
-                 width=width, height=height, has_heatmap=(folder / CaseFile.HEATMAP_OME).is_file(),
+    view = _view(request, case_id)
+    width, height = state.deepzoom.size(view.path) if view.path else (0, 0)
+    return _page(request, "case.html", session=session, case=case, summary=summary, width=width, height=height,
+                 view=view, has_heatmap=(folder / CaseFile.HEATMAP_OME).is_file(),
                  has_regions=(folder / CaseFile.REGIONS).is_file(),
                  top_patches=_top_patches(folder, summary)[:12],
                  deliveries=state.store.deliveries(case_id),
                  comments=[a for a in state.store.audit_log(case_id) if a["action"] in ("comment", "sign-off")])
+
+
+@dataclass(frozen=True)
+class View:
+    """What the deep zoom shows: the original slide file of an `appliance triage`/`batch` case while it is
+    there and OpenSlide reads it, else the case pyramid; ``scale`` takes case.ome.tif's pixels (the top
+    patches) to its pixels, ``regions_scale`` regions.geojson's units to its pixels."""
+
+    path: Path | None
+    name: str
+    scale: float = 1.0
+    regions_scale: float = 1.0
+
+
+def _view(request: Request, case_id: str) -> View:
+    import openslide
+
+    state = request.app.state
+    folder = state.settings.cases_dir / case_id
+    pyramid = folder / CaseFile.CASE_OME
+    slide = _summary(folder).get("slide") or {}
+    source = Path((state.store.get_case(case_id) or {}).get("source") or "")
+    ome_width = state.deepzoom.size(pyramid)[0] if pyramid.is_file() else 0
+    if slide and source.is_file() and openslide.OpenSlide.detect_format(source):
+        width = state.deepzoom.size(source)[0]
+        return View(source, source.name, width / ome_width if ome_width else 1.0, 1.0)
+    if pyramid.is_file():  # regions of a slide case are in the slide's level-0 pixels
+        return View(pyramid, CaseFile.CASE_OME, 1.0, ome_width / slide["width"] if slide.get("width") else 1.0)
+    return View(None, "")
 
 
 def _top_patches(folder: Path, summary: dict) -> list[dict]:
@@ -148,6 +178,11 @@ def _summary(folder: Path) -> dict:
 def _layer_file(request: Request, case_id: str, layer: str) -> Path:
     if layer not in LAYERS:
         raise HTTPException(status_code=404, detail=f"no layer {layer!r}; one of {', '.join(LAYERS)}")
+    if layer == "slide":
+        view = _view(request, case_id)
+        if view.path is None:
+            raise HTTPException(status_code=404, detail=f"case {case_id} has no {CaseFile.CASE_OME} and no slide file")
+        return view.path
     path = request.app.state.settings.cases_dir / case_id / LAYERS[layer]
     if not path.is_file():
         raise HTTPException(status_code=404, detail=f"case {case_id} has no {LAYERS[layer]}")
@@ -179,7 +214,10 @@ def patch(request: Request, case_id: CaseId, index: int, _session: Reviewer) -> 
     if not 0 <= index < len(patches):
         raise HTTPException(status_code=404, detail=f"case {case_id} has no top patch {index}")
     p = patches[index]
-    data = request.app.state.deepzoom.region_png(_layer_file(request, case_id, "slide"), p["x"], p["y"], p["w"], p["h"])
+    pyramid = folder / CaseFile.CASE_OME  # the patch as the model saw it: from the case pyramid
+    if not pyramid.is_file():
+        raise HTTPException(status_code=404, detail=f"case {case_id} has no {CaseFile.CASE_OME}")
+    data = request.app.state.deepzoom.region_png(pyramid, p["x"], p["y"], p["w"], p["h"])
     return Response(data, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
 
 

@@ -5,6 +5,8 @@
   const el = document.getElementById("osd");
   if (!el || !Number(el.dataset.width)) return;
   const id = el.dataset.case, width = Number(el.dataset.width), height = Number(el.dataset.height);
+  // the top patches are in case.ome.tif's pixels, the regions in their file's units: both to the view's pixels
+  const scale = Number(el.dataset.scale || 1), regionsScale = Number(el.dataset.regionsScale || 1);
   const base = "/viewer/cases/" + encodeURIComponent(id);
   const review = (window.review = {tilesLoaded: 0, maxLevelLoaded: -1, heatmap: null, regions: null});
   const viewer = OpenSeadragon({
@@ -51,7 +53,7 @@
       polygons.forEach(function (rings) {
         const path = document.createElementNS(ns, "path");
         path.setAttribute("d", rings.map(function (ring) {
-          return "M" + ring.map(function (p) { return p[0] + " " + p[1]; }).join("L") + "Z";
+          return "M" + ring.map(function (p) { return p[0] * regionsScale + " " + p[1] * regionsScale; }).join("L") + "Z";
         }).join(""));
         path.setAttribute("fill-rule", "evenodd");
         svg.appendChild(path);
@@ -109,7 +111,7 @@
     const layer = document.createElement("canvas");
     layer.width = 50; layer.height = 50; layer.className = "cam-layer";
     paintCam(layer, cam);
-    const x = Number(b.dataset.x), y = Number(b.dataset.y), w = Number(b.dataset.w), h = Number(b.dataset.h);
+    const x = scale * b.dataset.x, y = scale * b.dataset.y, w = scale * b.dataset.w, h = scale * b.dataset.h;
     viewer.addOnceHandler("open", function () {  // image coordinates need the opened case pyramid
       viewer.addOverlay({element: layer, location: viewer.viewport.imageToViewportRectangle(x, y, w, h)});
     });
@@ -123,7 +125,7 @@
   }
   document.querySelectorAll("#gallery .patch").forEach(function (b) {
     b.addEventListener("click", function () {
-      const x = Number(b.dataset.x), y = Number(b.dataset.y), w = Number(b.dataset.w), h = Number(b.dataset.h);
+      const x = scale * b.dataset.x, y = scale * b.dataset.y, w = scale * b.dataset.w, h = scale * b.dataset.h;
       viewer.viewport.fitBounds(viewer.viewport.imageToViewportRectangle(x - w, y - h, 3 * w, 3 * h));
     });
   });
