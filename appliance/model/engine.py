@@ -166,20 +166,12 @@ class OpenVINOEngine(Engine):
                                                                "PERFORMANCE_HINT": "LATENCY"})
             except RuntimeError as exc:
                 raise EngineError(f"OpenVINO could not load {self.model_dir / c.openvino}: {exc}") from None
-        self._features = self._cam_head = None
-        if manifest.cam is not None:  # the same verified INT8 model giving its last feature maps, and the head
-            c = manifest.cam
-            head_xml = read_verified(model_dir, c.openvino, manifest)
-            head_weights = read_verified(model_dir, c.openvino_weights, manifest)
-            try:
-                fm = core.read_model(model=xml, weights=ov.Tensor(np.frombuffer(weights, dtype=np.uint8)))
-                fm.add_outputs(c.feature_maps)
-                latency = {"PERFORMANCE_HINT": "LATENCY", **({"INFERENCE_NUM_THREADS": str(threads)} if threads else {})}
-                self._features = core.compile_model(fm, "CPU", latency)
-                head = core.read_model(model=head_xml, weights=ov.Tensor(np.frombuffer(head_weights, dtype=np.uint8)))
-                self._cam_head = core.compile_model(head, "CPU", {"INFERENCE_PRECISION_HINT": "f32", **latency})
-            except RuntimeError as exc:
-                raise EngineError(f"OpenVINO could not load the CAM head {self.model_dir / c.openvino}: {exc}") from None
+        self._features = self._cam_head = None  # compiled at the first cam(): most processes never draw one
+        self._cam_lock = threading.Lock()
+        self._core, self._threads = core, threads
+        if manifest.cam is not None:  # its files are checked now, with the others
+            read_verified(model_dir, manifest.cam.openvino, manifest)
+            read_verified(model_dir, manifest.cam.openvino_weights, manifest)
 
     def _infer(self, batch: np.ndarray) -> np.ndarray:
         chunks = [batch[i : i + self.CHUNK] for i in range(0, len(batch), self.CHUNK)]
@@ -196,7 +188,29 @@ class OpenVINOEngine(Engine):
     def _refine(self, grid: np.ndarray) -> np.ndarray:
         return self._context({0: grid})[0]
 
+    def _load_cam(self) -> None:
+        """The same verified INT8 model giving its last feature maps, and the head over them."""
+        ov = _runtime(EngineName.OPENVINO, "openvino", "OpenVINO")
+        c = self.manifest.cam
+        head_xml = read_verified(self.model_dir, c.openvino, self.manifest)
+        head_weights = read_verified(self.model_dir, c.openvino_weights, self.manifest)
+        latency = {"PERFORMANCE_HINT": "LATENCY",
+                   **({"INFERENCE_NUM_THREADS": str(self._threads)} if self._threads else {})}
+        try:
+            xml = read_verified(self.model_dir, self.manifest.files.openvino, self.manifest)
+            weights = read_verified(self.model_dir, self.manifest.files.openvino_weights, self.manifest)
+            fm = self._core.read_model(model=xml, weights=ov.Tensor(np.frombuffer(weights, dtype=np.uint8)))
+            fm.add_outputs(c.feature_maps)
+            head = self._core.read_model(model=head_xml, weights=ov.Tensor(np.frombuffer(head_weights, dtype=np.uint8)))
+            self._cam_head = self._core.compile_model(head, "CPU", {"INFERENCE_PRECISION_HINT": "f32", **latency})
+            self._features = self._core.compile_model(fm, "CPU", latency)
+        except RuntimeError as exc:
+            raise EngineError(f"OpenVINO could not load the CAM head {self.model_dir / c.openvino}: {exc}") from None
+
     def _cam(self, batch: np.ndarray) -> np.ndarray:
+        with self._cam_lock:
+            if self._features is None:
+                self._load_cam()
         out = self._features({0: batch})
         maps = [out[self._features.output(name)] for name in self.manifest.cam.feature_maps]
         return self._cam_head({f"f{i}": m for i, m in enumerate(maps)})[0]
@@ -230,25 +244,35 @@ class OnnxRuntimeEngine(Engine):
                 self._context = ort.InferenceSession(graph, sess_options=opts, providers=["CPUExecutionProvider"])
             except Exception as exc:  # as above
                 raise EngineError(f"ONNX Runtime could not load {self.model_dir / c.onnx}: {exc}") from None
-        self._features = self._cam_head = None
-        if manifest.cam is not None:  # the same verified model giving its last feature maps, and the head
-            import onnx
-
-            c = manifest.cam
-            head = read_verified(model_dir, c.onnx, manifest)
-            try:
-                full = onnx.load_from_string(data)
-                full.graph.output.extend(onnx.ValueInfoProto(name=name) for name in c.feature_maps)
-                self._features = ort.InferenceSession(full.SerializeToString(), sess_options=opts,
-                                                      providers=["CPUExecutionProvider"])
-                self._cam_head = ort.InferenceSession(head, sess_options=opts, providers=["CPUExecutionProvider"])
-            except Exception as exc:  # as above
-                raise EngineError(f"ONNX Runtime could not load the CAM head {self.model_dir / c.onnx}: {exc}") from None
+        self._features = self._cam_head = None  # loaded at the first cam(): most processes never draw one
+        self._cam_lock = threading.Lock()
+        self._opts = opts
+        if manifest.cam is not None:  # its file is checked now, with the others
+            read_verified(model_dir, manifest.cam.onnx, manifest)
 
     def _infer(self, batch: np.ndarray) -> np.ndarray:
         return self._session.run(None, {self._input: batch})[0]
 
+    def _load_cam(self) -> None:
+        """The same verified model giving its last feature maps (added as graph outputs), and the head."""
+        import onnx
+
+        ort = _runtime(EngineName.ONNXRUNTIME, "onnxruntime", "ONNX Runtime")
+        c = self.manifest.cam
+        head = read_verified(self.model_dir, c.onnx, self.manifest)
+        try:
+            full = onnx.load_from_string(read_verified(self.model_dir, self.manifest.files.onnx, self.manifest))
+            full.graph.output.extend(onnx.ValueInfoProto(name=name) for name in c.feature_maps)
+            self._cam_head = ort.InferenceSession(head, sess_options=self._opts, providers=["CPUExecutionProvider"])
+            self._features = ort.InferenceSession(full.SerializeToString(), sess_options=self._opts,
+                                                  providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own untyped errors; name the file and stop.
+            raise EngineError(f"ONNX Runtime could not load the CAM head {self.model_dir / c.onnx}: {exc}") from None
+
     def _cam(self, batch: np.ndarray) -> np.ndarray:
+        with self._cam_lock:
+            if self._features is None:
+                self._load_cam()
         maps = self._features.run(self.manifest.cam.feature_maps, {self._input: batch})
         return self._cam_head.run(["cam"], {f"f{i}": m for i, m in enumerate(maps)})[0]
 

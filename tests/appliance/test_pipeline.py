@@ -50,7 +50,7 @@ def test_demo_case_outputs_open_in_the_tools_a_lab_uses(ov_engine, tmp_path):
     result = triage_path(ov_engine, DEMO_CASE, out_dir=out)
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["overlay.png", "case.ome.tif", "heatmap.ome.tif", "regions.geojson", "summary.json", "thumbnail.png",
-         "heatmap.png", "top_patches.png"])
+         "heatmap.png", "top_patches.png", "top_patches.json"])
 
     with Image.open(out / "overlay.png") as im:
         im.load()
@@ -96,6 +96,9 @@ def test_demo_case_outputs_open_in_the_tools_a_lab_uses(ov_engine, tmp_path):
     assert 0.5 * 255 < heat[..., 0][scored].max() <= round(top[0]["probability"] * 255)
     with Image.open(out / "thumbnail.png") as im:
         assert im.mode == "RGB" and im.width > heat.shape[1]
+    listed = json.loads((out / "top_patches.json").read_text())["patches"]  # with each one's CAM
+    assert [(p["x"], p["y"], p["probability"]) for p in listed] == [(p["x"], p["y"], p["probability"]) for p in top]
+    assert all(np.asarray(p["cam"]).shape == tuple(ov_engine.manifest.cam.map_size) for p in listed)
     with Image.open(out / "top_patches.png") as im:
         assert im.size == (48 * len(top), 48)
         strip = np.asarray(im)

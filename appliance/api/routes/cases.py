@@ -10,8 +10,8 @@ from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
 
-from appliance.errors import CaseNotFoundError, CaseStateError, StoreError
 from appliance.store.database import CaseStore
+from appliance.api.answers import store_errors_as_http
 from appliance.api.auth import require_token
 from appliance.api.schemas import CaseFileLink, CaseList, CasePublic
 from appliance.terms import CASE_ID, CASE_ID_PATTERN, INITIALS_PATTERN, CaseFile, Verdict
@@ -82,14 +82,8 @@ class SignOff(BaseModel):
 def sign_off(case_id: CaseId, body: SignOff, store: StoreDep,
              _holder: Annotated[str, Depends(require_token)]) -> dict:
     """Sign a finished case off (token required); lands in the audit table."""
-    try:
+    with store_errors_as_http():
         return store.sign_off(case_id, by=body.initials, comment=body.comment, via="api")
-    except CaseNotFoundError as exc:
-        raise HTTPException(status_code=404, detail=str(exc)) from None
-    except CaseStateError as exc:
-        raise HTTPException(status_code=409, detail=str(exc)) from None
-    except StoreError as exc:  # the database could not be written: nothing was signed, try again
-        raise HTTPException(status_code=503, detail=str(exc)) from None
 
 
 @router.post("/{case_id}/comment", responses={401: {}, 403: {}, 404: {}})

@@ -2,11 +2,11 @@
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException, Path, Request
+from fastapi import APIRouter, Depends, Path, Request
 from pydantic import BaseModel, Field
 
+from appliance.api.answers import store_errors_as_http
 from appliance.api.auth import require_token
-from appliance.errors import CaseNotFoundError, CaseStateError, StoreError
 from appliance.terms import CASE_ID_PATTERN, INITIALS_PATTERN
 
 router = APIRouter(prefix="/deliveries", tags=["deliveries"])
@@ -22,11 +22,5 @@ class Retry(BaseModel):
 def retry(delivery_id: DeliveryId, body: Retry, request: Request,
           _holder: Annotated[str, Depends(require_token)]) -> dict:
     """Send a failed message again, the same message with the same id (after the receiver is fixed)."""
-    try:
+    with store_errors_as_http():
         return request.app.state.store.retry_delivery(delivery_id, by=body.initials, via="api")
-    except CaseNotFoundError as exc:
-        raise HTTPException(status_code=404, detail=str(exc)) from None
-    except CaseStateError as exc:
-        raise HTTPException(status_code=409, detail=str(exc)) from None
-    except StoreError as exc:
-        raise HTTPException(status_code=503, detail=str(exc)) from None

@@ -17,10 +17,10 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
 from appliance import RESEARCH_USE_NOTICE
+from appliance.api.answers import store_errors_as_http
 from appliance.api.auth import viewer_session
 from appliance.api.logins import SESSION_COOKIE, Session, password_matches
 from appliance.api.routes.cases import CaseId
-from appliance.errors import CaseNotFoundError, CaseStateError, StoreError
 from appliance.terms import CaseFile, CaseStatus, Verdict
 
 VIEWER_DIR = Path(__file__).resolve().parents[1] / "viewer"
@@ -226,14 +226,8 @@ def patch(request: Request, case_id: CaseId, index: int, _session: Reviewer) -> 
 def sign_off(request: Request, case_id: CaseId, session: Reviewer, csrf: Annotated[str | None, Form()] = None,
              comment: Annotated[str, Form(max_length=2000)] = "") -> Response:
     check_csrf(session, csrf)
-    try:
+    with store_errors_as_http():
         request.app.state.store.sign_off(case_id, by=session.user, comment=comment, via="viewer")
-    except CaseNotFoundError as exc:
-        raise HTTPException(status_code=404, detail=str(exc)) from None
-    except CaseStateError as exc:
-        raise HTTPException(status_code=409, detail=str(exc)) from None
-    except StoreError as exc:
-        raise HTTPException(status_code=503, detail=str(exc)) from None
     return RedirectResponse(f"/viewer/cases/{case_id}", status_code=303)
 
 
