@@ -2,6 +2,7 @@
 TIFF, and an Aperio-style pyramid written here from the bundled real case, read back through OpenSlide."""
 
 import json
+import os
 import subprocess
 import sys
 import uuid
@@ -14,7 +15,7 @@ from PIL import Image
 from appliance.offline.slides import Slide, is_slide, pick_level
 from appliance.offline.triage import triage_path
 from appliance.pipeline.heatmap import ring_area
-from tests.conftest import DEMO_CASE, FIXTURES as ALL_FIXTURES
+from tests.conftest import DEMO_CASE, MODEL_DIR, FIXTURES as ALL_FIXTURES
 
 FIXTURES = ALL_FIXTURES / "wsi"  # third-party files in real slide formats (tests/fixtures/README.md)
 CLI = [sys.executable, "-m", "appliance.cli"]
@@ -222,8 +223,13 @@ def test_a_40000_px_slide_of_real_tissue_is_triaged_in_bounded_memory(demo_image
              f"sys.argv = ['appliance', 'triage', {str(svs)!r}, '--json', {str(out)!r}]\n"
              "try:\n    main()\nexcept SystemExit as exc:\n    code = exc.code\n"
              "print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, 'EXIT', code)\n")
+    # its own environment and data folder: what earlier tests left in this process's environment (libraries
+    # set variables there) must not change what is measured
+    env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "OMP_NUM_THREADS",
+                                                         "OPENBLAS_NUM_THREADS")}
+    env.update(APPLIANCE_DATA_DIR=str(tmp_path / "var"), APPLIANCE_MODEL_DIR=str(MODEL_DIR))
     run = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=600,
-                         stdin=subprocess.DEVNULL)
+                         stdin=subprocess.DEVNULL, env=env)
     last = run.stdout.strip().splitlines()[-1].split()
     assert last[0] == "MAXRSS_KB" and last[3] == "0", run.stdout + run.stderr
     assert int(last[1]) < 1024 * 1024, f"peak RSS {int(last[1]) // 1024} MB"
