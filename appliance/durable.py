@@ -26,3 +26,15 @@ def replace_durably(tmp: Path, path: Path) -> None:
     fsync_path(tmp)
     os.replace(tmp, path)
     fsync_path(Path(path).parent)
+
+
+def write_durably(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """``data`` into ``path`` with ``mode`` from the start (a key or token is never readable by others, not
+    even half-written), whole or absent after a power cut."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.chmod(tmp, mode)  # O_CREAT's mode passes through the umask
+    replace_durably(tmp, path)

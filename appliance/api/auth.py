@@ -7,7 +7,6 @@ endpoint needs it.
 from __future__ import annotations
 
 import ipaddress
-import os
 import secrets
 from pathlib import Path
 from typing import Annotated
@@ -15,7 +14,7 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from appliance.durable import replace_durably
+from appliance.durable import write_durably
 from appliance.api.logins import SESSION_COOKIE, Session
 from appliance.errors import ApplianceError
 
@@ -36,11 +35,7 @@ def ensure_token(path: Path) -> str:
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         token = secrets.token_urlsafe(32)
-        tmp = path.with_name(f".{path.name}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(token + "\n")
-        replace_durably(tmp, path)
+        write_durably(path, (token + "\n").encode(), 0o600)
         return token
     mode = path.stat().st_mode & 0o777
     if mode & 0o077:

@@ -5,11 +5,10 @@ its fingerprint, as a lab's own CA would otherwise vouch for it."""
 from __future__ import annotations
 
 import ipaddress
-import os
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from appliance.durable import replace_durably
+from appliance.durable import write_durably
 
 DEFAULT_DAYS = 825  # the longest validity browsers accept for a server certificate
 
@@ -66,11 +65,6 @@ def write_pair(out_dir: Path, cert_pem: bytes, key_pem: bytes) -> tuple[Path, Pa
     """cert.pem (0644) and key.pem (0600) in ``out_dir``, each whole or absent after a power cut."""
     out_dir.mkdir(parents=True, exist_ok=True)
     cert, key = out_dir / "cert.pem", out_dir / "key.pem"
-    for path, data, mode in ((key, key_pem, 0o600), (cert, cert_pem, 0o644)):
-        tmp = path.with_name(f".{path.name}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, mode)
-        replace_durably(tmp, path)
+    write_durably(key, key_pem, 0o600)
+    write_durably(cert, cert_pem, 0o644)
     return cert, key
