@@ -219,12 +219,14 @@ def test_a_40000_px_slide_of_real_tissue_is_triaged_in_bounded_memory(demo_image
     svs = tmp_path / "big.svs"
     assert write_svs(svs, demo_image, upsample=16, mpp=0.25) == (40000, 32000)
     out = tmp_path / "r.json"
-    child = ("import resource, sys\nfrom appliance.cli import main\n"
+    # the child's peak is its own VmHWM, not ru_maxrss: Linux carries ru_maxrss across fork+exec, so a child of
+    # the pytest process (itself near 1 GB late in the suite) reported the parent's memory as its own
+    child = ("import sys\nfrom appliance.cli import main\n"
              f"sys.argv = ['appliance', 'triage', {str(svs)!r}, '--json', {str(out)!r}]\n"
              "try:\n    main()\nexcept SystemExit as exc:\n    code = exc.code\n"
-             "print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, 'EXIT', code)\n")
-    # its own environment and data folder: what earlier tests left in this process's environment (libraries
-    # set variables there) must not change what is measured
+             "hwm = next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:'))\n"
+             "print('MAXRSS_KB', hwm, 'EXIT', code)\n")
+    # its own environment and data folder, so nothing earlier tests set changes what is measured
     env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "OMP_NUM_THREADS",
                                                          "OPENBLAS_NUM_THREADS")}
     env.update(APPLIANCE_DATA_DIR=str(tmp_path / "var"), APPLIANCE_MODEL_DIR=str(MODEL_DIR))
