@@ -10,17 +10,20 @@ from pathlib import Path
 
 import click
 
+from firmware_bridge.pixels import TileEncoding
+
 from appliance import RESEARCH_USE_NOTICE, __version__
 from appliance.cli_common import friendly_errors
 from appliance.cli_common import settings_for as _settings
+from appliance.model.ref import ModelRef
 from appliance.offline.progress import Progress
 from appliance.offline.sources import DEFAULT_TILE_SIZE
 from appliance.site.cli import site
 from appliance.api.access_cli import tls, users
-from appliance.terms import CaseRule, EngineName, rule_words
+from appliance.terms import BatchStatus, CaseRule, EngineName, rule_words
 
 ENGINES = click.Choice([e.value for e in EngineName])
-ENCODINGS = ["raw", "zlib", "png", "jpeg"]
+ENCODINGS = [e.name.lower() for e in TileEncoding]  # the scanner link's tile encodings
 
 
 @click.group()
@@ -60,6 +63,7 @@ def demo(ctx, tile_size: int, encoding: str, engine: str | None, api_port: int |
 def run(ctx, port: str | None) -> None:
     """Run the daemon in the foreground until SIGTERM or Ctrl-C (systemd: Type=notify, WatchdogSec=)."""
     from appliance.service.daemon import Daemon, serve
+    from appliance.service.events import Event, TileStored
     from appliance.service.heap import tune_allocator
     from appliance.service.notify import Notifier
 
@@ -68,9 +72,9 @@ def run(ctx, port: str | None) -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
 
-    def notify(kind: str, data: dict) -> None:
-        if kind != "tile":
-            click.echo(f"[{kind}] " + ", ".join(f"{k}={v}" for k, v in data.items()), err=True)
+    def notify(event: Event) -> None:
+        if not isinstance(event, TileStored):
+            click.echo(f"[{event.kind}] " + ", ".join(f"{k}={v}" for k, v in event.data().items()), err=True)
 
     daemon = Daemon(settings, notify=notify)
     daemon.start()
@@ -155,17 +159,26 @@ def triage(ctx, input_path: Path, json_out: Path | None, out_dir: Path | None, m
               help="Worker processes of the embedded cluster (default: one per 2 cores).")
 @click.option("--scheduler", default=None, help="A Dask scheduler to submit to instead, e.g. tcp://10.0.0.5:8786.")
 @click.option("--retry-failed", is_flag=True, help="Try again the inputs that failed on an earlier run.")
+@click.option("--deliver", is_flag=True,
+              help="Queue each call for the lab's systems (the LIS settings), for the daemon's outbox to send. "
+                   "Off by default: a batch's calls stay in the case store.")
 @click.pass_context
 @friendly_errors
 def batch(ctx, inputs: tuple[Path, ...], manifest: Path | None, out_dir: Path | None, report: Path | None,
-          workers: int | None, scheduler: str | None, retry_failed: bool) -> None:
+          workers: int | None, scheduler: str | None, retry_failed: bool, deliver: bool) -> None:
     """Re-triage an archive (slide files, images, tile folders) on Dask: an embedded cluster by default, a
     lab's scheduler with --scheduler. Every case is recorded in the case store; a rerun skips what is done
     with the same model, and a run stopped halfway resumes."""
+    from appliance.lis.outbox import destinations_of
     from appliance.offline.batch import Tally, connect, read_inputs, run_batch, write_report
 
     settings = _settings(ctx)
+    destinations = destinations_of(settings)
+    if deliver and not destinations:
+        raise click.UsageError("--deliver: no LIS destination is set (lis_mllp, lis_fhir_url)")
     items = read_inputs(inputs, manifest)
+    click.echo(f"LIS: each call is queued for {', '.join(d.name for d in destinations)} (sent by the daemon's outbox)"
+               if deliver else "LIS: the calls are not sent to the lab's systems (--deliver sends them)", err=True)
     bar, tally = Progress("slides", len(items)), Tally(len(items))
 
     def on_row(row, finished: int, total: int) -> None:
@@ -177,15 +190,15 @@ def batch(ctx, inputs: tuple[Path, ...], manifest: Path | None, out_dir: Path | 
                    f"({scheduler or 'embedded cluster'}); dashboard: {client.dashboard_link or 'not available'}",
                    err=True)
         rows = run_batch(items, settings, client, out_root=out_dir, threads=threads, retry_failed=retry_failed,
-                         on_row=on_row)
+                         deliver=deliver, on_row=on_row)
     bar.close(tally.summary())
     if report is not None:
         write_report(report, rows)
     for row in rows:
-        if row.status == "failed":
+        if row.status == BatchStatus.FAILED:
             click.echo(f"  failed {row.input}: {row.reasons}", err=True)
     click.echo(f"{tally.summary()}{f'; report {report}' if report else ''}. {RESEARCH_USE_NOTICE}")
-    if tally.counts["failed"]:
+    if tally.counts[BatchStatus.FAILED]:
         ctx.exit(1)
 
 
@@ -216,7 +229,7 @@ def emulate(ctx, port: str, input_path: Path, encoding: str, faults: float, seed
     from firmware_bridge.transport import open_port
 
     from appliance.model.manifest import read_manifest
-    from appliance.offline.demo import case_info_for
+    from appliance.offline.demo import DEMO_CASE_MPP, case_info_for
     from appliance.offline.slides import Slide, is_slide
     from appliance.offline.sources import iter_case_tiles
 
@@ -233,7 +246,7 @@ def emulate(ctx, port: str, input_path: Path, encoding: str, faults: float, seed
         if not tiles:
             raise click.ClickException(f"{input_path}: no tissue tiles to send")
         case_id = case_id or time.strftime("CASE-%Y%m%d-%H%M%S")
-        info = case_info_for(case_id, input_path.name, tiles, mpp or 4.0, tile_size)
+        info = case_info_for(case_id, input_path.name, tiles, mpp or DEMO_CASE_MPP, tile_size)
         bar = Progress("tiles acked", len(tiles))
         emulator = ScannerEmulator(
             open_port(port, timeout=0.1), info, tiles, encoding=encoding,
@@ -293,7 +306,7 @@ def models_verify(ctx, model_dir: Path | None, engine: str | None) -> None:
 
     settings = _settings(ctx, engine=engine, model_dir=model_dir)
     eng = load_engine(settings.model_dir, settings.engine)
-    click.echo(json.dumps(eng.description, indent=1))
+    click.echo(json.dumps(eng.model_ref.to_dict(), indent=1))
 
 
 @models.command("evaluate")
@@ -320,17 +333,17 @@ def models_evaluate(ctx, dataset: Path, predictions: Path, engine: str | None, m
 
     metrics = evaluate_folder(eng, dataset, predictions, progress=progress)
     bar.close()
-    click.echo(format_metrics(metrics, eng.description))
+    click.echo(format_metrics(metrics, eng.model_ref))
     if json_out:
-        json_out.write_text(json.dumps(metrics | {"model": eng.description}, indent=1))
+        json_out.write_text(json.dumps(metrics | {"model": eng.model_ref.to_dict()}, indent=1))
     click.echo(f"wrote {predictions}. {RESEARCH_USE_NOTICE}")
 
 
-def format_metrics(m: dict, model: dict) -> str:
+def format_metrics(m: dict, model: ModelRef) -> str:
     def f(v):
         return "  n/a" if v is None else f"{v:.3f}"
 
-    rows = [f"model {model['name']} {model['version']} ({model['backend']})",
+    rows = [f"model {model.name} {model.version} ({model.backend})",
             f"{'level':<10}{'n':>7}{'pos':>6}{'AUC':>7}{'BalAcc':>8}{'F1':>7}{'Sens':>7}{'Spec':>7}"]
     for level in ("patches", "patients"):
         x = m[level]

@@ -99,11 +99,6 @@ class Settings(BaseSettings):
         return ssl.create_default_context(cafile=str(self.api_tls_cert)) if self.api_tls_files else True
 
     @property
-    def lis_destinations(self) -> list[str]:
-        """Where each call goes: ``mllp:host:port`` and ``fhir:<base url>`` (the outbox's destination names)."""
-        return [f"mllp:{m}" for m in self.lis_mllp] + ([f"fhir:{self.lis_fhir_url}"] if self.lis_fhir_url else [])
-
-    @property
     def db_path(self) -> Path:
         return self.data_dir / "appliance.db"
 

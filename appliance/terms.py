@@ -59,10 +59,32 @@ class EventKind(StrEnum):
     DRIFT = "drift"  # the drift watch found recent cases outside the reference range (or back inside it)
     SITE_ACCEPTED = "site-accepted"  # a site operating point was accepted (appliance site accept)
     SITE_RESET = "site-reset"  # it was undone: the model's threshold is in force again
+    DROPPED = "dropped"  # live stream only: a subscriber that fell behind lost events here
 
 
 # Lifecycle events also kept in the store's events table (per-tile progress is not: it is in the tiles table).
-RECORDED_EVENTS = frozenset(EventKind) - {EventKind.TILE, EventKind.API}
+RECORDED_EVENTS = frozenset(EventKind) - {EventKind.TILE, EventKind.API, EventKind.DROPPED}
+
+
+class ReasonCode(StrEnum):
+    """The code of a reason a case has no call (beside its sentence for people), as a machine reads it."""
+
+    NO_TILES = "no-tiles"
+    NO_TISSUE = "no-tissue"
+    TOO_LITTLE_TISSUE = "too-little-tissue"
+    OUT_OF_FOCUS = "out-of-focus"
+    OVER_EXPOSED = "over-exposed"
+    STAIN_OUT_OF_RANGE = "stain-out-of-range"
+    ABANDONED = "abandoned"  # the scanner went silent mid-case
+    FAILED = "failed"  # the call could not be made or stored
+
+
+class BatchStatus(StrEnum):
+    """How one input of ``appliance batch`` (and of a site validation) came out."""
+
+    DONE = "done"
+    FAILED = "failed"
+    SKIPPED = "skipped"  # recorded by an earlier run
 
 
 class ThresholdSource(StrEnum):

@@ -38,6 +38,7 @@ class LinkEvent(StrEnum):
     BAD_TILE = "bad-tile"
     STORAGE_ERROR = "storage-error"  # the sink raised; NACKed STORAGE
     UNKNOWN_CASE = "unknown-case"
+    RECONNECT_REQUESTED = "reconnect-requested"  # an operator asked for the port to be reopened
     DUPLICATE = "duplicate"  # a retransmission of something already stored; re-ACKed; rate-limited
     CASE_ABANDONED = "case-abandoned"  # a new case began before the open one ended
     CASE_INCOMPLETE = "case-incomplete"  # CASE_END tile_count differs from tiles stored

@@ -2,7 +2,7 @@
 
 Each returns an Outcome: delivered (HL7 ACK AA/CA, FHIR 2xx), failed (a rejection: HL7 AE/AR/CE/CR, FHIR 4xx;
 retrying the same message would be refused again, so an operator decides), or pending (network down,
-timeout, a FHIR 5xx: try again later). The outbox turns outcomes into the delivery's state.
+timeout, a FHIR 5xx: try again later). The outbox (outbox.py) picks the sender for a destination and turns outcomes into the delivery's state.
 """
 
 from __future__ import annotations
@@ -20,15 +20,6 @@ TIMEOUT_S = 10.0
 class Outcome:
     status: DeliveryStatus
     detail: str | None = None
-
-
-def send(destination: str, payload: str, *, token_file: Path | None = None, timeout: float = TIMEOUT_S) -> Outcome:
-    kind, _, target = destination.partition(":")
-    if kind == "mllp":
-        return send_mllp(target, payload, timeout)
-    if kind == "fhir":
-        return send_fhir(target, payload, token_file, timeout)
-    return Outcome(DeliveryStatus.FAILED, f"unknown destination {destination!r}")
 
 
 # ------------------------------------------------------------------------------------------------ MLLP

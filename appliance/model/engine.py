@@ -12,6 +12,7 @@ import numpy as np
 
 from appliance.errors import EngineError, EngineUnavailableError
 from appliance.model.manifest import ModelManifest, read_manifest, read_verified
+from appliance.model.ref import ModelRef
 from appliance.terms import EngineName
 
 
@@ -118,10 +119,10 @@ class Engine(ABC):
             raise EngineError(f"batch has shape {batch.shape}, the model expects (N, {want[0]}, {want[1]}, {want[2]})")
 
     @property
-    def description(self) -> dict:
+    def model_ref(self) -> ModelRef:
         m = self.manifest
-        # plain data (str, not the EngineName): it goes into logs, JSON and the store as it is
-        return {"name": m.name, "version": m.version, "sha256": m.digest, "backend": str(self.backend)}
+        # plain text (str, not the EngineName): it goes into logs, JSON and the store as it is
+        return ModelRef(m.name, m.version, m.digest, str(self.backend))
 
 
 class OpenVINOEngine(Engine):

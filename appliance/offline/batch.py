@@ -27,9 +27,11 @@ from typing import Callable, Iterable
 
 from appliance.config import Settings
 from appliance.errors import ApplianceError
+from appliance.lis.outbox import Outbox, destinations_of
+from appliance.model.ref import ModelRef
 from appliance.offline.triage import case_id_for
 from appliance.store import CaseStore
-from appliance.terms import CaseStatus
+from appliance.terms import BatchStatus, CaseStatus
 
 REPORT_COLUMNS = ("input", "specimen", "status", "verdict", "score", "reasons", "model_sha256", "seconds", "case_id")
 HASH_CHUNK = 1 << 20
@@ -154,7 +156,7 @@ class Tally:
 
     def __init__(self, total: int):
         self.total = total
-        self.counts = {"done": 0, "failed": 0, "skipped": 0}
+        self.counts = {s: 0 for s in BatchStatus}
         self._started = time.monotonic()
 
     def add(self, row: BatchRow) -> None:
@@ -165,13 +167,14 @@ class Tally:
         return sum(self.counts.values())
 
     def slides_per_hour(self) -> float:
-        worked = self.counts["done"] + self.counts["failed"]
+        worked = self.counts[BatchStatus.DONE] + self.counts[BatchStatus.FAILED]
         hours = (time.monotonic() - self._started) / 3600
         return worked / hours if worked and hours > 0 else 0.0
 
     def summary(self) -> str:
         c = self.counts
-        return f"{c['done']} done, {c['skipped']} skipped, {c['failed']} failed"
+        return (f"{c[BatchStatus.DONE]} done, {c[BatchStatus.SKIPPED]} skipped, "
+                f"{c[BatchStatus.FAILED]} failed")
 
     def line(self) -> str:
         rate = self.slides_per_hour()
@@ -181,22 +184,23 @@ class Tally:
 
 # ------------------------------------------------------------------------------------------- driver
 def run_batch(inputs: list[BatchInput], settings: Settings, client, *, out_root: Path | None = None,
-              threads: int = 1, retry_failed: bool = False,
+              threads: int = 1, retry_failed: bool = False, deliver: bool = False,
               on_row: Callable[[BatchRow, int, int], None] | None = None) -> list[BatchRow]:
     """Triage ``inputs`` on ``client``'s cluster and record them; returns one report row per input, in the
     order given. What is already recorded for (input, model) is skipped, failures too unless
-    ``retry_failed``. ``on_row(row, finished, total)`` is called as each is known."""
+    ``retry_failed``. ``on_row(row, finished, total)`` is called as each is known. ``deliver``: each call
+    is queued for the LIS destinations of ``settings`` too (the daemon's outbox sends them); off, the calls
+    go nowhere but the store."""
     from distributed import as_completed
 
     from appliance.model.manifest import read_manifest
 
     manifest = read_manifest(settings.model_dir)
     model_sha = manifest.digest
-    model = {"name": manifest.name, "version": manifest.version, "sha256": model_sha,
-             "backend": str(settings.engine)}
+    model = ModelRef(manifest.name, manifest.version, model_sha, str(settings.engine))
     # absolute: a worker on another machine (or in another folder) gets the same paths
     out_root = (Path(out_root) if out_root is not None else settings.cases_dir).absolute()
-    store = CaseStore(settings.db_path)
+    store = CaseStore(settings.db_path, Outbox(destinations_of(settings)) if deliver else None)
     rows: list[BatchRow | None] = [None] * len(inputs)
     finished = 0
 
@@ -234,7 +238,7 @@ def run_batch(inputs: list[BatchInput], settings: Settings, client, *, out_root:
                     continue
                 known = store.get_case(case_id)
                 if known is not None and known["status"] in settled:
-                    report(i, _from_case(base, known, "skipped"))
+                    report(i, _from_case(base, known, BatchStatus.SKIPPED))
                     continue
                 triaging[case_id] = [i]
                 waiting.add(client.submit(
@@ -257,7 +261,7 @@ def run_batch(inputs: list[BatchInput], settings: Settings, client, *, out_root:
             store.case_finished(case_id, result)
             case = store.get_case(case_id)
             for i in triaging.pop(case_id):
-                report(i, _from_case(bases[i], case, "done", seconds))
+                report(i, _from_case(bases[i], case, BatchStatus.DONE, seconds))
             fut.release()
     finally:
         store.close()
@@ -272,7 +276,7 @@ def _reason(exc: BaseException) -> str:
 
 
 def _failed(row: BatchRow, message: str) -> BatchRow:
-    row.status, row.reasons = "failed", message
+    row.status, row.reasons = BatchStatus.FAILED, message
     return row
 
 

@@ -21,6 +21,7 @@ from firmware_bridge.transport import FdTransport
 from appliance import RESEARCH_USE_NOTICE
 from appliance.config import Settings
 from appliance.service.daemon import Daemon
+from appliance.service.events import EarlyPositive, Event, TileStored
 from appliance.offline.progress import Progress
 from appliance.offline.sources import DEFAULT_TILE_SIZE, iter_case_tiles
 from appliance.terms import EventKind, rule_words, whose_threshold
@@ -29,6 +30,7 @@ from appliance.terms import EventKind, rule_words, whose_threshold
 SHOWN = frozenset({EventKind.READY, EventKind.API, EventKind.CASE_STARTED, EventKind.CASE_ENDED, EventKind.FINISHED,
                    EventKind.OUTPUTS, EventKind.ERROR, EventKind.FAILED})
 DEMO_CASE = Path(__file__).resolve().parent / "demo_case" / "idc-10253.tif"
+DEMO_CASE_MPP = 4.0  # microns per pixel of the bundled case (the IDC patches' own)
 
 
 @dataclass
@@ -58,7 +60,7 @@ def run_demo(settings: Settings, *, case_path: Path = DEMO_CASE, tile_size: int 
     daemon while the case streams (quit it with q), and the call is printed after it closes."""
     case_id = time.strftime("DEMO-%Y%m%d-%H%M%S")
     tiles = [TileToSend(t.x, t.y, t.pixels) for t in iter_case_tiles(case_path, tile_size)]
-    info = case_info_for(case_id, "IDC-10253 (CC0 IDC dataset, demo)", tiles, 4.0, tile_size)
+    info = case_info_for(case_id, "IDC-10253 (CC0 IDC dataset, demo)", tiles, DEMO_CASE_MPP, tile_size)
 
     master, slave = os.openpty()
     port = os.ttyname(slave)
@@ -66,19 +68,21 @@ def run_demo(settings: Settings, *, case_path: Path = DEMO_CASE, tile_size: int 
     lock = threading.Lock()
     tui_closed = threading.Event()
 
-    def notify(kind: str, data: dict) -> None:
+    def notify(event: Event) -> None:
         if tui and not tui_closed.is_set():
             return  # the terminal UI owns the screen
         with lock:
-            if kind == EventKind.TILE:
-                d = daemon.receiver.current if daemon.receiver else None
-                extra = f"processed {d.tiles_processed}  running score {d.score:.3f}" if d else ""
-                bar.update(data["received"], extra)
-            elif kind == EventKind.EARLY_POSITIVE:
-                out.write(f"\nEARLY POSITIVE after {data['tiles']} tiles: case score {data['score']:.3f} "
-                          f"passed the threshold (final: suspicious)\n")
-            elif kind in SHOWN:
-                out.write(f"[{kind}] " + ", ".join(f"{k}={v}" for k, v in data.items() if k != "model") + "\n")
+            match event:
+                case TileStored():
+                    d = daemon.cases.current
+                    extra = f"processed {d.tiles_processed}  running score {d.score:.3f}" if d else ""
+                    bar.update(event.received, extra)
+                case EarlyPositive():
+                    out.write(f"\nEARLY POSITIVE after {event.tiles} tiles: case score {event.score:.3f} "
+                              f"passed the threshold (final: suspicious)\n")
+                case _ if event.kind in SHOWN:
+                    out.write(f"[{event.kind}] " + ", ".join(f"{k}={v}" for k, v in event.data().items()
+                                                           if k != "model") + "\n")
             out.flush()
 
     out.write(f"Bench triage appliance demo. {RESEARCH_USE_NOTICE}\n")

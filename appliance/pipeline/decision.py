@@ -11,7 +11,7 @@ from appliance.model.metrics import top_k_mean
 from appliance.pipeline.mil import LargestRegion, TopKMean
 from appliance.pipeline.mil import case_score as mil_case_score
 from appliance.pipeline.qc import Reason
-from appliance.terms import CaseRule, ThresholdSource, Verdict
+from appliance.terms import CaseRule, ReasonCode, ThresholdSource, Verdict
 
 
 @dataclass(frozen=True)
@@ -92,13 +92,13 @@ def cannot_call_reasons(*, tiles: int, patches_scored: int, patches_seen: int, q
                         min_patches: int) -> list[Reason]:
     """Why the case cannot be called (empty when it can): no tiles, no tissue, QC findings, too little tissue."""
     if tiles == 0:
-        return [Reason("no-tiles", "No tiles were received for this case; rescan.")]
+        return [Reason(ReasonCode.NO_TILES, "No tiles were received for this case; rescan.")]
     if patches_scored == 0:
-        return [Reason("no-tissue", f"No tissue was found in {tiles} tiles ({patches_seen} patches): blank or "
+        return [Reason(ReasonCode.NO_TISSUE, f"No tissue was found in {tiles} tiles ({patches_seen} patches): blank or "
                                     f"empty slide; check the slide and rescan.")]
     out = list(qc_reasons)
     if patches_scored < min_patches:
-        out.append(Reason("too-little-tissue",
+        out.append(Reason(ReasonCode.TOO_LITTLE_TISSUE,
                           f"Only {patches_scored} tissue patches were found; at least {min_patches} are needed "
                           f"for a call. Check the core is on the slide and rescan."))
     return out

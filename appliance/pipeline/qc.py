@@ -12,6 +12,7 @@ import numpy as np
 
 from appliance.pipeline.stain import StainFit, StainFitError, fit_stains_od, stained_od
 from appliance.pipeline.tissue import SATURATION_THRESHOLD
+from appliance.terms import ReasonCode
 
 
 @dataclass(frozen=True)
@@ -208,15 +209,15 @@ class CaseQc:
         """Blocking problems of the tiles so far (tissue quantity is judged by the session)."""
         lim, out = self.limits, []
         if self.patches_scored and self.blurred_fraction > lim.max_blurred_fraction:
-            out.append(Reason("out-of-focus", f"Rescan: out of focus in {self.blurred_fraction:.0%} of tissue "
+            out.append(Reason(ReasonCode.OUT_OF_FOCUS, f"Rescan: out of focus in {self.blurred_fraction:.0%} of tissue "
                                               f"(limit {lim.max_blurred_fraction:.0%})."))
         if self.tissue_pixels and self.clipped_fraction > lim.max_clipped_fraction:
-            out.append(Reason("over-exposed", f"Rescan: {self.clipped_fraction:.0%} of tissue pixels are clipped "
+            out.append(Reason(ReasonCode.OVER_EXPOSED, f"Rescan: {self.clipped_fraction:.0%} of tissue pixels are clipped "
                                               f"white (over-exposed; limit {lim.max_clipped_fraction:.0%}); "
                                               f"check the illumination."))
         angles = self.stain_angles()
         if angles is not None and self.stain_assessed and max(angles) > lim.max_stain_angle:
-            out.append(Reason("stain-out-of-range",
+            out.append(Reason(ReasonCode.STAIN_OUT_OF_RANGE,
                               f"Check the staining: the case's stain colours differ from the expected H&E "
                               f"by {angles[0]:.0f} deg (haematoxylin) and {angles[1]:.0f} deg (eosin); "
                               f"limit {lim.max_stain_angle:g} deg."))

@@ -7,6 +7,7 @@ import copy
 from dataclasses import asdict, dataclass, field, fields
 
 from appliance import RESEARCH_USE_NOTICE
+from appliance.model.ref import ModelRef
 from appliance.pipeline.qc import Reason
 from appliance.terms import CaseRule, ThresholdSource, Verdict
 
@@ -34,7 +35,7 @@ class TriageResult:
     threshold: float
     patch_threshold: float  # a patch at or above it is drawn in the regions (regions.geojson)
     reasons: list[Reason]
-    model: dict
+    model: ModelRef
     timings_ms: dict[str, float]
     patches: list[PatchScore]
     tiles: int
@@ -67,7 +68,7 @@ class TriageResult:
         on the path from the last tile to the verdict)."""
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         d.update(reasons=[asdict(r) for r in self.reasons], warnings=[asdict(w) for w in self.warnings],
-                 model=dict(self.model), timings_ms=dict(self.timings_ms), qc=copy.deepcopy(self.qc), measures=dict(self.measures),
+                 model=self.model.to_dict(), timings_ms=dict(self.timings_ms), qc=copy.deepcopy(self.qc), measures=dict(self.measures),
                  origin=list(self.origin), patches=[p.to_dict() for p in self.patches],
                  top_patches=[p.to_dict() for p in self.top_patches()])
         return d

@@ -34,7 +34,7 @@ from appliance.pipeline.resample import resample_tile, scale_factor, target_span
 from appliance.pipeline.stain import StainFit, apply_map, normalising_map
 from appliance.pipeline.result import PatchScore, TriageResult
 from appliance.pipeline.tissue import mask_of_subsampled, patch_fractions, subsample, tissue_mask
-from appliance.terms import CaseFile, CaseRule, EventKind
+from appliance.terms import CaseFile, CaseRule
 
 THUMBNAIL_CELL = 10  # model pixels per thumbnail pixel
 # Focus is measured on every 2nd tissue patch in the order the patches are cut (a fixed rule, so the same
@@ -42,9 +42,6 @@ THUMBNAIL_CELL = 10  # model pixels per thumbnail pixel
 FOCUS_SAMPLE = 2
 
 __all__ = ["TriageSession"]
-
-
-Event = Callable[[str, dict], None]
 
 
 @dataclass
@@ -80,7 +77,8 @@ class TriageSession:
     files are anchored there, while patch positions in the result are reported in input pixels.
     """
 
-    def __init__(self, engine: Engine, *, batch_size: int = 128, on_event: Event | None = None,
+    def __init__(self, engine: Engine, *, batch_size: int = 128,
+                 on_early_positive: Callable[[float, int], None] | None = None,
                  scanner_mpp: float | None = None, width: int | None = None, height: int | None = None,
                  workdir: Path | None = None, qc_limits: QcLimits | None = None, origin: tuple[int, int] = (0, 0),
                  thresholds: decision.ThresholdInForce | None = None):
@@ -107,7 +105,7 @@ class TriageSession:
         # the region rule's figures, on first-stage probabilities (they only ever grow: see LargestRegion)
         self.region = (LargestRegion(m.decision.region_threshold) if self.early.rule != CaseRule.TOP_K_MEAN
                        else None)
-        self.on_event = on_event or (lambda kind, data: None)
+        self.on_early_positive = on_early_positive or (lambda score, tiles: None)  # (score, after tiles)
         ref = m.stain.reference
         self.stain_reference = StainFit.from_dict(ref.model_dump()) if ref is not None else None
         self.normalise = m.stain.normalisation == "macenko"
@@ -294,7 +292,7 @@ class TriageSession:
                     qc_clean=cp.qc_clean, patches=cp.patches, min_patches=self.min_patches, mil_full=self.mil.full,
                     score=self.score, threshold=self.thresholds.early_threshold):
                 self.early_positive_after_tiles = cp.tile
-                self.on_event(EventKind.EARLY_POSITIVE, {"score": round(self.score, 6), "tiles": cp.tile})
+                self.on_early_positive(self.score, cp.tile)
 
     def _to_input(self, x: int, y: int, w: int, h: int) -> tuple[int, int, int, int]:
         """Model-resolution case coordinates -> the input's own pixel coordinates."""
@@ -345,7 +343,7 @@ class TriageSession:
             threshold=self.threshold,
             patch_threshold=self.patch_threshold,
             reasons=reasons,
-            model=self.engine.description,
+            model=self.engine.model_ref,
             timings_ms={k: round(v, 3) for k, v in self._timings.items()},
             patches=list(self._scores),
             tiles=self.tiles,
@@ -367,7 +365,6 @@ class TriageSession:
             microns_per_pixel=self.mpp,
             origin=list(self.origin),
         )
-        self.on_event(EventKind.FINISHED, {"verdict": verdict, "score": result.score})
         return result
 
     def _measures(self) -> dict[str, float | None]:

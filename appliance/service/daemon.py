@@ -15,6 +15,7 @@ import time
 
 from firmware_bridge.errors import LinkError
 from firmware_bridge.host import HostLink
+from firmware_bridge.status import LinkEvent, LinkState
 
 from appliance import __version__
 from appliance.api.app import ApiServer, create_app
@@ -22,18 +23,19 @@ from appliance.config import Settings
 from appliance.errors import ManifestError, ModelIntegrityError
 from appliance.model.engine import Engine, load_engine
 from appliance.service import retention
-from appliance.service.events import EventHub
-from appliance.service.outbox import Outbox
+from appliance.lis.outbox import Outbox, OutboxSender, destinations_of
+from appliance.service.cases import CaseBook, CaseProgress, eta_seconds
+from appliance.service.events import (ApiStarted, CaseFinished, DriftChanged, Event, EventHub, LinkReported,
+                                      Notify, NotReady, Ready)
 from appliance.service.receiver import CaseReceiver, StorageGuard
-from appliance.service.worker import CaseProgress, Notify, PipelineWorker, eta_seconds
+from appliance.service.worker import PipelineWorker
 from appliance.site.drift import DriftWatch, reference_in_force
 from appliance.site.points import thresholds_in_force
 from appliance.store.database import CaseStore
 from appliance.store.spool import TileSpool
-from appliance.terms import RECORDED_EVENTS, EventKind
+from appliance.terms import RECORDED_EVENTS
 
 log = logging.getLogger(__name__)
-
 
 
 class Daemon:
@@ -45,7 +47,7 @@ class Daemon:
         ``settings.model_dir`` with ``settings.engine`` when it starts."""
         self.settings = settings
         self.port = port or settings.serial_port
-        self._user_notify = notify or (lambda kind, data: log.info("%s %s", kind, data))
+        self._user_notify = notify or (lambda event: log.info("%s %s", event.kind, event.data()))
         self.events = EventHub()  # live events for GET /events
         self.storage = StorageGuard(settings.data_dir, settings.min_free_mb, settings.spool_dir)
         self.serve_api = serve_api
@@ -53,7 +55,8 @@ class Daemon:
         self.store: CaseStore | None = None
         self.link: HostLink | None = None
         self.api: ApiServer | None = None
-        self.outbox: Outbox | None = None
+        self.outbox: OutboxSender | None = None
+        self.cases = CaseBook()  # what the daemon knows about the cases in flight
         self.receiver: CaseReceiver | None = None
         self.pipeline: PipelineWorker | None = None
         # Why the daemon cannot take cases at all (the model failed its checks), or None. Set at start: the
@@ -77,19 +80,20 @@ class Daemon:
             return
         if changed:
             st = self.drift.status()
-            self.notify(EventKind.DRIFT, {"drifted": st["drifted"], "reference": st["reference"],
-                                          "warning": st["warning"] or "no drift: recent cases are like the reference"})
+            self.notify(DriftChanged(st["drifted"], st["reference"],
+                                     st["warning"] or "no drift: recent cases are like the reference"))
 
-    def notify(self, kind: str, data: dict) -> None:
-        """Record lifecycle events in SQLite, then pass every event on (demo progress, logs)."""
-        self.events.publish(kind, data)
-        if kind in RECORDED_EVENTS and self.store is not None:
+    def notify(self, event: Event) -> None:
+        """Record lifecycle events in SQLite, then pass every event on (the live stream, demo progress, logs)."""
+        self.events.publish(event)
+        if event.kind in RECORDED_EVENTS and self.store is not None:
+            data = event.data()
             try:
-                self.store.event(kind, case_id=data.get("case_id"), detail=data)
+                self.store.event(event.kind, case_id=data.get("case_id"), detail=data)
             except Exception:  # noqa: BLE001 - the history must never stop the daemon
-                log.exception("could not record event %s", kind)
-        self._user_notify(kind, data)
-        if kind == EventKind.FINISHED:
+                log.exception("could not record event %s", event.kind)
+        self._user_notify(event)
+        if isinstance(event, CaseFinished):
             self.check_drift()
 
     def start(self) -> None:
@@ -113,27 +117,28 @@ class Daemon:
         except (ManifestError, ModelIntegrityError) as exc:
             self.problem = " ".join(f"the model failed its checks: {exc}".split())  # one line, for STATUS=
             log.error("NOT READY, the scanner link stays closed: %s", self.problem)
-        self.store = CaseStore(s.db_path, s.lis_destinations)
-        if s.lis_destinations:  # delivers the calls to the lab's systems, model or not
-            self.outbox = Outbox(self.store, s.lis_fhir_token_file)
+        destinations = destinations_of(s)
+        self.store = CaseStore(s.db_path, Outbox(destinations))
+        if destinations:  # delivers the calls to the lab's systems, model or not
+            self.outbox = OutboxSender(self.store, destinations, s.lis_fhir_token_file)
             self.outbox.start()
         if self.problem:
             self._start_degraded()
             return
-        self.store.model_seen(self.engine.description)
+        self.store.model_seen(self.engine.model_ref)
         spool = TileSpool(s.spool_dir)
         self.pipeline = PipelineWorker(self.engine, self.store, s.batch_size, self.notify, s.cases_dir,
-                                       self.thresholds)
+                                       self.thresholds, self.cases)
         self.check_drift()
         self.pipeline.start()
-        self.receiver = CaseReceiver(spool, self.store, self.pipeline, self.engine.description, self.notify,
+        self.receiver = CaseReceiver(spool, self.store, self.pipeline, self.engine.model_ref, self.notify,
                                      self.storage)
         if self.serve_api:
             self.api = ApiServer(create_app(s, self.store, self.status, self.not_ready, self.engine.latency,
                                             self.events, self.reconnect_link, self.check_drift),
                                  s.api_host, s.api_port, tls=s.api_tls_files)
             self.api.start()
-            self.notify(EventKind.API, {"url": f"{s.api_scheme}://{s.api_host}:{self.api.port}"})
+            self.notify(ApiStarted(f"{s.api_scheme}://{s.api_host}:{self.api.port}"))
         self.receiver.recover()
         self._housekeeping_stop = threading.Event()
         self._housekeeping = threading.Thread(target=self._housekeep, name="housekeeping", daemon=True)
@@ -145,19 +150,20 @@ class Daemon:
         for case_id, tiles in self.receiver.ended_recovered:  # their CASE_END may come again: re-ACK it
             self.link.restore_ended(case_id, tiles)
         self.link.start()
-        self.notify(EventKind.READY, {"port": self.port, "model": self.engine.description})
+        self.notify(Ready(self.port, self.engine.model_ref.to_dict()))
 
     def _start_degraded(self) -> None:
         """Store and API only: the status and the reason are served; no pipeline, no link, no new case."""
         s = self.settings
-        self.store.event(EventKind.NOT_READY, detail={"reason": self.problem})
-        self.events.publish(EventKind.NOT_READY, {"reason": self.problem})
+        not_ready = NotReady(self.problem)
+        self.store.event(not_ready.kind, detail=not_ready.data())
+        self.events.publish(not_ready)
         if self.serve_api:
             self.api = ApiServer(create_app(s, self.store, self.status, self.not_ready, None, self.events,
                                             self.reconnect_link), s.api_host, s.api_port,
                                  tls=s.api_tls_files)
             self.api.start()
-            self.notify(EventKind.API, {"url": f"{s.api_scheme}://{s.api_host}:{self.api.port}"})
+            self.notify(ApiStarted(f"{s.api_scheme}://{s.api_host}:{self.api.port}"))
 
     def reconnect_link(self, why: str) -> str:
         """An operator's reconnect (POST /link/reconnect): reopen the scanner port now; returns the link state."""
@@ -166,7 +172,7 @@ class Daemon:
                             else "the scanner link is not started yet")
         log.warning("reconnecting the scanner link: %s", why)
         self.link.request_reconnect(why)
-        self.notify(EventKind.LINK, {"kind": "reconnect-requested", "detail": why})
+        self.notify(LinkReported(LinkEvent.RECONNECT_REQUESTED, why))
         return self.link.state
 
     def status(self) -> dict:
@@ -182,7 +188,7 @@ class Daemon:
                 "counters": {k: v for k, v in snap.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
                 "last_error": snap.get("last_error"),
             }
-        current = self.receiver.current if self.receiver else None
+        current = self.cases.current
         if current is not None:
             out["case"] = {
                 "case_id": current.case_id,
@@ -198,7 +204,7 @@ class Daemon:
                 "warnings": list(current.warnings),
             }
         if self.engine is not None:
-            out["model"] = self.engine.description
+            out["model"] = self.engine.model_ref.to_dict()
             if self.store is not None and not self.problem:
                 thresholds = self.thresholds()
                 out["threshold"] = {"value": thresholds.threshold, "source": thresholds.source,
@@ -232,7 +238,7 @@ class Daemon:
         reasons = []
         if self.engine is None:
             reasons.append("the model is not loaded")
-        if self.link is None or self.link.state in ("reconnecting", "stopped"):
+        if self.link is None or self.link.state in (LinkState.RECONNECTING, LinkState.STOPPED):
             reasons.append(f"the scanner port {self.port} is not open")
         ok, why = self.health() if self.link is not None and self.pipeline is not None else (True, "")
         if not ok:
@@ -255,7 +261,7 @@ class Daemon:
         if self.problem:
             return f"NOT READY: {self.problem}"
         link = self.link.state if self.link else "down"
-        c = self.receiver.current if self.receiver else None
+        c = self.cases.current
         if c is None:
             return f"link {link}; no case yet"
         state = c.result.verdict if c.result else ("early positive" if c.early_positive else "running")
@@ -264,14 +270,7 @@ class Daemon:
 
     def wait_case(self, case_id: str, timeout: float) -> CaseProgress | None:
         """Wait until the pipeline has finished ``case_id`` (or the timeout passes)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            progress = self.receiver.cases.get(case_id) if self.receiver else None
-            if progress is not None:
-                progress.done.wait(max(0.0, deadline - time.monotonic()))
-                return progress if progress.done.is_set() else None
-            time.sleep(0.05)
-        return None
+        return self.cases.wait(case_id, timeout)
 
     def stop(self) -> None:
         if getattr(self, "_housekeeping", None) is not None:
@@ -295,7 +294,7 @@ def serve(daemon: Daemon, notifier, stop: threading.Event, tick: float = 0.5) ->
 
     A daemon started degraded (``daemon.problem``) is READY=1 at once with STATUS=NOT READY: <why>: the
     process is up and serving its status, and a restart by systemd would not repair a tampered model."""
-    while daemon.problem is None and daemon.link.state in ("reconnecting", "stopped"):  # READY=1 once the port is open
+    while daemon.problem is None and daemon.link.state in (LinkState.RECONNECTING, LinkState.STOPPED):  # READY=1 once the port is open
         notifier.status(f"model loaded; waiting for the scanner port {daemon.port}")
         if stop.wait(tick):
             notifier.stopping()

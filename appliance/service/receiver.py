@@ -13,93 +13,69 @@ import numpy as np
 from firmware_bridge.cases import ENDED_CASES_REMEMBERED
 from firmware_bridge.sink import CaseInfo, CaseRefused, TileReceived
 
-from appliance.service.worker import CaseProgress, Notify, PipelineWorker
+from appliance.model.ref import ModelRef
+from appliance.service.cases import CaseProgress
+from appliance.service.events import CaseEnded, CaseStarted, LinkReported, Notify, Refused, Resumed, TileStored
+from appliance.service.worker import PipelineWorker
 from appliance.store.database import CaseStore
 from appliance.store.spool import TileSpool, pixel_digest
-from appliance.terms import CaseFile, CaseStatus, EventKind
+from appliance.terms import CaseFile, CaseStatus
 
 log = logging.getLogger(__name__)
-
-# Finished cases the receiver keeps in memory (wait_case, the latest call in /status); older ones are in the
-# store only. Without a bound every case's result (its ~1,000 patch scores) stayed in memory for good.
-FINISHED_CASES_KEPT = 16
 
 
 class CaseReceiver:
     """The link's TileSink: a tile is spooled and logged before this returns, and only then ACKed."""
 
-    def __init__(self, spool: TileSpool, store: CaseStore, pipeline: PipelineWorker, model: dict, notify: Notify,
-                 storage: "StorageGuard"):
+    def __init__(self, spool: TileSpool, store: CaseStore, pipeline: PipelineWorker, model: ModelRef,
+                 notify: Notify, storage: "StorageGuard"):
         self.storage = storage
         self.spool = spool
         self.store = store
         self.pipeline = pipeline
+        self.book = pipeline.book  # the case book the pipeline writes its part of each case into
         self.model = model
         self.notify = notify
-        self.cases: dict[str, CaseProgress] = {}
-        self.current: CaseProgress | None = None
         self.reopened: list[tuple[CaseInfo, list[int]]] = []  # open cases rebuilt after a restart
         self.ended_recovered: list[tuple[str, int]] = []  # ended cases finished after a restart
 
     def case_began(self, info: CaseInfo) -> None:
-        known = self.cases.get(info.case_id)
-        if known is not None and not known.done.is_set() and not known.abandoned:
+        if self.book.in_flight(info.case_id):
             return  # rebuilt after a restart and resumed by the scanner: keep what is stored and replayed
         refusal = self.storage.refusal()
         if refusal:
-            self.notify(EventKind.REFUSED, {"case_id": info.case_id, "reason": refusal})
+            self.notify(Refused(info.case_id, refusal))
             raise CaseRefused(refusal)
         expected = info.expected_tiles or None
         self.spool.begin_case(info.case_id, _info_dict(info))
         self.store.case_started(info.case_id, specimen_id=info.specimen_id, source="scanner",
                                 tiles_expected=expected, model=self.model)
-        progress = CaseProgress(info.case_id, info.specimen_id, expected, info)
-        self.cases.pop(info.case_id, None)  # the same case scanned again is a new case: it goes last
-        self.cases[info.case_id] = progress
-        self.current = progress
-        self._forget_finished()
+        progress = self.book.opened(CaseProgress.of(info))
         self.pipeline.begin(progress)
-        self.notify(EventKind.CASE_STARTED, {"case_id": info.case_id, "tiles_expected": expected})
-
-    def _forget_finished(self) -> None:
-        """Drop all but the latest FINISHED_CASES_KEPT finished cases from memory (oldest first)."""
-        finished = [case_id for case_id, p in self.cases.items()
-                    if p.done.is_set() and (p.outputs_done.is_set() or p.result is None) and p is not self.current]
-        for case_id in finished[:max(0, len(finished) - FINISHED_CASES_KEPT)]:
-            del self.cases[case_id]
+        self.notify(CaseStarted(info.case_id, expected))
 
     def tile_received(self, tile: TileReceived) -> None:
-        progress = self.cases[tile.case_id]
-        with progress.lock:  # refused, or alive from now on: never abandoned in between
-            if progress.abandoned:
-                raise CaseRefused(f"case {tile.case_id} was abandoned: {progress.abandoned}")
-            progress.last_activity = time.monotonic()
+        progress = self.book.arriving(tile.case_id)
         h, w = tile.pixels.shape[:2]
         # the link hashed the pixels as it decoded them; the spool hashes only when it did not
         path, sha = self.spool.store_tile(tile.case_id, tile.index, tile.x, tile.y, tile.pixels, sha256=tile.sha256)
         self.store.tile_stored(tile.case_id, tile.index, tile.x, tile.y, w, h, sha)
-        progress.tiles_received += 1
+        received = self.book.received(progress)
         self.pipeline.tile(progress, tile.x, tile.y, tile.pixels, path)
-        self.notify(EventKind.TILE, {"case_id": tile.case_id, "received": progress.tiles_received,
-                             "expected": progress.tiles_expected})
+        self.notify(TileStored(tile.case_id, received, progress.tiles_expected))
 
     def case_ended(self, case_id: str, tile_count: int) -> None:
-        progress = self.cases[case_id]
-        with progress.lock:  # ended or abandoned, one or the other: a timeout waits for this CASE_END's commit
-            if progress.abandoned:
-                raise CaseRefused(f"case {case_id} was abandoned: {progress.abandoned}")
-            # Committed before this returns (and so before the ACK): a crash after the ACK must still find the
-            # case ended, or the restarted daemon would wait for a CASE_END the scanner will never resend.
-            self.store.case_processing(case_id)
-            progress.ended = True
-            self.pipeline.end(progress)
-        self.notify(EventKind.CASE_ENDED, {"case_id": case_id, "tile_count": tile_count})
+        # Committed before this returns (and so before the ACK): a crash after the ACK must still find the case
+        # ended, or the restarted daemon would wait for a CASE_END the scanner will never resend.
+        progress = self.book.ended(case_id, lambda: self.store.case_processing(case_id))
+        self.pipeline.end(progress)
+        self.notify(CaseEnded(case_id, tile_count))
 
     def recover(self) -> list[str]:
         """After a crash: rebuild every case the last run left open from the spool (what was ACKed) and replay
-        its tiles into the pipeline in index order; a case whose CASE_END was received is finished now, with
-        the same tiles, so the same verdict and score. Others stay open (and are abandoned if the scanner
-        does not come back within case_timeout_s).
+        its tiles into the pipeline in index order; a case whose CASE_END was received (its row says
+        processing) is finished now, with the same tiles, so the same verdict and score. Others stay open (and
+        are abandoned if the scanner does not come back within case_timeout_s).
 
         The latest called cases are remembered as ended too: a power cut can take the ACK of a CASE_END whose
         commit it kept, and the case can be called after a restart before the scanner sends CASE_END again
@@ -114,11 +90,8 @@ class CaseReceiver:
             except (OSError, ValueError, TypeError) as exc:
                 self.store.case_failed(case_id, f"could not resume after a restart: {exc}")
                 continue
-            ended = row["status"] == CaseStatus.PROCESSING or any(
-                e["kind"] == EventKind.CASE_ENDED for e in self.store.events(case_id))
-            progress = CaseProgress(case_id, info.specimen_id, info.expected_tiles or None, info)
-            self.cases[case_id] = progress
-            self.current = progress
+            ended = row["status"] == CaseStatus.PROCESSING
+            progress = self.book.opened(CaseProgress.of(info))
             self.pipeline.begin(progress)
             logged = {r["idx"] for r in self.store.tiles(case_id)}
             for idx, x, y, path in self.spool.stored_tiles(case_id):
@@ -126,10 +99,10 @@ class CaseReceiver:
                     pixels = np.load(path, allow_pickle=False)
                     self.store.tile_stored(case_id, idx, x, y, pixels.shape[1], pixels.shape[0], pixel_digest(pixels))
                 self.pipeline.tile(progress, x, y, None, path)  # read back when its turn comes
-                progress.tiles_received += 1
-            self.notify(EventKind.RESUMED, {"case_id": case_id, "tiles": progress.tiles_received, "ended": ended})
+                self.book.received(progress)
+            self.notify(Resumed(case_id, progress.tiles_received, ended))
             if ended:
-                progress.ended = True
+                self.book.ended(case_id, lambda: None)  # its CASE_END is in the store already
                 self.pipeline.end(progress)
                 self.ended_recovered.append((case_id, progress.tiles_received))
             else:
@@ -156,33 +129,24 @@ class CaseReceiver:
                 continue
             log.warning("case %s: its files were lost (a power cut while they were written); making them again "
                         "from its %d spooled tiles", case_id, len(tiles))
-            progress = CaseProgress(case_id, info.specimen_id, info.expected_tiles or None, info, ended=True,
-                                    rebuild_files=True)
+            progress = self.book.opened(CaseProgress.of(info, ended=True, rebuild_files=True), current=False)
             self.pipeline.begin(progress)
             for _idx, x, y, path in tiles:
                 self.pipeline.tile(progress, x, y, None, path)
-                progress.tiles_received += 1
+                self.book.received(progress)
             self.pipeline.end(progress)
             rebuilt.append(case_id)
         return rebuilt
 
     def abandon_stale(self, timeout: float) -> list[str]:
-        """Mark cases with no tile and no CASE_END for ``timeout`` seconds abandoned; returns their ids."""
-        now, out = time.monotonic(), []
-        for progress in list(self.cases.values()):
-            with progress.lock:
-                if progress.ended or progress.abandoned or progress.done.is_set():
-                    continue
-                idle = now - progress.last_activity
-                if idle > timeout:
-                    progress.abandoned = (f"no tile and no CASE_END for {idle:.0f} s (limit {timeout:.0f} s) "
-                                          f"after {progress.tiles_received} tiles")
-                    self.pipeline.abandon(progress)
-                    out.append(progress.case_id)
-        return out
+        """Abandon the cases with no tile and no CASE_END for ``timeout`` seconds; returns their ids."""
+        stale = self.book.abandon_stale(timeout, time.monotonic())
+        for progress in stale:
+            self.pipeline.abandon(progress)
+        return [p.case_id for p in stale]
 
     def link_event(self, kind: str, detail: str) -> None:
-        self.notify(EventKind.LINK, {"kind": kind, "detail": detail})
+        self.notify(LinkReported(kind, detail))
 
 
 class StorageGuard:

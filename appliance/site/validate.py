@@ -24,7 +24,7 @@ from appliance.offline.batch import BatchInput, BatchRow, run_batch
 from appliance.site import stats
 from appliance.site.drift import reference_of, reason_codes
 from appliance.store import CaseStore
-from appliance.terms import Verdict
+from appliance.terms import BatchStatus, Verdict
 
 LABELS = {"malignant": 1, "1": 1, "benign": 0, "0": 0}
 MINIMUM_PER_LABEL = 30
@@ -81,7 +81,7 @@ def build_report(cases: list[SiteCase], rows: list[BatchRow], store: CaseStore, 
         done = record is not None and record.get("verdict") is not None
         called = done and record["verdict"] != Verdict.CANNOT_CALL
         table.append({"case_id": row.case_id, "input": row.input, "specimen": case.specimen, "label": case.label,
-                      "status": row.status if row.status == "failed" else (record or {}).get("status", row.status),
+                      "status": row.status if row.status == BatchStatus.FAILED else (record or {}).get("status", row.status),
                       "verdict": (record or {}).get("verdict") or "", "score": (record or {}).get("score"),
                       "reasons": reason_codes(record) if done else ([row.reasons] if row.reasons else []),
                       "callable": called})
@@ -111,7 +111,7 @@ def build_report(cases: list[SiteCase], rows: list[BatchRow], store: CaseStore, 
            "specificity": shipped["specificity_ci95"] if n_ben else None}
     agreement = {k: stats.ci_overlap(v, card[f"{k}_ci95"]) for k, v in lab.items()
                  if v is not None and card.get(f"{k}_ci95")}
-    failed = sum(r.status == "failed" for r in rows)
+    failed = sum(r.status == BatchStatus.FAILED for r in rows)
     return {
         "kind": "appliance-site-validation", "schema": 1,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),

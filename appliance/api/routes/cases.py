@@ -45,7 +45,8 @@ def list_cases(
 ) -> CaseList:
     rows = store.list_cases(limit=limit, offset=offset, verdict=verdict, since=_iso(since), until=_iso(until),
                             signed_off=signed_off)
-    return CaseList(cases=[_public(r, request) for r in rows], limit=limit, offset=offset)
+    deliveries = store.deliveries_of([r["id"] for r in rows])  # one query for the page, not one per case
+    return CaseList(cases=[_public(r, request, deliveries[r["id"]]) for r in rows], limit=limit, offset=offset)
 
 
 @router.get("/{case_id}", response_model=CasePublic)
@@ -53,7 +54,7 @@ def get_case(case_id: CaseId, request: Request, store: StoreDep) -> CasePublic:
     row = store.get_case(case_id)
     if row is None:
         raise HTTPException(status_code=404, detail=f"no case with id {case_id!r}")
-    return _public(row, request)
+    return _public(row, request, store.deliveries_of([case_id])[case_id])
 
 
 @router.get("/{case_id}/{name}", response_class=FileResponse,
@@ -104,14 +105,14 @@ def _iso(t: datetime | None) -> str | None:
     return t.astimezone(timezone.utc).isoformat(timespec="milliseconds")
 
 
-def _public(row: dict, request: Request) -> CasePublic:
-    """A case row as clients see it, with the files its folder holds right now."""
+def _public(row: dict, request: Request, deliveries: list[dict]) -> CasePublic:
+    """A case row as clients see it, with the files its folder holds right now and its deliveries (without
+    their payloads)."""
     row = dict(row)
     row["reasons"] = row.get("reasons") or []
     row["warnings"] = row.get("warnings") or []
     row["files"] = case_files(request.app.state.settings.cases_dir, row["id"], request)
-    row["deliveries"] = [{k: v for k, v in d.items() if k != "payload"}
-                         for d in request.app.state.store.deliveries(row["id"])]
+    row["deliveries"] = deliveries
     return CasePublic.model_validate(row)
 
 

@@ -33,8 +33,8 @@ async def events(request: Request) -> StreamingResponse:
                         yield ": keep-alive\n\n"
                     continue
                 idle = 0.0
-                payload = json.dumps({"at": e["at"], **e["data"]}, default=str)
-                yield f"id: {e['id']}\nevent: {e['kind']}\ndata: {payload}\n\n"
+                payload = json.dumps({"at": e.at, **e.event.data()}, default=str)
+                yield f"id: {e.id}\nevent: {e.event.kind}\ndata: {payload}\n\n"
         finally:
             hub.unsubscribe(sub)
 
