@@ -105,8 +105,8 @@ def hl7_oru(call: ReportedCall, created_at: str) -> str:
     if call.signed_off_by:
         observations.append(("ST", "SIGNED-OFF^Signed off by^L", _esc(call.signed_off_by)))
     segments = [
-        f"MSH|^~\\&|{SENDING_APPLICATION}|BENCH|LIS|LAB|{_hl7_time(created_at)}||ORU^R01^ORU_R01|{_esc(call.message_id)}"
-        f"|P|2.5.1",
+        f"MSH|^~\\&|{SENDING_APPLICATION}|BENCH|LIS|LAB|{_hl7_time(created_at)}||ORU^R01^ORU_R01"
+        f"|{_esc(call.message_id)}|P|2.5.1",
         f"PID|1||{_esc(call.specimen_id or call.case_id)}^^^{SENDING_APPLICATION}^SPEC",
         f"OBR|1||{_esc(call.case_id)}^{SENDING_APPLICATION}|TRIAGE^Breast core triage (research use)^L|||{when}"
         f"|||||||||||||||{when}||SP|{status}",

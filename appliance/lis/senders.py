@@ -2,7 +2,8 @@
 
 Each returns an Outcome: delivered (HL7 ACK AA/CA, FHIR 2xx), failed (a rejection: HL7 AE/AR/CE/CR, FHIR 4xx;
 retrying the same message would be refused again, so an operator decides), or pending (network down,
-timeout, a FHIR 5xx: try again later). The outbox (outbox.py) picks the sender for a destination and turns outcomes into the delivery's state.
+timeout, a FHIR 5xx: try again later). The outbox (outbox.py) picks the sender for a destination and turns
+outcomes into the delivery's state.
 """
 
 from __future__ import annotations

@@ -294,7 +294,8 @@ def serve(daemon: Daemon, notifier, stop: threading.Event, tick: float = 0.5) ->
 
     A daemon started degraded (``daemon.problem``) is READY=1 at once with STATUS=NOT READY: <why>: the
     process is up and serving its status, and a restart by systemd would not repair a tampered model."""
-    while daemon.problem is None and daemon.link.state in (LinkState.RECONNECTING, LinkState.STOPPED):  # READY=1 once the port is open
+    # READY=1 once the port is open
+    while daemon.problem is None and daemon.link.state in (LinkState.RECONNECTING, LinkState.STOPPED):
         notifier.status(f"model loaded; waiting for the scanner port {daemon.port}")
         if stop.wait(tick):
             notifier.stopping()

@@ -240,7 +240,8 @@ class PipelineWorker:
                 summary = dict(result.to_dict(), input=f"scanner case {progress.case_id}", skipped_inputs=[])
                 outputs = session.write_outputs(self.cases_dir / progress.case_id, progress.case_id, summary)
                 self.book.outputs_written(progress, outputs)
-                last = OutputsWritten(progress.case_id, [str(f) for f in sorted(outputs)], rebuilt=progress.rebuild_files)
+                last = OutputsWritten(progress.case_id, [str(f) for f in sorted(outputs)],
+                                      rebuilt=progress.rebuild_files)
             except (OSError, ValueError) as exc:
                 log.exception("could not write the outputs of case %s", progress.case_id)
                 last = CaseError(progress.case_id, f"outputs not written: {exc}")

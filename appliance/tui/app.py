@@ -1,7 +1,8 @@
 """`appliance tui`: the technician's screen, a client of the status API.
 
-Two workers keep it live: one polls GET /status every second, one listens to GET /events. When the daemon
-cannot be reached both keep retrying, and a banner on every screen says so until it is back.
+Two workers keep it live: one polls GET /status every second, one listens to GET /events and posts each
+event as its kind's message (appliance/tui/messages.py). When the daemon cannot be reached both keep retrying,
+and a banner on every screen says so until it is back.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from textual import work
 
 from appliance import RESEARCH_USE_NOTICE
 from appliance.tui.client import ApiClient, ApiUnavailable, BadAnswer
-from appliance.tui.messages import ConnectionChanged, DaemonEvent, StatusUpdated
+from appliance.tui.messages import (CalledEarly, ConnectionChanged, StatusUpdated, UnknownEvent, VerdictGiven,
+                                    live_event)
 from appliance.tui.screens import CaseScreen, HistoryScreen, LiveScreen
-from appliance.terms import EventKind
 from appliance.tui.widgets import Banner
 
 RETRY_MAX_S = 2.0
@@ -72,7 +73,9 @@ class TriageApp(App):
         while True:
             try:
                 async for kind, data in self.client.events():
-                    self.post_message(DaemonEvent(kind, data))
+                    # one message each for the app and every screen in the stack: whoever cares handles it
+                    for node in (self, *self.screen_stack):
+                        node.post_message(live_event(kind, data))
             except ApiUnavailable:
                 pass  # the poller owns the banner; just come back
             except BadAnswer as exc:  # a malformed event: said on screen and in the log, then the stream is reopened
@@ -97,21 +100,15 @@ class TriageApp(App):
             return
         self.live.show_status(msg.status)
 
-    def on_daemon_event(self, msg: DaemonEvent) -> None:
-        kind, data = msg.kind, msg.data
-        if kind == EventKind.CASE_STARTED:
-            self.live.case_started(data.get("case_id", "?"))
-        elif kind == EventKind.EARLY_POSITIVE:
-            self.live.early_positive(data.get("case_id", "?"), data.get("tiles"))
-            self.bell()
-        elif kind == EventKind.FINISHED:
-            self.live.last_verdict(data["case_id"], data["verdict"], data["score"])
-            if self.open_verdicts and self.screen is self.live:
-                self.push_screen(CaseScreen(self.client, data["case_id"]))
-        for screen in self.screen_stack:
-            handler = getattr(screen, "daemon_event", None)
-            if handler is not None:
-                handler(kind, data)
+    def on_called_early(self, _event: CalledEarly) -> None:
+        self.bell()
+
+    def on_verdict_given(self, event: VerdictGiven) -> None:
+        if self.open_verdicts and self.screen is self.live:
+            self.push_screen(CaseScreen(self.client, event.case_id))
+
+    def on_unknown_event(self, event: UnknownEvent) -> None:
+        self.log.warning(f"skipped an event of a kind this terminal UI does not know: {event.kind!r}")
 
     # -- actions --------------------------------------------------------------------------------------
     def action_live(self) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from rich.text import Text
-from textual import work
+from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import VerticalScroll
@@ -11,8 +11,9 @@ from textual.screen import Screen
 from textual.widgets import Footer, Static
 
 from appliance import RESEARCH_USE_NOTICE
-from appliance.terms import OPEN_STATUSES, CaseFile, EventKind, rule_words, whose_threshold
+from appliance.terms import OPEN_STATUSES, CaseFile, rule_words, whose_threshold
 from appliance.tui.client import ApiClient, ApiUnavailable, BadAnswer
+from appliance.tui.messages import FilesWritten, VerdictGiven
 from appliance.tui.render import (decode_png, delivery_words, halfblocks, heat_over_tissue, legend, patch_row,
                                   verdict_words)
 from appliance.tui.widgets import Picture, chrome
@@ -56,8 +57,10 @@ class CaseScreen(Screen):
     def action_reload(self) -> None:
         self.load()
 
-    def daemon_event(self, kind: str, data: dict) -> None:
-        if data.get("case_id") == self.case_id and kind in (EventKind.FINISHED, EventKind.OUTPUTS):
+    @on(VerdictGiven)
+    @on(FilesWritten)
+    def _reload_when_mine(self, event: VerdictGiven | FilesWritten) -> None:
+        if event.case_id == self.case_id:
             self.load()
 
     @work(exclusive=True, group="load-case")

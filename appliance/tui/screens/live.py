@@ -10,6 +10,7 @@ from textual.screen import Screen
 from textual.widgets import Footer, Label, ProgressBar, Static
 
 from appliance import RESEARCH_USE_NOTICE
+from appliance.tui.messages import CalledEarly, ScanStarted, VerdictGiven
 from appliance.tui.render import eta_words, verdict_words
 from appliance.tui.widgets import chrome
 from appliance.tui.screens.case import CaseScreen
@@ -57,7 +58,7 @@ class LiveScreen(Screen):
         if not c:
             return
         if c["case_id"] != self.case_id:  # a new case, even if its case-started event was missed
-            self.case_started(c["case_id"])
+            self.show_new_case(c["case_id"])
         self.query_one("#case", Static).update(Text.assemble(
             ("Case ", "bold"), (c["case_id"], "bold"), f"    specimen {c.get('specimen_id') or '-'}"))
         total = c.get("tiles_expected")
@@ -68,20 +69,30 @@ class LiveScreen(Screen):
                 f"running score {c['score']:.3f}"
         self.query_one("#eta", Static).update(words)
         if c.get("early_positive"):
-            self.early_positive(c["case_id"], None)
+            self.show_alert(c["case_id"], None)
         warnings = c.get("warnings") or []
         self.query_one("#qc", Static).update("\n".join(f"QC: {w['message']}" for w in warnings))
         if c.get("verdict"):
-            self.last_verdict(c["case_id"], c["verdict"], c["score"])
+            self.show_last_call(c["case_id"], c["verdict"], c["score"])
 
-    def case_started(self, case_id: str) -> None:
+    def on_scan_started(self, event: ScanStarted) -> None:
+        self.show_new_case(event.case_id)
+
+    def on_called_early(self, event: CalledEarly) -> None:
+        self.show_alert(event.case_id, event.after_tiles)
+
+    def on_verdict_given(self, event: VerdictGiven) -> None:
+        self.show_last_call(event.case_id, event.verdict, event.score)
+
+    def show_new_case(self, case_id: str) -> None:
         self.case_id = case_id
         alert = self.query_one("#alert", Static)
         alert.update("")
         alert.remove_class("-fired")
         self.query_one("#qc", Static).update("")
 
-    def early_positive(self, case_id: str, tiles: int | None) -> None:
+    def show_alert(self, case_id: str, tiles: int | None) -> None:
+        """The early-positive alert, once per case (the status poll repeats it; ``tiles`` only comes in the event)."""
         alert = self.query_one("#alert", Static)
         if alert.has_class("-fired"):
             return
@@ -90,7 +101,7 @@ class LiveScreen(Screen):
         alert.update(f"▲ EARLY POSITIVE{after}: case {case_id} is already SUSPICIOUS. The call is final; "
                      f"the scan goes on for the heatmap.")
 
-    def last_verdict(self, case_id: str, verdict: str, score: float) -> None:
+    def show_last_call(self, case_id: str, verdict: str, score: float) -> None:
         self.last_case = case_id
         symbol, word, *_ = verdict_words(verdict)
         self.query_one("#last", Static).update(Text.assemble(
