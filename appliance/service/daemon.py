@@ -260,7 +260,7 @@ class Daemon:
         """One line for systemd's STATUS=: link state and the case in flight, or NOT READY and why."""
         if self.problem:
             return f"NOT READY: {self.problem}"
-        link = self.link.state if self.link else "down"
+        link = self.link.state if self.link else LinkState.DOWN
         c = self.cases.current
         if c is None:
             return f"link {link}; no case yet"

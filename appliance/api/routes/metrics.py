@@ -14,6 +14,8 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 from starlette.datastructures import State
 
+from firmware_bridge.status import LinkState
+
 router = APIRouter(tags=["metrics"])
 
 
@@ -53,7 +55,7 @@ class ApplianceCollector(Collector):
         yield CounterMetricFamily("appliance_link_reconnects_total", "Reopens of a vanished scanner port.",
                                   value=counters.get("reconnects", 0))
         yield GaugeMetricFamily("appliance_link_up", "1 while a scanner is connected and heard.",
-                                value=1 if link.get("state") == "up" else 0)
+                                value=1 if link.get("state") == LinkState.UP else 0)
         drift = status.get("drift")
         if drift is not None:  # 1 per followed measure the drift watch finds outside the reference, else 0
             gauge = GaugeMetricFamily("appliance_drift", "1 while the last cases' measure is outside the drift "
