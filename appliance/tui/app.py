@@ -17,8 +17,8 @@ from textual import work
 
 from appliance import RESEARCH_USE_NOTICE
 from appliance.tui.client import ApiClient, ApiUnavailable, BadAnswer
-from appliance.tui.messages import (CalledEarly, ConnectionChanged, StatusUpdated, UnknownEvent, VerdictGiven,
-                                    live_event)
+from appliance.tui.messages import (CalledEarly, ConnectionChanged, EventsLost, StatusUpdated, UnknownEvent,
+                                    VerdictGiven, live_event)
 from appliance.tui.screens import CaseScreen, HistoryScreen, LiveScreen
 from appliance.tui.widgets import Banner
 
@@ -106,6 +106,9 @@ class TriageApp(App):
     def on_verdict_given(self, event: VerdictGiven) -> None:
         if self.open_verdicts and self.screen is self.live:
             self.push_screen(CaseScreen(self.client, event.case_id))
+
+    def on_events_lost(self, _event: EventsLost) -> None:
+        self.log.warning("the daemon dropped live events this UI was too slow to take; the status poll catches up")
 
     def on_unknown_event(self, event: UnknownEvent) -> None:
         self.log.warning(f"skipped an event of a kind this terminal UI does not know: {event.kind!r}")

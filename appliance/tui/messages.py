@@ -187,6 +187,11 @@ class DriftUpdated(LiveEvent):
 
 
 @dataclass
+class EventsLost(LiveEvent):
+    """This UI fell behind the stream and the daemon dropped events for it here (the status poll catches up)."""
+
+
+@dataclass
 class UnknownEvent(LiveEvent):
     """A kind this UI does not know (a newer daemon's): logged and skipped, never fatal."""
 
@@ -212,6 +217,7 @@ LIVE_EVENTS: dict[str, type[LiveEvent]] = {
     EventKind.FAILED: TriageFailed,
     EventKind.ABANDONED: ScanAbandoned,
     EventKind.DRIFT: DriftUpdated,
+    EventKind.DROPPED: EventsLost,
 }
 
 

@@ -21,7 +21,7 @@ class Bench:
         self.settings = settings
         self.tiles = [TileToSend(t.x, t.y, np.ascontiguousarray(t.pixels)) for t in tiles_from_image(demo_image, 200)]
         self.master, self.slave = os.openpty()
-        self.daemon = Daemon(settings, port=os.ttyname(self.slave), notify=lambda kind, data: None)
+        self.daemon = Daemon(settings, port=os.ttyname(self.slave), notify=lambda event: None)
         self.daemon.start()
         self.url = f"http://127.0.0.1:{self.daemon.api.port}"
         self.scanner: threading.Thread | None = None
