@@ -2,6 +2,6 @@
 
 __version__ = "0.1.0"
 
-RESEARCH_USE_NOTICE = "For research and triage only. Not for diagnosis."
+from appliance.terms import RESEARCH_USE_NOTICE
 
 __all__ = ["__version__", "RESEARCH_USE_NOTICE"]

@@ -8,6 +8,10 @@ import re
 from enum import StrEnum
 
 
+# Said on every verdict, report and screen.
+RESEARCH_USE_NOTICE = "For research and triage only. Not for diagnosis."
+
+
 class Verdict(StrEnum):
     """The triage call (research use only)."""
 

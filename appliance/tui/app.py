@@ -15,7 +15,7 @@ from textual.app import App
 from textual.binding import Binding
 from textual import work
 
-from appliance import RESEARCH_USE_NOTICE
+from appliance.terms import RESEARCH_USE_NOTICE
 from appliance.tui.client import ApiClient, ApiUnavailable, BadAnswer
 from appliance.tui.messages import (CalledEarly, ConnectionChanged, EventsLost, StatusUpdated, UnknownEvent,
                                     VerdictGiven, live_event)

@@ -10,8 +10,7 @@ from textual.containers import VerticalScroll
 from textual.screen import Screen
 from textual.widgets import Footer, Static
 
-from appliance import RESEARCH_USE_NOTICE
-from appliance.terms import OPEN_STATUSES, CaseFile, rule_words, whose_threshold
+from appliance.terms import OPEN_STATUSES, RESEARCH_USE_NOTICE, CaseFile, rule_words, whose_threshold
 from appliance.tui.client import ApiClient, ApiUnavailable, BadAnswer
 from appliance.tui.messages import FilesWritten, VerdictGiven
 from appliance.tui.render import (decode_png, delivery_words, halfblocks, heat_over_tissue, legend, patch_row,

@@ -9,8 +9,7 @@ from textual.containers import Horizontal
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Input, Select, Static
 
-from appliance import RESEARCH_USE_NOTICE
-from appliance.terms import Verdict
+from appliance.terms import RESEARCH_USE_NOTICE, Verdict
 from appliance.tui.client import ApiClient, ApiUnavailable, BadAnswer
 from appliance.tui.render import verdict_words
 from appliance.tui.widgets import chrome

@@ -9,7 +9,7 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.widgets import Footer, Label, ProgressBar, Static
 
-from appliance import RESEARCH_USE_NOTICE
+from appliance.terms import RESEARCH_USE_NOTICE
 from appliance.tui.messages import CalledEarly, ScanStarted, VerdictGiven
 from appliance.tui.render import eta_words, verdict_words
 from appliance.tui.widgets import chrome
