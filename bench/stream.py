@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 from appliance.config import load_settings
 from appliance.service.daemon import Daemon
-from appliance.offline.demo import DEMO_CASE, case_info_for
+from appliance.service.events import CaseFinished, Event, TileStored
+from appliance.offline.demo import DEMO_CASE, DEMO_CASE_MPP, case_info_for
 from appliance.offline.sources import iter_case_tiles
 from firmware_bridge.emulator import ScannerEmulator, TileToSend
 from firmware_bridge.transport import FdTransport
@@ -61,14 +62,14 @@ def main(argv=None) -> int:
     verdicts: dict[str, str] = {}
     lock = threading.Lock()
 
-    def notify(kind: str, data: dict) -> None:
+    def notify(event: Event) -> None:
         now = time.perf_counter()
         with lock:
-            if kind == "tile":
-                last_tile[data["case_id"]] = now
-            elif kind == "finished":
-                finished[data["case_id"]] = now
-                verdicts[data["case_id"]] = data["verdict"]
+            if isinstance(event, TileStored):
+                last_tile[event.case_id] = now
+            elif isinstance(event, CaseFinished):
+                finished[event.case_id] = now
+                verdicts[event.case_id] = event.verdict
 
     master, slave = os.openpty()
     with tempfile.TemporaryDirectory() as tmp:
@@ -79,7 +80,7 @@ def main(argv=None) -> int:
         try:
             for i in range(args.cases):
                 case_id = f"STREAM-{i:03d}"
-                info = case_info_for(case_id, "stream bench", tiles, 4.0, args.tile_size)
+                info = case_info_for(case_id, "stream bench", tiles, DEMO_CASE_MPP, args.tile_size)
                 ScannerEmulator(FdTransport(master), info, paced(tiles, args.rate), encoding="raw").run()
                 progress = daemon.wait_case(case_id, 120)
                 if progress is None:

@@ -77,7 +77,7 @@ def called_case(engine, data: Path) -> tuple:
     settings = load_settings(None, data_dir=data, model_dir=MODEL_DIR, api_port=0)
     store = CaseStore(settings.db_path)
     image = tifffile.imread(DEMO)
-    store.case_started("BENCH-1", specimen_id="S", model=engine.description)
+    store.case_started("BENCH-1", specimen_id="S", model=engine.model_ref)
     session = TriageSession(engine, scanner_mpp=4.0, width=image.shape[1], height=image.shape[0])
     for y in range(0, image.shape[0], 200):
         for x in range(0, image.shape[1], 200):
