@@ -74,7 +74,9 @@ def main() -> None:
     cam = ort.InferenceSession(str(d / "cam_head.onnx")).run(
         ["cam"], {f"f{i}": m for i, m in enumerate(maps)})[0]
     implied = (1 / (1 + np.exp(-cam.mean(axis=(2, 3))))).mean(axis=1)
-    assert np.allclose(implied, prob[:, 0], atol=1e-5), (implied, prob[:, 0])
+    if not np.allclose(implied, prob[:, 0], atol=1e-5):
+        raise SystemExit(f"the CAM head does not give the model's probability: its maps' means imply {implied}, the "
+                         f"model gives {prob[:, 0]}")
     manifest["cam"] = {
         "method": "CAM: each member's linear head applied at every position of its last feature map (a 1x1 "
                   "convolution); the mean over positions of a member's map is that member's logit",

@@ -31,8 +31,12 @@ FOR RESEARCH AND TRIAGE ONLY, NOT FOR DIAGNOSIS.
 from __future__ import annotations
 
 from idc_build.build import main
+from idc_build.errors import BuildError
 
 __all__ = ["main"]
 
 if __name__ == "__main__":
-    main(description=__doc__, script=__file__)
+    try:
+        main(description=__doc__, script=__file__)
+    except BuildError as exc:
+        raise SystemExit(f"build stopped: {exc}") from None

@@ -28,10 +28,11 @@ MONOTONE = {f"top{k}": ("top-k-mean", k) for k in TOP_KS}
 FINAL = {**MONOTONE, **{f"top{k}_refined": ("top-k-mean-refined", k) for k in TOP_KS}}
 
 
-def score_cores(cores, gx_all, gy_all, p1, fold_of, fold_params, region_thr, patch_thr) -> dict:
+def score_cores(cores, gx_all, gy_all, p1, fold_of, fold_params, first_stage_threshold, refined_threshold) -> dict:
     """Each rule's score of every core -> {rule: float array in core order}. gx_all/gy_all: every patch's grid
     cell; p1: out-of-fold first-stage probabilities; fold_params: the context stage fitted out of fold per fold;
-    region_thr / patch_thr: the first-stage and refined cell thresholds of the region and count rules."""
+    first_stage_threshold / refined_threshold: the cell thresholds of the region and count rules on first-stage
+    and on refined probabilities."""
     out: dict[str, list[float]] = {}
 
     def put(name, v):
@@ -41,7 +42,7 @@ def score_cores(cores, gx_all, gy_all, p1, fold_of, fold_params, region_thr, pat
         gx, gy, q1 = gx_all[c.idx], gy_all[c.idx], p1[c.idx]
         q2 = apply_context(fold_params[fold_of[c.patient]], gx - gx.min(), gy - gy.min(), q1)
         n = len(q1)
-        for name, q, t in (("", q1, region_thr), ("_refined", q2, patch_thr)):
+        for name, q, t in (("", q1, first_stage_threshold), ("_refined", q2, refined_threshold)):
             for k in TOP_KS:
                 put(f"top{k}{name}", top_k_mean(q, k))
             for f in TOP_FRACTIONS:

@@ -9,6 +9,7 @@ from PIL import Image
 
 PATCH = 50
 PAD_VALUE = 255
+MICRONS_PER_PIXEL = 4.0  # approximate: 40x scans downsampled to about 2.5x (Janowczyk & Madabhushi 2016)
 DEMO_PATIENT = 10253
 FIXTURE_PATIENTS = (9267, 10269, 12826)  # tests/fixtures/idc
 RESERVED = (DEMO_PATIENT,) + FIXTURE_PATIENTS  # never trained on: demo + tests stay unseen by the shipped model

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import csv
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .context import RINGS, apply_context, export_context, fit_context, to_grid
-from .data import RESERVED
+from .data import MICRONS_PER_PIXEL, PATCH, RESERVED
+from .errors import BuildCheckError
 from .export import ov_predict
 from .log import log
+from .members import OutOfFold
 from .metrics import CASE_MIN_SENSITIVITY, TOP_K, auc, best_balanced_accuracy_threshold, summary
 
 from appliance.model.manifest import DecisionSpec  # noqa: E402
@@ -22,9 +25,21 @@ from .robustness import shift_table
 from .stacking import bag_scores, context_training_set, patient_cells, rule_aucs, slide_dice, stack_out_of_fold
 from .corerules import (FINAL, auc_with_ci, choose_final_rule, combined_call, early_rule, operating_table,
                         rule_table, score_cores)
-from .cores import DIRECTIONS, IDC_BINS, cut_all
+from .cores import CORE_CELLS, DIAGONAL_CELLS, DIRECTIONS, IDC_BINS, MIN_CORE_PATCHES, cut_all
 from .stainshift import (ANGLES, MAX_AUC_DROP, judged_angles, limit_from_curve, own_fit_shift, patient_fits,
                          qc_stain_angles, rj_shift, shift_curve)
+
+
+@dataclass(frozen=True)
+class ContextStage:
+    """The context stage as context_stage chose and fitted it, with what the later steps score cores and bags
+    with: the stage fitted per fold on the other folds (each patient refined only by a stage that never saw it)
+    and every patient's patch grid."""
+    metrics: dict  # manifest["metrics"]["context_stage"]
+    refined_threshold: float  # best balanced accuracy of the pooled out-of-fold refined INT8 probabilities
+    refined_oof: np.ndarray  # those probabilities
+    fold_params: list  # per fold: the stage fitted on the other folds' out-of-fold outputs
+    cell_map: dict  # patient -> (patch indices, gx, gy) on its own grid
 
 
 def per_fold_auc(d, p):
@@ -37,8 +52,8 @@ def _patch_figures(d, p) -> dict:
     return {"per_fold_auc": per, "auc_mean_sd": summary(per), "pooled_auc": round(auc(d.labels[dev], p[dev]), 4)}
 
 
-def context_stage(d, p_oof0, p_oof_int8, thr, out: Path, core) -> dict:
-    """Fit, check and export the context stage (idc_build/context.py).
+def context_stage(d, oof: OutOfFold, out: Path, core) -> ContextStage:
+    """Fit, check and export the context stage (idc_build/context.py) on the members' out-of-fold probabilities.
 
     Out of fold first: for each fold, a stage fitted on the other folds' out-of-fold outputs, applied to the
     held fold; on the FP32 members (for comparing recipes) and on the INT8 members (what ships). Trained on
@@ -52,33 +67,36 @@ def context_stage(d, p_oof0, p_oof_int8, thr, out: Path, core) -> dict:
     slides = sorted(p for p in d.fold_of if d.complete[p])
     metrics = {"rings": RINGS, "complete_slides": len(slides)}
     refined = {}
-    for name, p in (("fp32", p_oof0), ("int8", p_oof_int8)):
-        t1 = best_balanced_accuracy_threshold(d.labels[d.dev], p[d.dev])
-        metrics[f"first_stage_{name}"] = {**_patch_figures(d, p), "threshold": t1,
-                                          "dice": slide_dice(cell_map, p, d.labels, t1, slides)}
+    for name, p in (("fp32", oof.fp32), ("int8", oof.int8)):
+        first_stage_threshold = best_balanced_accuracy_threshold(d.labels[d.dev], p[d.dev])
+        metrics[f"first_stage_{name}"] = {**_patch_figures(d, p), "threshold": first_stage_threshold,
+                                          "dice": slide_dice(cell_map, p, d.labels, first_stage_threshold, slides)}
         for train_on in ("complete", "all"):
             q, params = stack_out_of_fold(cell_map, p, d.labels, d.fold_of, d.complete, K_FOLDS, train_on)
-            t2 = best_balanced_accuracy_threshold(d.labels[d.dev], q[d.dev])
-            metrics[f"context_{train_on}_{name}"] = {**_patch_figures(d, q), "threshold": t2,
-                                                     "dice": slide_dice(cell_map, q, d.labels, t2, slides)}
-            refined[(name, train_on)] = (q, params, t2)
+            refined_threshold = best_balanced_accuracy_threshold(d.labels[d.dev], q[d.dev])
+            metrics[f"context_{train_on}_{name}"] = {**_patch_figures(d, q), "threshold": refined_threshold,
+                                                     "dice": slide_dice(cell_map, q, d.labels, refined_threshold,
+                                                                        slides)}
+            refined[(name, train_on)] = (q, params, refined_threshold)
             log(f"context stage ({name}, trained on {train_on}): pooled OOF AUC "
                 f"{metrics[f'first_stage_{name}']['pooled_auc']} -> {metrics[f'context_{train_on}_{name}']['pooled_auc']}, "
                 f"Dice {metrics[f'first_stage_{name}']['dice']['mean']} -> "
                 f"{metrics[f'context_{train_on}_{name}']['dice']['mean']}")
     train_on = max(("complete", "all"), key=lambda t: (metrics[f"context_{t}_int8"]["pooled_auc"], t == "complete"))
-    q, fold_params, patch_thr = refined[("int8", train_on)]
+    q, fold_params, refined_threshold = refined[("int8", train_on)]
     pids = [p for p in sorted(d.fold_of) if train_on == "all" or d.complete[p]]
-    params = fit_context(*context_training_set(cell_map, p_oof_int8, d.labels, pids))
+    params = fit_context(*context_training_set(cell_map, oof.int8, d.labels, pids))
     export_context(params, out / "context.onnx")
     ov.save_model(ov.convert_model(str(out / "context.onnx")), str(out / "context.xml"), compress_to_fp16=False)
     compiled = core.compile_model(core.read_model(str(out / "context.xml")), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     worst = 0.0
     for p in slides[:5]:
         idx, gx, gy = cell_map[p]
-        ov_out = np.asarray(compiled({0: to_grid(gx, gy, p_oof_int8[idx])})[0])[0, 0][gy, gx]
-        worst = max(worst, float(np.abs(ov_out - apply_context(params, gx, gy, p_oof_int8[idx])).max()))
-    assert worst < 1e-4, f"exported context stage differs from the torch module by {worst}"
+        ov_out = np.asarray(compiled({0: to_grid(gx, gy, oof.int8[idx])})[0])[0, 0][gy, gx]
+        worst = max(worst, float(np.abs(ov_out - apply_context(params, gx, gy, oof.int8[idx])).max()))
+    if not worst < 1e-4:
+        raise BuildCheckError(f"the exported context stage ({out / 'context.xml'}) differs from the torch module by "
+                              f"{worst} (at most 1e-4 allowed)")
     metrics.update({
         "trained_on": train_on,
         "rule": "trained on the complete slides' out-of-fold first-stage outputs, unless training on every "
@@ -86,8 +104,8 @@ def context_stage(d, p_oof0, p_oof_int8, thr, out: Path, core) -> dict:
         "shipped_weights": {"mu": np.round(params[0], 6).tolist(), "sd": np.round(params[1], 6).tolist(),
                             "weight": np.round(params[2], 6).tolist(), "bias": round(params[3], 6)},
         "max_abs_diff_openvino_vs_torch": float(f"{worst:.2e}"), "seconds": round(time.time() - t0, 1)})
-    return {"metrics": metrics, "patch_threshold": patch_thr, "refined_oof": q, "fold_params": fold_params,
-            "cell_map": cell_map}
+    return ContextStage(metrics=metrics, refined_threshold=refined_threshold, refined_oof=q, fold_params=fold_params,
+                        cell_map=cell_map)
 
 
 def grid_positions(cell_map, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -98,7 +116,8 @@ def grid_positions(cell_map, n: int) -> tuple[np.ndarray, np.ndarray]:
     return gx_all, gy_all
 
 
-def reserved_context_check(d, out: Path, core, context, decision, region_thr) -> dict:
+def reserved_context_check(d, out: Path, core, context: ContextStage, decision: dict,
+                           first_stage_threshold: float) -> dict:
     """The shipped graph (INT8) and context stage on the reserved patients (never trained on): patch AUC and
     Dice before and after the context stage, the case's call under the shipped decision, and for the reserved
     complete slide (the demo case) the call on each of its virtual cores."""
@@ -109,8 +128,8 @@ def reserved_context_check(d, out: Path, core, context, decision, region_thr) ->
         return np.asarray(ctx_c({0: to_grid(gx - gx.min(), gy - gy.min(), p1)})[0])[0, 0][
             gy - gy.min(), gx - gx.min()].astype(np.float64)
 
-    spec = DecisionSpec(patch_threshold=context["patch_threshold"], region_threshold=region_thr, **decision)
-    gx_all, gy_all = grid_positions(context["cell_map"], len(d.labels))
+    spec = DecisionSpec(patch_threshold=context.refined_threshold, region_threshold=first_stage_threshold, **decision)
+    gx_all, gy_all = grid_positions(context.cell_map, len(d.labels))
 
     def called(gx, gy, p1, p2):
         """(final score, early score, suspicious) as the appliance's decision makes them."""
@@ -119,7 +138,7 @@ def reserved_context_check(d, out: Path, core, context, decision, region_thr) ->
 
     res = {}
     for pid in RESERVED:
-        idx, gx, gy = context["cell_map"][pid]
+        idx, gx, gy = context.cell_map[pid]
         p1 = ov_predict(int8_c, d.images[idx]).astype(np.float64)
         p2 = refine(gx, gy, p1)
         y = d.labels[idx]
@@ -131,10 +150,11 @@ def reserved_context_check(d, out: Path, core, context, decision, region_thr) ->
         final, early, flag = called(gx, gy, p1, p2)
         res[str(pid)] = {"patches": int(len(idx)), "idc_patches": int(y.sum()),
                          "auc_first_stage": round(auc(y, p1), 4), "auc_refined": round(auc(y, p2), 4),
-                         "dice_first_stage": dice(p1, region_thr), "dice_refined": dice(p2, context["patch_threshold"]),
+                         "dice_first_stage": dice(p1, first_stage_threshold),
+                         "dice_refined": dice(p2, context.refined_threshold),
                          "case_score": round(final, 4), "early_score": round(early, 4), "flagged": flag}
         if d.complete[pid]:
-            cores, counts = cut_all([pid], context["cell_map"], d.labels)
+            cores, counts = cut_all([pid], context.cell_map, d.labels)
             p_all = np.full(len(d.labels), np.nan)
             p_all[idx] = p1
             calls = []
@@ -148,12 +168,12 @@ def reserved_context_check(d, out: Path, core, context, decision, region_thr) ->
     return res
 
 
-def case_rule_step(d, context: dict, p_oof_int8, region_thr, decision):
+def case_rule_step(d, context: ContextStage, oof: OutOfFold, first_stage_threshold: float, decision: dict):
     """The bag proxy (idc_build/stacking.py), a second figure beside the virtual cores: bag AUC of every rule on
     out-of-fold INT8 probabilities, and the shipped decision's sensitivity and specificity on the bags."""
     patients = sorted(d.fold_of)
-    yb, scores = bag_scores(context["cell_map"], p_oof_int8, d.labels, patients, d.fold_of, context["fold_params"],
-                            region_thr, context["patch_threshold"], k=TOP_K)
+    yb, scores = bag_scores(context.cell_map, oof.int8, d.labels, patients, d.fold_of, context.fold_params,
+                            first_stage_threshold, context.refined_threshold, k=TOP_K)
     aucs = rule_aucs(yb, scores)
     key = f"top{decision['top_k']}" + ("_refined" if decision["case_rule"] == "top-k-mean-refined" else "")
     early_key = f"top{decision['early']['top_k']}"
@@ -167,21 +187,22 @@ def case_rule_step(d, context: dict, p_oof_int8, region_thr, decision):
     return rule, shipped
 
 
-def core_step(d, context, p_oof_int8, region_thr, work: Path | None = None) -> tuple[dict, dict]:
+def core_step(d, context: ContextStage, oof: OutOfFold, first_stage_threshold: float,
+              work: Path | None = None) -> tuple[dict, dict]:
     """Virtual core biopsies of the complete development slides (idc_build/cores.py), scored out of fold on the
     fold members' INT8 probabilities: every rule's core AUC and specificity at its sensitivity-first threshold;
     the final rule (the best specificity there), its threshold, the early rule when the final rule is refined,
     the operating table and the shipped call, with patient-bootstrap CIs; every core with its label, IDC patch
     count and scores in work/virtual_cores.csv. Returns (metrics, decision)."""
     t0 = time.time()
-    cell_map = context["cell_map"]
+    cell_map = context.cell_map
     slides = sorted(p for p in d.fold_of if d.complete[p])
     cores, counts = cut_all(slides, cell_map, d.labels)
     gx_all, gy_all = grid_positions(cell_map, len(d.labels))
     y = np.array([c.label for c in cores])
     patients = np.array([c.patient for c in cores])
-    scores = score_cores(cores, gx_all, gy_all, p_oof_int8, d.fold_of, context["fold_params"], region_thr,
-                         context["patch_threshold"])
+    scores = score_cores(cores, gx_all, gy_all, oof.int8, d.fold_of, context.fold_params, first_stage_threshold,
+                         context.refined_threshold)
     table = rule_table(scores, y, CASE_MIN_SENSITIVITY)
     final = choose_final_rule(table)
     case_rule, top_k = FINAL[final]
@@ -208,12 +229,13 @@ def core_step(d, context, p_oof_int8, region_thr, work: Path | None = None) -> t
         m = np.array([c.direction == direction for c in cores])
         by_direction[direction] = {"cores": int(m.sum()), "auc": round(auc(y[m], s_final[m]), 4)}
     metrics = {
-        "what": "strips 1 mm wide (5 cells of 50 px at 4 um/px; 7 steps along a "
-                "diagonal) cut every 1 mm across each complete development slide, horizontally, vertically and "
-                "along both diagonals, kept with >= 15 tissue patches; positive when a strip holds an IDC patch, "
-                "negative when neither it nor a one-cell margin on both sides does (the rest left out); scored out "
-                "of fold (the fold member that never saw the patient, INT8; refined rules through the context "
-                "stage of the patient's fold run on the core's own cells); CIs by bootstrap over patients",
+        "what": f"strips 1 mm wide ({CORE_CELLS} cells of {PATCH} px at {MICRONS_PER_PIXEL:g} um/px; "
+                f"{DIAGONAL_CELLS} steps along a diagonal) cut every 1 mm across each complete development slide, "
+                f"horizontally, vertically and along both diagonals, kept with >= {MIN_CORE_PATCHES} tissue patches; "
+                "positive when a strip holds an IDC patch, negative when neither it nor a one-cell margin on both "
+                "sides does (the rest left out); scored out of fold (the fold member that never saw the patient, "
+                "INT8; refined rules through the context stage of the patient's fold run on the core's own cells); "
+                "CIs by bootstrap over patients",
         **counts,
         "rules": table,
         "final_rule": final,
@@ -241,7 +263,7 @@ JUDGED_ANGLES = (0, 10, 20, 30)
 
 
 def int8_members(work: Path, core) -> list:
-    """The fold members as the appliance runs them (INT8, saved by build.fold_members_int8), compiled."""
+    """The fold members as the appliance runs them (INT8, saved by members.fold_members_int8), compiled."""
     return [core.compile_model(core.read_model(str(work / f"fold{k}.int8.xml")), "CPU") for k in range(K_FOLDS)]
 
 

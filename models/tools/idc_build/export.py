@@ -5,6 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import BuildCheckError
+
 N_CALIBRATION = 1000  # patches from training patients for NNCF PTQ (see quantize_int8)
 
 
@@ -39,8 +41,12 @@ def export_onnx(model, path: Path, example_u8):
                       do_constant_folding=True, dynamo=False)
     om = onnx.load(str(path))
     onnx.checker.check_model(om)
-    assert [i.name for i in om.graph.input] == ["image"] and [o.name for o in om.graph.output] == ["probability"]
-    assert om.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    inputs, outputs = [i.name for i in om.graph.input], [o.name for o in om.graph.output]
+    if inputs != ["image"] or outputs != ["probability"]:
+        raise BuildCheckError(f"{path}: inputs {inputs} and outputs {outputs}; the runtime's contract is one input "
+                              f"'image' and one output 'probability'")
+    if om.graph.input[0].type.tensor_type.elem_type != onnx.TensorProto.UINT8:
+        raise BuildCheckError(f"{path}: input 'image' is not uint8, as the runtime's contract has it")
 
 
 def ov_fp32_predict(model, images_u8, path: Path, example_u8):

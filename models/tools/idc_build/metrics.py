@@ -68,22 +68,15 @@ def best_balanced_accuracy_threshold(y, p) -> float:
     return best_t
 
 
-def case_scores(p, patients_arr, y, pids):
-    """Per patient: (top-k mean of patch probabilities, has any IDC patch)."""
-    s, lab = [], []
-    for pid in pids:
-        sel = patients_arr == pid
-        s.append(float(np.sort(p[sel])[-TOP_K:].mean()))
-        lab.append(int(y[sel].max()))
-    return np.array(s), np.array(lab)
-
-
 def sensitivity_first_threshold(scores, labels, min_sens=CASE_MIN_SENSITIVITY) -> float:
     """Highest threshold (rounded down to 4 decimals) that flags at least min_sens of the positive cases."""
     pos = np.sort(scores[labels == 1])
+    if not len(pos):
+        raise ValueError("no positive cases: a sensitivity-first threshold needs at least one")
     k = int(np.floor((1.0 - min_sens) * len(pos)))  # positives allowed below the threshold
     t = float(np.floor(pos[k] * 1e4) / 1e4)
-    assert (pos >= t).mean() >= min_sens
+    if (pos >= t).mean() < min_sens:  # pos[k] * 1e4 can round up to the next whole number, putting t above pos[k]
+        raise ValueError(f"threshold {t} flags {(pos >= t).mean():.4f} of the positive cases, below {min_sens}")
     return t
 
 

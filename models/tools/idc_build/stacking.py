@@ -81,11 +81,12 @@ def bags(cell_map, labels, patients):
 BAG_KS = (1, 3, 5, 10, 15)
 
 
-def bag_scores(cell_map, prob, labels, patients, fold_of, params, thr1, thr2, k=15):
+def bag_scores(cell_map, prob, labels, patients, fold_of, params, first_stage_threshold, refined_threshold, k=15):
     """Each rule's score of every bag. First-stage rules use prob as is; refined rules re-run the context
     stage of the bag's fold on the bag's own cells (removing the IDC patches changes their neighbours).
     Rules: top-k mean (k in BAG_KS; "top15" is the 0.3.0 rule) and the largest region's area and mass, each on
-    first-stage and on refined probabilities."""
+    first-stage and on refined probabilities; the regions are the cells at or above first_stage_threshold or
+    refined_threshold."""
     rules = {}
     y = []
     for p, keep, yb in bags(cell_map, labels, patients):
@@ -93,7 +94,7 @@ def bag_scores(cell_map, prob, labels, patients, fold_of, params, thr1, thr2, k=
         idx, gx, gy = idx[keep], gx[keep], gy[keep]
         p1 = prob[idx]
         p2 = apply_context(params[fold_of[p]], gx, gy, p1)
-        for name, q, t in (("", p1, thr1), ("_refined", p2, thr2)):
+        for name, q, t in (("", p1, first_stage_threshold), ("_refined", p2, refined_threshold)):
             for kk in BAG_KS:
                 rules.setdefault(f"top{kk}{name}", []).append(top_k_mean(q, kk))
             area, mass = largest_region(gx, gy, q, t)

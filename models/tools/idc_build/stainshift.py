@@ -93,8 +93,10 @@ def shift_curve(images, labels, patients, folds, predict, shift, angles=ANGLES, 
 def limit_from_curve(rows, max_drop: float = MAX_AUC_DROP) -> tuple[float, bool]:
     """(limit in degrees, crossed): where the pooled AUC first falls by more than max_drop below the 0 deg row;
     (the last angle, False) when it never does within the measured angles."""
+    if not rows or rows[0]["angle_deg"] != 0:
+        raise ValueError(f"a stain-shift curve must start at 0 deg (the unturned data it falls from); this one "
+                         f"starts at {rows[0]['angle_deg'] if rows else 'nothing'}")
     base = rows[0]["pooled_auc"]
-    assert rows[0]["angle_deg"] == 0
     for a, b in zip(rows, rows[1:]):
         if base - b["pooled_auc"] > max_drop:
             da, db = base - a["pooled_auc"], base - b["pooled_auc"]
