@@ -1,4 +1,5 @@
-"""Shared fixtures: the committed model, the bundled demo case and the committed IDC patients."""
+"""Shared fixtures: the committed model, the bundled demo case and the committed IDC patients; a real pty pair,
+a case store."""
 
 import socket
 import time
@@ -6,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.ptys import open_pty
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_DIR = ROOT / "models" / "idc-resnet"
@@ -66,6 +69,23 @@ def settings(tmp_path):
     from appliance.config import load_settings
 
     return load_settings(None, data_dir=tmp_path / "var", model_dir=MODEL_DIR, api_port=0)
+
+
+@pytest.fixture
+def store(settings):
+    """The case store at ``settings.db_path`` (tests.stores.open_store), closed after the test."""
+    from tests.stores import open_store
+
+    opened = open_store(settings.db_path)
+    yield opened
+    opened.close()
+
+
+@pytest.fixture
+def pty_pair():
+    """A real pty (tests.ptys.PtyPair): the scanner's side on the master, a host opens ``pty_pair.path``."""
+    with open_pty() as pair:
+        yield pair
 
 
 # --- systemd's notify socket, as `appliance run` sees it under systemd ---------------------------

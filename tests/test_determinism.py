@@ -36,9 +36,9 @@ from appliance.pipeline.tissue import mask_of_subsampled, subsample
 from appliance.offline.sources import tiles_from_image
 from appliance.offline.triage import DEFAULT_TILE_SIZE, triage_path
 from firmware_bridge.emulator import ScannerEmulator, TileToSend
-from firmware_bridge.transport import FdTransport
 from tests.conftest import DEMO_CASE, MODEL_DIR
 from tests.images import stain_turned
+from tests.ptys import open_pty
 
 # What must not change between runs (timings and the input's name may).
 DECISION = ("verdict", "score", "threshold", "patch_threshold", "reasons", "warnings", "qc", "early_positive",
@@ -305,31 +305,29 @@ def _stream_through_daemon(tmp_path, images: dict, batch: int, engine, pace: flo
     """Each image streamed by the scanner emulator over a real pty into a daemon; its calls by case id."""
     settings = load_settings(None, data_dir=tmp_path / f"var-{batch}", model_dir=MODEL_DIR, api_port=0,
                              batch_size=batch)
-    master, slave = os.openpty()
-    daemon = Daemon(settings, port=os.ttyname(slave), notify=lambda kind, data: None, engine=engine)
-    daemon.start()
-    try:
-        out = {}
-        for name, image in images.items():
-            tiles = [TileToSend(t.x, t.y, np.ascontiguousarray(t.pixels)) for t in tiles_from_image(image, 200)]
-            info = case_info_for(f"DET-{name}", "S-DET", tiles, 4.0, 200)
-            ScannerEmulator(FdTransport(master), info, tiles, encoding="raw",
-                            progress=lambda *_: time.sleep(pace)).run()
-            progress = daemon.wait_case(info.case_id, timeout=300)
-            assert progress is not None and progress.result is not None
-            assert progress.outputs_done.wait(120)
-            result = progress.result.to_dict()
-            stored = daemon.store.get_case(info.case_id)
-            assert stored["early_positive_after_tiles"] == result["early_positive_after_tiles"]
-            assert stored["warnings"] == result["warnings"]
-            summary = json.loads((settings.cases_dir / info.case_id / "summary.json").read_text())
-            assert decision(summary) == decision(result)
-            out[name] = result
-        return out
-    finally:
-        daemon.stop()
-        for fd in (master, slave):
-            os.close(fd)
+    with open_pty() as pty:
+        daemon = Daemon(settings, port=pty.path, notify=lambda kind, data: None, engine=engine)
+        daemon.start()
+        try:
+            out = {}
+            for name, image in images.items():
+                tiles = [TileToSend(t.x, t.y, np.ascontiguousarray(t.pixels)) for t in tiles_from_image(image, 200)]
+                info = case_info_for(f"DET-{name}", "S-DET", tiles, 4.0, 200)
+                ScannerEmulator(pty.transport(), info, tiles, encoding="raw",
+                                progress=lambda *_: time.sleep(pace)).run()
+                progress = daemon.wait_case(info.case_id, timeout=300)
+                assert progress is not None and progress.result is not None
+                assert progress.outputs_done.wait(120)
+                result = progress.result.to_dict()
+                stored = daemon.store.get_case(info.case_id)
+                assert stored["early_positive_after_tiles"] == result["early_positive_after_tiles"]
+                assert stored["warnings"] == result["warnings"]
+                summary = json.loads((settings.cases_dir / info.case_id / "summary.json").read_text())
+                assert decision(summary) == decision(result)
+                out[name] = result
+            return out
+        finally:
+            daemon.stop()
 
 
 def test_the_daemon_over_a_pty_gives_the_same_call_whatever_the_pace(tmp_path, cases, reference, ov_engine):

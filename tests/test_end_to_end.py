@@ -2,7 +2,6 @@
 
 import hashlib
 import json
-import os
 
 import httpx
 import numpy as np
@@ -15,20 +14,8 @@ from appliance.offline.demo import case_info_for, run_demo
 from appliance.terms import CaseFile
 from appliance.pipeline.summary import TriageSummary
 from firmware_bridge.emulator import ScannerEmulator, TileToSend
-from firmware_bridge.transport import FdTransport
 from tests.conftest import DEMO_CASE
 from tests.waiting import wait_until
-
-
-@pytest.fixture
-def pty_pair():
-    master, slave = os.openpty()
-    yield master, os.ttyname(slave)
-    for fd in (master, slave):
-        try:
-            os.close(fd)
-        except OSError:
-            pass
 
 
 def tissue_tiles(demo_image) -> list[TileToSend]:
@@ -47,16 +34,15 @@ def assert_stored_once_each(daemon, case_id: str, tiles: list[TileToSend]) -> No
 
 
 def test_streamed_case_is_stored_tile_for_tile_and_logged(settings, pty_pair, demo_image):
-    master, port = pty_pair
     region = demo_image[600:1200, 400:1000]  # 600x600 of tissue, 9 tiles of 200 px
     tiles = [TileToSend(x, y, np.ascontiguousarray(region[y:y + 200, x:x + 200]))
              for y in range(0, 600, 200) for x in range(0, 600, 200)]
     events = []
-    daemon = Daemon(settings, port=port, notify=lambda kind, data: events.append((kind, data)))
+    daemon = Daemon(settings, port=pty_pair.path, notify=lambda kind, data: events.append((kind, data)))
     daemon.start()
     try:
         info = case_info_for("E2E-1", "S-E2E", tiles, 4.0, 200)
-        sent = ScannerEmulator(FdTransport(master), info, tiles, encoding="zlib").run()
+        sent = ScannerEmulator(pty_pair.transport(), info, tiles, encoding="zlib").run()
         progress = daemon.wait_case("E2E-1", timeout=120)
         assert progress is not None and progress.result is not None
         with httpx.Client(base_url=f"http://127.0.0.1:{daemon.api.port}", timeout=10) as c:
@@ -175,9 +161,8 @@ def test_event_stream_delivers_early_positive_then_finished_in_order(settings, p
 
     from appliance.offline.sources import tiles_from_image
 
-    master, port = pty_pair
     tiles = [TileToSend(t.x, t.y, np.ascontiguousarray(t.pixels)) for t in tiles_from_image(demo_image, 200)]
-    daemon = Daemon(settings, port=port, notify=lambda kind, data: None)
+    daemon = Daemon(settings, port=pty_pair.path, notify=lambda kind, data: None)
     daemon.start()
     got, connected = [], threading.Event()
 
@@ -199,7 +184,7 @@ def test_event_stream_delivers_early_positive_then_finished_in_order(settings, p
     try:
         assert connected.wait(10)
         info = case_info_for("SSE-1", "S-SSE", tiles, 4.0, 200)
-        ScannerEmulator(FdTransport(master), info, tiles, encoding="raw").run()
+        ScannerEmulator(pty_pair.transport(), info, tiles, encoding="raw").run()
         listener.join(60)
     finally:
         daemon.stop()
@@ -217,8 +202,7 @@ def test_status_cli_is_a_client_of_the_running_daemon(settings, pty_pair):
     import subprocess
     import sys
 
-    _master, port = pty_pair
-    daemon = Daemon(settings, port=port, notify=lambda kind, data: None)
+    daemon = Daemon(settings, port=pty_pair.path, notify=lambda kind, data: None)
     daemon.start()
     try:
         url = f"http://127.0.0.1:{daemon.api.port}"

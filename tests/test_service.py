@@ -4,10 +4,12 @@ the scanner port, and a pipeline hang injected with SIGUSR1 (settings.fault_inje
 import os
 import signal
 import time
+from contextlib import closing
 
 from appliance.service.notify import Notifier
 from tests.appliance_run import ApplianceRun
 from tests.conftest import receive_datagrams as receive
+from tests.stores import open_store
 from tests.waiting import wait_until
 
 
@@ -25,10 +27,9 @@ def test_notifier_speaks_the_datagram_protocol(notify_socket):
 
 
 def test_run_is_ready_after_the_port_opens_and_withholds_the_watchdog_when_the_pipeline_hangs(
-        notify_socket, tmp_path):
+        notify_socket, pty_pair, tmp_path):
     path, sock = notify_socket
-    master, slave = os.openpty()
-    daemon = ApplianceRun(os.ttyname(slave), tmp_path / "var", notify_socket=path, wait_ready=False,
+    daemon = ApplianceRun(pty_pair.path, tmp_path / "var", notify_socket=path, wait_ready=False,
                           WATCHDOG_USEC="400000", APPLIANCE_FAULT_INJECTION="1", APPLIANCE_PIPELINE_STALL_S="1")
     proc = daemon.proc
     try:
@@ -54,14 +55,11 @@ def test_run_is_ready_after_the_port_opens_and_withholds_the_watchdog_when_the_p
         assert any("STOPPING=1" in d for d in receive(sock, 1.0))
     finally:
         daemon.kill()
-        os.close(master)
-        os.close(slave)
 
 
-def test_ready_waits_for_the_scanner_port_to_appear(notify_socket, tmp_path):
+def test_ready_waits_for_the_scanner_port_to_appear(notify_socket, pty_pair, tmp_path):
     path, sock = notify_socket
     port = tmp_path / "scanner"  # not plugged in yet
-    master, slave = os.openpty()
     daemon = ApplianceRun(port, tmp_path / "var", notify_socket=path, wait_ready=False)
     proc = daemon.proc
     try:
@@ -69,7 +67,7 @@ def test_ready_waits_for_the_scanner_port_to_appear(notify_socket, tmp_path):
         waiting = sock.recv(4096).decode()
         assert waiting.startswith("STATUS=model loaded; waiting for the scanner port"), waiting
         assert not any(d.startswith("READY=1") for d in receive(sock, 1.5))
-        os.symlink(os.ttyname(slave), port)  # the scanner is plugged in
+        os.symlink(pty_pair.path, port)  # the scanner is plugged in
         sock.settimeout(10)
         got = sock.recv(4096).decode()
         while not got.startswith("READY=1"):
@@ -79,8 +77,6 @@ def test_ready_waits_for_the_scanner_port_to_appear(notify_socket, tmp_path):
         assert proc.wait(timeout=20) == 0
     finally:
         daemon.kill()
-        os.close(master)
-        os.close(slave)
 
 
 def test_sigterm_mid_case_stops_cleanly_with_every_acked_tile_whole(tmp_path, demo_image):
@@ -90,7 +86,6 @@ def test_sigterm_mid_case_stops_cleanly_with_every_acked_tile_whole(tmp_path, de
     import numpy as np
 
     from appliance.offline.demo import case_info_for
-    from appliance.store.database import CaseStore
     from firmware_bridge import PtyCable
     from firmware_bridge.emulator import ScannerEmulator, TileToSend
     from firmware_bridge.errors import BridgeError
@@ -131,11 +126,8 @@ def test_sigterm_mid_case_stops_cleanly_with_every_acked_tile_whole(tmp_path, de
         cable.close()
     spool = tmp_path / "var" / "spool" / "TERM-1"
     assert not list(spool.glob(".*.tmp"))  # no half-written tile
-    store = CaseStore(tmp_path / "var" / "appliance.db")
-    try:
+    with closing(open_store(tmp_path / "var" / "appliance.db")) as store:
         rows = store.tiles("TERM-1")
-    finally:
-        store.close()
     assert len(rows) >= 5  # how many more than the 5 waited for depends on when the SIGTERM landed
     assert set(scanner.result.acked) <= {r["idx"] for r in rows}  # no ACKed tile is missing
     assert len(scanner.result.acked) == acked[-1] < len(tiles)  # and the case really was cut short

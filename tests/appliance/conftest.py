@@ -3,20 +3,17 @@
 import pytest
 
 from appliance.api.app import ApiServer, create_app
-from appliance.store.database import CaseStore
 from tests.results import a_result
 
 
 @pytest.fixture
-def api(settings):
-    store = CaseStore(settings.db_path)
+def api(settings, store):
     server = ApiServer(create_app(settings, store), "127.0.0.1", 0)
     server.start()
     try:
         yield store, f"http://127.0.0.1:{server.port}"
     finally:
         server.stop()
-        store.close()
 
 
 def finished_case(store, case_id="C-1"):

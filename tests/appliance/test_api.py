@@ -3,14 +3,15 @@
 import ipaddress
 import socket
 import ssl
+from contextlib import closing
 
 import httpx
 import pytest
 
 from appliance.api.app import ApiServer, create_app
-from appliance.store.database import CaseStore
 from tests.appliance.conftest import finished_case
 from tests.results import a_result
+from tests.stores import open_store
 
 
 def test_health_cases_and_case(api):
@@ -90,14 +91,13 @@ def test_api_binds_loopback_only_by_default(tmp_path):
         cert, key = write_pair(tmp_path / "tls", *self_signed(["localhost"]))
         allowed = load_settings(None, data_dir=tmp_path / "var2", model_dir=tmp_path / "no-model", api_port=0,
                                 api_host="0.0.0.0", api_allow_remote=True, api_tls_cert=cert, api_tls_key=key)
-        store = CaseStore(allowed.db_path)
-        everywhere = ApiServer(create_app(allowed, store), allowed.api_host, 0, tls=allowed.api_tls_files)
-        everywhere.start()
-        try:
-            assert all(_accepts(a, everywhere.port) for a in others), others
-        finally:
-            everywhere.stop()
-            store.close()
+        with closing(open_store(allowed.db_path)) as store:
+            everywhere = ApiServer(create_app(allowed, store), allowed.api_host, 0, tls=allowed.api_tls_files)
+            everywhere.start()
+            try:
+                assert all(_accepts(a, everywhere.port) for a in others), others
+            finally:
+                everywhere.stop()
 
 
 def test_token_file_is_made_once_and_private(settings):
@@ -139,17 +139,13 @@ def test_actions_need_the_token_and_land_in_the_audit_table(api, settings):
     assert store.get_case("C-1")["signed_off_by"] == "JS"
 
 
-def test_link_reconnect_says_why_it_cannot_and_changes_nothing_then(settings):
+def test_link_reconnect_says_why_it_cannot_and_changes_nothing_then(settings, store, pty_pair):
     """No link in this process: 503; a link that cannot reopen (given an open transport): 409 with the reason.
     Neither lands in the audit table, because nothing happened."""
-    import os
-
     from firmware_bridge.host import HostLink
     from firmware_bridge.transport import FdTransport
 
-    store = CaseStore(settings.db_path)
-    master, slave = os.openpty()
-    link = HostLink(FdTransport(slave), sink=None)  # an open transport: no path to reopen
+    link = HostLink(FdTransport(pty_pair.slave, close_fd=False), sink=None)  # an open transport: no path to reopen
     servers = [ApiServer(create_app(settings, store), "127.0.0.1", 0),
                ApiServer(create_app(settings, store, reconnect=link.request_reconnect), "127.0.0.1", 0)]
     for s in servers:
@@ -161,9 +157,6 @@ def test_link_reconnect_says_why_it_cannot_and_changes_nothing_then(settings):
     finally:
         for s in servers:
             s.stop()
-        store.close()
-        os.close(master)
-        os.close(slave)
     assert none.status_code == 503 and "no scanner link" in none.json()["detail"]
     assert fixed.status_code == 409 and "cannot reopen" in fixed.json()["detail"]
     assert store.audit_log() == []
@@ -185,8 +178,7 @@ def test_hostile_case_ids_and_queries_get_a_4xx_never_a_file_or_a_5xx(api):
         assert 400 <= r.status_code < 500
 
 
-def test_ready_is_503_with_reasons_until_ready(settings):
-    store = CaseStore(settings.db_path)
+def test_ready_is_503_with_reasons_until_ready(settings, store):
     reasons = ["the scanner port /dev/scanner is not open"]
     server = ApiServer(create_app(settings, store, ready=lambda: list(reasons)), "127.0.0.1", 0)
     server.start()
@@ -198,39 +190,34 @@ def test_ready_is_503_with_reasons_until_ready(settings):
             assert c.get("/ready").status_code == 200
     finally:
         server.stop()
-        store.close()
 
 
-def test_a_non_loopback_bind_needs_tls_and_to_be_allowed_and_then_the_token_everywhere(settings, tls_files):
+def test_a_non_loopback_bind_needs_tls_and_to_be_allowed_and_then_the_token_everywhere(settings, store, tls_files):
     from appliance.config import load_settings
     from appliance.errors import ApplianceError
     from tests.conftest import MODEL_DIR
 
     cert, key = tls_files
-    store = CaseStore(settings.db_path)
+    plain = load_settings(None, data_dir=settings.data_dir, model_dir=MODEL_DIR, api_host="0.0.0.0", api_port=0,
+                          api_allow_remote=True)
+    with pytest.raises(ApplianceError, match="not loopback, over plain HTTP; set api_tls_cert and api_tls_key"):
+        create_app(plain, store)
+    not_allowed = load_settings(None, data_dir=settings.data_dir, model_dir=MODEL_DIR, api_host="0.0.0.0",
+                                api_port=0, api_tls_cert=cert, api_tls_key=key)
+    with pytest.raises(ApplianceError, match="api_allow_remote"):
+        create_app(not_allowed, store)
+    allowed = load_settings(None, data_dir=settings.data_dir, model_dir=MODEL_DIR, api_host="0.0.0.0",
+                            api_port=0, api_allow_remote=True, api_tls_cert=cert, api_tls_key=key)
+    server = ApiServer(create_app(allowed, store), "127.0.0.1", 0, tls=allowed.api_tls_files)
+    server.start()
     try:
-        plain = load_settings(None, data_dir=settings.data_dir, model_dir=MODEL_DIR, api_host="0.0.0.0", api_port=0,
-                              api_allow_remote=True)
-        with pytest.raises(ApplianceError, match="not loopback, over plain HTTP; set api_tls_cert and api_tls_key"):
-            create_app(plain, store)
-        not_allowed = load_settings(None, data_dir=settings.data_dir, model_dir=MODEL_DIR, api_host="0.0.0.0",
-                                    api_port=0, api_tls_cert=cert, api_tls_key=key)
-        with pytest.raises(ApplianceError, match="api_allow_remote"):
-            create_app(not_allowed, store)
-        allowed = load_settings(None, data_dir=settings.data_dir, model_dir=MODEL_DIR, api_host="0.0.0.0",
-                                api_port=0, api_allow_remote=True, api_tls_cert=cert, api_tls_key=key)
-        server = ApiServer(create_app(allowed, store), "127.0.0.1", 0, tls=allowed.api_tls_files)
-        server.start()
-        try:
-            token = allowed.token_path.read_text().strip()
-            with httpx.Client(base_url=f"https://localhost:{server.port}", timeout=10, verify=ssl.create_default_context(cafile=str(cert))) as c:
-                assert c.get("/cases").status_code == 401
-                assert c.get("/health", headers={"Authorization": "Bearer wrong"}).status_code == 403
-                assert c.get("/cases", headers={"Authorization": f"Bearer {token}"}).status_code == 200
-        finally:
-            server.stop()
+        token = allowed.token_path.read_text().strip()
+        with httpx.Client(base_url=f"https://localhost:{server.port}", timeout=10, verify=ssl.create_default_context(cafile=str(cert))) as c:
+            assert c.get("/cases").status_code == 401
+            assert c.get("/health", headers={"Authorization": "Bearer wrong"}).status_code == 403
+            assert c.get("/cases", headers={"Authorization": f"Bearer {token}"}).status_code == 200
     finally:
-        store.close()
+        server.stop()
 
 
 def test_case_list_filters_by_verdict_date_and_sign_off(api, settings):

@@ -1,48 +1,32 @@
 """OpenAPI-driven fuzzing (schemathesis) of the status API over real HTTP: no input makes a 5xx."""
 
-import os
-
 import pytest
 
 from appliance.api.app import ApiServer, create_app
-from appliance.store.database import CaseStore
 from firmware_bridge.host import HostLink
 from tests.openapi_fuzz import fuzz_api, schema_operation_count
 from tests.results import a_result
 
 
 @pytest.fixture
-def api_url(settings_for_fuzz):
-    s = settings_for_fuzz
-    store = CaseStore(s.db_path)
+def api_url(settings, store, pty_pair):
     model = {"name": "m", "version": "1", "sha256": "a" * 64, "backend": "openvino"}
     store.case_started("C-1", specimen_id="S-1", model=model)
     store.case_finished("C-1", a_result("suspicious", 0.9, patches=0, model=model))
-    master, slave = os.openpty()  # a real link on a pty path, so POST /link/reconnect really reopens it
-    link = HostLink(os.ttyname(slave), sink=None, backoff_initial=0.01).start()
+    # a real link on a pty path, so POST /link/reconnect really reopens it
+    link = HostLink(pty_pair.path, sink=None, backoff_initial=0.01).start()
 
     def reconnect(why: str) -> str:
         link.request_reconnect(why)
         return link.state
 
-    server = ApiServer(create_app(s, store, reconnect=reconnect), "127.0.0.1", 0)
+    server = ApiServer(create_app(settings, store, reconnect=reconnect), "127.0.0.1", 0)
     server.start()
     try:
-        yield f"http://127.0.0.1:{server.port}", s.token_path.read_text().strip()
+        yield f"http://127.0.0.1:{server.port}", settings.token_path.read_text().strip()
     finally:
         server.stop()
         link.stop()
-        store.close()
-        os.close(master)
-        os.close(slave)
-
-
-@pytest.fixture
-def settings_for_fuzz(tmp_path):
-    from appliance.config import load_settings
-    from tests.conftest import MODEL_DIR
-
-    return load_settings(None, data_dir=tmp_path / "var", model_dir=MODEL_DIR, api_port=0)
 
 
 def test_no_request_makes_a_server_error(api_url):

@@ -4,17 +4,15 @@ import httpx
 import pytest
 
 from appliance.api.app import ApiServer, create_app
-from appliance.store.database import CaseStore
 from tests.appliance.conftest import finished_case
 
 
-def test_metrics_parse_as_prometheus_text_with_the_expected_families_and_values(settings):
+def test_metrics_parse_as_prometheus_text_with_the_expected_families_and_values(settings, store):
     from prometheus_client import REGISTRY
     from prometheus_client.parser import text_string_to_metric_families
 
     from appliance.model.engine import LatencyHistogram
 
-    store = CaseStore(settings.db_path)
     finished_case(store, "A")
     finished_case(store, "B")
     store.case_started("RUN-1", specimen_id="S", tiles_expected=9)
@@ -35,7 +33,6 @@ def test_metrics_parse_as_prometheus_text_with_the_expected_families_and_values(
     finally:
         for s in servers:
             s.stop()
-        store.close()
     for r in (full, bare):
         assert r.status_code == 200 and r.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
     # the exposed names are the ones scrapers already use (counters end in _total)

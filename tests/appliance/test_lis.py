@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import random
 import threading
 import time
@@ -20,6 +19,7 @@ from appliance.store import CaseStore
 from tests.appliance.conftest import finished_case
 from tests.lis_receivers import FhirReceiver, MllpReceiver
 from tests.results import a_result
+from tests.stores import open_store
 from tests.waiting import wait_until
 
 TOKEN = "fhir-test-token"
@@ -56,7 +56,7 @@ def store_outbox_api(settings, token_file, mllp: MllpReceiver, fhir: FhirReceive
     """The daemon's parts that deliver and show deliveries: the store, the outbox and the live API."""
     from appliance.api.app import ApiServer, create_app
 
-    store = CaseStore(settings.db_path, both(mllp, fhir))
+    store = open_store(settings.db_path, both(mllp, fhir))
     outbox = quick_outbox(store, token_file)
     server = ApiServer(create_app(settings, store), "127.0.0.1", 0)
     server.start()
@@ -76,7 +76,7 @@ def test_a_call_reaches_both_receivers_once_they_are_up_as_the_same_message(tmp_
     mllp, fhir = receivers
     fhir.status = 503  # the LIS is restarting
     fhir.start()
-    store = CaseStore(tmp_path / "a.db", both(mllp, fhir))
+    store = open_store(tmp_path / "a.db", both(mllp, fhir))
     outbox = quick_outbox(store, token_file)
     try:
         store.case_started("C-1", specimen_id="S-1", model={"name": "m"})
@@ -148,7 +148,7 @@ def test_a_rejected_message_fails_with_its_reason_and_is_sent_again_only_when_an
     assert [mid for mid, _ in mllp.received] == ["C-9.r1", "C-9.r1"]  # the same message, sent again
 
 
-def test_a_daemon_killed_between_sending_and_the_ack_sends_the_same_message_again(tmp_path, receivers):
+def test_a_daemon_killed_between_sending_and_the_ack_sends_the_same_message_again(tmp_path, receivers, pty_pair):
     """`appliance run` itself: the call is in the store with its delivery pending (as the pipeline leaves it);
     the daemon sends it, is SIGKILLed before the ACK, and after the restart the same message goes again."""
     from tests.appliance_run import ApplianceRun
@@ -158,31 +158,22 @@ def test_a_daemon_killed_between_sending_and_the_ack_sends_the_same_message_agai
     mllp.start()
     data = tmp_path / "var"
     dest = f"mllp:{mllp.address}"
-    store = CaseStore(data / "appliance.db", [dest])
-    finished_case(store, "C-K")
-    store.close()
-    master, slave = os.openpty()
+    with contextlib.closing(open_store(data / "appliance.db", [dest])) as store:
+        finished_case(store, "C-K")
     env = {"APPLIANCE_LIS_MLLP": json.dumps([mllp.address])}
+    first = ApplianceRun(pty_pair.path, data, **env)
     try:
-        first = ApplianceRun(os.ttyname(slave), data, **env)
-        try:
-            assert mllp.got.wait(60), "the message never arrived"
-        finally:
-            first.kill()  # SIGKILL: sent, not yet acknowledged
-        mllp.hold.set()  # the ACK goes to a dead peer
-        store = CaseStore(data / "appliance.db")
-        try:
-            assert deliveries(store, "C-K")["mllp"]["status"] == "pending"  # no ACK was read: not delivered
-            second = ApplianceRun(os.ttyname(slave), data, **env)
-            try:
-                wait_until(lambda: deliveries(store, "C-K")["mllp"]["status"] == "delivered", timeout=60)
-            finally:
-                second.stop()
-        finally:
-            store.close()
+        assert mllp.got.wait(60), "the message never arrived"
     finally:
-        os.close(master)
-        os.close(slave)
+        first.kill()  # SIGKILL: sent, not yet acknowledged
+    mllp.hold.set()  # the ACK goes to a dead peer
+    with contextlib.closing(open_store(data / "appliance.db")) as store:
+        assert deliveries(store, "C-K")["mllp"]["status"] == "pending"  # no ACK was read: not delivered
+        second = ApplianceRun(pty_pair.path, data, **env)
+        try:
+            wait_until(lambda: deliveries(store, "C-K")["mllp"]["status"] == "delivered", timeout=60)
+        finally:
+            second.stop()
     assert [mid for mid, _ in mllp.received] == ["C-K.r1", "C-K.r1"]
     assert mllp.received[0][1] == mllp.received[1][1]  # the same message, byte for byte: no second result
 
@@ -192,7 +183,7 @@ def test_100_cases_reach_both_receivers_exactly_once_by_message_id_while_they_re
     mllp, fhir = receivers
     mllp.start()
     fhir.start()
-    store = CaseStore(tmp_path / "c.db", both(mllp, fhir))
+    store = open_store(tmp_path / "c.db", both(mllp, fhir))
     outbox = Outbox(store, token_file, first_backoff_s=0.02, max_backoff_s=0.2, timeout_s=2)
     rng = random.Random(2026)
     stop = threading.Event()
@@ -269,7 +260,7 @@ def test_a_token_file_others_can_read_sends_nothing_and_says_why(tmp_path, token
     _, fhir = receivers
     fhir.start()
     token_file.chmod(0o644)
-    store = CaseStore(tmp_path / "t.db", [f"fhir:{fhir.base}"])
+    store = open_store(tmp_path / "t.db", [f"fhir:{fhir.base}"])
     outbox = quick_outbox(store, token_file)
     try:
         finished_case(store, "C-P")
@@ -288,7 +279,7 @@ def test_a_sign_off_is_a_new_revision_sent_as_a_correction(tmp_path, token_file,
     mllp, fhir = receivers
     mllp.start()
     fhir.start()
-    store = CaseStore(tmp_path / "s.db", both(mllp, fhir))
+    store = open_store(tmp_path / "s.db", both(mllp, fhir))
     outbox = quick_outbox(store, token_file)
     try:
         finished_case(store, "C-S")
@@ -311,7 +302,7 @@ def test_a_receiver_that_never_answers_holds_up_no_other_destination(tmp_path, t
     mllp.hold.clear()  # takes the message, never ACKs (until the test lets it)
     mllp.start()
     fhir.start()
-    store = CaseStore(tmp_path / "h.db", both(mllp, fhir))
+    store = open_store(tmp_path / "h.db", both(mllp, fhir))
     outbox = Outbox(store, token_file, first_backoff_s=0.05, max_backoff_s=0.2, timeout_s=60)
     try:
         finished_case(store, "C-H")

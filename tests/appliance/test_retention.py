@@ -4,8 +4,8 @@ from datetime import datetime, timedelta, timezone
 
 from appliance.service import retention
 from appliance.config import load_settings
-from appliance.store.database import CaseStore
 from tests.conftest import MODEL_DIR
+from tests.stores import open_store
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=timezone.utc)
 
@@ -23,7 +23,7 @@ def make_case(store, settings, case_id, *, days_ago, status="done", signed=False
 
 def test_retention_removes_old_signed_off_case_files_and_keeps_everything_else(tmp_path):
     s = load_settings(None, data_dir=tmp_path, model_dir=MODEL_DIR, retention_days=30)
-    store = CaseStore(s.db_path)
+    store = open_store(s.db_path)
     try:
         make_case(store, s, "OLD-SIGNED", days_ago=40, signed=True)
         make_case(store, s, "OLD-UNSIGNED", days_ago=40)
@@ -38,7 +38,7 @@ def test_retention_removes_old_signed_off_case_files_and_keeps_everything_else(t
             assert (s.spool_dir / kept / "f.bin").exists()
         assert store.get_case("OLD-SIGNED")["status"] == "done"  # the row and verdict stay
         store.close()
-        store = CaseStore(s.db_path)
+        store = open_store(s.db_path)
         assert [e["kind"] for e in store.events("OLD-SIGNED")] == ["purged"]
 
         unsigned = load_settings(None, data_dir=tmp_path, model_dir=MODEL_DIR, retention_days=30,
@@ -50,7 +50,7 @@ def test_retention_removes_old_signed_off_case_files_and_keeps_everything_else(t
 
 def test_retention_by_size_removes_oldest_finished_cases_first_until_under_the_limit(tmp_path):
     s = load_settings(None, data_dir=tmp_path, model_dir=MODEL_DIR, retention_max_gb=5e-6)  # 5,000 bytes
-    store = CaseStore(s.db_path)
+    store = open_store(s.db_path)
     try:
         for i, days in enumerate((3, 1, 2, 0)):
             make_case(store, s, f"C{i}", days_ago=days, signed=True, size=1000)  # 2,000 bytes each, 8,000 in all
@@ -84,7 +84,7 @@ def _unremovable(path):
 
 def test_a_purge_that_cannot_remove_the_files_is_not_recorded_as_done(tmp_path):
     s = load_settings(None, data_dir=tmp_path, model_dir=MODEL_DIR, retention_days=30)
-    store = CaseStore(s.db_path)
+    store = open_store(s.db_path)
     stuck = s.cases_dir / "OLD-STUCK" / "inner" / "g.bin"
     undo = None
     try:

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -16,6 +18,7 @@ from appliance.offline.slides import Slide, is_slide, pick_level
 from appliance.offline.triage import triage_path
 from appliance.pipeline.heatmap import ring_area
 from tests.conftest import DEMO_CASE, MODEL_DIR, FIXTURES as ALL_FIXTURES
+from tests.ptys import open_pty
 
 FIXTURES = ALL_FIXTURES / "wsi"  # third-party files in real slide formats (tests/fixtures/README.md)
 CLI = [sys.executable, "-m", "appliance.cli"]
@@ -151,38 +154,38 @@ def test_pick_level_never_upsamples():
     assert pick_level([8.0, 16.0], 4.0) == 0  # nothing fine enough: the finest there is
 
 
-def _null_modem() -> tuple[str, str, list[int]]:
+@contextmanager
+def _null_modem() -> Iterator[tuple[str, str]]:
     """Two ptys joined master to master (a null-modem cable): two device paths a host and a scanner
-    process can each open. Returns (host path, scanner path, fds to close)."""
-    import os
+    process can each open. Yields (host path, scanner path)."""
     import select
     import threading
-    import tty
 
-    ma, sa = os.openpty()
-    mb, sb = os.openpty()
-    for fd in (sa, sb):
-        tty.setraw(fd)
+    with open_pty(raw=True) as a, open_pty(raw=True) as b:
+        stop = threading.Event()
 
-    def relay() -> None:
-        while True:
-            ready, _, _ = select.select([ma, mb], [], [], 0.5)
-            for fd in ready:
-                try:
-                    data = os.read(fd, 65536)
-                    os.write(mb if fd == ma else ma, data)
-                except OSError:
-                    return
+        def relay() -> None:
+            while not stop.is_set():
+                ready, _, _ = select.select([a.master, b.master], [], [], 0.1)
+                for fd in ready:
+                    try:
+                        data = os.read(fd, 65536)
+                        os.write(b.master if fd == a.master else a.master, data)
+                    except OSError:
+                        return
 
-    threading.Thread(target=relay, name="null-modem", daemon=True).start()
-    return os.ttyname(sa), os.ttyname(sb), [ma, sa, mb, sb]
+        relaying = threading.Thread(target=relay, name="null-modem", daemon=True)
+        relaying.start()
+        try:
+            yield a.path, b.path
+        finally:
+            stop.set()  # before the ptys close, so the relay never selects on a closed (or reused) descriptor
+            relaying.join(5)
 
 
 def test_emulate_streams_a_slide_file_at_the_models_level(settings, tmp_path):
     """`appliance emulate --port PORT case.svs` as a separate process, into the real daemon over ptys: the
     scanner sends level 1 (4 um/px), tissue tiles only, announced at that resolution; the daemon calls it."""
-    import os
-
     from appliance.service.daemon import Daemon
 
     image = tifffile.imread(DEMO_CASE)
@@ -192,22 +195,20 @@ def test_emulate_streams_a_slide_file_at_the_models_level(settings, tmp_path):
                  photometric="rgb", metadata=None, description="Aperio Image Library v12.0.0\n|MPP = 2.0")
         tw.write(image, tile=(256, 256), compression="zlib", photometric="rgb", metadata=None,
                  description="Aperio Image Library v12.0.0\nlevel 1")
-    host, scanner, fds = _null_modem()
-    daemon = Daemon(settings, port=host)
-    try:
-        daemon.start()
-        run = subprocess.run([*CLI, "emulate", "--port", scanner, str(svs), "--case-id", "EMU-SVS"],
-                             capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
-        assert run.returncode == 0, run.stderr
-        progress = daemon.wait_case("EMU-SVS", 120)
-        assert progress is not None and progress.result is not None
-        assert progress.info.microns_per_pixel == 4.0 and progress.info.image_width == 2500
-        assert progress.result.verdict == "suspicious" and progress.result.tiles == progress.tiles_received < 130
-        assert daemon.store.get_case("EMU-SVS")["status"] == "done"
-    finally:
-        daemon.stop()
-        for fd in fds:
-            os.close(fd)
+    with _null_modem() as (host, scanner):
+        daemon = Daemon(settings, port=host)
+        try:
+            daemon.start()
+            run = subprocess.run([*CLI, "emulate", "--port", scanner, str(svs), "--case-id", "EMU-SVS"],
+                                 capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+            assert run.returncode == 0, run.stderr
+            progress = daemon.wait_case("EMU-SVS", 120)
+            assert progress is not None and progress.result is not None
+            assert progress.info.microns_per_pixel == 4.0 and progress.info.image_width == 2500
+            assert progress.result.verdict == "suspicious" and progress.result.tiles == progress.tiles_received < 130
+            assert daemon.store.get_case("EMU-SVS")["status"] == "done"
+        finally:
+            daemon.stop()
 
 
 def test_a_40000_px_slide_of_real_tissue_is_triaged_in_bounded_memory(demo_image, tmp_path):

@@ -10,13 +10,15 @@ from appliance.config import load_settings
 from appliance.errors import ConfigError
 from appliance.store.spool import TileSpool
 from appliance.errors import StoreError
-from appliance.store.database import CaseStore
+from tests.stores import open_store
 
 
 def test_store_uses_wal_full_sync_and_migrations(tmp_path):
-    store = CaseStore(tmp_path / "a.db")
+    store = open_store(tmp_path / "a.db")
     store.case_started("C1", specimen_id="S1", tiles_expected=2, model={"name": "m", "version": "1",
                                                                           "sha256": "ab", "backend": "openvino"})
+    # the writer commits on its own connection, with synchronous=FULL
+    assert store.write(lambda db: db.execute("pragma synchronous").fetchone()[0]) == 2  # FULL
     store.close()
     conn = sqlite3.connect(tmp_path / "a.db")
     assert conn.execute("pragma journal_mode").fetchone()[0] == "wal"
@@ -24,14 +26,9 @@ def test_store_uses_wal_full_sync_and_migrations(tmp_path):
     assert names == ["0001_cases_and_tiles", "0002_events_audit_models_signoff", "0003_warnings_patch_threshold",
                      "0004_case_rule", "0005_revision_and_deliveries", "0006_early_rule",
                      "0007_site_operating_point", "0008_users"]
-    # the writer sets synchronous=FULL on its own connection; check it is what the store opens with
-    from appliance.store.database import _connect
-
-    assert _connect(tmp_path / "a.db").execute("pragma synchronous").fetchone()[0] == 2  # FULL
 
 
-def test_concurrent_writers_are_serialised_through_one_thread(tmp_path):
-    store = CaseStore(tmp_path / "a.db")
+def test_concurrent_writers_are_serialised_through_one_thread(store):
     store.case_started("C1")
     threads = [threading.Thread(target=lambda i=i: store.tile_stored("C1", i, i * 50, 0, 50, 50, f"{i:064x}"))
                for i in range(40)]
@@ -41,14 +38,13 @@ def test_concurrent_writers_are_serialised_through_one_thread(tmp_path):
         t.join()
     assert len(store.tiles("C1")) == 40
     assert store.get_case("C1")["tiles_received"] == 40
-    store.close()
 
 
 def test_store_errors_are_named(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a dir")
     with pytest.raises(StoreError, match="cannot open the case database"):
-        CaseStore(blocker / "a.db")
+        open_store(blocker / "a.db")
 
 
 def test_spool_writes_are_atomic_and_refuse_unsafe_case_ids(tmp_path):
@@ -102,9 +98,7 @@ def _documented_schema() -> dict[str, list[str]]:
 def test_migrations_build_the_documented_schema_on_an_empty_database(tmp_path):
     import sqlite_utils
 
-    from appliance.store.database import CaseStore
-
-    store = CaseStore(tmp_path / "new.db")
+    store = open_store(tmp_path / "new.db")
     store.close()
     db = sqlite_utils.Database(tmp_path / "new.db")
     documented = _documented_schema()
@@ -122,7 +116,6 @@ def test_migrations_upgrade_a_database_made_by_the_previous_schema_and_keep_its_
     from sqlite_utils.migrations import Migrations
 
     from appliance.store import migrations as store_mod
-    from appliance.store.database import CaseStore
 
     old = Migrations("appliance")  # the schema as released with migration 0001 only
     old(name="0001_cases_and_tiles")(store_mod._initial)
@@ -133,7 +126,7 @@ def test_migrations_upgrade_a_database_made_by_the_previous_schema_and_keep_its_
     db["tiles"].insert({"case_id": "OLD-1", "idx": 0, "x": 0, "y": 0, "w": 10, "h": 10, "sha256": "ab"})
     db.conn.close()
 
-    store = CaseStore(tmp_path / "old.db")
+    store = open_store(tmp_path / "old.db")
     try:
         case = store.get_case("OLD-1")
         assert case["verdict"] == "benign-appearing" and case["signed_off_by"] is None
@@ -148,22 +141,13 @@ def test_migrations_upgrade_a_database_made_by_the_previous_schema_and_keep_its_
         == _documented_schema()
 
 
-def test_sign_off_is_refused_while_a_case_is_running_and_for_unknown_cases(tmp_path):
-    import pytest
-
-    from appliance.errors import StoreError
-    from appliance.store.database import CaseStore
-
-    store = CaseStore(tmp_path / "a.db")
-    try:
-        store.case_started("C-1", specimen_id="S")
-        with pytest.raises(StoreError, match="still receiving"):
-            store.sign_off("C-1", by="AB")
-        with pytest.raises(StoreError, match="no case"):
-            store.sign_off("nope", by="AB")
-        assert store.audit_log() == []
-    finally:
-        store.close()
+def test_sign_off_is_refused_while_a_case_is_running_and_for_unknown_cases(store):
+    store.case_started("C-1", specimen_id="S")
+    with pytest.raises(StoreError, match="still receiving"):
+        store.sign_off("C-1", by="AB")
+    with pytest.raises(StoreError, match="no case"):
+        store.sign_off("nope", by="AB")
+    assert store.audit_log() == []
 
 
 def test_eta_comes_from_the_case_own_processing_rate():

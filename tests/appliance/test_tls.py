@@ -16,8 +16,8 @@ import pytest
 from appliance.api.app import ApiServer, create_app
 from appliance.config import load_settings
 from appliance.errors import ConfigError
-from appliance.store import CaseStore
 from tests.conftest import MODEL_DIR
+from tests.stores import open_store
 
 
 def run_cli(*args: str, data, **env) -> subprocess.CompletedProcess:
@@ -37,7 +37,7 @@ def test_a_self_signed_certificate_is_served_and_verified_and_plain_http_gets_no
 
     settings = load_settings(None, data_dir=tmp_path / "var", model_dir=MODEL_DIR, api_port=0,
                              api_tls_cert=cert, api_tls_key=key)
-    store = CaseStore(settings.db_path)
+    store = open_store(settings.db_path)
     server = ApiServer(create_app(settings, store), "127.0.0.1", 0, tls=settings.api_tls_files)
     server.start()
     try:

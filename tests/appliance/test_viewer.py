@@ -22,6 +22,7 @@ from appliance.config import load_settings
 from appliance.pipeline import TriageSession
 from appliance.store import CaseStore
 from tests.conftest import MODEL_DIR, ROOT
+from tests.stores import open_store
 
 PASSWORD = "correct horse battery staple"
 SCREENSHOTS = ROOT / "tests" / "output" / "viewer"
@@ -50,7 +51,7 @@ def viewer(tmp_path_factory, ov_engine, demo_image):
     """The API with the viewer on 127.0.0.1, two called cases and one reviewer."""
     data = tmp_path_factory.mktemp("viewer") / "var"
     settings = load_settings(None, data_dir=data, model_dir=MODEL_DIR, api_port=0)
-    store = CaseStore(settings.db_path)
+    store = open_store(settings.db_path)
     called_case(ov_engine, store, settings.cases_dir, "V-TUMOUR", demo_image)  # the whole bundled case
     called_case(ov_engine, store, settings.cases_dir, "V-EDGE", demo_image[0:400, 0:400])
     store.set_user("drsmith", hash_password(PASSWORD), by="test")
@@ -170,7 +171,7 @@ def test_users_are_added_with_a_hashed_password_listed_and_disabled_from_the_com
     assert bad.returncode == 1 and "is not a reviewer name" in bad.stderr
     added = cli("add", "drjones", "--password-stdin", stdin=PASSWORD + "\n")
     assert added.returncode == 0, added.stderr
-    store = CaseStore(tmp_path / "var" / "appliance.db")
+    store = open_store(tmp_path / "var" / "appliance.db")
     try:
         row = store.user("drjones")
         assert row["password_hash"].startswith("$argon2id$") and PASSWORD not in row["password_hash"]
@@ -277,7 +278,7 @@ def test_a_batch_case_is_viewed_on_its_original_slide_with_the_patches_and_regio
                            capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
     assert batch.returncode == 0, batch.stderr[-2000:]
     settings = load_settings(None, data_dir=data, model_dir=MODEL_DIR, api_port=0)
-    store = CaseStore(settings.db_path)
+    store = open_store(settings.db_path)
     store.set_user("drsmith", hash_password(PASSWORD), by="test")
     (case_id,) = [r["id"] for r in store.list_cases()]
     server = ApiServer(create_app(settings, store), "127.0.0.1", 0)

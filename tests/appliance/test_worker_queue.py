@@ -7,9 +7,9 @@ import numpy as np
 
 from appliance.offline.sources import tiles_from_image
 from appliance.service.worker import MAX_TILES_IN_RAM, CaseProgress, PipelineWorker
-from appliance.store.database import CaseStore
 from appliance.store.spool import TileSpool
 from tests.results import reference_call
+from tests.stores import open_store
 
 
 def test_a_backlog_waits_in_the_spool_not_in_ram_and_gives_the_same_call(ov_engine, demo_image, tmp_path):
@@ -18,7 +18,7 @@ def test_a_backlog_waits_in_the_spool_not_in_ram_and_gives_the_same_call(ov_engi
 
     expected = reference_call(ov_engine, tiles, width=demo_image.shape[1], height=demo_image.shape[0])
 
-    store = CaseStore(tmp_path / "appliance.db")
+    store = open_store(tmp_path / "appliance.db")
     spool = TileSpool(tmp_path / "spool")
     events: list[tuple[str, dict]] = []
     worker = PipelineWorker(ov_engine, store, 128, lambda kind, data: events.append((kind, data)), tmp_path / "cases")
@@ -50,7 +50,7 @@ def test_a_backlog_waits_in_the_spool_not_in_ram_and_gives_the_same_call(ov_engi
 
 def test_a_spooled_tile_that_cannot_be_read_back_is_reported_and_the_case_goes_on(ov_engine, demo_image, tmp_path):
     tiles = list(tiles_from_image(demo_image, 200))[:MAX_TILES_IN_RAM + 3]
-    store = CaseStore(tmp_path / "appliance.db")
+    store = open_store(tmp_path / "appliance.db")
     spool = TileSpool(tmp_path / "spool")
     events: list[tuple[str, dict]] = []
     lock = threading.Lock()

@@ -1,12 +1,11 @@
-"""Shared pieces for the firmware_bridge tests: a real pty, a recording sink, H&E-like tiles."""
+"""Shared pieces for the firmware_bridge tests: a recording sink, a host on the real pty (tests/conftest.py's
+`pty_pair`), a hand-driven scanner, H&E-like tiles."""
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
@@ -17,6 +16,7 @@ from firmware_bridge.host import HostLink
 from firmware_bridge.sink import CaseInfo, TileReceived
 from firmware_bridge.messages import CaseBegin, Message, message_from_frame, message_to_frame
 from firmware_bridge.transport import FdTransport, open_port
+from tests.ptys import PtyPair
 
 TILE = 50
 EDGE_H = 35
@@ -55,31 +55,6 @@ class RecordingSink:
     def kinds(self) -> list[str]:
         with self.lock:
             return [kind for kind, _ in self.events]
-
-
-@dataclass
-class PtyPair:
-    """A pseudo-terminal: the test or emulator drives `scanner` (the master), the host opens `path`."""
-
-    master: int
-    slave: int
-    path: str
-    scanner: FdTransport
-    _slave_open: bool = field(default=True, repr=False)
-
-    def close_slave(self) -> None:
-        if self._slave_open:
-            self._slave_open = False
-            os.close(self.slave)
-
-
-@pytest.fixture
-def pty_pair():
-    master, slave = os.openpty()
-    pair = PtyPair(master, slave, os.ttyname(slave), FdTransport(master, timeout=0.05, write_timeout=10.0))
-    yield pair
-    pair.scanner.close()  # idempotent; owns the master fd
-    pair.close_slave()
 
 
 @pytest.fixture

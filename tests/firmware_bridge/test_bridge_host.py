@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import struct
 import threading
-import time
 import zlib
 
 import numpy as np
@@ -14,18 +13,7 @@ from firmware_bridge.errors import LinkLostError, TransportError
 from firmware_bridge.frames import UNKNOWN_SEQ, cobs_encode, encode_frame
 from firmware_bridge.host import HostLink
 from firmware_bridge.messages import (
-    Ack,
-    CaseBegin,
-    CaseEnd,
-    Capability,
-    ErrorCode,
-    ErrorMessage,
-    Hello,
-    MsgType,
-    Nack,
-    NackReason,
-    Role,
-    Tile,
+    Ack, CaseBegin, CaseEnd, Capability, ErrorCode, ErrorMessage, Hello, MsgType, Nack, NackReason, Role, Tile,
     TileEncoding,
 )
 from firmware_bridge.pixels import encode_pixels
@@ -166,7 +154,7 @@ def test_clean_stop_reports_no_error(pty_pair, sink) -> None:
     assert ("down", "stopped") in sink.events
 
 
-def test_losing_the_port_reaches_connection_lost(pty_pair, sink) -> None:
+def test_losing_the_port_reaches_connection_lost(pty_pair, scanner, sink) -> None:
     lost: list[BaseException | None] = []
     got_it = threading.Event()
 
@@ -176,8 +164,9 @@ def test_losing_the_port_reaches_connection_lost(pty_pair, sink) -> None:
 
     link = HostLink(open_port(pty_pair.path, timeout=0.05), sink, on_connection_lost=on_lost).start()
     try:
-        time.sleep(0.1)
-        pty_pair.scanner.close()  # the scanner is unplugged: the master end disappears
+        scanner.send(Hello(1, Role.SCANNER, 4, 1 << 20))
+        assert isinstance(scanner.expect(), Hello)  # the link is up and reading
+        pty_pair.close_master()  # the scanner is unplugged: the master end disappears
         assert got_it.wait(5), "connection_lost was never called"
         assert isinstance(lost[0], TransportError)
         assert link.error is lost[0]

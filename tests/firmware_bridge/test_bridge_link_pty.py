@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import threading
-import tty
 
 import numpy as np
 import pytest
@@ -16,7 +14,8 @@ from firmware_bridge.faults import BitFlipFaults
 from firmware_bridge.host import HostLink
 from firmware_bridge.sink import CaseInfo
 from firmware_bridge.messages import CaseBegin
-from firmware_bridge.transport import FdTransport, open_port
+from firmware_bridge.transport import open_port
+from tests.ptys import open_pty
 
 
 def _assert_delivered_exactly_once(sink, case: CaseBegin, tiles: list[TileToSend], result) -> None:
@@ -108,18 +107,12 @@ def test_a_tile_the_host_cannot_place_is_rejected_and_the_case_still_ends(host, 
 
 
 def test_emulator_gives_up_when_nobody_answers(make_case) -> None:
-    master, slave = os.openpty()
-    tty.setraw(slave)  # nobody reads it; raw so the line discipline does not echo us back
-    transport = FdTransport(master, timeout=0.02)
-    try:
+    with open_pty(raw=True) as pty:  # nobody reads the slave; raw so the line discipline does not echo us back
         case, tiles = make_case()
-        emulator = ScannerEmulator(transport, case, tiles, ack_timeout=0.05, max_retries=2)
+        emulator = ScannerEmulator(pty.transport(timeout=0.02), case, tiles, ack_timeout=0.05, max_retries=2)
         with pytest.raises(LinkTimeoutError, match="did not answer HELLO after 3 attempts"):
             emulator.run()
         assert emulator.result.frames_written == 3
-    finally:
-        transport.close()
-        os.close(slave)
 
 
 def test_emulator_can_run_in_a_thread_while_the_test_waits_on_the_host(host, pty_pair, sink, make_case) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import socket
 import threading
-import tty
 
 import pytest
 import serial
@@ -13,6 +12,7 @@ import serial
 from firmware_bridge.errors import TransportError
 from firmware_bridge.faults import BitFlipFaults
 from firmware_bridge.transport import FdTransport, open_port, read_some, write_all
+from tests.ptys import open_pty
 
 
 def test_open_port_loop_url_round_trips() -> None:
@@ -89,16 +89,12 @@ def test_fd_transport_on_a_pipe() -> None:
 
 
 def test_fd_transport_reports_a_dead_pty_peer() -> None:
-    master, slave = os.openpty()
-    tty.setraw(slave)
-    transport = FdTransport(master, timeout=0.5)
-    try:
-        os.close(slave)
+    with open_pty(raw=True) as pty:
+        transport = pty.transport(timeout=0.5)
+        pty.close_slave()
         with pytest.raises(TransportError, match="fd .* failed|peer closed") as info:
             transport.read(10)
         assert info.value.__cause__ is None or isinstance(info.value.__cause__, OSError)
-    finally:
-        transport.close()
 
 
 def test_fd_transport_write_timeout_when_nobody_reads() -> None:

@@ -3,7 +3,6 @@ real model on a pty, holding a case it finished itself. No request makes a 5xx, 
 afterwards the daemon is healthy and ready, the finished case is unchanged, and a new case still goes through."""
 
 import hashlib
-import os
 import time
 
 import httpx
@@ -14,16 +13,16 @@ from appliance.config import load_settings
 from appliance.service.daemon import Daemon
 from appliance.offline.demo import case_info_for
 from firmware_bridge.emulator import ScannerEmulator, TileToSend
-from firmware_bridge.transport import FdTransport
 from tests.conftest import MODEL_DIR
 from tests.openapi_fuzz import fuzz_api, schema_operation_count
+from tests.ptys import PtyPair
 from tests.waiting import wait_until
 
 EXAMPLES = 500  # per operation, each sent twice (without and with the token)
 
 
-def stream(daemon: Daemon, master: int, case_id: str, tiles: list[TileToSend]):
-    ScannerEmulator(FdTransport(master), case_info_for(case_id, "S-" + case_id, tiles, 4.0, 200), tiles,
+def stream(daemon: Daemon, pty: PtyPair, case_id: str, tiles: list[TileToSend]):
+    ScannerEmulator(pty.transport(), case_info_for(case_id, "S-" + case_id, tiles, 4.0, 200), tiles,
                     encoding="zlib").run()
     progress = daemon.wait_case(case_id, timeout=120)
     assert progress is not None and progress.result is not None
@@ -32,16 +31,15 @@ def stream(daemon: Daemon, master: int, case_id: str, tiles: list[TileToSend]):
 
 
 @pytest.mark.slow
-def test_openapi_fuzz_against_a_live_daemon_makes_no_server_error(tmp_path, demo_image):
+def test_openapi_fuzz_against_a_live_daemon_makes_no_server_error(tmp_path, demo_image, pty_pair):
     tiles = [TileToSend(x, y, np.ascontiguousarray(demo_image[600 + y: 800 + y, 400 + x: 600 + x]))
              for y in range(0, 600, 200) for x in range(0, 600, 200)]
-    master, slave = os.openpty()
     daemon = Daemon(load_settings(None, data_dir=tmp_path / "var", model_dir=MODEL_DIR, api_port=0),
-                    port=os.ttyname(slave), notify=lambda kind, data: None)
+                    port=pty_pair.path, notify=lambda kind, data: None)
     daemon.start()
     t0 = time.monotonic()
     try:
-        stream(daemon, master, "LIVE-1", tiles)
+        stream(daemon, pty_pair, "LIVE-1", tiles)
         before = daemon.store.get_case("LIVE-1")
         files = {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
                  for p in (daemon.settings.cases_dir / "LIVE-1").iterdir()}
@@ -56,11 +54,9 @@ def test_openapi_fuzz_against_a_live_daemon_makes_no_server_error(tmp_path, demo
         with httpx.Client(base_url=base, timeout=10) as c:
             assert c.get("/health").status_code == 200 and c.get("/ready").status_code == 200
         after_fuzz = daemon.store.get_case("LIVE-1")
-        stream(daemon, master, "LIVE-2", tiles)  # and it still takes a case
+        stream(daemon, pty_pair, "LIVE-2", tiles)  # and it still takes a case
     finally:
         daemon.stop()
-        os.close(master)
-        os.close(slave)
     by_class = {f"{k}xx": sum(1 for s in calls if s // 100 == k) for k in (2, 3, 4, 5)}
     print(f"\nAPI fuzz against a live daemon: {len(operations)} operations x {EXAMPLES} examples max, "
           f"{len(calls)} requests, by status class {by_class}, {time.monotonic() - t0:.0f} s")

@@ -17,9 +17,9 @@ import threading
 import pytest
 
 from appliance.service.worker import CaseProgress, PipelineWorker
-from appliance.store import CaseStore
 from appliance.offline.sources import tiles_from_image
 from tests.conftest import DEMO_CASE, MODEL_DIR
+from tests.stores import open_store
 
 CASE_FILES = ("summary.json", "overlay.png", "regions.geojson", "case.ome.tif", "heatmap.ome.tif")
 
@@ -61,7 +61,7 @@ def test_a_call_that_cannot_be_stored_fails_the_case_at_once_and_says_why(tmp_pa
     events: list[tuple[str, dict]] = []
     store = worker = None
     try:
-        store = CaseStore(disk / "appliance.db")
+        store = open_store(disk / "appliance.db")
         worker = PipelineWorker(ov_engine, store, 64, lambda kind, data: events.append((kind, data)),
                                 tmp_path / "cases")
         worker.start()
@@ -117,7 +117,7 @@ def test_a_case_end_and_a_timeout_at_the_same_moment_give_one_outcome(tmp_path, 
     from tests.waiting import wait_until
 
     events: list[tuple[str, dict]] = []
-    store = CaseStore(tmp_path / "appliance.db")
+    store = open_store(tmp_path / "appliance.db")
     worker = PipelineWorker(ov_engine, store, 64, lambda kind, data: events.append((kind, data)), tmp_path / "cases")
     worker.start()
     receiver = CaseReceiver(TileSpool(tmp_path / "spool"), store, worker, ov_engine.description,
@@ -151,7 +151,8 @@ def test_a_case_end_and_a_timeout_at_the_same_moment_give_one_outcome(tmp_path, 
         store.close()
 
 
-def test_a_case_end_sent_again_after_a_restart_is_acked_when_its_case_was_called_meanwhile(tmp_path, demo_image):
+def test_a_case_end_sent_again_after_a_restart_is_acked_when_its_case_was_called_meanwhile(tmp_path, demo_image,
+                                                                                            pty_pair):
     """Found by the power-cut test: the cut kept a CASE_END's commit but took its ACK; the restarted daemon
     called the case from the spool, and a second cut came before the scanner sent CASE_END again. The third
     daemon refused it as 'not open' and the scanner gave up on a case that was called. Here: a case called,
@@ -164,7 +165,6 @@ def test_a_case_end_sent_again_after_a_restart_is_acked_when_its_case_was_called
     from firmware_bridge import PtyCable
     from firmware_bridge.emulator import ScannerEmulator, TileToSend
     from firmware_bridge.messages import Ack, CaseEnd
-    from firmware_bridge.transport import FdTransport
     from tests.firmware_bridge.conftest import ScriptedScanner
 
     tiles = [TileToSend(x, y, np.ascontiguousarray(demo_image[400 + y: 600 + y, 700 + x: 900 + x]))
@@ -180,14 +180,11 @@ def test_a_case_end_sent_again_after_a_restart_is_acked_when_its_case_was_called
     finally:
         first.stop()
         cable.close()
-    master, slave = os.openpty()
-    second = Daemon(settings, port=os.ttyname(slave), serve_api=False)
+    second = Daemon(settings, port=pty_pair.path, serve_api=False)
     second.start()
     try:
-        scanner = ScriptedScanner(FdTransport(master, timeout=0.05, write_timeout=10.0))
+        scanner = ScriptedScanner(pty_pair.scanner)
         seq = scanner.send(CaseEnd("RE-END", len(tiles)))
         assert scanner.expect(10) == Ack(seq, "RE-END", -1)
     finally:
         second.stop()
-        os.close(master)
-        os.close(slave)

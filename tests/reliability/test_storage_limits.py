@@ -10,52 +10,47 @@ from appliance.config import load_settings
 from appliance.service.daemon import Daemon
 from appliance.offline.demo import case_info_for
 from firmware_bridge.emulator import DeliveryError, ScannerEmulator, TileToSend
-from firmware_bridge.transport import FdTransport
 from tests.conftest import MODEL_DIR
+from tests.ptys import PtyPair
 
 
-def stream(master, case_id, tiles):
+def stream(pty: PtyPair, case_id, tiles):
     info = case_info_for(case_id, "S-" + case_id, tiles, 4.0, 200)
-    return ScannerEmulator(FdTransport(master), info, tiles, encoding="raw", ack_timeout=5.0).run()
+    return ScannerEmulator(pty.transport(), info, tiles, encoding="raw", ack_timeout=5.0).run()
 
 
-def test_low_disk_refuses_new_cases_and_keeps_old_ones(tmp_path, demo_image):
+def test_low_disk_refuses_new_cases_and_keeps_old_ones(tmp_path, demo_image, pty_pair):
     tiles = [TileToSend(x, y, demo_image[500 + y: 700 + y, 900 + x: 1100 + x].copy())
              for y in range(0, 400, 200) for x in range(0, 400, 200)]
     data = tmp_path / "var"
-    master, slave = os.openpty()
-    port = os.ttyname(slave)
+    port = pty_pair.path
+    # 1. plenty of room: the case is taken and finished
+    ok = Daemon(load_settings(None, data_dir=data, model_dir=MODEL_DIR, api_port=0), port=port)
+    ok.start()
     try:
-        # 1. plenty of room: the case is taken and finished
-        ok = Daemon(load_settings(None, data_dir=data, model_dir=MODEL_DIR, api_port=0), port=port)
-        ok.start()
-        try:
-            stream(master, "KEEP-1", tiles)
-            assert ok.wait_case("KEEP-1", 120).result is not None
-            assert ok.receiver.cases["KEEP-1"].outputs_done.wait(60)
-        finally:
-            ok.stop()
-        before = {p.name: p.read_bytes() for p in (data / "spool" / "KEEP-1").iterdir()}
-        outputs = sorted(p.name for p in (data / "cases" / "KEEP-1").iterdir())
-
-        # 2. the disk is now "full": more free space required than any disk has
-        full = Daemon(load_settings(None, data_dir=data, model_dir=MODEL_DIR, api_port=0,
-                                    min_free_mb=10**12), port=port)
-        full.start()
-        try:
-            with pytest.raises(DeliveryError, match="REFUSED.*not enough free disk space"):
-                stream(master, "NEW-2", tiles)
-            assert full.link.running and full.link.counters.cases_refused == 1
-            status = httpx.get(f"http://127.0.0.1:{full.api.port}/status", timeout=10).json()
-            assert status["storage"]["accepting_cases"] is False
-            assert "not enough free disk space" in status["storage"]["reason"]
-            refused = [e for e in full.store.events() if e["kind"] == "refused"]
-            assert refused and refused[0]["case_id"] == "NEW-2"
-        finally:
-            full.stop()
+        stream(pty_pair, "KEEP-1", tiles)
+        assert ok.wait_case("KEEP-1", 120).result is not None
+        assert ok.receiver.cases["KEEP-1"].outputs_done.wait(60)
     finally:
-        os.close(master)
-        os.close(slave)
+        ok.stop()
+    before = {p.name: p.read_bytes() for p in (data / "spool" / "KEEP-1").iterdir()}
+    outputs = sorted(p.name for p in (data / "cases" / "KEEP-1").iterdir())
+
+    # 2. the disk is now "full": more free space required than any disk has
+    full = Daemon(load_settings(None, data_dir=data, model_dir=MODEL_DIR, api_port=0,
+                                min_free_mb=10**12), port=port)
+    full.start()
+    try:
+        with pytest.raises(DeliveryError, match="REFUSED.*not enough free disk space"):
+            stream(pty_pair, "NEW-2", tiles)
+        assert full.link.running and full.link.counters.cases_refused == 1
+        status = httpx.get(f"http://127.0.0.1:{full.api.port}/status", timeout=10).json()
+        assert status["storage"]["accepting_cases"] is False
+        assert "not enough free disk space" in status["storage"]["reason"]
+        refused = [e for e in full.store.events() if e["kind"] == "refused"]
+        assert refused and refused[0]["case_id"] == "NEW-2"
+    finally:
+        full.stop()
     # nothing of the refused case was stored; the old case is untouched
     assert full.store.get_case("NEW-2") is None and not (data / "spool" / "NEW-2").exists()
     # 400 x 400 px of the demo slide's tumour: called suspicious by the shipped model
@@ -66,7 +61,8 @@ def test_low_disk_refuses_new_cases_and_keeps_old_ones(tmp_path, demo_image):
     assert sorted(p.name for p in (data / "cases" / "KEEP-1").iterdir()) == outputs
 
 
-def test_a_case_left_open_by_the_scanner_is_abandoned_and_late_tiles_are_refused(tmp_path, demo_image):
+def test_a_case_left_open_by_the_scanner_is_abandoned_and_late_tiles_are_refused(tmp_path, demo_image,
+                                                                                     pty_pair):
     import threading
 
     tiles = [TileToSend(x, 0, demo_image[600:800, 900 + x: 1100 + x].copy()) for x in range(0, 1000, 200)]
@@ -78,16 +74,15 @@ def test_a_case_left_open_by_the_scanner_is_abandoned_and_late_tiles_are_refused
                 resume.wait(30)  # the scanner hangs mid-case
             yield t
 
-    master, slave = os.openpty()
     daemon = Daemon(load_settings(None, data_dir=tmp_path / "var", model_dir=MODEL_DIR, api_port=0,
-                                  case_timeout_s=1.0), port=os.ttyname(slave))
+                                  case_timeout_s=1.0), port=pty_pair.path)
     daemon.start()
     outcome = {}
 
     def run():
         try:
             info = case_info_for("OPEN-1", "S", tiles, 4.0, 200)
-            ScannerEmulator(FdTransport(master), info, scanner_that_stalls(), encoding="raw",
+            ScannerEmulator(pty_pair.transport(), info, scanner_that_stalls(), encoding="raw",
                             heartbeat_interval=0.2).run()
         except DeliveryError as exc:
             outcome["error"] = str(exc)
@@ -110,11 +105,9 @@ def test_a_case_left_open_by_the_scanner_is_abandoned_and_late_tiles_are_refused
         resume.set()
         daemon.stop()
         t.join(30)
-        os.close(master)
-        os.close(slave)
 
 
-def test_real_full_disk_nacks_the_tile_keeps_the_daemon_up_and_refuses_new_cases(tmp_path, demo_image):
+def test_real_full_disk_nacks_the_tile_keeps_the_daemon_up_and_refuses_new_cases(tmp_path, demo_image, pty_pair):
     """A REAL full disk: the spool is a 24 MB tmpfs. A case streams until a tile write hits ENOSPC: that tile
     is NACKed (never ACKed) and not stored, every tile ACKed before it is whole, the daemon stays up and says
     so (/status storage, the storage-error event), the finished case and its files are untouched, and a new
@@ -134,15 +127,14 @@ def test_real_full_disk_nacks_the_tile_keeps_the_daemon_up_and_refuses_new_cases
                              capture_output=True, text=True)
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    master, slave = os.openpty()
     daemon = None
     try:
         daemon = Daemon(load_settings(None, data_dir=data, model_dir=MODEL_DIR, api_port=0, min_free_mb=1),
-                        port=os.ttyname(slave))
+                        port=pty_pair.path)
         daemon.start()
         keep = [TileToSend(x, y, demo_image[500 + y: 700 + y, 900 + x: 1100 + x].copy())
                 for y in range(0, 400, 200) for x in range(0, 400, 200)]
-        stream(master, "KEEP-1", keep)
+        stream(pty_pair, "KEEP-1", keep)
         assert daemon.wait_case("KEEP-1", 120).result is not None
         assert daemon.receiver.cases["KEEP-1"].outputs_done.wait(60)
         before = {p.name: p.read_bytes() for p in (spool / "KEEP-1").iterdir()}
@@ -155,7 +147,7 @@ def test_real_full_disk_nacks_the_tile_keeps_the_daemon_up_and_refuses_new_cases
             oy, ox = int(rng.integers(0, 1800)), int(rng.integers(0, 2300))
             fill.append(TileToSend((i % 20) * 200, (i // 20) * 200, demo_image[oy: oy + 200, ox: ox + 200].copy()))
         info = case_info_for("FILL-2", "S-FILL-2", fill, 4.0, 200)
-        scanner = ScannerEmulator(FdTransport(master), info, fill, encoding="raw", ack_timeout=5.0, max_retries=3)
+        scanner = ScannerEmulator(pty_pair.transport(), info, fill, encoding="raw", ack_timeout=5.0, max_retries=3)
         t0 = time.monotonic()
         with pytest.raises(DeliveryError, match="refused tile .* times; last: STORAGE: .*No space left on device"):
             scanner.run()
@@ -169,14 +161,12 @@ def test_real_full_disk_nacks_the_tile_keeps_the_daemon_up_and_refuses_new_cases
         status = httpx.get(f"http://127.0.0.1:{daemon.api.port}/status", timeout=10).json()
         live = httpx.get(f"http://127.0.0.1:{daemon.api.port}/health", timeout=10).status_code
         with pytest.raises(DeliveryError, match="REFUSED.*not enough free disk space"):
-            stream(master, "NEW-3", keep)
+            stream(pty_pair, "NEW-3", keep)
         assert daemon.link.running and daemon.health() == (True, "")
         events = daemon.store.events()
     finally:
         if daemon is not None:
             daemon.stop()
-        os.close(master)
-        os.close(slave)
         try:
             # the tiles of the full case, read before the tmpfs goes
             rows = {r["idx"]: r["sha256"] for r in daemon.store.tiles("FILL-2")} if daemon else {}

@@ -30,12 +30,11 @@ def tampered_copy(tmp_path, filename="model.int8.bin"):
     return model
 
 
-def test_run_with_a_tampered_model_is_up_not_ready_and_says_why(notify_socket, tmp_path):
+def test_run_with_a_tampered_model_is_up_not_ready_and_says_why(notify_socket, pty_pair, tmp_path):
     path, sock = notify_socket
     model = tampered_copy(tmp_path)
     scanner = tmp_path / "scanner"
-    master, slave = os.openpty()
-    os.symlink(os.ttyname(slave), scanner)  # a scanner is plugged in: the daemon must still not open it
+    os.symlink(pty_pair.path, scanner)  # a scanner is plugged in: the daemon must still not open it
     daemon = ApplianceRun(scanner, tmp_path / "var", model_dir=model, notify_socket=path, wait_ready=False,
                           WATCHDOG_USEC="400000", APPLIANCE_FAULT_INJECTION="1")
     proc = daemon.proc
@@ -61,15 +60,13 @@ def test_run_with_a_tampered_model_is_up_not_ready_and_says_why(notify_socket, t
             reconnect = c.post("/link/reconnect", json={"initials": "AB", "reason": "try"},
                                headers={"Authorization": f"Bearer {token}"})
         assert proc.poll() is None
-        device = os.ttyname(slave)
+        device = pty_pair.path
         open_files = {os.path.realpath(f"/proc/{proc.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{proc.pid}/fd")}
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
         after = receive(sock, 1.0)
     finally:
         daemon.kill()
-        os.close(master)
-        os.close(slave)
     text = "".join(daemon.lines)
     print(f"\nSTATUS={status_line}\nWATCHDOG=1 datagrams in 2 s: {watchdogs}; /ready {ready.status_code} "
           f"{ready.json()}")
@@ -113,10 +110,9 @@ def test_daemon_with_a_missing_model_file_starts_degraded_and_records_why(tmp_pa
     assert [e["detail"]["reason"] for e in daemon.store.events() if e["kind"] == "not-ready"] == [daemon.problem]
 
 
-def test_good_model_is_ready_and_has_no_problem(settings, tmp_path):
+def test_good_model_is_ready_and_has_no_problem(settings, pty_pair):
     """The other side of the same switch: with the real model the daemon opens the link and is not degraded."""
-    master, slave = os.openpty()
-    daemon = Daemon(settings, port=os.ttyname(slave), notify=lambda kind, data: None)
+    daemon = Daemon(settings, port=pty_pair.path, notify=lambda kind, data: None)
     daemon.start()
     try:
         wait_until(lambda: not daemon.not_ready(), 10, what="the daemon to be ready",
@@ -125,5 +121,3 @@ def test_good_model_is_ready_and_has_no_problem(settings, tmp_path):
         assert "problem" not in daemon.status() and daemon.link is not None
     finally:
         daemon.stop()
-        os.close(master)
-        os.close(slave)

@@ -25,8 +25,8 @@ from appliance.service.daemon import Daemon
 from appliance.offline.demo import case_info_for
 from firmware_bridge.emulator import ScannerEmulator, TileToSend
 from firmware_bridge.pixels import TileEncoding, encode_pixels
-from firmware_bridge.transport import FdTransport
 from tests.conftest import DEMO_CASE, MODEL_DIR
+from tests.ptys import open_pty
 
 TILE = 50
 LOSSLESS = [TileEncoding.RAW, TileEncoding.ZLIB, TileEncoding.PNG]
@@ -182,23 +182,19 @@ REASONS = {
 
 @pytest.fixture(scope="module")
 def fuzz_daemon(tmp_path_factory, request):
-    import os
-
     tmp = tmp_path_factory.mktemp("tilefuzz")
-    master, slave = os.openpty()
-    settings_ = load_settings(None, data_dir=tmp / "var", model_dir=MODEL_DIR, api_port=0)
-    daemon = Daemon(settings_, port=os.ttyname(slave), notify=lambda kind, data: None)
-    daemon.start()
-    stats = {"examples": 0, "bad": 0, "good": 0, "kinds": {}}
-    try:
-        yield daemon, FdTransport(master, timeout=0.05), stats
-    finally:
-        daemon.stop()
-        os.close(master)
-        os.close(slave)
-        print(f"\ntile fuzz: {stats['examples']} cases through the daemon, {stats['bad']} bad tiles refused, "
-              f"{stats['good']} good tiles stored; bad tiles by kind: {dict(sorted(stats['kinds'].items()))}; "
-              f"host bad_tiles counter {daemon.link.counters.bad_tiles if daemon.link else '?'}")
+    with open_pty() as pty:
+        settings_ = load_settings(None, data_dir=tmp / "var", model_dir=MODEL_DIR, api_port=0)
+        daemon = Daemon(settings_, port=pty.path, notify=lambda kind, data: None)
+        daemon.start()
+        stats = {"examples": 0, "bad": 0, "good": 0, "kinds": {}}
+        try:
+            yield daemon, pty.transport(timeout=0.05), stats
+        finally:
+            daemon.stop()
+            print(f"\ntile fuzz: {stats['examples']} cases through the daemon, {stats['bad']} bad tiles refused, "
+                  f"{stats['good']} good tiles stored; bad tiles by kind: {dict(sorted(stats['kinds'].items()))}; "
+                  f"host bad_tiles counter {daemon.link.counters.bad_tiles if daemon.link else '?'}")
 
 
 _ids = itertools.count()
