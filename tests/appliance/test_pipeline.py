@@ -388,7 +388,7 @@ def test_heatmap_averages_overlapping_patches_and_traces_regions():
 
 def test_manifest_asking_for_macenko_normalises_with_one_map_per_case(tmp_path, demo_image):
     from appliance.model.engine import load_engine
-    from appliance.pipeline.stain import normalising_map
+    from appliance.pipeline.stain import apply_map, normalising_map
 
     model = tmp_path / "model"
     shutil.copytree(MODEL_DIR, model)
@@ -406,6 +406,14 @@ def test_manifest_asking_for_macenko_normalises_with_one_map_per_case(tmp_path, 
         session.close()
     assert r.verdict == "suspicious" and r.patches  # 600 x 1000 px of the demo slide's tumour
     assert r.qc["stain"] is not None and r.qc["stain_fits"] == 1
-    # one map for the whole case, from the stain's first judgement (which tile that is depends on the tiles only)
-    assert session._stain_map is not None and not np.allclose(session._stain_map, np.eye(3))
-    assert np.array_equal(session._stain_map, normalising_map(session.qc.first_fit, session.stain_reference))
+    # one map for the whole case, from the stain's first judgement (which tile that is depends on the tiles only):
+    # every whole patch was scored on its own pixels re-stained with that map, none as it came
+    stain_map = normalising_map(session.qc.first_fit, session.stain_reference)
+    assert not np.allclose(stain_map, np.eye(3))
+    region = demo_image[:600, 400:1400]
+    whole = [p for p in r.patches if (p.w, p.h) == (session.size, session.size)]
+    pixels = np.stack([region[p.y:p.y + p.h, p.x:p.x + p.w] for p in whole])
+    scored = [p.first_stage for p in whole]
+    assert len(whole) > 100
+    assert scored == np.round(engine.infer(apply_map(pixels, stain_map)).astype(np.float64), 6).tolist()
+    assert scored != np.round(engine.infer(pixels).astype(np.float64), 6).tolist()

@@ -9,25 +9,11 @@ import numpy as np
 import pytest
 
 from firmware_bridge.errors import (
-    CobsError,
-    CrcError,
-    FrameError,
-    FrameLengthError,
-    FrameTooLargeError,
-    TruncatedFrameError,
-    UnknownVersionError,
+    CobsError, CrcError, FrameError, FrameLengthError, FrameTooLargeError, TruncatedFrameError, UnknownVersionError,
 )
 from firmware_bridge.frames import (
-    HEADER_SIZE,
-    MAX_PAYLOAD,
-    UNKNOWN_SEQ,
-    Frame,
-    FrameReader,
-    cobs_decode,
-    cobs_encode,
-    cobs_max_encoded_len,
-    decode_frame,
-    encode_frame,
+    HEADER_SIZE, MAX_PAYLOAD, UNKNOWN_SEQ, Frame, FrameReader, cobs_decode, cobs_encode, cobs_max_encoded_len,
+    decode_frame, encode_frame,
 )
 
 # Reference vectors from the COBS paper / Wikipedia, so a C implementation can reuse them.
@@ -212,9 +198,10 @@ def test_reader_drops_an_oversized_run_and_reports_it_once() -> None:
     for _ in range(10):
         out += reader.feed(b"\x55" * 500)  # 5000 bytes, no delimiter
     out += reader.feed(b"\x00" + encode_frame(3, 9, b"ok"))
-    assert len(reader._buf) == 0
     assert [type(i) for i in out] == [FrameTooLargeError, Frame]
     assert out[1].payload == b"ok"
+    assert reader.bytes_dropped == 5000  # the whole run, dropped rather than kept
+    assert reader.feed(b"\x00") == []  # and nothing is held over after the frame
 
 
 def test_reader_never_raises_on_random_bytes() -> None:

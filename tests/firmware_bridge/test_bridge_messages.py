@@ -13,25 +13,8 @@ from PIL import Image
 from firmware_bridge.errors import MessageDecodeError, TileDecodeError, TileEncodeError
 from firmware_bridge.frames import UNKNOWN_SEQ, decode_frame
 from firmware_bridge.messages import (
-    Ack,
-    CaseBegin,
-    CaseEnd,
-    Capability,
-    ErrorCode,
-    ErrorMessage,
-    Hello,
-    MsgType,
-    Nack,
-    NackReason,
-    Role,
-    Tile,
-    TileEncoding,
-    clip_text,
-    decode_message,
-    decode_tile_pixels,
-    encode_message,
-    message_from_frame,
-    message_to_frame,
+    Ack, CaseBegin, CaseEnd, Capability, ErrorCode, ErrorMessage, Hello, MsgType, Nack, NackReason, Role, Tile,
+    TileEncoding, clip_text, decode_message, decode_tile_pixels, encode_message, message_from_frame, message_to_frame,
 )
 from firmware_bridge.pixels import encode_pixels
 

@@ -1,6 +1,7 @@
 """Property tests (hypothesis): codecs round-trip, and the parsers survive any bytes.
 
-The default run uses DEFAULT_EXAMPLES per property; the @slow twins run SLOW_EXAMPLES.
+The default run uses DEFAULT_EXAMPLES per property; the long properties run again with SLOW_EXAMPLES,
+marked slow (parametrised by example count, the same body).
 "Never hangs" is enforced by a SIGALRM watchdog per example, not only by hypothesis's
 deadline (which can only complain after a slow example has finished).
 """
@@ -15,37 +16,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from firmware_bridge.errors import FrameError, MessageDecodeError, TileDecodeError
+from firmware_bridge.errors import FrameError, FrameTooLargeError, MessageDecodeError, TileDecodeError
 from firmware_bridge.frames import (
-    MAX_PAYLOAD,
-    UNKNOWN_SEQ,
-    Frame,
-    FrameReader,
-    cobs_decode,
-    cobs_encode,
-    cobs_max_encoded_len,
-    decode_frame,
-    encode_frame,
+    CRC_SIZE, HEADER_SIZE, MAX_PAYLOAD, UNKNOWN_SEQ, Frame, FrameReader, cobs_decode, cobs_encode,
+    cobs_max_encoded_len, decode_frame, encode_frame,
 )
 from firmware_bridge.messages import (
-    STR8_MAX,
-    Ack,
-    CaseBegin,
-    CaseEnd,
-    Capability,
-    ErrorCode,
-    ErrorMessage,
-    Heartbeat,
-    Hello,
-    MsgType,
-    Nack,
-    NackReason,
-    Role,
-    Tile,
-    TileEncoding,
-    decode_message,
-    message_from_frame,
-    message_to_frame,
+    STR8_MAX, Ack, CaseBegin, CaseEnd, Capability, ErrorCode, ErrorMessage, Heartbeat, Hello, MsgType, Nack, NackReason,
+    Role, Tile, TileEncoding, decode_message, message_from_frame, message_to_frame,
 )
 from firmware_bridge.pixels import decode_pixels
 
@@ -61,8 +39,15 @@ def fast(fn):
     return settings(max_examples=DEFAULT_EXAMPLES, **COMMON)(fn)
 
 
-def slow(fn):
-    return pytest.mark.slow(settings(max_examples=SLOW_EXAMPLES, **COMMON)(fn))
+EXAMPLES = pytest.mark.parametrize("examples", [
+    pytest.param(DEFAULT_EXAMPLES, id="500"),
+    pytest.param(SLOW_EXAMPLES, id="10k", marks=pytest.mark.slow),
+])
+
+
+def check(examples: int, prop, *strategies) -> None:
+    """Check ``prop`` on ``examples`` hypothesis examples drawn from ``strategies``."""
+    settings(max_examples=examples, **COMMON)(given(*strategies)(prop))()
 
 
 class Hang(Exception):
@@ -127,12 +112,15 @@ messages = st.one_of(
 
 @st.composite
 def wire_soup(draw) -> bytes:
-    """Bytes a damaged line could carry: valid frames, mangled frames, noise, stray delimiters."""
+    """Bytes a damaged line could carry: valid frames, mangled frames, noise, stray delimiters, and a line stuck
+    sending one byte (no delimiter for longer than the smallest frame limit drawn below)."""
     pieces = []
     for _ in range(draw(st.integers(1, 6))):
-        kind = draw(st.sampled_from(["frame", "mangled", "noise", "zeros", "cobs"]))
+        kind = draw(st.sampled_from(["frame", "mangled", "noise", "zeros", "cobs", "stuck"]))
         if kind == "noise":
             pieces.append(draw(st.binary(max_size=400)))
+        elif kind == "stuck":
+            pieces.append(bytes([draw(st.integers(1, 0xFF))]) * draw(st.integers(60, 1200)))
         elif kind == "zeros":
             pieces.append(b"\x00" * draw(st.integers(1, 3)))
         elif kind == "cobs":
@@ -199,28 +187,14 @@ def test_cobs_round_trip(data: bytes) -> None:
     _cobs_round_trip(data)
 
 
-@fast
-@given(u8, seqs, u8, payloads, st.lists(st.integers(0, 10_000), max_size=6))
-def test_frame_round_trip(msg_type, seq, flags, payload, cuts) -> None:
-    _frame_round_trip(msg_type, seq, flags, payload, cuts)
+@EXAMPLES
+def test_frame_round_trip(examples) -> None:
+    check(examples, _frame_round_trip, u8, seqs, u8, payloads, st.lists(st.integers(0, 10_000), max_size=6))
 
 
-@slow
-@given(u8, seqs, u8, payloads, st.lists(st.integers(0, 10_000), max_size=6))
-def test_frame_round_trip_10k(msg_type, seq, flags, payload, cuts) -> None:
-    _frame_round_trip(msg_type, seq, flags, payload, cuts)
-
-
-@fast
-@given(messages, seqs)
-def test_every_message_round_trips(msg, seq) -> None:
-    _message_round_trip(msg, seq)
-
-
-@slow
-@given(messages, seqs)
-def test_every_message_round_trips_10k(msg, seq) -> None:
-    _message_round_trip(msg, seq)
+@EXAMPLES
+def test_every_message_round_trips(examples) -> None:
+    check(examples, _message_round_trip, messages, seqs)
 
 
 # --- the parsers never raise anything but their own errors, and never hang --------------
@@ -237,12 +211,23 @@ def _decode_frame_any(data: bytes, max_payload: int) -> None:
 
 def _reader_any(data: bytes, cuts: list[int], max_payload: int) -> None:
     reader = FrameReader(max_payload=max_payload)
-    items = []
+    limit = cobs_max_encoded_len(HEADER_SIZE + max_payload + CRC_SIZE)  # the longest chunk a frame can be
+    items, fed = [], b""
     with watchdog():
         for piece in _split(data, cuts):
             items += reader.feed(piece)
-            # Memory stays bounded whatever arrives.
-            assert len(reader._buf) <= cobs_max_encoded_len(12 + max_payload + 4)
+            fed += piece
+            # Memory stays bounded whatever arrives: one item per chunk between delimiters, a chunk longer than
+            # any frame reported as soon as it passes the limit, and every byte of a bad chunk dropped (counted,
+            # not held), so all the reader can hold is a last chunk of at most `limit` bytes.
+            *chunks, last = fed.split(b"\x00")
+            chunks = [c for c in chunks if c]
+            overlong = len(last) > limit
+            assert len(items) == len(chunks) + overlong
+            assert all(isinstance(i, FrameTooLargeError) for c, i in zip(chunks, items) if len(c) > limit)
+            assert not overlong or isinstance(items[-1], FrameTooLargeError)
+            dropped = sum(len(c) for c, i in zip(chunks, items) if isinstance(i, FrameError))
+            assert reader.bytes_dropped == dropped + (len(last) if overlong else 0)
     assert all(isinstance(i, (Frame, FrameError)) for i in items)
     # Whatever came before, a delimiter and a good frame always get through.
     good = encode_frame(MsgType.TILE, 7, b"after the noise")
@@ -252,28 +237,14 @@ def _reader_any(data: bytes, cuts: list[int], max_payload: int) -> None:
 limits = st.sampled_from([64, 1000, MAX_PAYLOAD])
 
 
-@fast
-@given(arbitrary_bytes, limits)
-def test_decode_frame_raises_only_frame_errors(data, max_payload) -> None:
-    _decode_frame_any(data, max_payload)
+@EXAMPLES
+def test_decode_frame_raises_only_frame_errors(examples) -> None:
+    check(examples, _decode_frame_any, arbitrary_bytes, limits)
 
 
-@slow
-@given(arbitrary_bytes, limits)
-def test_decode_frame_raises_only_frame_errors_10k(data, max_payload) -> None:
-    _decode_frame_any(data, max_payload)
-
-
-@fast
-@given(arbitrary_bytes, st.lists(st.integers(0, 10_000), max_size=8), limits)
-def test_frame_reader_never_raises_or_hangs(data, cuts, max_payload) -> None:
-    _reader_any(data, cuts, max_payload)
-
-
-@slow
-@given(arbitrary_bytes, st.lists(st.integers(0, 10_000), max_size=8), limits)
-def test_frame_reader_never_raises_or_hangs_10k(data, cuts, max_payload) -> None:
-    _reader_any(data, cuts, max_payload)
+@EXAMPLES
+def test_frame_reader_never_raises_or_hangs(examples) -> None:
+    check(examples, _reader_any, arbitrary_bytes, st.lists(st.integers(0, 10_000), max_size=8), limits)
 
 
 @fast

@@ -20,23 +20,8 @@ import firmware_bridge
 from firmware_bridge.cases import ENDED_CASES_REMEMBERED
 from firmware_bridge.frames import UNKNOWN_SEQ, FrameReader, cobs_encode, encode_frame
 from firmware_bridge.messages import (
-    Ack,
-    CaseBegin,
-    CaseEnd,
-    Capability,
-    ErrorCode,
-    ErrorMessage,
-    Heartbeat,
-    Hello,
-    Message,
-    MsgType,
-    Nack,
-    NackReason,
-    Role,
-    Tile,
-    TileEncoding,
-    message_from_frame,
-    message_to_frame,
+    Ack, CaseBegin, CaseEnd, Capability, ErrorCode, ErrorMessage, Heartbeat, Hello, Message, MsgType, Nack, NackReason,
+    Role, Tile, TileEncoding, message_from_frame, message_to_frame,
 )
 from firmware_bridge.session import SILENCE_FACTOR, Answer, HostSession
 from firmware_bridge.sink import CaseInfo, CaseRefused, TileReceived
