@@ -16,6 +16,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from contextlib import closing
 from pathlib import Path
 
 import httpx
@@ -25,9 +26,10 @@ from appliance import RESEARCH_USE_NOTICE
 from appliance.model.manifest import read_manifest
 from appliance.site.drift import watch
 from appliance.site.report import read_report
-from appliance.store import CaseStore
 from tests.conftest import MODEL_DIR
 from tests.site_cases import dev_data, dev_site, load_slide, virtual_cores, write_cases, write_site
+from tests.stores import open_store
+from tests.waiting import wait_until
 
 TARGET = 0.98
 
@@ -91,11 +93,12 @@ def reports(sites):
                              str(sites["mixed"]), "--out", str(root / "report-mixed")], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
                             start_new_session=True)
-    deadline = time.monotonic() + 600
-    while len(recorded(db)) < 100 and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its Dask workers, halfway
-    proc.wait()
+    try:
+        wait_until(lambda: len(recorded(db)) >= 100 or proc.poll() is not None, 600, interval=0.2,
+                   what="100 of the 200 cores recorded by the validation to be killed")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and its Dask workers, halfway
+        proc.wait()
     before = recorded(db)
     rerun = appliance(data, "site", "validate", "--manifest", str(sites["mixed"]), "--out", str(root / "report-mixed"))
     after_mixed = recorded(db)
@@ -192,11 +195,8 @@ def test_the_report_opens_in_chromium_with_its_plots_drawn(reports, chromium):
 
 def test_drift_stays_quiet_over_site_a_and_fires_within_50_cases_of_site_b(sites, reports):
     manifest = read_manifest(MODEL_DIR)
-    store = CaseStore(sites["data"] / "appliance.db")
-    try:
+    with closing(open_store(sites["data"] / "appliance.db")) as store:
         by_id = {c["id"]: c for c in store.list_cases(limit=10_000)}
-    finally:
-        store.close()
     for site, quiet in (("a", True), ("b", False)):
         report = read_report(reports[f"report_{site}"])
         cases = [by_id[c["case_id"]] for c in report["cases"]]
@@ -223,11 +223,8 @@ def test_a_site_like_the_development_cases_agrees_with_the_model_card_and_drift_
         report["auc"], report["shipped"], report["model_card"])
     card = report["model_card"]
     assert report["auc"]["ci95"][0] <= card["auc"] + 0.02  # not only overlapping: near the card's own figure
-    store = CaseStore(tmp_path / "var" / "appliance.db")
-    try:
+    with closing(open_store(tmp_path / "var" / "appliance.db")) as store:
         by_id = {c["id"]: c for c in store.list_cases(limit=10_000)}
-    finally:
-        store.close()
     cases = [by_id[c["case_id"]] for c in report["cases"]]
     drift = read_manifest(MODEL_DIR).drift
     assert len(cases) >= 100
@@ -249,7 +246,6 @@ def test_after_accept_the_daemon_calls_with_the_site_threshold_and_its_messages_
     from appliance.offline.demo import run_demo
     from appliance.service.outbox import Outbox
     from tests.lis_receivers import FhirReceiver, MllpReceiver
-    from tests.waiting import wait_until
 
     token = tmp_path / "fhir-token"
     token.write_text("site-test-token\n")
@@ -264,7 +260,7 @@ def test_after_accept_the_daemon_calls_with_the_site_threshold_and_its_messages_
         outcome = run_demo(settings, case_path=case, timeout=120, out=open(os.devnull, "w"))
         assert outcome.exit_code == 0
         # the call's messages were queued with it; the daemon's sender delivers what its run left pending
-        store = CaseStore(settings.db_path, settings.lis_destinations)
+        store = open_store(settings.db_path, settings.lis_destinations)
         outbox = Outbox(store, token, first_backoff_s=0.05, max_backoff_s=0.2, timeout_s=5)
         outbox.start()
         try:
@@ -280,7 +276,8 @@ def test_after_accept_the_daemon_calls_with_the_site_threshold_and_its_messages_
         mllp.stop()
         fhir.stop()
     threshold = accepted["recommended"]["threshold"]
-    audit = [(a["actor"], a["via"], a["action"], a["detail"]["threshold"]) for a in CaseStore(settings.db_path).audit_log()]
+    with closing(open_store(settings.db_path)) as store:
+        audit = [(a["actor"], a["via"], a["action"], a["detail"]["threshold"]) for a in store.audit_log()]
     assert ("QA", "cli", "site-accept", threshold) in audit
     assert row["threshold_source"] == "site" and row["threshold"] == threshold
     assert row["site_report_sha256"] == accepted["report_sha256"]
@@ -363,7 +360,7 @@ def test_accept_and_reset_through_the_api_are_audited_and_visible(sites, reports
     from appliance.config import Settings
 
     settings = Settings(data_dir=sites["data"], model_dir=MODEL_DIR, api_port=0)
-    store = CaseStore(settings.db_path)
+    store = open_store(settings.db_path)
     server = ApiServer(create_app(settings, store), "127.0.0.1", 0)
     server.start()
     url = f"http://127.0.0.1:{server.port}"
@@ -388,7 +385,8 @@ def test_accept_and_reset_through_the_api_are_audited_and_visible(sites, reports
     finally:
         server.stop()
         store.close()
-    audit = [a for a in CaseStore(settings.db_path).audit_log() if a["action"].startswith("site-")]
+    with closing(open_store(settings.db_path)) as store:
+        audit = [a for a in store.audit_log() if a["action"].startswith("site-")]
     mine = [(a["actor"], a["via"], a["action"]) for a in audit if a["actor"] == "JD"]
     assert mine[-2:] == [("JD", "api", "site-accept"), ("JD", "api", "site-reset")]
     assert all(a["at"] and a["detail"]["threshold"] for a in audit)

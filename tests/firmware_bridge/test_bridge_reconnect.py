@@ -104,7 +104,8 @@ def test_host_waits_for_a_scanner_that_is_not_plugged_in_yet(tmp_path, make_case
     path = tmp_path / "scanner"
     case, tiles = make_case("CASE-LATE", cols=3, rows=2)
     with HostLink(str(path), sink, read_timeout=0.05, wait_for_port=True) as host:
-        time.sleep(0.2)
+        # the missing port is tried again and again (not given up on): it keeps waiting for the scanner
+        wait_until(lambda: host.counters.reconnect_attempts >= 2, 10.0, 0.01, what="two tries of the missing port")
         assert host.state == "reconnecting" and host.running
         with PtyCable(path) as cable:
             result = ScannerEmulator(cable, case, tiles, ack_timeout=0.3, max_retries=20).run()
