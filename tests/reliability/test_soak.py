@@ -1,6 +1,8 @@
 """Memory over a long run: bench/soak.py streams 100 cases back to back through one `appliance run` process
 (on a real pty, with the real model and SQLite) and reads its VmRSS after each case; the resident memory may
-grow by less than 5% from case 10 to case 100. A memory figure, not a wall-clock time."""
+grow by less than 5% from case 10 to case 100. A memory figure, not a wall-clock time.
+
+Slow (not in `make test`, nor so in CI, which runs `make test`): `make test-slow` runs it."""
 
 import json
 import subprocess
@@ -12,7 +14,6 @@ from tests.conftest import ROOT
 
 
 @pytest.mark.slow
-@pytest.mark.ci  # in the default suite too: CI runs it
 def test_rss_grows_less_than_5_percent_over_100_cases(tmp_path):
     out = tmp_path / "soak.json"
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "soak.py"), "--cases", "100", "--json", str(out)],
