@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 
+from appliance.model.ref import ModelRef
 from appliance.pipeline import PatchScore, TriageResult, TriageSession
 from appliance.terms import Verdict
 
-MODEL = {"name": "m", "version": "1", "sha256": "a" * 64, "backend": "openvino"}
+MODEL = ModelRef("m", "1", "a" * 64, "openvino")
 
 
 def a_result(verdict: str, score: float, *, patches: int = 20, early_positive_after_tiles: int | None = None,
-             timings_ms: dict | None = None, model: dict | None = None) -> TriageResult:
+             timings_ms: dict | None = None, model: ModelRef | None = None) -> TriageResult:
     """A TriageResult as the pipeline makes it, with ``patches`` evenly scored patches."""
     return TriageResult(
         verdict=Verdict(verdict), score=score, threshold=0.5, patch_threshold=0.5, reasons=[], model=model or MODEL,
