@@ -65,7 +65,7 @@ def run(ctx, port: str | None) -> None:
     from appliance.service.daemon import Daemon, serve
     from appliance.service.events import Event, TileStored
     from appliance.service.heap import tune_allocator
-    from appliance.service.notify import Notifier
+    from appliance.service.systemd import SystemdNotifier
 
     tune_allocator()  # before the engine's and the link's threads allocate: a steady RSS for months
     settings = _settings(ctx, serial_port=port)
@@ -82,7 +82,7 @@ def run(ctx, port: str | None) -> None:
         signal.signal(signal.SIGUSR1, lambda *_: daemon.pipeline.hang.set())
         click.echo("[fault-injection] on: SIGUSR1 hangs the pipeline thread", err=True)
     try:
-        serve(daemon, Notifier(), stop)
+        serve(daemon, SystemdNotifier(), stop)
     except KeyboardInterrupt:
         pass
     finally:

@@ -124,7 +124,7 @@ class ShuffledScorer:
 def _triage_region(engine, tiles, batch: int, scorer=None) -> tuple[dict, list[dict]]:
     calls = []
     session = TriageSession(engine, batch_size=batch, width=2500, height=1200,
-                            on_event=lambda kind, data: calls.append(data) if kind == "early-positive" else None)
+                            on_early_positive=lambda score, tiles: calls.append({"score": score, "tiles": tiles}))
     if scorer is not None:
         session.scorer = scorer(session.scorer)
     try:
@@ -306,7 +306,7 @@ def _stream_through_daemon(tmp_path, images: dict, batch: int, engine, pace: flo
     settings = load_settings(None, data_dir=tmp_path / f"var-{batch}", model_dir=MODEL_DIR, api_port=0,
                              batch_size=batch)
     with open_pty() as pty:
-        daemon = Daemon(settings, port=pty.path, notify=lambda kind, data: None, engine=engine)
+        daemon = Daemon(settings, port=pty.path, notify=lambda event: None, engine=engine)
         daemon.start()
         try:
             out = {}

@@ -10,6 +10,7 @@ import tifffile
 from PIL import Image
 
 from appliance.service.daemon import Daemon
+from appliance.service.events import CaseFinished
 from appliance.offline.demo import case_info_for, run_demo
 from appliance.terms import CaseFile
 from appliance.pipeline.summary import TriageSummary
@@ -38,7 +39,7 @@ def test_streamed_case_is_stored_tile_for_tile_and_logged(settings, pty_pair, de
     tiles = [TileToSend(x, y, np.ascontiguousarray(region[y:y + 200, x:x + 200]))
              for y in range(0, 600, 200) for x in range(0, 600, 200)]
     events = []
-    daemon = Daemon(settings, port=pty_pair.path, notify=lambda kind, data: events.append((kind, data)))
+    daemon = Daemon(settings, port=pty_pair.path, notify=events.append)
     daemon.start()
     try:
         info = case_info_for("E2E-1", "S-E2E", tiles, 4.0, 200)
@@ -72,7 +73,7 @@ def test_streamed_case_is_stored_tile_for_tile_and_logged(settings, pty_pair, de
     assert case["model_sha256"] == daemon.engine.manifest.digest
     assert set(case["timings_ms"]) >= {"tissue_qc", "patching", "wait_inference", "total"}
     assert api_case["verdict"] == case["verdict"]
-    assert any(kind == "finished" for kind, _ in events)
+    assert any(isinstance(e, CaseFinished) for e in events)
     # /metrics is valid Prometheus text and agrees with the store
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -124,7 +125,7 @@ def test_daemon_rides_through_link_faults_and_reports_them(settings, demo_image,
 
     tiles = tissue_tiles(demo_image)
     cable = PtyCable(tmp_path / "scanner")
-    daemon = Daemon(settings, port=str(cable.path), notify=lambda kind, data: None)
+    daemon = Daemon(settings, port=str(cable.path), notify=lambda event: None)
     daemon.start()
     try:
         faults = Faults(0.2, seed=7, weights={"bit_flip": 1, "drop": 1, "truncate": 1, "duplicate": 1, "reorder": 1,
@@ -162,7 +163,7 @@ def test_event_stream_delivers_early_positive_then_finished_in_order(settings, p
     from appliance.offline.sources import tiles_from_image
 
     tiles = [TileToSend(t.x, t.y, np.ascontiguousarray(t.pixels)) for t in tiles_from_image(demo_image, 200)]
-    daemon = Daemon(settings, port=pty_pair.path, notify=lambda kind, data: None)
+    daemon = Daemon(settings, port=pty_pair.path, notify=lambda event: None)
     daemon.start()
     got, connected = [], threading.Event()
 
@@ -202,7 +203,7 @@ def test_status_cli_is_a_client_of_the_running_daemon(settings, pty_pair):
     import subprocess
     import sys
 
-    daemon = Daemon(settings, port=pty_pair.path, notify=lambda kind, data: None)
+    daemon = Daemon(settings, port=pty_pair.path, notify=lambda event: None)
     daemon.start()
     try:
         url = f"http://127.0.0.1:{daemon.api.port}"
@@ -230,7 +231,7 @@ def test_operator_reconnect_mid_case_keeps_every_tile_and_is_audited(settings, d
 
     tiles = tissue_tiles(demo_image)
     cable = PtyCable(tmp_path / "scanner")
-    daemon = Daemon(settings, port=str(cable.path), notify=lambda kind, data: None)
+    daemon = Daemon(settings, port=str(cable.path), notify=lambda event: None)
     daemon.start()
     token = settings.token_path.read_text().strip()
     body = {"initials": "AB", "reason": "scanner cable reseated"}
@@ -248,7 +249,7 @@ def test_operator_reconnect_mid_case_keeps_every_tile_and_is_audited(settings, d
 
             def ten_tiles_in() -> bool:
                 assert scanner.is_alive(), "the scanner stopped before 10 tiles were in"
-                current = daemon.receiver.current
+                current = daemon.cases.current
                 return current is not None and current.tiles_received >= 10
 
             wait_until(ten_tiles_in, 60, interval=0.02, what="10 tiles of RECON-1 received")

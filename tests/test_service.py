@@ -6,7 +6,7 @@ import signal
 import time
 from contextlib import closing
 
-from appliance.service.notify import Notifier
+from appliance.service.systemd import SystemdNotifier
 from tests.appliance_run import ApplianceRun
 from tests.conftest import receive_datagrams as receive
 from tests.stores import open_store
@@ -15,15 +15,15 @@ from tests.waiting import wait_until
 
 def test_notifier_speaks_the_datagram_protocol(notify_socket):
     path, sock = notify_socket
-    n = Notifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "3000000"})
+    n = SystemdNotifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "3000000"})
     assert n.enabled and n.watchdog_interval == 1.5
     assert n.ready("loaded")
     assert n.watchdog()
     assert n.status("case A") and not n.status("case A")  # unchanged status is not resent
     got = receive(sock, 0.5)
     assert got[0].split("\n")[:2] == ["READY=1", "STATUS=loaded"] and got[1:] == ["WATCHDOG=1", "STATUS=case A"]
-    assert not Notifier({}).enabled and not Notifier({}).ready("x")  # not under systemd: a no-op
-    assert Notifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "1000", "WATCHDOG_PID": "1"}).watchdog_interval is None
+    assert not SystemdNotifier({}).enabled and not SystemdNotifier({}).ready("x")  # not under systemd: a no-op
+    assert SystemdNotifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "1000", "WATCHDOG_PID": "1"}).watchdog_interval is None
 
 
 def test_run_is_ready_after_the_port_opens_and_withholds_the_watchdog_when_the_pipeline_hangs(

@@ -3,7 +3,7 @@
 import pytest
 
 from appliance.api.app import ApiServer, create_app
-from tests.results import a_result
+from tests.results import MODEL, a_result
 
 
 @pytest.fixture
@@ -17,6 +17,5 @@ def api(settings, store):
 
 
 def finished_case(store, case_id="C-1"):
-    model = {"name": "m", "version": "1", "sha256": "a" * 64, "backend": "openvino"}
-    store.case_started(case_id, specimen_id="S-1", tiles_expected=3, model=model)
-    store.case_finished(case_id, a_result("suspicious", 0.9, patches=20, early_positive_after_tiles=2, model=model))
+    store.case_started(case_id, specimen_id="S-1", tiles_expected=3, model=MODEL)
+    store.case_finished(case_id, a_result("suspicious", 0.9, patches=20, early_positive_after_tiles=2))

@@ -10,14 +10,14 @@ import pytest
 
 from appliance.api.app import ApiServer, create_app
 from tests.appliance.conftest import finished_case
-from tests.results import a_result
+from tests.results import MODEL, a_result
 from tests.stores import open_store
 
 
 def test_health_cases_and_case(api):
     store, url = api
     store.case_started("C-1", specimen_id="S-1", tiles_expected=3,
-                       model={"name": "m", "version": "1", "sha256": "a" * 64, "backend": "openvino"})
+                       model=MODEL)
     store.case_finished("C-1", a_result("benign-appearing", 0.12, patches=20, timings_ms={"inference": 1.5}))
     with httpx.Client(base_url=url, timeout=10) as c:
         h = c.get("/health")
@@ -72,7 +72,7 @@ def test_api_binds_loopback_only_by_default(tmp_path):
     (tmp_path / "no-model").mkdir()
     defaults = load_settings(None, data_dir=tmp_path / "var", model_dir=tmp_path / "no-model", api_port=0)
     assert defaults.api_host == "127.0.0.1"
-    daemon = Daemon(defaults, port=str(tmp_path / "scanner"), notify=lambda kind, data: None)
+    daemon = Daemon(defaults, port=str(tmp_path / "scanner"), notify=lambda event: None)
     daemon.start()
     try:
         assert daemon.problem and daemon.api is not None  # degraded, and serving

@@ -5,14 +5,13 @@ import pytest
 from appliance.api.app import ApiServer, create_app
 from firmware_bridge.host import HostLink
 from tests.openapi_fuzz import fuzz_api, schema_operation_count
-from tests.results import a_result
+from tests.results import MODEL, a_result
 
 
 @pytest.fixture
 def api_url(settings, store, pty_pair):
-    model = {"name": "m", "version": "1", "sha256": "a" * 64, "backend": "openvino"}
-    store.case_started("C-1", specimen_id="S-1", model=model)
-    store.case_finished("C-1", a_result("suspicious", 0.9, patches=0, model=model))
+    store.case_started("C-1", specimen_id="S-1", model=MODEL)
+    store.case_finished("C-1", a_result("suspicious", 0.9, patches=0))
     # a real link on a pty path, so POST /link/reconnect really reopens it
     link = HostLink(pty_pair.path, sink=None, backoff_initial=0.01).start()
 

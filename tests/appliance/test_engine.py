@@ -216,7 +216,7 @@ def test_a_first_stage_final_rule_is_its_own_early_rule(tmp_path):
 def test_the_model_description_is_plain_data_as_the_ready_line_and_the_store_show_it(ov_engine, ort_engine):
     """The backend is the plain word: the [ready] line once showed <EngineName.OPENVINO: 'openvino'>."""
     for engine, word in ((ov_engine, "openvino"), (ort_engine, "onnxruntime")):
-        backend = engine.description["backend"]
+        backend = engine.model_ref.backend
         assert type(backend) is str and repr(backend) == repr(word)
 
 

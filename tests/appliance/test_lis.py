@@ -14,11 +14,11 @@ import httpx
 import pytest
 
 from appliance import RESEARCH_USE_NOTICE
-from appliance.service.outbox import Outbox
+from appliance.lis.outbox import OutboxSender
 from appliance.store import CaseStore
 from tests.appliance.conftest import finished_case
 from tests.lis_receivers import FhirReceiver, MllpReceiver
-from tests.results import a_result
+from tests.results import MODEL, a_result
 from tests.stores import open_store
 from tests.waiting import wait_until
 
@@ -42,9 +42,10 @@ def receivers():
     fhir.stop()
 
 
-def quick_outbox(store: CaseStore, token_file=None) -> Outbox:
+def quick_outbox(store: CaseStore, token_file=None) -> OutboxSender:
     """The daemon's outbox with test-sized waits: first retry after 50 ms, at most 200 ms apart."""
-    return Outbox(store, token_file, first_backoff_s=0.05, max_backoff_s=0.2, timeout_s=2)
+    return OutboxSender(store, store.outbox.destinations, token_file, first_backoff_s=0.05, max_backoff_s=0.2,
+                        timeout_s=2)
 
 
 def both(mllp: MllpReceiver, fhir: FhirReceiver) -> list[str]:
@@ -79,7 +80,7 @@ def test_a_call_reaches_both_receivers_once_they_are_up_as_the_same_message(tmp_
     store = open_store(tmp_path / "a.db", both(mllp, fhir))
     outbox = quick_outbox(store, token_file)
     try:
-        store.case_started("C-1", specimen_id="S-1", model={"name": "m"})
+        store.case_started("C-1", specimen_id="S-1", model=MODEL)
         store.case_finished("C-1", a_result("suspicious", 0.91))
         pending = deliveries(store, "C-1")
         assert {d["status"] for d in pending.values()} == {"pending"}  # written with the call
@@ -184,7 +185,8 @@ def test_100_cases_reach_both_receivers_exactly_once_by_message_id_while_they_re
     mllp.start()
     fhir.start()
     store = open_store(tmp_path / "c.db", both(mllp, fhir))
-    outbox = Outbox(store, token_file, first_backoff_s=0.02, max_backoff_s=0.2, timeout_s=2)
+    outbox = OutboxSender(store, store.outbox.destinations, token_file, first_backoff_s=0.02, max_backoff_s=0.2,
+                          timeout_s=2)
     rng = random.Random(2026)
     stop = threading.Event()
     restarts = {"mllp": 0, "fhir": 0}
@@ -204,7 +206,7 @@ def test_100_cases_reach_both_receivers_exactly_once_by_message_id_while_they_re
     chaos_thread.start()
     try:
         for i in range(100):
-            store.case_started(f"M-{i:03d}", model={"name": "m"})
+            store.case_started(f"M-{i:03d}", model=MODEL)
             store.case_finished(f"M-{i:03d}", a_result("suspicious" if i % 3 else "benign-appearing", i / 100))
         wait_until(lambda: store.delivery_counts()["delivered"] == 200, timeout=300,
                    detail=lambda: store.delivery_counts())
@@ -303,7 +305,8 @@ def test_a_receiver_that_never_answers_holds_up_no_other_destination(tmp_path, t
     mllp.start()
     fhir.start()
     store = open_store(tmp_path / "h.db", both(mllp, fhir))
-    outbox = Outbox(store, token_file, first_backoff_s=0.05, max_backoff_s=0.2, timeout_s=60)
+    outbox = OutboxSender(store, store.outbox.destinations, token_file, first_backoff_s=0.05, max_backoff_s=0.2,
+                          timeout_s=60)
     try:
         finished_case(store, "C-H")
         outbox.start()

@@ -137,12 +137,14 @@ def test_triage_cli_out_dir_and_json_agree(tmp_path):
 
 # ------------------------------------------------------------------------------------------ verdicts
 def test_real_tumour_case_is_called_suspicious_early(ov_engine, demo_image):
-    events = []
-    r = run_session(ov_engine, demo_image, pace=0.02, on_event=lambda k, d: events.append((k, d)))
+    calls = []
+    r = run_session(ov_engine, demo_image, pace=0.02,
+                    on_early_positive=lambda score, tiles: calls.append((score, tiles)))
     assert r.verdict == "suspicious" and not r.reasons
     assert r.early_positive and r.early_positive_after_tiles < r.tiles
-    kinds = [k for k, _ in events]
-    assert kinds.index("early-positive") < kinds.index("finished")
+    # said once, while the tiles were still coming, after the tile the result names
+    assert [tiles for _score, tiles in calls] == [r.early_positive_after_tiles]
+    assert r.early_threshold <= calls[0][0] <= r.early_score
     assert r.qc["out_of_focus_fraction"] < 0.1 and r.qc["stain_angles_deg"] is not None
 
 
@@ -184,8 +186,7 @@ def test_over_exposed_case_cannot_be_called(ov_engine, demo_image):
 
 def test_early_call_is_final_whatever_follows(ov_engine, demo_image):
     calls = []
-    session = TriageSession(ov_engine, on_event=lambda kind, data: calls.append(data) if kind == "early-positive"
-                            else None)
+    session = TriageSession(ov_engine, on_early_positive=lambda score, tiles: calls.append({"score": score, "tiles": tiles}))
     try:
         tiles = list(tiles_from_image(demo_image, 200))
         for t in tiles:

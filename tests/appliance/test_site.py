@@ -244,7 +244,7 @@ def accepted(sites, reports):
 def test_after_accept_the_daemon_calls_with_the_site_threshold_and_its_messages_say_so(sites, accepted, tmp_path):
     from appliance.config import Settings
     from appliance.offline.demo import run_demo
-    from appliance.service.outbox import Outbox
+    from appliance.lis.outbox import OutboxSender, destinations_of
     from tests.lis_receivers import FhirReceiver, MllpReceiver
 
     token = tmp_path / "fhir-token"
@@ -260,8 +260,9 @@ def test_after_accept_the_daemon_calls_with_the_site_threshold_and_its_messages_
         outcome = run_demo(settings, case_path=case, timeout=120, out=open(os.devnull, "w"))
         assert outcome.exit_code == 0
         # the call's messages were queued with it; the daemon's sender delivers what its run left pending
-        store = open_store(settings.db_path, settings.lis_destinations)
-        outbox = Outbox(store, token, first_backoff_s=0.05, max_backoff_s=0.2, timeout_s=5)
+        store = open_store(settings.db_path, [d.name for d in destinations_of(settings)])
+        outbox = OutboxSender(store, store.outbox.destinations, token, first_backoff_s=0.05, max_backoff_s=0.2,
+                              timeout_s=5)
         outbox.start()
         try:
             row = store.get_case(outcome.case_id)

@@ -8,6 +8,7 @@ import pytest
 
 from appliance.config import load_settings
 from appliance.errors import ConfigError
+from appliance.model.ref import ModelRef
 from appliance.store.spool import TileSpool
 from appliance.errors import StoreError
 from tests.stores import open_store
@@ -15,8 +16,7 @@ from tests.stores import open_store
 
 def test_store_uses_wal_full_sync_and_migrations(tmp_path):
     store = open_store(tmp_path / "a.db")
-    store.case_started("C1", specimen_id="S1", tiles_expected=2, model={"name": "m", "version": "1",
-                                                                          "sha256": "ab", "backend": "openvino"})
+    store.case_started("C1", specimen_id="S1", tiles_expected=2, model=ModelRef("m", "1", "ab", "openvino"))
     # the writer commits on its own connection, with synchronous=FULL
     assert store.write(lambda db: db.execute("pragma synchronous").fetchone()[0]) == 2  # FULL
     store.close()
@@ -151,7 +151,7 @@ def test_sign_off_is_refused_while_a_case_is_running_and_for_unknown_cases(store
 
 
 def test_eta_comes_from_the_case_own_processing_rate():
-    from appliance.service.worker import CaseProgress, eta_seconds
+    from appliance.service.cases import CaseProgress, eta_seconds
 
     p = CaseProgress("C", "S", tiles_expected=100, started=10.0)
     assert eta_seconds(p, 20.0) is None  # nothing processed yet: no rate to go on

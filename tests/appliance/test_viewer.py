@@ -33,7 +33,7 @@ def called_case(engine, store: CaseStore, cases_dir: Path, case_id: str, pixels:
     written."""
     h, w = pixels.shape[:2]
     store.case_started(case_id, specimen_id=f"S-{case_id}", tiles_expected=(h // tile) * (w // tile),
-                       model=engine.description)
+                       model=engine.model_ref)
     session = TriageSession(engine, scanner_mpp=4.0, width=w, height=h)
     try:
         for y in range(0, h, tile):

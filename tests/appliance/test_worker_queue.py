@@ -6,7 +6,8 @@ import threading
 import numpy as np
 
 from appliance.offline.sources import tiles_from_image
-from appliance.service.worker import MAX_TILES_IN_RAM, CaseProgress, PipelineWorker
+from appliance.service.cases import CaseProgress
+from appliance.service.worker import MAX_TILES_IN_RAM, PipelineWorker
 from appliance.store.spool import TileSpool
 from tests.results import reference_call
 from tests.stores import open_store
@@ -21,7 +22,7 @@ def test_a_backlog_waits_in_the_spool_not_in_ram_and_gives_the_same_call(ov_engi
     store = open_store(tmp_path / "appliance.db")
     spool = TileSpool(tmp_path / "spool")
     events: list[tuple[str, dict]] = []
-    worker = PipelineWorker(ov_engine, store, 128, lambda kind, data: events.append((kind, data)), tmp_path / "cases")
+    worker = PipelineWorker(ov_engine, store, 128, lambda event: events.append((event.kind, event.data())), tmp_path / "cases")
     progress = CaseProgress("Q-1", "S-1", len(tiles))
     try:
         store.case_started("Q-1", specimen_id="S-1")
@@ -55,9 +56,9 @@ def test_a_spooled_tile_that_cannot_be_read_back_is_reported_and_the_case_goes_o
     events: list[tuple[str, dict]] = []
     lock = threading.Lock()
 
-    def notify(kind, data):
+    def notify(event):
         with lock:
-            events.append((kind, data))
+            events.append((event.kind, event.data()))
 
     worker = PipelineWorker(ov_engine, store, 128, notify, tmp_path / "cases")
     progress = CaseProgress("Q-2", "S-2", len(tiles))

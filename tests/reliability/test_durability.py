@@ -16,7 +16,8 @@ import threading
 
 import pytest
 
-from appliance.service.worker import CaseProgress, PipelineWorker
+from appliance.service.cases import CaseProgress
+from appliance.service.worker import PipelineWorker
 from appliance.offline.sources import tiles_from_image
 from tests.conftest import DEMO_CASE, MODEL_DIR
 from tests.stores import open_store
@@ -62,10 +63,10 @@ def test_a_call_that_cannot_be_stored_fails_the_case_at_once_and_says_why(tmp_pa
     store = worker = None
     try:
         store = open_store(disk / "appliance.db")
-        worker = PipelineWorker(ov_engine, store, 64, lambda kind, data: events.append((kind, data)),
+        worker = PipelineWorker(ov_engine, store, 64, lambda event: events.append((event.kind, event.data())),
                                 tmp_path / "cases")
         worker.start()
-        store.case_started("FULL-1", specimen_id="S-1", model=ov_engine.description)
+        store.case_started("FULL-1", specimen_id="S-1", model=ov_engine.model_ref)
         progress = CaseProgress("FULL-1", "S-1", None)
         worker.begin(progress)
         for t in list(tiles_from_image(demo_image, 200))[:20]:
@@ -108,8 +109,9 @@ def _inside(thread: threading.Thread, function: str) -> bool:
 def test_a_case_end_and_a_timeout_at_the_same_moment_give_one_outcome(tmp_path, ov_engine, demo_image):
     """The link thread's CASE_END and the housekeeping thread's timeout meet: the CASE_END has passed its
     check and waits to commit (another writer holds the database), when the case times out. One of them
-    must win whole: here the CASE_END, whose ACK the scanner gets. Before CaseProgress had a lock the timeout
-    abandoned the case too, and the case then failed in the pipeline (ended after it was abandoned)."""
+    must win whole: here the CASE_END, whose ACK the scanner gets. Before each change was one step under a lock
+    (now the case book's) the timeout abandoned the case too, and the case then failed in the pipeline (ended
+    after it was abandoned)."""
     from firmware_bridge.sink import CaseInfo, TileReceived
 
     from appliance.service.receiver import CaseReceiver, StorageGuard
@@ -118,10 +120,11 @@ def test_a_case_end_and_a_timeout_at_the_same_moment_give_one_outcome(tmp_path, 
 
     events: list[tuple[str, dict]] = []
     store = open_store(tmp_path / "appliance.db")
-    worker = PipelineWorker(ov_engine, store, 64, lambda kind, data: events.append((kind, data)), tmp_path / "cases")
+    worker = PipelineWorker(ov_engine, store, 64, lambda event: events.append((event.kind, event.data())),
+                            tmp_path / "cases")
     worker.start()
-    receiver = CaseReceiver(TileSpool(tmp_path / "spool"), store, worker, ov_engine.description,
-                            lambda kind, data: events.append((kind, data)), StorageGuard(tmp_path, 1))
+    receiver = CaseReceiver(TileSpool(tmp_path / "spool"), store, worker, ov_engine.model_ref,
+                            lambda event: events.append((event.kind, event.data())), StorageGuard(tmp_path, 1))
     try:
         tiles = list(tiles_from_image(demo_image, 200))[:24]
         receiver.case_began(CaseInfo("RACE-1", "S-1", "brightfield-he", 4.0, 200, 200, expected_tiles=len(tiles),
@@ -141,7 +144,7 @@ def test_a_case_end_and_a_timeout_at_the_same_moment_give_one_outcome(tmp_path, 
         blocker.close()
         ended.join(30)
         timeout.join(30)
-        progress = receiver.cases["RACE-1"]
+        progress = receiver.book["RACE-1"]
         assert progress.done.wait(60)
         assert abandoned == [] and progress.abandoned is None
         assert progress.failed is None and progress.result is not None

@@ -56,7 +56,7 @@ def check_case(daemon: Daemon, case_id: str, tiles: list[TileToSend], expected) 
 
 def run_faulty_cases(settings, demo_image, tmp_path, engine, *, min_faults: int, rate: float, seed: int) -> dict:
     cable = PtyCable(tmp_path / "scanner")
-    daemon = Daemon(settings, port=str(cable.path), notify=lambda kind, data: None)
+    daemon = Daemon(settings, port=str(cable.path), notify=lambda event: None)
     daemon.start()
     counts: Counter = Counter()
     totals = Counter()

@@ -30,7 +30,7 @@ def test_low_disk_refuses_new_cases_and_keeps_old_ones(tmp_path, demo_image, pty
     try:
         stream(pty_pair, "KEEP-1", tiles)
         assert ok.wait_case("KEEP-1", 120).result is not None
-        assert ok.receiver.cases["KEEP-1"].outputs_done.wait(60)
+        assert ok.cases["KEEP-1"].outputs_done.wait(60)
     finally:
         ok.stop()
     before = {p.name: p.read_bytes() for p in (data / "spool" / "KEEP-1").iterdir()}
@@ -136,7 +136,7 @@ def test_real_full_disk_nacks_the_tile_keeps_the_daemon_up_and_refuses_new_cases
                 for y in range(0, 400, 200) for x in range(0, 400, 200)]
         stream(pty_pair, "KEEP-1", keep)
         assert daemon.wait_case("KEEP-1", 120).result is not None
-        assert daemon.receiver.cases["KEEP-1"].outputs_done.wait(60)
+        assert daemon.cases["KEEP-1"].outputs_done.wait(60)
         before = {p.name: p.read_bytes() for p in (spool / "KEEP-1").iterdir()}
         outputs = {p.name: p.read_bytes() for p in (data / "cases" / "KEEP-1").iterdir()}
 

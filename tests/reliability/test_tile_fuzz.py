@@ -185,7 +185,7 @@ def fuzz_daemon(tmp_path_factory, request):
     tmp = tmp_path_factory.mktemp("tilefuzz")
     with open_pty() as pty:
         settings_ = load_settings(None, data_dir=tmp / "var", model_dir=MODEL_DIR, api_port=0)
-        daemon = Daemon(settings_, port=pty.path, notify=lambda kind, data: None)
+        daemon = Daemon(settings_, port=pty.path, notify=lambda event: None)
         daemon.start()
         stats = {"examples": 0, "bad": 0, "good": 0, "kinds": {}}
         try:

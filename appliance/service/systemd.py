@@ -11,7 +11,7 @@ import os
 import socket
 
 
-class Notifier:
+class SystemdNotifier:
     def __init__(self, environ: dict[str, str] | None = None):
         env = os.environ if environ is None else environ
         path = env.get("NOTIFY_SOCKET") or None
