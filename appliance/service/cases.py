@@ -179,9 +179,9 @@ class CaseBook:
             progress.outputs = outputs
 
     def failed(self, progress: CaseProgress, message: str) -> None:
+        """The case failed (its call could not be made or stored); ``released`` follows once that is said."""
         with self._lock:
             progress.failed = message
-            progress.done.set()
 
     def released(self, progress: CaseProgress) -> None:
         """The pipeline is done with the case (called and its files written or not, failed, or abandoned)."""

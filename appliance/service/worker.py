@@ -177,8 +177,8 @@ class PipelineWorker:
         if session is not None:
             session.close()
         self.store.case_abandoned(progress.case_id, progress.abandoned or "abandoned")
-        self.book.released(progress)
         self.notify(CaseAbandoned(progress.case_id, progress.abandoned or ""))
+        self.book.released(progress)
 
     def _failed(self, progress: CaseProgress, message: str) -> None:
         """The case failed: said at once (its progress, the event, the log) and stored when the store can."""
@@ -188,8 +188,8 @@ class PipelineWorker:
             self.store.case_failed(progress.case_id, message)
         except StoreError:
             log.exception("the failure of case %s could not be stored either", progress.case_id)
-        self.book.released(progress)
         self.notify(CaseFailed(progress.case_id, message))
+        self.book.released(progress)  # last: whoever waits for the case finds it said and stored
 
     def _pixels(self, pixels: np.ndarray | None, spooled: Path) -> np.ndarray:
         """A queued tile's pixels: as queued, or read back from the spool."""

@@ -32,10 +32,10 @@ from appliance.store.reviewers import ReviewerRecords
 from appliance.store.site_points import SitePointRecords
 from appliance.terms import OPEN_STATUSES, CaseStatus, ReasonCode, Verdict
 
-__all__ = ["CaseStore", "Outbox", "utcnow"]
+__all__ = ["CaseStore", "DeliveryPlanner", "utcnow"]
 
 
-class Outbox(Protocol):
+class DeliveryPlanner(Protocol):
     """What the store is given to queue a call's messages (appliance.lis.outbox.Outbox): the delivery rows for
     one revision of a case, built inside the transaction that records it. Falsy when there is nowhere to send."""
 
@@ -56,7 +56,7 @@ def _connect(path: Path) -> sqlite3.Connection:
 class CaseStore(DeliveryRecords, SitePointRecords, ReviewerRecords):
     """Writes go through ``submit`` to the single writer thread; reads borrow a pooled read connection."""
 
-    def __init__(self, path: Path, outbox: Outbox | None = None):
+    def __init__(self, path: Path, outbox: DeliveryPlanner | None = None):
         """``outbox``: where each call is to be delivered; its delivery rows are written in the same transaction
         as the call (None: the calls go nowhere)."""
         self.path = Path(path)
