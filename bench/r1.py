@@ -41,6 +41,8 @@ TILES = 1197
 TILE = 450
 CACHE = ROOT / "bench" / "results" / "r1-tiles"
 MODEL_DIR = ROOT / "models" / "idc-resnet"
+# the pipeline's own stages beside inference (its timings_ms): what a faster engine does not make faster
+NON_INFERENCE_STAGES = ("resample", "mosaic", "tissue_qc", "patching", "aggregation", "prepare", "context")
 
 
 # ------------------------------------------------------------------------------------------- workload
@@ -112,17 +114,24 @@ def _pipeline_child(folder: str, outputs: bool, q) -> None:
 
     engine = load_engine(MODEL_DIR, "openvino")
     out_dir = Path(folder).parent / "r1-out" if outputs else None
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), cpu_seconds()
     res = triage_path(engine, Path(folder), tile_size=TILE, batch_size=128, out_dir=out_dir)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
     # the case's files are ready this long after the call (the session's total stops at the call; what follows
     # is writing the files and reading summary.json back, as `appliance triage --out` does)
     outputs_ms = wall * 1e3 - res["timings_ms"]["total"] if outputs else None
-    q.put({"wall_s": wall, "verdict": res["verdict"], "score": res["score"], "tiles": res["tiles"],
+    q.put({"wall_s": wall, "cpu_s": cpu, "verdict": res["verdict"], "score": res["score"], "tiles": res["tiles"],
            "outputs_ms": outputs_ms,
            "patches": [(p["x"], p["y"]) for p in res["patches"]], "timings_ms": res["timings_ms"],
            "early_positive_after_tiles": res["early_positive_after_tiles"],
            "peak_rss_mb": peak_rss_mb()})
+
+
+def cpu_seconds() -> float:
+    """CPU seconds this process has used so far, user and system, all its threads (OpenVINO's included): on a
+    shared machine wall time swings with the neighbours' load, the work done does not."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def peak_rss_mb() -> float:
@@ -167,20 +176,21 @@ def gather_patches(folder: Path, positions):
     return out
 
 
-def ceiling(patches, batch: int = 128) -> float:
-    """Pure OpenVINO INT8 on preloaded patches: the pipeline's own engine and async queue, nothing else."""
+def ceiling(patches, batch: int = 128) -> tuple[float, float]:
+    """Pure OpenVINO INT8 on preloaded patches: the pipeline's own engine and async queue, nothing else.
+    Returns (wall seconds, CPU seconds)."""
     from appliance.model.engine import load_engine
 
     engine = load_engine(MODEL_DIR, "openvino")
     scorer = engine.scorer()
     scorer.submit(patches[:batch], -1)
     scorer.wait()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), cpu_seconds()
     for i in range(0, len(patches), batch):
         scorer.submit(patches[i : i + batch], i)
         scorer.done()
     scorer.wait()
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, cpu_seconds() - c0
 
 
 def naive(patches, n: int, seed: int = 0) -> tuple[str, float, int]:
@@ -247,11 +257,14 @@ def main(argv=None) -> int:
         if patches is None:
             patches = gather_patches(folder, a["patches"])
         print(f"[{r + 1}/{args.repeats}] (b) OpenVINO INT8 alone on the same patches ...", flush=True)
-        b_s = ceiling(patches)
-        print(f"    {b_s:.1f} s   ratio {b_s / a['wall_s']:.3f}", flush=True)
-        runs.append((a, b_s))
-    ratios = [b / a["wall_s"] for a, b in runs]
-    a, b_s = sorted(runs, key=lambda ab: ab[1] / ab[0]["wall_s"])[len(runs) // 2]  # the median-ratio pair
+        b_s, b_cpu = ceiling(patches)
+        print(f"    {b_s:.1f} s   ratio {b_s / a['wall_s']:.3f};   CPU {a['cpu_s']:.1f} s vs {b_cpu:.1f} s   "
+              f"CPU ratio {b_cpu / a['cpu_s']:.3f}", flush=True)
+        runs.append((a, b_s, b_cpu))
+    ratios = [b / a["wall_s"] for a, b, _ in runs]
+    cpu_ratios = [b_cpu / a["cpu_s"] for a, _, b_cpu in runs]
+    # the pair with the median CPU-time ratio (CPU time does not swing with the neighbours' load)
+    a, b_s, b_cpu = sorted(runs, key=lambda abc: abc[2] / abc[0]["cpu_s"])[len(runs) // 2]
     n_patches = len(a["patches"])
     outputs = None
     if args.outputs:
@@ -278,6 +291,11 @@ def main(argv=None) -> int:
         "ceiling_ratios_all": [round(x, 3) for x in ratios],
         "wall_s_all": [round(x[0]["wall_s"], 2) for x in runs],
         "ceiling_s_all": [round(x[1], 2) for x in runs],
+        "cpu_s": round(a["cpu_s"], 2),
+        "ceiling_cpu_s": round(b_cpu, 2),
+        "cpu_ceiling_ratio": round(b_cpu / a["cpu_s"], 3),
+        "cpu_ceiling_ratios_all": [round(x, 3) for x in cpu_ratios],
+        "non_inference_ms": round(sum(v for k, v in a["timings_ms"].items() if k in NON_INFERENCE_STAGES), 1),
         "naive_engine": c_engine,
         "naive_patches_timed": c_n,
         "naive_s_extrapolated": round(c_s, 1),
@@ -299,8 +317,13 @@ def main(argv=None) -> int:
     print(f"R1: {TILES} tiles of {TILE}x{TILE}, {n_patches} tissue patches ({n_patches / TILES:.1f}/tile)")
     for r in rows:
         print(f"  {r[0]:<34} {r[1]:>18} {r[2]:>16} {r[3]:>16}")
-    print(f"  ceiling ratio a/b (b time / a time): {res['ceiling_ratio']:.3f}   target >= 0.85   "
-          f"(median of {len(runs)} back-to-back pairs: {', '.join(f'{x:.3f}' for x in ratios)})")
+    print(f"  CPU-time ceiling ratio (b CPU / a CPU): {res['cpu_ceiling_ratio']:.3f}   target >= 0.93   "
+          f"(the median of {len(runs)} pairs: {', '.join(f'{x:.3f}' for x in cpu_ratios)}; "
+          f"CPU {a['cpu_s']:.1f} s vs {b_cpu:.1f} s)")
+    print(f"  wall-time ceiling ratio, same pair:    {res['ceiling_ratio']:.3f}   "
+          f"(all pairs: {', '.join(f'{x:.3f}' for x in ratios)})")
+    print(f"  non-inference stages ({', '.join(NON_INFERENCE_STAGES)}): {res['non_inference_ms'] / 1e3:.2f} s   "
+          f"target <= 1.5 s")
     print(f"  naive ratio (c time / a time):       {res['naive_ratio']:.1f}x   target >= 10")
     print(f"  end to end:                          {a['wall_s']:.1f} s   target < 30 s")
     print(f"  peak RSS of (a):                     {res['peak_rss_mb']:.0f} MB   target < 1024 MB")

@@ -59,7 +59,8 @@ class CaseScreen(Screen):
     @on(VerdictGiven)
     @on(FilesWritten)
     def _reload_when_mine(self, event: VerdictGiven | FilesWritten) -> None:
-        if event.case_id == self.case_id:
+        # before its mount the screen has nothing to show a case on yet, and its mount loads the case anyway
+        if event.case_id == self.case_id and self.is_mounted:
             self.load()
 
     @work(exclusive=True, group="load-case")
@@ -70,7 +71,10 @@ class CaseScreen(Screen):
             present = {f["name"] for f in (case or {}).get("files", [])}
             files = {n: await self.client.file(self.case_id, n) for n in PICTURES if n in present}
         except (ApiUnavailable, BadAnswer) as exc:
-            self.query_one("#verdict", Static).update(f"Cannot load case {self.case_id}: {exc}")
+            if self.is_attached:
+                self.query_one("#verdict", Static).update(f"Cannot load case {self.case_id}: {exc}")
+            return
+        if not self.is_attached:  # closed while its case was read: nothing to show it on
             return
         if case is None:
             self.query_one("#verdict", Static).update(f"There is no case {self.case_id}.")
