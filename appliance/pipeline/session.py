@@ -180,6 +180,7 @@ class TriageSession:
         self.thumbnail.add(x, y, px)
         inside, completed = self.grid.add_tile(x, y, w, h)
         t3 = time.perf_counter()
+        submitting = self._timings["prepare"] + self._timings["submit_wait"]  # timed apart, inside _take
         if inside:
             pos = [self.grid.extent(gx, gy) for gx, gy in inside]
             frac = patch_fractions(mask, [p[1] - y for p in pos], [p[0] - x for p in pos],
@@ -198,7 +199,8 @@ class TriageSession:
         self._timings["resample"] += (t1 - t0) * 1e3
         self._timings["mosaic"] += (t2 - t1) * 1e3
         self._timings["tissue_qc"] += (t3 - t2) * 1e3
-        self._timings["patching"] += (t4 - t3) * 1e3
+        self._timings["patching"] += (t4 - t3) * 1e3 - (self._timings["prepare"] + self._timings["submit_wait"]
+                                                        - submitting)
         self._collect()
 
     def _take_from_mosaic(self, keys: list[tuple[int, int]]) -> None:

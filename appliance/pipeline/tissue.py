@@ -2,11 +2,19 @@
 
 The H2G-Net recipe: saturation above 20 (0-255 scale) at low resolution, then a morphological closing
 with a 5x5 and then a 3x3 square to fill the pale gaps inside tissue.
+
+Per tile, on the path of every patch: the subsampling, the threshold and the closings run in OpenCV, which
+gives the same masks as the numpy functions here bit for bit (tests/appliance/test_image_logic.py) at about
+0.33 ms instead of 0.82 ms a 450 px tile (measured on R1's tiles, one thread). The numpy functions stay as
+the definition and for shapes OpenCV is not given (an odd-sized tile's subsampling, arrays of patches).
 """
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
+
+cv2.setNumThreads(1)  # each call is small; the cores belong to the inference engine
 
 SATURATION_THRESHOLD = 20
 MASK_STEP = 2  # the mask is computed at 1/MASK_STEP resolution
@@ -29,10 +37,34 @@ def saturation(rgb: np.ndarray) -> np.ndarray:
 def saturated(rgb: np.ndarray, threshold: int = SATURATION_THRESHOLD) -> np.ndarray:
     """saturation(rgb) > threshold without the division (saturation floors (max - min) * 255 / max, so
     this is (max - min) * 255 >= (threshold + 1) * max, for max > 0)."""
+    if rgb.ndim == 3 and rgb.dtype == np.uint8 and rgb.flags.c_contiguous:
+        return _saturated_cv(rgb, threshold)
     r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
     hi = np.maximum(np.maximum(r, g), b).astype(np.uint16)
     lo = np.minimum(np.minimum(r, g), b)
     return ((hi - lo) * 255 >= hi * (threshold + 1)) & (hi > 0)
+
+
+def _min_spread(threshold: int) -> np.ndarray:
+    """For each max (0-255), the least max - min that is saturated: ceil((threshold + 1) * max / 255); 1 for
+    max 0 (never saturated: its spread is 0)."""
+    hi = np.arange(256)
+    return np.where(hi > 0, -(-(threshold + 1) * hi // 255), 1).astype(np.uint8)
+
+
+_MIN_SPREAD = {SATURATION_THRESHOLD: _min_spread(SATURATION_THRESHOLD)}
+
+
+def _saturated_cv(rgb: np.ndarray, threshold: int) -> np.ndarray:
+    """``saturated`` of an H x W x 3 uint8 image in OpenCV: max - min >= the table's least spread for max."""
+    table = _MIN_SPREAD.get(threshold)
+    if table is None:
+        table = _MIN_SPREAD[threshold] = _min_spread(threshold)
+    r, g, b = cv2.split(rgb)
+    hi = cv2.max(cv2.max(r, g), b)
+    spread = cv2.subtract(hi, cv2.min(cv2.min(r, g), b))
+    mask = cv2.compare(spread, cv2.LUT(hi, table), cv2.CMP_GE)  # 0 or 255
+    return np.bitwise_and(mask, 1, out=mask).view(bool)  # a bool is one byte holding 0 or 1
 
 
 def _shift_reduce(mask: np.ndarray, k: int, op) -> np.ndarray:
@@ -61,13 +93,26 @@ def erode(mask: np.ndarray, k: int) -> np.ndarray:
     return _shift_reduce(mask, k, np.logical_and)
 
 
+_SQUARES = {k: np.ones((k, k), np.uint8) for k in CLOSING}
+
+
 def close(mask: np.ndarray, k: int) -> np.ndarray:
-    """Morphological closing (dilate, then erode) with a k x k square."""
+    """Morphological closing (dilate, then erode) with a k x k square, edges replicated."""
+    if mask.ndim == 2 and mask.flags.c_contiguous:
+        square = _SQUARES.get(k)
+        if square is None:
+            square = _SQUARES[k] = np.ones((k, k), np.uint8)
+        closed = cv2.morphologyEx(mask.view(np.uint8), cv2.MORPH_CLOSE, square, borderType=cv2.BORDER_REPLICATE)
+        return closed.view(bool)
     return erode(dilate(mask, k), k)
 
 
 def subsample(rgb: np.ndarray, step: int = MASK_STEP) -> np.ndarray:
     """Every ``step``-th pixel of every ``step``-th row, as a contiguous copy (masks and QC work on this)."""
+    h, w = rgb.shape[:2]
+    if step > 1 and h % step == 0 and w % step == 0 and rgb.ndim == 3 and rgb.dtype == np.uint8 and h and w:
+        # nearest-neighbour at an exact 1/step picks pixel step * i: the same pixels as the slicing
+        return cv2.resize(rgb, (w // step, h // step), interpolation=cv2.INTER_NEAREST)
     return np.ascontiguousarray(rgb[::step, ::step])
 
 

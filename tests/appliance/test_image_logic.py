@@ -6,7 +6,8 @@ import pytest
 from appliance.model.metrics import binary_metrics, roc_auc, top_k_mean
 from appliance.pipeline.mil import TopKMean
 from appliance.pipeline.patches import pad_to
-from appliance.pipeline.tissue import dilate, erode, saturated, saturation, tissue_fraction
+from appliance.pipeline.tissue import (close, dilate, erode, mask_of_subsampled, saturated, saturation, subsample,
+                                      tissue_fraction)
 
 
 def test_saturation_matches_hsv_definition():
@@ -86,3 +87,27 @@ def test_morphology_matches_a_padded_reference():
         for k in (3, 5):
             assert np.array_equal(dilate(m, k), reference(m, k, np.any))
             assert np.array_equal(erode(m, k), reference(m, k, np.all))
+
+
+def test_the_opencv_tissue_path_gives_the_numpy_definition_bit_for_bit(demo_image):
+    """The per-tile mask runs in OpenCV (subsample, threshold, closings); on the demo case's real tiles and on
+    random masks it equals the numpy definition exactly, and its booleans are 0/1 bytes."""
+    rng = np.random.default_rng(7)
+    for _ in range(20):
+        m = rng.random((int(rng.integers(5, 60)), int(rng.integers(5, 60)))) < rng.random()
+        for k in (3, 5):
+            assert np.array_equal(close(m, k), erode(dilate(m, k), k)), k
+    h, w = demo_image.shape[:2]
+    for y in range(0, h - 450, 450):
+        for x in range(0, w - 450, 450):
+            tile = np.ascontiguousarray(demo_image[y : y + 450, x : x + 450])
+            sub = subsample(tile)
+            assert np.array_equal(sub, tile[::2, ::2])
+            want = saturated(tile[::2, ::2])  # a strided view: the numpy definition
+            for k in (5, 3):
+                want = erode(dilate(want, k), k)
+            got = mask_of_subsampled(sub)
+            assert got.view(np.uint8).max() <= 1
+            assert np.array_equal(got, want), (x, y)
+    odd = np.ascontiguousarray(demo_image[:451, :449])
+    assert np.array_equal(subsample(odd), odd[::2, ::2])  # an odd size takes the slicing
