@@ -1,6 +1,5 @@
 """The terminal UI against a real daemon: a scanner emulator streams over a pty, the app talks HTTP."""
 
-import os
 import threading
 import time
 
@@ -8,10 +7,10 @@ import numpy as np
 import pytest
 
 from appliance.service.daemon import Daemon
-from appliance.offline.demo import case_info_for
+from appliance.offline.demo import DEMO_CASE_MPP, case_info_for
 from appliance.offline.sources import tiles_from_image
 from firmware_bridge.emulator import ScannerEmulator, TileToSend
-from firmware_bridge.transport import FdTransport
+from tests.ptys import PtyPair
 
 
 class Bench:
@@ -20,8 +19,8 @@ class Bench:
     def __init__(self, settings, demo_image):
         self.settings = settings
         self.tiles = [TileToSend(t.x, t.y, np.ascontiguousarray(t.pixels)) for t in tiles_from_image(demo_image, 200)]
-        self.master, self.slave = os.openpty()
-        self.daemon = Daemon(settings, port=os.ttyname(self.slave), notify=lambda event: None)
+        self.pty = PtyPair()
+        self.daemon = Daemon(settings, port=self.pty.path, notify=lambda event: None)
         self.daemon.start()
         self.url = f"http://127.0.0.1:{self.daemon.api.port}"
         self.scanner: threading.Thread | None = None
@@ -29,8 +28,8 @@ class Bench:
     def stream(self, case_id: str, pace: float = 0.03, tiles: list[TileToSend] | None = None) -> threading.Thread:
         """Stream the demo case (or ``tiles``) as case ``case_id`` from a scanner thread."""
         tiles = tiles or self.tiles
-        info = case_info_for(case_id, f"SPEC-{case_id}", tiles, 4.0, 200)
-        emulator = ScannerEmulator(FdTransport(self.master), info, tiles, encoding="raw",
+        info = case_info_for(case_id, f"SPEC-{case_id}", tiles, DEMO_CASE_MPP, 200)
+        emulator = ScannerEmulator(self.pty.transport(), info, tiles, encoding="raw",
                                    progress=lambda *_: time.sleep(pace))
         self.scanner = threading.Thread(target=emulator.run, name="scanner", daemon=True)
         self.scanner.start()
@@ -40,11 +39,7 @@ class Bench:
         if self.scanner is not None:
             self.scanner.join(60)
         self.daemon.stop()
-        for fd in (self.master, self.slave):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        self.pty.close()
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ import httpx
 from appliance.tui.app import TriageApp
 from appliance.tui.widgets import Banner
 from tests.conftest import MODEL_DIR
+from tests.ptys import PtyPair
 from tests.tui.conftest import wait_for
 from tests.waiting import wait_until
 
@@ -44,10 +45,10 @@ def start_daemon(env: dict, serial: str) -> subprocess.Popen:
 
 def test_banner_while_the_daemon_is_down_then_recovery_without_restarting_the_tui(tmp_path):
     port = free_port()
-    master, slave = os.openpty()
+    pty = PtyPair()
     env = dict(os.environ, APPLIANCE_DATA_DIR=str(tmp_path / "var"), APPLIANCE_MODEL_DIR=str(MODEL_DIR),
                APPLIANCE_API_PORT=str(port))
-    procs = [start_daemon(env, os.ttyname(slave))]
+    procs = [start_daemon(env, pty.path)]
 
     async def scenario():
         app = TriageApp(f"http://127.0.0.1:{port}", tmp_path / "var" / "api-token", poll_s=0.1)
@@ -59,7 +60,7 @@ def test_banner_while_the_daemon_is_down_then_recovery_without_restarting_the_tu
             procs[0].wait(10)
             await wait_for(pilot, lambda: banner.has_class("-shown"), what="the banner")
             down_text = str(banner.content)
-            procs.append(await asyncio.to_thread(start_daemon, env, os.ttyname(slave)))
+            procs.append(await asyncio.to_thread(start_daemon, env, pty.path))
             await wait_for(pilot, lambda: not banner.has_class("-shown"), what="recovery")
             link = str(app.live.query_one("#link").content)
             return shown_while_up, down_text, app.is_running, link
@@ -71,8 +72,7 @@ def test_banner_while_the_daemon_is_down_then_recovery_without_restarting_the_tu
             if p.poll() is None:
                 p.terminate()
                 p.wait(20)
-        os.close(master)
-        os.close(slave)
+        pty.close()
     assert not shown_while_up
     assert "DAEMON NOT REACHABLE" in down_text and f"127.0.0.1:{port}" in down_text
     assert running and "Scanner link:" in link

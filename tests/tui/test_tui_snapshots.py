@@ -16,9 +16,9 @@ from textual.widgets import Input
 from appliance.api.app import ApiServer, create_app
 from appliance.pipeline import TriageResult, TriageSession
 from appliance.offline.sources import tiles_from_image
-from appliance.store.database import CaseStore
 from appliance.tui.app import TriageApp
 from appliance.tui.screens import CaseScreen, HistoryScreen, SignOffDialog
+from tests.stores import open_store
 from tests.tui.conftest import wait_for
 
 SIZES = [(80, 24), (120, 40)]
@@ -50,7 +50,7 @@ def api_url(ov_engine, demo_image, tmp_path_factory):
     from tests.conftest import MODEL_DIR
 
     settings = load_settings(None, data_dir=tmp_path_factory.mktemp("snap") / "var", model_dir=MODEL_DIR, api_port=0)
-    store = CaseStore(settings.db_path)
+    store = open_store(settings.db_path)
     blurred = np.asarray(Image.fromarray(demo_image).filter(ImageFilter.GaussianBlur(4)))
     for case_id, specimen, image in (("SNAP-1", "S-2026-0040", demo_image), ("SNAP-2", "S-2026-0041", blurred)):
         result = triage_into(ov_engine, image, settings.cases_dir, case_id)
