@@ -11,6 +11,8 @@ the definition and for shapes OpenCV is not given (an odd-sized tile's subsampli
 
 from __future__ import annotations
 
+import functools
+
 import cv2
 import numpy as np
 
@@ -45,6 +47,7 @@ def saturated(rgb: np.ndarray, threshold: int = SATURATION_THRESHOLD) -> np.ndar
     return ((hi - lo) * 255 >= hi * (threshold + 1)) & (hi > 0)
 
 
+@functools.cache
 def _min_spread(threshold: int) -> np.ndarray:
     """For each max (0-255), the least max - min that is saturated: ceil((threshold + 1) * max / 255); 1 for
     max 0 (never saturated: its spread is 0)."""
@@ -52,18 +55,12 @@ def _min_spread(threshold: int) -> np.ndarray:
     return np.where(hi > 0, -(-(threshold + 1) * hi // 255), 1).astype(np.uint8)
 
 
-_MIN_SPREAD = {SATURATION_THRESHOLD: _min_spread(SATURATION_THRESHOLD)}
-
-
 def _saturated_cv(rgb: np.ndarray, threshold: int) -> np.ndarray:
     """``saturated`` of an H x W x 3 uint8 image in OpenCV: max - min >= the table's least spread for max."""
-    table = _MIN_SPREAD.get(threshold)
-    if table is None:
-        table = _MIN_SPREAD[threshold] = _min_spread(threshold)
     r, g, b = cv2.split(rgb)
     hi = cv2.max(cv2.max(r, g), b)
     spread = cv2.subtract(hi, cv2.min(cv2.min(r, g), b))
-    mask = cv2.compare(spread, cv2.LUT(hi, table), cv2.CMP_GE)  # 0 or 255
+    mask = cv2.compare(spread, cv2.LUT(hi, _min_spread(threshold)), cv2.CMP_GE)  # 0 or 255
     return np.bitwise_and(mask, 1, out=mask).view(bool)  # a bool is one byte holding 0 or 1
 
 
@@ -93,16 +90,11 @@ def erode(mask: np.ndarray, k: int) -> np.ndarray:
     return _shift_reduce(mask, k, np.logical_and)
 
 
-_SQUARES = {k: np.ones((k, k), np.uint8) for k in CLOSING}
-
-
 def close(mask: np.ndarray, k: int) -> np.ndarray:
     """Morphological closing (dilate, then erode) with a k x k square, edges replicated."""
     if mask.ndim == 2 and mask.flags.c_contiguous:
-        square = _SQUARES.get(k)
-        if square is None:
-            square = _SQUARES[k] = np.ones((k, k), np.uint8)
-        closed = cv2.morphologyEx(mask.view(np.uint8), cv2.MORPH_CLOSE, square, borderType=cv2.BORDER_REPLICATE)
+        closed = cv2.morphologyEx(mask.view(np.uint8), cv2.MORPH_CLOSE, np.ones((k, k), np.uint8),
+                                  borderType=cv2.BORDER_REPLICATE)
         return closed.view(bool)
     return erode(dilate(mask, k), k)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from dataclasses import replace
 from pathlib import Path
 
 from textual.app import App
@@ -73,9 +74,10 @@ class TriageApp(App):
         while True:
             try:
                 async for kind, data in self.client.events():
-                    # one message each for the app and every screen in the stack: whoever cares handles it
+                    # read once; a copy each for the app and every screen in the stack: whoever cares handles it
+                    message = live_event(kind, data)
                     for node in (self, *self.screen_stack):
-                        node.post_message(live_event(kind, data))
+                        node.post_message(replace(message))
             except ApiUnavailable:
                 pass  # the poller owns the banner; just come back
             except BadAnswer as exc:  # a malformed event: said on screen and in the log, then the stream is reopened
