@@ -9,7 +9,11 @@ import click
 
 from appliance.config import load_settings
 from appliance.errors import ApplianceError
+from appliance.terms import EngineName
 from firmware_bridge.errors import BridgeError
+
+
+ENGINES = click.Choice([e.value for e in EngineName])  # --engine
 
 
 def friendly_errors(fn):
