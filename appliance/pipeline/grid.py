@@ -29,6 +29,15 @@ class PatchGrid:
         h = self.size if self.height is None else max(0, min(self.size, self.height - py))
         return px, py, w, h
 
+    def extents(self, keys: list[tuple[int, int]]) -> np.ndarray:
+        """``extent`` of many grid patches at once, as an (n, 4) int64 array of x, y, w, h."""
+        g = np.asarray(keys, dtype=np.int64).reshape(-1, 2) * self.stride
+        out = np.empty((len(g), 4), dtype=np.int64)
+        out[:, :2] = g
+        out[:, 2] = self.size if self.width is None else np.clip(self.width - g[:, 0], 0, self.size)
+        out[:, 3] = self.size if self.height is None else np.clip(self.height - g[:, 1], 0, self.size)
+        return out
+
     def _range(self, start: int, length: int) -> range:
         lo = max(0, -(-(start - self.size + 1) // self.stride))  # ceil
         return range(lo, (start + length - 1) // self.stride + 1)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import uuid
 from math import gcd
 
+import cv2
 import numpy as np
 
 
@@ -75,6 +76,18 @@ class Heatmap:
         return np.where(n > 0, s / np.maximum(n, 1), np.nan).astype(np.float32)
 
 
+def block_sums(pixels: np.ndarray, c: int) -> np.ndarray:
+    """(h / c, w / c, 3) exact integer sums of each c x c block of an (h, w, 3) uint8 image (h, w multiples of c),
+    from OpenCV's integral image (about 0.2 ms for a 450 px tile; summing reshaped numpy blocks took 0.5)."""
+    if pixels.dtype == np.uint8 and pixels.strides[1:] == (3, 1) and pixels.shape[0] * pixels.shape[1] < 2 ** 23:
+        ii = cv2.integral(pixels)  # int32 sums per channel: 255 x 2^23 is just below 2^31, hence the bound
+        return ii[c::c, c::c] - ii[:-c:c, c::c] - ii[c::c, :-c:c] + ii[:-c:c, :-c:c]
+    ny, nx = pixels.shape[0] // c, pixels.shape[1] // c
+    # sum the c rows of each block row first (contiguous adds), then the c columns
+    rows = pixels.reshape(ny, c, nx * c * 3).sum(axis=1, dtype=np.uint32)
+    return rows.reshape(ny, nx, c, 3).sum(axis=2, dtype=np.uint32)
+
+
 class Thumbnail:
     """Mean colour per ``cell`` x ``cell`` block of the mosaic, built from tiles as they arrive."""
 
@@ -91,9 +104,7 @@ class Thumbnail:
         ny, nx = (h - oy) // c, (w - ox) // c
         if ny <= 0 or nx <= 0:
             return
-        # sum the c rows of each block row first (contiguous adds), then the c columns
-        rows = pixels[oy : oy + ny * c, ox : ox + nx * c].reshape(ny, c, nx * c * 3).sum(axis=1, dtype=np.uint32)
-        means = rows.reshape(ny, nx, c, 3).sum(axis=2, dtype=np.uint32).astype(np.float32) / (c * c)
+        means = block_sums(pixels[oy : oy + ny * c, ox : ox + nx * c], c).astype(np.float32) / (c * c)
         r0, c0 = (y + oy) // c, (x + ox) // c
         self._img.ensure(r0 + ny, c0 + nx)[r0 : r0 + ny, c0 : c0 + nx] = (means + 0.5).astype(np.uint8)
         self.rows, self.cols = max(self.rows, r0 + ny), max(self.cols, c0 + nx)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import heapq
 
+import numpy as np
+
 from appliance.terms import CaseRule
 
 
@@ -31,6 +33,19 @@ class TopKMean:
             heapq.heappush(self._heap, probability)
         elif probability > self._heap[0]:
             heapq.heapreplace(self._heap, probability)
+
+    def add_many(self, probabilities) -> None:
+        """Add many at once: the same top k as adding them one by one (the k largest of a multiset of values are
+        one multiset, whatever the order), with one partition instead of a heap step per patch."""
+        values = np.asarray(probabilities, dtype=np.float64)
+        self.count += len(values)
+        if len(values) > self.k:
+            values = np.partition(values, len(values) - self.k)[len(values) - self.k :]
+        merged = self._heap + values.tolist()
+        if len(merged) > self.k:
+            merged = heapq.nlargest(self.k, merged)
+        heapq.heapify(merged)
+        self._heap = merged
 
     @property
     def full(self) -> bool:
@@ -102,8 +117,6 @@ def largest_region(gx, gy, probability, threshold: float) -> tuple[int, float]:
 def case_score(rule: str, top_k: int, region_threshold: float | None, gx, gy, probability) -> float:
     """A whole case's score under ``rule`` (the manifest's decision.case_rule) from its first-stage probabilities
     at grid cells gx, gy, exactly as a streaming case computes it."""
-    import numpy as np
-
     probability = np.asarray(probability, dtype=np.float64)
     if rule == CaseRule.TOP_K_MEAN:
         t = TopKMean(top_k)

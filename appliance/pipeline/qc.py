@@ -58,8 +58,8 @@ def laplacian_variance(patches: np.ndarray) -> np.ndarray:
     g = patches[..., 1].astype(np.int16)
     lap = 4 * g[:, 1:-1, 1:-1] - g[:, :-2, 1:-1] - g[:, 2:, 1:-1] - g[:, 1:-1, :-2] - g[:, 1:-1, 2:]
     lap = lap.reshape(len(patches), -1).astype(np.float32)
-    mean = lap.mean(axis=1, keepdims=True)
-    return np.einsum("ij,ij->i", lap - mean, lap - mean) / lap.shape[1]
+    d = lap - lap.mean(axis=1, keepdims=True)
+    return np.einsum("ij,ij->i", d, d) / lap.shape[1]
 
 
 def angle_degrees(a: np.ndarray, b: np.ndarray) -> float:
@@ -132,6 +132,7 @@ class CaseQc:
     focus_values: list[float] = field(default_factory=list)  # every focus-checked patch's Laplacian variance
     sample: StainSample = field(init=False)
     _next_judgement: int = field(init=False)
+    _angles: tuple[float, float] | None = field(init=False, default=None)  # of the latest fit, to the reference
 
     def __post_init__(self) -> None:
         self.sample = StainSample(self.limits.stain_sample_per_tile, self.limits.stain_sample_max)
@@ -167,6 +168,10 @@ class CaseQc:
             self.stain_error = None
         except StainFitError as exc:
             self.stain, self.stain_error = None, str(exc)
+        # measured once per fit (the session asks for the QC's reasons at every tile)
+        self._angles = None if self.stain is None or self.reference is None else (
+            angle_degrees(self.stain.he[:, 0], self.reference.he[:, 0]),
+            angle_degrees(self.stain.he[:, 1], self.reference.he[:, 1]))
         if self.fits == 1:
             self.first_fit = self.stain
         return self.stain
@@ -200,10 +205,8 @@ class CaseQc:
         return self.reference is None or self.stain_assessed
 
     def stain_angles(self) -> tuple[float, float] | None:
-        if self.stain is None or self.reference is None:
-            return None
-        return (angle_degrees(self.stain.he[:, 0], self.reference.he[:, 0]),
-                angle_degrees(self.stain.he[:, 1], self.reference.he[:, 1]))
+        """The latest fit's H and E angles to the model's reference, in degrees (None without either)."""
+        return self._angles
 
     def reasons(self) -> list[Reason]:
         """Blocking problems of the tiles so far (tissue quantity is judged by the session)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass, field, fields
+from typing import NamedTuple
 
 from appliance import RESEARCH_USE_NOTICE
 from appliance.model.ref import ModelRef
@@ -12,8 +13,10 @@ from appliance.pipeline.qc import Reason
 from appliance.terms import CaseRule, ThresholdSource, Verdict
 
 
-@dataclass(frozen=True)
-class PatchScore:
+class PatchScore(NamedTuple):
+    """One scored tissue patch. A named tuple, not a frozen dataclass: a core-needle case has about 90,000 of
+    them, built on the path to the verdict (R1's 87,000: 0.09 s as frozen dataclasses, half that as tuples)."""
+
     x: int
     y: int
     w: int

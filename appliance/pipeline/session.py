@@ -11,17 +11,19 @@ from __future__ import annotations
 
 import tempfile
 import time
-from collections import defaultdict, deque
-from dataclasses import dataclass, field
+from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from numpy.lib.stride_tricks import as_strided
 
 from appliance.durable import fsync_path
 from appliance.errors import InputError
 from appliance.model.engine import Engine
 from appliance.pipeline import decision
+from appliance.pipeline.clock import StageClock
 from appliance.pipeline.context import refine
 from appliance.pipeline.grid import PatchGrid
 from appliance.pipeline.heatmap import Heatmap, Thumbnail
@@ -34,6 +36,8 @@ from appliance.pipeline.resample import resample_tile, scale_factor, target_span
 from appliance.pipeline.stain import StainFit, apply_map, normalising_map
 from appliance.pipeline.result import PatchScore, TriageResult
 from appliance.pipeline.tissue import mask_of_subsampled, patch_fractions, subsample, tissue_mask
+
+Positions = np.ndarray  # (n, 4) int64: model-resolution x, y, w, h of each patch, in the order they were cut
 from appliance.terms import CaseFile, CaseRule
 
 THUMBNAIL_CELL = 10  # model pixels per thumbnail pixel
@@ -44,10 +48,10 @@ FOCUS_SAMPLE = 2
 __all__ = ["TriageSession"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Batch:
-    positions: list[tuple[int, int, int, int]] = field(default_factory=list)
-    pixels: list[np.ndarray] = field(default_factory=list)
+    positions: Positions
+    pixels: np.ndarray  # (n, size, size, 3) uint8
 
 
 @dataclass(frozen=True)
@@ -125,19 +129,20 @@ class TriageSession:
         self.tiles = 0
         self.patches_seen = 0
         self.early_positive_after_tiles: int | None = None
-        self._held: list[_Batch] = []  # patches waiting for the stain fit (only when normalising)
-        self._batch = _Batch()
-        self._inflight: dict[int, list[tuple[int, int, int, int]]] = {}
+        self._held: list[_Batch] = []  # full batches not yet submitted (waiting for the stain fit, if normalising)
+        self._filling: list[tuple[Positions, np.ndarray]] = []  # pieces of the batch being filled
+        self._filling_n = 0
+        self._inflight: dict[int, Positions] = {}
         self._next_id = 0
         self._arrived: dict[int, np.ndarray] = {}  # results that came back ahead of an earlier batch
         self._next_fold = 0  # the batch whose results are folded next
         self._cut = 0  # tissue patches cut so far, in order
         self._folded = 0  # of those, scored and folded into the score
-        self._focus: list[np.ndarray] = []  # the sampled patches of the tile being cut, for the focus QC
         self._checkpoints: deque[_Checkpoint] = deque()
-        self._scores: list[PatchScore] = []
-        self._model_pos: list[tuple[int, int, int, int]] = []  # model-resolution x, y, w, h of each score
-        self._timings: dict[str, float] = defaultdict(float)
+        self._folded_pos: list[Positions] = []  # the folded batches' positions and first-stage probabilities
+        self._folded_probs: list[np.ndarray] = []
+        self._patches: list[PatchScore] = []  # the result's patches, once finished
+        self._clock = StageClock()
         self._started = time.perf_counter()
         self._finished = False
 
@@ -154,7 +159,7 @@ class TriageSession:
 
     @property
     def patches_scored(self) -> int:
-        return len(self._scores)
+        return self._folded
 
     # ---------------------------------------------------------------------------------------- tiles in
     def add_tile(self, x: int, y: int, pixels: np.ndarray) -> None:
@@ -164,72 +169,97 @@ class TriageSession:
         _check_tile(pixels)
         if x < 0 or y < 0:
             raise InputError(f"tile position ({x}, {y}) is negative")
-        t0 = time.perf_counter()
+        clock = self._clock
+        clock.mark()
         x, y = x - self.origin[0], y - self.origin[1]
         if x < 0 or y < 0:
             raise InputError(f"tile position ({x + self.origin[0]}, {y + self.origin[1]}) is left of or above "
                              f"the case origin {self.origin}")
         x, y, px = resample_tile(pixels, x, y, self.scale)
         h, w = px.shape[:2]
-        t1 = time.perf_counter()
+        clock.lap("resample")
         self.mosaic.write(x, y, px)
-        t2 = time.perf_counter()
+        clock.lap("mosaic")
         sub = subsample(px)
         mask = mask_of_subsampled(sub)
         self.qc.add_tile(sub, mask)
         self.thumbnail.add(x, y, px)
         inside, completed = self.grid.add_tile(x, y, w, h)
-        t3 = time.perf_counter()
-        submitting = self._timings["prepare"] + self._timings["submit_wait"]  # timed apart, inside _take
-        if inside:
-            pos = [self.grid.extent(gx, gy) for gx, gy in inside]
-            frac = patch_fractions(mask, [p[1] - y for p in pos], [p[0] - x for p in pos],
-                                   [p[3] for p in pos], [p[2] for p in pos])
-            for (ppx, ppy, pw, ph), f in zip(pos, frac):
-                if f >= self.min_tissue:
-                    crop = px[ppy - y : ppy - y + ph, ppx - x : ppx - x + pw]
-                    self._take((ppx, ppy, pw, ph), pad_to(crop, self.size, self.pad_value))
+        clock.lap("tissue_qc")
+        self._cut_tile(px, x, y, mask, inside)
         self._take_from_mosaic(completed)
-        self._check_focus()
         self.tiles += 1
         self.patches_seen += len(inside) + len(completed)
         clean = self.qc.stain_judged and not self.qc.reasons()
         self._checkpoints.append(_Checkpoint(self.tiles, self._cut, clean))
-        t4 = time.perf_counter()
-        self._timings["resample"] += (t1 - t0) * 1e3
-        self._timings["mosaic"] += (t2 - t1) * 1e3
-        self._timings["tissue_qc"] += (t3 - t2) * 1e3
-        self._timings["patching"] += (t4 - t3) * 1e3 - (self._timings["prepare"] + self._timings["submit_wait"]
-                                                        - submitting)
+        clock.lap("patching")
+        self._submit()
         self._collect()
+
+    def _cut_tile(self, px: np.ndarray, x: int, y: int, mask: np.ndarray, inside: list[tuple[int, int]]) -> None:
+        """The tissue patches wholly inside this tile (at x, y), cut straight from its pixels, all at once."""
+        if not inside:
+            return
+        ext = self.grid.extents(inside)
+        frac = patch_fractions(mask, ext[:, 1] - y, ext[:, 0] - x, ext[:, 3], ext[:, 2])
+        ext = ext[frac >= self.min_tissue]
+        if len(ext):
+            self._take(ext, self._crops(px, ext[:, 0] - x, ext[:, 1] - y, ext[:, 2], ext[:, 3]))
+
+    def _crops(self, px: np.ndarray, xs: np.ndarray, ys: np.ndarray, ws: np.ndarray, hs: np.ndarray) -> np.ndarray:
+        """(n, size, size, 3) patches of a tile at tile-relative xs, ys: one gather from a window view, or, for
+        patches clipped by the case edge, each padded with glass as the model was trained."""
+        s = self.size
+        if ((ws == s) & (hs == s)).all():
+            # every s x s window of the tile, as a view (numpy's sliding_window_view, without its checks: a
+            # tenth of a millisecond a tile)
+            (h, w, _), (sy, sx, sc) = px.shape, px.strides
+            windows = as_strided(px, (h - s + 1, w - s + 1, s, s, 3), (sy, sx, sy, sx, sc), writeable=False)
+            return windows[ys, xs]
+        out = np.empty((len(xs), s, s, 3), np.uint8)
+        for i, (x0, y0, w, h) in enumerate(zip(xs.tolist(), ys.tolist(), ws.tolist(), hs.tolist())):
+            out[i] = pad_to(px[y0 : y0 + h, x0 : x0 + w], s, self.pad_value)
+        return out
 
     def _take_from_mosaic(self, keys: list[tuple[int, int]]) -> None:
         """Patches that straddle tiles (or the case edge): read back from the mosaic."""
-        for gx, gy in keys:
-            ppx, ppy, pw, ph = self.grid.extent(gx, gy)
-            crop = self.mosaic.read(ppx, ppy, pw, ph)
-            if float(tissue_mask(crop).mean()) >= self.min_tissue:
-                self._take((ppx, ppy, pw, ph), pad_to(crop, self.size, self.pad_value))
+        if not keys:
+            return
+        ext = self.grid.extents(keys)
+        crops = [self.mosaic.read(*e) for e in ext.tolist()]
+        keep = [i for i, crop in enumerate(crops) if float(tissue_mask(crop).mean()) >= self.min_tissue]
+        if keep:
+            self._take(ext[keep], np.stack([pad_to(crops[i], self.size, self.pad_value) for i in keep]))
 
-    def _take(self, pos: tuple[int, int, int, int], patch: np.ndarray) -> None:
-        if self._cut % FOCUS_SAMPLE == 0:
-            self._focus.append(patch)
-        self._cut += 1
-        self._batch.positions.append(pos)
-        self._batch.pixels.append(patch)
-        if len(self._batch.positions) >= self.batch_size:
-            self._submit()
+    def _take(self, pos: Positions, pixels: np.ndarray) -> None:
+        """Tissue patches, in the order they were cut: the focus QC of every FOCUS_SAMPLE-th (before any stain
+        normalisation), and into batches (a full one waits in _held until submitted)."""
+        sampled = pixels[(-self._cut) % FOCUS_SAMPLE :: FOCUS_SAMPLE]  # cut numbers 0, FOCUS_SAMPLE, ...
+        if len(sampled):
+            self.qc.add_patches(laplacian_variance(sampled))
+        self._cut += len(pos)
+        start = 0
+        while start < len(pos):
+            end = min(len(pos), start + self.batch_size - self._filling_n)
+            self._filling.append((pos[start:end], pixels[start:end]))
+            self._filling_n += end - start
+            start = end
+            if self._filling_n >= self.batch_size:
+                self._seal()
 
-    def _check_focus(self) -> None:
-        """Focus QC of the sampled patches cut since the last call (before any stain normalisation)."""
-        if self._focus:
-            self.qc.add_patches(laplacian_variance(np.stack(self._focus)))
-            self._focus = []
+    def _seal(self) -> None:
+        """The batch being filled is complete (or the case ended): one array of positions and one of pixels."""
+        if self._filling_n:
+            self._held.append(_Batch(np.concatenate([p for p, _ in self._filling]),
+                                     np.concatenate([px for _, px in self._filling])))
+            self._filling, self._filling_n = [], 0
 
     def _submit(self, final: bool = False) -> None:
-        batch, self._batch = self._batch, _Batch()
-        if batch.positions:
-            self._held.append(batch)
+        """Send the held batches to the engine (stain-normalised, when the model wants it, with the case's one
+        map: until the stain's first judgement they wait)."""
+        clock = self._clock
+        if final:
+            self._seal()
         if self.normalise and self._stain_map is None:
             if not self.qc.fits and not final:
                 return  # hold the patches until the stain's first judgement (finish() judges a small case)
@@ -239,52 +269,50 @@ class TriageSession:
                                else np.eye(3, dtype=np.float32))
         held, self._held = self._held, []
         for b in held:
-            t0 = time.perf_counter()
-            pixels = np.stack(b.pixels)
-            if self._stain_map is not None:
-                pixels = apply_map(pixels, self._stain_map)
+            pixels = b.pixels if self._stain_map is None else apply_map(b.pixels, self._stain_map)
             batch_id, self._next_id = self._next_id, self._next_id + 1
             self._inflight[batch_id] = b.positions
-            t1 = time.perf_counter()
+            clock.lap("prepare")
             self.scorer.submit(pixels, batch_id)
-            self._timings["prepare"] += (t1 - t0) * 1e3
-            self._timings["submit_wait"] += (time.perf_counter() - t1) * 1e3
+            clock.lap("submit_wait")
 
     def _collect(self, results=None) -> None:
         """Fold finished batches, in the order they were submitted, into the MIL score and heatmap, and judge
         the early call at every tile whose patches are all folded."""
-        t0 = time.perf_counter()
         for batch_id, probs in (self.scorer.done() if results is None else results):
             self._arrived[batch_id] = probs
         while self._next_fold in self._arrived:
             batch_id, self._next_fold = self._next_fold, self._next_fold + 1
             self._fold(self._inflight.pop(batch_id), self._arrived.pop(batch_id))
         self._judge_checkpoints()
-        self._timings["aggregation"] += (time.perf_counter() - t0) * 1e3
+        self._clock.lap("aggregation")
 
-    def _fold(self, pos: list[tuple[int, int, int, int]], probs: np.ndarray) -> None:
+    def _fold(self, pos: Positions, probs: np.ndarray) -> None:
         probs = np.round(probs.astype(np.float64), 6)
-        values = probs.tolist()
         start = 0
         while True:
             self._judge_checkpoints()
-            if start == len(values):
+            if start == len(probs):
                 break
             # up to the end of the next tile's patches, so each tile is judged on exactly its own prefix
-            end = len(values)
+            end = len(probs)
             if self._checkpoints:
                 end = min(end, start + self._checkpoints[0].patches - self._folded)
-            for (ppx, ppy, pw, ph), p in zip(pos[start:end], values[start:end]):
-                self._scores.append(PatchScore(*self._to_input(ppx, ppy, pw, ph), p))
-                self._model_pos.append((ppx, ppy, pw, ph))
-                self.mil.add(p)
-                if self.region is not None:
-                    self.region.add(ppx // self.stride, ppy // self.stride, p)
+            self.mil.add_many(probs[start:end])
+            if self.region is not None:
+                self._add_to_region(pos[start:end], probs[start:end])
             self._folded += end - start
             start = end
+        self._folded_pos.append(pos)
+        self._folded_probs.append(probs)
         if not self.engine.has_context:  # with a context stage the heatmap is drawn once, from the refined values
-            a = np.asarray(pos, dtype=np.int64)
-            self.heatmap.add_many(a[:, 0], a[:, 1], a[:, 2], a[:, 3], probs)
+            self.heatmap.add_many(pos[:, 0], pos[:, 1], pos[:, 2], pos[:, 3], probs)
+
+    def _add_to_region(self, pos: Positions, probs: np.ndarray) -> None:
+        hot = probs >= self.region.threshold  # the others never join a region
+        for gx, gy, p in zip((pos[hot, 0] // self.stride).tolist(), (pos[hot, 1] // self.stride).tolist(),
+                             probs[hot].tolist()):
+            self.region.add(gx, gy, p)
 
     def _judge_checkpoints(self) -> None:
         """The early positive at each tile N whose patches are all folded, first N first."""
@@ -296,12 +324,15 @@ class TriageSession:
                 self.early_positive_after_tiles = cp.tile
                 self.on_early_positive(self.score, cp.tile)
 
-    def _to_input(self, x: int, y: int, w: int, h: int) -> tuple[int, int, int, int]:
-        """Model-resolution case coordinates -> the input's own pixel coordinates."""
+    def _to_input(self, pos: Positions) -> Positions:
+        """Model-resolution case coordinates -> the input's own pixel coordinates (Python's round, half to even,
+        as numpy's)."""
         if self.scale == 1.0:
-            return x + self.origin[0], y + self.origin[1], w, h
-        s = self.scale
-        return round(x / s) + self.origin[0], round(y / s) + self.origin[1], round(w / s), round(h / s)
+            return pos + np.array([self.origin[0], self.origin[1], 0, 0])
+        out = np.round(pos / self.scale).astype(np.int64)
+        out[:, 0] += self.origin[0]
+        out[:, 1] += self.origin[1]
+        return out
 
     def _to_model(self, x: int, y: int, w: int, h: int) -> tuple[int, int, int, int]:
         """The input's pixel coordinates -> model-resolution case coordinates (the inverse of _to_input)."""
@@ -316,38 +347,46 @@ class TriageSession:
         """Score what is left and make the call."""
         if self._finished:
             raise RuntimeError("this session is already finished")
+        clock = self._clock
+        clock.mark()
         self._take_from_mosaic(self.grid.drain())
-        self._check_focus()
+        clock.lap("patching")
         if self.normalise and self._stain_map is None:
             self.qc.finish()  # a small case: its one map comes from the whole case, before the last patches go
         self._submit(final=True)
         self.qc.finish()  # the whole case's stain, judged while the engine scores the last batches
-        t0 = time.perf_counter()
-        self._collect(self.scorer.wait())
+        clock.lap("tissue_qc")
+        results = self.scorer.wait()
         self.scorer.close()
-        self._timings["wait_inference"] += (time.perf_counter() - t0) * 1e3
+        clock.lap("wait_inference")
+        self._collect(results)
         self._finished = True
+        pos = np.concatenate(self._folded_pos) if self._folded_pos else np.zeros((0, 4), np.int64)
+        first = np.concatenate(self._folded_probs) if self._folded_probs else np.zeros(0)
         refined = None
         if self.engine.has_context:
-            refined = self._refine() if self._scores else []
+            refined = self._refine(pos, first) if len(first) else np.zeros(0)
         early_score = self.score
-        score = decision.final_score(self.case_rule, self.top_k, early_score, refined)
-        reasons = decision.cannot_call_reasons(tiles=self.tiles, patches_scored=len(self._scores),
+        score = decision.final_score(self.case_rule, self.top_k, early_score,
+                                     None if refined is None else refined.tolist())
+        reasons = decision.cannot_call_reasons(tiles=self.tiles, patches_scored=self._folded,
                                                patches_seen=self.patches_seen, qc_reasons=self.qc.reasons(),
                                                min_patches=self.min_patches)
         verdict, reasons, warnings = decision.make_call(early_positive=self.early_positive, reasons=reasons,
                                                         score=score, threshold=self.threshold)
-        self._timings["total"] = (time.perf_counter() - self._started) * 1e3
-        self._scores.sort(key=lambda p: (p.y, p.x))
-        result = TriageResult(
+        self._patches = self._patch_scores(pos, first, refined)
+        clock.lap("result")
+        timings = clock.timings()
+        timings["total"] = round((time.perf_counter() - self._started) * 1e3, 3)
+        return TriageResult(
             verdict=verdict,
             score=round(score, 6),
             threshold=self.threshold,
             patch_threshold=self.patch_threshold,
             reasons=reasons,
             model=self.engine.model_ref,
-            timings_ms={k: round(v, 3) for k, v in self._timings.items()},
-            patches=list(self._scores),
+            timings_ms=timings,
+            patches=list(self._patches),
             tiles=self.tiles,
             patches_seen=self.patches_seen,
             early_positive=self.early_positive,
@@ -367,7 +406,16 @@ class TriageSession:
             microns_per_pixel=self.mpp,
             origin=list(self.origin),
         )
-        return result
+
+    def _patch_scores(self, pos: Positions, first: np.ndarray, refined: np.ndarray | None) -> list[PatchScore]:
+        """The scored patches in the input's pixels, sorted by row then column (the refined probability beside
+        the first stage's, when the model has a context stage)."""
+        where = self._to_input(pos)
+        order = np.lexsort((where[:, 0], where[:, 1]))  # stable: as sorting the cut order by (y, x)
+        columns = [c.tolist() for c in where[order].T]
+        if refined is None:
+            return [PatchScore(*c) for c in zip(*columns, first[order].tolist())]
+        return [PatchScore(*c) for c in zip(*columns, refined[order].tolist(), first[order].tolist())]
 
     def _measures(self) -> dict[str, float | None]:
         """What the drift watch follows for this case (appliance.site.drift). Tissue area counts each scored
@@ -377,21 +425,16 @@ class TriageSession:
         return {"stain_h_deg": round(angles[0], 2) if angles else None,
                 "stain_e_deg": round(angles[1], 2) if angles else None,
                 "focus": self.qc.focus_median,
-                "tissue_mm2": round(len(self._scores) * cell_mm * cell_mm, 4)}
+                "tissue_mm2": round(self._folded * cell_mm * cell_mm, 4)}
 
-    def _refine(self) -> list[float]:
-        """The context stage over the whole case grid: each patch's probability becomes the refined one (the
-        first stage's kept beside it), and the heatmap is drawn from them. Returns the refined probabilities
-        (the final rule's input when it is the refined rule)."""
-        t0 = time.perf_counter()
-        pos = np.asarray(self._model_pos, dtype=np.int64)
-        first = np.array([p.probability for p in self._scores])
+    def _refine(self, pos: Positions, first: np.ndarray) -> np.ndarray:
+        """The context stage over the whole case grid: each patch's refined probability (the final rule's input
+        when it is the refined rule); the heatmap is drawn from them."""
+        self._clock.lap("result")
         refined = refine(self.engine, pos[:, 0] // self.stride, pos[:, 1] // self.stride, first)
-        self._scores = [PatchScore(p.x, p.y, p.w, p.h, r, p.probability)
-                        for p, r in zip(self._scores, refined.tolist())]
         self.heatmap.add_many(pos[:, 0], pos[:, 1], pos[:, 2], pos[:, 3], refined)
-        self._timings["context"] = (time.perf_counter() - t0) * 1e3
-        return refined.tolist()
+        self._clock.lap("context")
+        return refined
 
     def write_outputs(self, out_dir: Path, case_id: str, summary: dict, *, geojson_tiles: bool = False
                       ) -> dict[CaseFile, str]:
@@ -399,14 +442,14 @@ class TriageSession:
         result's ``to_dict()`` plus ``input`` and ``skipped_inputs``; it is left as it is (summary.json adds the
         case id and the list of files), so the file and the result a caller holds never differ. With
         ``geojson_tiles`` every scored patch is also a tile object in regions.geojson."""
-        top = sorted(self._scores, key=lambda p: (-p.probability, p.y, p.x))[: self.top_k]
+        top = sorted(self._patches, key=lambda p: (-p.probability, p.y, p.x))[: self.top_k]
         rects = [self._to_model(p.x, p.y, p.w, p.h) for p in top]
         crops = [self.mosaic.read(*r) for r in rects]
         cams = self._cams(crops)
         top_records = [{"x": r[0], "y": r[1], "w": r[2], "h": r[3], "probability": p.probability,
                         "first_stage": p.first_stage, "cam": cam} for r, p, cam in zip(rects, top, cams)]
         tiles = [(*self._to_model(p.x, p.y, p.w, p.h), p.probability, p.first_stage)
-                 for p in self._scores] if geojson_tiles else None
+                 for p in self._patches] if geojson_tiles else None
         return write_outputs(out_dir, case_id, summary, heatmap=self.heatmap, thumbnail=self.thumbnail,
                              mosaic=self.mosaic, patch_threshold=self.patch_threshold, top_crops=crops, tiles=tiles,
                              top=top_records)

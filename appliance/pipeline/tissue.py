@@ -131,13 +131,21 @@ def tissue_fraction(rgb: np.ndarray, threshold: int = SATURATION_THRESHOLD, step
     return float((saturation(rgb[::step, ::step]) > threshold).mean())
 
 
+def integral(mask: np.ndarray) -> np.ndarray:
+    """(h + 1, w + 1) int32 sums of a 2-D bool mask above and left of each corner (OpenCV's, when it can)."""
+    if mask.ndim == 2 and mask.dtype == np.bool_ and mask.flags.c_contiguous:
+        return cv2.integral(mask.view(np.uint8))
+    ii = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), dtype=np.int32)
+    np.cumsum(np.cumsum(mask, axis=0, dtype=np.int32), axis=1, out=ii[1:, 1:])
+    return ii
+
+
 def patch_fractions(mask: np.ndarray, ys, xs, hs, ws, step: int = MASK_STEP) -> np.ndarray:
     """Mean of a low-resolution mask over each patch (paired arrays of full-resolution y, x, h, w) -> (N,).
 
     Integral image: the cost does not depend on the patch size.
     """
-    ii = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), dtype=np.int32)
-    np.cumsum(np.cumsum(mask, axis=0, dtype=np.int32), axis=1, out=ii[1:, 1:])
+    ii = integral(mask)
     h, w = mask.shape
     ys, xs, hs, ws = (np.asarray(a) for a in (ys, xs, hs, ws))
     y0, x0 = np.minimum(ys // step, h), np.minimum(xs // step, w)

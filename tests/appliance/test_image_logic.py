@@ -6,8 +6,10 @@ import pytest
 from appliance.model.metrics import binary_metrics, roc_auc, top_k_mean
 from appliance.pipeline.mil import TopKMean
 from appliance.pipeline.patches import pad_to
-from appliance.pipeline.tissue import (close, dilate, erode, mask_of_subsampled, saturated, saturation, subsample,
-                                      tissue_fraction)
+from appliance.pipeline.grid import PatchGrid
+from appliance.pipeline.heatmap import block_sums
+from appliance.pipeline.tissue import (close, dilate, erode, integral, mask_of_subsampled, saturated, saturation,
+                                      subsample, tissue_fraction)
 
 
 def test_saturation_matches_hsv_definition():
@@ -36,6 +38,23 @@ def test_edge_patches_are_padded_with_glass():
     full = tile[:20, :20]
     assert pad_to(np.ascontiguousarray(np.zeros((50, 50, 3), np.uint8)), 50, 255).max() == 0
     assert pad_to(full, 20, 0) is full
+
+
+@pytest.mark.parametrize("k", [1, 5, 15])
+def test_adding_many_at_once_keeps_the_same_top_k_as_one_by_one(k):
+    """The session folds a batch's segment at a time (add_many); the score after each segment must be the one
+    adding the same probabilities one by one gives, ties and short segments included."""
+    rng = np.random.default_rng(k)
+    one, many = TopKMean(k), TopKMean(k)
+    values = np.round(rng.random(3000), 2)  # rounded: many ties
+    start = 0
+    while start < len(values):
+        end = start + int(rng.integers(0, 40))
+        for p in values[start:end].tolist():
+            one.add(p)
+        many.add_many(values[start:end])
+        assert (many.score, many.count, many.full) == (one.score, one.count, one.full)
+        start = end
 
 
 def test_top_k_mean_never_falls_once_full():
@@ -111,3 +130,27 @@ def test_the_opencv_tissue_path_gives_the_numpy_definition_bit_for_bit(demo_imag
             assert np.array_equal(got, want), (x, y)
     odd = np.ascontiguousarray(demo_image[:451, :449])
     assert np.array_equal(subsample(odd), odd[::2, ::2])  # an odd size takes the slicing
+
+
+def test_block_sums_and_integral_images_are_exact():
+    """The thumbnail's block sums and the tissue fraction's integral image come from OpenCV; both equal plain
+    numpy sums exactly, on contiguous images and on views at an offset."""
+    rng = np.random.default_rng(3)
+    for _ in range(30):
+        img = rng.integers(0, 256, (int(rng.integers(20, 200)), int(rng.integers(20, 200)), 3), dtype=np.uint8)
+        oy, ox, c = int(rng.integers(0, 10)), int(rng.integers(0, 10)), int(rng.integers(1, 11))
+        view = img[oy:, ox:]
+        ny, nx = view.shape[0] // c, view.shape[1] // c
+        view = view[: ny * c, : nx * c]
+        assert np.array_equal(block_sums(view, c), view.reshape(ny, c, nx, c, 3).sum(axis=(1, 3)))
+        mask = rng.random(img.shape[:2]) < rng.random()
+        ii = integral(mask)
+        assert ii.shape == (mask.shape[0] + 1, mask.shape[1] + 1)
+        assert np.array_equal(ii[1:, 1:], mask.cumsum(axis=0).cumsum(axis=1))
+
+
+@pytest.mark.parametrize("width,height", [(None, None), (475, 130)])
+def test_patch_extents_at_once_match_one_by_one(width, height):
+    grid = PatchGrid(50, 50, width, height)
+    keys = [(gx, gy) for gy in range(4) for gx in range(12)]
+    assert grid.extents(keys).tolist() == [list(grid.extent(gx, gy)) for gx, gy in keys]
