@@ -16,8 +16,8 @@ from appliance.pipeline.result import TriageResult
 from appliance.pipeline.summary import validated
 from appliance.terms import CaseFile
 from appliance.offline.slides import Slide, SlideInfo, is_slide
-from appliance.offline.sources import (DEFAULT_TILE_SIZE, Skipped, SourceTile, case_extent, count_case_tiles,
-                                       iter_case_tiles)
+from appliance.offline.sources import (DEFAULT_TILE_SIZE, Skipped, SourceTile, TileFolder, case_extent,
+                                       count_case_tiles, iter_case_tiles)
 
 
 def triage_path(engine: Engine, path: Path, **options) -> dict:
@@ -60,10 +60,16 @@ def triage_case(
                            batch_size=batch_size, out_dir=out_dir, progress=progress, slide=slide.info,
                            geojson_tiles=geojson_tiles, case_id=case_id, thresholds=thresholds)
     skipped: list[Skipped] = []
-    ox, oy, width, height = case_extent(path)
-    return _triage(engine, path, iter_case_tiles(path, tile_size, skipped), count_case_tiles(path, tile_size),
-                   (ox, oy), width, height, microns_per_pixel, skipped, batch_size=batch_size, out_dir=out_dir,
-                   progress=progress, geojson_tiles=geojson_tiles, case_id=case_id, thresholds=thresholds)
+    if path.is_dir():  # listed once: its extent, count and tiles
+        folder = TileFolder.scan(path)
+        ox, oy, width, height = folder.extent()
+        tiles, total = folder.tiles(skipped), len(folder.files)
+    else:
+        ox, oy, width, height = case_extent(path)
+        tiles, total = iter_case_tiles(path, tile_size, skipped), count_case_tiles(path, tile_size)
+    return _triage(engine, path, tiles, total, (ox, oy), width, height, microns_per_pixel, skipped,
+                   batch_size=batch_size, out_dir=out_dir, progress=progress, geojson_tiles=geojson_tiles,
+                   case_id=case_id, thresholds=thresholds)
 
 
 def _triage(engine: Engine, path: Path, tiles: Iterable[SourceTile], total: int | None, origin: tuple[int, int],

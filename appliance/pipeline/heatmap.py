@@ -96,15 +96,22 @@ class Thumbnail:
         self._img = _Grow2D(255, np.uint8, channels=3)
         self.rows = self.cols = 0
 
-    def add(self, x: int, y: int, pixels: np.ndarray) -> None:
+    def add(self, x: int, y: int, pixels: np.ndarray, step: int = 1) -> None:
+        """The tile at (x, y), given whole or (``step`` > 1) as every step-th pixel of every step-th row: then a
+        block's colour is the mean of its sampled pixels (the tissue mask's half-resolution copy serves, a
+        quarter of the work for the same picture). A step must divide the cell and x and y."""
         c = self.cell
-        h, w = pixels.shape[:2]
+        if c % step or x % step or y % step:
+            raise ValueError(f"a thumbnail of cell {c} cannot be built from every {step}th pixel at ({x}, {y})")
+        h, w = pixels.shape[0] * step, pixels.shape[1] * step
         # only whole blocks that start inside this tile; a tile not aligned to the cell loses its ragged edge
         oy, ox = (-y) % c, (-x) % c
         ny, nx = (h - oy) // c, (w - ox) // c
         if ny <= 0 or nx <= 0:
             return
-        means = block_sums(pixels[oy : oy + ny * c, ox : ox + nx * c], c).astype(np.float32) / (c * c)
+        k = c // step  # the block's side in the given pixels
+        sampled = pixels[oy // step : oy // step + ny * k, ox // step : ox // step + nx * k]
+        means = block_sums(sampled, k).astype(np.float32) / (k * k)
         r0, c0 = (y + oy) // c, (x + ox) // c
         self._img.ensure(r0 + ny, c0 + nx)[r0 : r0 + ny, c0 : c0 + nx] = (means + 0.5).astype(np.uint8)
         self.rows, self.cols = max(self.rows, r0 + ny), max(self.cols, c0 + nx)

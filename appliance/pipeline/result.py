@@ -4,6 +4,7 @@ timings), as plain data the store, the outputs and the API take as they are."""
 from __future__ import annotations
 
 import copy
+import heapq
 from dataclasses import asdict, dataclass, field, fields
 from typing import NamedTuple
 
@@ -78,4 +79,4 @@ class TriageResult:
 
     def top_patches(self) -> list[PatchScore]:
         """The patches that drove the call, highest probability first."""
-        return sorted(self.patches, key=lambda p: (-p.probability, p.y, p.x))[: self.top_k]
+        return heapq.nsmallest(self.top_k, self.patches, key=lambda p: (-p.probability, p.y, p.x))

@@ -9,6 +9,7 @@ the overlap-averaged heatmap.
 
 from __future__ import annotations
 
+import heapq
 import tempfile
 import time
 from collections import deque
@@ -35,7 +36,7 @@ from appliance.pipeline.qc import CaseQc, QcLimits, laplacian_variance, limits_f
 from appliance.pipeline.resample import resample_tile, scale_factor, target_span
 from appliance.pipeline.stain import StainFit, apply_map, normalising_map
 from appliance.pipeline.result import PatchScore, TriageResult
-from appliance.pipeline.tissue import mask_of_subsampled, patch_fractions, subsample, tissue_mask
+from appliance.pipeline.tissue import MASK_STEP, mask_of_subsampled, patch_fractions, subsample, tissue_mask
 
 Positions = np.ndarray  # (n, 4) int64: model-resolution x, y, w, h of each patch, in the order they were cut
 from appliance.terms import CaseFile, CaseRule
@@ -183,7 +184,10 @@ class TriageSession:
         sub = subsample(px)
         mask = mask_of_subsampled(sub)
         self.qc.add_tile(sub, mask)
-        self.thumbnail.add(x, y, px)
+        if MASK_STEP * sub.shape[0] == h and MASK_STEP * sub.shape[1] == w and not (x % MASK_STEP or y % MASK_STEP):
+            self.thumbnail.add(x, y, sub, MASK_STEP)
+        else:
+            self.thumbnail.add(x, y, px)
         inside, completed = self.grid.add_tile(x, y, w, h)
         clock.lap("tissue_qc")
         self._cut_tile(px, x, y, mask, inside)
@@ -442,7 +446,7 @@ class TriageSession:
         result's ``to_dict()`` plus ``input`` and ``skipped_inputs``; it is left as it is (summary.json adds the
         case id and the list of files), so the file and the result a caller holds never differ. With
         ``geojson_tiles`` every scored patch is also a tile object in regions.geojson."""
-        top = sorted(self._patches, key=lambda p: (-p.probability, p.y, p.x))[: self.top_k]
+        top = heapq.nsmallest(self.top_k, self._patches, key=lambda p: (-p.probability, p.y, p.x))
         rects = [self._to_model(p.x, p.y, p.w, p.h) for p in top]
         crops = [self.mosaic.read(*r) for r in rects]
         cams = self._cams(crops)
