@@ -89,7 +89,7 @@ def overlay_image(thumb: np.ndarray, heat: np.ndarray, thumb_cell: int, heat_cel
     scored[:r, :c] = cells[:r, :c, 3] > 0
     heat_rgb = np.zeros((rows, cols, 3), dtype=np.uint8)
     heat_rgb[:r, :c] = cells[:r, :c, :3]
-    img = np.where(scored[..., None], 0.45 * thumb.astype(np.float32) + 0.55 * heat_rgb, thumb).astype(np.uint8)
+    img = _blend(thumb, heat_rgb, scored)
     zoom = max(1, min(4, 600 // max(1, max(rows, cols))))
     pic = Image.fromarray(img).resize((cols * zoom, rows * zoom), Image.NEAREST)
     font = ImageFont.load_default(size=14)
@@ -120,6 +120,18 @@ def overlay_image(thumb: np.ndarray, heat: np.ndarray, thumb_cell: int, heat_cel
     d.text((280, y0), "patch probability of IDC (overlap-averaged);", fill="black", font=small)
     d.text((280, y0 + 16), "| = case threshold; cividis colormap", fill="black", font=small)
     return canvas
+
+
+def _blend(thumb: np.ndarray, heat_rgb: np.ndarray, scored: np.ndarray, rows: int = 64) -> np.ndarray:
+    """45 % tissue and 55 % heat colour where ``scored``, the tissue elsewhere; computed ``rows`` at a time, so
+    its float temporaries are a few MB instead of 60 MB each for R1's thumbnail (fresh pages for each: 0.6 s
+    of CPU beside the pyramid, where the same numbers by bands take 0.03 s)."""
+    out = np.empty_like(thumb)
+    for y in range(0, thumb.shape[0], rows):
+        band = slice(y, y + rows)
+        out[band] = np.where(scored[band, :, None], 0.45 * thumb[band].astype(np.float32) + 0.55 * heat_rgb[band],
+                             thumb[band])
+    return out
 
 
 # --------------------------------------------------------------------------------------- preview images
