@@ -190,6 +190,16 @@ def test_the_case_files_are_the_same_written_side_by_side_or_one_at_a_time(ov_en
         assert a == b, name
 
 
+def test_the_overlay_blend_by_bands_is_the_blend_of_the_whole_image():
+    from appliance.pipeline.outputs import _blend
+
+    rng = np.random.default_rng(3)
+    thumb, heat = (rng.integers(0, 256, (150, 97, 3), dtype=np.uint8) for _ in range(2))
+    scored = rng.random((150, 97)) < 0.8
+    whole = np.where(scored[..., None], 0.45 * thumb.astype(np.float32) + 0.55 * heat, thumb).astype(np.uint8)
+    assert np.array_equal(_blend(thumb, heat, scored), whole)
+
+
 # ------------------------------------------------------------------------------------------- regions
 def assert_qupath_feature(f: dict) -> None:
     """One Feature as QuPath's GeoJSON reader wants it (objectType, classification, measurements)."""
