@@ -49,26 +49,30 @@ def level_count(width: int, height: int) -> int:
 
 
 def reduce2(band: np.ndarray, fill: int = GLASS) -> np.ndarray:
-    """Half size by a 2 x 2 box filter, rounding half up; an odd last row or column is padded with ``fill``."""
-    from PIL import Image
+    """Half size by a 2 x 2 box filter, rounding half up; an odd last row or column is padded with ``fill``.
+
+    OpenCV's INTER_AREA at exactly half an even size is that filter, (a+b+c+d+2) >> 2, as PIL's reduce(2) is:
+    1.3 instead of 8.9 ms a band of R1's level 0 (PIL unpacks RGB to RGBX and back), 0.7 s of CPU a case."""
+    import cv2
 
     h, w = band.shape[:2]
     if h & 1 or w & 1:
         band = np.pad(band, ((0, h & 1), (0, w & 1), (0, 0)), constant_values=fill)
-    return np.asarray(Image.fromarray(np.ascontiguousarray(band)).reduce(2))  # PIL: (a+b+c+d+2) >> 2
+    return cv2.resize(band, (band.shape[1] // 2, band.shape[0] // 2), interpolation=cv2.INTER_AREA)
 
 
 def tiles_of(bands: Iterable[np.ndarray], width: int, fill: int = GLASS) -> Iterator[np.ndarray]:
     """TILE x TILE tiles in raster order from full-width bands of TILE rows (the last may be shorter);
-    edge tiles are padded with ``fill``."""
-    cols = -(-width // TILE)
+    edge tiles are padded with ``fill``. Only an edge tile is padded: a band as wide as R1's (not a multiple
+    of TILE) was copied whole into a padded band first, a second copy of level 0 on the thread feeding the
+    encoders."""
     for band in bands:
-        if band.shape[0] < TILE or band.shape[1] < cols * TILE:
-            padded = np.full((TILE, cols * TILE, 3), fill, dtype=np.uint8)
-            padded[: band.shape[0], : band.shape[1]] = band
-            band = padded
-        for x in range(0, cols * TILE, TILE):
-            yield np.ascontiguousarray(band[:, x : x + TILE])
+        for x in range(0, width, TILE):
+            tile = band[:, x : x + TILE]
+            if tile.shape[:2] != (TILE, TILE):
+                tile = np.pad(tile, ((0, TILE - tile.shape[0]), (0, TILE - tile.shape[1]), (0, 0)),
+                              constant_values=fill)
+            yield np.ascontiguousarray(tile)
 
 
 class _Level:

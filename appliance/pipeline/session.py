@@ -449,14 +449,17 @@ class TriageSession:
         top = heapq.nsmallest(self.top_k, self._patches, key=lambda p: (-p.probability, p.y, p.x))
         rects = [self._to_model(p.x, p.y, p.w, p.h) for p in top]
         crops = [self.mosaic.read(*r) for r in rects]
-        cams = self._cams(crops)
-        top_records = [{"x": r[0], "y": r[1], "w": r[2], "h": r[3], "probability": p.probability,
-                        "first_stage": p.first_stage, "cam": cam} for r, p, cam in zip(rects, top, cams)]
+
+        def top_records() -> list[dict]:  # called beside the other files: the CAM head compiles at its first use
+            cams = self._cams(crops)
+            return [{"x": r[0], "y": r[1], "w": r[2], "h": r[3], "probability": p.probability,
+                     "first_stage": p.first_stage, "cam": cam} for r, p, cam in zip(rects, top, cams)]
+
         tiles = [(*self._to_model(p.x, p.y, p.w, p.h), p.probability, p.first_stage)
                  for p in self._patches] if geojson_tiles else None
         return write_outputs(out_dir, case_id, summary, heatmap=self.heatmap, thumbnail=self.thumbnail,
                              mosaic=self.mosaic, patch_threshold=self.patch_threshold, top_crops=crops, tiles=tiles,
-                             top=top_records)
+                             top=top_records if top else None)
 
     def _cams(self, crops: list[np.ndarray]) -> list[list[list[float]] | None]:
         """The class-activation map of each top patch (the members' mean logit at each position of the last

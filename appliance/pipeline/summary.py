@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+from contextlib import contextmanager
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
@@ -85,5 +87,20 @@ class TriageSummary(_Closed):
 
 def validated(summary: dict) -> dict:
     """Check a summary against the schema (raises pydantic.ValidationError) and return it unchanged."""
-    TriageSummary.model_validate(summary)
+    with _collector_paused():
+        TriageSummary.model_validate(summary)
     return summary
+
+
+@contextmanager
+def _collector_paused():
+    """Python's cyclic garbage collector off for a moment (unless something else had it off already): the
+    models made while validating R1's 87,000 patches set off collections that walked the whole heap, 60 % of
+    the validation's time (0.44 s, 0.19 s without). They hold no cycles: reference counting frees them."""
+    was_on = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_on:
+            gc.enable()

@@ -169,6 +169,37 @@ def test_write_pyramid_keeps_a_fractional_mpp_and_three_levels_for_a_small_mosai
     assert JPEG_QUALITY >= 85
 
 
+def test_the_case_files_are_the_same_written_side_by_side_or_one_at_a_time(ov_engine, tmp_path, monkeypatch):
+    """The files are written on a pool and the pyramid's tiles encoded on threads: every file comes out
+    byte for byte as written on one thread, so every level's pixels are too (summary.json but its timings)."""
+    from appliance.pipeline import outputs, pyramid
+
+    side_by_side = tmp_path / "pool"
+    triage_path(ov_engine, DEMO_CASE, out_dir=side_by_side)
+    monkeypatch.setattr(outputs, "WORKERS", 1)
+    monkeypatch.setattr(pyramid, "JPEG_WORKERS", 1)
+    one_at_a_time = tmp_path / "serial"
+    triage_path(ov_engine, DEMO_CASE, out_dir=one_at_a_time)
+    names = sorted(p.name for p in side_by_side.iterdir())
+    assert names == sorted(p.name for p in one_at_a_time.iterdir())
+    assert {"case.ome.tif", "heatmap.ome.tif", "overlay.png", "top_patches.json"} <= set(names)
+    for name in names:
+        a, b = (side_by_side / name).read_bytes(), (one_at_a_time / name).read_bytes()
+        if name == "summary.json":
+            a, b = ({k: v for k, v in json.loads(x).items() if k != "timings_ms"} for x in (a, b))
+        assert a == b, name
+
+
+def test_the_overlay_blend_by_bands_is_the_blend_of_the_whole_image():
+    from appliance.pipeline.outputs import _blend
+
+    rng = np.random.default_rng(3)
+    thumb, heat = (rng.integers(0, 256, (150, 97, 3), dtype=np.uint8) for _ in range(2))
+    scored = rng.random((150, 97)) < 0.8
+    whole = np.where(scored[..., None], 0.45 * thumb.astype(np.float32) + 0.55 * heat, thumb).astype(np.uint8)
+    assert np.array_equal(_blend(thumb, heat, scored), whole)
+
+
 # ------------------------------------------------------------------------------------------- regions
 def assert_qupath_feature(f: dict) -> None:
     """One Feature as QuPath's GeoJSON reader wants it (objectType, classification, measurements)."""

@@ -367,6 +367,24 @@ def test_reduce2_is_a_rounded_box_filter_with_glass_past_an_odd_edge():
     assert np.array_equal(reduce2(img), expect.astype(np.uint8))
 
 
+def test_reduce2_is_the_box_filter_for_every_sum_of_four_and_every_width():
+    """OpenCV's INTER_AREA does the halving: the same (a+b+c+d+2) >> 2 for every 2 x 2 block, whatever the
+    width (its vector loops and their tails) and whichever rows are odd."""
+    rng = np.random.default_rng(2)
+    sums = np.array([(a, b, c, d) for a in range(0, 256, 3) for b in (0, 1, 2, 127, 128, 254, 255)
+                     for c in range(256) for d in (0, 255)], np.uint8)
+    block = np.empty((2, 2 * len(sums), 3), np.uint8)
+    block[0, 0::2], block[0, 1::2] = sums[:, :1], sums[:, 1:2]
+    block[1, 0::2], block[1, 1::2] = sums[:, 2:3], sums[:, 3:]
+    images = [block] + [rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+                        for h in (1, 2, 3, 64, 257) for w in (*range(1, 40), 255, 256, 4097)]
+    for img in images:
+        h, w = img.shape[:2]
+        pad = np.pad(img, ((0, h & 1), (0, w & 1), (0, 0)), constant_values=255).astype(np.uint16)
+        expect = (pad[0::2, 0::2] + pad[1::2, 0::2] + pad[0::2, 1::2] + pad[1::2, 1::2] + 2) >> 2
+        assert np.array_equal(reduce2(img), expect.astype(np.uint8)), img.shape
+
+
 def test_heatmap_averages_overlapping_patches_and_traces_regions():
     h = Heatmap(size=50, stride=25, width=100, height=50)
     h.add(0, 0, 50, 50, 0.2)
