@@ -42,7 +42,7 @@ TILE = 450
 CACHE = ROOT / "bench" / "results" / "r1-tiles"
 MODEL_DIR = ROOT / "models" / "idc-resnet"
 # the pipeline's own stages beside inference (its timings_ms): what a faster engine does not make faster
-NON_INFERENCE_STAGES = ("resample", "mosaic", "tissue_qc", "patching", "aggregation", "prepare", "context")
+NON_INFERENCE_STAGES = ("resample", "mosaic", "tissue_qc", "patching", "aggregation", "prepare", "context", "result")
 
 
 # ------------------------------------------------------------------------------------------- workload
@@ -113,18 +113,48 @@ def _pipeline_child(folder: str, outputs: bool, q) -> None:
     from appliance.offline.triage import triage_path
 
     engine = load_engine(MODEL_DIR, "openvino")
-    out_dir = Path(folder).parent / "r1-out" if outputs else None
-    t0, c0 = time.perf_counter(), cpu_seconds()
-    res = triage_path(engine, Path(folder), tile_size=TILE, batch_size=128, out_dir=out_dir)
-    wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
-    # the case's files are ready this long after the call (the session's total stops at the call; what follows
-    # is writing the files and reading summary.json back, as `appliance triage --out` does)
-    outputs_ms = wall * 1e3 - res["timings_ms"]["total"] if outputs else None
-    q.put({"wall_s": wall, "cpu_s": cpu, "verdict": res["verdict"], "score": res["score"], "tiles": res["tiles"],
-           "outputs_ms": outputs_ms,
+    if outputs:
+        return _outputs_child(engine, Path(folder), q)
+    t0, c0, m0 = time.perf_counter(), cpu_seconds(), time.thread_time()
+    res = triage_path(engine, Path(folder), tile_size=TILE, batch_size=128)
+    wall, cpu, main_cpu = time.perf_counter() - t0, cpu_seconds() - c0, time.thread_time() - m0
+    q.put({"wall_s": wall, "cpu_s": cpu, "main_thread_cpu_s": main_cpu, "verdict": res["verdict"], "score": res["score"], "tiles": res["tiles"],
            "patches": [(p["x"], p["y"]) for p in res["patches"]], "timings_ms": res["timings_ms"],
            "early_positive_after_tiles": res["early_positive_after_tiles"],
            "peak_rss_mb": peak_rss_mb()})
+
+
+def _outputs_child(engine, folder: Path, q) -> None:
+    """The case again, then its files, as the daemon's worker writes them: the call (``finish``), then the
+    result as a summary and ``write_outputs``; "files ready" is the time from the call to the last file."""
+    from appliance.offline.sources import case_extent, iter_case_tiles
+    from appliance.pipeline import TriageSession
+
+    out_dir = folder.parent / "r1-out"
+    shutil.rmtree(out_dir, ignore_errors=True)
+    ox, oy, width, height = case_extent(folder)
+    t0 = time.perf_counter()
+    session = TriageSession(engine, batch_size=128, width=width, height=height, workdir=out_dir / ".work",
+                            origin=(ox, oy))
+    try:
+        for tile in iter_case_tiles(folder, TILE):
+            session.add_tile(tile.x, tile.y, tile.pixels)
+        result = session.finish()
+        called, c0 = time.perf_counter(), cpu_seconds()
+        summary = dict(result.to_dict(), input=str(folder), skipped_inputs=[])
+        session.write_outputs(out_dir, "R1", summary)
+        files_s, files_cpu = time.perf_counter() - called, cpu_seconds() - c0
+    finally:
+        session.close()
+    q.put({"wall_s": time.perf_counter() - t0, "outputs_ms": files_s * 1e3, "outputs_cpu_s": files_cpu,
+           "verdict": str(result.verdict), "peak_rss_mb": peak_rss_mb()})
+
+
+def stage_sum_ms(timings: dict, suffix: str = "") -> float | None:
+    """The non-inference stages' milliseconds (wall, or with suffix "_cpu" the pipeline thread's CPU time; None
+    when the timings have no such keys, as before the session measured CPU time)."""
+    keys = [k + suffix for k in NON_INFERENCE_STAGES if k + suffix in timings]
+    return round(sum(timings[k] for k in keys), 1) if keys else None
 
 
 def cpu_seconds() -> float:
@@ -273,8 +303,8 @@ def main(argv=None) -> int:
             print(f"[{r + 1}/{args.repeats}] (a') the pipeline again, now also writing the case's files (outside "
                   f"the ratios) ...", flush=True)
             written.append(run_pipeline(folder, True))
-            print(f"    {written[-1]['wall_s']:.1f} s, files ready {written[-1]['outputs_ms'] / 1e3:.1f} s after the call",
-                  flush=True)
+            print(f"    {written[-1]['wall_s']:.1f} s, files ready {written[-1]['outputs_ms'] / 1e3:.1f} s after the call "
+                  f"({written[-1]['outputs_cpu_s']:.1f} s of CPU)", flush=True)
         outputs = sorted(written, key=lambda o: o["outputs_ms"])[len(written) // 2]  # the median run
     print(f"(c) naive one-patch-per-call loop on {args.naive_patches} of the same patches ...", flush=True)
     c_engine, c_per, c_n = naive(patches, args.naive_patches)
@@ -295,13 +325,18 @@ def main(argv=None) -> int:
         "ceiling_cpu_s": round(b_cpu, 2),
         "cpu_ceiling_ratio": round(b_cpu / a["cpu_s"], 3),
         "cpu_ceiling_ratios_all": [round(x, 3) for x in cpu_ratios],
-        "non_inference_ms": round(sum(v for k, v in a["timings_ms"].items() if k in NON_INFERENCE_STAGES), 1),
+        "non_inference_ms": stage_sum_ms(a["timings_ms"]),
+        "non_inference_cpu_ms": stage_sum_ms(a["timings_ms"], "_cpu"),
+        "non_inference_cpu_ms_all": [stage_sum_ms(x[0]["timings_ms"], "_cpu") for x in runs],
+        "main_thread_cpu_s": round(a["main_thread_cpu_s"], 2),
         "naive_engine": c_engine,
         "naive_patches_timed": c_n,
         "naive_s_extrapolated": round(c_s, 1),
         "naive_ratio": round(c_s / a["wall_s"], 1),
         "peak_rss_mb": round(a["peak_rss_mb"], 1),
         "outputs_s": round(out_ms / 1e3, 2) if out_ms is not None else None,
+        "outputs_s_all": [round(o["outputs_ms"] / 1e3, 2) for o in written] if outputs else None,
+        "outputs_cpu_s": round(outputs["outputs_cpu_s"], 2) if outputs else None,
         "outputs_peak_rss_mb": round(outputs["peak_rss_mb"], 1) if outputs else None,
         "verdict": a["verdict"],
         "pipeline_timings_ms": a["timings_ms"],
@@ -322,14 +357,17 @@ def main(argv=None) -> int:
           f"CPU {a['cpu_s']:.1f} s vs {b_cpu:.1f} s)")
     print(f"  wall-time ceiling ratio, same pair:    {res['ceiling_ratio']:.3f}   "
           f"(all pairs: {', '.join(f'{x:.3f}' for x in ratios)})")
-    print(f"  non-inference stages ({', '.join(NON_INFERENCE_STAGES)}): {res['non_inference_ms'] / 1e3:.2f} s   "
-          f"target <= 1.5 s")
+    cpu_ms = res["non_inference_cpu_ms"]
+    print(f"  non-inference stages ({', '.join(NON_INFERENCE_STAGES)}): "
+          f"{'n/a' if cpu_ms is None else f'{cpu_ms / 1e3:.2f} s'} CPU   target <= 1.5 s   "
+          f"(wall {res['non_inference_ms'] / 1e3:.2f} s: it includes waiting for a core the engine holds)")
+    print(f"  the pipeline thread's CPU (reading tiles, every stage, the result): {a['main_thread_cpu_s']:.2f} s")
     print(f"  naive ratio (c time / a time):       {res['naive_ratio']:.1f}x   target >= 10")
     print(f"  end to end:                          {a['wall_s']:.1f} s   target < 30 s")
     print(f"  peak RSS of (a):                     {res['peak_rss_mb']:.0f} MB   target < 1024 MB")
     if out_ms is not None:
         each = ", ".join(f"{o['outputs_ms'] / 1e3:.1f}" for o in written)
-        print(f"  files ready after the call (median of {len(written)}): {out_ms / 1e3:.1f} s   target <= 5 s   "
+        print(f"  files ready after the call (median of {len(written)}): {out_ms / 1e3:.1f} s   target <= 3 s   "
               f"({each}); peak RSS with them {outputs['peak_rss_mb']:.0f} MB")
     write_json(args.json, res)
     return 0

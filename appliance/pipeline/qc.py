@@ -57,15 +57,24 @@ def limits_for(manifest, base: QcLimits | None = None) -> QcLimits:
 def laplacian_variance(patches: np.ndarray) -> np.ndarray:
     """Focus measure per patch: variance of the 4-neighbour Laplacian of green, (N, S, S, 3) -> (N,) float64.
 
-    From exact integer sums (n * sum(L^2) - sum(L)^2) / n^2: a third of the time of the float32 mean and
-    squared deviations it replaced, and exact where those were off by up to 0.06."""
-    g = patches[..., 1].astype(np.int16)
-    lap = 4 * g[:, 1:-1, 1:-1] - g[:, :-2, 1:-1] - g[:, 2:, 1:-1] - g[:, 1:-1, :-2] - g[:, 1:-1, 2:]
-    lap = lap.reshape(len(patches), -1).astype(np.int32)
-    n = lap.shape[1]
+    From exact integer sums (n * sum(L^2) - sum(L)^2) / n^2: exact where the float32 mean and squared
+    deviations it replaced were off by up to 0.06. The Laplacian is OpenCV's filter over the patches' green
+    stacked into one image (a patch's inner pixels have all their neighbours in the patch, so the rows where two
+    patches meet are never used): 0.25 ms for a tile's sampled patches where numpy's shifted sums took 0.6."""
+    n, s = len(patches), patches.shape[1]
+    if patches.dtype == np.uint8 and patches.flags.c_contiguous and n:
+        green = cv2.extractChannel(patches.reshape(n * s, patches.shape[2], 3), 1)
+        lap = cv2.filter2D(green, cv2.CV_16S, _LAPLACIAN).reshape(n, s, -1)[:, 1:-1, 1:-1].reshape(n, -1)
+    else:
+        g = patches[..., 1].astype(np.int16)
+        lap = (4 * g[:, 1:-1, 1:-1] - g[:, :-2, 1:-1] - g[:, 2:, 1:-1] - g[:, 1:-1, :-2] - g[:, 1:-1, 2:]).reshape(n, -1)
+    m = lap.shape[1]
     s1 = lap.sum(axis=1, dtype=np.int64)
     s2 = np.einsum("ij,ij->i", lap, lap, dtype=np.int64)
-    return (s2 * n - s1 * s1) / (n * n)
+    return (s2 * m - s1 * s1) / (m * m)
+
+
+_LAPLACIAN = np.array([[0, -1, 0], [-1, 4, -1], [0, -1, 0]], np.float32)  # the 4-neighbour kernel, as above
 
 
 def unclipped_in(sub: np.ndarray, mask: np.ndarray) -> int:
