@@ -118,7 +118,8 @@ def _pipeline_child(folder: str, outputs: bool, q) -> None:
     t0, c0, m0 = time.perf_counter(), cpu_seconds(), time.thread_time()
     res = triage_path(engine, Path(folder), tile_size=TILE, batch_size=128)
     wall, cpu, main_cpu = time.perf_counter() - t0, cpu_seconds() - c0, time.thread_time() - m0
-    q.put({"wall_s": wall, "cpu_s": cpu, "main_thread_cpu_s": main_cpu, "verdict": res["verdict"], "score": res["score"], "tiles": res["tiles"],
+    q.put({"wall_s": wall, "cpu_s": cpu, "main_thread_cpu_s": main_cpu, "verdict": res["verdict"],
+           "score": res["score"], "tiles": res["tiles"],
            "patches": [(p["x"], p["y"]) for p in res["patches"]], "timings_ms": res["timings_ms"],
            "early_positive_after_tiles": res["early_positive_after_tiles"],
            "peak_rss_mb": peak_rss_mb()})
@@ -303,8 +304,9 @@ def main(argv=None) -> int:
             print(f"[{r + 1}/{args.repeats}] (a') the pipeline again, now also writing the case's files (outside "
                   f"the ratios) ...", flush=True)
             written.append(run_pipeline(folder, True))
-            print(f"    {written[-1]['wall_s']:.1f} s, files ready {written[-1]['outputs_ms'] / 1e3:.1f} s after the call "
-                  f"({written[-1]['outputs_cpu_s']:.1f} s of CPU)", flush=True)
+            last = written[-1]
+            print(f"    {last['wall_s']:.1f} s, files ready {last['outputs_ms'] / 1e3:.1f} s after the call "
+                  f"({last['outputs_cpu_s']:.1f} s of CPU)", flush=True)
         outputs = sorted(written, key=lambda o: o["outputs_ms"])[len(written) // 2]  # the median run
     print(f"(c) naive one-patch-per-call loop on {args.naive_patches} of the same patches ...", flush=True)
     c_engine, c_per, c_n = naive(patches, args.naive_patches)

@@ -102,7 +102,7 @@ class Thumbnail:
         quarter of the work for the same picture). A step must divide the cell and x and y."""
         c = self.cell
         if c % step or x % step or y % step:
-            raise ValueError(f"a thumbnail of cell {c} cannot be built from every {step}th pixel at ({x}, {y})")
+            raise ValueError(f"a thumbnail of cell {c} cannot be built from a copy subsampled by {step} at ({x}, {y})")
         h, w = pixels.shape[0] * step, pixels.shape[1] * step
         # only whole blocks that start inside this tile; a tile not aligned to the cell loses its ragged edge
         oy, ox = (-y) % c, (-x) % c

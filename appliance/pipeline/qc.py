@@ -67,7 +67,8 @@ def laplacian_variance(patches: np.ndarray) -> np.ndarray:
         lap = cv2.filter2D(green, cv2.CV_16S, _LAPLACIAN).reshape(n, s, -1)[:, 1:-1, 1:-1].reshape(n, -1)
     else:
         g = patches[..., 1].astype(np.int16)
-        lap = (4 * g[:, 1:-1, 1:-1] - g[:, :-2, 1:-1] - g[:, 2:, 1:-1] - g[:, 1:-1, :-2] - g[:, 1:-1, 2:]).reshape(n, -1)
+        lap = 4 * g[:, 1:-1, 1:-1] - g[:, :-2, 1:-1] - g[:, 2:, 1:-1] - g[:, 1:-1, :-2] - g[:, 1:-1, 2:]
+        lap = lap.reshape(n, -1)
     m = lap.shape[1]
     s1 = lap.sum(axis=1, dtype=np.int64)
     s2 = np.einsum("ij,ij->i", lap, lap, dtype=np.int64)

@@ -154,3 +154,22 @@ def test_patch_extents_at_once_match_one_by_one(width, height):
     grid = PatchGrid(50, 50, width, height)
     keys = [(gx, gy) for gy in range(4) for gx in range(12)]
     assert grid.extents(keys).tolist() == [list(grid.extent(gx, gy)) for gx, gy in keys]
+
+
+def test_a_thumbnail_from_every_second_pixel_is_the_mean_of_those_pixels(demo_image):
+    """The session builds the thumbnail from the tissue mask's half-resolution copy: each 10 px cell is the
+    rounded mean of its 25 sampled pixels, close to the mean of all 100, and a tile at an odd position (which
+    the half-resolution copy cannot place) is refused, not misdrawn."""
+    from appliance.pipeline.heatmap import Thumbnail
+
+    tile = np.ascontiguousarray(demo_image[:450, :440])
+    half, whole = Thumbnail(10), Thumbnail(10)
+    half.add(20, 40, subsample(tile), 2)
+    whole.add(20, 40, tile)
+    sampled = tile[::2, ::2].reshape(45, 5, 44, 5, 3).mean(axis=(1, 3))
+    got = half.image()[4:, 2:]
+    assert got.shape == (45, 44, 3)
+    assert np.array_equal(got, np.floor(sampled + 0.5).astype(np.uint8))
+    assert np.abs(got.astype(int) - whole.image()[4:, 2:].astype(int)).mean() < 4
+    with pytest.raises(ValueError, match="subsampled by 2 at \\(21, 40\\)"):
+        half.add(21, 40, subsample(tile), 2)
