@@ -1,8 +1,11 @@
-"""Edge patches are padded the way the model was trained: glass (white) at the bottom and right."""
+"""Tiles and patches as the pipeline takes them: a tile checked before any work on it, and edge patches padded
+the way the model was trained (glass, white, at the bottom and right)."""
 
 from __future__ import annotations
 
 import numpy as np
+
+from appliance.errors import InputError
 
 
 def pad_to(img: np.ndarray, size: int, value: int) -> np.ndarray:
@@ -13,3 +16,13 @@ def pad_to(img: np.ndarray, size: int, value: int) -> np.ndarray:
     out = np.full((size, size, img.shape[2]), value, dtype=img.dtype)
     out[: min(h, size), : min(w, size)] = img[:size, :size]
     return out
+
+
+def check_tile(pixels: np.ndarray) -> None:
+    """A tile must be an (h, w, 3) uint8 array; anything else is a clear InputError, not a crash later."""
+    if not isinstance(pixels, np.ndarray):
+        raise InputError(f"a tile must be a numpy array, got {type(pixels).__name__}")
+    if pixels.dtype != np.uint8:
+        raise InputError(f"a tile must be uint8 RGB, got dtype {pixels.dtype}")
+    if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.shape[0] == 0 or pixels.shape[1] == 0:
+        raise InputError(f"a tile must have shape (height, width, 3), got {pixels.shape}")

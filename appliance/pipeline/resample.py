@@ -6,6 +6,7 @@ round((x + w) * scale), so neighbouring tiles stay seamless: no gaps, no overlap
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -51,3 +52,29 @@ def resample_tile(pixels: np.ndarray, x: int, y: int, scale: float) -> tuple[int
     tmp = (wy @ pixels.reshape(h, w * 3).astype(np.float32)).reshape(wy.shape[0], w, 3)
     out = np.einsum("ow,hwc->hoc", wx, tmp, optimize=True)
     return round(x * scale), round(y * scale), np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+
+@dataclass(frozen=True)
+class CaseFrame:
+    """Where a case's model-resolution pixels lie in the input's own: ``scale`` model pixels per input pixel
+    and the input's top-left ``origin`` (the mosaic's 0, 0)."""
+
+    scale: float
+    origin: tuple[int, int]
+
+    def to_input(self, pos: np.ndarray) -> np.ndarray:
+        """(n, 4) model-resolution x, y, w, h -> the input's pixels (rounded half to even, as Python's round)."""
+        if self.scale == 1.0:
+            return pos + np.array([self.origin[0], self.origin[1], 0, 0])
+        out = np.round(pos / self.scale).astype(np.int64)
+        out[:, 0] += self.origin[0]
+        out[:, 1] += self.origin[1]
+        return out
+
+    def to_model(self, x: int, y: int, w: int, h: int) -> tuple[int, int, int, int]:
+        """The input's pixel coordinates -> model-resolution case coordinates (the inverse of to_input)."""
+        x, y = x - self.origin[0], y - self.origin[1]
+        if self.scale == 1.0:
+            return x, y, w, h
+        s = self.scale
+        return round(x * s), round(y * s), max(1, round(w * s)), max(1, round(h * s))

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from numpy.lib.stride_tricks import as_strided
 
 from appliance.durable import fsync_path
 from appliance.errors import InputError
@@ -31,15 +30,16 @@ from appliance.pipeline.heatmap import Heatmap, Thumbnail
 from appliance.pipeline.mil import LargestRegion, TopKMean
 from appliance.pipeline.mosaic import Mosaic
 from appliance.pipeline.outputs import write_outputs
-from appliance.pipeline.patches import pad_to
+from appliance.pipeline.batches import BatchFiller
+from appliance.pipeline.patches import check_tile, pad_to
 from appliance.pipeline.qc import CaseQc, QcLimits, laplacian_variance, limits_for
-from appliance.pipeline.resample import resample_tile, scale_factor, target_span
+from appliance.pipeline.resample import CaseFrame, resample_tile, scale_factor, target_span
 from appliance.pipeline.stain import StainFit, apply_map, normalising_map
 from appliance.pipeline.result import PatchScore, TriageResult
 from appliance.pipeline.tissue import MASK_STEP, mask_of_subsampled, patch_fractions, subsample, tissue_mask
+from appliance.terms import CaseFile, CaseRule
 
 Positions = np.ndarray  # (n, 4) int64: model-resolution x, y, w, h of each patch, in the order they were cut
-from appliance.terms import CaseFile, CaseRule
 
 THUMBNAIL_CELL = 10  # model pixels per thumbnail pixel
 # Focus is measured on every 2nd tissue patch in the order the patches are cut (a fixed rule, so the same
@@ -47,12 +47,6 @@ THUMBNAIL_CELL = 10  # model pixels per thumbnail pixel
 FOCUS_SAMPLE = 2
 
 __all__ = ["TriageSession"]
-
-
-@dataclass(frozen=True)
-class _Batch:
-    positions: Positions
-    pixels: np.ndarray  # (n, size, size, 3) uint8
 
 
 @dataclass(frozen=True)
@@ -101,6 +95,7 @@ class TriageSession:
         self.mpp = m.input.microns_per_pixel
         self.scale = scale_factor(scanner_mpp, self.mpp)
         self.origin = origin
+        self.frame = CaseFrame(self.scale, origin)  # model-resolution case pixels <-> the input's own
         self.min_patches = m.decision.min_patches  # fewer tissue patches than this: too little tissue to call
         self.case_rule = m.decision.case_rule  # the final rule, scored when the case ends
         self.top_k = m.decision.top_k
@@ -130,9 +125,7 @@ class TriageSession:
         self.tiles = 0
         self.patches_seen = 0
         self.early_positive_after_tiles: int | None = None
-        self._held: list[_Batch] = []  # full batches not yet submitted (waiting for the stain fit, if normalising)
-        self._filling: list[tuple[Positions, np.ndarray]] = []  # pieces of the batch being filled
-        self._filling_n = 0
+        self._batches = BatchFiller(batch_size, self.size)  # full ones wait there (for the stain fit, if normalising)
         self._inflight: dict[int, Positions] = {}
         self._next_id = 0
         self._arrived: dict[int, np.ndarray] = {}  # results that came back ahead of an earlier batch
@@ -167,7 +160,7 @@ class TriageSession:
         """Take one tile (scanner pixels at scanner position x, y); scores batches as they fill."""
         if self._finished:
             raise RuntimeError("this session is finished; start a new one for the next case")
-        _check_tile(pixels)
+        check_tile(pixels)
         if x < 0 or y < 0:
             raise InputError(f"tile position ({x}, {y}) is negative")
         clock = self._clock
@@ -201,7 +194,7 @@ class TriageSession:
         self._collect()
 
     def _cut_tile(self, px: np.ndarray, x: int, y: int, mask: np.ndarray, inside: list[tuple[int, int]]) -> None:
-        """The tissue patches wholly inside this tile (at x, y), cut straight from its pixels, all at once."""
+        """The tissue patches wholly inside this tile (at x, y), cut straight from its pixels."""
         if not inside:
             return
         ext = self.grid.extents(inside)
@@ -210,20 +203,14 @@ class TriageSession:
         if len(ext):
             self._take(ext, self._crops(px, ext[:, 0] - x, ext[:, 1] - y, ext[:, 2], ext[:, 3]))
 
-    def _crops(self, px: np.ndarray, xs: np.ndarray, ys: np.ndarray, ws: np.ndarray, hs: np.ndarray) -> np.ndarray:
-        """(n, size, size, 3) patches of a tile at tile-relative xs, ys: one gather from a window view, or, for
-        patches clipped by the case edge, each padded with glass as the model was trained."""
+    def _crops(self, px: np.ndarray, xs: np.ndarray, ys: np.ndarray, ws: np.ndarray, hs: np.ndarray
+               ) -> list[np.ndarray]:
+        """The patches of a tile at tile-relative xs, ys: views into it, or, for patches clipped by the case
+        edge, padded with glass as the model was trained."""
         s = self.size
-        if ((ws == s) & (hs == s)).all():
-            # every s x s window of the tile, as a view (numpy's sliding_window_view, without its checks: a
-            # tenth of a millisecond a tile)
-            (h, w, _), (sy, sx, sc) = px.shape, px.strides
-            windows = as_strided(px, (h - s + 1, w - s + 1, s, s, 3), (sy, sx, sy, sx, sc), writeable=False)
-            return windows[ys, xs]
-        out = np.empty((len(xs), s, s, 3), np.uint8)
-        for i, (x0, y0, w, h) in enumerate(zip(xs.tolist(), ys.tolist(), ws.tolist(), hs.tolist())):
-            out[i] = pad_to(px[y0 : y0 + h, x0 : x0 + w], s, self.pad_value)
-        return out
+        return [px[y0 : y0 + s, x0 : x0 + s] if w == s and h == s else pad_to(px[y0 : y0 + h, x0 : x0 + w], s,
+                                                                                self.pad_value)
+                for x0, y0, w, h in zip(xs.tolist(), ys.tolist(), ws.tolist(), hs.tolist())]
 
     def _take_from_mosaic(self, keys: list[tuple[int, int]]) -> None:
         """Patches that straddle tiles (or the case edge): read back from the mosaic."""
@@ -233,37 +220,23 @@ class TriageSession:
         crops = [self.mosaic.read(*e) for e in ext.tolist()]
         keep = [i for i, crop in enumerate(crops) if float(tissue_mask(crop).mean()) >= self.min_tissue]
         if keep:
-            self._take(ext[keep], np.stack([pad_to(crops[i], self.size, self.pad_value) for i in keep]))
+            self._take(ext[keep], [pad_to(crops[i], self.size, self.pad_value) for i in keep])
 
-    def _take(self, pos: Positions, pixels: np.ndarray) -> None:
+    def _take(self, pos: Positions, crops: list[np.ndarray]) -> None:
         """Tissue patches, in the order they were cut: the focus QC of every FOCUS_SAMPLE-th (before any stain
-        normalisation), and into batches (a full one waits in _held until submitted)."""
-        sampled = pixels[(-self._cut) % FOCUS_SAMPLE :: FOCUS_SAMPLE]  # cut numbers 0, FOCUS_SAMPLE, ...
-        if len(sampled):
-            self.qc.add_patches(laplacian_variance(sampled))
+        normalisation), and into batches."""
+        sampled = crops[(-self._cut) % FOCUS_SAMPLE :: FOCUS_SAMPLE]  # cut numbers 0, FOCUS_SAMPLE, ...
+        if sampled:
+            self.qc.add_patches(laplacian_variance(np.stack(sampled)))
         self._cut += len(pos)
-        start = 0
-        while start < len(pos):
-            end = min(len(pos), start + self.batch_size - self._filling_n)
-            self._filling.append((pos[start:end], pixels[start:end]))
-            self._filling_n += end - start
-            start = end
-            if self._filling_n >= self.batch_size:
-                self._seal()
-
-    def _seal(self) -> None:
-        """The batch being filled is complete (or the case ended): one array of positions and one of pixels."""
-        if self._filling_n:
-            self._held.append(_Batch(np.concatenate([p for p, _ in self._filling]),
-                                     np.concatenate([px for _, px in self._filling])))
-            self._filling, self._filling_n = [], 0
+        self._batches.add(pos, crops)
 
     def _submit(self, final: bool = False) -> None:
         """Send the held batches to the engine (stain-normalised, when the model wants it, with the case's one
         map: until the stain's first judgement they wait)."""
         clock = self._clock
         if final:
-            self._seal()
+            self._batches.seal()
         if self.normalise and self._stain_map is None:
             if not self.qc.fits and not final:
                 return  # hold the patches until the stain's first judgement (finish() judges a small case)
@@ -271,8 +244,7 @@ class TriageSession:
             fit = self.qc.first_fit
             self._stain_map = (normalising_map(fit, self.stain_reference) if fit is not None
                                else np.eye(3, dtype=np.float32))
-        held, self._held = self._held, []
-        for b in held:
+        for b in self._batches.take_ready():
             pixels = b.pixels if self._stain_map is None else apply_map(b.pixels, self._stain_map)
             batch_id, self._next_id = self._next_id, self._next_id + 1
             self._inflight[batch_id] = b.positions
@@ -327,24 +299,6 @@ class TriageSession:
                     score=self.score, threshold=self.thresholds.early_threshold):
                 self.early_positive_after_tiles = cp.tile
                 self.on_early_positive(self.score, cp.tile)
-
-    def _to_input(self, pos: Positions) -> Positions:
-        """Model-resolution case coordinates -> the input's own pixel coordinates (Python's round, half to even,
-        as numpy's)."""
-        if self.scale == 1.0:
-            return pos + np.array([self.origin[0], self.origin[1], 0, 0])
-        out = np.round(pos / self.scale).astype(np.int64)
-        out[:, 0] += self.origin[0]
-        out[:, 1] += self.origin[1]
-        return out
-
-    def _to_model(self, x: int, y: int, w: int, h: int) -> tuple[int, int, int, int]:
-        """The input's pixel coordinates -> model-resolution case coordinates (the inverse of _to_input)."""
-        x, y = x - self.origin[0], y - self.origin[1]
-        if self.scale == 1.0:
-            return x, y, w, h
-        s = self.scale
-        return round(x * s), round(y * s), max(1, round(w * s)), max(1, round(h * s))
 
     # ---------------------------------------------------------------------------------------- verdict
     def finish(self) -> TriageResult:
@@ -414,7 +368,7 @@ class TriageSession:
     def _patch_scores(self, pos: Positions, first: np.ndarray, refined: np.ndarray | None) -> list[PatchScore]:
         """The scored patches in the input's pixels, sorted by row then column (the refined probability beside
         the first stage's, when the model has a context stage)."""
-        where = self._to_input(pos)
+        where = self.frame.to_input(pos)
         order = np.lexsort((where[:, 0], where[:, 1]))  # stable: as sorting the cut order by (y, x)
         columns = [c.tolist() for c in where[order].T]
         if refined is None:
@@ -447,7 +401,7 @@ class TriageSession:
         case id and the list of files), so the file and the result a caller holds never differ. With
         ``geojson_tiles`` every scored patch is also a tile object in regions.geojson."""
         top = heapq.nsmallest(self.top_k, self._patches, key=lambda p: (-p.probability, p.y, p.x))
-        rects = [self._to_model(p.x, p.y, p.w, p.h) for p in top]
+        rects = [self.frame.to_model(p.x, p.y, p.w, p.h) for p in top]
         crops = [self.mosaic.read(*r) for r in rects]
 
         def top_records() -> list[dict]:  # called beside the other files: the CAM head compiles at its first use
@@ -455,7 +409,7 @@ class TriageSession:
             return [{"x": r[0], "y": r[1], "w": r[2], "h": r[3], "probability": p.probability,
                      "first_stage": p.first_stage, "cam": cam} for r, p, cam in zip(rects, top, cams)]
 
-        tiles = [(*self._to_model(p.x, p.y, p.w, p.h), p.probability, p.first_stage)
+        tiles = [(*self.frame.to_model(p.x, p.y, p.w, p.h), p.probability, p.first_stage)
                  for p in self._patches] if geojson_tiles else None
         return write_outputs(out_dir, case_id, summary, heatmap=self.heatmap, thumbnail=self.thumbnail,
                              mosaic=self.mosaic, patch_threshold=self.patch_threshold, top_crops=crops, tiles=tiles,
@@ -481,12 +435,3 @@ class TriageSession:
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
-
-
-def _check_tile(pixels: np.ndarray) -> None:
-    if not isinstance(pixels, np.ndarray):
-        raise InputError(f"a tile must be a numpy array, got {type(pixels).__name__}")
-    if pixels.dtype != np.uint8:
-        raise InputError(f"a tile must be uint8 RGB, got dtype {pixels.dtype}")
-    if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.shape[0] == 0 or pixels.shape[1] == 0:
-        raise InputError(f"a tile must have shape (height, width, 3), got {pixels.shape}")
