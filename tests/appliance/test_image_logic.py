@@ -173,3 +173,15 @@ def test_a_thumbnail_from_every_second_pixel_is_the_mean_of_those_pixels(demo_im
     assert np.abs(got.astype(int) - whole.image()[4:, 2:].astype(int)).mean() < 4
     with pytest.raises(ValueError, match="subsampled by 2 at \\(21, 40\\)"):
         half.add(21, 40, subsample(tile), 2)
+
+
+@pytest.mark.parametrize("k", [3, 5, 10])
+def test_block_means_are_the_exact_means_rounded_half_up(k):
+    from appliance.pipeline.heatmap import block_means
+
+    rng = np.random.default_rng(k)
+    for _ in range(20):
+        img = rng.integers(0, 256, (k * int(rng.integers(1, 20)), k * int(rng.integers(1, 20)), 3), dtype=np.uint8)
+        ny, nx = img.shape[0] // k, img.shape[1] // k
+        exact = img.reshape(ny, k, nx, k, 3).sum(axis=(1, 3)) / (k * k)
+        assert np.array_equal(block_means(img, k), np.floor(exact + 0.5).astype(np.uint8))
