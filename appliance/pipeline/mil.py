@@ -120,8 +120,7 @@ def case_score(rule: str, top_k: int, region_threshold: float | None, gx, gy, pr
     probability = np.asarray(probability, dtype=np.float64)
     if rule == CaseRule.TOP_K_MEAN:
         t = TopKMean(top_k)
-        for p in probability.tolist():
-            t.add(p)
+        t.add_many(probability)
         return t.score
     area, mass = largest_region(np.asarray(gx), np.asarray(gy), probability, region_threshold)
     if rule == CaseRule.LARGEST_REGION_AREA:
