@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 import cv2
 import numpy as np
 
-from appliance.pipeline.stain import StainFit, StainFitError, fit_stains_od, stained_od
+from appliance.pipeline.stain import StainFit, StainFitError, fit_stains_od, stained_od, take_rows
 from appliance.pipeline.tissue import SATURATION_THRESHOLD
 from appliance.terms import ReasonCode
 
@@ -64,14 +64,14 @@ def laplacian_variance(patches: np.ndarray) -> np.ndarray:
     n, s = len(patches), patches.shape[1]
     if patches.dtype == np.uint8 and patches.flags.c_contiguous and n:
         green = cv2.extractChannel(patches.reshape(n * s, patches.shape[2], 3), 1)
-        lap = cv2.filter2D(green, cv2.CV_16S, _LAPLACIAN).reshape(n, s, -1)[:, 1:-1, 1:-1].reshape(n, -1)
+        lap = cv2.filter2D(green, cv2.CV_16S, _LAPLACIAN).reshape(n, s, -1)[:, 1:-1, 1:-1]
     else:
         g = patches[..., 1].astype(np.int16)
         lap = 4 * g[:, 1:-1, 1:-1] - g[:, :-2, 1:-1] - g[:, 2:, 1:-1] - g[:, 1:-1, :-2] - g[:, 1:-1, 2:]
-        lap = lap.reshape(n, -1)
+    lap = lap.astype(np.int32).reshape(n, -1)  # a square (at most 1020^2) fits; sums are taken in int64
     m = lap.shape[1]
     s1 = lap.sum(axis=1, dtype=np.int64)
-    s2 = np.einsum("ij,ij->i", lap, lap, dtype=np.int64)
+    s2 = np.multiply(lap, lap, out=lap).sum(axis=1, dtype=np.int64)
     return (s2 * m - s1 * s1) / (m * m)
 
 
@@ -117,7 +117,7 @@ class StainSample:
         if n == 0:
             return
         take = min(self.per_tile, n)
-        od = stained_od(pixels[tissue[(np.arange(take, dtype=np.int64) * n) // take]])
+        od = stained_od(take_rows(pixels, tissue[(np.arange(take, dtype=np.int64) * n) // take]))
         self._chunks.append(od)
         self.size += len(od)
         self.taken += len(od)

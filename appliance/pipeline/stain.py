@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 
 from appliance.errors import InputError
@@ -59,10 +60,29 @@ def stained_od(rgb: np.ndarray, beta: float = BETA) -> np.ndarray:
     """Optical density, (n, 3) float32, of the pixels (any shape ending in 3, uint8) stained in every channel.
 
     Glass is dropped on the uint8 values, per channel (a reduction over the 3-wide axis is slow), before the
-    lookup: the same pixels as OD >= beta in every channel, at a fraction of the cost."""
+    lookup: the same pixels as OD >= beta in every channel, at a fraction of the cost. The kept pixels are
+    gathered as 3-byte items and looked up by OpenCV's table: a third of numpy's boolean row indexing and
+    float lookup (10,000 pixels: 65 instead of 170 us)."""
     px = rgb.reshape(-1, 3)
     stained = _OD_LUT >= beta
-    return _OD_LUT[px[stained[px[:, 0]] & stained[px[:, 1]] & stained[px[:, 2]]]]
+    if px.dtype != np.uint8 or not px.flags.c_contiguous or not len(px):
+        return _OD_LUT[px[stained[px[:, 0]] & stained[px[:, 1]] & stained[px[:, 2]]]]
+    flags = cv2.LUT(px.reshape(-1, 1, 3), stained.astype(np.uint8)).reshape(-1, 3)  # 1 where stained
+    kept = take_rows(px, np.flatnonzero(flags[:, 0] & flags[:, 1] & flags[:, 2]))
+    if not len(kept):
+        return np.zeros((0, 3), np.float32)
+    return cv2.LUT(kept.reshape(-1, 1, 3), _OD_LUT.reshape(1, 256)).reshape(-1, 3)
+
+
+def take_rows(px: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """``px[index]`` of a contiguous (n, 3) uint8 array, each row taken as one 3-byte item (half the time of
+    numpy's row indexing); any other array is simply indexed."""
+    if px.dtype != np.uint8 or px.ndim != 2 or px.shape[1] != 3 or not px.flags.c_contiguous:
+        return px[index]
+    return px.view(_PIXEL).reshape(-1)[index].view(np.uint8).reshape(-1, 3)
+
+
+_PIXEL = np.dtype((np.void, 3))
 
 
 def fit_stains(rgb: np.ndarray, *, beta: float = BETA, alpha: float = 1.0, min_pixels: int = 500,

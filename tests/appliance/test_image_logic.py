@@ -6,6 +6,8 @@ import pytest
 from appliance.model.metrics import binary_metrics, roc_auc, top_k_mean
 from appliance.pipeline.mil import TopKMean
 from appliance.pipeline.patches import pad_to
+from appliance.pipeline.qc import laplacian_variance
+from appliance.pipeline.stain import _OD_LUT, BETA, stained_od, take_rows
 from appliance.pipeline.grid import PatchGrid
 from appliance.pipeline.heatmap import block_sums
 from appliance.pipeline.tissue import (close, dilate, erode, integral, mask_of_subsampled, saturated, saturation,
@@ -185,3 +187,48 @@ def test_block_means_are_the_exact_means_rounded_half_up(k):
         ny, nx = img.shape[0] // k, img.shape[1] // k
         exact = img.reshape(ny, k, nx, k, 3).sum(axis=(1, 3)) / (k * k)
         assert np.array_equal(block_means(img, k), np.floor(exact + 0.5).astype(np.uint8))
+
+
+def test_the_focus_measure_is_the_exact_variance_of_the_laplacian():
+    """laplacian_variance (OpenCV's filter, int32 squares summed in int64) equals the variance of the
+    4-neighbour Laplacian computed in int64, on random patches, on checkerboards (the largest Laplacian there is,
+    4 x 255, squared in every pixel) and on arrays OpenCV is not given (not contiguous)."""
+    rng = np.random.default_rng(11)
+
+    def definition(p):
+        g = p[..., 1].astype(np.int64)
+        lap = (4 * g[:, 1:-1, 1:-1] - g[:, :-2, 1:-1] - g[:, 2:, 1:-1] - g[:, 1:-1, :-2] - g[:, 1:-1, 2:])
+        lap = lap.reshape(len(p), -1)
+        m = lap.shape[1]
+        return ((lap * lap).sum(axis=1) * m - lap.sum(axis=1) ** 2) / (m * m)
+
+    board = np.zeros((3, 50, 50, 3), np.uint8)
+    board[:, ::2, ::2] = board[:, 1::2, 1::2] = 255
+    for patches in (rng.integers(0, 256, (40, 50, 50, 3), dtype=np.uint8), board, board[:1],
+                    rng.integers(0, 256, (5, 50, 50, 3), dtype=np.uint8)[:, :, :, ::-1]):
+        assert np.array_equal(laplacian_variance(patches), definition(patches))
+    assert laplacian_variance(board).min() > 1e6  # the extreme case really reached the largest squares
+
+
+def test_the_stain_sample_takes_the_same_pixels_and_densities_as_numpy_indexing():
+    """stained_od (OpenCV's tables, 3-byte gathers) gives exactly what boolean row indexing and the float
+    table give, for any beta, an empty input and arrays that are not contiguous; take_rows is px[index]."""
+    rng = np.random.default_rng(12)
+    lut = _OD_LUT
+
+    def definition(rgb, beta):
+        px = rgb.reshape(-1, 3)
+        keep = (lut[px] >= beta).all(axis=1)
+        return lut[px[keep]]
+
+    for shape in [(0, 3), (1, 3), (10_000, 3), (225, 225, 3)]:
+        rgb = rng.integers(0, 256, shape, dtype=np.uint8)
+        for beta in (0.0, BETA, 0.6, 10.0):
+            got = stained_od(rgb, beta)
+            assert got.dtype == np.float32 and np.array_equal(got, definition(rgb, beta)), (shape, beta)
+    strided = rng.integers(0, 256, (60, 60, 3), dtype=np.uint8)[::2, ::3]
+    assert np.array_equal(stained_od(strided), definition(strided, BETA))
+    px = rng.integers(0, 256, (100, 3), dtype=np.uint8)
+    index = np.array([99, 0, 0, 42])
+    assert np.array_equal(take_rows(px, index), px[index])
+    assert np.array_equal(take_rows(px[::2], index[1:]), px[::2][index[1:]])
