@@ -3,8 +3,10 @@
 A message class (messages.py) declares its fields in wire order with their PROTOCOL.md type
 names (WIRE) and subclasses WireMessage; encode() and decode() here do the rest. The few
 places where an attribute is not its wire field as is are declared next to the table:
-FIELD_ATTRS (wire name -> attribute name), TO_WIRE / FROM_WIRE (value converters) and
-APPENDABLE (a later protocol version may append fields, so trailing bytes are not an error).
+FIELD_ATTRS (wire name -> attribute name), TO_WIRE / FROM_WIRE (value converters),
+APPENDABLE (a later protocol version may append fields, so trailing bytes are not an error) and
+OPTIONAL (trailing fields a later document revision added: sent only when non-empty, so a message
+that does not use them has the bytes an older peer expects, and read as empty when absent).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ STR16_MAX = 0xFFFF
 _U8 = struct.Struct("<B")
 _U16 = struct.Struct("<H")
 _LENGTH_PREFIX = {"str8": _U8, "str16": _U16}
+_EMPTY = {"str8": "", "str16": "", "bytes": b""}  # an absent optional field's value
 
 M = TypeVar("M", bound="WireMessage")
 
@@ -64,6 +67,10 @@ class Cursor:
         except UnicodeDecodeError as exc:
             raise MessageDecodeError(f"{self.what}: {name} is not valid UTF-8 ({exc})") from exc
 
+    @property
+    def at_end(self) -> bool:
+        return self.pos == len(self.data)
+
     def rest(self) -> bytes:
         chunk = self.data[self.pos :]
         self.pos = len(self.data)
@@ -91,6 +98,16 @@ def _fixed_fields_label(what: str, fixed: list[str], has_var: bool) -> str:
     return f"the fixed {what} fields" if has_var else f"the {what} fields"
 
 
+def _check_optional(cls_name: str, wire: Wire, optional: frozenset[str]) -> None:
+    """Optional fields must be variable-length and the last in WIRE: absence can only be told at the end."""
+    tail = [name for name, _ in wire[len(wire) - len(optional):]] if optional else []
+    if set(tail) != optional:
+        raise TypeError(f"{cls_name}: OPTIONAL {sorted(optional)} must be the last fields of WIRE")
+    fixed = [name for name, kind in wire if name in optional and kind not in VAR_TYPES]
+    if fixed:
+        raise TypeError(f"{cls_name}: optional fields {fixed} must be variable-length")
+
+
 class WireMessage:
     """Mixin for the frozen message dataclasses: encode() and decode() from the class's WIRE table.
 
@@ -105,6 +122,7 @@ class WireMessage:
     TO_WIRE: ClassVar[Mapping[str, Callable[[Any], Any]]] = {}
     FROM_WIRE: ClassVar[Mapping[str, Callable[[Any], Any]]] = {}
     APPENDABLE: ClassVar[bool] = False
+    OPTIONAL: ClassVar[frozenset[str]] = frozenset()  # names of trailing variable fields that may be absent
     # Derived once per class from WIRE, so encode and decode only walk precomputed lists.
     _FIXED: ClassVar[tuple[str, ...]]
     _VAR: ClassVar[tuple[tuple[str, str], ...]]
@@ -118,6 +136,7 @@ class WireMessage:
         split = next((i for i, (_, kind) in enumerate(wire) if kind in VAR_TYPES), len(wire))
         if any(kind not in VAR_TYPES for _, kind in wire[split:]):
             raise TypeError(f"{cls.__name__}: a fixed-size field follows a variable one in WIRE")
+        _check_optional(cls.__name__, wire, cls.OPTIONAL)
         cls.LAYOUT = fixed_layout(wire)
         cls._FIXED = tuple(name for name, _ in wire[:split] if name != "reserved")
         cls._VAR = tuple(wire[split:])
@@ -129,9 +148,13 @@ class WireMessage:
         return value if convert is None else convert(value)
 
     def encode(self) -> bytes:
-        """The frame payload: the fixed fields packed little-endian, then the variable ones."""
+        """The frame payload: the fixed fields packed little-endian, then the variable ones, less any empty
+        optional fields at the end (the bytes a peer that predates them expects)."""
         parts = [self.LAYOUT.pack(*(self._wire_value(name) for name in self._FIXED))]
-        parts.extend(_pack_var(kind, self._wire_value(name)) for name, kind in self._VAR)
+        var = [(name, kind, self._wire_value(name)) for name, kind in self._VAR]
+        while var and var[-1][0] in self.OPTIONAL and not var[-1][2]:
+            var.pop()
+        parts.extend(_pack_var(kind, value) for _, kind, value in var)
         return b"".join(parts)
 
     @classmethod
@@ -141,7 +164,10 @@ class WireMessage:
         cur = Cursor(payload, what)
         values = dict(zip(cls._FIXED, cur.unpack(cls.LAYOUT, cls._FIXED_LABEL)))
         for name, kind in cls._VAR:
-            values[name] = cur.rest() if kind == "bytes" else cur.text(name, wide=kind == "str16")
+            if name in cls.OPTIONAL and cur.at_end:
+                values[name] = _EMPTY[kind]
+            else:
+                values[name] = cur.rest() if kind == "bytes" else cur.text(name, wide=kind == "str16")
         if not cls.APPENDABLE:
             cur.end()
         for name, convert in cls.FROM_WIRE.items():

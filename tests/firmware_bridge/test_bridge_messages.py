@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import struct
 import zlib
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from firmware_bridge.codec import WireMessage
 from firmware_bridge.errors import MessageDecodeError, TileDecodeError, TileEncodeError
 from firmware_bridge.frames import UNKNOWN_SEQ, decode_frame
 from firmware_bridge.messages import (
@@ -65,6 +67,43 @@ def test_case_begin_layout() -> None:
     payload = CASE.encode()
     assert payload[:28] == struct.pack("<dIIIHHHBB", 0.2527, 20000, 15000, 1197, 512, 512, 16, 3, 1)
     assert payload[28:38] == b"\x09CASE-0001"
+
+
+@dataclasses.dataclass(frozen=True)
+class _TwoOptional(WireMessage):
+    """Not a protocol message: the codec's optional-field rule with more than one such field."""
+
+    MSG_TYPE = MsgType.CASE_END
+    WIRE = (("n", "u8"), ("a", "str8"), ("b", "str8"))
+    OPTIONAL = frozenset({"a", "b"})
+
+    n: int
+    a: str = ""
+    b: str = ""
+
+
+@pytest.mark.parametrize(
+    ("msg", "payload"),
+    [
+        (_TwoOptional(1), b"\x01"),
+        (_TwoOptional(1, a="y"), b"\x01\x01y"),
+        (_TwoOptional(1, b="x"), b"\x01\x00\x01x"),  # an empty field before a sent one keeps its place
+    ],
+)
+def test_only_empty_optional_fields_at_the_end_are_left_out(msg, payload) -> None:
+    assert msg.encode() == payload and _TwoOptional.decode(payload) == msg
+
+
+@pytest.mark.parametrize(
+    ("wire", "optional", "fragment"),
+    [
+        ((("a", "str8"), ("b", "str8")), {"a"}, "must be the last fields"),
+        ((("a", "u8"), ("b", "u8")), {"b"}, "must be variable-length"),
+    ],
+)
+def test_optional_fields_must_be_variable_and_last(wire, optional, fragment) -> None:
+    with pytest.raises(TypeError, match=fragment):
+        type("Bad", (WireMessage,), {"MSG_TYPE": MsgType.CASE_END, "WIRE": wire, "OPTIONAL": frozenset(optional)})
 
 
 def test_ack_and_nack_layouts() -> None:
