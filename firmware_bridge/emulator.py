@@ -7,6 +7,7 @@ again, resumes the case with the same CASE_BEGIN and resends every tile not yet 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Iterable, Iterator, Sized
@@ -62,7 +63,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 HELLO_RETRY_INITIAL = 0.05  # after a reconnect HELLO is resent this soon, doubling to ack_timeout
-SCANNER_CAPABILITIES = Capability.ZLIB | Capability.PNG | Capability.JPEG | Capability.HEARTBEAT | Capability.RESUME
+SCANNER_CAPABILITIES = (
+    Capability.ZLIB | Capability.PNG | Capability.JPEG | Capability.HEARTBEAT | Capability.RESUME | Capability.ACCESSION
+)
 
 
 class ScannerEmulator:
@@ -117,6 +120,7 @@ class ScannerEmulator:
         self.keep_digests = keep_digests
         self.pre_encode = pre_encode
         self.peer: Hello | None = None
+        self._begin = self.case  # the CASE_BEGIN the hosts so far can read (_negotiate)
         self.result = EmulatorResult(case_id=self.case.case_id)
         self._total = len(tiles) if isinstance(tiles, Sized) else (self.case.expected_tiles or None)
         self._seq = 0
@@ -186,7 +190,7 @@ class ScannerEmulator:
                 if not self._begun:
                     # After a reconnect the same CASE_BEGIN is the resume request (RESUME).
                     label = "CASE_BEGIN" if self._port.connections == 1 else "CASE_BEGIN (resume)"
-                    self._deliver(self.case, label)
+                    self._deliver(self._begin, label)
                     self._begun = True
                 self._stream_tiles()
                 self._ending = True
@@ -241,10 +245,26 @@ class ScannerEmulator:
         self._window.size = min(self.window, host.window) if host.window else self.window
         self._peer_max_payload = min(self.max_payload, host.max_payload)
         self._heartbeats = bool(host.capabilities & Capability.HEARTBEAT) and self.heartbeat_interval > 0
+        self._begin = self._begin_for(host)
         log.debug(
             "host HELLO: v%d (using v%d) window %d max payload %d",
             host.version, min(host.version, PROTOCOL_VERSION), host.window, host.max_payload,
         )
+
+    def _begin_for(self, host: Hello) -> CaseBegin:
+        """CASE_BEGIN without the accession for a host that cannot take one: the case is scanned all the same.
+
+        Once left out, it stays out, also for a host met after a reconnect: a resumed CASE_BEGIN must match
+        the case that host holds (8.8).
+        """
+        if not self._begin.accession or host.capabilities & Capability.ACCESSION:
+            return self._begin
+        log.warning(
+            "the host cannot take accession numbers (its HELLO lacks capability ACCESSION): "
+            "case %s is sent without its accession %r",
+            self.case.case_id, self._begin.accession,
+        )
+        return dataclasses.replace(self._begin, accession="")
 
     def _deliver(self, msg: Message, label: str) -> None:
         pending = self._submit(msg, label, -1)

@@ -77,6 +77,7 @@ class Capability(IntFlag):
     HEARTBEAT = 1 << 2  # understands HEARTBEAT (0x08); a host with it answers every one
     RESUME = 1 << 3  # a host with it resumes an open case on a repeated identical CASE_BEGIN
     JPEG = 1 << 4
+    ACCESSION = 1 << 5  # understands CASE_BEGIN's accession field (revision 1.3)
 
 
 ENCODING_CAPABILITY = {
@@ -196,7 +197,10 @@ class CaseBegin(WireMessage):
         ("case_id", "str8"),
         ("specimen_id", "str8"),
         ("modality", "str8"),
-    )  # 28 bytes, then the three strings
+        ("accession", "str8"),
+    )  # 28 bytes, then the three strings and, when there is one, the accession
+    # Revision 1.3 added the accession: without one, CASE_BEGIN is the bytes a 1.2 host reads.
+    OPTIONAL: ClassVar[frozenset[str]] = frozenset({"accession"})
     TO_WIRE: ClassVar[dict[str, Any]] = {"dtype": DTYPE_CODES.__getitem__}
     FROM_WIRE: ClassVar[dict[str, Any]] = {"dtype": _dtype_name}
 
@@ -212,11 +216,13 @@ class CaseBegin(WireMessage):
     image_width: int = 0  # 0 = not known in advance
     image_height: int = 0
     overlap: int = 0  # pixels shared by neighbouring tiles
+    accession: str = ""  # the lab's accession (order) number; "" = none, or the host cannot take one
 
     def __post_init__(self) -> None:
         _check_str("case_id", self.case_id, STR8_MAX, allow_empty=False)
         _check_str("specimen_id", self.specimen_id, STR8_MAX)
         _check_str("modality", self.modality, STR8_MAX)
+        _check_str("accession", self.accession, STR8_MAX)
         mpp = float(self.microns_per_pixel)
         if not math.isfinite(mpp) or mpp <= 0:
             raise ValueError(f"microns_per_pixel={self.microns_per_pixel!r} must be finite and > 0")

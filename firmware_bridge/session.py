@@ -32,7 +32,9 @@ __all__ = ["EVENT_INTERVAL", "HOST_CAPABILITIES", "SILENCE_FACTOR", "Answer", "H
 
 log = logging.getLogger(__name__)
 
-HOST_CAPABILITIES = Capability.ZLIB | Capability.PNG | Capability.JPEG | Capability.HEARTBEAT | Capability.RESUME
+HOST_CAPABILITIES = (
+    Capability.ZLIB | Capability.PNG | Capability.JPEG | Capability.HEARTBEAT | Capability.RESUME | Capability.ACCESSION
+)
 SILENCE_FACTOR = 3.0  # a scanner is "down" after this many of its heartbeat intervals without a frame
 EVENT_INTERVAL = 1.0  # seconds between two reports of the same noisy event (crc-error, duplicate)
 

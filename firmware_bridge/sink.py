@@ -37,6 +37,7 @@ class CaseInfo:
     image_width: int = 0
     image_height: int = 0
     overlap: int = 0
+    accession: str = ""  # the lab's order number; "" when the scanner had none (or predates revision 1.3)
 
     @classmethod
     def from_message(cls, msg: CaseBegin) -> CaseInfo:

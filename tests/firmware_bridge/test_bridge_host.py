@@ -39,6 +39,7 @@ def test_hello_is_answered_with_the_host_hello(host, scanner, sink) -> None:
     assert isinstance(reply, Hello) and reply.role == Role.HOST and reply.version == 1
     assert reply.capabilities == (
         Capability.ZLIB | Capability.PNG | Capability.JPEG | Capability.HEARTBEAT | Capability.RESUME
+        | Capability.ACCESSION
     )
     assert host.peer is not None and host.peer.window == 4
     assert "up" in sink.kinds()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import logging
 import threading
 
 import numpy as np
@@ -181,3 +183,34 @@ def test_mixed_faults_on_a_port_that_cannot_be_unplugged(host, pty_pair, sink, m
     assert host.wait_case_end(5) == case.case_id
     _assert_delivered_exactly_once(sink, case, tiles, result)
     assert faults.total > 5 and faults.counts["disconnect"] == 0 and result.disconnects == 0
+
+
+def test_the_accession_reaches_a_host_that_announced_it(host, pty_pair, sink, make_case) -> None:
+    from firmware_bridge.messages import Capability
+
+    case, tiles = make_case("CASE-ACC", cols=3, rows=2)
+    case = dataclasses.replace(case, accession="ACC-2026-00417")
+    result = ScannerEmulator(pty_pair.scanner, case, tiles, encoding="zlib").run()
+    assert host.wait_case_end(5) == case.case_id
+    _assert_delivered_exactly_once(sink, case, tiles, result)
+    assert sink.cases[0].accession == "ACC-2026-00417"
+    assert Capability.ACCESSION in host.peer.capabilities  # the scanner announces it too
+
+
+def test_a_host_without_accession_gets_the_case_without_it(pty_pair, sink, make_case, caplog) -> None:
+    from firmware_bridge.messages import Capability
+    from firmware_bridge.session import HOST_CAPABILITIES
+
+    case, tiles = make_case("CASE-OLDHOST", cols=3, rows=2)
+    case = dataclasses.replace(case, accession="ACC-2026-00418")
+    older = HOST_CAPABILITIES & ~Capability.ACCESSION  # a revision 1.2 host
+    with caplog.at_level(logging.WARNING, logger="firmware_bridge.emulator"):
+        with HostLink(open_port(pty_pair.path, timeout=0.05), sink, capabilities=older) as host:
+            result = ScannerEmulator(pty_pair.scanner, case, tiles, encoding="zlib").run()
+            assert host.wait_case_end(5) == case.case_id
+    # This host would have read an accession had one come: "" proves the scanner left it out.
+    _assert_delivered_exactly_once(sink, dataclasses.replace(case, accession=""), tiles, result)
+    assert any(
+        "host cannot take accession numbers" in r.getMessage() and "ACC-2026-00418" in r.getMessage()
+        for r in caplog.records if r.levelno == logging.WARNING
+    ), caplog.text

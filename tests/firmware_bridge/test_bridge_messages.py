@@ -32,11 +32,13 @@ CASE = CaseBegin(
     image_height=15000,
     overlap=16,
 )
+WITH_ACCESSION = dataclasses.replace(CASE, accession="ACC-2026-00417 · Zürich")
 
 MESSAGES = [
     Hello(1, Role.SCANNER, 4, 1 << 20, Capability.ZLIB | Capability.PNG),
     Hello(1, Role.HOST, 0, 4096),
     CASE,
+    WITH_ACCESSION,
     Tile("CASE-0001", 12, 600, 50, 50, 35, TileEncoding.ZLIB, b"\x00\x01payload\x00"),
     CaseEnd("CASE-0001", 1197),
     Ack(acked_seq=77, case_id="CASE-0001", tile_index=12),
@@ -67,6 +69,21 @@ def test_case_begin_layout() -> None:
     payload = CASE.encode()
     assert payload[:28] == struct.pack("<dIIIHHHBB", 0.2527, 20000, 15000, 1197, 512, 512, 16, 3, 1)
     assert payload[28:38] == b"\x09CASE-0001"
+
+
+def test_case_begin_without_an_accession_is_the_revision_1_2_bytes() -> None:
+    # What the encoder produced before the accession existed: an older host reads it unchanged.
+    fixed = struct.pack("<dIIIHHHBB", 0.2527, 20000, 15000, 1197, 512, 512, 16, 3, 1)
+    strings = [s.encode() for s in ("CASE-0001", "S-42 · Ärztin", "brightfield-HE")]
+    assert CASE.encode() == fixed + b"".join(bytes([len(s)]) + s for s in strings)
+    assert decode_message(MsgType.CASE_BEGIN, CASE.encode()).accession == ""
+
+
+def test_case_begin_carries_the_accession_at_its_end() -> None:
+    raw = WITH_ACCESSION.accession.encode()
+    assert WITH_ACCESSION.encode() == CASE.encode() + bytes([len(raw)]) + raw
+    # An explicitly empty accession (a length byte 0) reads the same as an absent one.
+    assert decode_message(MsgType.CASE_BEGIN, CASE.encode() + b"\x00") == CASE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,7 +143,10 @@ def test_hello_accepts_appended_fields_and_unknown_capability_bits() -> None:
         (MsgType.HELLO, bytes(12), "HELLO: version=0 must be at least 1"),
         (MsgType.HELLO, b"\x01" + bytes(11), "HELLO: 0 is not a valid Role"),
         (MsgType.CASE_BEGIN, CASE.encode()[:-3], "CASE_BEGIN: modality needs"),
-        (MsgType.CASE_BEGIN, CASE.encode() + b"!", "CASE_BEGIN: 1 unexpected bytes"),
+        # A byte after modality is the accession's length prefix now (revision 1.3): still MALFORMED.
+        (MsgType.CASE_BEGIN, CASE.encode() + b"!", "CASE_BEGIN: accession needs 33 bytes"),
+        (MsgType.CASE_BEGIN, WITH_ACCESSION.encode() + b"!", "CASE_BEGIN: 1 unexpected bytes"),
+        (MsgType.CASE_BEGIN, WITH_ACCESSION.encode()[:-1], "CASE_BEGIN: accession needs"),
         (MsgType.CASE_BEGIN, CASE.encode()[:27] + b"\x09" + CASE.encode()[28:], "unknown dtype code 9"),
         (MsgType.TILE, struct.pack("<IIIHHBx", 1, 0, 0, 5, 5, 7) + b"\x01C", "TILE: 7 is not a valid TileEncoding"),
         (MsgType.TILE, struct.pack("<IIIHHBx", 1, 0, 0, 5, 5, 0) + b"\x00", "case_id must not be empty"),
@@ -154,6 +174,9 @@ def test_constructors_validate_fields() -> None:
         Tile("c", 0, 0, 0, 1, 1, "webp", b"")
     with pytest.raises(ValueError, match="case_id is 256 bytes"):
         CaseEnd("é" * 128, 1)
+    with pytest.raises(ValueError, match="accession is 256 bytes"):
+        CaseBegin("c", "s", "m", 0.5, 50, 50, accession="x" * 256)
+    assert CaseBegin("c", "s", "m", 0.5, 50, 50, accession="x" * 255).accession == "x" * 255
 
 
 def test_clip_text_respects_utf8_boundaries() -> None:

@@ -65,6 +65,12 @@ def _layout_rows(text: str) -> list[tuple[str, str, str, str]]:
     return [(r[0], r[1], r[2], r[3]) for r in _table(text, ["offset", "size", "type", "field"])]
 
 
+def _optional_fields(text: str) -> set[str]:
+    """Fields whose notes begin with "optional" (PROTOCOL.md 5: sent only when not empty)."""
+    rows = _table(text, ["offset", "size", "type", "field", "notes"])
+    return {r[3] for r in rows if r[4].startswith("optional")}
+
+
 LAYOUT_HEADINGS = re.findall(r"^### 7\.\d+ (\w+) \((0x[0-9A-F]{2})\), (\d+) bytes", DOC, re.MULTILINE)
 
 
@@ -112,6 +118,15 @@ def test_layout_table_matches_the_wire_descriptor(name: str, number: str, fixed:
     assert _check_offsets(rows, name) == int(fixed) == cls.LAYOUT.size
 
 
+@pytest.mark.parametrize(("name", "number", "fixed"), LAYOUT_HEADINGS, ids=[h[0] for h in LAYOUT_HEADINGS])
+def test_optional_fields_in_the_doc_are_the_codes(name: str, number: str, fixed: str) -> None:
+    heading = re.search(rf"^### 7\.\d+ {name} \({number}\).*$", DOC, re.MULTILINE).group(0)
+    counted = re.search(r"\(\+ (\d+) optional\)$", heading)
+    optional = _optional_fields(_section(rf"7\.\d+ {name} \({number}\)"))
+    assert optional == BY_NAME[name].OPTIONAL
+    assert (int(counted.group(1)) if counted else 0) == len(optional), heading
+
+
 def test_frame_header_table_matches_the_header_struct() -> None:
     rows = _layout_rows(_section(r"3\. Frame"))
     header = [r for r in rows if r[2] in FIXED_TYPES][: len(HEADER_WIRE)]
@@ -125,6 +140,7 @@ def test_frame_header_table_matches_the_header_struct() -> None:
 EXAMPLES = [
     Hello(1, Role.SCANNER, 7, 65_000, Capability.ZLIB | Capability.JPEG),
     CaseBegin("CASE-0001", "S-42", "brightfield-HE", 0.2527, 512, 256, 3, "uint8", 1197, 20000, 15000, 16),
+    CaseBegin("CASE-0002", "S-43", "brightfield-HE", 0.2527, 512, 256, 3, "uint8", 1197, 20000, 15000, 16, "ACC-9"),
     Tile("CASE-0001", 12, 600, 50, 49, 35, TileEncoding.ZLIB, b"\x78\x9c\x00pixels"),
     CaseEnd("CASE-0001", 1197),
     Ack(acked_seq=77, case_id="CASE-0001", tile_index=12),
@@ -146,12 +162,14 @@ def _expected_value(msg: object, field: str) -> object:
     return int(value) if isinstance(value, int) else value
 
 
-def _decode_by_doc(rows: list[tuple[str, str, str, str]], payload: bytes) -> dict[str, object]:
+def _decode_by_doc(rows: list[tuple[str, str, str, str]], optional: set[str], payload: bytes) -> dict[str, object]:
     """Read a payload using nothing but the doc's table: what a firmware author would write."""
     values: dict[str, object] = {}
     pos = 0
     for _off, _size, kind, field in rows:
-        if kind in FIXED_TYPES:
+        if field in optional and pos == len(payload):
+            values[field] = ""  # absent: empty (section 5)
+        elif kind in FIXED_TYPES:
             fmt = "<" + FIXED_TYPES[kind]
             (values[field],) = struct.unpack_from(fmt, payload, pos)
             pos += struct.calcsize(fmt)
@@ -170,8 +188,9 @@ def _decode_by_doc(rows: list[tuple[str, str, str, str]], payload: bytes) -> dic
 def test_encoded_bytes_read_back_with_the_documented_layout(msg) -> None:
     msg_type, payload = encode_message(msg)
     (number,) = [n for name, n, _ in LAYOUT_HEADINGS if name == msg_type.name]
-    rows = _layout_rows(_section(rf"7\.\d+ {msg_type.name} \({number}\)"))
-    decoded = _decode_by_doc(rows, payload)
+    section = _section(rf"7\.\d+ {msg_type.name} \({number}\)")
+    rows = _layout_rows(section)
+    decoded = _decode_by_doc(rows, _optional_fields(section), payload)
     assert decoded == {field: _expected_value(msg, field) for _, _, _, field in rows}
 
 
@@ -268,6 +287,7 @@ def test_status_table_lists_what_is_still_planned() -> None:
 VECTORS = [
     (Hello(1, Role.SCANNER, 4, 1 << 20, emulator.SCANNER_CAPABILITIES), 0),
     (CaseBegin("C1", "S1", "HE", 0.5, 2, 1, expected_tiles=1, image_width=2, image_height=1), 1),
+    (CaseBegin("C1", "S1", "HE", 0.5, 2, 1, expected_tiles=1, image_width=2, image_height=1, accession="ACC-7"), 1),
     (Tile("C1", 0, 0, 0, 2, 1, "raw", bytes([0xE8, 0xB6, 0xCD, 0x5C, 0x3A, 0x94])), 2),
     (Ack(acked_seq=2, case_id="C1", tile_index=0), 1),
     (CaseEnd("C1", 1), 3),

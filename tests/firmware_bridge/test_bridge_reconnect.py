@@ -3,6 +3,7 @@ backoff, the scanner resumes the case, and every tile is stored exactly once."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import threading
@@ -17,7 +18,9 @@ from firmware_bridge.faults import FaultKind, Faults, Injection
 from firmware_bridge.frames import cobs_decode
 from firmware_bridge.host import HostLink
 from firmware_bridge.sink import CaseInfo
-from firmware_bridge.messages import Ack, CaseBegin, Hello, MsgType, Nack, NackReason, Role, Tile, TileEncoding
+from firmware_bridge.messages import (
+    Ack, CaseBegin, Capability, Hello, MsgType, Nack, NackReason, Role, Tile, TileEncoding,
+)
 from firmware_bridge.pixels import encode_pixels
 from firmware_bridge.ptycable import PtyCable
 from tests.waiting import wait_until
@@ -195,6 +198,53 @@ def test_cable_pulled_right_after_a_frame_resumes_without_loss(tmp_path, make_ca
         assert host.counters.resumes == 0
     else:
         assert host.counters.resumes == 1
+
+
+def test_a_case_with_an_accession_resumes_with_it_after_the_cable_is_pulled(tmp_path, make_case, sink) -> None:
+    case, tiles = make_case("CASE-PULL-ACC", cols=4, rows=3)
+    case = dataclasses.replace(case, accession="ACC-2026-00419")
+    faults = DisconnectOn(MsgType.TILE)
+    with PtyCable(tmp_path / "scanner") as cable, HostLink(cable.path, sink, read_timeout=0.05) as host:
+        result = ScannerEmulator(cable, case, tiles, faults=faults, ack_timeout=0.3, max_retries=20).run()
+        assert host.wait_case_end(5) == case.case_id
+    _assert_exactly_once(sink, case, tiles, result)  # the resumed CASE_BEGIN matched, accession and all
+    assert faults.fired and host.counters.resumes == 1 and sink.cases[0].accession == "ACC-2026-00419"
+
+
+def test_an_accession_left_out_stays_out_for_an_upgraded_host_that_restored_the_case(tmp_path, make_case) -> None:
+    """A 1.2 host took the case without its accession, then a 1.3 host restarted from its spool: the resumed
+    CASE_BEGIN must match the case as stored, so the scanner keeps the accession out."""
+    sink = SlowSink(delay=0.004)
+    case, tiles = make_case("CASE-UPGRADE", cols=6, rows=4)
+    case = dataclasses.replace(case, accession="ACC-2026-00420")
+    failures: list[BaseException] = []
+    with PtyCable(tmp_path / "scanner") as cable:
+        older = HostLink(cable.path, sink, read_timeout=0.05, capabilities=Capability.ZLIB | Capability.RESUME)
+        older.start()
+        emulator = ScannerEmulator(cable, case, tiles, encoding="zlib", ack_timeout=0.3, reconnect_timeout=10)
+
+        def scan() -> None:
+            try:
+                emulator.run()
+            except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+                failures.append(exc)
+
+        worker = threading.Thread(target=scan)
+        worker.start()
+        wait_until(lambda: len(sink.tiles) >= 5, 10.0, 0.01, what="5 tiles stored")
+        cable.unplug()
+        older.stop()
+        (spooled,) = sink.cases
+        assert spooled.accession == ""
+        upgraded = HostLink(cable.path, sink, read_timeout=0.05, wait_for_port=True)
+        upgraded.restore_case(spooled, list(sink.tiles))
+        with upgraded:
+            cable.replug()
+            worker.join(30)
+            assert not worker.is_alive() and failures == [], failures
+            assert upgraded.wait_case_end(5) == case.case_id
+    assert upgraded.counters.resumes == 1 and sink.cases == [spooled]
+    assert sorted(sink.tiles) == list(range(len(tiles))) and set(sink.stores.values()) == {1}
 
 
 def test_scanner_gives_up_when_the_cable_never_comes_back(tmp_path, make_case, sink) -> None:

@@ -8,6 +8,7 @@ once (8.6), damaged chunks answered and the session going on (2, 3, 8.3), case o
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import struct
 import zlib
@@ -387,6 +388,33 @@ def test_a_case_restored_from_the_spool_is_resumed(sink) -> None:
     assert isinstance(_only(answer), Ack) and sink.disk == {}  # spooled before the restart
     _, answer = scanner.send(CaseEnd("C0", 12))
     assert isinstance(_only(answer), Ack) and sink.ended == []
+
+
+# --- the accession (7.2, revision 1.3) -------------------------------------------------
+
+
+def test_the_accession_reaches_the_sink_and_a_resume_must_repeat_it(scanner, session, sink) -> None:
+    with_accession = dataclasses.replace(CASE, accession="ACC-17")
+    _open(scanner, with_accession)
+    assert sink.began == [CaseInfo.from_message(with_accession)] and sink.began[0].accession == "ACC-17"
+    scanner.send(HELLO)
+    seq, answer = scanner.send(with_accession)
+    assert _only(answer) == Ack(seq, "C1", -1) and session.counters.resumes == 1
+    for changed, detail in [("ACC-18", "accession 'ACC-17' -> 'ACC-18'"), ("", "accession 'ACC-17' -> ''")]:
+        scanner.send(HELLO)
+        seq, answer = scanner.send(dataclasses.replace(CASE, accession=changed))
+        nack = _only(answer)
+        assert nack.seq == seq and nack.reason == NackReason.MALFORMED and detail in nack.detail
+    assert session.case.begin == with_accession and len(sink.began) == 1
+
+
+def test_a_case_spooled_before_the_accession_existed_is_restored_and_resumed(sink) -> None:
+    # What an older host wrote for the case: every CaseInfo field but the accession.
+    stored = {k: v for k, v in dataclasses.asdict(CaseInfo.from_message(CASE)).items() if k != "accession"}
+    session = HostSession(sink)
+    session.restore_case(CaseInfo(**stored), stored=[0])
+    seq, answer = Scanner(session).send(CASE)
+    assert _only(answer) == Ack(seq, "C1", -1) and session.counters.resumes == 1 and sink.began == []
 
 
 # --- HELLO, heartbeats, liveness (8.1, 8.7) ---------------------------------------------
