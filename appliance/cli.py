@@ -13,7 +13,7 @@ import click
 from firmware_bridge.pixels import TileEncoding
 
 from appliance import RESEARCH_USE_NOTICE, __version__
-from appliance.cli_common import ENGINES, friendly_errors
+from appliance.cli_common import ENGINES, accession_option, friendly_errors
 from appliance.cli_common import settings_for as _settings
 from appliance.model.cli import models
 from appliance.offline.progress import Progress
@@ -101,10 +101,12 @@ def run(ctx, port: str | None) -> None:
               help="Tile size used to cut a single image into scanner tiles.")
 @click.option("--geojson-tiles", is_flag=True,
               help="Also put every scored patch in regions.geojson, as a locked QuPath tile with its probability.")
+@click.option("--accession", callback=accession_option, default=None,
+              help="The lab's accession / order number of the case (recorded in summary.json).")
 @click.pass_context
 @friendly_errors
 def triage(ctx, input_path: Path, json_out: Path | None, out_dir: Path | None, mpp: float | None,
-           engine: str | None, tile_size: int, geojson_tiles: bool) -> None:
+           engine: str | None, tile_size: int, geojson_tiles: bool, accession: str | None) -> None:
     """Triage a case on disk: a slide file (SVS, NDPI, MRXS, SCN, Philips/generic pyramid TIFF, DICOM WSI),
     one image, or a folder of tiles named like '..._x<X>_y<Y>.png'."""
     from appliance.model.engine import load_engine
@@ -127,7 +129,7 @@ def triage(ctx, input_path: Path, json_out: Path | None, out_dir: Path | None, m
 
     result = triage_path(eng, input_path, tile_size=tile_size, batch_size=settings.batch_size, out_dir=out_dir,
                          microns_per_pixel=mpp, progress=progress, geojson_tiles=geojson_tiles,
-                         thresholds=thresholds)
+                         thresholds=thresholds, accession=accession)
     bar.close()
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
@@ -210,13 +212,15 @@ def batch(ctx, inputs: tuple[Path, ...], manifest: Path | None, out_dir: Path | 
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--tile-size", default=DEFAULT_TILE_SIZE, show_default=True)
 @click.option("--case-id", default=None, help="Case id to announce (default: derived from INPUT and time).")
+@click.option("--accession", callback=accession_option, default=None,
+              help="The lab's accession / order number to announce with the case (the LIS matches the call by it).")
 @click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Microns per pixel of INPUT (a slide file's own metadata is used when it states one; "
                    "otherwise 4.0, the bundled case's).")
 @click.pass_context
 @friendly_errors
 def emulate(ctx, port: str, input_path: Path, encoding: str, faults: float, seed: int, tile_size: int,
-            case_id: str | None, mpp: float | None) -> None:
+            case_id: str | None, accession: str | None, mpp: float | None) -> None:
     """Act as the scanner: stream INPUT (slide file, image or tile folder) to PORT tile by tile. A slide is
     sent at the pyramid level nearest the model's resolution, tissue tiles only, announced at that level's µm/px;
     each slide tile is read when it is sent, so the slide is never held in memory."""
@@ -245,7 +249,7 @@ def emulate(ctx, port: str, input_path: Path, encoding: str, faults: float, seed
         if not tiles:
             raise click.ClickException(f"{input_path}: no tissue tiles to send")
         case_id = case_id or time.strftime("CASE-%Y%m%d-%H%M%S")
-        info = case_info_for(case_id, input_path.name, tiles, mpp or DEMO_CASE_MPP, tile_size)
+        info = case_info_for(case_id, input_path.name, tiles, mpp or DEMO_CASE_MPP, tile_size, accession or "")
         bar = Progress("tiles acked", len(tiles))
         emulator = ScannerEmulator(
             open_port(port, timeout=0.1), info, tiles, encoding=encoding,

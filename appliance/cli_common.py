@@ -9,11 +9,19 @@ import click
 
 from appliance.config import load_settings
 from appliance.errors import ApplianceError
-from appliance.terms import EngineName
+from appliance.terms import ACCESSION, ACCESSION_PATTERN, EngineName
 from firmware_bridge.errors import BridgeError
 
 
 ENGINES = click.Choice([e.value for e in EngineName])  # --engine
+
+
+def accession_option(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """--accession: the lab's accession / order number, checked here so a typo is refused before any work."""
+    if value is not None and not ACCESSION.match(value):
+        raise click.BadParameter(f"{value!r} is not an accession number: 1-64 letters, digits and . _ / : - "
+                                 f"(starting with a letter or digit; pattern {ACCESSION_PATTERN})")
+    return value
 
 
 def friendly_errors(fn):

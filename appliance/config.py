@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import ssl
 from pathlib import Path
 
@@ -10,7 +11,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from appliance.errors import ConfigError
-from appliance.terms import EngineName
+from appliance.terms import DEFAULT_FHIR_SYSTEM_BASE, EngineName
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "idc-resnet"
@@ -55,6 +56,20 @@ class Settings(BaseSettings):
         None, description="FHIR base URL; each call is POSTed as a DiagnosticReport to <url>/DiagnosticReport.")
     lis_fhir_token_file: Path | None = Field(
         None, description="File (0600) holding the bearer token for lis_fhir_url.")
+    lis_sending_application: str = Field(
+        "BENCH-TRIAGE", description="MSH-3 of the HL7 messages (an HD: name, or name^universal id^type).")
+    lis_sending_facility: str = Field("BENCH", description="MSH-4: the facility the appliance stands in (an HD).")
+    lis_receiving_application: str = Field("LIS", description="MSH-5: the receiving application (an HD).")
+    lis_receiving_facility: str = Field("LAB", description="MSH-6: the receiving facility (an HD).")
+    lis_fhir_system_base: str = Field(
+        DEFAULT_FHIR_SYSTEM_BASE, description="Base URL of the FHIR identifier and code systems: <base>/message-id, "
+                                         "<base>/case-id, <base>/observation-code (and accession, specimen-id "
+                                         "unless set below). Set a URL your organisation controls.")
+    lis_fhir_accession_system: str | None = Field(
+        None, description="The FHIR system of the lab's accession numbers (usually the LIS's own URL); "
+                          "default <lis_fhir_system_base>/accession.")
+    lis_fhir_specimen_system: str | None = Field(
+        None, description="The FHIR system of specimen ids; default <lis_fhir_system_base>/specimen-id.")
 
     @field_validator("lis_mllp")
     @classmethod
@@ -71,6 +86,29 @@ class Settings(BaseSettings):
         if value is not None and not value.startswith(("http://", "https://")):
             raise ValueError(f"{value!r} is not an http(s) URL")
         return value.rstrip("/") if value else value
+
+    @field_validator("lis_sending_application", "lis_sending_facility", "lis_receiving_application",
+                     "lis_receiving_facility")
+    @classmethod
+    def _hl7_hd(cls, value: str) -> str:
+        """An HL7 HD: up to three ^-separated components, none holding a field, repetition, escape or
+        sub-component separator (|~\\&) or a line break."""
+        if not value.strip() or any(c in value for c in "|~\\&\r\n") or value.count("^") > 2:
+            raise ValueError(f"{value!r} is not an HL7 HD (a name, or name^universal id^universal id type, "
+                             f"without | ~ \\ & or line breaks)")
+        return value
+
+    @field_validator("lis_fhir_system_base", "lis_fhir_accession_system", "lis_fhir_specimen_system")
+    @classmethod
+    def _fhir_system(cls, value: str | None) -> str | None:
+        """An absolute URL (http or https) or an OID or UUID URN, as FHIR wants an identifier system."""
+        if value is None:
+            return value
+        if not re.fullmatch(r"https?://[^\s/]+(/\S*)?|urn:oid:[0-2](\.(0|[1-9][0-9]*))+|"
+                            r"urn:uuid:[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", value):
+            raise ValueError(f"{value!r} is not a FHIR identifier system: use an http(s) URL your organisation "
+                             f"controls, or urn:oid:... / urn:uuid:...")
+        return value
 
     @model_validator(mode="after")
     def _tls_pair(self) -> "Settings":

@@ -169,5 +169,11 @@ class DeliveryStatus(StrEnum):
 
 CASE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 CASE_ID = re.compile(CASE_ID_PATTERN)
+# The lab's accession / order number as an operator types it (a scanner's may be any text up to 255 bytes).
+ACCESSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._/:-]{0,63}$"
+ACCESSION = re.compile(ACCESSION_PATTERN)
+# The FHIR identifier and code systems' default base: a placeholder domain (RFC 2606 keeps .example for that),
+# so a message never claims a real organisation's namespace; a lab sets its own (lis_fhir_system_base).
+DEFAULT_FHIR_SYSTEM_BASE = "https://bench-triage.example/fhir"
 # A technician's initials on a sign-off or an action (letters, spaces, dots, apostrophes, hyphens).
 INITIALS_PATTERN = r"^[A-Za-z][A-Za-z .'-]*$"

@@ -1,6 +1,8 @@
 """The lab's systems, small and real, for the outbox tests: an HL7 v2 MLLP listener (python-hl7's asyncio
-MLLP server) and a FHIR endpoint (http.server) that validates what it gets with fhir.resources, both on real
-local sockets. Each can be stopped and started again on the same port, answer a rejection, or hold an ACK."""
+MLLP server) and a FHIR endpoint (http.server), both on real local sockets and both strict, as a lab's
+interface engine often is: a message hl7apy's strict v2.5.1 validation refuses is answered AR, a report the FHIR
+JSON schemas or fhir.resources refuse is answered 422 (tests/lis_validators.py), and each keeps what it refused
+in ``refused``. Each can be stopped and started again on the same port, answer a rejection, or hold an ACK."""
 
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from tests.lis_validators import fhir_schema_errors, hl7_strict_errors
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -18,13 +22,15 @@ def free_port() -> int:
 
 
 class MllpReceiver:
-    """Parses every message with ``hl7``, records (MSH-10, message text) and answers ``answer`` (AA, AE, AR).
-    With ``hold`` cleared, the ACK waits until it is set (``got`` is set when a message has arrived)."""
+    """Parses every message with ``hl7``, records (MSH-10, message text) and answers ``answer`` (AA, AE, AR), or
+    AR with hl7apy's reason when strict validation refuses it (kept in ``refused``). With ``hold`` cleared, the
+    ACK waits until it is set (``got`` is set when a message has arrived)."""
 
     def __init__(self, answer: str = "AA"):
         self.port = free_port()
         self.answer = answer
         self.received: list[tuple[str, str]] = []
+        self.refused: list[tuple[str, str]] = []  # (MSH-10, hl7apy's reason)
         self.got = threading.Event()
         self.hold = threading.Event()
         self.hold.set()
@@ -46,11 +52,20 @@ class MllpReceiver:
             while not reader.at_eof():
                 message = await reader.readmessage()
                 mid = str(message.segment("MSH")[10])
-                self.received.append((mid, str(message)))
+                refusal = hl7_strict_errors(str(message))
+                if refusal is None:
+                    self.received.append((mid, str(message)))
+                else:
+                    self.refused.append((mid, refusal))
                 self.got.set()
                 while not self.hold.is_set():
                     await asyncio.sleep(0.01)
-                writer.writemessage(message.create_ack(ack_code=self.answer, message_id=f"ACK-{mid}"))
+                code = self.answer if refusal is None else "AR"
+                ack = str(message.create_ack(ack_code=code, message_id=f"ACK-{mid}"))
+                if refusal is not None:  # MSA-3, the text: the reason, without HL7's delimiters
+                    text = "".join(" " if c in "|^~\\&\r\n" else c for c in refusal[:200])
+                    ack = ack.replace(f"MSA|AR|{mid}", f"MSA|AR|{mid}|{text}", 1)
+                writer.writemessage(ack)
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError, hl7.exceptions.ParseException):
             pass
@@ -92,14 +107,16 @@ class MllpReceiver:
 
 
 class FhirReceiver:
-    """POST <base>/DiagnosticReport: checks the bearer token, validates the body as a FHIR R4B
-    DiagnosticReport and records its message id; answers ``status`` (201, or 422, 503, ...)."""
+    """POST <base>/DiagnosticReport: checks the bearer token, validates the body against the FHIR JSON schemas
+    and as a FHIR R4B DiagnosticReport (fhir.resources) and records its message id; answers ``status`` (201, or
+    422, 503, ...), or 422 with the reasons when the body does not validate (kept in ``refused``)."""
 
     def __init__(self, token: str, status: int = 201):
         self.port = free_port()
         self.token, self.status = token, status
         self.received: list[tuple[str, dict]] = []  # (message id, body) of every request that validated
         self.answered: list[int] = []
+        self.refused: list[str] = []  # why each body that did not validate was refused
         self._server: ThreadingHTTPServer | None = None
 
     @property
@@ -124,9 +141,14 @@ class FhirReceiver:
                         self.headers.get("Authorization") != f"Bearer {outer.token}":
                     return self._answer(401 if self.path == "/fhir/DiagnosticReport" else 404, {})
                 try:
+                    errors = fhir_schema_errors(json.loads(body))
                     report = DiagnosticReport.model_validate(json.loads(body))
                 except ValueError as exc:
-                    return self._answer(400, {"error": str(exc)[:500]})
+                    errors = [str(exc)[:500]]
+                if errors:
+                    outer.refused.append("; ".join(errors))
+                    return self._answer(422, {"resourceType": "OperationOutcome", "issue": [
+                        {"severity": "error", "code": "invalid", "diagnostics": e} for e in errors]})
                 mid = next(i.value for i in report.identifier if i.system.endswith("message-id"))
                 outer.received.append((mid, json.loads(body)))
                 outer.answered.append(outer.status)

@@ -47,6 +47,7 @@ class DeliveryPublic(BaseModel):
 class CasePublic(BaseModel):
     id: str
     specimen_id: str | None = None
+    accession: str | None = None  # the lab's accession / order number, when one was given
     status: str
     received_at: str | None = None
     finished_at: str | None = None

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
 from appliance.errors import ConfigError
-from appliance.lis.messages import ReportedCall, fhir_report, hl7_oru
+from appliance.lis.messages import Addressing, ReportedCall, fhir_report, hl7_oru
 from appliance.lis.senders import send_fhir, send_mllp
 from appliance.store.database import utcnow
 from appliance.terms import DeliveryStatus
@@ -70,11 +70,11 @@ class Destination:
             raise ConfigError(f"{name!r} is not a LIS destination (mllp:host:port or fhir:<base url>)")
         return cls(Transport(transport), target)
 
-    def message(self, call: ReportedCall, at: str) -> str:
-        """The message this destination takes for ``call``."""
+    def message(self, call: ReportedCall, at: str, to: Addressing = Addressing()) -> str:
+        """The message this destination takes for ``call``, with the lab's names and systems ``to``."""
         if self.transport == Transport.MLLP:
-            return hl7_oru(call, at)
-        return json.dumps(fhir_report(call, at))
+            return hl7_oru(call, at, to)
+        return json.dumps(fhir_report(call, at, to))
 
 
 def destinations_of(settings: "Settings") -> list[Destination]:
@@ -85,12 +85,18 @@ def destinations_of(settings: "Settings") -> list[Destination]:
     return out
 
 
+def outbox_of(settings: "Settings") -> "Outbox":
+    """The outbox the settings describe: their destinations, and the lab's names and identifier systems."""
+    return Outbox(destinations_of(settings), Addressing.of_settings(settings))
+
+
 class Outbox:
     """What the store calls inside the transaction that records (or signs off) a call: one delivery row per
     destination. The store knows nothing of HL7 or FHIR; this knows nothing of SQLite."""
 
-    def __init__(self, destinations: Iterable[Destination]):
+    def __init__(self, destinations: Iterable[Destination], addressing: Addressing = Addressing()):
         self.destinations = list(destinations)
+        self.addressing = addressing
 
     def __bool__(self) -> bool:
         return bool(self.destinations)
@@ -103,7 +109,7 @@ class Outbox:
         for dest in self.destinations:
             status, payload, error = DeliveryStatus.PENDING, None, None
             try:
-                payload = dest.message(call, at)
+                payload = dest.message(call, at, self.addressing)
             except Exception as exc:  # noqa: BLE001 - a message that cannot be built must not lose the call
                 status, error = DeliveryStatus.FAILED, f"the message could not be built: {exc}"
             rows.append({

@@ -27,7 +27,7 @@ from typing import Callable, Iterable
 
 from appliance.config import Settings
 from appliance.errors import ApplianceError
-from appliance.lis.outbox import Outbox, destinations_of
+from appliance.lis.outbox import outbox_of
 from appliance.model.ref import ModelRef
 from appliance.offline.triage import case_id_for
 from appliance.store import CaseStore
@@ -200,7 +200,7 @@ def run_batch(inputs: list[BatchInput], settings: Settings, client, *, out_root:
     model = ModelRef(manifest.name, manifest.version, model_sha, str(settings.engine))
     # absolute: a worker on another machine (or in another folder) gets the same paths
     out_root = (Path(out_root) if out_root is not None else settings.cases_dir).absolute()
-    store = CaseStore(settings.db_path, Outbox(destinations_of(settings)) if deliver else None)
+    store = CaseStore(settings.db_path, outbox_of(settings) if deliver else None)
     rows: list[BatchRow | None] = [None] * len(inputs)
     finished = 0
 

@@ -44,13 +44,13 @@ class DemoOutcome:
 
 
 def case_info_for(case_id: str, specimen_id: str, tiles: list[TileToSend | TileOnDemand], mpp: float,
-                  tile_size: int) -> CaseInfo:
+                  tile_size: int, accession: str = "") -> CaseInfo:
     width = max(t.x + t.w for t in tiles)
     height = max(t.y + t.h for t in tiles)
     return CaseInfo(
         case_id=case_id, specimen_id=specimen_id, modality="brightfield-he", microns_per_pixel=mpp,
         tile_width=tile_size, tile_height=tile_size, channels=3, dtype="uint8", expected_tiles=len(tiles),
-        image_width=width, image_height=height, overlap=0,
+        image_width=width, image_height=height, overlap=0, accession=accession,
     )
 
 

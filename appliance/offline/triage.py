@@ -37,6 +37,7 @@ def triage_case(
     geojson_tiles: bool = False,
     case_id: str | None = None,
     thresholds: ThresholdInForce | None = None,
+    accession: str | None = None,
 ) -> tuple[TriageResult, dict]:
     """Triage a slide file, a single image or a tile folder; returns the typed result (what the case store
     records) and the JSON-ready summary.
@@ -49,7 +50,8 @@ def triage_case(
     With ``out_dir`` the case's files (overlay, OME-TIFFs, regions, summary) are written there and the
     mosaic is kept in ``out_dir/.work`` while the case runs; ``geojson_tiles`` adds every scored patch to
     regions.geojson as a QuPath tile object; ``case_id`` names the case in them (default: from the file name);
-    ``thresholds`` are the ones in force (default: the model's).
+    ``thresholds`` are the ones in force (default: the model's); ``accession`` is the lab's accession number,
+    recorded in the summary.
     Unreadable tile files are listed under ``skipped_inputs`` instead of stopping the case.
     """
     path = Path(path)
@@ -58,7 +60,8 @@ def triage_case(
             return _triage(engine, path, slide.tiles(tile_size), slide.count_tiles(tile_size), (0, 0),
                            slide.level_width, slide.level_height, slide.info.level_microns_per_pixel, [],
                            batch_size=batch_size, out_dir=out_dir, progress=progress, slide=slide.info,
-                           geojson_tiles=geojson_tiles, case_id=case_id, thresholds=thresholds)
+                           geojson_tiles=geojson_tiles, case_id=case_id, thresholds=thresholds,
+                           accession=accession)
     skipped: list[Skipped] = []
     if path.is_dir():  # listed once: its extent, count and tiles
         folder = TileFolder.scan(path)
@@ -69,14 +72,15 @@ def triage_case(
         tiles, total = iter_case_tiles(path, tile_size, skipped), count_case_tiles(path, tile_size)
     return _triage(engine, path, tiles, total, (ox, oy), width, height, microns_per_pixel, skipped,
                    batch_size=batch_size, out_dir=out_dir, progress=progress, geojson_tiles=geojson_tiles,
-                   case_id=case_id, thresholds=thresholds)
+                   case_id=case_id, thresholds=thresholds, accession=accession)
 
 
 def _triage(engine: Engine, path: Path, tiles: Iterable[SourceTile], total: int | None, origin: tuple[int, int],
             width: int | None, height: int | None, scanner_mpp: float | None, skipped: list[Skipped], *,
             batch_size: int, out_dir: Path | None, progress, slide: SlideInfo | None = None,
             geojson_tiles: bool = False, case_id: str | None = None,
-            thresholds: ThresholdInForce | None = None) -> tuple[TriageResult, dict]:
+            thresholds: ThresholdInForce | None = None, accession: str | None = None
+            ) -> tuple[TriageResult, dict]:
     made_out_dir = out_dir is not None and not Path(out_dir).exists()
     workdir = Path(out_dir) / ".work" if out_dir else None
     session = TriageSession(engine, batch_size=batch_size, scanner_mpp=scanner_mpp, width=width,
@@ -91,6 +95,8 @@ def _triage(engine: Engine, path: Path, tiles: Iterable[SourceTile], total: int 
         result = finished.to_dict()
         result["input"] = str(path)
         result["skipped_inputs"] = [asdict(s) for s in skipped]
+        if accession:
+            result["accession"] = accession
         if slide is not None:
             to_level0(result, slide.downsample)
             result["slide"] = slide.to_dict()

@@ -83,6 +83,7 @@ class TriageSummary(_Closed):
     case_id: str | None = None
     outputs: list[str] | None = None
     slide: SlideOut | None = None  # a slide file: what was read; patch positions are then in its level-0 pixels
+    accession: str | None = None  # the lab's accession / order number, when the scanner or the operator gave one
 
 
 def validated(summary: dict) -> dict:

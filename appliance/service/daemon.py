@@ -23,7 +23,7 @@ from appliance.config import Settings
 from appliance.errors import ManifestError, ModelIntegrityError
 from appliance.model.engine import Engine, load_engine
 from appliance.service import retention
-from appliance.lis.outbox import Outbox, OutboxSender, destinations_of
+from appliance.lis.outbox import OutboxSender, outbox_of
 from appliance.service.cases import CaseBook, CaseProgress, eta_seconds
 from appliance.service.events import (ApiStarted, CaseFinished, DriftChanged, Event, EventHub, LinkReported,
                                       Notify, NotReady, Ready)
@@ -117,10 +117,10 @@ class Daemon:
         except (ManifestError, ModelIntegrityError) as exc:
             self.problem = " ".join(f"the model failed its checks: {exc}".split())  # one line, for STATUS=
             log.error("NOT READY, the scanner link stays closed: %s", self.problem)
-        destinations = destinations_of(s)
-        self.store = CaseStore(s.db_path, Outbox(destinations))
-        if destinations:  # delivers the calls to the lab's systems, model or not
-            self.outbox = OutboxSender(self.store, destinations, s.lis_fhir_token_file)
+        outbox = outbox_of(s)
+        self.store = CaseStore(s.db_path, outbox)
+        if outbox:  # delivers the calls to the lab's systems, model or not
+            self.outbox = OutboxSender(self.store, outbox.destinations, s.lis_fhir_token_file)
             self.outbox.start()
         if self.problem:
             self._start_degraded()

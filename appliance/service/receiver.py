@@ -48,7 +48,7 @@ class CaseReceiver:
             raise CaseRefused(refusal)
         expected = info.expected_tiles or None
         self.spool.begin_case(info.case_id, _info_dict(info))
-        self.store.case_started(info.case_id, specimen_id=info.specimen_id, source="scanner",
+        self.store.case_started(info.case_id, specimen_id=info.specimen_id, accession=info.accession, source="scanner",
                                 tiles_expected=expected, model=self.model)
         progress = self.book.opened(CaseProgress.of(info))
         self.pipeline.begin(progress)

@@ -237,7 +237,9 @@ class PipelineWorker:
                 for w in result.warnings:  # QC found after the early call: in the case's log, never dropped
                     self.notify(QcWarning(progress.case_id, w.code, w.message))
             try:
-                summary = dict(result.to_dict(), input=f"scanner case {progress.case_id}", skipped_inputs=[])
+                accession = progress.info.accession if progress.info is not None else ""
+                summary = dict(result.to_dict(), input=f"scanner case {progress.case_id}", skipped_inputs=[],
+                               **({"accession": accession} if accession else {}))
                 outputs = session.write_outputs(self.cases_dir / progress.case_id, progress.case_id, summary)
                 self.book.outputs_written(progress, outputs)
                 last = OutputsWritten(progress.case_id, [str(f) for f in sorted(outputs)],

@@ -106,10 +106,11 @@ class CaseStore(DeliveryRecords, SitePointRecords, ReviewerRecords):
 
     # -- case lifecycle -------------------------------------------------------------------------------
     def case_started(self, case_id: str, *, specimen_id: str = "", source: str = "", tiles_expected: int | None = None,
-                     model: ModelRef | None = None) -> None:
+                     model: ModelRef | None = None, accession: str = "") -> None:
         row = {
             "id": case_id,
             "specimen_id": specimen_id,
+            "accession": accession or None,
             "source": source,
             "status": CaseStatus.RECEIVING,
             "received_at": utcnow(),

@@ -149,3 +149,10 @@ def _users(db: sqlite_utils.Database) -> None:
         {"name": str, "password_hash": str, "created_at": str, "changed_at": str, "disabled_at": str},
         pk="name",
     )
+
+
+@migrations(name="0009_accession")
+def _accession(db: sqlite_utils.Database) -> None:
+    """The lab's accession / order number of a case, when the scanner or the operator gave one: the LIS matches
+    the result to its order by it (HL7 OBR-2/3 and SPM-2, FHIR basedOn and the Specimen's accession)."""
+    db["cases"].add_column("accession", str)

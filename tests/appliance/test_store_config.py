@@ -25,7 +25,7 @@ def test_store_uses_wal_full_sync_and_migrations(tmp_path):
     names = [r[0] for r in conn.execute("select name from _sqlite_migrations")]
     assert names == ["0001_cases_and_tiles", "0002_events_audit_models_signoff", "0003_warnings_patch_threshold",
                      "0004_case_rule", "0005_revision_and_deliveries", "0006_early_rule",
-                     "0007_site_operating_point", "0008_users"]
+                     "0007_site_operating_point", "0008_users", "0009_accession"]
 
 
 def test_concurrent_writers_are_serialised_through_one_thread(store):
@@ -107,7 +107,7 @@ def test_migrations_build_the_documented_schema_on_an_empty_database(tmp_path):
     applied = [r["name"] for r in db["_sqlite_migrations"].rows]
     assert applied == ["0001_cases_and_tiles", "0002_events_audit_models_signoff", "0003_warnings_patch_threshold",
                        "0004_case_rule", "0005_revision_and_deliveries", "0006_early_rule",
-                     "0007_site_operating_point", "0008_users"]
+                     "0007_site_operating_point", "0008_users", "0009_accession"]
     assert db.execute("pragma journal_mode").fetchone()[0] == "wal"
 
 

@@ -159,3 +159,17 @@ def test_the_json_result_is_the_summary_file_exactly(tmp_path):
     assert printed == summary
     assert summary["case_id"] == "10269" and "summary.json" in summary["outputs"]
     assert "outputs" not in summary["timings_ms"]
+
+
+def test_an_accession_given_to_triage_is_in_the_summary_and_a_malformed_one_is_refused_first(tmp_path):
+    """`--accession` is the lab's order number: it is written into summary.json (the case's record on disk);
+    one that is not an accession number (a space, a delimiter) is refused before any work, saying what is
+    allowed, and writes nothing."""
+    folder = tmp_path / "case"
+    run_cli("triage", IDC / "10269", "--out", folder, "--accession", "S26-01234")
+    assert json.loads((folder / "summary.json").read_text())["accession"] == "S26-01234"
+    bad = run_cli("triage", IDC / "10269", "--out", tmp_path / "bad", "--accession", "S26 01|2", check=False)
+    assert bad.returncode == 2 and "is not an accession number" in bad.stderr and not (tmp_path / "bad").exists()
+    plain = tmp_path / "plain.json"
+    run_cli("triage", IDC / "10269", "--json", plain)
+    assert "accession" not in json.loads(plain.read_text())

@@ -89,7 +89,8 @@ class CaseScreen(Screen):
         verdict.update(Text(f"{symbol}  {word}  {symbol}", style=f"bold {fg} on {bg}", justify="center"))
         verdict.styles.background = bg
         score = c.get("score")
-        facts = [f"Case {c['id']}   specimen {c.get('specimen_id') or '-'}   status {c['status']}"]
+        accession = f"   accession {c['accession']}" if c.get("accession") else ""
+        facts = [f"Case {c['id']}   specimen {c.get('specimen_id') or '-'}{accession}   status {c['status']}"]
         if score is not None:
             facts.append(f"Score {score:.3f} ({rule_words(c.get('case_rule'))})   threshold "
                          f"{c.get('threshold') or 0:.3f} ({whose_threshold(c)})   "
