@@ -12,6 +12,12 @@ mosaic on disk). Each band is halved (2 x 2 box, odd edges padded with glass) in
 and so on down the pyramid before its own tiles are encoded, and each reduced band is appended to that
 level's raw file in the work folder; the reduced levels are then encoded from those files, band by band.
 RAM stays at a few bands whatever the image size, and level 0 is read once.
+
+The tiles are JPEG-encoded here, on JPEG_WORKERS threads kept fed with up to ENCODE_AHEAD tiles in flight,
+and tifffile writes the encoded bytes as they are (with the same encoder and arguments its own JPEG path
+uses, so the file is the same byte for byte). tifffile's own path encodes in batches: it gathers a batch on
+the writing thread while the encoders wait, then waits for the whole batch, so on R1 the two encoders were
+busy about half the time.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ from __future__ import annotations
 import os
 import queue
 import threading
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -33,9 +41,7 @@ JPEG_QUALITY = 90
 # a third of zlib's bytes; the stain colours are what a reader looks at.
 JPEG_SUBSAMPLING = (1, 1)
 JPEG_WORKERS = 2  # threads encoding tiles (the bench PC has 2 cores)
-# Tiles handed to the JPEG threads at a time. tifffile's default (512 MB of raw tiles, 2,700 here) held R1's
-# pyramid at +500 MB of RAM and left the threads idle while the batch was read; 64 tiles: +100 MB, 10 % faster.
-ENCODE_BATCH = 64
+ENCODE_AHEAD = 32  # tiles submitted to the JPEG threads and not yet written (6 MB of raw tiles)
 MIN_LEVEL_SIDE = 256  # keep halving until the smaller side is below this (at least 3 levels)
 MAX_LEVELS = 8
 GLASS = 255
@@ -62,17 +68,45 @@ def reduce2(band: np.ndarray, fill: int = GLASS) -> np.ndarray:
 
 
 def tiles_of(bands: Iterable[np.ndarray], width: int, fill: int = GLASS) -> Iterator[np.ndarray]:
-    """TILE x TILE tiles in raster order from full-width bands of TILE rows (the last may be shorter);
-    edge tiles are padded with ``fill``. Only an edge tile is padded: a band as wide as R1's (not a multiple
-    of TILE) was copied whole into a padded band first, a second copy of level 0 on the thread feeding the
-    encoders."""
+    """TILE x TILE tiles in raster order from full-width bands of TILE rows (the last may be shorter): views
+    into the band (the encoder copies what it needs, on its own thread); edge tiles are padded with ``fill``.
+    Only an edge tile is padded: a band as wide as R1's (not a multiple of TILE) was copied whole into a
+    padded band first, a second copy of level 0 on the thread feeding the encoders."""
     for band in bands:
         for x in range(0, width, TILE):
             tile = band[:, x : x + TILE]
             if tile.shape[:2] != (TILE, TILE):
                 tile = np.pad(tile, ((0, TILE - tile.shape[0]), (0, TILE - tile.shape[1]), (0, 0)),
                               constant_values=fill)
-            yield np.ascontiguousarray(tile)
+            yield tile
+
+
+def _jpeg_encoder():
+    """tifffile's own JPEG encoder and the arguments its JPEG path passes for RGB tiles stored as YCbCr (so the
+    tiles encoded here are the bytes tifffile would write)."""
+    import tifffile
+
+    encode = tifffile.TIFF.COMPRESSORS[7]  # COMPRESSION.JPEG
+    args = {"level": JPEG_QUALITY, "subsampling": JPEG_SUBSAMPLING, "colorspace": "RGB", "outcolorspace": "YCBCR"}
+    return lambda tile: encode(np.ascontiguousarray(tile), **args)
+
+
+def encoded(tiles: Iterable[np.ndarray], encode, workers: int = JPEG_WORKERS,
+            ahead: int = ENCODE_AHEAD) -> Iterator[bytes]:
+    """``encode`` of each tile, in order, computed on ``workers`` threads with up to ``ahead`` tiles in flight:
+    a tile is submitted as soon as one is written, so the encoders never wait for a batch to be gathered."""
+    with ThreadPoolExecutor(workers, thread_name_prefix="pyramid-jpeg") as pool:
+        pending: deque = deque()
+        try:
+            for tile in tiles:
+                pending.append(pool.submit(encode, tile))
+                if len(pending) >= ahead:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:  # the writer stopped early (an error): what has not started never will
+            for job in pending:
+                job.cancel()
 
 
 class _Level:
@@ -170,6 +204,7 @@ def write_pyramid(path: Path, width: int, height: int, bands: Iterable[np.ndarra
         w, h = sizes[-1]
         sizes.append(((w + 1) // 2, (h + 1) // 2))
     reduced: list[_Level] = []
+    encode = _jpeg_encoder()
     try:
         for i, (w, h) in enumerate(sizes[1:], start=1):
             reduced.append(_Level(workdir / f".pyramid-{os.getpid()}-{id(reduced)}-level{i}.raw", w, h))
@@ -180,10 +215,9 @@ def write_pyramid(path: Path, width: int, height: int, bands: Iterable[np.ndarra
                 per_cm = 1e4 / (mpp * 2 ** i) if mpp > 0 else None
                 try:
                     tif.write(
-                        tiles_of(ahead, w), shape=(h, w, 3), dtype=np.uint8, tile=(TILE, TILE), photometric="rgb",
-                        compression="jpeg", compressionargs={"level": JPEG_QUALITY}, subsampling=JPEG_SUBSAMPLING,
-                        maxworkers=JPEG_WORKERS, buffersize=ENCODE_BATCH * TILE * TILE * 3,
-                        subfiletype=1 if i else 0, metadata=None,
+                        encoded(tiles_of(ahead, w), encode), shape=(h, w, 3), dtype=np.uint8, tile=(TILE, TILE),
+                        photometric="rgb", compression="jpeg", compressionargs={"level": JPEG_QUALITY},
+                        subsampling=JPEG_SUBSAMPLING, subfiletype=1 if i else 0, metadata=None,
                         description=f"{name}; {mpp:g} um/px at level 0; {RESEARCH_USE_NOTICE}" if i == 0 else None,
                         resolution=(per_cm, per_cm) if per_cm else None,
                         resolutionunit="CENTIMETER" if per_cm else None)

@@ -169,6 +169,60 @@ def test_write_pyramid_keeps_a_fractional_mpp_and_three_levels_for_a_small_mosai
     assert JPEG_QUALITY >= 85
 
 
+def test_the_pyramid_tiles_are_the_bytes_tifffiles_own_jpeg_path_writes(tmp_path):
+    """The pyramid encodes its tiles itself, on threads kept fed, and hands tifffile the bytes: every tile of
+    level 0 (edge tiles padded with glass) is byte for byte what tifffile's own JPEG path writes for the same
+    pixels and arguments, so readers see exactly the file they saw before."""
+    from appliance.pipeline.pyramid import GLASS, JPEG_SUBSAMPLING
+
+    case = tifffile.imread(DEMO_CASE)[:600, :700]
+    ours = tmp_path / "ours.tif"
+    bands = (case[y:y + BAND] for y in range(0, 600, BAND))
+    write_pyramid(ours, 700, 600, bands, 0.25, tmp_path, "ours")
+    padded = np.pad(case, ((0, -600 % PYRAMID_TILE), (0, -700 % PYRAMID_TILE), (0, 0)), constant_values=GLASS)
+    theirs = tmp_path / "theirs.tif"
+    tifffile.imwrite(theirs, padded, tile=(PYRAMID_TILE, PYRAMID_TILE), photometric="rgb", compression="jpeg",
+                     compressionargs={"level": JPEG_QUALITY}, subsampling=JPEG_SUBSAMPLING, metadata=None)
+
+    def tile_bytes(path):
+        with tifffile.TiffFile(path) as tif, open(path, "rb") as f:
+            page = tif.pages[0]
+            out = []
+            for offset, count in zip(page.dataoffsets, page.databytecounts):
+                f.seek(offset)
+                out.append(f.read(count))
+            return out
+
+    ours_tiles, their_tiles = tile_bytes(ours), tile_bytes(theirs)
+    assert len(ours_tiles) == 3 * 3 and ours_tiles == their_tiles
+
+
+def test_encoded_keeps_the_order_and_passes_an_encoders_error_on():
+    """The tiles come back in the order they went in, whatever thread finished first; an error in one
+    encoding reaches the writer."""
+    import random
+    import time
+
+    from appliance.pipeline.pyramid import encoded
+
+    def slow_square(n):
+        time.sleep(random.random() / 1000)
+        return n * n
+
+    assert list(encoded(range(200), slow_square, workers=3, ahead=7)) == [n * n for n in range(200)]
+
+    def fails_at_5(n):
+        if n == 5:
+            raise ValueError("tile 5 could not be encoded")
+        return n
+
+    got = []
+    with pytest.raises(ValueError, match="tile 5"):
+        for value in encoded(range(50), fails_at_5, workers=2, ahead=4):
+            got.append(value)
+    assert got == [0, 1, 2, 3, 4]
+
+
 def test_the_case_files_are_the_same_written_side_by_side_or_one_at_a_time(ov_engine, tmp_path, monkeypatch):
     """The files are written on a pool and the pyramid's tiles encoded on threads: every file comes out
     byte for byte as written on one thread, so every level's pixels are too (summary.json but its timings)."""
