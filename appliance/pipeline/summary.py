@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
+from typing_extensions import NotRequired, TypedDict
 
 from appliance.terms import CaseRule, ThresholdSource, Verdict
 
@@ -20,13 +21,18 @@ class ReasonOut(_Closed):
     message: str
 
 
-class PatchOut(_Closed):
+# A TypedDict, not a model: pydantic checks a case's 87,000 patches in its core without making an object of
+# each (R1: 0.05 s instead of 0.15 s, with the same checks: the types, no key missing, no extra key).
+class PatchOut(TypedDict):
+    """One scored patch."""
+
+    __pydantic_config__ = ConfigDict(extra="forbid")  # type: ignore[misc]
     x: int
     y: int
     w: int
     h: int
     probability: float  # refined by the context stage when the model has one
-    first_stage: float | None = None  # the patch classifier's own probability, beside the refined one
+    first_stage: NotRequired[float | None]  # the patch classifier's own probability, beside the refined one
 
 
 class SkippedOut(_Closed):

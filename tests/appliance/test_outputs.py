@@ -303,3 +303,26 @@ def test_regions_measure_each_region_under_measurements():
     assert by_cells[12]["max_probability"] == 0.95
     assert by_cells[12]["mean_probability"] == pytest.approx((11 * 0.6 + 0.95) / 12, abs=1e-4)
     assert feats[0]["id"] != feats[1]["id"]
+
+
+@pytest.mark.parametrize("change", [
+    {"probability": "high"}, {"x": "12a"}, {"colour": "red"}, None,  # None: the patch's probability is removed
+])
+def test_summary_validation_refuses_a_malformed_patch(demo_out, change):
+    """summary.json's patches are checked in pydantic's core (a TypedDict): a wrong type, an unknown key or a
+    missing probability is refused, on one patch among hundreds, as the models did."""
+    from pydantic import ValidationError
+
+    from appliance.pipeline.summary import validated
+
+    _, _, summary = demo_out
+    summary = {k: v for k, v in summary.items() if k not in ("case_id", "outputs")}
+    assert validated(summary) is summary
+    patches = [dict(p) for p in summary["patches"]]
+    i = len(patches) // 2
+    if change is None:
+        del patches[i]["probability"]
+    else:
+        patches[i].update(change)
+    with pytest.raises(ValidationError, match=f"patches.{i}"):
+        validated(dict(summary, patches=patches))
