@@ -128,7 +128,8 @@ def _hl7_time(iso: str | None) -> str:
 
 
 def _segment(name: str, fields: dict[int, str]) -> str:
-    """One segment from its non-empty fields by number (MSH's numbering: field 1 is the separator)."""
+    """One segment from its fields by number (field 1 follows the segment's name); the others are empty.
+    Not for MSH, whose field 1 is the separator itself."""
     values = [fields.get(i, "") for i in range(1, max(fields) + 1)]
     return "|".join([name, *values])
 
