@@ -152,3 +152,35 @@ def test_history_filters_by_call_and_searches_then_opens_a_card(api_url):
             return everything, filtered, searched, app.screen.case_id
 
     assert asyncio.run(scenario()) == (2, 1, "SNAP-1", "SNAP-1")
+
+
+def test_the_card_shows_the_accession_when_the_case_has_one(tmp_path):
+    """The lab's accession number is on the verdict card beside the specimen when the case has one (and the
+    snapshots above, without one, are unchanged)."""
+    import asyncio
+
+    from textual.widgets import Static
+
+    from appliance.config import load_settings
+    from tests.conftest import MODEL_DIR
+    from tests.results import MODEL, a_result
+
+    settings = load_settings(None, data_dir=tmp_path / "var", model_dir=MODEL_DIR, api_port=0)
+    store = open_store(settings.db_path)
+    store.case_started("ACC-1", specimen_id="S-2026-0050", accession="S26-00042", model=MODEL)
+    store.case_finished("ACC-1", a_result("suspicious", 0.91))
+    server = ApiServer(create_app(settings, store, status=lambda: LIVE), "127.0.0.1", 0)
+    server.start()
+
+    async def scenario():
+        app = app_for((f"http://127.0.0.1:{server.port}", settings))
+        async with app.run_test(size=(120, 40)) as pilot:
+            await open_card(pilot, "ACC-1")
+            return str(app.screen.query_one("#facts", Static).content)
+
+    try:
+        facts = asyncio.run(scenario())
+    finally:
+        server.stop()
+        store.close()
+    assert "specimen S-2026-0050   accession S26-00042   status done" in facts
