@@ -20,6 +20,7 @@ from firmware_bridge.faults import BitFlipFaults, Faults
 from firmware_bridge.frames import DELIMITER, MAX_PAYLOAD, PROTOCOL_VERSION, UNKNOWN_SEQ
 from firmware_bridge.messages import (
     ENCODING_CAPABILITY,
+    EVERY_CAPABILITY,
     Ack,
     CaseBegin,
     CaseEnd,
@@ -63,9 +64,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 HELLO_RETRY_INITIAL = 0.05  # after a reconnect HELLO is resent this soon, doubling to ack_timeout
-SCANNER_CAPABILITIES = (
-    Capability.ZLIB | Capability.PNG | Capability.JPEG | Capability.HEARTBEAT | Capability.RESUME | Capability.ACCESSION
-)
+SCANNER_CAPABILITIES = EVERY_CAPABILITY
 
 
 class ScannerEmulator:

@@ -26,6 +26,7 @@ from firmware_bridge.pixels import CHANNELS, TileEncoding, decode_pixels
 __all__ = [
     "ALL_MESSAGES",
     "ENCODING_CAPABILITY",
+    "EVERY_CAPABILITY",
     "Ack",
     "CaseBegin",
     "CaseEnd",
@@ -78,6 +79,10 @@ class Capability(IntFlag):
     RESUME = 1 << 3  # a host with it resumes an open case on a repeated identical CASE_BEGIN
     JPEG = 1 << 4
     ACCESSION = 1 << 5  # understands CASE_BEGIN's accession field (revision 1.3)
+
+
+# What the reference scanner and host both announce: every feature this revision defines.
+EVERY_CAPABILITY = Capability(sum(Capability))
 
 
 ENCODING_CAPABILITY = {

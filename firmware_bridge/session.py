@@ -21,8 +21,8 @@ from firmware_bridge.errors import (
 )
 from firmware_bridge.frames import DELIMITER, MAX_PAYLOAD, PROTOCOL_VERSION, UNKNOWN_SEQ, Frame, FrameReader
 from firmware_bridge.messages import (
-    Ack, CaseBegin, CaseEnd, Capability, ErrorCode, ErrorMessage, Heartbeat, Hello, Message, Nack, NackReason, Role,
-    Tile, clip_text, decode_tile_pixels, message_from_frame, message_to_frame,
+    EVERY_CAPABILITY, Ack, CaseBegin, CaseEnd, Capability, ErrorCode, ErrorMessage, Heartbeat, Hello, Message, Nack,
+    NackReason, Role, Tile, clip_text, decode_tile_pixels, message_from_frame, message_to_frame,
 )
 from firmware_bridge.pixels import CHANNELS
 from firmware_bridge.sink import CaseInfo, CaseRefused, LinkEventSink, TileReceived, TileSink
@@ -32,9 +32,7 @@ __all__ = ["EVENT_INTERVAL", "HOST_CAPABILITIES", "SILENCE_FACTOR", "Answer", "H
 
 log = logging.getLogger(__name__)
 
-HOST_CAPABILITIES = (
-    Capability.ZLIB | Capability.PNG | Capability.JPEG | Capability.HEARTBEAT | Capability.RESUME | Capability.ACCESSION
-)
+HOST_CAPABILITIES = EVERY_CAPABILITY
 SILENCE_FACTOR = 3.0  # a scanner is "down" after this many of its heartbeat intervals without a frame
 EVENT_INTERVAL = 1.0  # seconds between two reports of the same noisy event (crc-error, duplicate)
 

@@ -44,10 +44,13 @@ class Addressing:
 
     @classmethod
     def of_settings(cls, settings) -> "Addressing":
-        return cls(settings.lis_sending_application, settings.lis_sending_facility,
-                   settings.lis_receiving_application, settings.lis_receiving_facility,
-                   settings.lis_fhir_system_base, settings.lis_fhir_accession_system,
-                   settings.lis_fhir_specimen_system)
+        return cls(sending_application=settings.lis_sending_application,
+                   sending_facility=settings.lis_sending_facility,
+                   receiving_application=settings.lis_receiving_application,
+                   receiving_facility=settings.lis_receiving_facility,
+                   system_base=settings.lis_fhir_system_base,
+                   accession_system=settings.lis_fhir_accession_system,
+                   specimen_system=settings.lis_fhir_specimen_system)
 
     def system(self, kind: str) -> str:
         """The identifier or code system of ``kind``: message-id, case-id, accession, specimen-id or
