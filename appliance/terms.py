@@ -79,6 +79,8 @@ class ReasonCode(StrEnum):
     OUT_OF_FOCUS = "out-of-focus"
     OVER_EXPOSED = "over-exposed"
     STAIN_OUT_OF_RANGE = "stain-out-of-range"
+    STAIN_NOT_ASSESSABLE = "stain-not-assessable"  # tissue, but its stain could not be measured: fail closed
+    OUT_OF_DISTRIBUTION = "out-of-distribution"  # unlike the cases the model was validated on (its own features)
     ABANDONED = "abandoned"  # the scanner went silent mid-case
     FAILED = "failed"  # the call could not be made or stored
 

@@ -12,6 +12,7 @@ import numpy as np
 
 from appliance.errors import EngineError, EngineUnavailableError
 from appliance.model.manifest import ModelManifest, read_manifest, read_verified
+from appliance.model.ood import OodReference
 from appliance.model.ref import ModelRef
 from appliance.terms import EngineName
 
@@ -45,7 +46,8 @@ class LatencyHistogram:
 
 
 class Engine(ABC):
-    """Scores a batch of uint8 RGB patches (N, H, W, 3) and returns one probability per patch."""
+    """Scores a batch of uint8 RGB patches (N, H, W, 3) and returns one probability per patch (``score``: and,
+    for a model with an out-of-distribution reference, each patch's distance from the development patches)."""
 
     backend: str
 
@@ -53,15 +55,47 @@ class Engine(ABC):
         self.model_dir = Path(model_dir)
         self.manifest = manifest
         self.latency = LatencyHistogram()
+        self.ood_reference: OodReference | None = None
+        if manifest.ood is not None:
+            data = read_verified(model_dir, manifest.ood.file, manifest)
+            self.ood_reference = OodReference.from_bytes(data, source=str(self.model_dir / manifest.ood.file))
+
+    @property
+    def has_ood(self) -> bool:
+        return self.ood_reference is not None
+
+    def score(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(probabilities (N,), OOD distances (N,) or None for a model without the gate)."""
+        if not self.has_ood:
+            return self.infer(batch), None
+        self._check_batch(batch)
+        if len(batch) == 0:
+            return np.zeros(0, dtype=np.float32), np.zeros(0, dtype=np.float32)
+        probs, features = self._infer_features(np.ascontiguousarray(batch))
+        return self._checked_probs(probs, len(batch)), self._distances(features, len(batch))
+
+    def _distances(self, features: np.ndarray, n: int) -> np.ndarray:
+        ref = self.ood_reference
+        if features.shape != (n, ref.features):
+            raise EngineError(f"{self.backend}: the model's features have shape {features.shape}, its OOD reference "
+                              f"expects ({n}, {ref.features})")
+        return ref.distances(features)
+
+    def _checked_probs(self, probs, n: int) -> np.ndarray:
+        probs = np.asarray(probs, dtype=np.float32).reshape(n, -1)
+        if probs.shape[1] != 1:
+            raise EngineError(f"{self.backend}: model output has shape {probs.shape}, expected (N, 1)")
+        return probs[:, 0]
+
+    def _infer_features(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(probabilities, the members' pooled features concatenated (N, F)); only with an OOD reference."""
+        raise NotImplementedError
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         self._check_batch(batch)
         if len(batch) == 0:
             return np.zeros(0, dtype=np.float32)
-        probs = np.asarray(self._infer(np.ascontiguousarray(batch)), dtype=np.float32).reshape(len(batch), -1)
-        if probs.shape[1] != 1:
-            raise EngineError(f"{self.backend}: model output has shape {probs.shape}, expected (N, 1)")
-        return probs[:, 0]
+        return self._checked_probs(self._infer(np.ascontiguousarray(batch)), len(batch))
 
     @abstractmethod
     def _infer(self, batch: np.ndarray) -> np.ndarray: ...
@@ -151,6 +185,8 @@ class OpenVINOEngine(Engine):
         try:
             core = ov.Core()
             model = core.read_model(model=xml, weights=ov.Tensor(np.frombuffer(weights, dtype=np.uint8)))
+            if manifest.ood is not None:  # the pooled features as extra outputs: the same graph, nothing recomputed
+                model.add_outputs(manifest.ood.features)
             self._compiled = core.compile_model(model, "CPU", config)
         except RuntimeError as exc:
             raise EngineError(f"OpenVINO could not load {self.model_dir / manifest.files.openvino}: {exc}") from None
@@ -185,6 +221,29 @@ class OpenVINOEngine(Engine):
                 req.wait()
                 out.append(req.get_output_tensor(0).data.copy().reshape(-1))
         return np.concatenate(out)
+
+    def _infer_features(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        chunks = [batch[i : i + self.CHUNK] for i in range(0, len(batch), self.CHUNK)]
+        probs, features = [], []
+        for start in range(0, len(chunks), self.jobs):
+            group = list(zip(self._requests, chunks[start : start + self.jobs]))
+            for req, chunk in group:
+                req.start_async({0: chunk})
+            for req, _ in group:
+                req.wait()
+                p, f = self.outputs_of(req)
+                probs.append(p)
+                features.append(f)
+        return np.concatenate(probs), np.concatenate(features)
+
+    def outputs_of(self, req) -> tuple[np.ndarray, np.ndarray | None]:
+        """A finished request's probabilities and, with an OOD reference, its features (N, F), as copies."""
+        probs = np.array(req.get_output_tensor(0).data, dtype=np.float32).reshape(-1)
+        if self.ood_reference is None:
+            return probs, None
+        n_out = len(self._compiled.outputs)
+        return probs, np.concatenate([np.asarray(req.get_output_tensor(i).data, dtype=np.float32).reshape(len(probs), -1)
+                                      for i in range(1, n_out)], axis=1)
 
     def _refine(self, grid: np.ndarray) -> np.ndarray:
         return self._context({0: grid})[0]
@@ -232,7 +291,15 @@ class OnnxRuntimeEngine(Engine):
         data = read_verified(model_dir, manifest.files.onnx, manifest)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
+        self._outputs: list[str] | None = None
         try:
+            if manifest.ood is not None:  # the pooled features as extra graph outputs
+                import onnx
+
+                graph = onnx.load_from_string(data)
+                self._outputs = [graph.graph.output[0].name, *manifest.ood.features]
+                graph.graph.output.extend(onnx.ValueInfoProto(name=name) for name in manifest.ood.features)
+                data = graph.SerializeToString()
             self._session = ort.InferenceSession(data, sess_options=opts, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own untyped errors; name the file and stop.
             raise EngineError(f"ONNX Runtime could not load {self.model_dir / manifest.files.onnx}: {exc}") from None
@@ -253,6 +320,10 @@ class OnnxRuntimeEngine(Engine):
 
     def _infer(self, batch: np.ndarray) -> np.ndarray:
         return self._session.run(None, {self._input: batch})[0]
+
+    def _infer_features(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        probs, *features = self._session.run(self._outputs, {self._input: batch})
+        return probs, np.concatenate([f.reshape(len(batch), -1) for f in features], axis=1)
 
     def _load_cam(self) -> None:
         """The same verified model giving its last feature maps (added as graph outputs), and the head."""
@@ -302,26 +373,28 @@ def load_engine(model_dir: Path, backend: str = EngineName.OPENVINO, **options) 
     return ENGINES[EngineName(backend)](model_dir, read_manifest(model_dir), **options)
 
 
+Scored = tuple[object, np.ndarray, "np.ndarray | None"]  # (tag, probabilities, OOD distances or None)
+
+
 class Scorer:
-    """Synchronous scorer: ``submit`` scores at once; ``done`` hands back (tag, probabilities) in order."""
+    """Synchronous scorer: ``submit`` scores at once; ``done`` hands back (tag, probabilities, OOD distances or
+    None) in order."""
 
     def __init__(self, engine: Engine):
         self.engine = engine
-        self._done: list[tuple[object, np.ndarray]] = []
+        self._done: list[Scored] = []
 
     def submit(self, batch: np.ndarray, tag: object) -> None:
-        import time
-
         t0 = time.perf_counter()
-        self._done.append((tag, self.engine.infer(batch)))
+        self._done.append((tag, *self.engine.score(batch)))
         self.engine.latency.observe(time.perf_counter() - t0)
 
-    def done(self) -> list[tuple[object, np.ndarray]]:
+    def done(self) -> list[Scored]:
         """Results finished so far (each returned once)."""
         out, self._done = self._done, []
         return out
 
-    def wait(self) -> list[tuple[object, np.ndarray]]:
+    def wait(self) -> list[Scored]:
         """Block until everything submitted is scored; returns the results not yet handed back."""
         return self.done()
 
@@ -345,10 +418,11 @@ class AsyncScorer(Scorer):
     def _harvest(self, req, tag) -> None:
         self.engine.latency.observe(time.perf_counter() - self._started.pop(id(req), time.perf_counter()))
         try:
-            probs = np.array(req.get_output_tensor(0).data, dtype=np.float32).reshape(-1)
+            probs, features = self.engine.outputs_of(req)
         except RuntimeError as exc:
             raise EngineError(f"openvino: asynchronous inference failed: {exc}") from None
-        self._done.append((tag, probs))
+        distances = None if features is None else self.engine._distances(features, len(probs))
+        self._done.append((tag, probs, distances))
         self._idle.append(req)
 
     def submit(self, batch: np.ndarray, tag: object) -> None:
@@ -362,13 +436,13 @@ class AsyncScorer(Scorer):
         req.start_async({0: np.ascontiguousarray(batch)})
         self._busy.append((req, tag))
 
-    def done(self) -> list[tuple[object, np.ndarray]]:
+    def done(self) -> list[Scored]:
         while self._busy and self._busy[0][0].wait_for(0):
             req, tag = self._busy.popleft()
             self._harvest(req, tag)
         return super().done()
 
-    def wait(self) -> list[tuple[object, np.ndarray]]:
+    def wait(self) -> list[Scored]:
         while self._busy:
             req, tag = self._busy.popleft()
             req.wait()

@@ -168,6 +168,22 @@ class CamSpec(_Strict):
         return self.openvino, self.openvino_weights, self.onnx
 
 
+class OodSpec(_Strict):
+    """The out-of-distribution gate (appliance.model.ood): the first stage's pooled penultimate features, one
+    tensor per ensemble member (``features``: names in the first stage, added as outputs at load), their
+    development reference (``file``: mean and principal directions, hashed like every model file) and the case
+    score beyond which the case is refused (``max_score``, set by models/tools/calibrate_gates.py)."""
+
+    features: list[str] = Field(min_length=1)
+    file: str
+    max_score: float = Field(gt=0)
+    rule: str = ""
+
+    @property
+    def file_names(self) -> tuple[str]:
+        return (self.file,)
+
+
 class ModelManifest(_Strict):
     schema_version: Literal[1]
     name: str
@@ -188,6 +204,7 @@ class ModelManifest(_Strict):
     # 5th/50th/95th percentiles and the cannot-call counts by reason; None: no development reference
     drift: dict | None = None
     cam: CamSpec | None = None  # None: the model draws no class-activation maps
+    ood: OodSpec | None = None  # None: no out-of-distribution gate (the stain and image QC still apply)
 
     @model_validator(mode="after")
     def _every_file_hashed(self) -> "ModelManifest":
@@ -196,6 +213,8 @@ class ModelManifest(_Strict):
             listed += self.context.file_names
         if self.cam is not None:
             listed += self.cam.file_names
+        if self.ood is not None:
+            listed += self.ood.file_names
         for f in listed:
             if f not in self.sha256:
                 raise ValueError(f"the manifest lists {f!r} but sha256 has no entry for it")

@@ -88,6 +88,17 @@ def is_early_positive(*, qc_clean: bool, patches: int, min_patches: int, mil_ful
     return qc_clean and patches >= min_patches and mil_full and score >= threshold
 
 
+def ood_reasons(score: float | None, limit: float | None) -> list[Reason]:
+    """The out-of-distribution gate: a case whose score passes the model's limit cannot be called."""
+    if score is None or limit is None or score <= limit:
+        return []
+    return [Reason(ReasonCode.OUT_OF_DISTRIBUTION,
+                   f"Unlike the cases the model was validated on: its own reading of this tissue scores {score:.2f} "
+                   f"against a limit of {limit:.2f} (development cases read about 1). Check the stain, the "
+                   f"section and the scanner's colour settings, and rescan; if it persists, read the case "
+                   f"without the appliance.")]
+
+
 def cannot_call_reasons(*, tiles: int, patches_scored: int, patches_seen: int, qc_reasons: list[Reason],
                         min_patches: int) -> list[Reason]:
     """Why the case cannot be called (empty when it can): no tiles, no tissue, QC findings, too little tissue."""

@@ -40,11 +40,25 @@ class QcLimits:
     # build); this default is only for a model without one. Sparse development patients (~100 patches)
     # spread further than whole slides because the fit is noisy on few pixels, hence the pixel minimum.
     max_stain_angle: float = 15.0
-    # The stain is first judged once the sample holds stain_min_pixels stained tissue pixels. The sample
-    # keeps at most stain_sample_max: a fit on it costs about 6 ms, on the path to every verdict.
-    stain_min_pixels: int = 50_000
+    # The stain is judged progressively, first once stain_first_judgement stained tissue pixels have gone into
+    # the sample, then each time that count doubles, and always on the whole case when it ends. The sample keeps
+    # at most stain_sample_max: a fit on it costs about 6 ms, on the path to every verdict.
+    stain_first_judgement: int = 50_000
     stain_sample_per_tile: int = 10_000
     stain_sample_max: int = 100_000
+    # When the stain cannot be assessed, a case with tissue is refused (fail closed), never called:
+    # - fewer stained pixels than stain_min_pixels in the whole case's fit. A case of min_patches (15) patches
+    #   at the QC's half resolution offers about 9,000 tissue pixels, a third or more of them stained on every
+    #   development slide. Fitted on 2,000 of a complete development slide's stained pixels drawn at random, H
+    #   and E lie within 1.5 deg of the whole slide's fit (95th percentile of 20 draws, median of 27 slides;
+    #   within 10 deg on the worst slide; 5,000 pixels: 1.0 and 5.8 deg).
+    stain_min_pixels: int = 2_000
+    # - fewer than this fraction of the tissue pixels stained (optical density >= BETA in every channel): a
+    #   stain too pale, or too far off, to be measured (development slides: 0.33 and more)
+    stain_min_stained_fraction: float = 0.10
+    # - fits of the same case that disagree: an earlier fit (on the tiles up to it) further than this from the
+    #   whole case's fit, in H or E (the stain changed during the scan, or the fit is unstable)
+    stain_max_disagreement: float = 10.0
 
 
 def limits_for(manifest, base: QcLimits | None = None) -> QcLimits:
@@ -109,6 +123,7 @@ class StainSample:
         self._chunks: list[np.ndarray] = []
         self.size = 0  # pixels in the sample now
         self.taken = 0  # pixels ever put in (never falls: the judgement points count these)
+        self.offered = 0  # tissue pixels ever offered, stained or not
 
     def add(self, pixels: np.ndarray, tissue: np.ndarray) -> None:
         """One tile: its pixels, (m, 3) uint8 in raster order, and the indices of the tissue ones among them
@@ -118,6 +133,7 @@ class StainSample:
             return
         take = min(self.per_tile, n)
         od = stained_od(take_rows(pixels, tissue[(np.arange(take, dtype=np.int64) * n) // take]))
+        self.offered += take
         self._chunks.append(od)
         self.size += len(od)
         self.taken += len(od)
@@ -136,8 +152,9 @@ class CaseQc:
 
     Everything here is a function of the tile sequence only (never of how far inference has got), so the
     QC of tiles 1..N is the same in every run. The stain is judged progressively, each time on the whole
-    sample of the tiles so far (``StainSample``): first once ``stain_min_pixels`` stained pixels have gone
-    into the sample, then each time that count doubles; ``finish`` judges it on the whole case.
+    sample of the tiles so far (``StainSample``): first once ``stain_first_judgement`` stained pixels have gone
+    into the sample, then each time that count doubles; ``finish`` judges it on the whole case. A finished case
+    with tissue whose stain cannot be assessed is refused (``stain_problem``): the QC fails closed.
     """
 
     limits: QcLimits = field(default_factory=QcLimits)
@@ -153,6 +170,8 @@ class CaseQc:
     stain_judged_at_tiles: int | None = None  # tiles 1..N the latest stain fit was made on
     first_fit: StainFit | None = None  # the first judgement's fit (a normalising model's map comes from it)
     fits: int = 0
+    fit_history: list[StainFit | None] = field(default_factory=list)  # every fit, in order (None: failed)
+    finished: bool = False
     focus_values: list[float] = field(default_factory=list)  # every focus-checked patch's Laplacian variance
     sample: StainSample = field(init=False)
     _next_judgement: int = field(init=False)
@@ -160,7 +179,7 @@ class CaseQc:
 
     def __post_init__(self) -> None:
         self.sample = StainSample(self.limits.stain_sample_per_tile, self.limits.stain_sample_max)
-        self._next_judgement = self.limits.stain_min_pixels
+        self._next_judgement = self.limits.stain_first_judgement
 
     def add_tile(self, sub: np.ndarray, mask: np.ndarray) -> None:
         """One tile, subsampled, and its tissue mask (same shape): exposure, blank, stain sample; judges the
@@ -195,6 +214,7 @@ class CaseQc:
         self._angles = None if self.stain is None or self.reference is None else (
             angle_degrees(self.stain.he[:, 0], self.reference.he[:, 0]),
             angle_degrees(self.stain.he[:, 1], self.reference.he[:, 1]))
+        self.fit_history.append(self.stain)
         if self.fits == 1:
             self.first_fit = self.stain
         return self.stain
@@ -203,6 +223,7 @@ class CaseQc:
         """Judge the stain on the whole case (unless the last judgement already covered every tile)."""
         if self.tissue_pixels and self.stain_judged_at_tiles != self.tiles:
             self.fit_stain()
+        self.finished = True
 
     @property
     def blurred_fraction(self) -> float:
@@ -218,14 +239,50 @@ class CaseQc:
         return self.clipped_pixels / self.tissue_pixels if self.tissue_pixels else 0.0
 
     @property
+    def stained_fraction(self) -> float:
+        """Of the tissue pixels offered to the stain sample, the fraction stained in every channel."""
+        return self.sample.taken / self.sample.offered if self.sample.offered else 0.0
+
+    @property
     def stain_assessed(self) -> bool:
-        """The latest fit had enough stained pixels to judge the stain on."""
-        return self.stain is not None and self.stain.pixels >= self.limits.stain_min_pixels
+        """The latest fit can be judged: it exists, on enough stained pixels, of a stain not too pale to measure."""
+        lim = self.limits
+        return (self.stain is not None and self.stain.pixels >= lim.stain_min_pixels
+                and self.stained_fraction >= lim.stain_min_stained_fraction)
 
     @property
     def stain_judged(self) -> bool:
         """Whether the stain of the tiles so far has been judged (always, for a model without a reference)."""
         return self.reference is None or self.stain_assessed
+
+    def fit_disagreement(self) -> float:
+        """The largest angle (deg) between an earlier fit's H or E vector and the latest fit's (0 with fewer
+        than two fits; an earlier fit that failed, on fewer tiles, is not held against the case)."""
+        last = self.stain
+        if last is None:
+            return 0.0
+        return max((max(angle_degrees(f.he[:, 0], last.he[:, 0]), angle_degrees(f.he[:, 1], last.he[:, 1]))
+                    for f in self.fit_history[:-1] if f is not None), default=0.0)
+
+    def stain_problem(self) -> str | None:
+        """Why the stain of a finished case with tissue cannot be assessed (None when it can, or when there is
+        nothing to judge: no reference, no tissue, not finished)."""
+        if self.reference is None or not self.finished or not self.tissue_pixels:
+            return None
+        lim = self.limits
+        if self.stain is None:
+            return f"the stain fit failed ({self.stain_error})"
+        if self.stained_fraction < lim.stain_min_stained_fraction:
+            return (f"only {self.stained_fraction:.0%} of the tissue pixels are stained enough to measure "
+                    f"(at least {lim.stain_min_stained_fraction:.0%} needed): the stain is too pale or unlike H&E")
+        if self.stain.pixels < lim.stain_min_pixels:
+            return (f"only {self.stain.pixels} stained pixels (at least {lim.stain_min_pixels} needed) to fit "
+                    f"the stains on")
+        angles = self._angles
+        if self.fit_disagreement() > lim.stain_max_disagreement and not (angles and max(angles) > lim.max_stain_angle):
+            return (f"the stain fits of this case disagree by {self.fit_disagreement():.0f} deg (limit "
+                    f"{lim.stain_max_disagreement:g} deg): the stain changed during the scan")
+        return None
 
     def stain_angles(self) -> tuple[float, float] | None:
         """The latest fit's H and E angles to the model's reference, in degrees (None without either)."""
@@ -241,12 +298,17 @@ class CaseQc:
             out.append(Reason(ReasonCode.OVER_EXPOSED, f"Rescan: {self.clipped_fraction:.0%} of tissue pixels are clipped "
                                               f"white (over-exposed; limit {lim.max_clipped_fraction:.0%}); "
                                               f"check the illumination."))
+        problem = self.stain_problem()
         angles = self.stain_angles()
-        if angles is not None and self.stain_assessed and max(angles) > lim.max_stain_angle:
+        if problem is None and angles is not None and self.stain_assessed and max(angles) > lim.max_stain_angle:
             out.append(Reason(ReasonCode.STAIN_OUT_OF_RANGE,
                               f"Check the staining: the case's stain colours differ from the expected H&E "
                               f"by {angles[0]:.0f} deg (haematoxylin) and {angles[1]:.0f} deg (eosin); "
                               f"limit {lim.max_stain_angle:g} deg."))
+        elif problem is not None:
+            out.append(Reason(ReasonCode.STAIN_NOT_ASSESSABLE,
+                              f"Check the staining and rescan: the stain could not be assessed, so the model's "
+                              f"reading cannot be trusted: {problem}."))
         return out
 
     def summary(self) -> dict:
@@ -264,6 +326,9 @@ class CaseQc:
             "stain_error": self.stain_error,
             "stain_angles_deg": [round(a, 1) for a in angles] if angles else None,
             "stain_assessed": self.stain_assessed,
+            "stain_problem": self.stain_problem(),
+            "stained_fraction": round(self.stained_fraction, 4),
+            "stain_fit_disagreement_deg": round(self.fit_disagreement(), 1),
             "stain_sample_pixels": self.sample.size,
             "stain_fits": self.fits,
             "saturation_threshold": SATURATION_THRESHOLD,

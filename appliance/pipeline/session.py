@@ -21,6 +21,7 @@ import numpy as np
 
 from appliance.durable import fsync_path
 from appliance.errors import InputError
+from appliance.model import ood
 from appliance.model.engine import Engine
 from appliance.pipeline import decision
 from appliance.pipeline.clock import StageClock
@@ -135,6 +136,7 @@ class TriageSession:
         self._checkpoints: deque[_Checkpoint] = deque()
         self._folded_pos: list[Positions] = []  # the folded batches' positions and first-stage probabilities
         self._folded_probs: list[np.ndarray] = []
+        self._folded_ood: list[np.ndarray] = []  # each folded patch's OOD distance (models with the gate)
         self._patches: list[PatchScore] = []  # the result's patches, once finished
         self._clock = StageClock()
         self._started = time.perf_counter()
@@ -255,11 +257,14 @@ class TriageSession:
     def _collect(self, results=None) -> None:
         """Fold finished batches, in the order they were submitted, into the MIL score and heatmap, and judge
         the early call at every tile whose patches are all folded."""
-        for batch_id, probs in (self.scorer.done() if results is None else results):
-            self._arrived[batch_id] = probs
+        for batch_id, probs, distances in (self.scorer.done() if results is None else results):
+            self._arrived[batch_id] = (probs, distances)
         while self._next_fold in self._arrived:
             batch_id, self._next_fold = self._next_fold, self._next_fold + 1
-            self._fold(self._inflight.pop(batch_id), self._arrived.pop(batch_id))
+            probs, distances = self._arrived.pop(batch_id)
+            if distances is not None:
+                self._folded_ood.append(distances)
+            self._fold(self._inflight.pop(batch_id), probs)
         self._judge_checkpoints()
         self._clock.lap("aggregation")
 
@@ -327,8 +332,11 @@ class TriageSession:
         early_score = self.score
         score = decision.final_score(self.case_rule, self.top_k, early_score,
                                      None if refined is None else refined.tolist())
+        ood_score = self.ood_score
         reasons = decision.cannot_call_reasons(tiles=self.tiles, patches_scored=self._folded,
-                                               patches_seen=self.patches_seen, qc_reasons=self.qc.reasons(),
+                                               patches_seen=self.patches_seen,
+                                               qc_reasons=self.qc.reasons() + decision.ood_reasons(
+                                                   ood_score, self._ood_limit),
                                                min_patches=self.min_patches)
         verdict, reasons, warnings = decision.make_call(early_positive=self.early_positive, reasons=reasons,
                                                         score=score, threshold=self.threshold)
@@ -358,7 +366,7 @@ class TriageSession:
             threshold_source=self.thresholds.source,
             site_accepted_at=self.thresholds.site_accepted_at,
             site_report_sha256=self.thresholds.site_report_sha256,
-            qc=self.qc.summary(),
+            qc={**self.qc.summary(), "ood_score": ood_score, "ood_max_score": self._ood_limit},
             measures=self._measures(),
             warnings=warnings,
             microns_per_pixel=self.mpp,
@@ -375,6 +383,17 @@ class TriageSession:
             return [PatchScore(*c) for c in zip(*columns, first[order].tolist())]
         return [PatchScore(*c) for c in zip(*columns, refined[order].tolist(), first[order].tolist())]
 
+    @property
+    def _ood_limit(self) -> float | None:
+        spec = self.engine.manifest.ood
+        return spec.max_score if spec is not None and self.engine.has_ood else None
+
+    @property
+    def ood_score(self) -> float | None:
+        """The case's out-of-distribution score so far (the median of its scored patches' distances; None for a
+        model without the gate, or before any patch is scored)."""
+        return ood.case_score(np.concatenate(self._folded_ood)) if self._folded_ood else None
+
     def _measures(self) -> dict[str, float | None]:
         """What the drift watch follows for this case (appliance.site.drift). Tissue area counts each scored
         patch's stride x stride cell at the model's resolution (the patches tile the tissue)."""
@@ -383,7 +402,8 @@ class TriageSession:
         return {"stain_h_deg": round(angles[0], 2) if angles else None,
                 "stain_e_deg": round(angles[1], 2) if angles else None,
                 "focus": self.qc.focus_median,
-                "tissue_mm2": round(self._folded * cell_mm * cell_mm, 4)}
+                "tissue_mm2": round(self._folded * cell_mm * cell_mm, 4),
+                "ood": self.ood_score}
 
     def _refine(self, pos: Positions, first: np.ndarray) -> np.ndarray:
         """The context stage over the whole case grid: each patch's refined probability (the final rule's input

@@ -37,6 +37,10 @@ def write_card(out: Path):
     if manifest.get("context"):
         files += [manifest["context"]["openvino"], manifest["context"]["openvino_weights"],
                   manifest["context"]["onnx"]]
+    if manifest.get("cam"):  # added by build_cam.py after the build
+        files += [manifest["cam"]["onnx"], manifest["cam"]["openvino"], manifest["cam"]["openvino_weights"]]
+    if manifest.get("ood"):  # added by calibrate_gates.py after the build
+        files += [manifest["ood"]["file"]]
     manifest["sha256"] = {f: sha256(out / f) for f in files}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
 

@@ -4,6 +4,7 @@ an earlier recipe on the same folds (rendered from manifest.json by card.py)."""
 from __future__ import annotations
 
 from .card_decision import cores_section, drift_section, lab_shift_section, stain_section
+from .card_gates import gates_section
 from .card_text import fixed_or_na
 from .data import DEMO_PATIENT
 
@@ -52,7 +53,7 @@ the same probabilities):
 |---|---|---:|---:|---:|
 {chr(10).join(rows)}
 
-{_reserved_context(manifest)}{cores_section(manifest)}{stain_section(manifest)}{lab_shift_section(manifest)}{drift_section(manifest)}"""
+{_reserved_context(manifest)}{cores_section(manifest)}{stain_section(manifest)}{gates_section(manifest)}{lab_shift_section(manifest)}{drift_section(manifest)}"""
 
 
 def _reserved_context(manifest: dict) -> str:

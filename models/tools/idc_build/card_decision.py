@@ -107,9 +107,8 @@ from unturned in brackets:
 |---:|{'|'.join('---:' for _ in names)}|
 {curve_rows}
 
-Where each curve falls by more than {stain['max_auc_drop']}: {limits}. **Limit: {stain['limit_deg']} deg**
-(`stain.max_angle_deg`, from {stain.get('limit_from', 'own_fit')}): the appliance calls a case `stain-out-of-range`
-when its fitted H or E vector lies further than that from the reference.
+Where each curve falls by more than {stain['max_auc_drop']}: {limits} (turn degrees of each transform).
+{_limit_words(manifest, stain)}
 
 What the appliance's stain QC reads on the complete development slides under each transform (haematoxylin angle
 to the reference, median and range over the slides):
@@ -124,6 +123,16 @@ its nominal angle. Every development patient through the QC (each patch as a til
 {stain['development_patients_judged']} judged, worst angle {stain['development_worst_angle_deg']} deg, refused at the
 limit: {stain['development_patients_refused'] or 'none'}.
 """
+
+
+def _limit_words(manifest: dict, stain: dict) -> str:
+    if manifest["metrics"].get("shift_gates"):
+        return (f"The build's limit in turn degrees ({stain['limit_deg']} deg) is not the one in force: a turn is not "
+                f"what the QC reads, so the limit is now set in the QC's own reading over three shifts (next section, "
+                f"`stain.max_angle_deg` = {manifest['stain']['max_angle_deg']} deg).")
+    return (f"**Limit: {stain['limit_deg']} deg** (`stain.max_angle_deg`, from {stain.get('limit_from', 'own_fit')}): "
+            f"the appliance calls a case `stain-out-of-range` when its fitted H or E vector lies further than that "
+            f"from the reference.")
 
 
 def lab_shift_section(manifest: dict) -> str:

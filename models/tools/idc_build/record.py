@@ -17,7 +17,7 @@ from .network import ARCHITECTURE, TTA_MIN_GAIN
 from .split import K_FOLDS
 from .training import AUGMENTATIONS, BATCH_SIZE, EMA_DECAY, MAX_LR, WEIGHT_DECAY
 
-VERSION = "0.5.0"
+VERSION = "0.6.0"
 MIN_PATCHES = 15  # fewer tissue patches in a case: too little tissue to call (the top-15 rule's old minimum)
 
 

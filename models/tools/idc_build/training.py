@@ -24,6 +24,7 @@ ABLATION_VARIANTS = {
     "hedstrong": {"aug": "hedstrong"},
     "hsv": {"aug": "hsv"},  # the 0.3.0 recipe (no stain turn)
     "stainturn": {"aug": "stainturn"},  # the 0.4.0 recipe (no lab-shift augmentations)
+    "rjturn": {"aug": "rjturn"},
     "wide": {"width_mult": 1.5},
     "seed2": {"seed_offset": 1},
 }
@@ -39,6 +40,10 @@ AUGMENTATIONS = {
                  "haematoxylin and eosin concentrations on the build's stain reference (least squares, the "
                  "residual kept), the H vector turned in the H&E plane by U(-10, +40) deg (positive = away from "
                  "eosin), the E vector by U(-10, +30) deg (away from H), each strength scaled by exp(U(-0.25, 0.25))",
+    "rjturn": "as stainturn, then on half of the patches a second stain turn in an independent basis: the fixed "
+              "Ruifrok & Johnston H, E, DAB basis (not the build's reference), its H vector turned in its H&E plane by "
+              "U(-10, +40) deg away from eosin and its E vector by U(-10, +30) deg away from H, the stain "
+              "concentrations kept; then HED jitter (each concentration x(1+-0.05), +-0.05) on every patch",
     "labshift": "as stainturn, plus what differs between labs and scanners, each on half of the patches: scale "
                 "x0.8-1.2 (bilinear resampling about the centre, reflected edges), Gaussian blur sigma 0-1 px, "
                 "brightness +-0.08, contrast x0.8-1.25, gamma 0.8-1.25, and JPEG compression at quality 60-95 "
@@ -48,6 +53,7 @@ AUGMENTATIONS = {
 LAB_SHIFT = {"p": 0.5, "scale": (0.8, 1.2), "blur_sigma": (0.0, 1.0), "brightness": 0.08,
              "contrast": (0.8, 1.25), "gamma": (0.8, 1.25), "jpeg_quality": (60, 95)}
 STAIN_TURN = {"p": 0.9, "h_deg": (-10.0, 40.0), "e_deg": (-10.0, 30.0), "log_strength": 0.25}
+RJ_TURN = {"p": 0.5, "h_deg": (-10.0, 40.0), "e_deg": (-10.0, 30.0), "hed_sigma": 0.05}
 # Ruifrok & Johnston (as in skimage.color): rows are the OD of pure haematoxylin, eosin, DAB in R, G, B
 RGB_FROM_HED = [[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]]
 
@@ -124,6 +130,28 @@ def _stain_turn(x, u, he_ref):
     c = torch.einsum("dc,nchw->ndhw", torch.linalg.pinv(he), od)  # (n, 2, H, W) concentrations
     residual = od - torch.einsum("cd,ndhw->nchw", he, c)
     od = torch.einsum("ncd,ndhw->nchw", new, c) + residual
+    return ((256.0 * torch.exp(-od.clamp_min(0.0)) - 1.0) / 255.0).clamp_(0.0, 1.0)
+
+
+def _rj_turn(x, u):
+    """Re-colour half of the patches (float NCHW in [0,1]) by turning the fixed Ruifrok & Johnston basis's H and E
+    vectors (AUGMENTATIONS["rjturn"]): concentrations unmixed on that basis, recombined on the turned one."""
+    import torch
+
+    n = x.shape[0]
+    basis = torch.tensor(RGB_FROM_HED, dtype=torch.float32)
+    basis = basis / basis.norm(dim=1, keepdim=True)  # rows H, E, DAB (unit OD vectors)
+    st = RJ_TURN
+    h0, e0 = basis[0].expand(n, 3), basis[1].expand(n, 3)
+    h1 = _turn(h0, e0, torch.deg2rad(u(*st["h_deg"])))
+    e1 = _turn(e0, h0, torch.deg2rad(u(*st["e_deg"])))
+    new = basis.expand(n, 3, 3).clone()  # (n, stain, rgb)
+    turn = u(0.0, 1.0) < st["p"]
+    new[turn, 0] = h1[turn]
+    new[turn, 1] = e1[turn]
+    od = -torch.log((x * 255.0 + 1.0) / 256.0)  # N3HW
+    c = torch.einsum("nchw,cd->ndhw", od, torch.linalg.inv(basis))
+    od = torch.einsum("ndhw,ndc->nchw", c, new)
     return ((256.0 * torch.exp(-od.clamp_min(0.0)) - 1.0) / 255.0).clamp_(0.0, 1.0)
 
 
@@ -222,7 +250,7 @@ def augment(xb_u8, gen, kind: str = "hsv", stain_he=None):
 
     if kind == "labshift":
         x = _lab_shift_geometry(x, u, pick)
-    if kind in ("hsv", "hed", "hedstrong", "stainturn", "labshift"):
+    if kind in ("hsv", "hed", "hedstrong", "stainturn", "rjturn", "labshift"):
         h, s, v = _rgb_to_hsv(x)
         h = torch.remainder(h + u(-0.04, 0.04, 1, 1), 1.0)
         s = (s * u(0.75, 1.25, 1, 1)).clamp_(0.0, 1.0)
@@ -232,8 +260,10 @@ def augment(xb_u8, gen, kind: str = "hsv", stain_he=None):
         x = x * u(0.9, 1.1, 1, 1, 1)
     if kind in ("hed", "hedstrong"):
         x = _hed_jitter(x, u, 0.05 if kind == "hed" else 0.2)
-    if kind in ("stainturn", "labshift"):
+    if kind in ("stainturn", "rjturn", "labshift"):
         x = _stain_turn(x, u, stain_he)
+    if kind == "rjturn":
+        x = _hed_jitter(_rj_turn(x, u), u, RJ_TURN["hed_sigma"])
     m = x.mean(dim=(1, 2, 3), keepdim=True)
     x = ((x - m) * u(0.9, 1.1, 1, 1, 1) + m).clamp_(0.0, 1.0)
     if kind == "labshift":
