@@ -69,6 +69,7 @@ test-power: $(VENV)/.installed test-tools
 
 model: $(TRAIN_VENV)/.installed
 	$(TRAIN_VENV)/bin/python models/tools/build_idc_model.py --data $(DATA) --out models/idc-resnet
+	$(TRAIN_VENV)/bin/python models/tools/calibrate_gates.py --data $(DATA) --model-dir models/idc-resnet
 	$(TRAIN_VENV)/bin/python models/tools/drift_reference.py --data $(DATA) --model-dir models/idc-resnet
 	$(TRAIN_VENV)/bin/python models/tools/build_cam.py --model-dir models/idc-resnet
 

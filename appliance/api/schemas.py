@@ -65,7 +65,7 @@ class CasePublic(BaseModel):
     threshold_source: str | None = None  # whose threshold decided: model, or site (an accepted site point)
     site_accepted_at: str | None = None
     site_report_sha256: str | None = None
-    measures: dict | None = None  # what the drift watch follows: stain angles, focus, tissue area
+    measures: dict | None = None  # what the drift watch follows: stain angles, focus, tissue area, OOD score
     reasons: list[ReasonPublic] = []
     warnings: list[ReasonPublic] = []  # QC findings after an early call: reported, never dropped
     early_positive: bool | None = None

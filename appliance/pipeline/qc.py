@@ -270,11 +270,11 @@ class CaseQc:
         if self.reference is None or not self.finished or not self.tissue_pixels:
             return None
         lim = self.limits
-        if self.stain is None:
-            return f"the stain fit failed ({self.stain_error})"
         if self.stained_fraction < lim.stain_min_stained_fraction:
             return (f"only {self.stained_fraction:.0%} of the tissue pixels are stained enough to measure "
                     f"(at least {lim.stain_min_stained_fraction:.0%} needed): the stain is too pale or unlike H&E")
+        if self.stain is None:
+            return f"the stain fit failed ({self.stain_error})"
         if self.stain.pixels < lim.stain_min_pixels:
             return (f"only {self.stain.pixels} stained pixels (at least {lim.stain_min_pixels} needed) to fit "
                     f"the stains on")

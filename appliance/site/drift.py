@@ -5,7 +5,7 @@ The rule (DRIFT_RULE, also in the README):
 * The window is the last ``window`` finished cases (default 50), newest first; a measure is judged once at
   least MIN_CASES of them have a value for it.
 * Each followed measure (the case score of callable cases, the stain's haematoxylin and eosin angles to the
-  model's reference, focus, tissue area) drifts when the window's median is outside the reference's 5th-95th
+  model's reference, focus, tissue area, the model's out-of-distribution score) drifts when the window's median is outside the reference's 5th-95th
   percentile range. A median of 25+ cases like the reference's sits near its 50th percentile; a median outside
   the middle 90% of single cases means most recent cases moved.
 * Each cannot-call reason drifts when the window holds more of it than the reference's rate allows: a
@@ -27,9 +27,9 @@ WINDOW = 50
 MIN_CASES = 25
 ALPHA = 0.001
 RATE_FLOOR = 0.01
-MEASURES = ("score", "stain_h_deg", "stain_e_deg", "focus", "tissue_mm2")
+MEASURES = ("score", "stain_h_deg", "stain_e_deg", "focus", "tissue_mm2", "ood")
 DRIFT_RULE = (f"over the last {WINDOW} finished cases (judged from {MIN_CASES} on): a measure (case score of "
-              f"callable cases, stain angles, focus, tissue area) drifts when its median is outside the "
+              f"callable cases, stain angles, focus, tissue area, the model's out-of-distribution score) drifts when its median is outside the "
               f"reference's 5th-95th percentile range; a cannot-call reason drifts when its count is above the "
               f"reference rate (floored at {RATE_FLOOR:.0%}) by a one-sided binomial test at level {ALPHA}. "
               f"Reference: the accepted site validation, else the model's development cases.")

@@ -80,7 +80,7 @@ def main() -> None:
         measured.write_text(json.dumps({"curves": curves, "items": items, "reserved_ood": reserved}) + "\n")
 
     stain = stain_limit(curves, items)
-    ood_max = ood_limit(curves, items, stain["limit_deg"])
+    ood_max = ood_limit(curves, items)
     rows = outcomes(curves, items, stain["limit_deg"], ood_max)
     rules = rules_hold(rows)
     gates = {
@@ -103,7 +103,7 @@ def main() -> None:
         "features": names, "file": OOD_FILE, "max_score": ood_max,
         "rule": f"the median over a case's patches of their Mahalanobis distance to the development patches' pooled "
                 f"features ({OOD_COMPONENTS} principal components whitened plus the residual, divided by the feature "
-                f"count); the limit is the smallest score that, beside the QC, refuses at most 1 slide in 7 at every "
+                f"count); the limit is the smallest score that by itself refuses at most 1 slide in 7 at every "
                 f"shift and turn where the out-of-fold AUC holds within {HOLD} (models/tools/calibrate_gates.py)"}
     manifest["sha256"][OOD_FILE] = hashlib.sha256((model_dir / OOD_FILE).read_bytes()).hexdigest()
     manifest.setdefault("metrics", {})["shift_gates"] = gates

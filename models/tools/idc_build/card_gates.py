@@ -72,8 +72,8 @@ shift, the turn where its AUC first falls by more than {g['hold']}, and the medi
 {_disagreement(stain)}
 
 **Out-of-distribution score** (`ood.max_score` = **{g['ood_max_score']}**; {g['ood_components']} principal
-components, a typical development patch reads about 1): the smallest limit that, beside the QC, refuses at most
-1 slide in 7 wherever the AUC holds. Its ROC for "fell by more than {g['fall']}" ({roc['positives']} slide-turns)
+components, a typical development patch reads about 1): the smallest limit that by itself refuses at most 1 slide in
+7 wherever the AUC holds. Its ROC for "fell by more than {g['fall']}" ({roc['positives']} slide-turns)
 against "holds" ({roc['negatives']}): AUC **{roc['auc']}**{at_limit}. The reserved patients, which no member
 trained on, read: {reserved}. The shipped ensemble's features are those of a model that trained on two thirds of
 each development slide, so unseen cases may read somewhat higher than development ones.

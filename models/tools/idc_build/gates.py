@@ -71,8 +71,14 @@ def slide_qc(patches, reference) -> dict:
     qc.finish()
     angles = qc.stain_angles()
     problem = qc.stain_problem()
+    out_of_plane = None
+    if qc.stain is not None:  # how far the fitted H leaves the reference's H&E plane (in-plane turns stay in it)
+        normal = np.cross(reference.he[:, 0], reference.he[:, 1])
+        h = qc.stain.he[:, 0] / np.linalg.norm(qc.stain.he[:, 0])
+        out_of_plane = round(float(np.degrees(np.arcsin(min(1.0, abs(h @ normal) / np.linalg.norm(normal))))), 2)
     return {"reading": None if problem is not None or angles is None else round(max(angles), 2),
-            "h_deg": None if angles is None else round(angles[0], 2), "stain_problem": problem,
+            "h_deg": None if angles is None else round(angles[0], 2), "h_out_of_plane_deg": out_of_plane,
+            "stain_problem": problem,
             "other": sorted(r.code for r in qc.reasons()
                             if r.code not in (ReasonCode.STAIN_OUT_OF_RANGE, ReasonCode.STAIN_NOT_ASSESSABLE))}
 
@@ -176,20 +182,18 @@ def classes(curves) -> dict:
     return out
 
 
-def ood_limit(curves, items, stain_deg) -> float:
-    """The smallest OOD limit (4 decimals) that, beside the QC, refuses at most MAX_REFUSED_HOLDING of the
-    slides at every (shift, turn) where the AUC holds."""
+def ood_limit(curves, items) -> float:
+    """The smallest OOD limit (rounded up to 4 decimals) that by itself refuses at most MAX_REFUSED_HOLDING of
+    the slides at every (shift, turn) where the AUC holds: as tight as the budget for refusing readable slides
+    allows, whatever the other gates do."""
     cls = classes(curves)
-    candidates = sorted({i["ood"] for i in items if i["ood"] is not None})
     groups = {}
     for i in items:
         if cls[(i["shift"], i["turn_deg"])] == "holds":
-            groups.setdefault((i["shift"], i["turn_deg"]), []).append(i)
-    for limit in candidates:
-        if all(sum(refused_by_qc(i, stain_deg) is not None or i["ood"] > limit for i in g) <= MAX_REFUSED_HOLDING * len(g)
-               for g in groups.values()):
-            return float(np.ceil(limit * 1e4) / 1e4)
-    return float(candidates[-1])
+            groups.setdefault((i["shift"], i["turn_deg"]), []).append(i["ood"])
+    # per group, the smallest limit that leaves at most floor(n / 7) of its slides above it
+    need = [sorted(g)[len(g) - 1 - int(np.floor(MAX_REFUSED_HOLDING * len(g) + 1e-9))] for g in groups.values()]
+    return float(np.ceil(max(need) * 1e4) / 1e4)
 
 
 def roc(items, curves) -> dict:
