@@ -26,7 +26,7 @@ from idc_build.card import write_card
 from idc_build.dataset import load_data
 from idc_build.deciding import int8_members
 from idc_build.export import ov_predict
-from idc_build.gates import (FALL, HOLD, MAX_REFUSED_HOLDING, OOD_COMPONENTS, TURNS, measure, ood_limit, outcomes,
+from idc_build.gates import (FALL, HOLD, MAX_REFUSED_HOLDING, OOD_COMPONENTS, TURNS, feature_model, measure, ood_limit, outcomes,
                              pooled_feature_names, roc, rules_hold, shipped_features, stain_limit)
 from idc_build.log import log
 from idc_build.stainshift import patient_fits
@@ -58,10 +58,10 @@ def main() -> None:
         d = load_data(args.data, manifest["training"]["seed"])
         core = ov.Core()
         members = int8_members(work, core)
-        xml = model_dir / manifest["files"]["openvino"]
+        compiled = feature_model(core, model_dir / manifest["files"]["openvino"], names)
 
         def features_of(x):
-            return shipped_features(core, xml, names, x)
+            return shipped_features(compiled, names, x)
 
         dev_features = features_of(d.images[d.dev])
         reference = fit_reference(dev_features, OOD_COMPONENTS)

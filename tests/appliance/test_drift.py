@@ -19,14 +19,14 @@ from tests.conftest import MODEL_DIR
 MANIFEST = read_manifest(MODEL_DIR)
 
 
-def case(score=0.5, focus=5000.0, verdict="benign-appearing", reasons=()):
+def case(score=0.5, focus=5000.0, verdict="benign-appearing", reasons=(), ood=1.0):
     return {"verdict": verdict, "score": score, "reasons": [{"code": c, "message": c} for c in reasons],
-            "measures": {"stain_h_deg": 3.0, "stain_e_deg": 4.0, "focus": focus, "tissue_mm2": 3.0}}
+            "measures": {"stain_h_deg": 3.0, "stain_e_deg": 4.0, "focus": focus, "tissue_mm2": 3.0, "ood": ood}}
 
 
-def cases_like(rng, n, focus_mean=5000.0, **kw):
-    return [case(score=float(rng.uniform(0.05, 0.95)), focus=float(rng.normal(focus_mean, 800)), **kw)
-            for _ in range(n)]
+def cases_like(rng, n, focus_mean=5000.0, ood_mean=1.0, **kw):
+    return [case(score=float(rng.uniform(0.05, 0.95)), focus=float(rng.normal(focus_mean, 800)),
+                 ood=float(rng.normal(ood_mean, 0.1)), **kw) for _ in range(n)]
 
 
 @pytest.fixture
@@ -43,6 +43,14 @@ def test_cases_like_the_reference_never_drift_and_a_shift_does_within_min_cases(
     assert first == MIN_CASES  # judged from MIN_CASES cases on, and at once
     drifted = [f for f in watch(shifted[::-1], reference) if f.drifted]
     assert [f.measure for f in drifted] == ["focus"] and "outside" in drifted[0].words()
+
+
+def test_cases_the_model_finds_unlike_its_development_cases_drift(reference):
+    """Each case under its OOD limit, but a window whose median OOD score left the reference's range: a lab's
+    scanner or stain moved, and the watch says so before the gate has to refuse cases."""
+    rng = np.random.default_rng(6)
+    drifted = [f for f in watch(cases_like(rng, 50, ood_mean=1.4)[::-1], reference) if f.drifted]
+    assert [f.measure for f in drifted] == ["ood"]
 
 
 def test_only_the_last_window_counts(reference):

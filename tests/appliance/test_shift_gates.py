@@ -27,8 +27,9 @@ def _turns(shift: str, cls: str) -> list[int]:
 
 
 def held_turn(shift: str) -> int | None:
-    """The largest turn where the AUC holds and the development slides were called (none refused)."""
-    ok = [t for t in _turns(shift, "holds") if t and ROWS[(shift, t)]["refused"] == 0]
+    """The largest turn where the AUC holds and the gates kept to the rule on the development slides (at most 1
+    in 7 refused)."""
+    ok = [t for t in _turns(shift, "holds") if ROWS[(shift, t)]["refused"] <= ROWS[(shift, t)]["slides"] / 7]
     return max(ok) if ok else None
 
 
@@ -67,7 +68,7 @@ def test_no_turn_gets_a_benign_call_on_a_tumour_slide(ov_engine, demo_image, dem
 def test_where_the_model_still_reads_the_slide_it_is_called(ov_engine, demo_image, demo_fit, tmp_path, shift):
     turn = held_turn(shift)
     if turn is None:
-        pytest.skip(f"{shift}: no turn where the AUC holds and no development slide was refused")
+        pytest.skip(f"{shift}: no turn where the AUC holds and at most 1 development slide in 7 was refused")
     r = _triage(ov_engine, demo_image, shift, turn, demo_fit, tmp_path)
     assert r["verdict"] == "suspicious", (turn, r["reasons"])
 

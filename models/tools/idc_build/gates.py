@@ -43,11 +43,15 @@ def pooled_feature_names(onnx_model) -> list[str]:
     return names
 
 
-def shipped_features(core, xml_path, names, images, batch=512) -> np.ndarray:
-    """(N, F) float32: the shipped INT8 model's pooled features (every member's, concatenated)."""
+def feature_model(core, xml_path, names):
+    """The shipped INT8 model compiled with its pooled features as extra outputs (as the appliance compiles it)."""
     model = core.read_model(str(xml_path))
     model.add_outputs(names)
-    compiled = core.compile_model(model, "CPU", {"PERFORMANCE_HINT": "THROUGHPUT"})
+    return core.compile_model(model, "CPU", {"PERFORMANCE_HINT": "THROUGHPUT"})
+
+
+def shipped_features(compiled, names, images, batch=512) -> np.ndarray:
+    """(N, F) float32: the shipped model's pooled features (every member's, concatenated)."""
     out = []
     for i in range(0, len(images), batch):
         r = compiled({0: np.ascontiguousarray(images[i:i + batch])})
@@ -77,7 +81,9 @@ def slide_qc(patches, reference) -> dict:
         h = qc.stain.he[:, 0] / np.linalg.norm(qc.stain.he[:, 0])
         out_of_plane = round(float(np.degrees(np.arcsin(min(1.0, abs(h @ normal) / np.linalg.norm(normal))))), 2)
     return {"reading": None if problem is not None or angles is None else round(max(angles), 2),
-            "h_deg": None if angles is None else round(angles[0], 2), "h_out_of_plane_deg": out_of_plane,
+            "h_deg": None if angles is None else round(angles[0], 2),
+            "e_deg": None if angles is None else round(angles[1], 2), "h_out_of_plane_deg": out_of_plane,
+            "fit_disagreement_deg": round(qc.fit_disagreement(), 2),
             "stain_problem": problem,
             "other": sorted(r.code for r in qc.reasons()
                             if r.code not in (ReasonCode.STAIN_OUT_OF_RANGE, ReasonCode.STAIN_NOT_ASSESSABLE))}
@@ -231,10 +237,13 @@ def outcomes(curves, items, stain_deg, ood_max) -> list[dict]:
                 elif i["called"] == "benign" and i["idc_patches"] > 0:
                     benign.append(i["slide"])
             oods = [i["ood"] for i in group]
+            out_of_plane = [i["h_out_of_plane_deg"] for i in group if i.get("h_out_of_plane_deg") is not None]
             rows.append({"shift": shift, "turn_deg": r["turn_deg"], "pooled_auc": r["pooled_auc"],
                          "auc_drop": round(_held(curve, r["turn_deg"]), 4), "class": cls[(shift, r["turn_deg"])],
                          "slides": len(group), "median_reading_deg": median_reading(items, shift, r["turn_deg"]),
-                         "median_ood": round(float(np.median(oods)), 3), "refused": sum(why.values()),
+                         "median_ood": round(float(np.median(oods)), 3),
+                         "median_h_out_of_plane_deg": round(float(np.median(out_of_plane)), 1) if out_of_plane else None,
+                         "refused": sum(why.values()),
                          "refused_by": why, "tumour_slides_called_benign": benign})
     return rows
 
