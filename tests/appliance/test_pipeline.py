@@ -144,7 +144,7 @@ def test_real_tumour_case_is_called_suspicious_early(ov_engine, demo_image):
     assert r.early_positive and r.early_positive_after_tiles < r.tiles
     # said once, while the tiles were still coming, after the tile the result names
     assert [tiles for _score, tiles in calls] == [r.early_positive_after_tiles]
-    assert r.early_threshold <= calls[0][0] <= r.early_score
+    assert r.early_threshold <= calls[0][0] and round(calls[0][0], 6) <= r.early_score  # the result's is rounded
     assert r.qc["out_of_focus_fraction"] < 0.1 and r.qc["stain_angles_deg"] is not None
 
 
@@ -205,7 +205,7 @@ def test_early_call_is_final_whatever_follows(ov_engine, demo_image):
         r = session.finish()
     finally:
         session.close()
-    assert r.verdict == "suspicious" and r.early_positive and r.score >= called_at >= r.threshold
+    assert r.verdict == "suspicious" and r.early_positive and r.score >= round(called_at, 6) and called_at >= r.threshold
     assert len(calls) == 1
     assert "out-of-focus" in [w.code for w in r.warnings]  # later QC findings are reported, not a reversal
 
