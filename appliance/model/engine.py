@@ -210,30 +210,22 @@ class OpenVINOEngine(Engine):
             read_verified(model_dir, manifest.cam.openvino, manifest)
             read_verified(model_dir, manifest.cam.openvino_weights, manifest)
 
-    def _infer(self, batch: np.ndarray) -> np.ndarray:
+    def _finished(self, batch: np.ndarray):
+        """The batch split over the requests, CHUNK patches each: each request in order, once it has finished."""
         chunks = [batch[i : i + self.CHUNK] for i in range(0, len(batch), self.CHUNK)]
-        out = []
         for start in range(0, len(chunks), self.jobs):
             group = list(zip(self._requests, chunks[start : start + self.jobs]))
             for req, chunk in group:
                 req.start_async({0: chunk})
             for req, _ in group:
                 req.wait()
-                out.append(req.get_output_tensor(0).data.copy().reshape(-1))
-        return np.concatenate(out)
+                yield req
+
+    def _infer(self, batch: np.ndarray) -> np.ndarray:
+        return np.concatenate([req.get_output_tensor(0).data.copy().reshape(-1) for req in self._finished(batch)])
 
     def _infer_features(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        chunks = [batch[i : i + self.CHUNK] for i in range(0, len(batch), self.CHUNK)]
-        probs, features = [], []
-        for start in range(0, len(chunks), self.jobs):
-            group = list(zip(self._requests, chunks[start : start + self.jobs]))
-            for req, chunk in group:
-                req.start_async({0: chunk})
-            for req, _ in group:
-                req.wait()
-                p, f = self.outputs_of(req)
-                probs.append(p)
-                features.append(f)
+        probs, features = zip(*(self.outputs_of(req) for req in self._finished(batch)))
         return np.concatenate(probs), np.concatenate(features)
 
     def outputs_of(self, req) -> tuple[np.ndarray, np.ndarray | None]:
