@@ -367,7 +367,7 @@ class TriageSession:
             site_accepted_at=self.thresholds.site_accepted_at,
             site_report_sha256=self.thresholds.site_report_sha256,
             qc={**self.qc.summary(), "ood_score": ood_score, "ood_max_score": self._ood_limit},
-            measures=self._measures(),
+            measures=self._measures(ood_score),
             warnings=warnings,
             microns_per_pixel=self.mpp,
             origin=list(self.origin),
@@ -394,7 +394,7 @@ class TriageSession:
         model without the gate, or before any patch is scored)."""
         return ood.case_score(np.concatenate(self._folded_ood)) if self._folded_ood else None
 
-    def _measures(self) -> dict[str, float | None]:
+    def _measures(self, ood_score: float | None) -> dict[str, float | None]:
         """What the drift watch follows for this case (appliance.site.drift). Tissue area counts each scored
         patch's stride x stride cell at the model's resolution (the patches tile the tissue)."""
         angles = self.qc.stain_angles()
@@ -403,7 +403,7 @@ class TriageSession:
                 "stain_e_deg": round(angles[1], 2) if angles else None,
                 "focus": self.qc.focus_median,
                 "tissue_mm2": round(self._folded * cell_mm * cell_mm, 4),
-                "ood": self.ood_score}
+                "ood": ood_score}
 
     def _refine(self, pos: Positions, first: np.ndarray) -> np.ndarray:
         """The context stage over the whole case grid: each patch's refined probability (the final rule's input

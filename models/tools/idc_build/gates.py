@@ -75,14 +75,11 @@ def slide_qc(patches, reference) -> dict:
     qc.finish()
     angles = qc.stain_angles()
     problem = qc.stain_problem()
-    out_of_plane = None
-    if qc.stain is not None:  # how far the fitted H leaves the reference's H&E plane (in-plane turns stay in it)
-        normal = np.cross(reference.he[:, 0], reference.he[:, 1])
-        h = qc.stain.he[:, 0] / np.linalg.norm(qc.stain.he[:, 0])
-        out_of_plane = round(float(np.degrees(np.arcsin(min(1.0, abs(h @ normal) / np.linalg.norm(normal))))), 2)
+    out_of_plane = qc.h_out_of_plane()
     return {"reading": None if problem is not None or angles is None else round(max(angles), 2),
             "h_deg": None if angles is None else round(angles[0], 2),
-            "e_deg": None if angles is None else round(angles[1], 2), "h_out_of_plane_deg": out_of_plane,
+            "e_deg": None if angles is None else round(angles[1], 2),
+            "h_out_of_plane_deg": None if out_of_plane is None else round(out_of_plane, 2),
             "fit_disagreement_deg": round(qc.fit_disagreement(), 2),
             "stain_problem": problem,
             "other": sorted(r.code for r in qc.reasons()
