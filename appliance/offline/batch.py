@@ -247,18 +247,19 @@ def run_batch(inputs: list[BatchInput], settings: Settings, client, *, out_root:
                     key=f"triage-{case_id}", pure=False))
                 continue
             case_id = fut.key.removeprefix("triage-")
-            # recorded only once answered: no batch case is ever left open in the store, so a daemon restarting
-            # meanwhile has nothing of the batch's to resume, and a killed batch leaves nothing half-done
+            # recorded only once answered, started and finished in one transaction: no batch case is ever left
+            # open in the store, so a daemon restarting meanwhile has nothing of the batch's to resume, and a
+            # killed batch leaves nothing half-done
             first = inputs[triaging[case_id][0]]
-            store.case_started(case_id, specimen_id=first.specimen, source=str(first.path), model=model)
+            started = {"specimen_id": first.specimen, "source": str(first.path), "model": model}
             if fut.status == "error":
                 message = _reason(fut.exception())
-                store.case_failed(case_id, message)
+                store.case_recorded(case_id, message, **started)
                 for i in triaging.pop(case_id):
                     report(i, _failed(bases[i], message))
                 continue
             result, seconds = fut.result()
-            store.case_finished(case_id, result)
+            store.case_recorded(case_id, result, **started)
             case = store.get_case(case_id)
             for i in triaging.pop(case_id):
                 report(i, _from_case(bases[i], case, BatchStatus.DONE, seconds))

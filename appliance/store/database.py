@@ -107,19 +107,24 @@ class CaseStore(DeliveryRecords, SitePointRecords, ReviewerRecords):
     # -- case lifecycle -------------------------------------------------------------------------------
     def case_started(self, case_id: str, *, specimen_id: str = "", source: str = "", tiles_expected: int | None = None,
                      model: ModelRef | None = None, accession: str = "") -> None:
-        row = {
-            "id": case_id,
-            "specimen_id": specimen_id,
-            "accession": accession or None,
-            "source": source,
-            "status": CaseStatus.RECEIVING,
-            "received_at": utcnow(),
-            "tiles_expected": tiles_expected,
-            "tiles_received": 0,
-            **(model.columns() if model else {}),
-            "research_use_only": 1,
-        }
+        row = _started_row(case_id, specimen_id=specimen_id, source=source, tiles_expected=tiles_expected,
+                           model=model, accession=accession)
         self.write(lambda db: db["cases"].upsert(row, pk="id"))
+
+    def case_recorded(self, case_id: str, outcome: TriageResult | str, *, specimen_id: str = "", source: str = "",
+                      model: ModelRef | None = None) -> None:
+        """A case started and finished in one transaction: its call, or (a message) its failure. A batch's
+        cases are recorded so, never left open in the store by a batch killed between the two."""
+        row = _started_row(case_id, specimen_id=specimen_id, source=source, model=model)
+        fields = _failed_fields(outcome) if isinstance(outcome, str) else _finished_fields(outcome)
+
+        def _write(db: sqlite_utils.Database) -> None:
+            db["cases"].upsert(row, pk="id")
+            db["cases"].update(case_id, fields)
+            if not isinstance(outcome, str):
+                self._queue_deliveries(db, case_id, fields["finished_at"])
+
+        self.write(_write)
 
     def tile_stored(self, case_id: str, idx: int, x: int, y: int, w: int, h: int, sha256: str) -> None:
         def _write(db: sqlite_utils.Database) -> None:
@@ -139,30 +144,7 @@ class CaseStore(DeliveryRecords, SitePointRecords, ReviewerRecords):
         self.write(lambda db: db["cases"].update(case_id, {"status": CaseStatus.PROCESSING}))
 
     def case_finished(self, case_id: str, result: TriageResult) -> None:
-        """The call, from the typed result (its patch list is counted here, never turned into dicts)."""
-        fields = {
-            "status": CaseStatus.CANNOT_CALL if result.verdict == Verdict.CANNOT_CALL else CaseStatus.DONE,
-            "finished_at": utcnow(),
-            "verdict": result.verdict,
-            "score": result.score,
-            "threshold": result.threshold,
-            "reasons": json.dumps([asdict(r) for r in result.reasons]),
-            "warnings": json.dumps([asdict(w) for w in result.warnings]),
-            "patch_threshold": result.patch_threshold,
-            "case_rule": result.case_rule,
-            "early_rule": result.early_rule,
-            "early_threshold": result.early_threshold,
-            "early_score": result.early_score,
-            "threshold_source": result.threshold_source,
-            "site_accepted_at": result.site_accepted_at,
-            "site_report_sha256": result.site_report_sha256,
-            "measures": json.dumps(result.measures),
-            "patches_scored": len(result.patches),
-            "early_positive": int(result.early_positive),
-            "early_positive_after_tiles": result.early_positive_after_tiles,
-            "timings_ms": json.dumps(result.timings_ms),
-            **result.model.columns(),
-        }
+        fields = _finished_fields(result)
 
         def _write(db: sqlite_utils.Database) -> None:
             db["cases"].update(case_id, fields)
@@ -176,8 +158,7 @@ class CaseStore(DeliveryRecords, SitePointRecords, ReviewerRecords):
         self.write(lambda db: db["cases"].update(case_id, fields))
 
     def case_failed(self, case_id: str, message: str) -> None:
-        fields = {"status": CaseStatus.FAILED, "finished_at": utcnow(),
-                  "reasons": json.dumps([{"code": ReasonCode.FAILED, "message": message}])}
+        fields = _failed_fields(message)
         self.write(lambda db: db["cases"].update(case_id, fields))
 
     def sign_off(self, case_id: str, *, by: str, comment: str = "", via: str = "api") -> dict:
@@ -293,3 +274,49 @@ class CaseStore(DeliveryRecords, SitePointRecords, ReviewerRecords):
             return list(db["tiles"].rows_where("case_id = ?", [case_id], order_by="idx"))
 
 
+def _started_row(case_id: str, *, specimen_id: str = "", source: str = "", tiles_expected: int | None = None,
+                 model: ModelRef | None = None, accession: str = "") -> dict:
+    return {
+        "id": case_id,
+        "specimen_id": specimen_id,
+        "accession": accession or None,
+        "source": source,
+        "status": CaseStatus.RECEIVING,
+        "received_at": utcnow(),
+        "tiles_expected": tiles_expected,
+        "tiles_received": 0,
+        **(model.columns() if model else {}),
+        "research_use_only": 1,
+    }
+
+
+def _finished_fields(result: TriageResult) -> dict:
+    """The call, from the typed result (its patch list is counted here, never turned into dicts)."""
+    return {
+        "status": CaseStatus.CANNOT_CALL if result.verdict == Verdict.CANNOT_CALL else CaseStatus.DONE,
+        "finished_at": utcnow(),
+        "verdict": result.verdict,
+        "score": result.score,
+        "threshold": result.threshold,
+        "reasons": json.dumps([asdict(r) for r in result.reasons]),
+        "warnings": json.dumps([asdict(w) for w in result.warnings]),
+        "patch_threshold": result.patch_threshold,
+        "case_rule": result.case_rule,
+        "early_rule": result.early_rule,
+        "early_threshold": result.early_threshold,
+        "early_score": result.early_score,
+        "threshold_source": result.threshold_source,
+        "site_accepted_at": result.site_accepted_at,
+        "site_report_sha256": result.site_report_sha256,
+        "measures": json.dumps(result.measures),
+        "patches_scored": len(result.patches),
+        "early_positive": int(result.early_positive),
+        "early_positive_after_tiles": result.early_positive_after_tiles,
+        "timings_ms": json.dumps(result.timings_ms),
+        **result.model.columns(),
+    }
+
+
+def _failed_fields(message: str) -> dict:
+    return {"status": CaseStatus.FAILED, "finished_at": utcnow(),
+            "reasons": json.dumps([{"code": ReasonCode.FAILED, "message": message}])}
