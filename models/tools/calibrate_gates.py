@@ -80,7 +80,7 @@ def main() -> None:
         measured.write_text(json.dumps({"curves": curves, "items": items, "reserved_ood": reserved}) + "\n")
 
     stain = stain_limit(curves, items)
-    ood_max = ood_limit(curves, items)
+    ood_max = ood_limit(curves, items, stain["limit_deg"])
     rows = outcomes(curves, items, stain["limit_deg"], ood_max)
     rules = rules_hold(rows)
     gates = {
@@ -98,13 +98,15 @@ def main() -> None:
         f"{', '.join(curves)}) at turns of {TURNS[0]}-{TURNS[-1]} deg. For each, the turn where the pooled "
         f"out-of-fold AUC of the fold members first falls by more than {HOLD} (interpolated) is mapped to the median "
         f"largest H/E angle the appliance's QC reads on the complete development slides at that turn; the limit is "
-        f"the smallest over the shifts (the safe side), rounded down to 0.5 deg (models/tools/calibrate_gates.py)")
+        f"the smallest over the shifts (the safe side), and never beyond the furthest median reading at which a shift "
+        f"that never fell was validated; rounded down to 0.5 deg (models/tools/calibrate_gates.py)")
     manifest["ood"] = {
         "features": names, "file": OOD_FILE, "max_score": ood_max,
         "rule": f"the median over a case's patches of their Mahalanobis distance to the development patches' pooled "
                 f"features ({OOD_COMPONENTS} principal components whitened plus the residual, divided by the feature "
-                f"count); the limit is the smallest score that by itself refuses at most 1 slide in 7 at every "
-                f"shift and turn where the out-of-fold AUC holds within {HOLD} (models/tools/calibrate_gates.py)"}
+                f"count); the limit is the smallest score that, with the stain and image gates, refuses at most 1 slide in 7 "
+                f"at every shift and turn where the out-of-fold AUC holds within {HOLD} (where those gates alone "
+                f"refuse more, the OOD score by itself at most 1 in 7; models/tools/calibrate_gates.py)"}
     manifest["sha256"][OOD_FILE] = hashlib.sha256((model_dir / OOD_FILE).read_bytes()).hexdigest()
     manifest.setdefault("metrics", {})["shift_gates"] = gates
     path.write_text(json.dumps(manifest, indent=2) + "\n")

@@ -40,8 +40,9 @@ def _disagreement(stain: dict) -> str:
                          f"{per[lo]['reading_deg']} deg, {hi} only at {per[hi]['reading_deg']} deg; the limit takes the "
                          f"safe side ({lo}).")
     if never:
-        words.append(f"{', '.join(never)}: the AUC never fell by more than the hold margin within the turns measured, "
-                     f"so it sets no stain limit.")
+        extent = ", ".join(f"{k} to a reading of {stain['per_shift'][k].get('validated_to_deg')} deg" for k in never)
+        words.append(f"{', '.join(never)}: the AUC never fell by more than the hold margin within the turns measured "
+                     f"(validated: {extent}); the limit is never beyond the furthest validated reading.")
     return " ".join(words)
 
 
@@ -113,8 +114,8 @@ def stain_recipe_section(comparison: dict | None) -> str:
     if not comparison:
         return ""
     b, n = comparison["base"], comparison["new"]
-    turns = "\n".join(f"| tolerated turn, {s} (deg; AUC within 0.02) | {b['tolerated_turn_deg'][s] or '>= 40'} | "
-                      f"{n['tolerated_turn_deg'].get(s) or '>= 40'} |" for s in b["tolerated_turn_deg"])
+    turns = "\n".join(f"| tolerated turn, {s} (deg; AUC within 0.02) | {_turn(b['tolerated_turn_deg'][s])} | "
+                      f"{_turn(n['tolerated_turn_deg'].get(s))} |" for s in b["tolerated_turn_deg"])
     checks = ", ".join(f"{k.replace('_', ' ')}: {'yes' if v else 'no'}" for k, v in comparison["checks"].items())
     return f"""
 ### Reading more: stain augmentation in an independent basis
@@ -128,7 +129,30 @@ and seed; out of fold:
 | virtual-core AUC | {b['virtual_core_auc']:.4f}{_ci(b['virtual_core_auc_ci95'])} | {n['virtual_core_auc']:.4f}{_ci(n['virtual_core_auc_ci95'])} |
 | virtual-core specificity at sensitivity >= 0.98 | {b['virtual_core_specificity']:.3f}{_ci(b['virtual_core_specificity_ci95'])} | {n['virtual_core_specificity']:.3f}{_ci(n['virtual_core_specificity_ci95'])} |
 {turns}
+| the issue's shift rules under its own gates | {_rules(b)} | {_rules(n)} |
 
+{_shipped_line(comparison.get('shipped'))}
 **{'Kept' if comparison['kept'] else 'Not kept'}** ({comparison['rule']}; {checks}).
 {comparison.get('note', '')}
 """
+
+
+def _turn(t: float | None) -> str:
+    return ">= 40" if t is None else f"{t:.1f}"
+
+
+def _rules(build: dict) -> str:
+    rules = build.get("shift_rules")
+    if rules is None:
+        return "-"
+    held = sum(bool(v) for v in rules.values())
+    return (f"{held} of {len(rules)} hold (stain limit {build.get('stain_limit_deg')} deg, OOD limit "
+            f"{build.get('ood_max_score')})")
+
+
+def _shipped_line(shipped: dict | None) -> str:
+    if not shipped:
+        return ""
+    return (f"The committed {shipped['model']}, as first built: virtual-core AUC {shipped['virtual_core_auc']:.4f}, "
+            f"specificity {shipped['virtual_core_specificity']:.3f} (the same recipe rebuilt on the same seed and folds "
+            f"gives the 'in use' column); the issue's shift rules under its gates: {_rules(shipped)}.\n")

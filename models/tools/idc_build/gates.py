@@ -141,14 +141,30 @@ def median_reading(items, shift, turn) -> float | None:
     return float(np.median(vals)) if vals else None
 
 
+def within_budget(values) -> float:
+    """The smallest limit that leaves at most MAX_REFUSED_HOLDING of ``values`` (rounded down) above it."""
+    v = sorted(values)
+    return float(v[len(v) - 1 - int(np.floor(MAX_REFUSED_HOLDING * len(v) + 1e-9))])
+
+
+def refusal_budget_reading(items, shift, turn) -> float | None:
+    """The QC reading that at most 1 slide in 7 exceeds at (shift, turn)."""
+    vals = [i["reading"] for i in items if i["shift"] == shift and i["turn_deg"] == turn and i["reading"] is not None]
+    return within_budget(vals) if vals else None
+
+
 def stain_limit(curves, items) -> dict:
     """Per shift, the reading at the turn where its AUC falls by more than HOLD; the limit is the smallest
-    (rounded down to 0.5 deg). A shift that never falls that far sets no limit."""
+    (rounded down to 0.5 deg). A shift that never falls that far sets no such limit but says how far it was
+    validated: the reading that at most 1 slide in 7 exceeds at its largest turn (the budget of refusals where the
+    AUC holds). The limit is never beyond the furthest any shift was validated, for nothing was measured there."""
     per = {}
     for shift, curve in curves.items():
         t = crossing_turn(curve)
         if t is None:
-            per[shift] = {"crossing_turn_deg": None, "reading_deg": None}
+            last = curve[-1]["turn_deg"]
+            per[shift] = {"crossing_turn_deg": None, "reading_deg": None,
+                          "validated_to_deg": _rounded(refusal_budget_reading(items, shift, last))}
             continue
         turns = [r["turn_deg"] for r in curve]
         lo = max(x for x in turns if x <= t)
@@ -158,12 +174,24 @@ def stain_limit(curves, items) -> dict:
             reading = r_lo if r_hi is None else r_hi
         else:
             reading = r_lo if hi == lo else r_lo + (t - lo) / (hi - lo) * (r_hi - r_lo)
-        per[shift] = {"crossing_turn_deg": round(t, 1), "reading_deg": None if reading is None else round(reading, 1)}
-    set_by = [s for s in per if per[s]["reading_deg"] is not None]
-    if not set_by:
-        raise ValueError("no shift's AUC fell by more than the hold margin: the stain limit cannot be set from them")
-    name = min(set_by, key=lambda s: per[s]["reading_deg"])
-    return {"limit_deg": float(np.floor(per[name]["reading_deg"] * 2) / 2), "set_by": name, "per_shift": per}
+        per[shift] = {"crossing_turn_deg": round(t, 1), "reading_deg": _rounded(reading)}
+    crossed = {s: v["reading_deg"] for s, v in per.items() if v["reading_deg"] is not None}
+    validated = {s: v["validated_to_deg"] for s, v in per.items() if v.get("validated_to_deg") is not None}
+    candidates = {}
+    if crossed:
+        name = min(crossed, key=crossed.get)
+        candidates[name] = crossed[name]
+    if validated:
+        name = max(validated, key=validated.get)
+        candidates[f"{name} (validated extent)"] = validated[name]
+    if not candidates:
+        raise ValueError("the QC read none of the shifted slides: the stain limit cannot be set")
+    set_by = min(candidates, key=candidates.get)
+    return {"limit_deg": float(np.floor(candidates[set_by] * 2) / 2), "set_by": set_by, "per_shift": per}
+
+
+def _rounded(x: float | None) -> float | None:
+    return None if x is None else round(x, 1)
 
 
 def refused_by_qc(item, limit) -> str | None:
@@ -185,17 +213,25 @@ def classes(curves) -> dict:
     return out
 
 
-def ood_limit(curves, items) -> float:
-    """The smallest OOD limit (rounded up to 4 decimals) that by itself refuses at most MAX_REFUSED_HOLDING of
-    the slides at every (shift, turn) where the AUC holds: as tight as the budget for refusing readable slides
-    allows, whatever the other gates do."""
+def ood_limit(curves, items, stain_deg: float) -> float:
+    """The smallest OOD limit (rounded up to 4 decimals) that, with the QC's gates at ``stain_deg``, refuses at
+    most MAX_REFUSED_HOLDING of the slides at every (shift, turn) where the AUC holds: as tight as the budget for
+    refusing readable slides allows. Where the QC alone already spends the budget, the OOD score by itself may
+    refuse at most that many (the gates' excess there is reported, not hidden by a looser OOD limit)."""
     cls = classes(curves)
     groups = {}
     for i in items:
         if cls[(i["shift"], i["turn_deg"])] == "holds":
-            groups.setdefault((i["shift"], i["turn_deg"]), []).append(i["ood"])
-    # per group, the smallest limit that leaves at most floor(n / 7) of its slides above it
-    need = [sorted(g)[len(g) - 1 - int(np.floor(MAX_REFUSED_HOLDING * len(g) + 1e-9))] for g in groups.values()]
+            groups.setdefault((i["shift"], i["turn_deg"]), []).append(i)
+    need = []
+    for group in groups.values():
+        budget = int(np.floor(MAX_REFUSED_HOLDING * len(group) + 1e-9))
+        passed = [i["ood"] for i in group if refused_by_qc(i, stain_deg) is None]
+        left = budget - (len(group) - len(passed))
+        if left < 0 or len(passed) <= left:  # the QC is over budget, or leaves too few for the OOD to matter
+            need.append(within_budget([i["ood"] for i in group]))
+        else:  # the smallest limit that leaves at most `left` of the slides the QC passed above it
+            need.append(float(sorted(passed)[len(passed) - 1 - left]))
     return float(np.ceil(max(need) * 1e4) / 1e4)
 
 
