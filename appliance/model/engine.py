@@ -359,10 +359,22 @@ def _runtime(engine: EngineName, module: str, name: str):
 
 
 def load_engine(model_dir: Path, backend: str = EngineName.OPENVINO, **options) -> Engine:
-    """Read and validate the manifest in ``model_dir``, verify the files' hashes and load the backend."""
+    """Read and validate the manifest in ``model_dir``, verify the files' hashes and load the backend. The
+    process's numpy BLAS is kept to one thread from then on (one_blas_thread)."""
     if backend not in ENGINES:
         raise EngineError(f"unknown engine backend {backend!r}; choose one of {', '.join(ENGINES)}")
+    one_blas_thread()
     return ENGINES[EngineName(backend)](model_dir, read_manifest(model_dir), **options)
+
+
+def one_blas_thread() -> None:
+    """numpy's BLAS (the OOD distances' matrix product beside every batch) on one thread in a process that
+    runs a model: on the bench PC's 2 cores its own threads only wait for the cores the engine holds
+    (PERFORMANCE-NOTES trap 4). Measured on R1 with OPENBLAS_NUM_THREADS unset: 38.1 s wall and 74.8 s CPU with
+    BLAS's own threads, 26.6 s and 52.1 s with one."""
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1, user_api="blas")
 
 
 Scored = tuple[object, np.ndarray, "np.ndarray | None"]  # (tag, probabilities, OOD distances or None)
