@@ -60,5 +60,4 @@ def jpeg_tile_to_model(payload: bytes, x: int, y: int, w: int, h: int, scale: fl
     the rest of the way. Returns its model position and pixels, as resample_tile does for a decoded tile."""
     d = dct_denominator(scale, x, y, w, h)
     px = decode_reduced(payload, w, h, d, label=label)
-    mx, my, out = resample_tile(px, x // d, y // d, scale * d)
-    return mx, my, out
+    return resample_tile(px, x // d, y // d, scale * d)

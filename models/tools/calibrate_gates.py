@@ -98,8 +98,9 @@ def main() -> None:
         f"{', '.join(curves)}) at turns of {TURNS[0]}-{TURNS[-1]} deg. For each, the turn where the pooled "
         f"out-of-fold AUC of the fold members first falls by more than {HOLD} (interpolated) is mapped to the median "
         f"largest H/E angle the appliance's QC reads on the complete development slides at that turn; the limit is "
-        f"the smallest over the shifts (the safe side), and never beyond the furthest median reading at which a shift "
-        f"that never fell was validated; rounded down to 0.5 deg (models/tools/calibrate_gates.py)")
+        f"the smallest over the shifts (the safe side), and never beyond the furthest reading validated (a shift that "
+        f"never fell: the reading at most 1 slide in 7 exceeds at its last turn); rounded down to 0.5 deg "
+        f"(models/tools/calibrate_gates.py)")
     manifest["ood"] = {
         "features": names, "file": OOD_FILE, "max_score": ood_max,
         "rule": f"the median over a case's patches of their Mahalanobis distance to the development patches' pooled "

@@ -29,10 +29,14 @@ def figures(model: Path) -> dict:
             "virtual_core_specificity_ci95": cores["shipped_call"].get("specificity_ci95"),
             "virtual_core_sensitivity": cores["shipped_call"]["sensitivity"],
             "curves": gates["curves"],
-            # the issue's three shift rules under this build's own calibrated gates (None: never calibrated)
-            "shift_rules": m["metrics"].get("shift_gates", {}).get("rules"),
-            "stain_limit_deg": m["stain"].get("max_angle_deg"), "ood_max_score": m.get("ood", {}).get("max_score"),
-            "tolerated_turn_deg": {s: crossing_turn(c) for s, c in gates["curves"].items()}}
+            "tolerated_turn_deg": {s: crossing_turn(c) for s, c in gates["curves"].items()}, **gate_figures(m)}
+
+
+def gate_figures(m: dict) -> dict:
+    """The issue's three shift rules under a model's own calibrated gates (None: never calibrated), and the
+    gates' limits."""
+    return {"shift_rules": m["metrics"].get("shift_gates", {}).get("rules"),
+            "stain_limit_deg": m["stain"].get("max_angle_deg"), "ood_max_score": m.get("ood", {}).get("max_score")}
 
 
 def tolerated(turn) -> float:
@@ -63,9 +67,7 @@ def main(argv=None) -> int:
         m = json.loads((args.shipped / "manifest.json").read_text())
         cores = m["metrics"]["virtual_cores"]
         shipped = {"model": f"{m['name']} {m['version']}", "virtual_core_auc": cores["final"]["auc"],
-                   "virtual_core_specificity": cores["shipped_call"]["specificity"],
-                   "shift_rules": m["metrics"].get("shift_gates", {}).get("rules"),
-                   "stain_limit_deg": m["stain"].get("max_angle_deg"), "ood_max_score": m.get("ood", {}).get("max_score")}
+                   "virtual_core_specificity": cores["shipped_call"]["specificity"], **gate_figures(m)}
         keep["virtual_core_specificity_not_below_shipped"] = (new["virtual_core_specificity"]
                                                               >= shipped["virtual_core_specificity"])
         keep["virtual_core_auc_not_below_shipped"] = new["virtual_core_auc"] >= shipped["virtual_core_auc"]
