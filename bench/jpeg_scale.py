@@ -78,7 +78,7 @@ def measure(slide: np.ndarray, magnification: str, tiles: int, repeats: int, qua
                 return resample_tile(np.asarray(img.convert("RGB")), sx, sy, scale)
 
         def reduced():
-            return jpeg_tile_to_model(payload, sx, sy, TILE, TILE, scale)
+            return jpeg_tile_to_model(payload, sx, sy, scale)
 
         a, b = full(), reduced()
         assert a[:2] == b[:2], "the reduced path put the tile elsewhere"

@@ -128,7 +128,21 @@ def _inflate(payload: bytes, expected: int, label: str, shape: str) -> bytes:
     return raw
 
 
-def _decode_image(payload: bytes, enc: TileEncoding, width: int, height: int, label: str) -> np.ndarray:
+def check_jpeg(payload: bytes, width: int, height: int, *, label: str = "tile") -> None:
+    """Check that payload is an RGB JPEG of exactly width x height that decodes, or raise TileDecodeError.
+
+    The check decodes at 1/8 of the size (libjpeg's DCT scaling, Pillow's ``draft``): the entropy-coded data
+    is still read to its end, so a truncated or damaged stream fails as it does at full size, for about an
+    eighth of the work. A JPEG tile is kept as it came (the spool stores its bytes), so this is all the host
+    decodes of it before the ACK."""
+    if width <= 0 or height <= 0:
+        raise TileDecodeError(f"{label}: size {width}x{height} is empty")
+    _decode_image(payload, TileEncoding.JPEG, width, height, label, reduce=8)
+
+
+def _decode_image(payload: bytes, enc: TileEncoding, width: int, height: int, label: str,
+                  reduce: int = 1) -> np.ndarray:
+    """Decode a PNG or JPEG payload; ``reduce`` (JPEG only) asks libjpeg for 1/reduce of the size."""
     kind = enc.name.lower()
     try:
         with Image.open(io.BytesIO(payload), formats=[enc.name]) as img:
@@ -138,6 +152,9 @@ def _decode_image(payload: bytes, enc: TileEncoding, width: int, height: int, la
                     f"{label}: {kind} is {img.mode} {img.size[0]}x{img.size[1]}, "
                     f"expected RGB {width}x{height}"
                 )
+            if reduce > 1:  # libjpeg picks the scale, at most 1/reduce: the expected size is the one it picked
+                img.draft("RGB", (max(1, width // reduce), max(1, height // reduce)))
+            expected = (img.size[1], img.size[0], CHANNELS)
             img.load()
             arr = np.array(img, dtype=np.uint8)
         if enc == TileEncoding.PNG:
@@ -159,7 +176,7 @@ def _decode_image(payload: bytes, enc: TileEncoding, width: int, height: int, la
     ) as exc:
         # Pillow reports broken images through all of these depending on where it breaks.
         raise TileDecodeError(f"{label}: {kind} payload cannot be decoded: {exc}") from exc
-    if arr.shape != (height, width, CHANNELS):
-        raise TileDecodeError(f"{label}: {kind} decoded to {arr.shape}, expected {(height, width, CHANNELS)}")
+    if arr.shape != expected:
+        raise TileDecodeError(f"{label}: {kind} decoded to {arr.shape}, expected {expected}")
     arr.flags.writeable = False
     return arr

@@ -24,7 +24,7 @@ from firmware_bridge.messages import (
     EVERY_CAPABILITY, Ack, CaseBegin, CaseEnd, Capability, ErrorCode, ErrorMessage, Heartbeat, Hello, Message, Nack,
     NackReason, Role, Tile, clip_text, decode_tile_pixels, message_from_frame, message_to_frame,
 )
-from firmware_bridge.pixels import CHANNELS
+from firmware_bridge.pixels import CHANNELS, TileEncoding, check_jpeg
 from firmware_bridge.sink import CaseInfo, CaseRefused, LinkEventSink, TileReceived, TileSink
 from firmware_bridge.status import LinkEvent, LinkState, LinkStatus
 
@@ -281,25 +281,33 @@ class HostSession:
         if tile.index in case.stored:
             self._duplicate(seq, tile.case_id, tile.index, f"tile {tile.index} of {tile.case_id}")
             return
+        jpeg = tile.encoding == TileEncoding.JPEG
         try:
             check_tile_fits(case.begin, tile)
-            pixels = decode_tile_pixels(tile)
+            if jpeg:
+                check_jpeg(tile.payload, tile.w, tile.h, label=f"tile {tile.index}")
+                pixels = None
+            else:
+                pixels = decode_tile_pixels(tile)
         except TileDecodeError as exc:
             self.counters.bad_tiles += 1
             self._problem(LinkEvent.BAD_TILE, f"case {tile.case_id}: {exc}")
             self._nack(seq, NackReason.BAD_TILE, str(exc))
             return
-        # hashlib reads the (C-contiguous) array's buffer directly: no tobytes() copy.
-        digest = hashlib.sha256(pixels).hexdigest() if self.hash_tiles else None
+        payload = bytes(tile.payload) if jpeg else None
+        digest = None
+        if self.hash_tiles:
+            # hashlib reads the (C-contiguous) array's buffer directly: no tobytes() copy.
+            digest = hashlib.sha256(payload if jpeg else pixels).hexdigest()
         received = TileReceived(
-            tile.case_id, tile.index, tile.x, tile.y, pixels, digest,
+            tile.case_id, tile.index, tile.x, tile.y, tile.w, tile.h, decoded=pixels, jpeg=payload, sha256=digest,
             encoding=tile.encoding.name.lower(), payload_size=len(tile.payload),
         )
         if not self._call_sink(seq, f"tile {tile.index} of {tile.case_id}", self.sink.tile_received, received):
             return
         case.stored.add(tile.index)
         self.counters.tiles_stored += 1
-        self.counters.tile_bytes += pixels.nbytes
+        self.counters.tile_bytes += tile.w * tile.h * CHANNELS
         self._ack(seq, tile.case_id, tile.index)
 
     def _on_case_end(self, seq: int, msg: CaseEnd) -> None:

@@ -11,7 +11,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from firmware_bridge.messages import CaseBegin
-from firmware_bridge.pixels import CHANNELS
+from firmware_bridge.pixels import CHANNELS, TileEncoding, decode_pixels
 
 __all__ = ["CaseInfo", "CaseRefused", "LinkEventSink", "TileReceived", "TileSink"]
 
@@ -46,24 +46,36 @@ class CaseInfo:
 
 @dataclass(frozen=True)
 class TileReceived:
-    """One decoded tile handed to the sink; pixels are read-only uint8 (h, w, 3)."""
+    """One checked tile handed to the sink.
+
+    A JPEG tile is handed over as the scanner sent it (``jpeg``, its bytes, checked to decode before this is
+    made): the sink keeps those bytes (the case pyramid passes them through as its full-resolution tiles) and
+    the model's path decodes only what it needs. Any other encoding arrives decoded (``decoded``). ``pixels``
+    gives a tile's full-size pixels either way, decoding a JPEG on each call.
+    """
 
     case_id: str
     index: int
     x: int
     y: int
-    pixels: np.ndarray = field(repr=False)
-    sha256: str | None = None  # hex digest of pixels.tobytes(), when the link computes it
-    encoding: str = "raw"  # how the tile travelled; "jpeg" pixels are the decoded (lossy) ones
+    width: int
+    height: int
+    decoded: np.ndarray | None = field(default=None, repr=False)  # read-only uint8 (h, w, 3); None for jpeg
+    jpeg: bytes | None = field(default=None, repr=False)  # the scanner's JPEG, for an encoding of jpeg
+    sha256: str | None = None  # hex digest of what the sink keeps (pixels' bytes, or the JPEG's), when hashed
+    encoding: str = "raw"  # how the tile travelled
     payload_size: int = 0  # bytes on the wire for the pixels, before COBS
 
-    @property
-    def width(self) -> int:
-        return int(self.pixels.shape[1])
+    def __post_init__(self) -> None:
+        if (self.decoded is None) == (self.jpeg is None):
+            raise ValueError("a received tile has either decoded pixels or JPEG bytes")
 
     @property
-    def height(self) -> int:
-        return int(self.pixels.shape[0])
+    def pixels(self) -> np.ndarray:
+        """Full-size read-only uint8 (h, w, 3) pixels (a JPEG tile is decoded now, at full size)."""
+        if self.decoded is not None:
+            return self.decoded
+        return decode_pixels(self.jpeg, TileEncoding.JPEG, self.width, self.height, label=f"tile {self.index}")
 
 
 class TileSink(Protocol):

@@ -65,7 +65,7 @@ class LinkCounters:
     storage_errors: int = 0
     cases_refused: int = 0  # CASE_BEGINs the sink declined (CaseRefused): NACK REFUSED
     tiles_stored: int = 0
-    tile_bytes: int = 0  # decoded pixel bytes handed to the sink
+    tile_bytes: int = 0  # pixel bytes (width x height x 3) of the tiles handed to the sink
     bytes_received: int = 0
     hellos: int = 0
     heartbeats: int = 0  # HEARTBEATs received (each one answered)

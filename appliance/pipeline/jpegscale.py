@@ -15,6 +15,7 @@ every model pixel lands where the full-size path puts it (round(x * scale) eithe
 from __future__ import annotations
 
 import io
+from typing import Callable
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -34,13 +35,18 @@ def dct_denominator(scale: float, x: int, y: int, w: int, h: int) -> int:
     return 1
 
 
-def decode_reduced(payload: bytes, w: int, h: int, d: int, *, label: str = "tile") -> np.ndarray:
-    """A baseline or progressive RGB JPEG of exactly w x h, decoded at 1/d of its size: (h/d, w/d, 3) uint8.
-    Raises InputError naming ``label`` for anything else."""
+def decode_reduced(payload: bytes, d: int | Callable[[int, int], int], *, label: str = "tile") -> np.ndarray:
+    """A baseline or progressive RGB JPEG decoded at 1/d of its size: (h/d, w/d, 3) uint8. ``d`` may be a
+    function of the image's (w, h), read from its header. Raises InputError naming ``label`` for anything
+    else (not a JPEG, not RGB, damaged, or a size d does not divide)."""
     try:
         with Image.open(io.BytesIO(payload), formats=["JPEG"]) as img:
-            if img.size != (w, h) or img.mode != "RGB":
-                raise InputError(f"{label}: jpeg is {img.mode} {img.size[0]}x{img.size[1]}, expected RGB {w}x{h}")
+            w, h = img.size
+            if img.mode != "RGB":
+                raise InputError(f"{label}: jpeg is {img.mode} {w}x{h}, expected RGB")
+            d = d(w, h) if callable(d) else d
+            if w % d or h % d:
+                raise InputError(f"{label}: a {w}x{h} jpeg cannot be decoded at 1/{d}")
             if d > 1:
                 img.draft("RGB", (w // d, h // d))
             img.load()
@@ -54,10 +60,16 @@ def decode_reduced(payload: bytes, w: int, h: int, d: int, *, label: str = "tile
     return px
 
 
-def jpeg_tile_to_model(payload: bytes, x: int, y: int, w: int, h: int, scale: float, *,
+def jpeg_tile_to_model(payload: bytes, x: int, y: int, scale: float, *,
                        label: str = "tile") -> tuple[int, int, np.ndarray]:
     """A JPEG tile at scanner (x, y) to the model's resolution: decoded as small as allowed, then resampled
     the rest of the way. Returns its model position and pixels, as resample_tile does for a decoded tile."""
-    d = dct_denominator(scale, x, y, w, h)
-    px = decode_reduced(payload, w, h, d, label=label)
+    chosen = []
+
+    def denominator(w: int, h: int) -> int:
+        chosen.append(dct_denominator(scale, x, y, w, h))
+        return chosen[0]
+
+    px = decode_reduced(payload, denominator, label=label)
+    d = chosen[0]
     return resample_tile(px, x // d, y // d, scale * d)

@@ -34,6 +34,7 @@ from appliance.pipeline.outputs import write_outputs
 from appliance.pipeline.batches import BatchFiller
 from appliance.pipeline.patches import check_tile, pad_to
 from appliance.pipeline.qc import CaseQc, QcLimits, laplacian_variance, limits_for
+from appliance.pipeline.jpegscale import jpeg_tile_to_model
 from appliance.pipeline.resample import CaseFrame, resample_tile, scale_factor, target_span
 from appliance.pipeline.stain import StainFit, apply_map, normalising_map
 from appliance.pipeline.result import PatchScore, TriageResult
@@ -160,18 +161,30 @@ class TriageSession:
     # ---------------------------------------------------------------------------------------- tiles in
     def add_tile(self, x: int, y: int, pixels: np.ndarray) -> None:
         """Take one tile (scanner pixels at scanner position x, y); scores batches as they fill."""
+        check_tile(pixels)
+        x, y = self._place(x, y)
+        self._add(*resample_tile(pixels, x, y, self.scale))
+
+    def add_jpeg(self, x: int, y: int, jpeg: bytes) -> None:
+        """Take one tile as the scanner's JPEG bytes (at scanner position x, y), decoded no larger than the
+        model needs (libjpeg's DCT scaling, appliance.pipeline.jpegscale); the rest as add_tile."""
+        x, y = self._place(x, y)
+        self._add(*jpeg_tile_to_model(jpeg, x, y, self.scale, label=f"tile at ({x}, {y})"))
+
+    def _place(self, x: int, y: int) -> tuple[int, int]:
+        """A tile's scanner position relative to the case origin; starts the tile's clock."""
         if self._finished:
             raise RuntimeError("this session is finished; start a new one for the next case")
-        check_tile(pixels)
         if x < 0 or y < 0:
             raise InputError(f"tile position ({x}, {y}) is negative")
+        self._clock.mark()
+        if x < self.origin[0] or y < self.origin[1]:
+            raise InputError(f"tile position ({x}, {y}) is left of or above the case origin {self.origin}")
+        return x - self.origin[0], y - self.origin[1]
+
+    def _add(self, x: int, y: int, px: np.ndarray) -> None:
+        """One tile at the model's resolution, at model position x, y: mosaic, QC, patches, scoring."""
         clock = self._clock
-        clock.mark()
-        x, y = x - self.origin[0], y - self.origin[1]
-        if x < 0 or y < 0:
-            raise InputError(f"tile position ({x + self.origin[0]}, {y + self.origin[1]}) is left of or above "
-                             f"the case origin {self.origin}")
-        x, y, px = resample_tile(pixels, x, y, self.scale)
         h, w = px.shape[:2]
         clock.lap("resample")
         self.mosaic.write(x, y, px)

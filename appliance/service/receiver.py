@@ -8,8 +8,6 @@ import shutil
 import time
 from pathlib import Path
 
-import numpy as np
-
 from firmware_bridge.cases import ENDED_CASES_REMEMBERED
 from firmware_bridge.sink import CaseInfo, CaseRefused, TileReceived
 
@@ -18,7 +16,7 @@ from appliance.service.cases import CaseProgress
 from appliance.service.events import CaseEnded, CaseStarted, LinkReported, Notify, Refused, Resumed, TileStored
 from appliance.service.worker import PipelineWorker
 from appliance.store.database import CaseStore
-from appliance.store.spool import TileSpool, pixel_digest
+from appliance.store.spool import TileSpool, tile_record
 from appliance.terms import CaseFile, CaseStatus
 
 log = logging.getLogger(__name__)
@@ -56,12 +54,14 @@ class CaseReceiver:
 
     def tile_received(self, tile: TileReceived) -> None:
         progress = self.book.arriving(tile.case_id)
-        h, w = tile.pixels.shape[:2]
-        # the link hashed the pixels as it decoded them; the spool hashes only when it did not
-        path, sha = self.spool.store_tile(tile.case_id, tile.index, tile.x, tile.y, tile.pixels, sha256=tile.sha256)
-        self.store.tile_stored(tile.case_id, tile.index, tile.x, tile.y, w, h, sha)
+        # the link hashed the tile as it checked it; the spool hashes only when it did not
+        if tile.jpeg is not None:  # kept as the scanner sent it: the case pyramid's full-resolution tile
+            path, sha = self.spool.store_jpeg(tile.case_id, tile.index, tile.x, tile.y, tile.jpeg, tile.sha256)
+        else:
+            path, sha = self.spool.store_tile(tile.case_id, tile.index, tile.x, tile.y, tile.decoded, tile.sha256)
+        self.store.tile_stored(tile.case_id, tile.index, tile.x, tile.y, tile.width, tile.height, sha)
         received = self.book.received(progress)
-        self.pipeline.tile(progress, tile.x, tile.y, tile.pixels, path)
+        self.pipeline.tile(progress, tile.x, tile.y, tile.jpeg if tile.jpeg is not None else tile.decoded, path)
         self.notify(TileStored(tile.case_id, received, progress.tiles_expected))
 
     def case_ended(self, case_id: str, tile_count: int) -> None:
@@ -96,8 +96,7 @@ class CaseReceiver:
             logged = {r["idx"] for r in self.store.tiles(case_id)}
             for idx, x, y, path in self.spool.stored_tiles(case_id):
                 if idx not in logged:  # spooled, then killed before its row was committed (and before the ACK)
-                    pixels = np.load(path, allow_pickle=False)
-                    self.store.tile_stored(case_id, idx, x, y, pixels.shape[1], pixels.shape[0], pixel_digest(pixels))
+                    self.store.tile_stored(case_id, idx, x, y, *tile_record(path))
                 self.pipeline.tile(progress, x, y, None, path)  # read back when its turn comes
                 self.book.received(progress)
             self.notify(Resumed(case_id, progress.tiles_received, ended))

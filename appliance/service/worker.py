@@ -26,6 +26,7 @@ from appliance.service.events import (CaseAbandoned, CaseError, CaseFailed, Case
                                       Notify, OutputsWritten, QcWarning)
 from appliance.service.heap import release_free_memory
 from appliance.store.database import CaseStore
+from appliance.store.spool import read_tile
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ class Tile:
     progress: CaseProgress
     x: int
     y: int
-    pixels: np.ndarray | None  # None: read back from ``spooled`` when its turn comes
+    data: np.ndarray | bytes | None  # decoded pixels or JPEG bytes; None: read back from ``spooled`` in its turn
     spooled: Path
 
 
@@ -93,12 +94,13 @@ class PipelineWorker:
     def begin(self, progress: CaseProgress) -> None:
         self._queue.put(Begin(progress))
 
-    def tile(self, progress: CaseProgress, x: int, y: int, pixels: np.ndarray | None, spooled: Path) -> None:
-        """Queue a spooled tile: with its pixels while few tiles wait, else by its spool path (never blocks)."""
+    def tile(self, progress: CaseProgress, x: int, y: int, data: np.ndarray | bytes | None, spooled: Path) -> None:
+        """Queue a spooled tile: with its pixels (or JPEG bytes) while few tiles wait, else by its spool path
+        (never blocks)."""
         with self._ram_lock:
-            keep = pixels is not None and self.tiles_in_ram < MAX_TILES_IN_RAM
+            keep = data is not None and self.tiles_in_ram < MAX_TILES_IN_RAM
             self.tiles_in_ram += keep
-        self._queue.put(Tile(progress, x, y, pixels if keep else None, spooled))
+        self._queue.put(Tile(progress, x, y, data if keep else None, spooled))
 
     def end(self, progress: CaseProgress) -> None:
         self._queue.put(End(progress))
@@ -162,11 +164,14 @@ class PipelineWorker:
         )
 
     def _tile(self, tile: Tile) -> None:
-        pixels = self._pixels(tile.pixels, tile.spooled)
+        data = self._data(tile.data, tile.spooled)
         session = self._sessions.get(tile.progress.case_id)
         if session is None:  # abandoned while this tile was in flight; it stays in the spool
             return
-        session.add_tile(tile.x, tile.y, pixels)
+        if isinstance(data, bytes):
+            session.add_jpeg(tile.x, tile.y, data)
+        else:
+            session.add_tile(tile.x, tile.y, data)
         live_qc = None
         if session.tiles % LIVE_QC_EVERY == 0:
             live_qc = [{"code": r.code, "message": r.message} for r in session.qc.reasons()]
@@ -191,16 +196,13 @@ class PipelineWorker:
         self.notify(CaseFailed(progress.case_id, message))
         self.book.released(progress)  # last: whoever waits for the case finds it said and stored
 
-    def _pixels(self, pixels: np.ndarray | None, spooled: Path) -> np.ndarray:
-        """A queued tile's pixels: as queued, or read back from the spool."""
-        if pixels is not None:
+    def _data(self, data: np.ndarray | bytes | None, spooled: Path) -> np.ndarray | bytes:
+        """A queued tile's pixels or JPEG bytes: as queued, or read back from the spool."""
+        if data is not None:
             with self._ram_lock:
                 self.tiles_in_ram -= 1
-            return pixels
-        try:
-            return np.load(spooled, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise StoreError(f"a spooled tile could not be read back from {spooled}: {exc}") from None
+            return data
+        return read_tile(spooled)
 
     def _early_positive(self, progress: CaseProgress, score: float, tiles: int) -> None:
         self.book.early_positive(progress)

@@ -15,7 +15,8 @@ from appliance.durable import fsync_path
 from appliance.errors import StoreError
 from appliance.terms import CASE_ID
 
-_TILE_FILE = re.compile(r"^tile-(\d+)_x(\d+)_y(\d+)\.npy$")
+_TILE_FILE = re.compile(r"^tile-(\d+)_x(\d+)_y(\d+)\.(npy|jpg)$")
+JPEG_SUFFIX = ".jpg"  # a tile kept as the scanner's JPEG bytes; any other encoding is kept decoded, as .npy
 
 
 def check_case_id(case_id: str) -> str:
@@ -46,7 +47,8 @@ def write_durably(path: Path, data: bytes) -> None:
 
 
 class TileSpool:
-    """One folder per case holding ``case.json`` and one ``.npy`` file per tile."""
+    """One folder per case holding ``case.json`` and one file per tile: the scanner's JPEG as it came
+    (``.jpg``), or the decoded pixels of any other encoding (``.npy``)."""
 
     def __init__(self, root: Path):
         self.root = Path(root)
@@ -64,8 +66,8 @@ class TileSpool:
 
     def store_tile(self, case_id: str, index: int, x: int, y: int, pixels: np.ndarray,
                    sha256: str | None = None) -> tuple[Path, str]:
-        """Store one tile durably; returns its path and the sha256 of its pixel bytes (``sha256`` when the
-        caller already has it, so a tile is hashed once)."""
+        """Store one decoded tile durably; returns its path and the sha256 of its pixel bytes (``sha256`` when
+        the caller already has it, so a tile is hashed once)."""
         pixels = np.ascontiguousarray(pixels)
         buf = io.BytesIO()
         np.save(buf, pixels, allow_pickle=False)
@@ -73,20 +75,51 @@ class TileSpool:
         write_durably(path, buf.getvalue())
         return path, sha256 or pixel_digest(pixels)
 
-    def tile_path(self, case_id: str, index: int, x: int, y: int) -> Path:
-        return self.case_dir(case_id) / f"tile-{index:06d}_x{x}_y{y}.npy"
+    def store_jpeg(self, case_id: str, index: int, x: int, y: int, jpeg: bytes,
+                   sha256: str | None = None) -> tuple[Path, str]:
+        """Store one JPEG tile durably, its bytes as they came; returns its path and their sha256."""
+        path = self.tile_path(case_id, index, x, y, JPEG_SUFFIX)
+        write_durably(path, jpeg)
+        return path, sha256 or hashlib.sha256(jpeg).hexdigest()
+
+    def tile_path(self, case_id: str, index: int, x: int, y: int, suffix: str = ".npy") -> Path:
+        return self.case_dir(case_id) / f"tile-{index:06d}_x{x}_y{y}{suffix}"
 
     def tiles(self, case_id: str) -> list[Path]:
-        return sorted(self.case_dir(case_id).glob("tile-*.npy"))
+        return sorted(f for f in self.case_dir(case_id).glob("tile-*") if _TILE_FILE.match(f.name))
 
     def stored_tiles(self, case_id: str) -> list[tuple[int, int, int, Path]]:
         """(index, x, y, path) of every tile spooled for a case, in index order."""
         out = []
         for f in self.tiles(case_id):
             m = _TILE_FILE.match(f.name)
-            if m:
-                out.append((int(m.group(1)), int(m.group(2)), int(m.group(3)), f))
+            out.append((int(m.group(1)), int(m.group(2)), int(m.group(3)), f))
         return sorted(out)
 
     def case_info(self, case_id: str) -> dict:
         return json.loads((self.case_dir(case_id) / "case.json").read_text())
+
+
+def read_tile(path: Path) -> np.ndarray | bytes:
+    """A spooled tile as stored: the JPEG's bytes, or the decoded pixels. Raises StoreError."""
+    try:
+        if path.suffix == JPEG_SUFFIX:
+            return path.read_bytes()
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise StoreError(f"a spooled tile could not be read back from {path}: {exc}") from None
+
+
+def tile_record(path: Path) -> tuple[int, int, str]:
+    """(width, height, sha256) of a spooled tile, as the link logs it on receipt. Raises StoreError."""
+    data = read_tile(path)
+    if isinstance(data, bytes):
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(io.BytesIO(data), formats=["JPEG"]) as img:
+                w, h = img.size
+        except (UnidentifiedImageError, OSError) as exc:
+            raise StoreError(f"the spooled tile {path} is not a readable JPEG: {exc}") from None
+        return w, h, hashlib.sha256(data).hexdigest()
+    return data.shape[1], data.shape[0], pixel_digest(data)

@@ -48,7 +48,7 @@ def test_the_reduced_path_changes_the_model_s_input_less_than_the_full_path_is_o
         sx, sy = x * factor, y * factor
         with Image.open(io.BytesIO(payload)) as img:
             full = resample_tile(np.asarray(img.convert("RGB")), sx, sy, scale)
-        reduced = jpeg_tile_to_model(payload, sx, sy, 1024, 1024, scale)
+        reduced = jpeg_tile_to_model(payload, sx, sy, scale)
         truth = resample_tile(raw, sx, sy, scale)[2].astype(np.int16)
         assert reduced[:2] == full[:2] == (x, y) and reduced[2].shape == full[2].shape == (size, size, 3)
         change.append(np.abs(reduced[2].astype(np.int16) - full[2]))
@@ -63,15 +63,17 @@ def test_a_truncated_or_foreign_payload_is_refused_with_its_reason():
     tile[::3] = 90  # something to encode
     good = jpeg(tile)
     with pytest.raises(InputError, match="tile 7: jpeg payload cannot be decoded"):
-        decode_reduced(good[: len(good) // 2], 64, 64, 8, label="tile 7")
-    with pytest.raises(InputError, match="jpeg is RGB 64x64, expected RGB 64x32"):
-        decode_reduced(good, 64, 32, 8, label="tile 7")
+        decode_reduced(good[: len(good) // 2], 8, label="tile 7")
+    odd = jpeg(tile[:60])
+    with pytest.raises(InputError, match="tile 7: a 64x60 jpeg cannot be decoded at 1/8"):
+        decode_reduced(odd, 8, label="tile 7")
+    assert decode_reduced(odd, lambda w, h: 4).shape == (15, 16, 3)
     grey = io.BytesIO()
     Image.fromarray(tile[..., 0]).save(grey, format="JPEG")
     with pytest.raises(InputError, match="jpeg is L 64x64"):
-        decode_reduced(grey.getvalue(), 64, 64, 8)
+        decode_reduced(grey.getvalue(), 8)
     png = io.BytesIO()
     Image.fromarray(tile).save(png, format="PNG")
     with pytest.raises(InputError, match="cannot be decoded"):
-        decode_reduced(png.getvalue(), 64, 64, 8)
-    assert decode_reduced(good, 64, 64, 8).shape == (8, 8, 3)
+        decode_reduced(png.getvalue(), 8)
+    assert decode_reduced(good, 8).shape == (8, 8, 3)

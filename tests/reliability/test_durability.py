@@ -130,7 +130,7 @@ def test_a_case_end_and_a_timeout_at_the_same_moment_give_one_outcome(tmp_path, 
         receiver.case_began(CaseInfo("RACE-1", "S-1", "brightfield-he", 4.0, 200, 200, expected_tiles=len(tiles),
                                      image_width=demo_image.shape[1], image_height=demo_image.shape[0]))
         for i, t in enumerate(tiles):
-            receiver.tile_received(TileReceived("RACE-1", i, t.x, t.y, t.pixels.copy()))
+            receiver.tile_received(TileReceived("RACE-1", i, t.x, t.y, t.pixels.shape[1], t.pixels.shape[0], decoded=t.pixels.copy()))
         blocker = sqlite3.connect(store.path, timeout=10)
         blocker.execute("BEGIN IMMEDIATE")  # another writer: the CASE_END's commit waits for it
         ended = threading.Thread(target=receiver.case_ended, args=("RACE-1", len(tiles)))
