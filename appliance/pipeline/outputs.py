@@ -19,6 +19,7 @@ from appliance.durable import fsync_path, replace_durably
 from appliance.pipeline.heatmap import Heatmap, Thumbnail, regions
 from appliance.pipeline.mosaic import Mosaic
 from appliance.pipeline.pyramid import BAND, write_pyramid
+from appliance.pipeline.scanpyramid import ScanGrid, write_scan_pyramid
 from appliance.pipeline.summary import validated
 from appliance.terms import CaseFile, rule_words
 
@@ -181,7 +182,7 @@ def heatmap_image(heat: np.ndarray, cell: int, width: int, height: int, px: int)
 
 # ---------------------------------------------------------------------------------------------- all
 def _regions_json(heat: np.ndarray, heatmap: Heatmap, patch_threshold: float, min_region_cells: int,
-                  tiles: list[tuple] | None, case_id: str, result: dict, mpp: float) -> str:
+                  tiles: list[tuple] | None, case_id: str, result: dict, mpp: float, scan: ScanGrid | None) -> str:
     """regions.geojson: the regions over the patch threshold (and each scored patch, when ``tiles`` are given)."""
     feats = regions(heat, patch_threshold, heatmap.cell, min_region_cells)
     for i, feat in enumerate(feats):  # the same case gives the same ids (a re-run replaces, never duplicates)
@@ -190,7 +191,10 @@ def _regions_json(heat: np.ndarray, heatmap: Heatmap, patch_threshold: float, mi
         feats += tile_features(tiles, case_id)
     units = "pixels of case.ome.tif"
     slide = result.get("slide")
-    if slide:  # a slide file: drawn over the slide itself, so in its level-0 pixels
+    if scan is not None:  # case.ome.tif is the scan as it arrived
+        units = "level-0 pixels of case.ome.tif"
+        to_slide(feats, mpp / scan.mpp)
+    elif slide:  # a slide file: drawn over the slide itself, so in its level-0 pixels
         units = f"level-0 pixels of {Path(result['input']).name}"
         to_slide(feats, mpp / slide["microns_per_pixel"])
     return json.dumps({"type": "FeatureCollection", "features": feats,
@@ -215,13 +219,16 @@ def _summary_json(summary: dict, case_id: str, outputs: list[str]) -> str:
 
 def _writers(case_id: str, result: dict, heat: np.ndarray, heatmap: Heatmap, thumbnail: Thumbnail,
              mosaic: Mosaic, patch_threshold: float, top_crops, min_region_cells: int, tiles: list[tuple] | None,
-             top: Callable[[], list[dict]] | None, mpp: float) -> dict[CaseFile, Callable[[Path], None]]:
+             top: Callable[[], list[dict]] | None, mpp: float, scan: ScanGrid | None
+             ) -> dict[CaseFile, Callable[[Path], None]]:
     """Every file but summary.json, as {name: a function writing it to the path it is given}, the longest
     first (so the last to start are short): the case pyramid (the whole mosaic read, halved and JPEG-encoded) is
     most of the work."""
     work = mosaic.root.parent
     writers: dict[CaseFile, Callable[[Path], None]] = {}
-    if mosaic.width and mosaic.height:
+    if scan is not None:
+        writers[CaseFile.CASE_OME] = lambda tmp: write_scan_pyramid(tmp, scan, f"{case_id} (scan resolution)")
+    elif mosaic.width and mosaic.height:
         writers[CaseFile.CASE_OME] = lambda tmp: write_pyramid(
             tmp, mosaic.width, mosaic.height, mosaic.bands(BAND), mpp, work, f"{case_id} (model resolution)")
     thumb = thumbnail.image()
@@ -230,7 +237,7 @@ def _writers(case_id: str, result: dict, heat: np.ndarray, heatmap: Heatmap, thu
     if top:
         writers[CaseFile.TOP_PATCHES_JSON] = lambda tmp: tmp.write_text(_top_patches_json(case_id, top()))
     writers[CaseFile.REGIONS] = lambda tmp: tmp.write_text(
-        _regions_json(heat, heatmap, patch_threshold, min_region_cells, tiles, case_id, result, mpp))
+        _regions_json(heat, heatmap, patch_threshold, min_region_cells, tiles, case_id, result, mpp, scan))
     if thumb.size:
         writers[CaseFile.THUMBNAIL] = _png(thumb)
     if mosaic.width and mosaic.height:
@@ -255,12 +262,14 @@ def _heatmap_pyramid(path: Path, heat: np.ndarray, cell: int, mosaic: Mosaic, px
 def write_outputs(out_dir: Path, case_id: str, summary: dict, *, heatmap: Heatmap, thumbnail: Thumbnail,
                   mosaic: Mosaic, patch_threshold: float, top_crops: list[np.ndarray] = (),
                   min_region_cells: int = MIN_REGION_CELLS, tiles: list[tuple] | None = None,
-                  top: Callable[[], list[dict]] | None = None) -> dict[str, str]:
+                  top: Callable[[], list[dict]] | None = None, scan: ScanGrid | None = None) -> dict[str, str]:
     """Write the case's files into ``out_dir``; returns {name: path}. ``summary`` follows TriageSummary;
     ``top_crops`` are the top patches' pixels, highest probability first; ``tiles`` (x, y, w, h, probability,
     first-stage probability) in mosaic pixels, when given, go into regions.geojson as one tile object each;
     ``top`` gives the top patches' records for top_patches.json (called on the pool: their class-activation
     maps take a model compiled at its first use, 0.3 s, which then runs beside the pyramid instead of before it).
+    ``scan``: write case.ome.tif from the scanner's tiles at their own resolution, and regions.geojson in
+    its pixels (the caller gives the top patches in them too).
 
     Once the case has ended the inference engine is idle, so the files are written side by side on WORKERS
     threads (encoding, halving and zlib release the GIL); summary.json, which lists them, is written last."""
@@ -268,7 +277,7 @@ def write_outputs(out_dir: Path, case_id: str, summary: dict, *, heatmap: Heatma
     out_dir.mkdir(parents=True, exist_ok=True)
     mpp = summary.get("microns_per_pixel") or 0.0
     writers = _writers(case_id, summary, heatmap.average(), heatmap, thumbnail, mosaic, patch_threshold, top_crops,
-                       min_region_cells, tiles, top, mpp)
+                       min_region_cells, tiles, top, mpp, scan)
     pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="case-files")
     try:
         (name, write), *rest = writers.items()

@@ -35,6 +35,7 @@ from appliance.pipeline.batches import BatchFiller
 from appliance.pipeline.patches import check_tile, pad_to
 from appliance.pipeline.qc import CaseQc, QcLimits, laplacian_variance, limits_for
 from appliance.pipeline.jpegscale import jpeg_tile_to_model
+from appliance.pipeline.scanpyramid import ScanGrid
 from appliance.pipeline.resample import CaseFrame, resample_tile, scale_factor, target_span
 from appliance.pipeline.stain import StainFit, apply_map, normalising_map
 from appliance.pipeline.result import PatchScore, TriageResult
@@ -427,26 +428,31 @@ class TriageSession:
         self._clock.lap("context")
         return refined
 
-    def write_outputs(self, out_dir: Path, case_id: str, summary: dict, *, geojson_tiles: bool = False
-                      ) -> dict[CaseFile, str]:
+    def write_outputs(self, out_dir: Path, case_id: str, summary: dict, *, geojson_tiles: bool = False,
+                      scan: ScanGrid | None = None) -> dict[CaseFile, str]:
         """The case's files (``CaseFile``) into ``out_dir``; returns their paths. ``summary`` is the finished
         result's ``to_dict()`` plus ``input`` and ``skipped_inputs``; it is left as it is (summary.json adds the
         case id and the list of files), so the file and the result a caller holds never differ. With
-        ``geojson_tiles`` every scored patch is also a tile object in regions.geojson."""
+        ``geojson_tiles`` every scored patch is also a tile object in regions.geojson. ``scan``: the scanner's
+        tiles on their grid; when the scan is finer than the model's resolution, case.ome.tif is the scan as
+        it arrived (appliance.pipeline.scanpyramid) and the top patches and regions are in its pixels."""
+        if scan is not None and not self.scale < 1:
+            scan = None  # the model-resolution mosaic already holds every scanned pixel
         top = heapq.nsmallest(self.top_k, self._patches, key=lambda p: (-p.probability, p.y, p.x))
         rects = [self.frame.to_model(p.x, p.y, p.w, p.h) for p in top]
         crops = [self.mosaic.read(*r) for r in rects]
+        shown = [(p.x, p.y, p.w, p.h) for p in top] if scan is not None else rects  # in case.ome.tif's pixels
 
         def top_records() -> list[dict]:  # called beside the other files: the CAM head compiles at its first use
             cams = self._cams(crops)
             return [{"x": r[0], "y": r[1], "w": r[2], "h": r[3], "probability": p.probability,
-                     "first_stage": p.first_stage, "cam": cam} for r, p, cam in zip(rects, top, cams)]
+                     "first_stage": p.first_stage, "cam": cam} for r, p, cam in zip(shown, top, cams)]
 
         tiles = [(*self.frame.to_model(p.x, p.y, p.w, p.h), p.probability, p.first_stage)
                  for p in self._patches] if geojson_tiles else None
         return write_outputs(out_dir, case_id, summary, heatmap=self.heatmap, thumbnail=self.thumbnail,
                              mosaic=self.mosaic, patch_threshold=self.patch_threshold, top_crops=crops, tiles=tiles,
-                             top=top_records if top else None)
+                             top=top_records if top else None, scan=scan)
 
     def _cams(self, crops: list[np.ndarray]) -> list[list[list[float]] | None]:
         """The class-activation map of each top patch (the members' mean logit at each position of the last

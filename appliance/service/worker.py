@@ -21,6 +21,7 @@ from appliance.errors import ApplianceError, StoreError
 from appliance.model.engine import Engine
 from appliance.pipeline import TriageSession
 from appliance.pipeline.decision import ThresholdInForce
+from appliance.pipeline.scanpyramid import ScanGrid, ScanTile, scan_grid
 from appliance.service.cases import CaseBook, CaseProgress
 from appliance.service.events import (CaseAbandoned, CaseError, CaseFailed, CaseFinished, EarlyPositive, Event,
                                       Notify, OutputsWritten, QcWarning)
@@ -81,6 +82,7 @@ class PipelineWorker:
         self.tiles_in_ram = 0  # queued tiles that carry their pixels (at most MAX_TILES_IN_RAM)
         self._thread = threading.Thread(target=self._run, name="pipeline", daemon=True)
         self._sessions: dict[str, TriageSession] = {}
+        self._scans: dict[str, list[ScanTile]] = {}  # each case's spooled tiles: its full-resolution pyramid
         self.beat = time.monotonic()  # last time the loop was between items (idle or done with one)
         self.hang = threading.Event()  # fault injection: the loop blocks forever once this is set
 
@@ -145,6 +147,7 @@ class PipelineWorker:
                 self.notify(CaseError(progress.case_id, str(exc)))
             except Exception as exc:
                 log.exception("pipeline failed on case %s", progress.case_id)
+                self._scans.pop(progress.case_id, None)
                 failed = self._sessions.pop(progress.case_id, None)
                 if failed is not None:
                     failed.close()
@@ -172,12 +175,14 @@ class PipelineWorker:
             session.add_jpeg(tile.x, tile.y, data)
         else:
             session.add_tile(tile.x, tile.y, data)
+        self._scans.setdefault(tile.progress.case_id, []).append(ScanTile(tile.x, tile.y, tile.spooled))
         live_qc = None
         if session.tiles % LIVE_QC_EVERY == 0:
             live_qc = [{"code": r.code, "message": r.message} for r in session.qc.reasons()]
         self.book.processed(tile.progress, session.tiles, session.score, live_qc)
 
     def _abandon(self, progress: CaseProgress) -> None:
+        self._scans.pop(progress.case_id, None)
         session = self._sessions.pop(progress.case_id, None)
         if session is not None:
             session.close()
@@ -204,6 +209,18 @@ class PipelineWorker:
             return data
         return read_tile(spooled)
 
+    def _scan_grid(self, progress: CaseProgress) -> ScanGrid | None:
+        """The case's spooled tiles on the scanner's grid (its pyramid at full resolution), or None (logged)."""
+        tiles, info = self._scans.pop(progress.case_id, []), progress.info
+        if info is None:
+            return None
+        grid = scan_grid(tiles, info.image_width, info.image_height, info.tile_width, info.tile_height,
+                         info.overlap, info.microns_per_pixel, read_tile)
+        if isinstance(grid, str):
+            log.info("case %s: its pyramid is at the model's resolution: %s", progress.case_id, grid)
+            return None
+        return grid
+
     def _early_positive(self, progress: CaseProgress, score: float, tiles: int) -> None:
         self.book.early_positive(progress)
         self.notify(EarlyPositive(progress.case_id, round(score, 6), tiles))
@@ -211,6 +228,7 @@ class PipelineWorker:
     def _finish(self, progress: CaseProgress) -> None:
         # the case is already "processing": the receiver committed that on CASE_END, before the ACK
         session = self._sessions.pop(progress.case_id)
+        scan = self._scan_grid(progress)
         last: Event | None = None  # told last: whoever waits for a case's files finds the pipeline done with it
         try:
             result = session.finish()
@@ -242,7 +260,8 @@ class PipelineWorker:
                 accession = progress.info.accession if progress.info is not None else ""
                 summary = dict(result.to_dict(), input=f"scanner case {progress.case_id}", skipped_inputs=[],
                                **({"accession": accession} if accession else {}))
-                outputs = session.write_outputs(self.cases_dir / progress.case_id, progress.case_id, summary)
+                outputs = session.write_outputs(self.cases_dir / progress.case_id, progress.case_id, summary,
+                                                scan=scan)
                 self.book.outputs_written(progress, outputs)
                 last = OutputsWritten(progress.case_id, [str(f) for f in sorted(outputs)],
                                       rebuilt=progress.rebuild_files)
