@@ -36,6 +36,7 @@ from firmware_bridge.messages import (
 from firmware_bridge.pixels import JPEG_QUALITY, TileEncoding, encode_pixels
 from firmware_bridge.scanjob import (
     EmulatorResult,
+    JpegTile,
     ProgressCallback,
     TileOnDemand,
     TileToSend,
@@ -55,6 +56,7 @@ __all__ = [
     "DeliveryError",
     "EmulatorResult",
     "Faults",
+    "JpegTile",
     "Pluggable",
     "ScannerEmulator",
     "TileOnDemand",
@@ -277,7 +279,9 @@ class ScannerEmulator:
         # first, so the link's speed is measured, not the codec's.
         return iter([(tile, self._encode(tile)) for tile in self.tiles])
 
-    def _encode(self, tile: TileToSend) -> bytes:
+    def _encode(self, tile: TileToSend | TileOnDemand | JpegTile) -> bytes:
+        if isinstance(tile, JpegTile) and self.encoding == TileEncoding.JPEG:
+            return tile.jpeg  # compressed by the scanner's hardware
         return encode_pixels(tile.pixels, self.encoding, quality=self.jpeg_quality)
 
     def _stream_tiles(self) -> None:

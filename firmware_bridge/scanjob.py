@@ -11,7 +11,8 @@ import numpy as np
 from firmware_bridge.messages import CaseBegin, Tile
 from firmware_bridge.pixels import TileEncoding
 
-__all__ = ["EmulatorResult", "ProgressCallback", "TileOnDemand", "TileToSend", "case_begin_from", "expected_digest"]
+__all__ = ["EmulatorResult", "JpegTile", "ProgressCallback", "TileOnDemand", "TileToSend", "case_begin_from",
+           "expected_digest"]
 
 ProgressCallback = Callable[[int, int, int | None], None]  # (sent, acked, total or None)
 
@@ -57,6 +58,26 @@ class TileOnDemand:
     message = TileToSend.message
 
 
+@dataclass(frozen=True)
+class JpegTile:
+    """A tile the scanner's hardware has already compressed: its JPEG bytes, sent as they are by an emulator
+    whose encoding is jpeg (its link then costs the emulator nothing but the writes, as on a real scanner)."""
+
+    x: int
+    y: int
+    w: int
+    h: int
+    jpeg: bytes = field(repr=False)
+
+    @property
+    def pixels(self) -> np.ndarray:
+        from firmware_bridge.pixels import decode_pixels
+
+        return decode_pixels(self.jpeg, TileEncoding.JPEG, self.w, self.h)
+
+    message = TileToSend.message
+
+
 @dataclass
 class EmulatorResult:
     """What one run() did."""
@@ -74,8 +95,8 @@ class EmulatorResult:
     reconnects: int = 0  # times the emulator plugged back in, said HELLO and resumed
     heartbeats_sent: int = 0
     heartbeat_replies: int = 0
-    # index -> sha256 of the pixels the host should decode: of the tile itself for lossless
-    # encodings, of what this end decodes from its own payload for jpeg. keep_digests=True.
+    # index -> sha256 of what the host keeps of each tile: the pixels for lossless encodings, the JPEG's
+    # bytes for jpeg. keep_digests=True.
     digests: dict[int, str] = field(default_factory=dict)
 
 
