@@ -74,12 +74,13 @@ def serve(port: str, cores: int) -> None:
                 case["waiting"] = progress.tiles_received - progress.tiles_processed
                 case["tiles"] = progress.tiles_received
             elif isinstance(event, CaseFinished):
-                case.update(verdict_at=now, verdict=event.verdict)
+                case.update(verdict_at=now, verdict=event.verdict, cpu_verdict=cpu)
             elif isinstance(event, OutputsWritten):
                 line = {"case": event.case_id, "verdict": case["verdict"], "tiles": case["tiles"],
                         "ack_to_verdict_s": round(case["verdict_at"] - case["last_ack"], 4),
                         "waiting_at_last_ack": case["waiting"],
                         "first_ack_to_verdict_s": round(case["verdict_at"] - case["first"], 3),
+                        "cpu_to_verdict_s": round(case["cpu_verdict"] - case["cpu0"], 2),
                         "cpu_s": round(cpu - case["cpu0"], 2)}
                 print(json.dumps(line), flush=True)
 
@@ -87,7 +88,7 @@ def serve(port: str, cores: int) -> None:
         settings = load_settings(None, data_dir=Path(tmp), api_port=0)
         daemon = Daemon(settings, port=port, notify=notify, serve_api=False, engine=engine)
         daemon.start()
-        print(json.dumps({"ready": True}), flush=True)
+        print(json.dumps({"ready": True, "cpus": sorted(os.sched_getaffinity(0))}), flush=True)
         sys.stdin.read()  # until the bench closes it
         daemon.stop()
     print(json.dumps({"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
@@ -109,7 +110,8 @@ def run_config(cases: list, cap: str, cores: int, rate: float | None, magnificat
     child = subprocess.Popen([sys.executable, __file__, "--serve", os.ttyname(slave), "--cores", str(cores)],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     try:
-        assert json.loads(child.stdout.readline()).get("ready"), "the daemon did not start"
+        ready = json.loads(child.stdout.readline())
+        assert ready.get("ready") and len(ready["cpus"]) == cores, f"the daemon did not start as asked: {ready}"
         lines = []
         for n, (tiles, width, height) in enumerate(cases):
             case_id = f"SCAN-{magnification}-{cap or 'native'}-{cores}c-{n}"
@@ -149,6 +151,8 @@ def summarise(res: dict, magnification: str, rate: float | None) -> dict:
     out = {"p50_s": round(statistics.median(lat), 3), "p95_s": round(percentile(lat, 0.95), 3),
            "max_waiting": max(c["waiting_at_last_ack"] for c in res["cases"]),
            "cpu_s_per_case": round(statistics.mean(c["cpu_s"] for c in res["cases"]), 1),
+           # the daemon's CPU per tile up to the verdict (link, spool, decode, model; not the files after)
+           "cpu_ms_per_tile": round(1e3 * statistics.mean(c["cpu_to_verdict_s"] / c["tiles"] for c in res["cases"]), 2),
            "peak_rss_mb": res["peak_rss_mb"],
            "link_mb_per_s": round(statistics.mean(c["link_mb_per_s"] for c in res["cases"]), 2)}
     if rate is None:  # as fast as it goes: the daemon's capacity
@@ -220,10 +224,11 @@ def _cpu_name() -> str:
 def _table(result: dict) -> None:
     print(f"\n{result['cpu']}; pace {result['pace_mm2_per_min']:g} mm^2/min; JPEG q80 tiles of {TILE} px")
     print(f"{'mode':<9}{'mag':<5}{'ISA cap':<11}{'cores':>5}{'p50 ms':>8}{'p95 ms':>8}{'waiting':>8}"
-          f"{'CPU s':>7}{'RSS MB':>8}{'MB/s':>7}{'tiles/s':>8}{'mm2/min':>9}")
+          f"{'CPU s':>7}{'ms/tile':>8}{'RSS MB':>8}{'MB/s':>7}{'tiles/s':>8}{'mm2/min':>9}")
     for r in result["runs"]:
         print(f"{r['mode']:<9}{r['magnification']:<5}{r['cap']:<11}{r['cores']:>5}{r['p50_s'] * 1e3:>8.0f}"
-              f"{r['p95_s'] * 1e3:>8.0f}{r['max_waiting']:>8}{r['cpu_s_per_case']:>7}{r['peak_rss_mb']:>8.0f}"
+              f"{r['p95_s'] * 1e3:>8.0f}{r['max_waiting']:>8}{r['cpu_s_per_case']:>7}{r['cpu_ms_per_tile']:>8}"
+              f"{r['peak_rss_mb']:>8.0f}"
               f"{r['link_mb_per_s']:>7}{r.get('tiles_per_s', ''):>8}{r.get('mm2_per_min', ''):>9}")
 
 

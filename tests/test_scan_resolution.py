@@ -5,6 +5,7 @@ and regions in its pixels; and the model saw the same tissue as at its own resol
 import hashlib
 import io
 import json
+from dataclasses import dataclass
 
 import numpy as np
 import openslide
@@ -12,11 +13,17 @@ import pytest
 import tifffile
 from PIL import Image
 
+from appliance.api.app import ApiServer, create_app
+from appliance.api.logins import hash_password
+from appliance.config import load_settings
 from appliance.offline.demo import case_info_for
 from appliance.offline.scans import MODEL_MPP, SCANNER_MPP, upsampled
 from appliance.service.daemon import Daemon
 from appliance.terms import CaseFile
 from firmware_bridge.emulator import ScannerEmulator, TileToSend
+from tests.conftest import MODEL_DIR, ROOT
+from tests.ptys import open_pty
+from tests.stores import open_store
 
 TILE = 1024
 FACTOR = round(MODEL_MPP / SCANNER_MPP["40x"])  # 16 scanner pixels per model pixel
@@ -37,25 +44,44 @@ def scan_40x(demo_image) -> list[TileToSend]:
     return tiles
 
 
-def test_a_40x_case_pyramid_is_the_scan_as_it_arrived(settings, pty_pair, scan_40x):
-    daemon = Daemon(settings, port=pty_pair.path, serve_api=False)
-    daemon.start()
-    try:
-        info = case_info_for("SCAN-40X", "S-40X", scan_40x, SCANNER_MPP["40x"], TILE)
-        sent = ScannerEmulator(pty_pair.transport(), info, scan_40x, encoding="jpeg", jpeg_quality=80,
-                               keep_digests=True).run()
-        progress = daemon.wait_case("SCAN-40X", timeout=120)
-        assert progress is not None and progress.result is not None
-        assert progress.outputs_done.wait(120)
-    finally:
-        daemon.stop()
+@dataclass
+class Streamed:
+    settings: object
+    info: object
+    sent: object  # the emulator's result (digests of the JPEG bytes it sent)
+    tiles: list  # the store's tiles rows
+
+
+@pytest.fixture(scope="module")
+def streamed_40x(tmp_path_factory, scan_40x) -> Streamed:
+    """The 40x scan through the real daemon over a real pty, its files written."""
+    settings = load_settings(None, data_dir=tmp_path_factory.mktemp("scan40x") / "var", model_dir=MODEL_DIR,
+                             api_port=0)
+    with open_pty() as pty_pair:
+        daemon = Daemon(settings, port=pty_pair.path, serve_api=False)
+        daemon.start()
+        try:
+            info = case_info_for("SCAN-40X", "S-40X", scan_40x, SCANNER_MPP["40x"], TILE)
+            sent = ScannerEmulator(pty_pair.transport(), info, scan_40x, encoding="jpeg", jpeg_quality=80,
+                                   keep_digests=True).run()
+            progress = daemon.wait_case("SCAN-40X", timeout=120)
+            assert progress is not None and progress.result is not None
+            assert progress.outputs_done.wait(120)
+            tiles = daemon.store.tiles("SCAN-40X")
+        finally:
+            daemon.stop()
     assert sorted(sent.acked) == list(range(len(scan_40x)))
+    return Streamed(settings, info, sent, tiles)
+
+
+def test_a_40x_case_pyramid_is_the_scan_as_it_arrived(streamed_40x, scan_40x):
+    settings, info, sent = streamed_40x.settings, streamed_40x.info, streamed_40x.sent
     folder = settings.cases_dir / "SCAN-40X"
 
     # the spool kept the scanner's JPEG bytes (their sha256 logged), not decoded pixels
     spooled = sorted(settings.spool_dir.joinpath("SCAN-40X").glob("tile-*.jpg"))
     assert len(spooled) == len(scan_40x)
-    assert {r["idx"]: r["sha256"] for r in daemon.store.tiles("SCAN-40X")} == sent.digests
+    assert {r["idx"]: r["sha256"] for r in streamed_40x.tiles} == sent.digests
 
     slide = openslide.OpenSlide(folder / CaseFile.CASE_OME)
     assert slide.dimensions == (info.image_width, info.image_height) == (2648, 2448)
@@ -118,3 +144,48 @@ def test_a_jpeg_tile_s_model_pixels_come_from_a_reduced_decode_close_to_the_full
     a, b = results
     assert a.verdict == b.verdict and len(a.patches) == len(b.patches) > 0
     assert a.score == pytest.approx(b.score, abs=0.02)
+
+
+def test_the_viewer_shows_a_40x_case_at_the_scan_s_full_resolution(streamed_40x, chromium):
+    """Debian's headless Chromium on the streamed 40x case: zoomed to full resolution, the deep zoom's top
+    level is the scan's level 0 (2648 px wide, 0.25 um/px, said on the page) and its tiles are 1:1 with it."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    settings = streamed_40x.settings
+    store = open_store(settings.db_path)
+    store.set_user("drsmith", hash_password("a long enough password"), by="test")
+    server = ApiServer(create_app(settings, store), "127.0.0.1", 0)
+    server.start()
+    try:
+        wait = WebDriverWait(chromium, 30)
+        js = chromium.execute_script
+        chromium.get(f"http://127.0.0.1:{server.port}/viewer/login")
+        chromium.find_element(By.ID, "name").send_keys("drsmith")
+        chromium.find_element(By.ID, "password").send_keys("a long enough password")
+        chromium.find_element(By.ID, "login").click()
+        wait.until(lambda d: d.find_elements(By.ID, "cases"))
+        chromium.get(f"http://127.0.0.1:{server.port}/viewer/cases/SCAN-40X")
+        wait.until(lambda d: js("return window.review && window.review.tilesLoaded > 0"))
+        assert chromium.find_element(By.ID, "view-source").text == "case.ome.tif"
+        assert chromium.find_element(By.ID, "resolution").text == "0.25 µm/px at full resolution"
+        assert js("return window.review.mpp") == pytest.approx(SCANNER_MPP["40x"], rel=0.01)
+        width = js("return window.review.viewer.world.getItemAt(0).source.width")
+        assert width == streamed_40x.info.image_width == 2648  # the scan's pixels, not the model's 166
+        top = int(np.ceil(np.log2(width)))
+        assert js("return window.review.maxLevelLoaded") < top
+
+        js("const v = window.review.viewer; v.viewport.zoomTo(v.viewport.imageToViewportZoom(1), null, true);")
+        wait.until(lambda d: js("return window.review.maxLevelLoaded") == top)
+        wait.until(lambda d: js("return window.review.lastTile.level") == top)
+        tile = js("return window.review.lastTile")
+        # a full-resolution tile: as many image pixels as scan pixels (254 + the 1 px overlap on each inner side)
+        assert tile["width"] == tile["sourceWidth"] and tile["height"] == tile["sourceHeight"]
+        assert 254 <= tile["width"] <= 256 and 254 <= tile["height"] <= 256
+        assert "0.25 µm per screen pixel" in chromium.find_element(By.ID, "zoom-level").text
+        SCREENSHOTS = ROOT / "tests" / "output" / "viewer"
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        chromium.save_screenshot(str(SCREENSHOTS / "scan-40x-full-resolution.png"))
+    finally:
+        server.stop()
+        store.close()

@@ -42,6 +42,16 @@ class DeepZoom:
     def size(self, path: Path) -> tuple[int, int]:
         return self._generator(path)[1].level_dimensions[-1]
 
+    def mpp(self, path: Path) -> float | None:
+        """Level 0's microns per pixel, as OpenSlide reads it from the file; None when the file does not say."""
+        import openslide
+
+        value = self._generator(path)[0].properties.get(openslide.PROPERTY_NAME_MPP_X)
+        try:
+            return float(value) if value else None
+        except ValueError:
+            return None
+
     def region_png(self, path: Path, x: int, y: int, w: int, h: int) -> bytes:
         """A full-resolution crop (a patch of the gallery) as PNG."""
         image = self._generator(path)[0].read_region((x, y), 0, (w, h))

@@ -121,8 +121,9 @@ def case_page(request: Request, case_id: CaseId, session: Reviewer) -> HTMLRespo
     summary = _summary(folder)
     view = _view(request, case_id)
     width, height = state.deepzoom.size(view.path) if view.path else (0, 0)
+    mpp = state.deepzoom.mpp(view.path) if view.path else None
     return _page(request, "case.html", session=session, case=case, summary=summary, width=width, height=height,
-                 view=view, has_heatmap=(folder / CaseFile.HEATMAP_OME).is_file(),
+                 view=view, mpp=mpp, has_heatmap=(folder / CaseFile.HEATMAP_OME).is_file(),
                  has_regions=(folder / CaseFile.REGIONS).is_file(),
                  top_patches=_top_patches(folder, summary)[:12],
                  deliveries=state.store.deliveries(case_id),

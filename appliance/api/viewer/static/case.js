@@ -20,10 +20,16 @@
     review.tilesLoaded += 1;
     if (review.firstTileMs === undefined) review.firstTileMs = performance.now();  // since the page was asked for
     review.maxLevelLoaded = Math.max(review.maxLevelLoaded, e.tile.level);
+    const img = e.data || e.image;  // the tile as drawn: its pixels and the image pixels it covers
+    review.lastTile = {level: e.tile.level, width: img ? img.naturalWidth : 0, height: img ? img.naturalHeight : 0,
+                       sourceWidth: e.tile.sourceBounds.width, sourceHeight: e.tile.sourceBounds.height};
   });
+  const mpp = Number(el.dataset.mpp || 0);  // microns per image pixel at full resolution, when the file says
+  review.mpp = mpp;
   viewer.addHandler("zoom", function () {
     const z = viewer.viewport.viewportToImageZoom(viewer.viewport.getZoom(true));
-    document.getElementById("zoom-level").textContent = "image zoom " + z.toFixed(2) + "x";
+    document.getElementById("zoom-level").textContent = "image zoom " + z.toFixed(2) + "x" +
+      (mpp ? ", " + (mpp / z).toPrecision(3) + " µm per screen pixel" : "");
   });
 
   viewer.addOnceHandler("open", function () {
