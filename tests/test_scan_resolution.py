@@ -182,7 +182,7 @@ def test_the_viewer_shows_a_40x_case_at_the_scan_s_full_resolution(streamed_40x,
         # a full-resolution tile: as many image pixels as scan pixels (254 + the 1 px overlap on each inner side)
         assert tile["width"] == tile["sourceWidth"] and tile["height"] == tile["sourceHeight"]
         assert 254 <= tile["width"] <= 256 and 254 <= tile["height"] <= 256
-        assert "0.25 µm per screen pixel" in chromium.find_element(By.ID, "zoom-level").text
+        assert "image zoom 1.00x, 0.250 µm per screen pixel" == chromium.find_element(By.ID, "zoom-level").text
         SCREENSHOTS = ROOT / "tests" / "output" / "viewer"
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)
         chromium.save_screenshot(str(SCREENSHOTS / "scan-40x-full-resolution.png"))
