@@ -36,7 +36,7 @@ run: $(VENV)/.installed $(VIEWER)/node_modules/.installed
 	$(VENV)/bin/appliance demo
 
 test: $(VENV)/.installed $(VIEWER)/node_modules/.installed $(FHIR_SCHEMAS)/node_modules/.installed test-tools
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q --durations=25
 
 # Debian packages some tests use: headless Chromium and its driver (the site report opened in a real browser),
 # strace (the case files' fsyncs seen in the real process's system calls), FUSE 3 and libfuse2 (the lazy file
@@ -59,7 +59,7 @@ test-tools:
 test-slow: $(VENV)/.installed $(VIEWER)/node_modules/.installed $(FHIR_SCHEMAS)/node_modules/.installed
 	$(VENV)/bin/python -m pytest -q -s -m slow
 
-# the power-cut test (README "Reliability"): the daemon's data on a lazy FUSE file system, the power cut at
+# the power-cut test (docs/reliability.md, "Power cuts"): the daemon's data on a lazy FUSE file system, the power cut at
 # seeded moments (8 cases, 40 cuts, a few minutes); SEED=n repeats a run, CASES=n changes its length
 SEED ?= $(shell od -An -N3 -tu4 /dev/urandom | tr -d ' ')
 CASES ?= 8
@@ -79,7 +79,7 @@ demo-case: $(VENV)/.installed
 clean:
 	rm -rf var .pytest_cache
 
-# Install on the bench PC as the systemd service `appliance` (README "Install on the bench PC"); needs root:
+# Install on the bench PC as the systemd service `appliance` (docs/operations.md, "Install on the bench PC"); needs root:
 #   sudo make install SCANNER_VENDOR_ID=0403 SCANNER_PRODUCT_ID=6001     (ids from lsusb)
 # `make uninstall` keeps /var/lib/appliance and /etc/appliance; `make uninstall PURGE=1` removes them too.
 .PHONY: install uninstall

@@ -336,6 +336,14 @@ def config_show(ctx) -> None:
     click.echo(json.dumps(settings.model_dump(mode="json"), indent=1))
 
 
+@config.command("reference")
+def config_reference() -> None:
+    """Print the settings reference (docs/settings.md) as Markdown."""
+    from appliance.config import settings_reference
+
+    click.echo(settings_reference(), nl=False)
+
+
 main.add_command(models)
 main.add_command(site)
 main.add_command(tls)

@@ -23,10 +23,12 @@ class Settings(BaseSettings):
 
     data_dir: Path = Field(Path("var"), description="Where the database, spool and outputs live.")
     model_dir: Path = Field(DEFAULT_MODEL_DIR, description="Model folder with manifest.json.")
-    engine: EngineName = EngineName.OPENVINO
+    engine: EngineName = Field(EngineName.OPENVINO, description="Inference engine: openvino, or onnxruntime "
+                                                               "(the fallback).")
     serial_port: str = Field("/dev/scanner", description="Scanner device path or pyserial URL.")
-    api_host: str = "127.0.0.1"
-    api_port: int = Field(8470, ge=0, le=65535)
+    api_host: str = Field("127.0.0.1", description="Address the status API listens on (loopback unless "
+                                                   "api_allow_remote, and then over TLS).")
+    api_port: int = Field(8470, ge=0, le=65535, description="Port of the status API (0: any free port).")
     api_allow_remote: bool = Field(
         False, description="Allow api_host to be a non-loopback address; then every endpoint needs the token.")
     api_token_file: Path | None = Field(None, description="API token file (0600); default <data_dir>/api-token.")
@@ -34,7 +36,7 @@ class Settings(BaseSettings):
         None, description="PEM certificate: the API serves HTTPS (with api_tls_key). `appliance tls self-signed "
                           "--host NAME` makes one; a non-loopback api_host needs it.")
     api_tls_key: Path | None = Field(None, description="PEM private key of api_tls_cert (0600).")
-    batch_size: int = Field(128, ge=1, le=4096)
+    batch_size: int = Field(128, ge=1, le=4096, description="Patches per inference batch.")
     min_free_mb: int = Field(
         1024, ge=0, description="New cases are refused over the link while the data disk has less free space.")
     retention_days: float | None = Field(
@@ -187,3 +189,27 @@ def load_settings(config_file: Path | None = None, **overrides) -> Settings:
     except ValidationError as exc:
         where = f" in {config_file}" if config_file else ""
         raise ConfigError(f"invalid settings{where}:\n{exc}") from None
+
+
+def settings_reference() -> str:
+    """docs/settings.md: every setting with its environment variable, type, default and meaning, made from
+    Settings itself (`appliance config reference > docs/settings.md`; a test checks the file is current)."""
+    rows = ["# Settings reference", "",
+            "Generated from `appliance/config.py` by `appliance config reference > docs/settings.md` (a test checks",
+            "it is current). Each key goes in the TOML file (`--config FILE`, or `/etc/appliance/appliance.toml` when",
+            "installed) or in its environment variable, which wins over the file. Unknown keys are an error.", "",
+            "| key | environment variable | type | default | what it is |", "|---|---|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        kind = getattr(field.annotation, "__name__", None) or str(field.annotation)
+        kind = kind.replace("pathlib.", "").replace("typing.", "").replace(" | ", " or ")
+        if field.default_factory is not None:
+            default = f"`{field.default_factory()!r}`"
+        elif field.default is None:
+            default = "unset"
+        elif isinstance(field.default, Path) and field.default.is_relative_to(REPO_ROOT):
+            default = f"`{field.default.relative_to(REPO_ROOT)}` in the checkout"
+        else:
+            default = f"`{getattr(field.default, 'value', field.default)}`"
+        what = (field.description or "").replace("|", "\\|")
+        rows.append(f"| `{name}` | `APPLIANCE_{name.upper()}` | {kind} | {default} | {what} |")
+    return "\n".join(rows) + "\n"

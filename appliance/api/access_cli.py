@@ -44,7 +44,7 @@ def tls_self_signed(ctx, hosts: tuple[str, ...], out_dir: Path | None, days: int
 
 @click.group()
 def users() -> None:
-    """Reviewers who log in to the browser viewer (README "Reviewing cases in a browser")."""
+    """Reviewers who log in to the browser viewer (docs/user-guide.md, "Reviewing cases in a browser")."""
 
 
 def _as_root(what: str) -> str:

@@ -11,7 +11,7 @@ A lab matches a result to its order by the accession number, when the scanner or
 travels in OBR-2 and OBR-3 (placer and filler order number) and SPM-2 of the HL7 message, and in the FHIR
 report's ``basedOn`` and its Specimen's ``accessionIdentifier``. The appliance never knows the patient: PID-3
 holds the case id as an anonymous identifier (type ANON) and PID-5 a name of type U (unspecified) with no
-name in it, which v2.5.1 allows; see README "Messages to the LIS". Who sends to whom (MSH-3 to MSH-6) and the
+name in it, which v2.5.1 allows; see docs/lis.md. Who sends to whom (MSH-3 to MSH-6) and the
 FHIR identifier systems are the lab's settings (``Addressing``).
 """
 

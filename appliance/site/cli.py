@@ -1,5 +1,5 @@
 """`appliance site`: validate the appliance on the lab's own cases, and accept, undo or show a site operating
-point (README "Validating the appliance in your lab"). Registered on the `appliance` command by appliance.cli."""
+point (docs/site-validation.md). Registered on the `appliance` command by appliance.cli."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The drift watch: are the lab's recent cases still like those the model and the site validation saw?
 
-The rule (DRIFT_RULE, also in the README):
+The rule (DRIFT_RULE, also in docs/site-validation.md):
 
 * The window is the last ``window`` finished cases (default 50), newest first; a measure is judged once at
   least MIN_CASES of them have a value for it.
