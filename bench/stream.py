@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     master, slave = os.openpty()
     with tempfile.TemporaryDirectory() as tmp:
         settings = load_settings(None, data_dir=Path(tmp), api_port=0)
-        daemon = Daemon(settings, port=os.ttyname(slave), notify=notify, serve_api=False)
+        daemon = Daemon(settings, port=os.ttyname(slave), notify=notify)
         daemon.start()
         lat = []
         try:

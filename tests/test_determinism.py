@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 
 from appliance.config import load_settings
 from appliance.service.daemon import Daemon
+from appliance.api.app import daemon_api
 from appliance.offline.demo import case_info_for
 from appliance.model.engine import Scorer, load_engine
 from appliance.pipeline import TriageSession
@@ -306,7 +307,7 @@ def _stream_through_daemon(tmp_path, images: dict, batch: int, engine, pace: flo
     settings = load_settings(None, data_dir=tmp_path / f"var-{batch}", model_dir=MODEL_DIR, api_port=0,
                              batch_size=batch)
     with open_pty() as pty:
-        daemon = Daemon(settings, port=pty.path, notify=lambda event: None, engine=engine)
+        daemon = Daemon(settings, port=pty.path, notify=lambda event: None, engine=engine, api=daemon_api)
         daemon.start()
         try:
             out = {}

@@ -10,8 +10,11 @@ import tifffile
 from PIL import Image
 
 from appliance.service.daemon import Daemon
+
+from appliance.api.app import daemon_api
 from appliance.service.events import CaseFinished
-from appliance.offline.demo import case_info_for, run_demo
+from appliance.commands.demo import run_demo
+from appliance.offline.demo import case_info_for
 from appliance.terms import CaseFile
 from appliance.pipeline.summary import TriageSummary
 from firmware_bridge.emulator import ScannerEmulator, TileToSend
@@ -39,7 +42,7 @@ def test_streamed_case_is_stored_tile_for_tile_and_logged(settings, pty_pair, de
     tiles = [TileToSend(x, y, np.ascontiguousarray(region[y:y + 200, x:x + 200]))
              for y in range(0, 600, 200) for x in range(0, 600, 200)]
     events = []
-    daemon = Daemon(settings, port=pty_pair.path, notify=events.append)
+    daemon = Daemon(settings, port=pty_pair.path, notify=events.append, api=daemon_api)
     daemon.start()
     try:
         info = case_info_for("E2E-1", "S-E2E", tiles, 4.0, 200)
@@ -125,7 +128,7 @@ def test_daemon_rides_through_link_faults_and_reports_them(settings, demo_image,
 
     tiles = tissue_tiles(demo_image)
     cable = PtyCable(tmp_path / "scanner")
-    daemon = Daemon(settings, port=str(cable.path), notify=lambda event: None)
+    daemon = Daemon(settings, port=str(cable.path), notify=lambda event: None, api=daemon_api)
     daemon.start()
     try:
         faults = Faults(0.2, seed=7, weights={"bit_flip": 1, "drop": 1, "truncate": 1, "duplicate": 1, "reorder": 1,
@@ -163,7 +166,7 @@ def test_event_stream_delivers_early_positive_then_finished_in_order(settings, p
     from appliance.offline.sources import tiles_from_image
 
     tiles = [TileToSend(t.x, t.y, np.ascontiguousarray(t.pixels)) for t in tiles_from_image(demo_image, 200)]
-    daemon = Daemon(settings, port=pty_pair.path, notify=lambda event: None)
+    daemon = Daemon(settings, port=pty_pair.path, notify=lambda event: None, api=daemon_api)
     daemon.start()
     got, connected = [], threading.Event()
 
@@ -203,7 +206,7 @@ def test_status_cli_is_a_client_of_the_running_daemon(settings, pty_pair):
     import subprocess
     import sys
 
-    daemon = Daemon(settings, port=pty_pair.path, notify=lambda event: None)
+    daemon = Daemon(settings, port=pty_pair.path, notify=lambda event: None, api=daemon_api)
     daemon.start()
     try:
         url = f"http://127.0.0.1:{daemon.api.port}"
@@ -231,7 +234,7 @@ def test_operator_reconnect_mid_case_keeps_every_tile_and_is_audited(settings, d
 
     tiles = tissue_tiles(demo_image)
     cable = PtyCable(tmp_path / "scanner")
-    daemon = Daemon(settings, port=str(cable.path), notify=lambda event: None)
+    daemon = Daemon(settings, port=str(cable.path), notify=lambda event: None, api=daemon_api)
     daemon.start()
     token = settings.token_path.read_text().strip()
     body = {"initials": "AB", "reason": "scanner cable reseated"}

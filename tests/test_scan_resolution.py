@@ -58,7 +58,7 @@ def streamed_40x(tmp_path_factory, scan_40x) -> Streamed:
     settings = load_settings(None, data_dir=tmp_path_factory.mktemp("scan40x") / "var", model_dir=MODEL_DIR,
                              api_port=0)
     with open_pty() as pty_pair:
-        daemon = Daemon(settings, port=pty_pair.path, serve_api=False)
+        daemon = Daemon(settings, port=pty_pair.path)
         daemon.start()
         try:
             info = case_info_for("SCAN-40X", "S-40X", scan_40x, SCANNER_MPP["40x"], TILE)

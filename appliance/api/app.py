@@ -161,3 +161,14 @@ def bind_socket(host: str, port: int) -> socket.socket:
         raise ApiBindError(f"the status API cannot listen on {host}:{port}: {exc.strerror}; {hint}") from None
     sock.set_inheritable(True)
     return sock
+
+
+def daemon_api(daemon) -> ApiServer:
+    """The API around a started appliance.service.daemon.Daemon (its ``api`` argument): its status, readiness,
+    live events and link; a degraded daemon (a model that failed its checks) serves its status only, without
+    the latency histogram and the drift re-check."""
+    s = daemon.settings
+    full = daemon.problem is None
+    app = create_app(s, daemon.store, daemon.status, daemon.not_ready, daemon.engine.latency if full else None,
+                     daemon.events, daemon.reconnect_link, daemon.check_drift if full else None)
+    return ApiServer(app, s.api_host, s.api_port, tls=s.api_tls_files)

@@ -200,7 +200,7 @@ class ModelManifest(_Strict):
     sha256: dict[str, str]
     training: dict
     metrics: dict
-    # the drift watch's development reference (appliance.site.drift): cases, each followed measure's
+    # the drift watch's development reference (appliance.service.drift): cases, each followed measure's
     # 5th/50th/95th percentiles and the cannot-call counts by reason; None: no development reference
     drift: dict | None = None
     cam: CamSpec | None = None  # None: the model draws no class-activation maps

@@ -58,7 +58,7 @@ class TriageResult:
     site_accepted_at: str | None = None
     site_report_sha256: str | None = None
     qc: dict = field(default_factory=dict)
-    # what the drift watch follows (appliance.site.drift): stain angles to the model's reference (deg), focus
+    # what the drift watch follows (appliance.service.drift): stain angles to the model's reference (deg), focus
     # (median Laplacian variance of the focus-checked patches) and tissue area (mm^2 of tissue patches)
     measures: dict = field(default_factory=dict)
     warnings: list[Reason] = field(default_factory=list)

@@ -91,7 +91,7 @@ class TriageSession:
         self.stride = m.patch.stride
         self.pad_value = m.input.pad_value
         self.min_tissue = m.patch.min_tissue_fraction
-        # the model's thresholds, or a site's accepted operating point (appliance.site.points)
+        # the model's thresholds, or a site's accepted operating point (appliance.store.points)
         self.thresholds = thresholds or decision.ThresholdInForce.of_model(m.decision)
         self.threshold = self.thresholds.threshold
         self.patch_threshold = m.decision.patch_threshold
@@ -409,7 +409,7 @@ class TriageSession:
         return ood.case_score(np.concatenate(self._folded_ood)) if self._folded_ood else None
 
     def _measures(self, ood_score: float | None) -> dict[str, float | None]:
-        """What the drift watch follows for this case (appliance.site.drift). Tissue area counts each scored
+        """What the drift watch follows for this case (appliance.service.drift). Tissue area counts each scored
         patch's stride x stride cell at the model's resolution (the patches tile the tissue)."""
         angles = self.qc.stain_angles()
         cell_mm = self.stride * self.mpp / 1000.0

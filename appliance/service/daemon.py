@@ -12,13 +12,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import Callable, Protocol
 
 from firmware_bridge.errors import LinkError
 from firmware_bridge.host import HostLink
 from firmware_bridge.status import LinkEvent, LinkState
 
 from appliance import __version__
-from appliance.api.app import ApiServer, create_app
 from appliance.config import Settings
 from appliance.errors import ManifestError, ModelIntegrityError
 from appliance.model.engine import Engine, load_engine
@@ -29,8 +29,8 @@ from appliance.service.events import (ApiStarted, CaseFinished, DriftChanged, Ev
                                       Notify, NotReady, Ready)
 from appliance.service.receiver import CaseReceiver, StorageGuard
 from appliance.service.worker import PipelineWorker
-from appliance.site.drift import DriftWatch, reference_in_force
-from appliance.site.points import thresholds_in_force
+from appliance.service.drift import DriftWatch, reference_in_force
+from appliance.store.points import thresholds_in_force
 from appliance.store.database import CaseStore
 from appliance.store.spool import TileSpool
 from appliance.terms import RECORDED_EVENTS
@@ -38,23 +38,35 @@ from appliance.terms import RECORDED_EVENTS
 log = logging.getLogger(__name__)
 
 
+class ApiServing(Protocol):
+    """The API the daemon serves (appliance.api.app.ApiServer): started once the daemon can answer, stopped last."""
+
+    port: int
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
 class Daemon:
     """Owns the engine, store, spool, pipeline, serial link and API for one process."""
 
     def __init__(self, settings: Settings, *, port: str | None = None, notify: Notify | None = None,
-                 serve_api: bool = True, engine: Engine | None = None):
-        """``engine``: one already loaded (tests that slow inference down); by default the daemon loads
-        ``settings.model_dir`` with ``settings.engine`` when it starts."""
+                 api: Callable[["Daemon"], ApiServing] | None = None, engine: Engine | None = None):
+        """``api``: builds the API around this daemon once it has started (appliance.api.app.daemon_api; the
+        layer above passes it, so the service never imports the API); None serves none. ``engine``: one already
+        loaded (tests that slow inference down); by default the daemon loads ``settings.model_dir`` with
+        ``settings.engine`` when it starts."""
         self.settings = settings
         self.port = port or settings.serial_port
         self._user_notify = notify or (lambda event: log.info("%s %s", event.kind, event.data()))
         self.events = EventHub()  # live events for GET /events
         self.storage = StorageGuard(settings.data_dir, settings.min_free_mb, settings.spool_dir)
-        self.serve_api = serve_api
+        self.api_factory = api
         self.engine: Engine | None = engine
         self.store: CaseStore | None = None
         self.link: HostLink | None = None
-        self.api: ApiServer | None = None
+        self.api: ApiServing | None = None
         self.outbox: OutboxSender | None = None
         self.cases = CaseBook()  # what the daemon knows about the cases in flight
         self.receiver: CaseReceiver | None = None
@@ -133,12 +145,7 @@ class Daemon:
         self.pipeline.start()
         self.receiver = CaseReceiver(spool, self.store, self.pipeline, self.engine.model_ref, self.notify,
                                      self.storage)
-        if self.serve_api:
-            self.api = ApiServer(create_app(s, self.store, self.status, self.not_ready, self.engine.latency,
-                                            self.events, self.reconnect_link, self.check_drift),
-                                 s.api_host, s.api_port, tls=s.api_tls_files)
-            self.api.start()
-            self.notify(ApiStarted(f"{s.api_scheme}://{s.api_host}:{self.api.port}"))
+        self._serve_api()
         self.receiver.recover()
         self._housekeeping_stop = threading.Event()
         self._housekeeping = threading.Thread(target=self._housekeep, name="housekeeping", daemon=True)
@@ -154,16 +161,19 @@ class Daemon:
 
     def _start_degraded(self) -> None:
         """Store and API only: the status and the reason are served; no pipeline, no link, no new case."""
-        s = self.settings
         not_ready = NotReady(self.problem)
         self.store.event(not_ready.kind, detail=not_ready.data())
         self.events.publish(not_ready)
-        if self.serve_api:
-            self.api = ApiServer(create_app(s, self.store, self.status, self.not_ready, None, self.events,
-                                            self.reconnect_link), s.api_host, s.api_port,
-                                 tls=s.api_tls_files)
-            self.api.start()
-            self.notify(ApiStarted(f"{s.api_scheme}://{s.api_host}:{self.api.port}"))
+        self._serve_api()
+
+    def _serve_api(self) -> None:
+        """The API, when this daemon serves one: built by the layer above (full, or degraded: status only)."""
+        if self.api_factory is None:
+            return
+        s = self.settings
+        self.api = self.api_factory(self)
+        self.api.start()
+        self.notify(ApiStarted(f"{s.api_scheme}://{s.api_host}:{self.api.port}"))
 
     def reconnect_link(self, why: str) -> str:
         """An operator's reconnect (POST /link/reconnect): reopen the scanner port now; returns the link state."""

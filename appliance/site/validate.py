@@ -22,7 +22,7 @@ from appliance.errors import InputError
 from appliance.model.manifest import read_manifest
 from appliance.offline.batch import BatchInput, BatchRow, run_batch
 from appliance.site import stats
-from appliance.site.drift import reference_of, reason_codes
+from appliance.service.drift import reference_of, reason_codes
 from appliance.store import CaseStore
 from appliance.terms import BatchStatus, Verdict
 

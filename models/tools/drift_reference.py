@@ -6,7 +6,7 @@ a tile folder of the core would be. From each core: the stain's haematoxylin and
 reference, focus (median Laplacian variance), tissue area and any cannot-call reason, as the daemon records
 them. The case score is the core's out-of-fold score under the shipped final rule (work/virtual_cores.csv, from
 the fold member that never saw the patient), not the shipped model's in-sample one. The reference is each
-measure's 5th/50th/95th percentiles and the cannot-call counts by reason (appliance.site.drift.reference_of).
+measure's 5th/50th/95th percentiles and the cannot-call counts by reason (appliance.service.drift.reference_of).
 
 Run after `make model` (the Makefile does):
     python models/tools/drift_reference.py --data ../shared/data/idc_breast_histopathology --model-dir models/idc-resnet
@@ -25,7 +25,7 @@ import numpy as np
 
 from appliance.model.engine import load_engine
 from appliance.pipeline import TriageSession
-from appliance.site.drift import reference_of
+from appliance.service.drift import reference_of
 from appliance.site.stats import spread
 from idc_build.card import write_card
 from idc_build.cores import cut_all

@@ -68,11 +68,12 @@ def test_api_binds_loopback_only_by_default(tmp_path):
     same way, from settings.api_host."""
     from appliance.config import load_settings
     from appliance.service.daemon import Daemon
+    from appliance.api.app import daemon_api
 
     (tmp_path / "no-model").mkdir()
     defaults = load_settings(None, data_dir=tmp_path / "var", model_dir=tmp_path / "no-model", api_port=0)
     assert defaults.api_host == "127.0.0.1"
-    daemon = Daemon(defaults, port=str(tmp_path / "scanner"), notify=lambda event: None)
+    daemon = Daemon(defaults, port=str(tmp_path / "scanner"), notify=lambda event: None, api=daemon_api)
     daemon.start()
     try:
         assert daemon.problem and daemon.api is not None  # degraded, and serving

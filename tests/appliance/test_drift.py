@@ -10,8 +10,8 @@ from appliance.errors import InputError
 from appliance.model.manifest import read_manifest
 from appliance.pipeline import TriageSession
 from appliance.pipeline.decision import ThresholdInForce
-from appliance.site.drift import ALPHA, MIN_CASES, DriftWatch, binomial_tail, reference_in_force, reference_of, watch
-from appliance.site.points import point_from_report, thresholds_in_force
+from appliance.service.drift import ALPHA, MIN_CASES, DriftWatch, binomial_tail, reference_in_force, reference_of, watch
+from appliance.store.points import point_from_report, thresholds_in_force
 from appliance.site.stats import spread
 from appliance.offline.sources import tiles_from_image
 from tests.conftest import MODEL_DIR

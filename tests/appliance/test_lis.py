@@ -372,6 +372,7 @@ def test_an_accession_the_scanner_sends_reaches_the_case_record_and_both_strict_
     from appliance.config import load_settings
     from appliance.offline.demo import case_info_for
     from appliance.service.daemon import Daemon
+    from appliance.api.app import daemon_api
     from firmware_bridge.emulator import ScannerEmulator, TileToSend
     from tests.conftest import MODEL_DIR
 
@@ -383,7 +384,7 @@ def test_an_accession_the_scanner_sends_reaches_the_case_record_and_both_strict_
     region = demo_image[600:1000, 400:800]
     tiles = [TileToSend(x, y, np.ascontiguousarray(region[y:y + 200, x:x + 200]))
              for y in range(0, 400, 200) for x in range(0, 400, 200)]
-    daemon = Daemon(settings, port=pty_pair.path)
+    daemon = Daemon(settings, port=pty_pair.path, api=daemon_api)
     daemon.start()
     try:
         info = case_info_for("C-ACC", "SLIDE-7", tiles, 4.0, 200, accession="S26-00042")

@@ -17,7 +17,7 @@ from appliance.offline.sources import read_image
 from appliance.offline.triage import triage_path
 from appliance.pipeline import decision
 from appliance.pipeline.patches import pad_to
-from appliance.site.drift import MEASURES
+from appliance.service.drift import MEASURES
 from tests.conftest import IDC, MODEL_DIR
 
 MANIFEST = json.loads((MODEL_DIR / "manifest.json").read_text())

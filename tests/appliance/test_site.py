@@ -24,7 +24,7 @@ import pytest
 
 from appliance import RESEARCH_USE_NOTICE
 from appliance.model.manifest import read_manifest
-from appliance.site.drift import watch
+from appliance.service.drift import watch
 from appliance.site.report import read_report
 from tests.conftest import MODEL_DIR
 from tests.site_cases import dev_data, dev_site, load_slide, virtual_cores, write_cases, write_site
@@ -243,7 +243,7 @@ def accepted(sites, reports):
 @pytest.mark.skipif(os.geteuid() != 0, reason="accepting at the command line needs root (the API path is tested too)")
 def test_after_accept_the_daemon_calls_with_the_site_threshold_and_its_messages_say_so(sites, accepted, tmp_path):
     from appliance.config import Settings
-    from appliance.offline.demo import run_demo
+    from appliance.commands.demo import run_demo
     from appliance.lis.outbox import OutboxSender, destinations_of
     from tests.lis_receivers import FhirReceiver, MllpReceiver
 

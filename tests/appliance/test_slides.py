@@ -187,6 +187,7 @@ def test_emulate_streams_a_slide_file_at_the_models_level(settings, tmp_path):
     """`appliance emulate --port PORT case.svs` as a separate process, into the real daemon over ptys: the
     scanner sends level 1 (4 um/px), tissue tiles only, announced at that resolution; the daemon calls it."""
     from appliance.service.daemon import Daemon
+    from appliance.api.app import daemon_api
 
     image = tifffile.imread(DEMO_CASE)
     svs = tmp_path / "case.svs"
@@ -196,7 +197,7 @@ def test_emulate_streams_a_slide_file_at_the_models_level(settings, tmp_path):
         tw.write(image, tile=(256, 256), compression="zlib", photometric="rgb", metadata=None,
                  description="Aperio Image Library v12.0.0\nlevel 1")
     with _null_modem() as (host, scanner):
-        daemon = Daemon(settings, port=host)
+        daemon = Daemon(settings, port=host, api=daemon_api)
         try:
             daemon.start()
             run = subprocess.run([*CLI, "emulate", "--port", scanner, str(svs), "--case-id", "EMU-SVS"],
@@ -222,7 +223,7 @@ def test_a_40000_px_slide_of_real_tissue_is_triaged_in_bounded_memory(demo_image
     out = tmp_path / "r.json"
     # the child's peak is its own VmHWM, not ru_maxrss: Linux carries ru_maxrss across fork+exec, so a child of
     # the pytest process (itself near 1 GB late in the suite) reported the parent's memory as its own
-    child = ("import sys\nfrom appliance.cli import main\n"
+    child = ("import sys\nfrom appliance.commands.main import main\n"
              f"sys.argv = ['appliance', 'triage', {str(svs)!r}, '--json', {str(out)!r}]\n"
              "try:\n    main()\nexcept SystemExit as exc:\n    code = exc.code\n"
              "hwm = next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:'))\n"

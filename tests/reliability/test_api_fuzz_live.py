@@ -11,6 +11,7 @@ import pytest
 
 from appliance.config import load_settings
 from appliance.service.daemon import Daemon
+from appliance.api.app import daemon_api
 from appliance.offline.demo import case_info_for
 from firmware_bridge.emulator import ScannerEmulator, TileToSend
 from tests.conftest import MODEL_DIR
@@ -35,7 +36,7 @@ def test_openapi_fuzz_against_a_live_daemon_makes_no_server_error(tmp_path, demo
     tiles = [TileToSend(x, y, np.ascontiguousarray(demo_image[600 + y: 800 + y, 400 + x: 600 + x]))
              for y in range(0, 600, 200) for x in range(0, 600, 200)]
     daemon = Daemon(load_settings(None, data_dir=tmp_path / "var", model_dir=MODEL_DIR, api_port=0),
-                    port=pty_pair.path, notify=lambda event: None)
+                    port=pty_pair.path, notify=lambda event: None, api=daemon_api)
     daemon.start()
     t0 = time.monotonic()
     try:

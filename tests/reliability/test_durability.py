@@ -175,7 +175,7 @@ def test_a_case_end_sent_again_after_a_restart_is_acked_when_its_case_was_called
     info = case_info_for("RE-END", "S", tiles, 4.0, 200)
     settings = load_settings(None, data_dir=tmp_path / "var", model_dir=MODEL_DIR, api_port=0)
     cable = PtyCable(tmp_path / "scanner")
-    first = Daemon(settings, port=str(cable.path), serve_api=False)
+    first = Daemon(settings, port=str(cable.path))
     first.start()
     try:
         ScannerEmulator(cable, info, tiles, encoding="raw").run()
@@ -183,7 +183,7 @@ def test_a_case_end_sent_again_after_a_restart_is_acked_when_its_case_was_called
     finally:
         first.stop()
         cable.close()
-    second = Daemon(settings, port=pty_pair.path, serve_api=False)
+    second = Daemon(settings, port=pty_pair.path)
     second.start()
     try:
         scanner = ScriptedScanner(pty_pair.scanner)

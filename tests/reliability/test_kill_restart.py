@@ -42,7 +42,7 @@ def test_case_acked_before_a_sigkill_is_finished_after_restart_with_the_same_cal
         cable.close()
 
     restarted = Daemon(load_settings(None, data_dir=data, model_dir=MODEL_DIR, api_port=0),
-                       port=str(tmp_path / "no-scanner-yet"), serve_api=False)
+                       port=str(tmp_path / "no-scanner-yet"))
     restarted.start()
     try:
         progress = restarted.wait_case("CRASH-1", 120)

@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 
 from appliance.service.daemon import Daemon
+
+from appliance.api.app import daemon_api
 from appliance.offline.demo import case_info_for
 from tests.results import reference_call
 from firmware_bridge import Faults, PtyCable
@@ -56,7 +58,7 @@ def check_case(daemon: Daemon, case_id: str, tiles: list[TileToSend], expected) 
 
 def run_faulty_cases(settings, demo_image, tmp_path, engine, *, min_faults: int, rate: float, seed: int) -> dict:
     cable = PtyCable(tmp_path / "scanner")
-    daemon = Daemon(settings, port=str(cable.path), notify=lambda event: None)
+    daemon = Daemon(settings, port=str(cable.path), notify=lambda event: None, api=daemon_api)
     daemon.start()
     counts: Counter = Counter()
     totals = Counter()

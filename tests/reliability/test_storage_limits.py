@@ -8,6 +8,7 @@ import pytest
 
 from appliance.config import load_settings
 from appliance.service.daemon import Daemon
+from appliance.api.app import daemon_api
 from appliance.offline.demo import case_info_for
 from firmware_bridge.emulator import DeliveryError, ScannerEmulator, TileToSend
 from tests.conftest import MODEL_DIR
@@ -25,7 +26,7 @@ def test_low_disk_refuses_new_cases_and_keeps_old_ones(tmp_path, demo_image, pty
     data = tmp_path / "var"
     port = pty_pair.path
     # 1. plenty of room: the case is taken and finished
-    ok = Daemon(load_settings(None, data_dir=data, model_dir=MODEL_DIR, api_port=0), port=port)
+    ok = Daemon(load_settings(None, data_dir=data, model_dir=MODEL_DIR, api_port=0), port=port, api=daemon_api)
     ok.start()
     try:
         stream(pty_pair, "KEEP-1", tiles)
@@ -38,7 +39,7 @@ def test_low_disk_refuses_new_cases_and_keeps_old_ones(tmp_path, demo_image, pty
 
     # 2. the disk is now "full": more free space required than any disk has
     full = Daemon(load_settings(None, data_dir=data, model_dir=MODEL_DIR, api_port=0,
-                                min_free_mb=10**12), port=port)
+                                min_free_mb=10**12), port=port, api=daemon_api)
     full.start()
     try:
         with pytest.raises(DeliveryError, match="REFUSED.*not enough free disk space"):
@@ -75,7 +76,7 @@ def test_a_case_left_open_by_the_scanner_is_abandoned_and_late_tiles_are_refused
             yield t
 
     daemon = Daemon(load_settings(None, data_dir=tmp_path / "var", model_dir=MODEL_DIR, api_port=0,
-                                  case_timeout_s=1.0), port=pty_pair.path)
+                                  case_timeout_s=1.0), port=pty_pair.path, api=daemon_api)
     daemon.start()
     outcome = {}
 
@@ -130,7 +131,7 @@ def test_real_full_disk_nacks_the_tile_keeps_the_daemon_up_and_refuses_new_cases
     daemon = None
     try:
         daemon = Daemon(load_settings(None, data_dir=data, model_dir=MODEL_DIR, api_port=0, min_free_mb=1),
-                        port=pty_pair.path)
+                        port=pty_pair.path, api=daemon_api)
         daemon.start()
         keep = [TileToSend(x, y, demo_image[500 + y: 700 + y, 900 + x: 1100 + x].copy())
                 for y in range(0, 400, 200) for x in range(0, 400, 200)]

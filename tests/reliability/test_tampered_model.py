@@ -14,6 +14,7 @@ import httpx
 
 from appliance.config import load_settings
 from appliance.service.daemon import Daemon
+from appliance.api.app import daemon_api
 from tests.appliance_run import ApplianceRun
 from tests.conftest import MODEL_DIR
 from tests.conftest import receive_datagrams as receive
@@ -90,7 +91,7 @@ def test_daemon_with_a_missing_model_file_starts_degraded_and_records_why(tmp_pa
     model = shutil.copytree(MODEL_DIR, tmp_path / "idc-resnet", ignore=shutil.ignore_patterns("work"))
     (model / "model.int8.xml").unlink()
     settings = load_settings(None, data_dir=tmp_path / "var", model_dir=model, api_port=0)
-    daemon = Daemon(settings, port=str(tmp_path / "scanner"), notify=lambda event: None)
+    daemon = Daemon(settings, port=str(tmp_path / "scanner"), notify=lambda event: None, api=daemon_api)
     daemon.start()
     try:
         assert daemon.link is None and daemon.pipeline is None and daemon.engine is None
@@ -112,7 +113,7 @@ def test_daemon_with_a_missing_model_file_starts_degraded_and_records_why(tmp_pa
 
 def test_good_model_is_ready_and_has_no_problem(settings, pty_pair):
     """The other side of the same switch: with the real model the daemon opens the link and is not degraded."""
-    daemon = Daemon(settings, port=pty_pair.path, notify=lambda event: None)
+    daemon = Daemon(settings, port=pty_pair.path, notify=lambda event: None, api=daemon_api)
     daemon.start()
     try:
         wait_until(lambda: not daemon.not_ready(), 10, what="the daemon to be ready",

@@ -22,6 +22,7 @@ from PIL import Image
 
 from appliance.config import load_settings
 from appliance.service.daemon import Daemon
+from appliance.api.app import daemon_api
 from appliance.offline.demo import case_info_for
 from firmware_bridge.emulator import ScannerEmulator, TileToSend
 from firmware_bridge.pixels import TileEncoding, encode_pixels
@@ -185,7 +186,7 @@ def fuzz_daemon(tmp_path_factory, request):
     tmp = tmp_path_factory.mktemp("tilefuzz")
     with open_pty() as pty:
         settings_ = load_settings(None, data_dir=tmp / "var", model_dir=MODEL_DIR, api_port=0)
-        daemon = Daemon(settings_, port=pty.path, notify=lambda event: None)
+        daemon = Daemon(settings_, port=pty.path, notify=lambda event: None, api=daemon_api)
         daemon.start()
         stats = {"examples": 0, "bad": 0, "good": 0, "kinds": {}}
         try:

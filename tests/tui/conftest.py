@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 
 from appliance.service.daemon import Daemon
+
+from appliance.api.app import daemon_api
 from appliance.offline.demo import DEMO_CASE_MPP, case_info_for
 from appliance.offline.sources import tiles_from_image
 from firmware_bridge.emulator import ScannerEmulator, TileToSend
@@ -20,7 +22,7 @@ class Bench:
         self.settings = settings
         self.tiles = [TileToSend(t.x, t.y, np.ascontiguousarray(t.pixels)) for t in tiles_from_image(demo_image, 200)]
         self.pty = PtyPair()
-        self.daemon = Daemon(settings, port=self.pty.path, notify=lambda event: None)
+        self.daemon = Daemon(settings, port=self.pty.path, notify=lambda event: None, api=daemon_api)
         self.daemon.start()
         self.url = f"http://127.0.0.1:{self.daemon.api.port}"
         self.scanner: threading.Thread | None = None

@@ -59,7 +59,7 @@ class ApplianceCollector(Collector):
         drift = status.get("drift")
         if drift is not None:  # 1 per followed measure the drift watch finds outside the reference, else 0
             gauge = GaugeMetricFamily("appliance_drift", "1 while the last cases' measure is outside the drift "
-                                      "reference (appliance.site.drift), 0 while inside.", labels=["measure"])
+                                      "reference (appliance.service.drift), 0 while inside.", labels=["measure"])
             for f in drift["findings"]:
                 gauge.add_metric([f["measure"]], 1 if f["drifted"] else 0)
             yield gauge

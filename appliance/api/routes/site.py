@@ -9,7 +9,7 @@ from pydantic import BaseModel, Field
 from appliance.api.auth import require_token
 from appliance.errors import CaseStateError, InputError, ManifestError, StoreError
 from appliance.model.manifest import read_manifest
-from appliance.site.points import point_from_report, thresholds_in_force
+from appliance.store.points import point_from_report, thresholds_in_force
 from appliance.site.report import report_digest
 from appliance.terms import INITIALS_PATTERN
 

@@ -187,7 +187,7 @@ def drift_section(manifest: dict) -> str:
 ## Drift reference
 
 What the appliance's drift watch compares a lab's recent cases with until the lab accepts a site validation
-of its own (appliance/site/drift.py; docs/site-validation.md): {drift['what']}.
+of its own (appliance/service/drift.py; docs/site-validation.md): {drift['what']}.
 
 | measure | cases | 5th percentile | median | 95th percentile |
 |---|---:|---:|---:|---:|

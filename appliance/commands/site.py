@@ -8,8 +8,8 @@ from pathlib import Path
 import click
 
 from appliance import RESEARCH_USE_NOTICE
-from appliance.cli_common import friendly_errors
-from appliance.cli_common import settings_for as _settings
+from appliance.commands.common import friendly_errors
+from appliance.commands.common import settings_for as _settings
 from appliance.offline.progress import Progress
 
 
@@ -91,7 +91,7 @@ def _site_change(ctx, action: str, report_dir: Path | None, url: str | None, ini
     report = read_report(report_dir) if report_dir is not None else None
     if os.geteuid() == 0:
         from appliance.model.manifest import read_manifest
-        from appliance.site.points import point_from_report
+        from appliance.store.points import point_from_report
         from appliance.store import CaseStore
 
         store = CaseStore(settings.db_path)
@@ -147,7 +147,7 @@ def site_reset(ctx, initials: str, url: str | None) -> None:
 def site_show(ctx) -> None:
     """The threshold in force, and every site operating point accepted so far."""
     from appliance.model.manifest import read_manifest
-    from appliance.site.points import read_point, thresholds_in_force
+    from appliance.store.points import read_point, thresholds_in_force
 
     settings = _settings(ctx)
     manifest = read_manifest(settings.model_dir)

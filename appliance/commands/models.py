@@ -9,8 +9,8 @@ from pathlib import Path
 import click
 
 from appliance import RESEARCH_USE_NOTICE
-from appliance.cli_common import ENGINES, friendly_errors
-from appliance.cli_common import settings_for as _settings
+from appliance.commands.common import ENGINES, friendly_errors
+from appliance.commands.common import settings_for as _settings
 from appliance.model.ref import ModelRef
 from appliance.offline.progress import Progress
 from appliance.terms import CaseRule, rule_words

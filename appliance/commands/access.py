@@ -7,8 +7,8 @@ from pathlib import Path
 
 import click
 
-from appliance.cli_common import friendly_errors
-from appliance.cli_common import settings_for as _settings
+from appliance.commands.common import friendly_errors
+from appliance.commands.common import settings_for as _settings
 
 
 @click.group()

@@ -1,0 +1,1 @@
+"""The command line: every `appliance` command group, on top of everything else (nothing imports it)."""
