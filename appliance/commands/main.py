@@ -16,6 +16,7 @@ from appliance import RESEARCH_USE_NOTICE, __version__
 from appliance.commands.access import tls, users
 from appliance.commands.common import ENGINES, accession_option, friendly_errors
 from appliance.commands.common import settings_for as _settings
+from appliance.commands.config import config
 from appliance.commands.models import models
 from appliance.commands.site import site
 from appliance.offline.progress import Progress
@@ -323,28 +324,7 @@ def tui(ctx, url: str | None) -> None:
     TriageApp(url, settings.token_path, verify=settings.api_verify).run()
 
 
-@main.group()
-def config() -> None:
-    """Settings."""
-
-
-@config.command("show")
-@click.pass_context
-@friendly_errors
-def config_show(ctx) -> None:
-    """Print the effective settings."""
-    settings = _settings(ctx)
-    click.echo(json.dumps(settings.model_dump(mode="json"), indent=1))
-
-
-@config.command("reference")
-def config_reference() -> None:
-    """Print the settings reference (docs/settings.md) as Markdown."""
-    from appliance.config import settings_reference
-
-    click.echo(settings_reference(), nl=False)
-
-
+main.add_command(config)
 main.add_command(models)
 main.add_command(site)
 main.add_command(tls)

@@ -2,47 +2,24 @@
 
 from __future__ import annotations
 
-import importlib
 import threading
-import time
 from abc import ABC, abstractmethod
 from pathlib import Path
 
 import numpy as np
 
-from appliance.errors import EngineError, EngineUnavailableError
+from appliance.errors import EngineError
+from appliance.model.latency import LatencyHistogram
 from appliance.model.manifest import ModelManifest, read_manifest, read_verified
 from appliance.model.ood import OodReference
 from appliance.model.ref import ModelRef
+from appliance.model.runtime import load_runtime
+from appliance.model.runtime import one_blas_thread
+from appliance.model.scoring import AsyncScorer, Scorer
 from appliance.terms import EngineName
 
-
-class LatencyHistogram:
-    """Batch inference latency (seconds, cumulative buckets), for /metrics; thread-safe."""
-
-    BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self.counts = [0] * (len(self.BUCKETS) + 1)
-        self.total = 0.0
-        self.n = 0
-
-    def observe(self, seconds: float) -> None:
-        with self._lock:
-            i = next((k for k, b in enumerate(self.BUCKETS) if seconds <= b), len(self.BUCKETS))
-            self.counts[i] += 1
-            self.total += seconds
-            self.n += 1
-
-    def snapshot(self) -> tuple[list[tuple[float, int]], float, int]:
-        """([(upper bound, cumulative count)], sum, count) with +inf last."""
-        with self._lock:
-            cum, out = 0, []
-            for b, c in zip((*self.BUCKETS, float("inf")), self.counts):
-                cum += c
-                out.append((b, cum))
-            return out, self.total, self.n
+__all__ = ["ENGINES", "AsyncScorer", "Engine", "LatencyHistogram", "OnnxRuntimeEngine", "OpenVINOEngine", "Scorer",
+           "load_engine", "one_blas_thread"]
 
 
 class Engine(ABC):
@@ -173,7 +150,7 @@ class OpenVINOEngine(Engine):
     def __init__(self, model_dir: Path, manifest: ModelManifest, *, precision: str | None = None,
                  threads: int = 0):
         super().__init__(model_dir, manifest)
-        ov = _runtime(EngineName.OPENVINO, "openvino", "OpenVINO")
+        ov = load_runtime(EngineName.OPENVINO, "openvino", "OpenVINO")
 
         xml = read_verified(model_dir, manifest.files.openvino, manifest)
         weights = read_verified(model_dir, manifest.files.openvino_weights, manifest)
@@ -242,7 +219,7 @@ class OpenVINOEngine(Engine):
 
     def _load_cam(self) -> None:
         """The same verified INT8 model giving its last feature maps, and the head over them."""
-        ov = _runtime(EngineName.OPENVINO, "openvino", "OpenVINO")
+        ov = load_runtime(EngineName.OPENVINO, "openvino", "OpenVINO")
         c = self.manifest.cam
         head_xml = read_verified(self.model_dir, c.openvino, self.manifest)
         head_weights = read_verified(self.model_dir, c.openvino_weights, self.manifest)
@@ -278,7 +255,7 @@ class OnnxRuntimeEngine(Engine):
 
     def __init__(self, model_dir: Path, manifest: ModelManifest, *, threads: int = 0):
         super().__init__(model_dir, manifest)
-        ort = _runtime(EngineName.ONNXRUNTIME, "onnxruntime", "ONNX Runtime")
+        ort = load_runtime(EngineName.ONNXRUNTIME, "onnxruntime", "ONNX Runtime")
 
         data = read_verified(model_dir, manifest.files.onnx, manifest)
         opts = ort.SessionOptions()
@@ -321,7 +298,7 @@ class OnnxRuntimeEngine(Engine):
         """The same verified model giving its last feature maps (added as graph outputs), and the head."""
         import onnx
 
-        ort = _runtime(EngineName.ONNXRUNTIME, "onnxruntime", "ONNX Runtime")
+        ort = load_runtime(EngineName.ONNXRUNTIME, "onnxruntime", "ONNX Runtime")
         c = self.manifest.cam
         head = read_verified(self.model_dir, c.onnx, self.manifest)
         try:
@@ -348,16 +325,6 @@ ENGINES: dict[EngineName, type[Engine]] = {EngineName.OPENVINO: OpenVINOEngine,
                                            EngineName.ONNXRUNTIME: OnnxRuntimeEngine}
 
 
-def _runtime(engine: EngineName, module: str, name: str):
-    """Import an inference runtime; a missing or broken install is one sentence, not a traceback."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        (other,) = set(EngineName) - {engine}
-        raise EngineUnavailableError(f"{name} cannot be loaded on this machine ({exc}); reinstall the appliance "
-                                     f"(`pip install -e .`) or choose the other engine (engine = \"{other}\")") from None
-
-
 def load_engine(model_dir: Path, backend: str = EngineName.OPENVINO, **options) -> Engine:
     """Read and validate the manifest in ``model_dir``, verify the files' hashes and load the backend. The
     process's numpy BLAS is kept to one thread from then on (one_blas_thread)."""
@@ -365,95 +332,3 @@ def load_engine(model_dir: Path, backend: str = EngineName.OPENVINO, **options) 
         raise EngineError(f"unknown engine backend {backend!r}; choose one of {', '.join(ENGINES)}")
     one_blas_thread()
     return ENGINES[EngineName(backend)](model_dir, read_manifest(model_dir), **options)
-
-
-def one_blas_thread() -> None:
-    """numpy's BLAS (the OOD distances' matrix product beside every batch) on one thread in a process that
-    runs a model: on the bench PC's 2 cores its own threads only wait for the cores the engine holds
-    (PERFORMANCE-NOTES trap 4). Measured on R1 with OPENBLAS_NUM_THREADS unset: 38.1 s wall and 74.8 s CPU with
-    BLAS's own threads, 26.6 s and 52.1 s with one."""
-    from threadpoolctl import threadpool_limits
-
-    threadpool_limits(1, user_api="blas")
-
-
-Scored = tuple[object, np.ndarray, "np.ndarray | None"]  # (tag, probabilities, OOD distances or None)
-
-
-class Scorer:
-    """Synchronous scorer: ``submit`` scores at once; ``done`` hands back (tag, probabilities, OOD distances or
-    None) in order."""
-
-    def __init__(self, engine: Engine):
-        self.engine = engine
-        self._done: list[Scored] = []
-
-    def submit(self, batch: np.ndarray, tag: object) -> None:
-        t0 = time.perf_counter()
-        self._done.append((tag, *self.engine.score(batch)))
-        self.engine.latency.observe(time.perf_counter() - t0)
-
-    def done(self) -> list[Scored]:
-        """Results finished so far (each returned once)."""
-        out, self._done = self._done, []
-        return out
-
-    def wait(self) -> list[Scored]:
-        """Block until everything submitted is scored; returns the results not yet handed back."""
-        return self.done()
-
-    def close(self) -> None:
-        pass
-
-
-class AsyncScorer(Scorer):
-    """OpenVINO requests started without waiting: inference runs on OpenVINO's threads while the caller cuts
-    the next tile's patches. No Python callback: finished requests are collected on the caller's thread (a
-    callback would make OpenVINO's threads queue for the GIL behind the caller's numpy work)."""
-
-    def __init__(self, engine: OpenVINOEngine, jobs: int = 2):
-        super().__init__(engine)
-        from collections import deque
-
-        self._idle = deque(engine._compiled.create_infer_request() for _ in range(jobs))
-        self._busy: deque = deque()  # (request, tag), oldest first
-        self._started: dict[int, float] = {}
-
-    def _harvest(self, req, tag) -> None:
-        self.engine.latency.observe(time.perf_counter() - self._started.pop(id(req), time.perf_counter()))
-        try:
-            probs, features = self.engine.outputs_of(req)
-        except RuntimeError as exc:
-            raise EngineError(f"openvino: asynchronous inference failed: {exc}") from None
-        distances = None if features is None else self.engine._distances(features, len(probs))
-        self._done.append((tag, probs, distances))
-        self._idle.append(req)
-
-    def submit(self, batch: np.ndarray, tag: object) -> None:
-        self.engine._check_batch(batch)
-        if not self._idle:  # all requests busy: wait for the oldest
-            req, old = self._busy.popleft()
-            req.wait()
-            self._harvest(req, old)
-        req = self._idle.popleft()
-        self._started[id(req)] = time.perf_counter()
-        req.start_async({0: np.ascontiguousarray(batch)})
-        self._busy.append((req, tag))
-
-    def done(self) -> list[Scored]:
-        while self._busy and self._busy[0][0].wait_for(0):
-            req, tag = self._busy.popleft()
-            self._harvest(req, tag)
-        return super().done()
-
-    def wait(self) -> list[Scored]:
-        while self._busy:
-            req, tag = self._busy.popleft()
-            req.wait()
-            self._harvest(req, tag)
-        return super().done()
-
-    def close(self) -> None:
-        for req, _ in self._busy:
-            req.wait()
-        self._busy.clear()
