@@ -81,13 +81,13 @@ def tiles_of(bands: Iterable[np.ndarray], width: int, fill: int = GLASS) -> Iter
             yield tile
 
 
-def _jpeg_encoder():
+def jpeg_encoder(subsampling: tuple[int, int] = JPEG_SUBSAMPLING):
     """tifffile's own JPEG encoder and the arguments its JPEG path passes for RGB tiles stored as YCbCr (so the
-    tiles encoded here are the bytes tifffile would write)."""
+    tiles encoded here are the bytes tifffile would write); ``subsampling`` as TIFF's YCbCrSubsampling."""
     import tifffile
 
     encode = tifffile.TIFF.COMPRESSORS[7]  # COMPRESSION.JPEG
-    args = {"level": JPEG_QUALITY, "subsampling": JPEG_SUBSAMPLING, "colorspace": "RGB", "outcolorspace": "YCBCR"}
+    args = {"level": JPEG_QUALITY, "subsampling": subsampling, "colorspace": "RGB", "outcolorspace": "YCBCR"}
     return lambda tile: encode(np.ascontiguousarray(tile), **args)
 
 
@@ -204,7 +204,7 @@ def write_pyramid(path: Path, width: int, height: int, bands: Iterable[np.ndarra
         w, h = sizes[-1]
         sizes.append(((w + 1) // 2, (h + 1) // 2))
     reduced: list[_Level] = []
-    encode = _jpeg_encoder()
+    encode = jpeg_encoder()
     try:
         for i, (w, h) in enumerate(sizes[1:], start=1):
             reduced.append(_Level(workdir / f".pyramid-{os.getpid()}-{id(reduced)}-level{i}.raw", w, h))

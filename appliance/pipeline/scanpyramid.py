@@ -29,7 +29,7 @@ from PIL import Image
 from appliance import RESEARCH_USE_NOTICE
 from appliance.pipeline.jpegscale import decode_reduced
 from appliance.pipeline.pyramid import GLASS, JPEG_QUALITY, JPEG_SUBSAMPLING, JPEG_WORKERS, TILE, encoded, \
-    level_count, reduce2, tiles_of
+    jpeg_encoder, level_count, reduce2, tiles_of
 
 GRID_LEVELS = 3  # levels 0, 1, 2 keep the scanner's grid; from 1/8 on, one image in RAM
 GRID_MULTIPLE = 16 << (GRID_LEVELS - 1)  # a TIFF tile side is a multiple of 16 at every grid level
@@ -100,15 +100,6 @@ def jpeg_layout(data: bytes) -> tuple[tuple[int, int], tuple[int, int] | None]:
         return img.size, (h0, v0)
 
 
-def _encoder(subsampling: tuple[int, int]) -> Callable[[np.ndarray], bytes]:
-    """tifffile's JPEG encoder with the arguments its JPEG path passes (RGB stored as YCbCr)."""
-    import tifffile
-
-    encode = tifffile.TIFF.COMPRESSORS[7]
-    args = {"level": JPEG_QUALITY, "subsampling": subsampling, "colorspace": "RGB", "outcolorspace": "YCBCR"}
-    return lambda tile: encode(np.ascontiguousarray(tile), **args)
-
-
 def _padded(px: np.ndarray, w: int, h: int) -> np.ndarray:
     if px.shape[:2] == (h, w):
         return px
@@ -150,8 +141,8 @@ def write_scan_pyramid(path: Path, grid: ScanGrid, name: str) -> dict:
     first_jpeg = next((d for t in grid.cells.values() if isinstance(d := grid.read(t.path), bytes)), None)
     # the scanner's own subsampling, so its tiles pass through (TIFF states one per level)
     subsampling = (jpeg_layout(first_jpeg)[1] if first_jpeg else None) or JPEG_SUBSAMPLING
-    level0_encode = _encoder(subsampling)
-    encode = _encoder(JPEG_SUBSAMPLING)
+    level0_encode = jpeg_encoder(subsampling)
+    encode = jpeg_encoder()
     glass0 = level0_encode(np.full((grid.tile_h, grid.tile_w, 3), GLASS, np.uint8))
     counts = {"levels": n, "passed_through": 0, "encoded": 0}
 
