@@ -13,7 +13,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from appliance.api.app import ApiServer, create_app
+from appliance.api.app import ApiParts, ApiServer, create_app
 from appliance.api.logins import hash_password
 from appliance.config import load_settings
 from appliance.offline.demo import case_info_for
@@ -155,7 +155,7 @@ def test_the_viewer_shows_a_40x_case_at_the_scan_s_full_resolution(streamed_40x,
     settings = streamed_40x.settings
     store = open_store(settings.db_path)
     store.set_user("drsmith", hash_password("a long enough password"), by="test")
-    server = ApiServer(create_app(settings, store), "127.0.0.1", 0)
+    server = ApiServer(create_app(ApiParts(settings, store)), "127.0.0.1", 0)
     server.start()
     try:
         wait = WebDriverWait(chromium, 30)

@@ -7,8 +7,8 @@ import logging
 import socket
 import ssl
 import threading
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
 
 import uvicorn
 from fastapi import Depends, FastAPI
@@ -20,6 +20,8 @@ from appliance.errors import ApiBindError, ApplianceError, ConfigError
 from appliance.api.auth import ensure_token, is_loopback, reads_need_token
 from appliance.store.database import CaseStore
 from appliance.service.events import EventHub
+from appliance.service.controls import DaemonControls
+from appliance.status import DaemonStatus
 from appliance.api.deepzoom import DeepZoom
 from appliance.api.logins import LoginLimiter, Sessions
 from appliance.api.routes import cases, deliveries, events, health, link, metrics, site, viewer
@@ -27,18 +29,21 @@ from appliance.api.routes import status as status_route
 
 log = logging.getLogger(__name__)
 
-if TYPE_CHECKING:
-    from appliance.model.engine import LatencyHistogram
+
+@dataclass(frozen=True)
+class ApiParts:
+    """What the API is built around: the settings, the case store, and the daemon it fronts (its status,
+    readiness, live events, link and latency: appliance.service.controls.DaemonControls). Without a daemon the
+    API serves the store alone: status is the version, always ready, no link to reconnect, no live events."""
+
+    settings: Settings
+    store: CaseStore
+    daemon: DaemonControls | None = None
 
 
-def create_app(settings: Settings, store: CaseStore, status: Callable[[], dict] | None = None,
-               ready: Callable[[], list[str]] | None = None, latency: LatencyHistogram | None = None,
-               hub: EventHub | None = None, reconnect: Callable[[str], str] | None = None,
-               site_changed: Callable[[], None] | None = None) -> FastAPI:
-    """Build the API around its collaborators: ``status`` returns the daemon's live status as a dict,
-    ``ready`` the reasons it is not ready yet (empty when ready), ``reconnect(why)`` asks the scanner link
-    to reopen its port and returns the link state, ``site_changed()`` is told when a site point is accepted or
-    reset (the daemon re-judges drift against the new reference)."""
+def create_app(parts: ApiParts) -> FastAPI:
+    """Build the API around ``parts``."""
+    settings, store, daemon = parts.settings, parts.store, parts.daemon
     remote = not is_loopback(settings.api_host)
     if remote and not settings.api_tls_files:
         raise ApplianceError(f"the API would listen on {settings.api_host}, which is not loopback, over plain HTTP; "
@@ -54,14 +59,14 @@ def create_app(settings: Settings, store: CaseStore, status: Callable[[], dict] 
     )
     app.state.settings = settings
     app.state.store = store
-    app.state.status = status or (lambda: {"version": __version__})
-    app.state.ready = ready or (lambda: [])
+    app.state.status = daemon.status if daemon else (lambda: DaemonStatus(version=__version__))
+    app.state.ready = daemon.not_ready if daemon else (lambda: [])
     app.state.token = ensure_token(settings.token_path)
     app.state.remote = remote
-    app.state.latency = latency  # the engine's LatencyHistogram, when the daemon serves the API
-    app.state.events = hub or EventHub()
-    app.state.reconnect = reconnect
-    app.state.site_changed = site_changed
+    app.state.latency = daemon.latency if daemon else None
+    app.state.events = daemon.events if daemon else EventHub()
+    app.state.reconnect = daemon.reconnect_link if daemon else None
+    app.state.site_changed = daemon.site_changed if daemon else None
     app.state.metrics = metrics.registry_for(app.state)  # read by GET /metrics; the app's own registry
     app.include_router(health.router)
     app.include_router(cases.router)
@@ -168,7 +173,4 @@ def daemon_api(daemon) -> ApiServer:
     live events and link; a degraded daemon (a model that failed its checks) serves its status only, without
     the latency histogram and the drift re-check."""
     s = daemon.settings
-    full = daemon.problem is None
-    app = create_app(s, daemon.store, daemon.status, daemon.not_ready, daemon.engine.latency if full else None,
-                     daemon.events, daemon.reconnect_link, daemon.check_drift if full else None)
-    return ApiServer(app, s.api_host, s.api_port, tls=s.api_tls_files)
+    return ApiServer(create_app(ApiParts(s, daemon.store, daemon)), s.api_host, s.api_port, tls=s.api_tls_files)

@@ -28,6 +28,7 @@ from appliance.service.cases import CaseBook, CaseProgress, eta_seconds
 from appliance.service.events import (ApiStarted, CaseFinished, DriftChanged, Event, EventHub, LinkReported,
                                       Notify, NotReady, Ready)
 from appliance.service.receiver import CaseReceiver, StorageGuard
+from appliance.status import CaseInFlight, DaemonStatus, LinkView, ThresholdView
 from appliance.service.worker import PipelineWorker
 from appliance.service.drift import DriftWatch, reference_in_force
 from appliance.store.points import thresholds_in_force
@@ -185,46 +186,41 @@ class Daemon:
         self.notify(LinkReported(LinkEvent.RECONNECT_REQUESTED, why))
         return self.link.state
 
-    def status(self) -> dict:
-        """The live status the API serves: link, case in flight, model, disk."""
-        out: dict = {"version": __version__}
-        if self.problem:
-            out["problem"] = self.problem
+    def status(self) -> DaemonStatus:
+        """The live status (appliance.status): link, case in flight, model, threshold, drift, disk."""
+        link = case = model = threshold = drift = None
         if self.link is not None:
             snap = self.link.snapshot()
-            out["link"] = {
-                "state": snap.get("state", "unknown"),
-                "port": self.port,
-                "counters": {k: v for k, v in snap.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
-                "last_error": snap.get("last_error"),
-            }
+            link = LinkView(state=snap.get("state", "unknown"), port=self.port, last_error=snap.get("last_error"),
+                            counters={k: v for k, v in snap.items()
+                                      if isinstance(v, (int, float)) and not isinstance(v, bool)})
         current = self.cases.current
         if current is not None:
-            out["case"] = {
-                "case_id": current.case_id,
-                "specimen_id": current.specimen_id,
-                "tiles_expected": current.tiles_expected,
-                "tiles_received": current.tiles_received,
-                "tiles_processed": current.tiles_processed,
-                "score": current.score,
-                "early_positive": current.early_positive,
-                "verdict": current.result.verdict if current.result else None,
-                "failed": current.failed,
-                "eta_s": eta_seconds(current, time.monotonic()),
-                "warnings": list(current.warnings),
-            }
+            case = CaseInFlight(
+                case_id=current.case_id, specimen_id=current.specimen_id, tiles_expected=current.tiles_expected,
+                tiles_received=current.tiles_received, tiles_processed=current.tiles_processed,
+                score=current.score, early_positive=current.early_positive,
+                verdict=current.result.verdict if current.result else None, failed=current.failed,
+                eta_s=eta_seconds(current, time.monotonic()), warnings=tuple(current.warnings))
         if self.engine is not None:
-            out["model"] = self.engine.model_ref.to_dict()
+            model = self.engine.model_ref.to_dict()
             if self.store is not None and not self.problem:
-                thresholds = self.thresholds()
-                out["threshold"] = {"value": thresholds.threshold, "source": thresholds.source,
-                                    "site_accepted_at": thresholds.site_accepted_at,
-                                    "site_report_sha256": thresholds.site_report_sha256, "words": thresholds.words()}
-                out["drift"] = self.drift.status()
-        storage = self.storage.status()
-        out["disk_free_bytes"] = storage["free_bytes"]
-        out["storage"] = storage
-        return out
+                t = self.thresholds()
+                threshold = ThresholdView(value=t.threshold, source=t.source, site_accepted_at=t.site_accepted_at,
+                                          site_report_sha256=t.site_report_sha256, words=t.words())
+                drift = self.drift.status()
+        return DaemonStatus(version=__version__, problem=self.problem, link=link, case=case, model=model,
+                            threshold=threshold, drift=drift, storage=self.storage.status())
+
+    @property
+    def latency(self):
+        """The engine's inference latency histogram; None while degraded (no working engine)."""
+        return self.engine.latency if self.engine is not None and self.problem is None else None
+
+    def site_changed(self) -> None:
+        """A site point was accepted or reset (through the API): drift is judged against the new reference."""
+        if self.problem is None:
+            self.check_drift()
 
     def _housekeep(self) -> None:
         """Once a second: abandon cases the scanner left open. Every retention_interval_s: retention."""
@@ -268,15 +264,7 @@ class Daemon:
 
     def status_line(self) -> str:
         """One line for systemd's STATUS=: link state and the case in flight, or NOT READY and why."""
-        if self.problem:
-            return f"NOT READY: {self.problem}"
-        link = self.link.state if self.link else LinkState.DOWN
-        c = self.cases.current
-        if c is None:
-            return f"link {link}; no case yet"
-        state = c.result.verdict if c.result else ("early positive" if c.early_positive else "running")
-        return (f"link {link}; case {c.case_id}: {c.tiles_received}/{c.tiles_expected or '?'} tiles received, "
-                f"{c.tiles_processed} processed, score {c.score:.3f}, {state}")
+        return self.status().line()
 
     def wait_case(self, case_id: str, timeout: float) -> CaseProgress | None:
         """Wait until the pipeline has finished ``case_id`` (or the timeout passes)."""

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import httpx
 
+from appliance.status import DaemonStatus
+
 
 class ApiUnavailable(Exception):
     """The daemon cannot be reached (down, restarting, wrong URL)."""
@@ -39,8 +41,13 @@ class ApiClient:
             raise ApiUnavailable(f"cannot reach the appliance at {self.url}: {type(exc).__name__}") from None
         return r
 
-    async def status(self) -> dict:
-        return _json(await self._get("/status"))
+    async def status(self) -> DaemonStatus:
+        body = _json(await self._get("/status"))
+        try:
+            return DaemonStatus.from_dict(body)
+        except (KeyError, TypeError) as exc:
+            raise BadAnswer(f"GET /status answered a status this UI cannot read ({type(exc).__name__}: {exc})") \
+                from None
 
     async def cases(self, *, verdict: str | None = None, signed_off: bool | None = None, limit: int = 200) -> list:
         return _json(await self._get("/cases", verdict=verdict, signed_off=signed_off, limit=limit))["cases"]

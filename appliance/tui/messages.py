@@ -7,6 +7,7 @@ from dataclasses import MISSING, dataclass, field, fields
 
 from textual.message import Message
 
+from appliance.status import DaemonStatus
 from appliance.terms import EventKind
 from appliance.tui.client import BadAnswer
 
@@ -14,7 +15,7 @@ from appliance.tui.client import BadAnswer
 class StatusUpdated(Message):
     """A fresh GET /status."""
 
-    def __init__(self, status: dict) -> None:
+    def __init__(self, status: DaemonStatus) -> None:
         super().__init__()
         self.status = status
 

@@ -2,13 +2,13 @@
 
 import pytest
 
-from appliance.api.app import ApiServer, create_app
+from appliance.api.app import ApiParts, ApiServer, create_app
 from tests.results import MODEL, a_result
 
 
 @pytest.fixture
 def api(settings, store):
-    server = ApiServer(create_app(settings, store), "127.0.0.1", 0)
+    server = ApiServer(create_app(ApiParts(settings, store)), "127.0.0.1", 0)
     server.start()
     try:
         yield store, f"http://127.0.0.1:{server.port}"

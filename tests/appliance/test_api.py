@@ -8,10 +8,11 @@ from contextlib import closing
 import httpx
 import pytest
 
-from appliance.api.app import ApiServer, create_app
+from appliance.api.app import ApiParts, ApiServer, create_app
 from tests.appliance.conftest import finished_case
 from tests.results import MODEL, a_result
 from tests.stores import open_store
+from tests.daemon_standin import DaemonStandIn
 
 
 def test_health_cases_and_case(api):
@@ -93,7 +94,7 @@ def test_api_binds_loopback_only_by_default(tmp_path):
         allowed = load_settings(None, data_dir=tmp_path / "var2", model_dir=tmp_path / "no-model", api_port=0,
                                 api_host="0.0.0.0", api_allow_remote=True, api_tls_cert=cert, api_tls_key=key)
         with closing(open_store(allowed.db_path)) as store:
-            everywhere = ApiServer(create_app(allowed, store), allowed.api_host, 0, tls=allowed.api_tls_files)
+            everywhere = ApiServer(create_app(ApiParts(allowed, store)), allowed.api_host, 0, tls=allowed.api_tls_files)
             everywhere.start()
             try:
                 assert all(_accepts(a, everywhere.port) for a in others), others
@@ -147,8 +148,8 @@ def test_link_reconnect_says_why_it_cannot_and_changes_nothing_then(settings, st
     from firmware_bridge.transport import FdTransport
 
     link = HostLink(FdTransport(pty_pair.slave, close_fd=False), sink=None)  # an open transport: no path to reopen
-    servers = [ApiServer(create_app(settings, store), "127.0.0.1", 0),
-               ApiServer(create_app(settings, store, reconnect=link.request_reconnect), "127.0.0.1", 0)]
+    servers = [ApiServer(create_app(ApiParts(settings, store)), "127.0.0.1", 0),
+               ApiServer(create_app(ApiParts(settings, store, DaemonStandIn(reconnect=link.request_reconnect))), "127.0.0.1", 0)]
     for s in servers:
         s.start()
     auth = {"Authorization": f"Bearer {settings.token_path.read_text().strip()}"}
@@ -181,7 +182,7 @@ def test_hostile_case_ids_and_queries_get_a_4xx_never_a_file_or_a_5xx(api):
 
 def test_ready_is_503_with_reasons_until_ready(settings, store):
     reasons = ["the scanner port /dev/scanner is not open"]
-    server = ApiServer(create_app(settings, store, ready=lambda: list(reasons)), "127.0.0.1", 0)
+    server = ApiServer(create_app(ApiParts(settings, store, DaemonStandIn(reasons=reasons))), "127.0.0.1", 0)
     server.start()
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{server.port}", timeout=10) as c:
@@ -202,14 +203,14 @@ def test_a_non_loopback_bind_needs_tls_and_to_be_allowed_and_then_the_token_ever
     plain = load_settings(None, data_dir=settings.data_dir, model_dir=MODEL_DIR, api_host="0.0.0.0", api_port=0,
                           api_allow_remote=True)
     with pytest.raises(ApplianceError, match="not loopback, over plain HTTP; set api_tls_cert and api_tls_key"):
-        create_app(plain, store)
+        create_app(ApiParts(plain, store))
     not_allowed = load_settings(None, data_dir=settings.data_dir, model_dir=MODEL_DIR, api_host="0.0.0.0",
                                 api_port=0, api_tls_cert=cert, api_tls_key=key)
     with pytest.raises(ApplianceError, match="api_allow_remote"):
-        create_app(not_allowed, store)
+        create_app(ApiParts(not_allowed, store))
     allowed = load_settings(None, data_dir=settings.data_dir, model_dir=MODEL_DIR, api_host="0.0.0.0",
                             api_port=0, api_allow_remote=True, api_tls_cert=cert, api_tls_key=key)
-    server = ApiServer(create_app(allowed, store), "127.0.0.1", 0, tls=allowed.api_tls_files)
+    server = ApiServer(create_app(ApiParts(allowed, store)), "127.0.0.1", 0, tls=allowed.api_tls_files)
     server.start()
     try:
         token = allowed.token_path.read_text().strip()
@@ -252,7 +253,7 @@ def test_a_port_in_use_is_one_sentence_from_the_api_and_from_appliance_run(api, 
 
     store, url = api
     port = int(url.rsplit(":", 1)[1])
-    second = ApiServer(create_app(settings, store), "127.0.0.1", port)
+    second = ApiServer(create_app(ApiParts(settings, store)), "127.0.0.1", port)
     with pytest.raises(ApiBindError, match=rf"cannot listen on 127\.0\.0\.1:{port}: Address already in use; "
                                            r"another program \(another appliance\?\) already listens there"):
         second.start()

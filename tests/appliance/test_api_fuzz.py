@@ -2,10 +2,11 @@
 
 import pytest
 
-from appliance.api.app import ApiServer, create_app
+from appliance.api.app import ApiParts, ApiServer, create_app
 from firmware_bridge.host import HostLink
 from tests.openapi_fuzz import fuzz_api, schema_operation_count
 from tests.results import MODEL, a_result
+from tests.daemon_standin import DaemonStandIn
 
 
 @pytest.fixture
@@ -19,7 +20,7 @@ def api_url(settings, store, pty_pair):
         link.request_reconnect(why)
         return link.state
 
-    server = ApiServer(create_app(settings, store, reconnect=reconnect), "127.0.0.1", 0)
+    server = ApiServer(create_app(ApiParts(settings, store, DaemonStandIn(reconnect=reconnect))), "127.0.0.1", 0)
     server.start()
     try:
         yield f"http://127.0.0.1:{server.port}", settings.token_path.read_text().strip()

@@ -3,8 +3,10 @@
 import httpx
 import pytest
 
-from appliance.api.app import ApiServer, create_app
+from appliance.api.app import ApiParts, ApiServer, create_app
+from appliance.status import CaseInFlight, DaemonStatus, LinkView
 from tests.appliance.conftest import finished_case
+from tests.daemon_standin import DaemonStandIn
 
 
 def test_metrics_parse_as_prometheus_text_with_the_expected_families_and_values(settings, store):
@@ -21,11 +23,12 @@ def test_metrics_parse_as_prometheus_text_with_the_expected_families_and_values(
     latency = LatencyHistogram()
     for seconds in (0.004, 0.03, 0.3, 7.0):
         latency.observe(seconds)
-    live = {"case": {"tiles_received": 4, "tiles_processed": 3}, "disk_free_bytes": 123456789,
-            "link": {"state": "up", "counters": {"crc_errors": 2, "reconnects": 1}}}
+    live = DaemonStatus(version="test", storage={"free_bytes": 123456789},
+                        case=CaseInFlight("RUN-1", tiles_received=4, tiles_processed=3, score=0.0, early_positive=False),
+                        link=LinkView("up", "/dev/scanner", counters={"crc_errors": 2, "reconnects": 1}))
     # two apps in one process, as in this test session: each has its own registry, neither clashes
-    servers = [ApiServer(create_app(settings, store, status=lambda: live, latency=latency), "127.0.0.1", 0),
-               ApiServer(create_app(settings, store), "127.0.0.1", 0)]
+    servers = [ApiServer(create_app(ApiParts(settings, store, DaemonStandIn(live, latency=latency))), "127.0.0.1", 0),
+               ApiServer(create_app(ApiParts(settings, store)), "127.0.0.1", 0)]
     for s in servers:
         s.start()
     try:

@@ -13,7 +13,7 @@ import sys
 import httpx
 import pytest
 
-from appliance.api.app import ApiServer, create_app
+from appliance.api.app import ApiParts, ApiServer, create_app
 from appliance.config import load_settings
 from appliance.errors import ConfigError
 from tests.conftest import MODEL_DIR
@@ -38,7 +38,7 @@ def test_a_self_signed_certificate_is_served_and_verified_and_plain_http_gets_no
     settings = load_settings(None, data_dir=tmp_path / "var", model_dir=MODEL_DIR, api_port=0,
                              api_tls_cert=cert, api_tls_key=key)
     store = open_store(settings.db_path)
-    server = ApiServer(create_app(settings, store), "127.0.0.1", 0, tls=settings.api_tls_files)
+    server = ApiServer(create_app(ApiParts(settings, store)), "127.0.0.1", 0, tls=settings.api_tls_files)
     server.start()
     try:
         for host in ("localhost", "127.0.0.1"):  # both names are in the certificate

@@ -16,7 +16,7 @@ import httpx
 import numpy as np
 import pytest
 
-from appliance.api.app import ApiServer, create_app
+from appliance.api.app import ApiParts, ApiServer, create_app
 from appliance.api.logins import FAILURES_ALLOWED, hash_password
 from appliance.config import load_settings
 from appliance.pipeline import TriageSession
@@ -55,7 +55,7 @@ def viewer(tmp_path_factory, ov_engine, demo_image):
     called_case(ov_engine, store, settings.cases_dir, "V-TUMOUR", demo_image)  # the whole bundled case
     called_case(ov_engine, store, settings.cases_dir, "V-EDGE", demo_image[0:400, 0:400])
     store.set_user("drsmith", hash_password(PASSWORD), by="test")
-    server = ApiServer(create_app(settings, store), "127.0.0.1", 0)
+    server = ApiServer(create_app(ApiParts(settings, store)), "127.0.0.1", 0)
     server.start()
     try:
         yield store, f"http://127.0.0.1:{server.port}", settings
@@ -281,7 +281,7 @@ def test_a_batch_case_is_viewed_on_its_original_slide_with_the_patches_and_regio
     store = open_store(settings.db_path)
     store.set_user("drsmith", hash_password(PASSWORD), by="test")
     (case_id,) = [r["id"] for r in store.list_cases()]
-    server = ApiServer(create_app(settings, store), "127.0.0.1", 0)
+    server = ApiServer(create_app(ApiParts(settings, store)), "127.0.0.1", 0)
     server.start()
     try:
         with logged_in(f"http://127.0.0.1:{server.port}") as c:

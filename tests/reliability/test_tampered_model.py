@@ -119,6 +119,6 @@ def test_good_model_is_ready_and_has_no_problem(settings, pty_pair):
         wait_until(lambda: not daemon.not_ready(), 10, what="the daemon to be ready",
                    detail=lambda: f"not ready: {daemon.not_ready()}")
         assert daemon.problem is None and daemon.not_ready() == []
-        assert "problem" not in daemon.status() and daemon.link is not None
+        assert daemon.status().problem is None and daemon.link is not None
     finally:
         daemon.stop()

@@ -51,14 +51,15 @@ def test_an_unknown_kind_is_an_unknown_event_and_a_malformed_one_a_bad_answer():
         live_event("finished", {"case_id": "C", "score": 0.5, "early_positive_after_tiles": None, "warnings": []})
 
 
-def test_the_tui_imports_nothing_of_the_appliance_but_its_terms_and_colour_map():
+def test_the_tui_imports_nothing_of_the_appliance_but_its_terms_status_and_colour_map():
     """Its only way to the daemon is the API: loading it pulls in no store, service or model (``appliance``
-    itself is the package's root, loaded for any of its modules; the TUI takes the research-use notice from it)."""
+    itself is the package's root, loaded for any of its modules; the TUI takes the research-use notice from it;
+    appliance.status is the status value it reads the API's JSON into)."""
     code = ("import sys, appliance.tui.app, appliance.tui.screens, appliance.tui.messages\n"
             "print('\\n'.join(m for m in sys.modules if m.split('.')[0] in ('appliance', 'firmware_bridge')))")
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     others = [m for m in loaded if not m.startswith("appliance.tui")]
-    assert sorted(others) == ["appliance", "appliance.colormap", "appliance.terms"]
+    assert sorted(others) == ["appliance", "appliance.colormap", "appliance.status", "appliance.terms"]
 
 
 class StandInDaemon:

@@ -13,13 +13,14 @@ import pytest
 from PIL import Image, ImageFilter
 from textual.widgets import Input
 
-from appliance.api.app import ApiServer, create_app
+from appliance.api.app import ApiParts, ApiServer, create_app
 from appliance.pipeline import TriageResult, TriageSession
 from appliance.offline.sources import tiles_from_image
 from appliance.tui.app import TriageApp
 from appliance.tui.screens import CaseScreen, HistoryScreen, SignOffDialog
 from tests.stores import open_store
 from tests.tui.conftest import wait_for
+from tests.daemon_standin import DaemonStandIn
 
 SIZES = [(80, 24), (120, 40)]
 LIVE = {
@@ -60,7 +61,7 @@ def api_url(ov_engine, demo_image, tmp_path_factory):
         db.execute("UPDATE cases SET received_at = '2026-11-20T09:0' || substr(id, 6) || ':00.000+00:00', "
                    "finished_at = '2026-11-20T09:0' || substr(id, 6) || ':40.000+00:00', "
                    "early_positive_after_tiles = CASE WHEN early_positive THEN 34 END")
-    server = ApiServer(create_app(settings, store, status=lambda: LIVE), "127.0.0.1", 0)
+    server = ApiServer(create_app(ApiParts(settings, store, DaemonStandIn(LIVE))), "127.0.0.1", 0)
     server.start()
     yield f"http://127.0.0.1:{server.port}", settings
     server.stop()
@@ -169,7 +170,7 @@ def test_the_card_shows_the_accession_when_the_case_has_one(tmp_path):
     store = open_store(settings.db_path)
     store.case_started("ACC-1", specimen_id="S-2026-0050", accession="S26-00042", model=MODEL)
     store.case_finished("ACC-1", a_result("suspicious", 0.91))
-    server = ApiServer(create_app(settings, store, status=lambda: LIVE), "127.0.0.1", 0)
+    server = ApiServer(create_app(ApiParts(settings, store, DaemonStandIn(LIVE))), "127.0.0.1", 0)
     server.start()
 
     async def scenario():

@@ -33,10 +33,10 @@ class ApplianceCollector(Collector):
         # Counter names are given with _total, as exposed; the family drops it and the text format adds it back.
         yield CounterMetricFamily("appliance_tiles_received_total", "Tiles stored durably and ACKed, all cases.",
                                   value=counts["tiles"])
-        case = status.get("case") or {}
+        case = status.case
         tiles = GaugeMetricFamily("appliance_current_case_tiles", "Tiles of the case in flight.", labels=["stage"])
-        tiles.add_metric(["received"], case.get("tiles_received", 0))
-        tiles.add_metric(["processed"], case.get("tiles_processed", 0))
+        tiles.add_metric(["received"], case.tiles_received if case else 0)
+        tiles.add_metric(["processed"], case.tiles_processed if case else 0)
         yield tiles
         cases = GaugeMetricFamily("appliance_cases", "Cases in the database by verdict (or status while unfinished).",
                                   labels=["verdict"])
@@ -48,25 +48,24 @@ class ApplianceCollector(Collector):
         for state, n in sorted(st.store.delivery_counts().items()):
             deliveries.add_metric([state], n)
         yield deliveries
-        link = status.get("link") or {}
-        counters = link.get("counters", {})
+        link = status.link
+        counters = link.counters if link else {}
         yield CounterMetricFamily("appliance_link_crc_errors_total", "Frames from the scanner that failed CRC.",
                                   value=counters.get("crc_errors", 0))
         yield CounterMetricFamily("appliance_link_reconnects_total", "Reopens of a vanished scanner port.",
                                   value=counters.get("reconnects", 0))
         yield GaugeMetricFamily("appliance_link_up", "1 while a scanner is connected and heard.",
-                                value=1 if link.get("state") == LinkState.UP else 0)
-        drift = status.get("drift")
-        if drift is not None:  # 1 per followed measure the drift watch finds outside the reference, else 0
+                                value=1 if link is not None and link.state == LinkState.UP else 0)
+        if status.drift is not None:  # 1 per followed measure the drift watch finds outside the reference, else 0
             gauge = GaugeMetricFamily("appliance_drift", "1 while the last cases' measure is outside the drift "
                                       "reference (appliance.service.drift), 0 while inside.", labels=["measure"])
-            for f in drift["findings"]:
+            for f in status.drift["findings"]:
                 gauge.add_metric([f["measure"]], 1 if f["drifted"] else 0)
             yield gauge
-        if status.get("threshold") is not None:
+        if status.threshold is not None:
             yield GaugeMetricFamily("appliance_case_threshold", "The case threshold in force (the site's when "
-                                    "one is accepted, else the model's).", value=status["threshold"]["value"])
-        free = status.get("disk_free_bytes")
+                                    "one is accepted, else the model's).", value=status.threshold.value)
+        free = status.disk_free_bytes
         if free is not None:  # unknown is left out rather than reported as 0 bytes free
             yield GaugeMetricFamily("appliance_disk_free_bytes", "Free space on the data disk.", value=free)
         latency = getattr(st, "latency", None)

@@ -9,5 +9,5 @@ router = APIRouter(tags=["status"])
 
 @router.get("/status", response_model=StatusPublic)
 def status(request: Request) -> StatusPublic:
-    return StatusPublic.model_validate(dict(request.app.state.status(),
+    return StatusPublic.model_validate(dict(request.app.state.status().to_dict(),
                                             deliveries=request.app.state.store.delivery_counts()))

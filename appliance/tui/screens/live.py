@@ -9,6 +9,7 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.widgets import Footer, Label, ProgressBar, Static
 
+from appliance.status import DaemonStatus
 from appliance.terms import RESEARCH_USE_NOTICE
 from appliance.tui.messages import CalledEarly, ScanStarted, VerdictGiven
 from appliance.tui.render import eta_words, verdict_words
@@ -44,36 +45,35 @@ class LiveScreen(Screen):
             yield Static(RESEARCH_USE_NOTICE, classes="notice")
         yield Footer()
 
-    def show_status(self, st: dict) -> None:
-        link = st.get("link") or {}
-        state = link.get("state", "unknown")
+    def show_status(self, st: DaemonStatus) -> None:
+        link = st.link
+        state = link.state if link else "unknown"
         up = state == "up"
         self.query_one("#link", Static).update(Text.assemble(
             ("Scanner link: ", "bold"), (f"{'● UP' if up else '○ ' + state.upper()}", "bold" if up else "bold reverse"),
-            f"  on {link.get('port', '?')}",
-            (f"   last error: {link['last_error']}" if link.get("last_error") and not up else ""),
+            f"  on {link.port if link else '?'}",
+            (f"   last error: {link.last_error}" if link and link.last_error and not up else ""),
             # the drift watch's warning, on the status line while it holds
-            (f"\n⚠ {st['drift']['warning']}" if (st.get("drift") or {}).get("warning") else "", "bold reverse")))
-        c = st.get("case")
-        if not c:
+            (f"\n⚠ {st.drift_warning}" if st.drift_warning else "", "bold reverse")))
+        c = st.case
+        if c is None:
             return
-        if c["case_id"] != self.case_id:  # a new case, even if its case-started event was missed
-            self.show_new_case(c["case_id"])
+        if c.case_id != self.case_id:  # a new case, even if its case-started event was missed
+            self.show_new_case(c.case_id)
         self.query_one("#case", Static).update(Text.assemble(
-            ("Case ", "bold"), (c["case_id"], "bold"), f"    specimen {c.get('specimen_id') or '-'}"))
-        total = c.get("tiles_expected")
-        self.query_one("#received", ProgressBar).update(total=total, progress=c["tiles_received"])
-        self.query_one("#processed", ProgressBar).update(total=total, progress=c["tiles_processed"])
-        words = f"{c['tiles_received']}/{total or '?'} tiles received, {c['tiles_processed']} processed   " \
-                f"{eta_words(c.get('eta_s')) if not c.get('verdict') else 'call made'}   " \
-                f"running score {c['score']:.3f}"
+            ("Case ", "bold"), (c.case_id, "bold"), f"    specimen {c.specimen_id or '-'}"))
+        total = c.tiles_expected
+        self.query_one("#received", ProgressBar).update(total=total, progress=c.tiles_received)
+        self.query_one("#processed", ProgressBar).update(total=total, progress=c.tiles_processed)
+        words = f"{c.tiles_received}/{total or '?'} tiles received, {c.tiles_processed} processed   " \
+                f"{eta_words(c.eta_s) if not c.verdict else 'call made'}   " \
+                f"running score {c.score:.3f}"
         self.query_one("#eta", Static).update(words)
-        if c.get("early_positive"):
-            self.show_alert(c["case_id"], None)
-        warnings = c.get("warnings") or []
-        self.query_one("#qc", Static).update("\n".join(f"QC: {w['message']}" for w in warnings))
-        if c.get("verdict"):
-            self.show_last_call(c["case_id"], c["verdict"], c["score"])
+        if c.early_positive:
+            self.show_alert(c.case_id, None)
+        self.query_one("#qc", Static).update("\n".join(f"QC: {w['message']}" for w in c.warnings))
+        if c.verdict:
+            self.show_last_call(c.case_id, c.verdict, c.score)
 
     def on_scan_started(self, event: ScanStarted) -> None:
         self.show_new_case(event.case_id)
