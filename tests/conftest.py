@@ -38,6 +38,17 @@ def demo_image() -> np.ndarray:
     return tifffile.imread(DEMO_CASE)
 
 
+@pytest.fixture(scope="session")
+def dask_scheduler() -> str:
+    """One embedded Dask cluster (2 single-threaded worker processes) for the tests that triage many cases: its
+    address, for `--scheduler` or ``connect(scheduler=...)``. Its workers keep the model they loaded, as a lab's
+    cluster does. Tests of the embedded cluster itself (killed workers, a killed driver) start their own."""
+    from appliance.offline.batch import local_cluster
+
+    with local_cluster(2) as cluster:
+        yield cluster.scheduler_address
+
+
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 
 

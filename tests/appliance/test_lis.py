@@ -57,11 +57,11 @@ def both(mllp: MllpReceiver, fhir: FhirReceiver) -> list[str]:
 @contextlib.contextmanager
 def store_outbox_api(settings, token_file, mllp: MllpReceiver, fhir: FhirReceiver):
     """The daemon's parts that deliver and show deliveries: the store, the outbox and the live API."""
-    from appliance.api.app import ApiServer, create_app
+    from appliance.api.app import ApiParts, ApiServer, create_app
 
     store = open_store(settings.db_path, both(mllp, fhir))
     outbox = quick_outbox(store, token_file)
-    server = ApiServer(create_app(settings, store), "127.0.0.1", 0)
+    server = ApiServer(create_app(ApiParts(settings, store)), "127.0.0.1", 0)
     server.start()
     try:
         yield store, outbox, f"http://127.0.0.1:{server.port}"
@@ -181,8 +181,10 @@ def test_a_daemon_killed_between_sending_and_the_ack_sends_the_same_message_agai
     assert mllp.received[0][1] == mllp.received[1][1]  # the same message, byte for byte: no second result
 
 
-def test_100_cases_reach_both_receivers_exactly_once_by_message_id_while_they_restart(tmp_path, token_file,
-                                                                                        receivers):
+# 30 cases in the default suite, 100 with the slow runs (make test-slow)
+@pytest.mark.parametrize("n_cases", [30, pytest.param(100, marks=pytest.mark.slow)])
+def test_every_case_reaches_both_receivers_exactly_once_by_message_id_while_they_restart(tmp_path, token_file,
+                                                                                          receivers, n_cases):
     mllp, fhir = receivers
     mllp.start()
     fhir.start()
@@ -207,17 +209,17 @@ def test_100_cases_reach_both_receivers_exactly_once_by_message_id_while_they_re
     chaos_thread = threading.Thread(target=chaos, daemon=True)
     chaos_thread.start()
     try:
-        for i in range(100):
+        for i in range(n_cases):
             store.case_started(f"M-{i:03d}", model=MODEL)
             store.case_finished(f"M-{i:03d}", a_result("suspicious" if i % 3 else "benign-appearing", i / 100))
-        wait_until(lambda: store.delivery_counts()["delivered"] == 200, timeout=300,
+        wait_until(lambda: store.delivery_counts()["delivered"] == 2 * n_cases, timeout=300,
                    detail=lambda: store.delivery_counts())
     finally:
         stop.set()
         chaos_thread.join()
         outbox.stop()
         store.close()
-    expected = {f"M-{i:03d}.r1" for i in range(100)}
+    expected = {f"M-{i:03d}.r1" for i in range(n_cases)}
     assert mllp.accepted() == expected and fhir.accepted() == expected  # every case, at each destination
     assert restarts["mllp"] + restarts["fhir"] >= 5
     # a repeat is only ever the same message again (an ACK lost in a restart): never a second, different result

@@ -83,14 +83,14 @@ def sites(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reports(sites):
+def reports(sites, dask_scheduler):
     """The killed-and-rerun 200-core validation, then the validations of sites a and b (all their cases are
     skipped: the store has them). Returns what each run saw."""
     data, root = sites["data"], sites["root"]
     db = data / "appliance.db"
     env = dict(os.environ, APPLIANCE_DATA_DIR=str(data), APPLIANCE_MODEL_DIR=str(MODEL_DIR))
     proc = subprocess.Popen([sys.executable, "-m", "appliance.cli", "site", "validate", "--manifest",
-                             str(sites["mixed"]), "--out", str(root / "report-mixed")], env=env,
+                             str(sites["mixed"]), "--out", str(root / "report-mixed"), "--workers", "2"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
                             start_new_session=True)
     try:
@@ -100,12 +100,15 @@ def reports(sites):
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and its Dask workers, halfway
         proc.wait()
     before = recorded(db)
-    rerun = appliance(data, "site", "validate", "--manifest", str(sites["mixed"]), "--out", str(root / "report-mixed"))
+    # the rerun and the sites' own validations on the session's cluster (the killed run had its own, embedded)
+    on = ("--scheduler", dask_scheduler)
+    rerun = appliance(data, "site", "validate", "--manifest", str(sites["mixed"]), "--out", str(root / "report-mixed"),
+                      *on)
     after_mixed = recorded(db)
     out = {"before": before, "rerun": rerun, "after_mixed": after_mixed}
     for site in ("a", "b"):
         out[site] = appliance(data, "site", "validate", "--manifest", str(sites[site]), "--out",
-                              str(root / f"report-{site}"))
+                              str(root / f"report-{site}"), *on)
         out[f"report_{site}"] = root / f"report-{site}"
     return out
 
@@ -160,12 +163,14 @@ def test_site_b_at_another_resolution_shows_the_drop_and_recommends_another_thre
     assert "Recommended site threshold" in reports["b"].stdout
 
 
-def test_fewer_than_30_cases_of_a_label_gives_no_recommendation_and_says_how_many_more(sites, reports):
+def test_fewer_than_30_cases_of_a_label_gives_no_recommendation_and_says_how_many_more(sites, reports,
+                                                                                        dask_scheduler):
     rows = read_rows(sites["a"])
     few = [r for r in rows if r["label"] == "malignant"][:20] + [r for r in rows if r["label"] == "benign"][:40]
     small = subset(sites["a"], few, "few.csv")
     out = sites["root"] / "report-few"
-    run = appliance(sites["data"], "site", "validate", "--manifest", str(small), "--out", str(out))
+    run = appliance(sites["data"], "site", "validate", "--manifest", str(small), "--out", str(out), "--scheduler",
+                    dask_scheduler)
     assert run.returncode == 0, run.stderr[-2000:]
     report = read_report(out)
     assert report["recommended"] is None
@@ -210,13 +215,15 @@ def test_drift_stays_quiet_over_site_a_and_fires_within_50_cases_of_site_b(sites
             assert "focus" in drifted  # a finer image, resampled: sharper detail is spread over more pixels
 
 
-def test_a_site_like_the_development_cases_agrees_with_the_model_card_and_drift_stays_quiet(tmp_path):
+def test_a_site_like_the_development_cases_agrees_with_the_model_card_and_drift_stays_quiet(tmp_path,
+                                                                                             dask_scheduler):
     """120 virtual cores of the 26 development slides (tests/site_cases.dev_site): the card's population."""
     data = dev_data()
     if data is None:
         pytest.skip("the development data (the IDC dataset) is not on this machine; set APPLIANCE_DEV_DATA")
     manifest = dev_site(tmp_path / "dev", data)
-    run = appliance(tmp_path / "var", "site", "validate", "--manifest", str(manifest), "--out", str(tmp_path / "r"))
+    run = appliance(tmp_path / "var", "site", "validate", "--manifest", str(manifest), "--out", str(tmp_path / "r"),
+                    "--scheduler", dask_scheduler)
     assert run.returncode == 0, run.stderr[-2000:]
     report = read_report(tmp_path / "r")
     assert report["agreement"] == {"auc": True, "sensitivity": True, "specificity": True}, (
@@ -357,12 +364,12 @@ def test_the_daemon_warns_of_drift_in_status_metrics_events_and_the_tui(sites, r
 
 
 def test_accept_and_reset_through_the_api_are_audited_and_visible(sites, reports, tmp_path):
-    from appliance.api.app import ApiServer, create_app
+    from appliance.api.app import ApiParts, ApiServer, create_app
     from appliance.config import Settings
 
     settings = Settings(data_dir=sites["data"], model_dir=MODEL_DIR, api_port=0)
     store = open_store(settings.db_path)
-    server = ApiServer(create_app(settings, store), "127.0.0.1", 0)
+    server = ApiServer(create_app(ApiParts(settings, store)), "127.0.0.1", 0)
     server.start()
     url = f"http://127.0.0.1:{server.port}"
     auth = {"Authorization": f"Bearer {settings.token_path.read_text().strip()}"}

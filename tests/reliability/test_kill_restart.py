@@ -6,6 +6,7 @@ import signal
 import time
 
 import numpy as np
+import pytest
 
 from appliance.config import load_settings
 from appliance.service.daemon import Daemon
@@ -61,8 +62,10 @@ def test_case_acked_before_a_sigkill_is_finished_after_restart_with_the_same_cal
     assert case["patches_scored"] == len(expected.patches) and case["tiles_received"] == len(tiles)
 
 
-def test_sigkill_at_random_points_in_20_streamed_cases_loses_nothing_and_changes_no_call(tmp_path, demo_image):
-    """One scanner streams 20 cases; the daemon process is SIGKILLed once per case at a random point (after
+# 6 cases in the default suite, 20 with the slow runs (make test-slow)
+@pytest.mark.parametrize("n_cases", [6, pytest.param(20, marks=pytest.mark.slow)])
+def test_sigkill_at_random_points_in_streamed_cases_loses_nothing_and_changes_no_call(tmp_path, demo_image, n_cases):
+    """One scanner streams n cases; the daemon process is SIGKILLed once per case at a random point (after
     k of n tiles were ACKed, or right after CASE_END was ACKed) and restarted at once. For every case: every
     ACKed tile is stored with the sha256 the scanner sent, the case completes, and its verdict and score
     equal an uninterrupted run of the same tiles."""
@@ -71,7 +74,7 @@ def test_sigkill_at_random_points_in_20_streamed_cases_loses_nothing_and_changes
     import sqlite3
     import threading
 
-    rng = random.Random(20261122)
+    rng = random.Random(20261123)  # its first 6 kills: 6 different points, one after CASE_END
     engine = load_engine(MODEL_DIR)
     cable = PtyCable(tmp_path / "scanner")
     data = tmp_path / "var"
@@ -79,7 +82,7 @@ def test_sigkill_at_random_points_in_20_streamed_cases_loses_nothing_and_changes
     cases, kill_points = [], []
     daemon = ApplianceRun(cable.path, data)
     try:
-        for c in range(20):
+        for c in range(n_cases):
             oy, ox = rng.randrange(0, 1400, 50), rng.randrange(0, 1700, 50)
             tiles = [TileToSend(x, y, np.ascontiguousarray(demo_image[oy + y: oy + y + 200, ox + x: ox + x + 200]))
                      for y in range(0, 600, 200) for x in range(0, 800, 200)]
@@ -120,7 +123,7 @@ def test_sigkill_at_random_points_in_20_streamed_cases_loses_nothing_and_changes
             open_ = db.execute("select count(*) from cases where status in ('receiving', 'processing')").fetchone()[0]
             return open_, db.execute("select count(*) from cases").fetchone()[0]
 
-        wait_until(lambda: counts() == (0, 20), 120, interval=0.2, what="all 20 cases stored and finished",
+        wait_until(lambda: counts() == (0, n_cases), 120, interval=0.2, what=f"all {n_cases} cases stored and finished",
                    detail=lambda: "(open, stored) = %s" % (counts(),))
     finally:
         daemon.stop()
@@ -131,6 +134,7 @@ def test_sigkill_at_random_points_in_20_streamed_cases_loses_nothing_and_changes
           f"{sum(r.reconnects for _i, _t, r in cases)} scanner reconnects)")
     print("kill points (ACKs before SIGKILL; = tiles per case means after CASE_END):", kill_points)
     assert len(set(kill_points)) > 3  # the kills really landed at different points
+    assert 12 in kill_points  # and one after CASE_END was ACKed
     for info, tiles, result in cases:
         row = db.execute("select * from cases where id = ?", [info.case_id]).fetchone()
         assert row is not None and row["status"] in ("done", "cannot-call"), (info.case_id, row and row["status"])

@@ -11,7 +11,7 @@
   const review = (window.review = {tilesLoaded: 0, maxLevelLoaded: -1, heatmap: null, regions: null});
   const viewer = OpenSeadragon({
     id: "osd", prefixUrl: "/viewer/osd/images/", tileSources: base + "/slide.dzi",
-    showNavigator: true, maxZoomPixelRatio: 4, crossOriginPolicy: false, loadTilesWithAjax: false,
+    showNavigator: true, maxZoomPixelRatio: 4, drawer: "canvas", crossOriginPolicy: false, loadTilesWithAjax: false,
   });
   review.viewer = viewer;
 
