@@ -7,6 +7,8 @@ import numpy as np
 
 from appliance.errors import InputError
 
+Positions = np.ndarray  # (n, 4) int64: model-resolution x, y, w, h of each patch, in the order they were cut
+
 
 def pad_to(img: np.ndarray, size: int, value: int) -> np.ndarray:
     """Pad an (h, w, 3) image at the bottom/right to (size, size, 3) with a constant (glass is white)."""

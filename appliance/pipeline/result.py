@@ -77,6 +77,18 @@ class TriageResult:
                  top_patches=[p.to_dict() for p in self.top_patches()])
         return d
 
+    def summary(self, source: str, *, skipped_inputs: list[dict] | None = None, accession: str = "") -> dict:
+        """The case summary (appliance.pipeline.summary's schema, before the writer adds the case id and its
+        files): the result, what it was made from (``source``: a path, or the scanner case), the inputs skipped
+        and the lab's accession when known. The one place a summary is put together, for the daemon's cases and
+        `appliance triage`/`batch` alike."""
+        d = self.to_dict()
+        d["input"] = source
+        d["skipped_inputs"] = list(skipped_inputs or [])
+        if accession:
+            d["accession"] = accession
+        return d
+
     def top_patches(self) -> list[PatchScore]:
         """The patches that drove the call, highest probability first."""
         return heapq.nsmallest(self.top_k, self.patches, key=lambda p: (-p.probability, p.y, p.x))
