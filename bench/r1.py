@@ -142,7 +142,7 @@ def _outputs_child(engine, folder: Path, q) -> None:
             session.add_tile(tile.x, tile.y, tile.pixels)
         result = session.finish()
         called, c0 = time.perf_counter(), cpu_seconds()
-        summary = dict(result.to_dict(), input=str(folder), skipped_inputs=[])
+        summary = result.summary(str(folder))
         session.write_outputs(out_dir, "R1", summary)
         files_s, files_cpu = time.perf_counter() - called, cpu_seconds() - c0
     finally:

@@ -84,8 +84,7 @@ def called_case(engine, data: Path) -> tuple:
             session.add_tile(x, y, np.ascontiguousarray(image[y:y + 200, x:x + 200]))
     result = session.finish()
     store.case_finished("BENCH-1", result)
-    session.write_outputs(settings.cases_dir / "BENCH-1", "BENCH-1", dict(result.to_dict(), input="bench",
-                                                                          skipped_inputs=[]))
+    session.write_outputs(settings.cases_dir / "BENCH-1", "BENCH-1", result.summary("bench"))
     session.close()
     return settings, store, result
 

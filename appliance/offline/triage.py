@@ -92,11 +92,7 @@ def _triage(engine: Engine, path: Path, tiles: Iterable[SourceTile], total: int 
             if progress:
                 progress(n, total, session.score)
         finished = session.finish()
-        result = finished.to_dict()
-        result["input"] = str(path)
-        result["skipped_inputs"] = [asdict(s) for s in skipped]
-        if accession:
-            result["accession"] = accession
+        result = finished.summary(str(path), skipped_inputs=[asdict(s) for s in skipped], accession=accession or "")
         if slide is not None:
             to_level0(result, slide.downsample)
             result["slide"] = slide.to_dict()

@@ -147,15 +147,15 @@ class Daemon:
         self.receiver = CaseReceiver(spool, self.store, self.pipeline, self.engine.model_ref, self.notify,
                                      self.storage)
         self._serve_api()
-        self.receiver.recover()
+        recovery = self.receiver.recover()
         self._housekeeping_stop = threading.Event()
         self._housekeeping = threading.Thread(target=self._housekeep, name="housekeeping", daemon=True)
         self._housekeeping.start()
         # wait_for_port: a daemon started before the scanner is plugged in waits for it instead of failing.
         self.link = HostLink(self.port, self.receiver, wait_for_port=True)
-        if self.receiver.reopened:  # the host holds one open case: the latest the scanner was sending
-            self.link.restore_case(*self.receiver.reopened[-1])
-        for case_id, tiles in self.receiver.ended_recovered:  # their CASE_END may come again: re-ACK it
+        if recovery.reopened:  # the host holds one open case: the latest the scanner was sending
+            self.link.restore_case(*recovery.reopened[-1])
+        for case_id, tiles in recovery.ended:  # their CASE_END may come again: re-ACK it
             self.link.restore_ended(case_id, tiles)
         self.link.start()
         self.notify(Ready(self.port, self.engine.model_ref.to_dict()))

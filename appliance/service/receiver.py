@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from firmware_bridge.cases import ENDED_CASES_REMEMBERED
@@ -22,6 +23,19 @@ from appliance.terms import CaseFile, CaseStatus
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class Recovery:
+    """What ``CaseReceiver.recover`` found after a restart: the cases resumed from the spool; of them, the open
+    ones (their info and the tile indexes stored, for the link to resume) and, with the latest called cases,
+    the ended ones (case id, tiles: a CASE_END the scanner sends again is ACKed); the called cases whose lost
+    files were made again."""
+
+    resumed: list[str] = field(default_factory=list)
+    reopened: list[tuple[CaseInfo, list[int]]] = field(default_factory=list)
+    ended: list[tuple[str, int]] = field(default_factory=list)
+    rebuilt: list[str] = field(default_factory=list)
+
+
 class CaseReceiver:
     """The link's TileSink: a tile is spooled and logged before this returns, and only then ACKed."""
 
@@ -34,8 +48,6 @@ class CaseReceiver:
         self.book = pipeline.book  # the case book the pipeline writes its part of each case into
         self.model = model
         self.notify = notify
-        self.reopened: list[tuple[CaseInfo, list[int]]] = []  # open cases rebuilt after a restart
-        self.ended_recovered: list[tuple[str, int]] = []  # ended cases finished after a restart
 
     def case_began(self, info: CaseInfo) -> None:
         if self.book.in_flight(info.case_id):
@@ -71,7 +83,7 @@ class CaseReceiver:
         self.pipeline.end(progress)
         self.notify(CaseEnded(case_id, tile_count))
 
-    def recover(self) -> list[str]:
+    def recover(self) -> Recovery:
         """After a crash: rebuild every case the last run left open from the spool (what was ACKed) and replay
         its tiles into the pipeline in index order; a case whose CASE_END was received (its row says
         processing) is finished now, with the same tiles, so the same verdict and score. Others stay open (and
@@ -80,9 +92,7 @@ class CaseReceiver:
         The latest called cases are remembered as ended too: a power cut can take the ACK of a CASE_END whose
         commit it kept, and the case can be called after a restart before the scanner sends CASE_END again
         (to be ACKed, not refused as unknown)."""
-        resumed = []
-        self.ended_recovered = [(r["id"], r["tiles_received"])
-                                for r in self.store.called_cases(ENDED_CASES_REMEMBERED)]
+        out = Recovery(ended=[(r["id"], r["tiles_received"]) for r in self.store.called_cases(ENDED_CASES_REMEMBERED)])
         for row in self.store.open_cases():
             case_id = row["id"]
             try:
@@ -103,12 +113,12 @@ class CaseReceiver:
             if ended:
                 self.book.ended(case_id, lambda: None)  # its CASE_END is in the store already
                 self.pipeline.end(progress)
-                self.ended_recovered.append((case_id, progress.tiles_received))
+                out.ended.append((case_id, progress.tiles_received))
             else:
-                self.reopened.append((info, [i for i, _x, _y, _p in self.spool.stored_tiles(case_id)]))
-            resumed.append(case_id)
-        self.rebuild_lost_files()
-        return resumed
+                out.reopened.append((info, [i for i, _x, _y, _p in self.spool.stored_tiles(case_id)]))
+            out.resumed.append(case_id)
+        out.rebuilt = self.rebuild_lost_files()
+        return out
 
     def rebuild_lost_files(self) -> list[str]:
         """After a power cut while a called case's files were written: it has no summary.json (written last,

@@ -258,8 +258,7 @@ class PipelineWorker:
                     self.notify(QcWarning(progress.case_id, w.code, w.message))
             try:
                 accession = progress.info.accession if progress.info is not None else ""
-                summary = dict(result.to_dict(), input=f"scanner case {progress.case_id}", skipped_inputs=[],
-                               **({"accession": accession} if accession else {}))
+                summary = result.summary(f"scanner case {progress.case_id}", accession=accession)
                 outputs = session.write_outputs(self.cases_dir / progress.case_id, progress.case_id, summary,
                                                 scan=scan)
                 self.book.outputs_written(progress, outputs)

@@ -41,7 +41,7 @@ def called_case(engine, store: CaseStore, cases_dir: Path, case_id: str, pixels:
                 session.add_tile(x, y, np.ascontiguousarray(pixels[y:y + tile, x:x + tile]))
         result = session.finish()
         store.case_finished(case_id, result)
-        session.write_outputs(cases_dir / case_id, case_id, dict(result.to_dict(), input="test", skipped_inputs=[]))
+        session.write_outputs(cases_dir / case_id, case_id, result.summary("test"))
     finally:
         session.close()
 

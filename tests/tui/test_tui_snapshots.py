@@ -39,7 +39,7 @@ def triage_into(engine, image, cases_dir, case_id) -> TriageResult:
         for t in tiles_from_image(image, 200):
             session.add_tile(t.x, t.y, np.ascontiguousarray(t.pixels))
         result = session.finish()
-        session.write_outputs(cases_dir / case_id, case_id, dict(result.to_dict(), input=case_id, skipped_inputs=[]))
+        session.write_outputs(cases_dir / case_id, case_id, result.summary(case_id))
     finally:
         session.close()
     return result
