@@ -2,6 +2,7 @@
 (corerules.py): the build's case-level unit, checked on a small synthetic slide whose answer is known."""
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -67,6 +68,15 @@ def test_the_early_threshold_lets_no_negative_core_fire(neg, pos):
     s = scores[e["rule"]]
     assert not (s[y == 0] >= e["threshold"]).any() and e["negative_cores_fired"] == 0
     assert e["positive_cores_fired"] == int((s[y == 1] >= e["threshold"]).sum())
+
+
+@pytest.mark.parametrize("negative", [0.57, 0.29, 0.5699, 1.0])
+def test_the_early_threshold_is_strictly_above_a_negative_core_s_score_on_its_4th_decimal(negative):
+    """0.57 * 1e4 is 5699.999...: a threshold rounded down from it and up by 1e-4 was 0.57 itself."""
+    scores = {name: np.array([negative, 1.0]) for name in MONOTONE}
+    e = early_rule(scores, np.array([0, 1]))
+    assert e["threshold"] > negative and e["negative_cores_fired"] == 0
+    assert e["threshold"] == pytest.approx(negative + 1e-4, abs=1e-9) and round(e["threshold"], 4) == e["threshold"]
 
 
 def test_each_rules_threshold_keeps_the_sensitivity_asked_for():

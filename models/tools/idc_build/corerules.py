@@ -112,6 +112,15 @@ def choose_final_rule(table: dict, candidates=tuple(FINAL)) -> str:
     return max(candidates, key=lambda n: (table[n]["specificity"], table[n]["auc"], n))
 
 
+def _just_above(m: float) -> float:
+    """The smallest 4-decimal number strictly above ``m`` (floor(m * 1e4) / 1e4 alone can land on m itself:
+    0.57 * 1e4 is 5699.999...)."""
+    t = round(np.floor(m * 1e4) / 1e4, 4)
+    while t <= m:
+        t = round(t + 1e-4, 4)
+    return t
+
+
 def early_rule(scores: dict, y, candidates=tuple(MONOTONE)) -> dict:
     """The early positive: a first-stage rule that never falls, with a threshold just above every negative
     core's score (rounded up to 4 decimals), so that no out-of-fold negative core fires. Of the candidates, the
@@ -120,7 +129,7 @@ def early_rule(scores: dict, y, candidates=tuple(MONOTONE)) -> dict:
     for name in candidates:
         s = scores[name]
         # above 1 when a negative core scores 1: a top-k mean can never pass it, so the early positive never fires
-        t = round(float(np.floor(s[y == 0].max() * 1e4) / 1e4 + 1e-4), 4) if (y == 0).any() else 0.0
+        t = _just_above(float(s[y == 0].max())) if (y == 0).any() else 0.0
         fires = int((s[y == 1] >= t).sum())
         key = (fires, MONOTONE[name][1])
         if best is None or key > best[0]:
