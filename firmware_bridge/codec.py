@@ -7,6 +7,7 @@ FIELD_ATTRS (wire name -> attribute name), TO_WIRE / FROM_WIRE (value converters
 APPENDABLE (a later protocol version may append fields, so trailing bytes are not an error) and
 OPTIONAL (trailing fields a later document revision added: sent only when non-empty, so a message
 that does not use them has the bytes an older peer expects, and read as empty when absent).
+check_uint and check_str are the field checks the message classes run against their wire types.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any, ClassVar, TypeVar
 from firmware_bridge.errors import MessageDecodeError
 from firmware_bridge.layout import VAR_TYPES, Wire, fixed_layout
 
-__all__ = ["STR16_MAX", "STR8_MAX", "Cursor", "WireMessage"]
+__all__ = ["STR16_MAX", "STR8_MAX", "Cursor", "WireMessage", "check_str", "check_uint"]
 
 STR8_MAX = 0xFF
 STR16_MAX = 0xFFFF
@@ -81,6 +82,23 @@ class Cursor:
             raise MessageDecodeError(
                 f"{self.what}: {len(self.data) - self.pos} unexpected bytes after offset {self.pos}"
             )
+
+
+def check_uint(name: str, value: int, bits: int) -> None:
+    """Raise ValueError unless value fits an unsigned wire field of `bits` bits (a message's field check)."""
+    if not isinstance(value, int) or not 0 <= value < (1 << bits):
+        raise ValueError(f"{name}={value!r} must be an integer in 0..{(1 << bits) - 1}")
+
+
+def check_str(name: str, value: str, max_bytes: int, *, allow_empty: bool = True) -> None:
+    """Raise ValueError unless value is a str whose UTF-8 form fits max_bytes (str8: STR8_MAX, str16: STR16_MAX)."""
+    if not isinstance(value, str):
+        raise ValueError(f"{name} must be a str, got {type(value).__name__}")
+    if not allow_empty and not value:
+        raise ValueError(f"{name} must not be empty")
+    size = len(value.encode("utf-8"))
+    if size > max_bytes:
+        raise ValueError(f"{name} is {size} bytes in UTF-8, the limit is {max_bytes}")
 
 
 def _pack_var(kind: str, value: Any) -> bytes:

@@ -4,7 +4,8 @@ The role of pyserial's serial.threaded.ReaderThread: the thread opens and owns t
 reads bytes, writes the answers, and reports connection_lost(exc) (on_connection_lost).
 What to answer is decided by session.HostSession, which also hands tiles to the sink and
 ACKs them once stored. The thread reopens a vanished port (USB unplug) by path with
-backoff and keeps the session, and so the open case, so the scanner can resume it.
+backoff (host_port.HostPort) and keeps the session, and so the open case, so the scanner
+can resume it.
 """
 
 from __future__ import annotations
@@ -16,24 +17,22 @@ import threading
 import time
 from typing import Callable, Iterable
 
-import serial
-
+from firmware_bridge.answers import Answer
 from firmware_bridge.cases import ENDED_CASES_REMEMBERED
+from firmware_bridge.codes import Capability
 from firmware_bridge.errors import LinkError, LinkLostError, TransportError
-from firmware_bridge.frames import MAX_PAYLOAD, PROTOCOL_VERSION
-from firmware_bridge.messages import Capability, Hello
-from firmware_bridge.session import EVENT_INTERVAL, HOST_CAPABILITIES, SILENCE_FACTOR, Answer, HostSession
+from firmware_bridge.frames import MAX_PAYLOAD
+from firmware_bridge.host_port import BACKOFF_INITIAL, BACKOFF_MAX, HostPort
+from firmware_bridge.messages import Hello
+from firmware_bridge.session import EVENT_INTERVAL, HOST_CAPABILITIES, SILENCE_FACTOR, HostSession
 from firmware_bridge.sink import CaseInfo, TileSink
 from firmware_bridge.status import LinkCounters, LinkEvent, LinkState, LinkStatus
-from firmware_bridge.transport import Transport, open_port, read_some, write_all
+from firmware_bridge.transport import Transport, read_some, write_all
 
 # The protocol constants are the session's; PROTOCOL.md (8.5, 8.6) documents them as the host's.
 __all__ = ["ENDED_CASES_REMEMBERED", "HOST_CAPABILITIES", "SILENCE_FACTOR", "HostLink"]
 
 log = logging.getLogger(__name__)
-
-BACKOFF_INITIAL = 0.05  # seconds before the first reopen of a vanished port
-BACKOFF_MAX = 2.0  # the reopen interval doubles up to this; USB re-enumeration takes ~0.5-2 s
 
 _LINK_DOWN = object()  # queue sentinel for wait_case_end
 
@@ -69,20 +68,16 @@ class HostLink:
         capabilities: Capability = HOST_CAPABILITIES,
         event_interval: float = EVENT_INTERVAL,
     ) -> None:
-        if not 0 < backoff_initial <= backoff_max:
-            raise ValueError(f"need 0 < backoff_initial ({backoff_initial}) <= backoff_max ({backoff_max})")
-        by_name = isinstance(port, str)
-        if reconnect and not by_name:
-            raise ValueError("reconnect=True needs a device path to reopen, not an open transport")
-        self.port_name = port if by_name else repr(port)
-        self.port: Transport | None = None if by_name else port
+        self._port = HostPort(
+            port,
+            read_timeout=read_timeout,
+            reconnect=reconnect,
+            backoff_initial=backoff_initial,
+            backoff_max=backoff_max,
+        )
         self.sink = sink
-        self.read_timeout = read_timeout
         self.on_connection_lost = on_connection_lost
-        self.reconnect = by_name if reconnect is None else reconnect
         self.wait_for_port = wait_for_port
-        self.backoff_initial = backoff_initial
-        self.backoff_max = backoff_max
         self.session = HostSession(
             sink,
             max_payload=max_payload,
@@ -99,9 +94,7 @@ class HostLink:
         self._stop = threading.Event()
         self._wake = threading.Event()  # stop(), or an operator asking for a reconnect (request_reconnect)
         self._reconnect_why: str | None = None
-        self._port_lock = threading.Lock()  # port swaps (reader) vs cancel_read (stop)
         self._thread: threading.Thread | None = None
-        self._backoff = backoff_initial  # first delay of the next reopen
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -129,17 +122,13 @@ class HostLink:
         if self._thread is not None:
             raise LinkError("HostLink.start() called twice")
         self._status.state = LinkState.CONNECTING
-        if self.port is None:
-            try:
-                self.port = open_port(self.port_name, timeout=self.read_timeout)
-            except TransportError:
-                if not (self.wait_for_port and self.reconnect):
-                    self._status.state = LinkState.STOPPED
-                    raise
-                self._status.state = LinkState.RECONNECTING
-        elif hasattr(self.port, "timeout"):
-            # The reader polls the stop flag between reads, so a read must not block forever.
-            self.port.timeout = self.read_timeout
+        try:
+            self._port.open()
+        except TransportError:
+            if not (self.wait_for_port and self._port.reconnect):
+                self._status.state = LinkState.STOPPED
+                raise
+            self._status.state = LinkState.RECONNECTING
         self._thread = threading.Thread(target=self._run, name="firmware-bridge-host", daemon=True)
         self._thread.start()
         return self
@@ -148,12 +137,9 @@ class HostLink:
         """Stop the reader, close the port, wait for the thread. Safe to call twice."""
         self._stop.set()
         self._wake.set()
-        self._cancel_read()
+        self._port.cancel_read()
         if self._thread is None:
-            with self._port_lock:
-                port = self.port
-            if port is not None:
-                port.close()  # never started: nobody else will close it
+            self._port.close()  # never started: nobody else will close it
             self._status.state = LinkState.STOPPED
             return
         if self._thread is not threading.current_thread():
@@ -168,32 +154,30 @@ class HostLink:
 
         Raises LinkError when the link cannot reopen (it was given an open transport) or is not running.
         """
-        if not self.reconnect:
+        if not self._port.reconnect:
             raise LinkError("this link was given an open transport, not a device path: it cannot reopen it")
         if not self.running:
             raise LinkError(f"the link to {self.port_name} is not running")
         self._reconnect_why = why
-        self._backoff = self.backoff_initial
+        self._port.works()
         self._wake.set()
-        self._cancel_read()
-
-    def _cancel_read(self) -> None:
-        """Wake a reader blocked in read() (pyserial ports); others wake on their read timeout."""
-        with self._port_lock:
-            port = self.port
-            cancel = getattr(port, "cancel_read", None)
-            if callable(cancel) and getattr(port, "is_open", True):
-                try:
-                    cancel()
-                except (OSError, ValueError, TypeError) as exc:
-                    # The port is closing under us; the reader wakes on its own read timeout.
-                    log.debug("cancel_read on %s failed: %s", self.port_name, exc)
+        self._port.cancel_read()
 
     def __enter__(self) -> HostLink:
         return self.start()
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+    @property
+    def port(self) -> Transport | None:
+        """The open transport, or None while the port is being (re)opened or after stop()."""
+        return self._port.transport
+
+    @property
+    def port_name(self) -> str:
+        """The device path the link opens, or the repr of the transport it was given."""
+        return self._port.name
 
     @property
     def running(self) -> bool:
@@ -228,21 +212,7 @@ class HostLink:
         out.update(dataclasses.asdict(self.counters))
         age = self.last_heard_age()
         out["last_heard_age_s"] = None if age is None else round(age, 3)
-        peer = self.peer
-        out["peer"] = None if peer is None else {
-            "version": peer.version,
-            "negotiated_version": min(peer.version, PROTOCOL_VERSION),
-            "window": peer.window,
-            "max_payload": peer.max_payload,
-            "capabilities": [c.name.lower() for c in Capability if c in peer.capabilities],
-            "heartbeat_interval_s": self.session.peer_interval,
-        }
-        case = self.session.case
-        out["case"] = None if case is None else {
-            "case_id": case.begin.case_id,
-            "tiles_stored": len(case.stored),
-            "expected_tiles": case.begin.expected_tiles,
-        }
+        out.update(self.session.describe())  # peer and case
         return out
 
     def wait_case_end(self, timeout: float | None = None) -> str | None:
@@ -267,7 +237,7 @@ class HostLink:
     def _run(self) -> None:
         error: BaseException | None = None
         try:
-            if self.port is None:  # wait_for_port, and nothing there yet
+            if self._port.transport is None:  # wait_for_port, and nothing there yet
                 detail = f"{self.port_name} is not there yet; opening it with backoff"
                 self._status.emit(LinkEvent.RECONNECTING, detail, time.monotonic())
                 if not self._reopen():
@@ -278,7 +248,7 @@ class HostLink:
                 except TransportError as exc:
                     if self._stop.is_set():
                         break  # cancel_read/close during stop() can surface as a read error
-                    if not self.reconnect:
+                    if not self._port.reconnect:
                         raise
                     self._port_lost(exc)
                     if not self._reopen():
@@ -300,7 +270,7 @@ class HostLink:
 
     def _pump(self) -> None:
         """Read and handle frames until stop() or a TransportError."""
-        port, session = self.port, self.session
+        port, session = self._port.transport, self.session
         while not self._stop.is_set():
             data = read_some(port)
             if self._wake.is_set() and not self._stop.is_set():
@@ -315,55 +285,38 @@ class HostLink:
 
     def _carry_out(self, answer: Answer, port: Transport) -> None:
         if answer.scanner_hello:
-            self._backoff = self.backoff_initial  # a HELLO proves the port works
+            self._port.works()  # a HELLO proves it
         if answer.wire:
             write_all(port, answer.wire)
         if answer.case_ended is not None:
             self._case_ends.put(answer.case_ended)  # after the ACK is written, so a waiter can stop the link
 
     def _port_lost(self, exc: TransportError) -> None:
+        port = self._port
         self.counters.last_error = f"port: {exc}"
         log.warning("scanner port %s lost: %s; reopening", self.port_name, exc)
-        self._close_port(None)
+        port.close()
         self.session.port_lost()
         self._status.set_state(LinkState.DOWN, f"port {self.port_name} lost: {exc}", time.monotonic())
         self._status.set_state(
             LinkState.RECONNECTING,
-            f"reopening {self.port_name}: first try in {self._backoff:g} s, doubling to {self.backoff_max:g} s",
+            f"reopening {port.name}: first try in {port.backoff:g} s, doubling to {port.backoff_max:g} s",
             time.monotonic(),
         )
 
     def _reopen(self) -> bool:
-        """Reopen port_name with exponential backoff; False if stop() came first."""
-        delay = self._backoff
+        """Reopen the port by name with backoff, then start the session's new connection; False if stop() came first."""
         began = time.monotonic()
-        attempts = 0
-        while not self._sleep(delay):
-            attempts += 1
-            self.counters.reconnect_attempts += 1
-            try:
-                port = open_port(self.port_name, timeout=self.read_timeout)
-            except TransportError as exc:
-                # Expected while the device is gone; the doubling delay keeps this loop idle.
-                log.debug("reopen attempt %d of %s failed: %s", attempts, self.port_name, exc)
-                delay = min(delay * 2, self.backoff_max)
-                continue
-            with self._port_lock:
-                self.port = port
-            if self._stop.is_set():
-                return False
-            # A device that opens but fails at once (a stale node) must not cycle at the
-            # initial rate: the next loss starts where this one left off, until a HELLO
-            # proves the port works (_carry_out resets it).
-            self._backoff = min(delay * 2, self.backoff_max)
-            self.session.new_connection()
-            self._status.set_state(
-                LinkState.CONNECTING,
-                f"opened {self.port_name} after {attempts} attempt(s) in {time.monotonic() - began:.2f} s",
-                time.monotonic(),
-            )
-            return True
-        return False
+        attempts = self._port.reopen(self._sleep, self.counters)
+        if attempts is None or self._stop.is_set():
+            return False
+        self.session.new_connection()
+        self._status.set_state(
+            LinkState.CONNECTING,
+            f"opened {self.port_name} after {attempts} attempt(s) in {time.monotonic() - began:.2f} s",
+            time.monotonic(),
+        )
+        return True
 
     def _sleep(self, delay: float) -> bool:
         """Wait ``delay`` s or until woken; True if stop() came. A reconnect request cuts the wait short."""
@@ -372,16 +325,9 @@ class HostLink:
         return self._stop.is_set()
 
     def _close_port(self, error: BaseException | None) -> BaseException | None:
-        with self._port_lock:
-            port, self.port = self.port, None
-        if port is None:
-            return error
-        try:
-            port.close()
-        except (OSError, TransportError, serial.SerialException) as exc:
-            log.warning("closing the scanner port failed: %s", exc)
-            return error or TransportError(f"closing the port failed: {exc}")
-        return error
+        """Close the port; the error the reader stopped with, else a failure to close, else None."""
+        closing = self._port.close()
+        return error or closing
 
     def _emit_on_shutdown(self, kind: LinkEvent, detail: str) -> None:
         try:

@@ -6,27 +6,29 @@ fields in wire order with their PROTOCOL.md type names; codec.WireMessage derive
 suite checks WIRE, the bytes encode() produces and the doc's tables against each other.
 Strings are "str8" (u8 byte length + UTF-8) except ERROR text, which is "str16". The
 classes here only add what the table cannot say: field checks and the odd value mapping.
+The numbers their fields carry (message types, roles, capability bits, NACK reasons, ERROR
+codes) are the tables in codes.py.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from enum import IntEnum, IntFlag
 from typing import Any, ClassVar
 
 import numpy as np
 
-from firmware_bridge.codec import STR8_MAX, STR16_MAX, WireMessage
+from firmware_bridge.codec import STR8_MAX, STR16_MAX, WireMessage, check_str, check_uint
+from firmware_bridge.codes import DTYPE_CODES, Capability, ErrorCode, MsgType, NackReason, Role
 from firmware_bridge.errors import MessageDecodeError
 from firmware_bridge.frames import MAX_PAYLOAD, UNKNOWN_SEQ, Frame, encode_frame
 from firmware_bridge.layout import Wire
 from firmware_bridge.pixels import CHANNELS, TileEncoding, decode_pixels
 
+# Capability, ErrorCode, MsgType, NackReason, Role (codes.py) and TileEncoding (pixels.py) are the
+# fields' types, named here too for whoever builds or reads messages.
 __all__ = [
     "ALL_MESSAGES",
-    "ENCODING_CAPABILITY",
-    "EVERY_CAPABILITY",
     "Ack",
     "CaseBegin",
     "CaseEnd",
@@ -51,69 +53,6 @@ __all__ = [
 ]
 
 
-class MsgType(IntEnum):
-    """Frame header byte 1."""
-
-    HELLO = 0x01
-    CASE_BEGIN = 0x02
-    TILE = 0x03
-    CASE_END = 0x04
-    ACK = 0x05
-    NACK = 0x06
-    ERROR = 0x07
-    HEARTBEAT = 0x08  # only to a peer whose HELLO has Capability.HEARTBEAT
-
-
-class Role(IntEnum):
-    SCANNER = 1
-    HOST = 2
-
-
-class Capability(IntFlag):
-    """HELLO capability bits. RAW tiles are always accepted and have no bit."""
-
-    NONE = 0
-    ZLIB = 1 << 0
-    PNG = 1 << 1
-    HEARTBEAT = 1 << 2  # understands HEARTBEAT (0x08); a host with it answers every one
-    RESUME = 1 << 3  # a host with it resumes an open case on a repeated identical CASE_BEGIN
-    JPEG = 1 << 4
-    ACCESSION = 1 << 5  # understands CASE_BEGIN's accession field (revision 1.3)
-
-
-# What the reference scanner and host both announce: every feature this revision defines.
-EVERY_CAPABILITY = Capability(sum(Capability))
-
-
-ENCODING_CAPABILITY = {
-    TileEncoding.RAW: Capability.NONE,
-    TileEncoding.ZLIB: Capability.ZLIB,
-    TileEncoding.PNG: Capability.PNG,
-    TileEncoding.JPEG: Capability.JPEG,
-}
-
-
-class NackReason(IntEnum):
-    CRC = 1  # frame damaged in transit (any framing error); retransmit
-    MALFORMED = 2  # frame intact but its payload does not parse; do not retransmit as is
-    STORAGE = 3  # the host could not store it durably; retransmit after a short delay
-    UNKNOWN_CASE = 4  # no open case with that case_id; send CASE_BEGIN first
-    BAD_TILE = 5  # tile pixels do not decode or do not fit the case; do not retransmit
-    TOO_LARGE = 6  # frame above the host's max payload; do not retransmit
-    BUSY = 7  # host temporarily cannot accept; retransmit after a delay (not sent by v1 hosts)
-    REFUSED = 8  # the host will not take this case (e.g. too little free disk space); stop the case
-
-
-RETRYABLE_NACKS = frozenset({NackReason.CRC, NackReason.STORAGE, NackReason.BUSY})
-
-
-class ErrorCode(IntEnum):
-    UNSUPPORTED_VERSION = 1
-    PROTOCOL = 2  # a message that makes no sense in this role or state
-    INTERNAL = 3
-
-
-DTYPE_CODES = {"uint8": 1}
 _DTYPE_NAMES = {code: name for name, code in DTYPE_CODES.items()}
 
 
@@ -134,21 +73,6 @@ def clip_text(text: str, max_bytes: int = STR8_MAX) -> str:
     if len(raw) <= max_bytes:
         return text
     return raw[:max_bytes].decode("utf-8", errors="ignore")
-
-
-def _check_uint(name: str, value: int, bits: int) -> None:
-    if not isinstance(value, int) or not 0 <= value < (1 << bits):
-        raise ValueError(f"{name}={value!r} must be an integer in 0..{(1 << bits) - 1}")
-
-
-def _check_str(name: str, value: str, max_bytes: int, *, allow_empty: bool = True) -> None:
-    if not isinstance(value, str):
-        raise ValueError(f"{name} must be a str, got {type(value).__name__}")
-    if not allow_empty and not value:
-        raise ValueError(f"{name} must not be empty")
-    size = len(value.encode("utf-8"))
-    if size > max_bytes:
-        raise ValueError(f"{name} is {size} bytes in UTF-8, the limit is {max_bytes}")
 
 
 @dataclass(frozen=True)
@@ -174,13 +98,13 @@ class Hello(WireMessage):
     capabilities: Capability = Capability.NONE
 
     def __post_init__(self) -> None:
-        _check_uint("version", self.version, 8)
+        check_uint("version", self.version, 8)
         if self.version < 1:
             raise ValueError(f"version={self.version} must be at least 1")
         object.__setattr__(self, "role", Role(self.role))
-        _check_uint("window", self.window, 16)
-        _check_uint("max_payload", self.max_payload, 32)
-        _check_uint("capabilities", int(self.capabilities), 32)
+        check_uint("window", self.window, 16)
+        check_uint("max_payload", self.max_payload, 32)
+        check_uint("capabilities", int(self.capabilities), 32)
         object.__setattr__(self, "capabilities", Capability(self.capabilities))
 
 
@@ -224,21 +148,21 @@ class CaseBegin(WireMessage):
     accession: str = ""  # the lab's accession (order) number; "" = none, or the host cannot take one
 
     def __post_init__(self) -> None:
-        _check_str("case_id", self.case_id, STR8_MAX, allow_empty=False)
-        _check_str("specimen_id", self.specimen_id, STR8_MAX)
-        _check_str("modality", self.modality, STR8_MAX)
-        _check_str("accession", self.accession, STR8_MAX)
+        check_str("case_id", self.case_id, STR8_MAX, allow_empty=False)
+        check_str("specimen_id", self.specimen_id, STR8_MAX)
+        check_str("modality", self.modality, STR8_MAX)
+        check_str("accession", self.accession, STR8_MAX)
         mpp = float(self.microns_per_pixel)
         if not math.isfinite(mpp) or mpp <= 0:
             raise ValueError(f"microns_per_pixel={self.microns_per_pixel!r} must be finite and > 0")
         object.__setattr__(self, "microns_per_pixel", mpp)
         for name in ("tile_width", "tile_height", "overlap"):
-            _check_uint(name, getattr(self, name), 16)
+            check_uint(name, getattr(self, name), 16)
         if self.tile_width == 0 or self.tile_height == 0:
             raise ValueError(f"tile size {self.tile_width}x{self.tile_height} must not be zero")
         for name in ("expected_tiles", "image_width", "image_height"):
-            _check_uint(name, getattr(self, name), 32)
-        _check_uint("channels", self.channels, 8)
+            check_uint(name, getattr(self, name), 32)
+        check_uint("channels", self.channels, 8)
         if self.dtype not in DTYPE_CODES:
             raise ValueError(f"dtype={self.dtype!r} is not supported; v1 knows {sorted(DTYPE_CODES)}")
 
@@ -272,13 +196,13 @@ class Tile(WireMessage):
     payload: bytes = field(repr=False)
 
     def __post_init__(self) -> None:
-        _check_str("case_id", self.case_id, STR8_MAX, allow_empty=False)
+        check_str("case_id", self.case_id, STR8_MAX, allow_empty=False)
         # index stays below 2**31 so an ACK can carry it in a signed i32 next to -1.
-        _check_uint("index", self.index, 31)
-        _check_uint("x", self.x, 32)
-        _check_uint("y", self.y, 32)
-        _check_uint("w", self.w, 16)
-        _check_uint("h", self.h, 16)
+        check_uint("index", self.index, 31)
+        check_uint("x", self.x, 32)
+        check_uint("y", self.y, 32)
+        check_uint("w", self.w, 16)
+        check_uint("h", self.h, 16)
         object.__setattr__(self, "encoding", TileEncoding.parse(self.encoding))
         object.__setattr__(self, "payload", bytes(self.payload))
 
@@ -294,8 +218,8 @@ class CaseEnd(WireMessage):
     tile_count: int
 
     def __post_init__(self) -> None:
-        _check_str("case_id", self.case_id, STR8_MAX, allow_empty=False)
-        _check_uint("tile_count", self.tile_count, 32)
+        check_str("case_id", self.case_id, STR8_MAX, allow_empty=False)
+        check_uint("tile_count", self.tile_count, 32)
 
 
 @dataclass(frozen=True)
@@ -310,8 +234,8 @@ class Ack(WireMessage):
     tile_index: int = -1  # -1 when the acknowledged frame is not a TILE
 
     def __post_init__(self) -> None:
-        _check_uint("acked_seq", self.acked_seq, 32)
-        _check_str("case_id", self.case_id, STR8_MAX)
+        check_uint("acked_seq", self.acked_seq, 32)
+        check_str("case_id", self.case_id, STR8_MAX)
         if not isinstance(self.tile_index, int) or not -1 <= self.tile_index < (1 << 31):
             raise ValueError(f"tile_index={self.tile_index!r} must be -1 or in 0..{(1 << 31) - 1}")
 
@@ -328,9 +252,9 @@ class Nack(WireMessage):
     detail: str = ""
 
     def __post_init__(self) -> None:
-        _check_uint("seq", self.seq, 32)
+        check_uint("seq", self.seq, 32)
         object.__setattr__(self, "reason", NackReason(self.reason))
-        _check_str("detail", self.detail, STR8_MAX)
+        check_str("detail", self.detail, STR8_MAX)
 
     @property
     def seq_known(self) -> bool:
@@ -349,7 +273,7 @@ class ErrorMessage(WireMessage):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "code", ErrorCode(self.code))
-        _check_str("text", self.text, STR16_MAX)
+        check_str("text", self.text, STR16_MAX)
 
 
 @dataclass(frozen=True)
@@ -364,9 +288,9 @@ class Heartbeat(WireMessage):
     interval_ms: int = 0  # how often the sender sends one when idle; 0 = never on its own
 
     def __post_init__(self) -> None:
-        _check_uint("reply_to", self.reply_to, 32)
-        _check_uint("uptime_ms", self.uptime_ms, 32)
-        _check_uint("interval_ms", self.interval_ms, 16)
+        check_uint("reply_to", self.reply_to, 32)
+        check_uint("uptime_ms", self.uptime_ms, 32)
+        check_uint("interval_ms", self.interval_ms, 16)
 
     @property
     def is_reply(self) -> bool:

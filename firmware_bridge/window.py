@@ -14,14 +14,23 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from firmware_bridge.codes import RETRYABLE_NACKS, NackReason
 from firmware_bridge.errors import DeliveryError, LinkTimeoutError
-from firmware_bridge.messages import RETRYABLE_NACKS, Ack, Nack, NackReason
+from firmware_bridge.messages import Ack, Nack
 
-__all__ = ["CRC_GRACE_SHARE", "HelloRetry", "Pending", "SendWindow"]
+__all__ = ["CRC_GRACE_SHARE", "HelloRetry", "Pending", "SendWindow", "check_window"]
 
 log = logging.getLogger(__name__)
 
 CRC_GRACE_SHARE = 0.25  # after an unknown-seq NACK, frames in flight wait this share of ack_timeout
+
+
+def check_window(size: int, *, ack_timeout: float, max_retries: int) -> None:
+    """Raise ValueError for a window size or retry budget no SendWindow can work with."""
+    if size < 1:
+        raise ValueError(f"window={size} must be at least 1")
+    if max_retries < 0 or ack_timeout <= 0:
+        raise ValueError("max_retries must be >= 0 and ack_timeout > 0")
 
 
 @dataclass
@@ -46,10 +55,7 @@ class SendWindow:
     """At most `size` frames in flight, keyed by seq, plus tiles parked while the cable is out."""
 
     def __init__(self, size: int, *, ack_timeout: float, max_retries: int, retry_delay: float) -> None:
-        if size < 1:
-            raise ValueError(f"window={size} must be at least 1")
-        if max_retries < 0 or ack_timeout <= 0:
-            raise ValueError("max_retries must be >= 0 and ack_timeout > 0")
+        check_window(size, ack_timeout=ack_timeout, max_retries=max_retries)
         self.size = size  # lowered to the host's window after HELLO
         self.ack_timeout = ack_timeout
         self.max_retries = max_retries
@@ -180,7 +186,7 @@ class SendWindow:
     def park_tiles(self) -> None:
         """The cable went: keep every unACKed tile, in index order, to resend after the resume.
 
-        CASE_BEGIN / CASE_END in flight are dropped: the emulator sends them again itself.
+        CASE_BEGIN / CASE_END in flight are dropped: the scanner session sends them again itself.
         Parked tiles start their retry budget afresh on the new connection.
         """
         tiles = [p for p in self.in_flight.values() if p.tile_index >= 0]

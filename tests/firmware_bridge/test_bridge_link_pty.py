@@ -204,7 +204,7 @@ def test_a_host_without_accession_gets_the_case_without_it(pty_pair, sink, make_
     case, tiles = make_case("CASE-OLDHOST", cols=3, rows=2)
     case = dataclasses.replace(case, accession="ACC-2026-00418")
     older = HOST_CAPABILITIES & ~Capability.ACCESSION  # a revision 1.2 host
-    with caplog.at_level(logging.WARNING, logger="firmware_bridge.emulator"):
+    with caplog.at_level(logging.WARNING, logger="firmware_bridge.scanner_session"):
         with HostLink(open_port(pty_pair.path, timeout=0.05), sink, capabilities=older) as host:
             result = ScannerEmulator(pty_pair.scanner, case, tiles, encoding="zlib").run()
             assert host.wait_case_end(5) == case.case_id

@@ -12,13 +12,14 @@ import pytest
 
 import firmware_bridge
 from firmware_bridge import emulator, host, transport
+from firmware_bridge.codes import DTYPE_CODES, RETRYABLE_NACKS, Capability, ErrorCode, MsgType, NackReason, Role
 from firmware_bridge.frames import (
     HEADER, HEADER_WIRE, MAX_FRAME, MAX_PAYLOAD, UNKNOWN_SEQ, cobs_decode, cobs_max_encoded_len,
 )
 from firmware_bridge.layout import FIXED_TYPES, VAR_TYPES
 from firmware_bridge.messages import (
-    ALL_MESSAGES, DTYPE_CODES, RETRYABLE_NACKS, Ack, CaseBegin, CaseEnd, Capability, ErrorCode, ErrorMessage, Heartbeat,
-    Hello, MsgType, Nack, NackReason, Role, Tile, TileEncoding, encode_message, message_to_frame,
+    ALL_MESSAGES, Ack, CaseBegin, CaseEnd, ErrorMessage, Heartbeat, Hello, Nack, Tile, TileEncoding, encode_message,
+    message_to_frame,
 )
 
 DOC = (Path(firmware_bridge.__file__).parent / "PROTOCOL.md").read_text(encoding="utf-8")
