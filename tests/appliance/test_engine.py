@@ -17,6 +17,7 @@ from appliance.pipeline.patches import pad_to
 from appliance.offline.sources import read_image
 
 from tests.conftest import IDC, MODEL_DIR
+from tests.cli import appliance
 
 
 @pytest.fixture(scope="module")
@@ -117,8 +118,7 @@ def test_cli_reports_tampered_model_without_traceback(tmp_path):
         b = f.read(1)
         f.seek(100)
         f.write(bytes([b[0] ^ 0xFF]))
-    proc = subprocess.run([sys.executable, "-m", "appliance.cli", "models", "verify", str(model)],
-                          capture_output=True, text=True)
+    proc = appliance("models", "verify", model)
     assert proc.returncode == 1
     assert "model.int8.bin" in proc.stderr and "sha256 mismatch" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -145,8 +145,7 @@ def test_models_list_shows_hash_status(tmp_path):
     good = shutil.copytree(MODEL_DIR, root / "good", ignore=shutil.ignore_patterns("work"))
     bad = shutil.copytree(MODEL_DIR, root / "bad", ignore=shutil.ignore_patterns("work"))
     (bad / "model.fp32.onnx").write_bytes((good / "model.fp32.onnx").read_bytes()[:-1] + b"\x00")
-    proc = subprocess.run([sys.executable, "-m", "appliance.cli", "models", "list", "--root", str(root)],
-                          capture_output=True, text=True)
+    proc = appliance("models", "list", "--root", root)
     assert proc.returncode == 0, proc.stderr
     lines = {line.split()[0]: line for line in proc.stdout.splitlines() if line.strip().split()[0] in ("good", "bad")}
     assert "hashes ok" in lines["good"]

@@ -29,6 +29,7 @@ from appliance.model.metrics import top_k_mean
 from appliance.terms import CaseRule
 from tests.conftest import DEMO_CASE, MODEL_DIR
 from tests.images import gaussian_blur
+from tests.cli import appliance
 
 
 def run_session(engine, image, tile=200, pace=0.0, **kw):
@@ -110,12 +111,7 @@ def test_demo_case_outputs_open_in_the_tools_a_lab_uses(ov_engine, tmp_path):
 
 
 def test_triage_cli_out_dir_and_json_agree(tmp_path):
-    import subprocess
-    import sys
-
-    proc = subprocess.run([sys.executable, "-m", "appliance.cli", "triage", str(DEMO_CASE), "--out",
-                           str(tmp_path / "o"), "--json", str(tmp_path / "r.json"), "--geojson-tiles"],
-                          capture_output=True, text=True, timeout=300)
+    proc = appliance("triage", DEMO_CASE, "--out", tmp_path / "o", "--json", tmp_path / "r.json", "--geojson-tiles")
     assert proc.returncode == 0, proc.stderr
     a = json.loads((tmp_path / "r.json").read_text())
     b = json.loads((tmp_path / "o" / "summary.json").read_text())
@@ -127,11 +123,9 @@ def test_triage_cli_out_dir_and_json_agree(tmp_path):
              for f in geo["features"] if f["properties"]["objectType"] == "tile"}
     # the bundled case is at the model's resolution: each tile is its patch, at the patch's own place
     assert tiles == {(p["x"], p["y"]): round(p["probability"], 4) for p in a["patches"]}
-    bad = subprocess.run([sys.executable, "-m", "appliance.cli", "triage", str(DEMO_CASE)],
-                         capture_output=True, text=True, timeout=120)
+    bad = appliance("triage", DEMO_CASE)
     assert bad.returncode != 0 and "--json" in bad.stderr
-    bad = subprocess.run([sys.executable, "-m", "appliance.cli", "triage", str(DEMO_CASE), "--geojson-tiles",
-                          "--json", str(tmp_path / "r2.json")], capture_output=True, text=True, timeout=120)
+    bad = appliance("triage", DEMO_CASE, "--geojson-tiles", "--json", tmp_path / "r2.json")
     assert bad.returncode != 0 and "give --out" in bad.stderr and not (tmp_path / "r2.json").exists()
 
 

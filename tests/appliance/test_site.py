@@ -26,6 +26,7 @@ from appliance import RESEARCH_USE_NOTICE
 from appliance.model.manifest import read_manifest
 from appliance.service.drift import watch
 from appliance.site.report import read_report
+from tests.cli import appliance as run_appliance
 from tests.conftest import MODEL_DIR
 from tests.site_cases import dev_data, dev_site, load_slide, virtual_cores, write_cases, write_site
 from tests.stores import open_store
@@ -34,10 +35,9 @@ from tests.waiting import wait_until
 TARGET = 0.98
 
 
-def appliance(data: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    env = dict(os.environ, APPLIANCE_DATA_DIR=str(data), APPLIANCE_MODEL_DIR=str(MODEL_DIR))
-    return subprocess.run([sys.executable, "-m", "appliance.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=timeout, stdin=subprocess.DEVNULL)
+def appliance(data: Path, *args: str):
+    """`appliance ARGS` in this process (tests/cli.py) with ``data`` as its data folder."""
+    return run_appliance(*args, data=data, model=MODEL_DIR)
 
 
 def recorded(db: Path) -> dict[str, str]:

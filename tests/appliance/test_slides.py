@@ -19,14 +19,14 @@ from appliance.offline.triage import triage_path
 from appliance.pipeline.heatmap import ring_area
 from tests.conftest import DEMO_CASE, MODEL_DIR, FIXTURES as ALL_FIXTURES
 from tests.ptys import open_pty
+from tests.cli import appliance
 
 FIXTURES = ALL_FIXTURES / "wsi"  # third-party files in real slide formats (tests/fixtures/README.md)
 CLI = [sys.executable, "-m", "appliance.cli"]
 
 
 def run_cli(*args):
-    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=300,
-                          stdin=subprocess.DEVNULL)
+    return appliance(*args)
 
 
 @pytest.mark.parametrize("name, vendor", [("small.svs", "aperio"), ("boxes_0.dcm", "dicom")])

@@ -4,11 +4,8 @@ without TLS stops `appliance run` at start, in one sentence; broken TLS settings
 
 from __future__ import annotations
 
-import os
 import socket
 import ssl
-import subprocess
-import sys
 
 import httpx
 import pytest
@@ -18,12 +15,11 @@ from appliance.config import load_settings
 from appliance.errors import ConfigError
 from tests.conftest import MODEL_DIR
 from tests.stores import open_store
+from tests.cli import appliance
 
 
-def run_cli(*args: str, data, **env) -> subprocess.CompletedProcess:
-    full = dict(os.environ, APPLIANCE_DATA_DIR=str(data), APPLIANCE_MODEL_DIR=str(MODEL_DIR), **env)
-    return subprocess.run([sys.executable, "-m", "appliance.cli", *args], env=full, capture_output=True, text=True,
-                          timeout=120, stdin=subprocess.DEVNULL)
+def run_cli(*args: str, data, **env):
+    return appliance(*args, env=env, data=data, model=MODEL_DIR)
 
 
 def test_a_self_signed_certificate_is_served_and_verified_and_plain_http_gets_no_answer(tmp_path):

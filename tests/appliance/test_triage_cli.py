@@ -4,8 +4,6 @@ import csv
 import json
 import re
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,13 +13,13 @@ from appliance.model.metrics import roc_auc
 from appliance.offline.sources import TILE_NAME
 from appliance.offline.triage import triage_path
 from tests.conftest import IDC, MODEL_DIR
+from tests.cli import appliance
 
-CLI = [sys.executable, "-m", "appliance.cli"]
 ENV_KEYS = ("verdict", "score", "threshold", "reasons", "model", "timings_ms", "research_use_only", "patches")
 
 
 def run_cli(*args, check=True):
-    proc = subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=300)
+    proc = appliance(*args)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc

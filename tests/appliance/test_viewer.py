@@ -23,6 +23,7 @@ from appliance.pipeline import TriageSession
 from appliance.store import CaseStore
 from tests.conftest import MODEL_DIR, ROOT
 from tests.stores import open_store
+from tests.cli import appliance
 
 PASSWORD = "correct horse battery staple"
 SCREENSHOTS = ROOT / "tests" / "output" / "viewer"
@@ -159,11 +160,8 @@ def test_a_disabled_reviewer_s_session_ends(viewer):
 
 
 def test_users_are_added_with_a_hashed_password_listed_and_disabled_from_the_command_line(tmp_path):
-    env = dict(os.environ, APPLIANCE_DATA_DIR=str(tmp_path / "var"), APPLIANCE_MODEL_DIR=str(MODEL_DIR))
-
     def cli(*args, stdin=""):
-        return subprocess.run([sys.executable, "-m", "appliance.cli", "users", *args], env=env, input=stdin,
-                              capture_output=True, text=True, timeout=60)
+        return appliance("users", *args, stdin=stdin, data=tmp_path / "var", model=MODEL_DIR)
 
     short = cli("add", "drjones", "--password-stdin", stdin="short\n")
     assert short.returncode == 1 and "at least 12 characters" in short.stderr
