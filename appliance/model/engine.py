@@ -139,9 +139,9 @@ class Engine(ABC):
 class OpenVINOEngine(Engine):
     """The INT8 OpenVINO IR on the CPU, compiled once per process.
 
-    Compiled with the THROUGHPUT hint (one stream per core here): measured on the 2-core bench PC with the
-    0.3.0 model, 4 requests of 128 patches ran 6,631 patches/s against 5,270 for LATENCY with 2 requests of
-    256. ``infer`` splits a batch over the streams too, so even the synchronous path uses every core.
+    Compiled with the THROUGHPUT hint (one stream per core here): on the 2-core bench PC it scores more patches
+    a second than the LATENCY hint (docs/performance.md, "Why the code is shaped so"). ``infer`` splits a batch
+    over the streams too, so even the synchronous path uses every core.
     """
 
     backend = EngineName.OPENVINO

@@ -22,8 +22,7 @@ def load_runtime(engine: EngineName, module: str, name: str):
 def one_blas_thread() -> None:
     """numpy's BLAS (the OOD distances' matrix product beside every batch) on one thread in a process that
     runs a model: on the bench PC's 2 cores its own threads only wait for the cores the engine holds
-    (PERFORMANCE-NOTES trap 4). Measured on R1 with OPENBLAS_NUM_THREADS unset: 38.1 s wall and 74.8 s CPU with
-    BLAS's own threads, 26.6 s and 52.1 s with one."""
+    (PERFORMANCE-NOTES trap 4); the measurement is in docs/performance.md, "Why the code is shaped so"."""
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(1, user_api="blas")

@@ -31,8 +31,9 @@ class BatchFiller:
 
     def add(self, positions: np.ndarray, crops: Sequence[np.ndarray]) -> None:
         """Copy ``crops`` (each patch x patch x 3, e.g. views into a tile) in, with their ``positions`` (n, 4).
-        A loop of slice copies: alone on a 450 px tile's patches, a fancy-index gather from a window view and
-        then a concatenation took 3x as long (beside the engine, on R1, the two measured the same)."""
+        A loop of slice copies, not a fancy-index gather from a window view and then a concatenation: alone,
+        the copies are the quicker; beside the engine the two cost the same (docs/performance.md, "Why the
+        code is shaped so")."""
         start = 0
         while start < len(positions):
             end = min(len(positions), start + self.size - self._n)

@@ -1,8 +1,8 @@
 """The case mosaic on disk: tiles appended to one raw file as they arrive, with a spatial index.
 
 A core-needle case at the model's resolution can be hundreds of megabytes, so it never lives in RAM.
-Writing a tile is one sequential append, done by a writer thread so the disk (about 100 MB/s of buffered
-writes on the bench PC) overlaps with the pipeline's compute; at most WRITE_QUEUE tiles wait in memory.
+Writing a tile is one sequential append, done by a writer thread so the disk's writes overlap with the
+pipeline's compute; at most WRITE_QUEUE tiles wait in memory.
 Reading a region (a patch that straddles tiles, or a band of the case pyramid) paints the tiles that overlap
 it in arrival order, so a later tile over the same pixels wins: a tile still waiting for the writer from its
 pixels in memory, a written one by reading just the rows it needs from the file (one pread per tile, no

@@ -28,8 +28,9 @@ from appliance.terms import CaseFile, rule_words
 # 0.710 (8 cells); 4 keeps small foci (a 4-cell region is 200 x 200 um at 4 um/px).
 MIN_REGION_CELLS = 4
 HEATMAP_PX = 10  # model pixels per heatmap.ome.tif pixel (the heatmap's own detail is one patch stride)
-# zlib level of the PNGs: on R1 level 1 wrote thumbnail.png and overlay.png in 0.40 s instead of 1.09 s
-# (level 6, PIL's default) for 5 % more bytes
+# zlib level of the PNGs: 1, not PIL's default 6: the PNGs are written while the technician waits for the
+# case's files, where level 6 costs more time than its few per cent of smaller files are worth
+# (docs/performance.md, "Why the code is shaped so")
 PNG_LEVEL = 1
 TOP_PATCH_PX = 48  # side of each top patch in top_patches.png
 WORKERS = 2  # threads writing the case's files at once (the bench PC has 2 cores, idle once the case ends)
@@ -125,8 +126,9 @@ def overlay_image(thumb: np.ndarray, heat: np.ndarray, thumb_cell: int, heat_cel
 
 def _blend(thumb: np.ndarray, heat_rgb: np.ndarray, scored: np.ndarray, rows: int = 64) -> np.ndarray:
     """45 % tissue and 55 % heat colour where ``scored``, the tissue elsewhere; computed ``rows`` at a time, so
-    its float temporaries are a few MB instead of 60 MB each for R1's thumbnail (fresh pages for each: 0.6 s
-    of CPU beside the pyramid, where the same numbers by bands take 0.03 s)."""
+    its float temporaries are a few MB whatever the thumbnail's size: whole-thumbnail ones come in fresh pages
+    each time, and faulting those in costs CPU beside the pyramid (docs/performance.md, "Why the code is
+    shaped so")."""
     out = np.empty_like(thumb)
     for y in range(0, thumb.shape[0], rows):
         band = slice(y, y + rows)
@@ -212,8 +214,8 @@ def _top_patches_json(case_id: str, top: list[dict]) -> str:
 
 
 def _summary_json(summary: dict, case_id: str, outputs: list[str]) -> str:
-    """summary.json, validated; compact: json's C encoder runs only without indent (indented, R1's 87,000
-    patches took 2 s to write)."""
+    """summary.json, validated; compact: json's C encoder runs only without indent, and a large case's
+    patches written indented are slow (docs/performance.md, "Why the code is shaped so")."""
     return json.dumps(validated(dict(summary, case_id=case_id, outputs=outputs)), separators=(",", ":"))
 
 
@@ -267,7 +269,7 @@ def write_outputs(out_dir: Path, case_id: str, summary: dict, *, heatmap: Heatma
     ``top_crops`` are the top patches' pixels, highest probability first; ``tiles`` (x, y, w, h, probability,
     first-stage probability) in mosaic pixels, when given, go into regions.geojson as one tile object each;
     ``top`` gives the top patches' records for top_patches.json (called on the pool: their class-activation
-    maps take a model compiled at its first use, 0.3 s, which then runs beside the pyramid instead of before it).
+    maps take a model compiled at its first use, and the compiling then runs beside the pyramid, not before it).
     ``scan``: write case.ome.tif from the scanner's tiles at their own resolution, and regions.geojson in
     its pixels (the caller gives the top patches in them too).
 
@@ -282,8 +284,9 @@ def write_outputs(out_dir: Path, case_id: str, summary: dict, *, heatmap: Heatma
     try:
         (name, write), *rest = writers.items()
         written = [pool.submit(_replace_into, out_dir / name, write)]
-        # summary.json's text (validated and dumped: 0.35 s for R1's 87,000 patches) beside the case pyramid;
-        # submitted second: the validation holds the GIL, and the pyramid's thread must have started first
+        # summary.json's text (validated and dumped, a noticeable cost for a large case's patches) beside the
+        # case pyramid; submitted second: the validation holds the GIL, and the pyramid's thread must have
+        # started first
         summary_json = pool.submit(_summary_json, summary, case_id, sorted(writers) + [CaseFile.SUMMARY])
         written += [pool.submit(_replace_into, out_dir / name, write) for name, write in rest]
         for job in written:

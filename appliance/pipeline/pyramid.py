@@ -16,8 +16,8 @@ RAM stays at a few bands whatever the image size, and level 0 is read once.
 The tiles are JPEG-encoded here, on JPEG_WORKERS threads kept fed with up to ENCODE_AHEAD tiles in flight,
 and tifffile writes the encoded bytes as they are (with the same encoder and arguments its own JPEG path
 uses, so the file is the same byte for byte). tifffile's own path encodes in batches: it gathers a batch on
-the writing thread while the encoders wait, then waits for the whole batch, so on R1 the two encoders were
-busy about half the time.
+the writing thread while the encoders wait, then waits for the whole batch, so its encoders stand idle for
+much of the time (docs/performance.md, "Why the code is shaped so").
 """
 
 from __future__ import annotations
@@ -57,8 +57,9 @@ def level_count(width: int, height: int) -> int:
 def reduce2(band: np.ndarray, fill: int = GLASS) -> np.ndarray:
     """Half size by a 2 x 2 box filter, rounding half up; an odd last row or column is padded with ``fill``.
 
-    OpenCV's INTER_AREA at exactly half an even size is that filter, (a+b+c+d+2) >> 2, as PIL's reduce(2) is:
-    1.3 instead of 8.9 ms a band of R1's level 0 (PIL unpacks RGB to RGBX and back), 0.7 s of CPU a case."""
+    OpenCV's INTER_AREA at exactly half an even size is that filter, (a+b+c+d+2) >> 2, as PIL's reduce(2) is,
+    without PIL's unpacking of RGB to RGBX and back; every band of every level goes through it
+    (docs/performance.md, "Why the code is shaped so")."""
     import cv2
 
     h, w = band.shape[:2]
@@ -70,8 +71,8 @@ def reduce2(band: np.ndarray, fill: int = GLASS) -> np.ndarray:
 def tiles_of(bands: Iterable[np.ndarray], width: int, fill: int = GLASS) -> Iterator[np.ndarray]:
     """TILE x TILE tiles in raster order from full-width bands of TILE rows (the last may be shorter): views
     into the band (the encoder copies what it needs, on its own thread); edge tiles are padded with ``fill``.
-    Only an edge tile is padded: a band as wide as R1's (not a multiple of TILE) was copied whole into a
-    padded band first, a second copy of level 0 on the thread feeding the encoders."""
+    Only an edge tile is padded, so a band whose width is not a multiple of TILE is never copied whole into a
+    padded band (a second copy of level 0 on the thread feeding the encoders)."""
     for band in bands:
         for x in range(0, width, TILE):
             tile = band[:, x : x + TILE]

@@ -42,7 +42,8 @@ class QcLimits:
     max_stain_angle: float = 15.0
     # The stain is judged progressively, first once stain_first_judgement stained tissue pixels have gone into
     # the sample, then each time that count doubles, and always on the whole case when it ends. The sample keeps
-    # at most stain_sample_max: a fit on it costs about 6 ms, on the path to every verdict.
+    # at most stain_sample_max, which bounds what a fit costs on the path to every verdict (docs/performance.md,
+    # "Why the code is shaped so").
     stain_first_judgement: int = 50_000
     stain_sample_per_tile: int = 10_000
     stain_sample_max: int = 100_000
@@ -72,10 +73,11 @@ def limits_for(manifest, base: QcLimits | None = None) -> QcLimits:
 def laplacian_variance(patches: np.ndarray) -> np.ndarray:
     """Focus measure per patch: variance of the 4-neighbour Laplacian of green, (N, S, S, 3) -> (N,) float64.
 
-    From exact integer sums (n * sum(L^2) - sum(L)^2) / n^2: exact where the float32 mean and squared
-    deviations it replaced were off by up to 0.06. The Laplacian is OpenCV's filter over the patches' green
+    From exact integer sums (n * sum(L^2) - sum(L)^2) / n^2: exact, where a float32 mean and squared
+    deviations are off by up to 0.06. The Laplacian is OpenCV's filter over the patches' green
     stacked into one image (a patch's inner pixels have all their neighbours in the patch, so the rows where two
-    patches meet are never used): 0.25 ms for a tile's sampled patches where numpy's shifted sums took 0.6."""
+    patches meet are never used), quicker than numpy's shifted sums (docs/performance.md, "Why the code is
+    shaped so")."""
     n, s = len(patches), patches.shape[1]
     if patches.dtype == np.uint8 and patches.flags.c_contiguous and n:
         green = cv2.extractChannel(patches.reshape(n * s, patches.shape[2], 3), 1)
@@ -94,7 +96,7 @@ _LAPLACIAN = np.array([[0, -1, 0], [-1, 4, -1], [0, -1, 0]], np.float32)  # the 
 
 
 def unclipped_in(sub: np.ndarray, mask: np.ndarray) -> int:
-    """How many pixels of the mask have no channel at 255 (one OpenCV range test: a third of numpy's time)."""
+    """How many pixels of the mask have no channel at 255 (one OpenCV range test, quicker than numpy's)."""
     if sub.ndim == 3 and sub.dtype == np.uint8 and sub.flags.c_contiguous and mask.flags.c_contiguous:
         below = cv2.inRange(sub, (0, 0, 0), (254, 254, 254))  # 255 where every channel is below 255
         return cv2.countNonZero(cv2.bitwise_and(below, mask.view(np.uint8)))

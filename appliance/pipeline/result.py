@@ -16,7 +16,8 @@ from appliance.terms import CaseRule, ThresholdSource, Verdict
 
 class PatchScore(NamedTuple):
     """One scored tissue patch. A named tuple, not a frozen dataclass: a core-needle case has about 90,000 of
-    them, built on the path to the verdict (R1's 87,000: 0.09 s as frozen dataclasses, half that as tuples)."""
+    them, built on the path to the verdict, and a tuple is the cheaper to make (docs/performance.md, "Why the
+    code is shaped so")."""
 
     x: int
     y: int
@@ -68,8 +69,8 @@ class TriageResult:
     notice: str = RESEARCH_USE_NOTICE
 
     def to_dict(self) -> dict:
-        """A JSON-ready copy (built by hand: ``asdict`` deep-copies field by field, 8 ms for a 500-patch case,
-        on the path from the last tile to the verdict)."""
+        """A JSON-ready copy, built by hand on the path from the last tile to the verdict: ``asdict``
+        deep-copies field by field, far slower (docs/performance.md, "Why the code is shaped so")."""
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         d.update(reasons=[asdict(r) for r in self.reasons], warnings=[asdict(w) for w in self.warnings],
                  model=self.model.to_dict(), timings_ms=dict(self.timings_ms), qc=copy.deepcopy(self.qc), measures=dict(self.measures),

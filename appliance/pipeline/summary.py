@@ -22,7 +22,8 @@ class ReasonOut(_Closed):
 
 
 # A TypedDict, not a model: pydantic checks a case's 87,000 patches in its core without making an object of
-# each (R1: 0.05 s instead of 0.15 s, with the same checks: the types, no key missing, no extra key).
+# each, with the same checks (the types, no key missing, no extra key) in a fraction of the time
+# (docs/performance.md, "Why the code is shaped so").
 class PatchOut(TypedDict):
     """One scored patch."""
 
@@ -102,8 +103,9 @@ def validated(summary: dict) -> dict:
 @contextmanager
 def _collector_paused():
     """Python's cyclic garbage collector off for a moment (unless something else had it off already): the
-    models made while validating R1's 87,000 patches set off collections that walked the whole heap, 60 % of
-    the validation's time (0.44 s, 0.19 s without). They hold no cycles: reference counting frees them."""
+    objects made while validating a large case's patches set off collections that walk the whole heap, a
+    large share of the validation's time (docs/performance.md, "Why the code is shaped so"). They hold no cycles:
+    reference counting frees them."""
     was_on = gc.isenabled()
     gc.disable()
     try:

@@ -4,9 +4,9 @@ The H2G-Net recipe: saturation above 20 (0-255 scale) at low resolution, then a 
 with a 5x5 and then a 3x3 square to fill the pale gaps inside tissue.
 
 Per tile, on the path of every patch: the subsampling, the threshold and the closings run in OpenCV, which
-gives the same masks as the numpy functions here bit for bit (tests/appliance/test_image_logic.py) at about
-0.33 ms instead of 0.82 ms a 450 px tile (measured on R1's tiles, one thread). The numpy functions stay as
-the definition and for shapes OpenCV is not given (an odd-sized tile's subsampling, arrays of patches).
+gives the same masks as the numpy functions here bit for bit (tests/appliance/test_image_logic.py) in well
+under their time (docs/performance.md, "Why the code is shaped so"). The numpy functions stay as the
+definition and for shapes OpenCV is not given (an odd-sized tile's subsampling, arrays of patches).
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ CLOSING = (5, 3)
 def saturation(rgb: np.ndarray) -> np.ndarray:
     """HSV saturation (0-255, uint8) of an (..., 3) uint8 image.
 
-    Per-channel slices instead of ``max(axis=-1)``: reductions over a 3-wide last axis are ~30x slower.
+    Per-channel slices instead of ``max(axis=-1)``: numpy's reductions over a 3-wide last axis are many times
+    slower (docs/performance.md, "Why the code is shaped so").
     """
     r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
     hi = np.maximum(np.maximum(r, g), b).astype(np.uint16)

@@ -32,8 +32,9 @@ from appliance.store.spool import read_tile
 log = logging.getLogger(__name__)
 
 LIVE_QC_EVERY = 8  # tiles between live QC checks (focus, exposure, and the stain once it has been judged)
-# Tiles whose pixels may wait in the queue: 32 tiles of 450 px are ~19 MB. About 10 s of scanning at the
-# rates measured here, so a queue that fills means inference is behind, not a hiccup.
+# Tiles whose pixels may wait in the queue: 32 tiles of 450 px are ~19 MB, and enough scanning that a queue
+# that fills means inference is behind, not a hiccup (how many seconds of scanning 32 tiles are:
+# docs/performance.md, "Why the code is shaped so").
 MAX_TILES_IN_RAM = 32
 
 
