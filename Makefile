@@ -10,9 +10,12 @@ export OPENBLAS_NUM_THREADS ?= 1
 
 .PHONY: run test test-slow test-power model demo-case bench clean test-tools
 
+# uv installs the dev environment from PyPI much faster than pip does (docs/development.md); pip when uv cannot be had
 $(VENV)/.installed: pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	{ $(VENV)/bin/python -m pip install --quiet --disable-pip-version-check uv && \
+	  $(VENV)/bin/uv pip install --quiet --python $(VENV)/bin/python -e '.[dev]'; } || \
+	  $(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $@
 
 $(TRAIN_VENV)/.installed: pyproject.toml
@@ -37,7 +40,7 @@ run: $(VENV)/.installed $(VIEWER)/node_modules/.installed
 
 test: $(VENV)/.installed $(VIEWER)/node_modules/.installed $(FHIR_SCHEMAS)/node_modules/.installed test-tools
 	$(VENV)/bin/lint-imports
-	$(VENV)/bin/python -m pytest -q --durations=25
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile --durations=25
 
 # Debian packages some tests use: headless Chromium and its driver (the site report opened in a real browser),
 # strace (the case files' fsyncs seen in the real process's system calls), FUSE 3 and libfuse2 (the lazy file
