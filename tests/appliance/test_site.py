@@ -41,13 +41,14 @@ def appliance(data: Path, *args: str):
 
 
 def recorded(db: Path) -> dict[str, str]:
-    """case id -> finished_at of every case the store holds (read-only, while a validation may be writing)."""
+    """case id -> finished_at of every case the store holds called (read-only, while a validation may be writing;
+    a case still being triaged at the kill is not recorded, and the rerun rightly triages it)."""
     if not db.exists():
         return {}
     try:
         conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
         try:
-            return dict(conn.execute("select id, finished_at from cases"))
+            return dict(conn.execute("select id, finished_at from cases where status in ('done', 'cannot-call')"))
         finally:
             conn.close()
     except sqlite3.OperationalError:  # the store is still being created
@@ -117,14 +118,15 @@ def test_a_validation_killed_halfway_completes_on_the_rerun_without_triaging_any
     before, rerun, after = reports["before"], reports["rerun"], reports["after_mixed"]
     for site in ("a", "b"):  # the sites' own validations found all their cases done
         assert f"0 done, {sites['cores']} skipped, 0 failed" in reports[site].stderr
-    assert 100 <= len(before) < 200, f"the kill came at {len(before)} cases"
+    total = 2 * sites["cores"]
+    assert total // 2 <= len(before) < total, f"the kill came at {len(before)} cases"
     assert rerun.returncode == 0, rerun.stderr[-2000:]
-    # the rerun skipped exactly what was recorded and triaged the rest: 200 cases, each once
-    assert f"{200 - len(before)} done, {len(before)} skipped, 0 failed" in rerun.stderr
-    assert len(after) == 200
+    # the rerun skipped exactly what was recorded and triaged the rest: every case, each once
+    assert f"{total - len(before)} done, {len(before)} skipped, 0 failed" in rerun.stderr
+    assert len(after) == total
     assert {k: after[k] for k in before} == before  # what was done before the kill was not done again
     report = json.loads((sites["root"] / "report-mixed" / "report.json").read_text())
-    assert report["counts"]["cases"] == 200 and len(report["cases"]) == 200
+    assert report["counts"]["cases"] == total and len(report["cases"]) == total
 
 
 def test_site_a_as_scanned_gives_a_report_of_this_lab_with_a_recommendation_by_the_written_rule(sites, reports):
