@@ -135,3 +135,13 @@ def tls_files(tmp_path) -> tuple[Path, Path]:
     from appliance.api.tls import self_signed, write_pair
 
     return write_pair(tmp_path / "tls", *self_signed(["localhost", "127.0.0.1"]))
+
+
+# The longest modules (the site validations triage hundreds of cases) start first: on the 2 processes of `make test` the
+# other process runs the rest beside them instead of waiting for them at the end.
+LONG_MODULES = ("tests/appliance/test_site.py", "tests/appliance/test_site_agreement.py", "tests/test_determinism.py",
+                "tests/reliability/test_kill_restart.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: item.nodeid.split("::")[0] not in LONG_MODULES)  # stable: the rest keep their order
