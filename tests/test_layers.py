@@ -6,7 +6,7 @@ import ast
 
 from tests.conftest import ROOT
 
-LOWER = ("model", "pipeline", "store", "lis", "service")
+LOWER = ("model", "pipeline", "store", "lis", "dicom", "service")
 ABOVE = ("api", "site", "offline", "tui", "commands", "cli")
 
 
