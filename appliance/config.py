@@ -73,6 +73,21 @@ class Settings(BaseSettings):
     lis_fhir_specimen_system: str | None = Field(
         None, description="The FHIR system of specimen ids; default <lis_fhir_system_base>/specimen-id.")
 
+    dicom_uid_root: str = Field(
+        "1.2.826.0.1.3680043.8.498.", description="Root of the UIDs of the case's DICOM objects (digits and dots, "
+                                               "ending in a dot, at most 32 characters). The default is pydicom's "
+                                               "root; set your organisation's own.")
+
+    @field_validator("dicom_uid_root")
+    @classmethod
+    def _uid_root(cls, value: str) -> str:
+        parts = value.split(".")
+        if (len(value) > 32 or parts[-1] != "" or not all(p.isdigit() and (p == "0" or not p.startswith("0"))
+                                                         for p in parts[:-1])):
+            raise ValueError(f"{value!r} is not a UID root: digits and dots, no leading zeros, a dot at the end, "
+                             f"at most 32 characters (a UID is at most 64)")
+        return value
+
     @field_validator("lis_mllp")
     @classmethod
     def _host_port(cls, value: list[str]) -> list[str]:

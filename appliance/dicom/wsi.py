@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import tifffile
@@ -37,14 +38,16 @@ REENCODE_QUALITY = 90  # as the pyramid's own JPEG tiles
 
 @dataclass(frozen=True)
 class DicomIdentity:
-    """Who and what the objects are about: the case, the model that called it, the UID root (a setting; it ends
-    with a dot), and the lab's specimen id and accession when known."""
+    """Who and what the objects are about: the case, the model that called it, the UID root (the setting
+    dicom_uid_root), the lab's specimen id and accession when known, and when the case was scanned (the study's
+    date and time; fixed by the case, so that a resend is the same object)."""
 
     case_id: str
     model_sha256: str
     uid_root: str
     specimen_id: str = ""
     accession: str = ""
+    when: datetime | None = None
 
     def uid(self, *role: object) -> UID:
         """The UID of ``role`` for this case and model: the same inputs give the same UID."""
@@ -161,7 +164,9 @@ def write_wsi(pyramid: Path, out_dir: Path, identity: DicomIdentity) -> list[Pat
         if not tile or tiff.pages[0].tilelength != tile:
             raise InputError(f"{pyramid} is not a pyramid of square tiles")
     uids = _Uids(identity)
-    study = Study(uid=identity.uid("study"), identifier=identity.case_id[:16], accession_number=identity.accession[:16] or None,
+    when = identity.when
+    study = Study(uid=identity.uid("study"), identifier=identity.case_id[:16],
+                  date=when.date() if when else None, time=when.time().replace(microsecond=0) if when else None, accession_number=identity.accession[:16] or None,
                   description="Bench triage case (research and triage use, not for diagnosis)")
     metadata = WsiDicomizerMetadata(
         study=study, series=Series(uid=identity.uid("series", "wsi"), number=1, description="Case pyramid"),

@@ -7,6 +7,8 @@ from __future__ import annotations
 import io
 import shutil
 import subprocess
+from datetime import datetime
+from pathlib import Path
 
 import numpy as np
 import openslide
@@ -16,14 +18,17 @@ import tifffile
 from PIL import Image
 from pydicom.encaps import generate_frames
 
+from appliance.config import load_settings
+from appliance.errors import ConfigError
 from appliance.dicom.wsi import DicomIdentity, jpeg_subsampled, passes_through, write_wsi
 from appliance.offline.scans import upsampled
 from appliance.pipeline.scanpyramid import ScanTile, scan_grid, write_scan_pyramid
 from tests.cli import appliance
 from tests.conftest import DEMO_CASE, MODEL_DIR
 
-ROOT_UID = "1.2.826.0.1.3680043.8.498."  # pydicom's root, as the setting's default
-IDENTITY = DicomIdentity("WSI-1", "ab" * 32, ROOT_UID, specimen_id="S-2026-7", accession="ACC-42")
+ROOT_UID = load_settings(None, data_dir=Path("var")).dicom_uid_root  # the setting's default: pydicom's root
+WHEN = datetime(2026, 12, 8, 9, 30, 15)
+IDENTITY = DicomIdentity("WSI-1", "ab" * 32, ROOT_UID, specimen_id="S-2026-7", accession="ACC-42", when=WHEN)
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +75,7 @@ def test_openslide_opens_the_series_with_the_pyramid_s_levels_sizes_and_um_per_p
         assert d.SOPClassUID == "1.2.840.10008.5.1.4.1.1.77.1.6" and d.DimensionOrganizationType == "TILED_FULL"
         assert d.PhotometricInterpretation == "YBR_FULL_422" and d.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.50"
         assert d.ContainerIdentifier == "S-2026-7" and d.AccessionNumber == "ACC-42"
+        assert (d.StudyDate, d.StudyTime) == ("20261208", "093015")
 
 
 def test_a_40x_scan_s_tiles_are_the_frames_byte_for_byte_and_4_4_4_levels_are_encoded_as_4_2_0(scan_pyramid, tmp_path):
@@ -113,6 +119,11 @@ def test_dciodvfy_finds_no_error_in_any_instance(which, request, tmp_path):
         said = subprocess.run(["dciodvfy", str(f)], capture_output=True, text=True, timeout=60)
         lines = (said.stdout + said.stderr).splitlines()
         assert not [line for line in lines if line.startswith("Error")], lines
-        # what it warns of: attributes only a DICOMDIR needs, which the appliance cannot know (docs/dicom.md)
-        assert {line.split(" - ")[-1] for line in lines if line.startswith("Warning")} <= {
-            "Patient ID", "Study Date", "Study Time"}, lines
+        # what it warns of: the patient identity only a DICOMDIR needs, which the appliance is never sent
+        assert {line.split(" - ")[-1] for line in lines if line.startswith("Warning")} <= {"Patient ID"}, lines
+
+
+@pytest.mark.parametrize("root", ["1.2.3", "1.02.3.", "a.b.", "1.2.826.0.1.3680043.8.498.1234567."])
+def test_a_uid_root_that_is_not_one_is_refused_in_one_sentence(root):
+    with pytest.raises(ConfigError, match="is not a UID root: digits and dots, no leading zeros"):
+        load_settings(None, data_dir=Path("var"), dicom_uid_root=root)
