@@ -188,20 +188,7 @@ class Daemon:
 
     def status(self) -> DaemonStatus:
         """The live status (appliance.status): link, case in flight, model, threshold, drift, disk."""
-        link = case = model = threshold = drift = None
-        if self.link is not None:
-            snap = self.link.snapshot()
-            link = LinkView(state=snap.get("state", "unknown"), port=self.port, last_error=snap.get("last_error"),
-                            counters={k: v for k, v in snap.items()
-                                      if isinstance(v, (int, float)) and not isinstance(v, bool)})
-        current = self.cases.current
-        if current is not None:
-            case = CaseInFlight(
-                case_id=current.case_id, specimen_id=current.specimen_id, tiles_expected=current.tiles_expected,
-                tiles_received=current.tiles_received, tiles_processed=current.tiles_processed,
-                score=current.score, early_positive=current.early_positive,
-                verdict=current.result.verdict if current.result else None, failed=current.failed,
-                eta_s=eta_seconds(current, time.monotonic()), warnings=tuple(current.warnings))
+        model = threshold = drift = None
         if self.engine is not None:
             model = self.engine.model_ref.to_dict()
             if self.store is not None and not self.problem:
@@ -209,8 +196,28 @@ class Daemon:
                 threshold = ThresholdView(value=t.threshold, source=t.source, site_accepted_at=t.site_accepted_at,
                                           site_report_sha256=t.site_report_sha256, words=t.words())
                 drift = self.drift.status()
-        return DaemonStatus(version=__version__, problem=self.problem, link=link, case=case, model=model,
-                            threshold=threshold, drift=drift, storage=self.storage.status())
+        return DaemonStatus(version=__version__, problem=self.problem, link=self._link_view(),
+                            case=self._case_view(), model=model, threshold=threshold, drift=drift,
+                            storage=self.storage.status())
+
+    def _link_view(self) -> LinkView | None:
+        if self.link is None:
+            return None
+        snap = self.link.snapshot()
+        return LinkView(state=snap.get("state", "unknown"), port=self.port, last_error=snap.get("last_error"),
+                        counters={k: v for k, v in snap.items()
+                                  if isinstance(v, (int, float)) and not isinstance(v, bool)})
+
+    def _case_view(self) -> CaseInFlight | None:
+        current = self.cases.current
+        if current is None:
+            return None
+        return CaseInFlight(
+            case_id=current.case_id, specimen_id=current.specimen_id, tiles_expected=current.tiles_expected,
+            tiles_received=current.tiles_received, tiles_processed=current.tiles_processed,
+            score=current.score, early_positive=current.early_positive,
+            verdict=current.result.verdict if current.result else None, failed=current.failed,
+            eta_s=eta_seconds(current, time.monotonic()), warnings=tuple(current.warnings))
 
     @property
     def latency(self):
@@ -263,8 +270,10 @@ class Daemon:
         return self.pipeline.alive(self.settings.pipeline_stall_s)
 
     def status_line(self) -> str:
-        """One line for systemd's STATUS=: link state and the case in flight, or NOT READY and why."""
-        return self.status().line()
+        """One line for systemd's STATUS=: link state and the case in flight, or NOT READY and why (written every
+        tick: only the link and the case, no store read)."""
+        return DaemonStatus(version=__version__, problem=self.problem, link=self._link_view(),
+                            case=self._case_view()).line()
 
     def wait_case(self, case_id: str, timeout: float) -> CaseProgress | None:
         """Wait until the pipeline has finished ``case_id`` (or the timeout passes)."""

@@ -80,3 +80,28 @@ def test_metrics_parse_as_prometheus_text_with_the_expected_families_and_values(
     assert [s.value for s in bare_families["appliance_tiles_received"].samples] == [4]
     # the appliance's families are not in prometheus_client's process-wide registry
     assert not any(m.name.startswith("appliance_") for m in REGISTRY.collect())
+
+
+def test_the_status_value_and_the_api_s_status_schema_name_the_same_fields():
+    """appliance.status is what the daemon fills in, appliance.api.schemas what /status promises: a field added to
+    one and not the other would be dropped from the answer without a word (pydantic ignores extra keys)."""
+    from dataclasses import fields
+
+    from appliance.api.schemas import CaseStatus, LinkStatus, StatusPublic
+
+    def names(cls) -> set[str]:
+        return {f.name for f in fields(cls)}
+
+    assert names(LinkView) == set(LinkStatus.model_fields)
+    assert names(CaseInFlight) == set(CaseStatus.model_fields)
+    # the API adds what is its own (the deliveries, the notice) and the free space, read from storage
+    assert names(DaemonStatus) | {"disk_free_bytes", "deliveries", "notice"} == set(StatusPublic.model_fields)
+    live = DaemonStatus(version="t", storage={"free_bytes": 1, "min_free_bytes": 0, "accepting_cases": True},
+                        case=CaseInFlight("C", 1, 1, 0.5, False, warnings=({"code": "x", "message": "y"},)),
+                        link=LinkView("up", "/dev/scanner"))
+
+    def set_values(d):
+        return {k: set_values(v) if isinstance(v, dict) else v for k, v in d.items() if v is not None}
+
+    assert StatusPublic.model_validate(live.to_dict()).model_dump(exclude={"notice", "deliveries"},
+                                                                  exclude_none=True) == set_values(live.to_dict())
