@@ -11,7 +11,6 @@ same objects.
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -30,6 +29,7 @@ from wsidicomizer.sources.tiffslide.tiffslide_source import TiffSlideSource
 
 from appliance import __version__
 from appliance.errors import InputError
+from appliance.pipeline.scanpyramid import jpeg_layout
 
 __all__ = ["DicomIdentity", "write_wsi"]
 
@@ -55,14 +55,8 @@ class DicomIdentity:
 
 
 def jpeg_subsampled(jpeg: bytes) -> bool:
-    """True when a baseline JPEG's luma is sampled more finely than its chroma (4:2:2, 4:2:0 and the like)."""
-    i = 2
-    while i + 4 <= len(jpeg):
-        marker, length = jpeg[i + 1], struct.unpack(">H", jpeg[i + 2 : i + 4])[0]
-        if marker in (0xC0, 0xC1):  # SOF0/SOF1: the first component's sampling factors
-            return jpeg[i + 11] != 0x11
-        i += 2 + length
-    raise InputError("a pyramid tile is not a baseline JPEG (no start-of-frame marker)")
+    """True when a JPEG's chroma is sampled more coarsely than its luma (4:2:2, 4:2:0 and the like)."""
+    return jpeg_layout(jpeg)[1] not in (None, (1, 1))
 
 
 class _PassedThrough(TiffSlideLevelImageData):
